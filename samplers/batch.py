@@ -1,0 +1,249 @@
+"""``SamplingBatch``: the per-row parameters and token histories of one batch, on a device.
+
+Built once per batch of requests; during generation ``append(token_ids)`` advances every row
+by one token in O(B) work (the histories' derived state is updated, not rebuilt).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .history import TokenHistory
+from .params import SamplingParams
+from .priority import SamplerID
+from .sampling import split_seed
+
+# Per-row parameters held as float32 [B] tensors (one stacked transfer to the device).
+FLOAT_FIELDS = (
+    "repetition_penalty", "frequency_penalty", "presence_penalty",
+    "dry_multiplier", "dry_base",
+    "temperature", "dynatemp_min", "dynatemp_max", "dynatemp_exponent",
+    "smoothing_factor", "smoothing_curve",
+    "top_p", "top_a", "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "nsigma",
+    "xtc_threshold", "xtc_probability", "skew",
+)
+# ... and as int64 [B] tensors.
+INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_tokens", "dry_allowed_length", "dry_range")
+
+# One stage of the chain: a sampler, and the rows it applies to at this point
+# (None = every row that enables it; a mask only appears when rows' orders differ).
+Stage = tuple[SamplerID, Optional[torch.Tensor]]
+
+
+def _schedule(orders: Sequence[tuple[SamplerID, ...]], device: torch.device) -> list[Stage]:
+    """Merge per-row sampler orders into one list of stages.
+
+    ``orders[b]`` is row b's enabled samplers in its order. When every row's order is a
+    subsequence of one common order, that order is the schedule and no masks are needed
+    (a sampler leaves the rows that do not enable it unchanged). Otherwise stages go
+    position by position: stage (s, mask) applies s to the rows whose j-th sampler is s.
+    """
+    distinct = sorted(set(orders), key=len, reverse=True)
+    common = _common_supersequence(distinct)
+    if common is not None:
+        return [(sid, None) for sid in common]
+    stages: list[Stage] = []
+    width = max(len(o) for o in distinct)
+    for j in range(width):
+        at_j = sorted({o[j] for o in distinct if len(o) > j})
+        for sid in at_j:
+            mask = torch.tensor([len(o) > j and o[j] == sid for o in orders], dtype=torch.bool)
+            stages.append((sid, mask.to(device)))
+    return stages
+
+
+def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[tuple[SamplerID, ...]]:
+    """An order of all samplers in ``orders`` that contains each as a subsequence, if the
+    pairwise "comes before" relations are consistent (a topological order); else None."""
+    nodes = sorted({s for o in orders for s in o})
+    before: dict[SamplerID, set[SamplerID]] = {s: set() for s in nodes}
+    for o in orders:
+        for i, a in enumerate(o):
+            for b in o[i + 1:]:
+                before[b].add(a)
+    result: list[SamplerID] = []
+    placed: set[SamplerID] = set()
+    while len(result) < len(nodes):
+        ready = [s for s in nodes if s not in placed and before[s] <= placed]
+        if not ready:
+            return None
+        # Prefer the order of the longest row order (stable, readable schedules).
+        ready.sort(key=lambda s: next((o.index(s) for o in orders if s in o), 0))
+        result.append(ready[0])
+        placed.add(ready[0])
+    return tuple(result)
+
+
+class SamplingBatch:
+    """Per-row parameters and histories for a ``[B, V]`` batch of logits.
+
+    Args:
+        params: one ``SamplingParams`` per row (rows may differ in everything), or a single
+            one for every row.
+        prompt_token_ids, output_token_ids: per row, lists of token ids (None = empty).
+        vocab_size: V.
+        device: where the logits live; every tensor of the batch is put there once.
+        eos_token_ids: the model's end-of-sequence id(s), banned while a row is below
+            ``min_tokens`` (together with its ``stop_token_ids``).
+        sequence_indices: per row, which of the request's ``n`` sequences it is (seeded
+            rows draw from a stream keyed by (seed, sequence index)); default 0.
+    """
+
+    def __init__(
+        self,
+        params: Union[SamplingParams, Sequence[SamplingParams]],
+        prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
+        output_token_ids: Optional[Sequence[Sequence[int]]] = None,
+        *,
+        vocab_size: int,
+        device: Union[torch.device, str, None] = None,
+        eos_token_ids: Union[int, Sequence[int], None] = None,
+        sequence_indices: Optional[Sequence[int]] = None,
+    ) -> None:
+        rows = None
+        for ids in (prompt_token_ids, output_token_ids):
+            if ids is not None:
+                rows = len(ids)
+        if isinstance(params, SamplingParams):
+            params = [params] * (rows if rows is not None else 1)
+        params = tuple(params)
+        if not params or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError("params must be a non-empty list of SamplingParams (one per row)")
+        B = len(params)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
+        output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
+        for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+            if len(ids) != B:
+                raise ValueError(f"{name} has {len(ids)} rows but params has {B}")
+        if sequence_indices is None:
+            sequence_indices = [0] * B
+        if len(sequence_indices) != B or any(int(j) < 0 for j in sequence_indices):
+            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {sequence_indices!r}")
+        if eos_token_ids is None:
+            eos = ()
+        elif isinstance(eos_token_ids, int):
+            eos = (eos_token_ids,)
+        else:
+            eos = tuple(int(t) for t in eos_token_ids)
+
+        self.params = params
+        self.batch_size = B
+        self.vocab_size = vocab_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.eos_token_ids = eos
+        self.history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+
+        floats = torch.tensor([[getattr(p, f) for f in FLOAT_FIELDS] for p in params], dtype=torch.float32)
+        ints = torch.tensor([[getattr(p, f) for f in INT_FIELDS] for p in params], dtype=torch.int64)
+        floats, ints = floats.t().contiguous().to(self.device), ints.t().contiguous().to(self.device)
+        self._tensors: dict[str, torch.Tensor] = {f: floats[i] for i, f in enumerate(FLOAT_FIELDS)}
+        self._tensors.update({f: ints[i] for i, f in enumerate(INT_FIELDS)})
+
+        greedy = [p.is_greedy for p in params]
+        dynatemp = [p.dynatemp_enabled and not p.is_greedy for p in params]
+        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=self.device)
+        self.all_greedy = all(greedy)
+        # The temperature stage: a greedy row is left alone (its draw is an argmax); a
+        # dynatemp row takes its temperature from the entropy instead of ``temperature``.
+        dyn = torch.tensor(dynatemp, dtype=torch.bool, device=self.device)
+        self._tensors["static_temperature"] = torch.where(dyn | self.greedy, 1.0, self._tensors["temperature"])
+        self._tensors["dynatemp_min_active"] = torch.where(dyn, self._tensors["dynatemp_min"], 0.0)
+        self._tensors["dynatemp_max_active"] = torch.where(dyn, self._tensors["dynatemp_max"], 0.0)
+        self.any_dynatemp = any(dynatemp)
+        self.any_static_temperature = any(
+            not p.is_greedy and not p.dynatemp_enabled and p.temperature != 1.0 for p in params
+        )
+
+        self.orders = [p.enabled_order() for p in params]
+        self.active: frozenset[SamplerID] = frozenset(s for o in self.orders for s in o)
+        self.schedule: list[Stage] = _schedule(self.orders, self.device)
+        self.any_skew = any(p.skew != 0.0 for p in params)
+        self.any_top_k = any(p.top_k > 0 for p in params)
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        self.any_repetition_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+
+        self._build_token_lists()
+        self._build_keys(sequence_indices)
+        self.max_logprobs = max((p.logprobs or 0) for p in params)
+        self.wants_logprobs = any(p.logprobs is not None for p in params)
+        self.raw_logprobs = torch.tensor([p.logprobs_mode == "raw" for p in params], dtype=torch.bool,
+                                         device=self.device)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _build_token_lists(self) -> None:
+        V = self.vocab_size
+        rows, ids, values = [], [], []
+        for b, p in enumerate(self.params):
+            for tid, bias in (p.logit_bias or {}).items():
+                if tid >= V:
+                    raise ValueError(f"logit_bias: token id {tid} (row {b}) is outside the vocabulary [0, {V})")
+                rows.append(b), ids.append(tid), values.append(bias)
+        self.logit_bias_coo = None
+        if rows:
+            self.logit_bias_coo = (
+                torch.tensor(rows, dtype=torch.int64, device=self.device),
+                torch.tensor(ids, dtype=torch.int64, device=self.device),
+                torch.tensor(values, dtype=torch.float32, device=self.device),
+            )
+        rows, ids = [], []
+        for b, p in enumerate(self.params):
+            if p.min_tokens == 0:
+                continue
+            for tid in dict.fromkeys(self.eos_token_ids + tuple(p.stop_token_ids)):
+                if not 0 <= tid < V:
+                    raise ValueError(f"stop_token_ids/eos id {tid} (row {b}) is outside the vocabulary [0, {V})")
+                rows.append(b), ids.append(tid)
+        self.min_tokens_coo = None
+        if rows:
+            self.min_tokens_coo = (
+                torch.tensor(rows, dtype=torch.int64, device=self.device),
+                torch.tensor(ids, dtype=torch.int64, device=self.device),
+            )
+        width = max(len(p.dry_sequence_breaker_ids) for p in self.params)
+        breakers = torch.full((self.batch_size, max(width, 1)), -1, dtype=torch.int64)
+        for b, p in enumerate(self.params):
+            if p.dry_sequence_breaker_ids:
+                breakers[b, : len(p.dry_sequence_breaker_ids)] = torch.tensor(p.dry_sequence_breaker_ids)
+        self.dry_sequence_breaker_ids = breakers.to(self.device)
+
+    def _build_keys(self, sequence_indices: Sequence[int]) -> None:
+        words = [split_seed(p.seed) if p.seed is not None else (0, 0) for p in self.params]
+        keys = torch.tensor(words, dtype=torch.int64).t().contiguous().to(self.device)
+        self.key_lo, self.key_hi = keys[0], keys[1]
+        self.seeded = torch.tensor([p.seed is not None for p in self.params], dtype=torch.bool,
+                                   device=self.device)
+        self.all_seeded = all(p.seed is not None for p in self.params)
+        self.sequence_indices = torch.tensor([int(j) for j in sequence_indices], dtype=torch.int64,
+                                             device=self.device)
+
+    # ------------------------------------------------------------------ access
+    def param(self, name: str) -> torch.Tensor:
+        """The [B] tensor of a per-row parameter (float32 or int64), on the batch's device."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no per-row tensor for parameter {name!r}") from None
+
+    @property
+    def output_lengths(self) -> torch.Tensor:
+        return self.history.output_lengths
+
+    def enables(self, sampler: SamplerID) -> bool:
+        """Whether any row of the batch enables ``sampler``."""
+        return sampler in self.active
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    # ------------------------------------------------------------------ generation steps
+    def append(self, token_ids: torch.Tensor) -> None:
+        """Advance every row by its newly chosen token ([B] int64), in O(B) work."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device)
+        if token_ids.shape != (self.batch_size,):
+            raise ValueError(f"append expects token_ids of shape [{self.batch_size}], got {tuple(token_ids.shape)}")
+        self.history.append(token_ids)

@@ -1,0 +1,33 @@
+"""The reference torch path: one pure function per sampler.
+
+Contract shared by every function here: ``logits`` is a ``[B, V]`` float tensor (fp32, fp16
+or bf16; computed in fp32, returned in the input dtype); per-row parameters are ``[B]``
+tensors on the logits' device; the input is never modified; a row at its parameter's
+disabled value comes back bit-identical; removed tokens are ``-inf`` and every truncation
+keeps the row's most likely token. These functions define correctness: the Triton kernels
+in ``kernels/`` are tested against them.
+"""
+
+from .dry import dry
+from .ngram import no_repeat_ngram
+from .penalties import ban_tokens, logit_bias, min_tokens, penalties
+from .skew import skew
+from .temperature import dynamic_temperature, quadratic_smoothing, temperature
+from .truncation import (
+    epsilon_cutoff,
+    eta_cutoff,
+    min_p,
+    nsigma,
+    tfs,
+    top_a,
+    top_k,
+    top_p,
+    typical_p,
+    xtc,
+)
+
+__all__ = [
+    "ban_tokens", "dry", "dynamic_temperature", "epsilon_cutoff", "eta_cutoff", "logit_bias",
+    "min_p", "min_tokens", "no_repeat_ngram", "nsigma", "penalties", "quadratic_smoothing", "skew",
+    "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p", "xtc",
+]

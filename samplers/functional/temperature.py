@@ -1,0 +1,136 @@
+"""Temperature family: temperature, dynamic temperature, quadratic smoothing (reference torch path).
+
+Each function takes ``logits`` ``[B, V]`` (fp32, fp16 or bf16, any device) and per-row
+float32 parameters ``[B]``, computes in fp32 and returns a NEW tensor of the input's dtype
+and shape. ``-inf`` (removed) logits stay ``-inf``; a row whose parameters have the disabled
+value comes out bit-identical. Finite results that would overflow the output dtype (e.g. a
+small temperature on fp16 logits) saturate at the dtype's largest finite magnitude rather
+than becoming ``+-inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._stats import (
+    GREEDY_TEMPERATURE,
+    ParamLike,
+    cast_saturating,
+    check_logits,
+    entropy,
+    row_param,
+    select_rows,
+    softmax_and_log_softmax,
+    upcast,
+)
+
+__all__ = ["temperature", "dynamic_temperature", "quadratic_smoothing", "GREEDY_TEMPERATURE"]
+
+_F32 = torch.float32
+
+
+def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
+    """Temperature scaling: ``l / T``.
+
+    Args:
+        logits: ``[B, V]`` float tensor.
+        temperature: ``[B]`` float32 ``T >= 0``. ``1.0`` disables the row (bit-identical).
+
+    Greedy rows: ``T < 1e-5`` (``GREEDY_TEMPERATURE``, compared in fp32, so a ``T`` given as
+    ``1e-5`` is not greedy) means greedy decoding. Such rows are
+    returned unchanged (bit-identical) here: dividing by ~0 would only overflow, and the draw
+    takes the argmax of the processed logits for them (lowest id on ties), which scaling by
+    a positive factor would not change anyway.
+
+    ``-inf`` stays ``-inf``. Computed in fp32; finite results beyond the output dtype's range
+    saturate at its largest finite value.
+
+    Returns:
+        ``[B, V]`` tensor, same dtype as ``logits``.
+    """
+    check_logits(logits)
+    t = row_param(temperature, logits, _F32, "temperature")
+    enabled = (t != 1.0) & (t >= GREEDY_TEMPERATURE)
+    safe_t = torch.where(enabled, t, torch.ones_like(t))
+    out = upcast(logits) / safe_t[:, None]
+    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+
+
+def dynamic_temperature(
+    logits: Tensor,
+    dynatemp_min: ParamLike,
+    dynatemp_max: ParamLike,
+    dynatemp_exponent: ParamLike,
+) -> Tensor:
+    """Entropy-based dynamic temperature: ``l / T`` with a per-row ``T`` from the row's entropy.
+
+    Args:
+        logits: ``[B, V]`` float tensor.
+        dynatemp_min: ``[B]`` float32 ``>= 0``.
+        dynatemp_max: ``[B]`` float32 ``>= 0``. A row with both ``min`` and ``max`` equal to
+            0 is disabled (bit-identical).
+        dynatemp_exponent: ``[B]`` float32 ``> 0`` (default 1.0).
+
+    Formula: ``T = min + (max - min) * (H / log N) ** exponent`` where ``N`` is the number of
+    finite logits of the row and ``H`` the entropy (natural log, ``0 log 0 = 0``) of the
+    softmax over them, in fp32. ``H / log N`` is in ``[0, 1]`` mathematically; it is clamped
+    to that interval to absorb rounding. If ``N <= 1``, ``T = min``. If the resulting
+    ``T < 1e-5`` it is raised to ``1e-5`` (this avoids ``0 / 0``; the row is then effectively
+    greedy). The temperature then divides every logit; ``-inf`` stays ``-inf``, and finite
+    results beyond the output dtype's range saturate at its largest finite value.
+
+    Returns:
+        ``[B, V]`` tensor, same dtype as ``logits``.
+    """
+    check_logits(logits)
+    t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min")
+    t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max")
+    exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
+    enabled = (t_min != 0) | (t_max != 0)
+    l32 = upcast(logits)
+    p, logp = softmax_and_log_softmax(l32)
+    h = entropy(p, logp)
+    n = torch.isfinite(l32).sum(dim=-1)
+    log_n = torch.log(n.clamp_min(2).to(_F32))
+    ratio = (h / log_n).clamp(0.0, 1.0)
+    t = t_min + (t_max - t_min) * ratio.pow(exponent)
+    t = torch.where(n <= 1, t_min, t)
+    t = t.clamp_min(GREEDY_TEMPERATURE)
+    out = l32 / t[:, None]
+    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+
+
+def quadratic_smoothing(
+    logits: Tensor,
+    smoothing_factor: ParamLike,
+    smoothing_curve: ParamLike,
+) -> Tensor:
+    """Quadratic / cubic smoothing (Aphrodite's formula).
+
+    Args:
+        logits: ``[B, V]`` float tensor.
+        smoothing_factor: ``[B]`` float32 ``f >= 0``; ``0.0`` disables the row (bit-identical).
+        smoothing_curve: ``[B]`` float32 ``c >= 1`` (``1.0`` = purely quadratic).
+
+    Formula: ``k = f * (3 - c) / 2``, ``s = f * (c - 1) / 2`` and, for each finite logit,
+    ``d = l - max(l) <= 0``: ``l_new = max(l) - k * d**2 + s * d**3``. With ``c = 1`` this
+    is ``max(l) - f * d**2``: the top token keeps its logit, the others fall quadratically.
+    ``-inf`` logits stay ``-inf``. Computed in fp32; finite results beyond the output dtype's
+    range saturate at its largest finite value (so no finite logit becomes ``-inf``).
+
+    Returns:
+        ``[B, V]`` tensor, same dtype as ``logits``.
+    """
+    check_logits(logits)
+    f = row_param(smoothing_factor, logits, _F32, "smoothing_factor")
+    c = row_param(smoothing_curve, logits, _F32, "smoothing_curve")
+    enabled = f != 0
+    l32 = upcast(logits)
+    k = (f * (3.0 - c) / 2.0)[:, None]
+    s = (f * (c - 1.0) / 2.0)[:, None]
+    row_max = l32.amax(dim=-1, keepdim=True)
+    d = l32 - row_max
+    smoothed = row_max - k * (d * d) + s * (d * d * d)
+    out = torch.where(torch.isfinite(l32), smoothed, l32)
+    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)

@@ -1,0 +1,433 @@
+"""``SamplingParams``: every parameter of the Arli AI / Aphrodite text-generation API.
+
+Field names, defaults and ranges are those of SEMANTICS.md. Construction validates every
+field and raises ``ValueError`` naming the parameter, the value and the allowed range.
+Instances are immutable; use ``dataclasses.replace`` (which validates again) to derive one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from .priority import SamplerID, parse_sampler_priority, resolve_order
+
+#: Below this temperature a row is greedy (argmax), as in Aphrodite and vLLM.
+GREEDY_TEMPERATURE = 1e-5
+
+#: Request-level keys of a serving API that do not describe sampling; ``from_dict`` ignores them.
+SERVING_KEYS = frozenset({"model", "messages", "prompt", "stream", "multi_models", "multiplier"})
+
+LOGPROBS_MODES = ("processed", "raw")
+_LOGPROBS_MODE_ALIASES = {
+    "processed": "processed",
+    "processed_logprobs": "processed",
+    "raw": "raw",
+    "raw_logprobs": "raw",
+}
+
+GuidedJson = Union[str, Mapping[str, Any]]
+
+
+# --- validation helpers: each names the parameter, the value and the allowed range -----------
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _in_range(name: str, value: float, lo: float | None, hi: float | None,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = (
+        (lo is not None and (value <= lo if lo_open else value < lo))
+        or (hi is not None and (value >= hi if hi_open else value > hi))
+    )
+    if bad:
+        left = "-inf" if lo is None else f"{lo:g}"
+        right = "inf" if hi is None else f"{hi:g}"
+        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _token_ids(name: str, values: Any) -> tuple[int, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list of token ids, got {values!r}")
+    out = []
+    for v in values:
+        tid = _integer(f"{name} entry", v)
+        if tid < 0:
+            raise ValueError(f"{name} entries must be token ids >= 0, got {tid}")
+        out.append(tid)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Parameters of one request. Every field at its default is the identity.
+
+    See SEMANTICS.md for each field's formula. Fields are grouped as in the API:
+    penalties, DRY, temperature family, truncation samplers, order, draw, request-level.
+    """
+
+    # penalties and history-based samplers
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[Mapping[int, float]] = None
+    no_repeat_ngram_size: int = 0
+    min_tokens: int = 0
+    # DRY
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breaker_ids: Sequence[int] = ()
+    dry_range: int = 0
+    # temperature family
+    temperature: float = 1.0
+    dynatemp_min: float = 0.0
+    dynatemp_max: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    temperature_last: bool = False
+    # truncation
+    top_k: int = 0
+    top_p: float = 1.0
+    top_a: float = 0.0
+    min_p: float = 0.0
+    tfs: float = 1.0
+    eta_cutoff: float = 0.0
+    epsilon_cutoff: float = 0.0
+    typical_p: float = 1.0
+    nsigma: float = 0.0
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    skew: float = 0.0
+    # order
+    sampler_priority: Optional[Sequence[Union[int, str, SamplerID]]] = None
+    # draw
+    seed: Optional[int] = None
+    n: int = 1
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    logprobs_mode: str = "processed"
+    # request-level (the generation loop's)
+    max_tokens: Optional[int] = 16
+    stop: Optional[Union[str, Sequence[str]]] = None
+    stop_token_ids: Sequence[int] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = None
+    logits_processors: Sequence[Callable[..., Any]] = ()
+    # guided decoding (stored; applied by the guided-decoding layer)
+    guided_json: Optional[GuidedJson] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[Sequence[str]] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    # beam search only: accepted and validated, not used (this library does not do beam search)
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+
+        for name, lo, hi in (("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0)):
+            v = _real(name, getattr(self, name))
+            _in_range(name, v, lo, hi)
+            set_(name, v)
+        v = _real("repetition_penalty", self.repetition_penalty)
+        _in_range("repetition_penalty", v, 0.0, None, lo_open=True)
+        set_("repetition_penalty", v)
+
+        set_("logit_bias", self._validated_logit_bias(self.logit_bias))
+
+        for name in ("no_repeat_ngram_size", "min_tokens", "dry_range"):
+            v = _integer(name, getattr(self, name))
+            _in_range(name, v, 0, None)
+            set_(name, v)
+
+        v = _real("dry_multiplier", self.dry_multiplier)
+        _in_range("dry_multiplier", v, 0.0, None)
+        set_("dry_multiplier", v)
+        v = _real("dry_base", self.dry_base)
+        _in_range("dry_base", v, 1.0, None, lo_open=True)
+        set_("dry_base", v)
+        v = _integer("dry_allowed_length", self.dry_allowed_length)
+        _in_range("dry_allowed_length", v, 1, None)
+        set_("dry_allowed_length", v)
+        set_("dry_sequence_breaker_ids", _token_ids("dry_sequence_breaker_ids", self.dry_sequence_breaker_ids))
+
+        for name in ("temperature", "dynatemp_min", "dynatemp_max", "smoothing_factor"):
+            v = _real(name, getattr(self, name))
+            _in_range(name, v, 0.0, None)
+            set_(name, v)
+        if self.dynatemp_min > self.dynatemp_max:
+            raise ValueError(
+                f"dynatemp_min ({self.dynatemp_min!r}) must be <= dynatemp_max ({self.dynatemp_max!r})"
+            )
+        v = _real("dynatemp_exponent", self.dynatemp_exponent)
+        _in_range("dynatemp_exponent", v, 0.0, None, lo_open=True)
+        set_("dynatemp_exponent", v)
+        v = _real("smoothing_curve", self.smoothing_curve)
+        _in_range("smoothing_curve", v, 1.0, None)
+        set_("smoothing_curve", v)
+        set_("temperature_last", _boolean("temperature_last", self.temperature_last))
+
+        v = _integer("top_k", self.top_k)
+        if v < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {v}")
+        set_("top_k", 0 if v == -1 else v)
+        for name, lo, hi, lo_open, hi_open in (
+            ("top_p", 0.0, 1.0, True, False),
+            ("top_a", 0.0, None, False, False),
+            ("min_p", 0.0, 1.0, False, False),
+            ("tfs", 0.0, 1.0, True, False),
+            ("typical_p", 0.0, 1.0, True, False),
+            ("nsigma", 0.0, None, False, False),
+            ("xtc_threshold", 0.0, 1.0, False, False),
+            ("xtc_probability", 0.0, 1.0, False, False),
+        ):
+            v = _real(name, getattr(self, name))
+            _in_range(name, v, lo, hi, lo_open, hi_open)
+            set_(name, v)
+        for name in ("eta_cutoff", "epsilon_cutoff"):
+            v = _real(name, getattr(self, name))
+            # The API text says "units of 1e-4"; the engine never scaled them (SEMANTICS.md).
+            if not 0.0 <= v < 1.0:
+                raise ValueError(
+                    f"{name} must be in [0, 1) (a plain probability, not in units of 1e-4: "
+                    f"e.g. 3e-4), got {v!r}"
+                )
+            set_(name, v)
+        set_("skew", _real("skew", self.skew))
+
+        set_("sampler_priority", parse_sampler_priority(self.sampler_priority))
+
+        if self.seed is not None:
+            seed = _integer("seed", self.seed)
+            _in_range("seed", seed, -(2**63), 2**64 - 1)
+            set_("seed", seed)
+        v = _integer("n", self.n)
+        _in_range("n", v, 1, None)
+        set_("n", v)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                v = _integer(name, getattr(self, name))
+                _in_range(name, v, 0, None)
+                set_(name, v)
+        mode = self.logprobs_mode
+        if not isinstance(mode, str) or mode.lower() not in _LOGPROBS_MODE_ALIASES:
+            raise ValueError(f"logprobs_mode must be one of {sorted(_LOGPROBS_MODE_ALIASES)}, got {mode!r}")
+        set_("logprobs_mode", _LOGPROBS_MODE_ALIASES[mode.lower()])
+
+        if self.max_tokens is not None:
+            v = _integer("max_tokens", self.max_tokens)
+            _in_range("max_tokens", v, 1, None)
+            set_("max_tokens", v)
+            if self.min_tokens > v:
+                raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({v})")
+        set_("stop", self._validated_stop(self.stop))
+        set_("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        for name in ("include_stop_str_in_output", "ignore_eos", "detokenize", "skip_special_tokens",
+                     "spaces_between_special_tokens", "early_stopping"):
+            set_(name, _boolean(name, getattr(self, name)))
+        if self.truncate_prompt_tokens is not None:
+            v = _integer("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            _in_range("truncate_prompt_tokens", v, 1, None)
+            set_("truncate_prompt_tokens", v)
+        procs = tuple(self.logits_processors or ())
+        for p in procs:
+            if not callable(p):
+                raise ValueError(
+                    f"logits_processors entries must be callables (token_ids, logits) -> logits, got {p!r}"
+                )
+        set_("logits_processors", procs)
+        self._validate_guided()
+        set_("length_penalty", _real("length_penalty", self.length_penalty))
+
+        if self.is_greedy and self.n != 1:
+            raise ValueError(
+                f"n must be 1 for greedy sampling (temperature < {GREEDY_TEMPERATURE:g}), got n={self.n}"
+            )
+
+    @staticmethod
+    def _validated_logit_bias(bias: Any) -> Optional[dict[int, float]]:
+        if bias is None:
+            return None
+        if not isinstance(bias, Mapping):
+            raise ValueError(f"logit_bias must be a mapping of token id -> bias, got {bias!r}")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            if isinstance(key, str):
+                if not key.strip().lstrip("-").isdigit():
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+                key = int(key)
+            tid = _integer("logit_bias key", key)
+            if tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tid}")
+            b = _real(f"logit_bias[{tid}]", value)
+            _in_range(f"logit_bias[{tid}]", b, -100.0, 100.0)
+            out[tid] = b
+        return out or None
+
+    @staticmethod
+    def _validated_stop(stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, Sequence):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        for s in stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop entries must be strings, got {s!r}")
+            if s == "":
+                raise ValueError("stop must not contain an empty string")
+        return tuple(stop)
+
+    def _validate_guided(self) -> None:
+        gj = self.guided_json
+        if gj is not None:
+            if isinstance(gj, str):
+                try:
+                    parsed = json.loads(gj)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"guided_json is not valid JSON: {exc}") from None
+                if not isinstance(parsed, dict):
+                    raise ValueError(f"guided_json must be a JSON schema object, got {gj!r}")
+            elif not isinstance(gj, Mapping):
+                raise ValueError(f"guided_json must be a JSON schema (dict or JSON string), got {gj!r}")
+        for name in ("guided_regex", "guided_decoding_backend", "guided_whitespace_pattern"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be a string, got {v!r}")
+        gc = self.guided_choice
+        if gc is not None:
+            if isinstance(gc, str) or not isinstance(gc, Sequence) or not all(isinstance(c, str) for c in gc):
+                raise ValueError(f"guided_choice must be a list of strings, got {gc!r}")
+            object.__setattr__(self, "guided_choice", tuple(gc))
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def is_greedy(self) -> bool:
+        """The row's token is the argmax of its processed logits."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def dynatemp_enabled(self) -> bool:
+        return self.dynatemp_min != 0.0 or self.dynatemp_max != 0.0
+
+    @property
+    def order(self) -> tuple[SamplerID, ...]:
+        """Every sampler id, in the order this row applies them (enabled or not)."""
+        return resolve_order(self.sampler_priority, self.temperature_last)
+
+    def enabled_samplers(self) -> frozenset[SamplerID]:
+        """The samplers of the ordered chain that change this row's logits."""
+        s = SamplerID
+        on = {
+            s.PENALTIES: self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0,
+            s.DRY: self.dry_multiplier > 0.0,
+            s.NO_REPEAT_NGRAM: self.no_repeat_ngram_size > 0,
+            s.TEMPERATURE: not self.is_greedy and (self.temperature != 1.0 or self.dynatemp_enabled),
+            s.TOP_NSIGMA: self.nsigma > 0.0,
+            s.TOP_P_TOP_K: self.top_p < 1.0 or self.top_k > 0,
+            s.TOP_A: self.top_a > 0.0,
+            s.MIN_P: self.min_p > 0.0,
+            s.TFS: self.tfs < 1.0,
+            s.ETA_CUTOFF: self.eta_cutoff > 0.0,
+            s.EPSILON_CUTOFF: self.epsilon_cutoff > 0.0,
+            s.TYPICAL_P: self.typical_p < 1.0,
+            s.QUADRATIC: self.smoothing_factor > 0.0,
+            s.XTC: self.xtc_probability > 0.0,
+        }
+        return frozenset(k for k, v in on.items() if v)
+
+    def enabled_order(self) -> tuple[SamplerID, ...]:
+        """``order`` restricted to the samplers this row enables."""
+        enabled = self.enabled_samplers()
+        return tuple(sid for sid in self.order if sid in enabled)
+
+    @property
+    def has_guided_decoding(self) -> bool:
+        return any(
+            getattr(self, name) is not None for name in ("guided_json", "guided_regex", "guided_choice")
+        )
+
+    # ------------------------------------------------------------------ construction from requests
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any]) -> "SamplingParams":
+        """Build from an Arli/OpenAI-style request body.
+
+        Serving-level keys (model, messages, prompt, stream, multi_models, multiplier) are
+        accepted and ignored; ``null`` values mean "use the default"; any other unknown key is
+        a ``ValueError`` naming it.
+        """
+        if not isinstance(body, Mapping):
+            raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
+        known = cls.field_names()
+        unknown = sorted(k for k in body if k not in known and k not in SERVING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown request parameter(s): {', '.join(map(repr, unknown))}; "
+                f"see SamplingParams for the supported names"
+            )
+        kwargs = {k: v for k, v in body.items() if k in known and v is not None}
+        if "sampler_priority" in body and body["sampler_priority"] is None:
+            kwargs.pop("sampler_priority", None)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SamplingParams":
+        return cls.from_dict(json.loads(text))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-compatible values (logits_processors left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "logits_processors":
+                continue
+            v = getattr(self, f.name)
+            if f.name == "sampler_priority":
+                v = [int(s) for s in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        return out

@@ -1,0 +1,150 @@
+"""The last step: seeded random numbers, the token draw, and log-probabilities.
+
+Random numbers come from Philox4x32-10, a counter-based generator: a row's numbers are a
+pure function of (key, counter), so a seeded row draws the same token whatever the batch
+composition and its position in it. The stream layout (shared with the Triton kernels,
+where ``tl.philox`` computes the same bits):
+
+    key     = the row's 64-bit seed (lo, hi words); unseeded rows get a key drawn from the
+              pipeline's ``torch.Generator`` for each call
+    counter = (step, sequence_index, purpose, 0), step = number of output tokens so far,
+              sequence_index = j of the n sequences of a request, purpose = PURPOSE_*
+    uniform = first output word -> float32 in [0, 1), exactly as Triton's
+              ``uint_to_uniform_float`` (so ``tl.rand``-style kernels reproduce it bit for bit)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PURPOSE_DRAW = 0
+PURPOSE_XTC = 1
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+# Largest float32 scale with (2**31 - 1) * scale < 1.0 (Triton's constant).
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of ``const * x`` for uint32 values held in int64 tensors.
+
+    int64 cannot hold a 64-bit product, so ``const`` is split into 16-bit halves.
+    """
+    p_lo = x * (const & 0xFFFF)
+    p_hi = x * (const >> 16)
+    t = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+    k0: torch.Tensor, k1: torch.Tensor, rounds: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 (Random123) on uint32 words stored in int64 tensors of one shape."""
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 words (in int64) -> float32 in [0, 1), bit-exact with Triton's conversion."""
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    magnitude = torch.where(signed < 0, -signed - 1, signed)
+    return magnitude.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32,
+                                                      device=bits.device)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """A Python int seed (negative allowed) -> its (lo, hi) uint32 key words."""
+    s = seed % 2**64
+    return s & _MASK32, s >> 32
+
+
+def row_uniforms(
+    key_lo: torch.Tensor, key_hi: torch.Tensor, step: torch.Tensor,
+    sequence_index: torch.Tensor, purpose: int,
+) -> torch.Tensor:
+    """One float32 uniform per row from the stream layout described in the module docstring."""
+    step = step.to(torch.int64) & _MASK32
+    seq = sequence_index.to(torch.int64) & _MASK32
+    zero = torch.zeros_like(step)
+    out, _, _, _ = philox4x32(step, seq, zero + purpose, zero, key_lo, key_hi)
+    return uint32_to_uniform(out)
+
+
+def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Choose one token per row.
+
+    Args:
+        logits: [B, V] processed logits (any float dtype; computed in float32).
+        greedy: [B] bool; greedy rows take the argmax (ties: the lowest id).
+        uniforms: [B] float32 in [0, 1); random rows take the inverse CDF of
+            softmax(logits) in token-id order: the first token whose cumulative probability
+            exceeds ``u * total``.
+    Returns:
+        [B] int64 token ids. A removed (-inf) token is never chosen.
+    """
+    work = logits.float()
+    argmax = work.argmax(dim=-1)
+    if bool(greedy.all()):
+        return argmax
+    probs = torch.softmax(work, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # Rounding can put the target at or past the last cumulative value: fall back to the
+    # last token with non-zero probability, so a removed token is never returned.
+    positive = probs > 0
+    last_positive = (positive.shape[-1] - 1) - positive.flip(-1).to(torch.int8).argmax(dim=-1)
+    idx = torch.minimum(idx, last_positive)
+    return torch.where(greedy, argmax, idx)
+
+
+@dataclass
+class SamplerOutput:
+    """Result of ``SamplerPipeline.sample``.
+
+    token_ids:    [B] int64
+    logprobs:     [B] float32, log-probability of each chosen token under the distribution
+                  it was drawn from (or the raw model distribution for rows whose
+                  ``logprobs_mode`` is "raw")
+    top_logprobs: (ids [B, K] int64, values [B, K] float32), K = the largest ``logprobs`` of
+                  the batch, most likely first; None when no row asks for alternatives.
+                  Row b's first ``params[b].logprobs`` columns are its answer.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_logprobs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def compute_logprobs(
+    processed: torch.Tensor, raw: torch.Tensor, use_raw: torch.Tensor,
+    token_ids: torch.Tensor, num_top: int,
+) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Log-probabilities of the chosen tokens and the top ``num_top`` alternatives.
+
+    ``use_raw`` [B] bool picks the raw model distribution per row instead of the processed one.
+    """
+    if bool(use_raw.any()):
+        source = torch.where(use_raw.unsqueeze(-1), raw.float(), processed.float())
+    else:
+        source = processed.float()
+    logp = torch.log_softmax(source, dim=-1)
+    chosen = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    top = None
+    if num_top > 0:
+        values, ids = logp.topk(min(num_top, logp.shape[-1]), dim=-1)
+        top = (ids, values)
+    return chosen, top

@@ -1,0 +1,369 @@
+"""SamplerPipeline: composition order, per-row priorities, identity, seeds and the draw."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import samplers.functional as F
+from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams
+from samplers.batch import _schedule
+
+V = 64
+
+
+def _logits(B, V=V, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, V, generator=g) * 3).to(dtype)
+
+
+def _histories(B, L=40, V=V, seed=0):
+    rng = np.random.default_rng(seed)
+    # a small alphabet so that repeats (for DRY / n-grams / penalties) occur
+    prompts = [rng.integers(0, 8, size=L).tolist() for _ in range(B)]
+    outputs = [rng.integers(0, 8, size=L // 2).tolist() for _ in range(B)]
+    return prompts, outputs
+
+
+def _batch(params, B=None, seed=0, **kw):
+    if isinstance(params, SamplingParams):
+        params = [params] * (B or 1)
+    prompts, outputs = _histories(len(params), seed=seed)
+    return SamplingBatch(params, prompts, outputs, vocab_size=V, **kw)
+
+
+EVERYTHING = dict(
+    repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2, no_repeat_ngram_size=3,
+    dry_multiplier=0.8, dry_allowed_length=2, temperature=0.8, smoothing_factor=0.2, top_k=30,
+    top_p=0.95, top_a=0.01, min_p=0.01, tfs=0.99, eta_cutoff=1e-4, epsilon_cutoff=1e-4,
+    typical_p=0.99, nsigma=3.0, xtc_threshold=0.05, xtc_probability=0.5, skew=0.1, seed=7,
+    logit_bias={3: 5.0, 4: -100.0},
+)
+
+PRESETS = [
+    SamplingParams(),
+    SamplingParams(temperature=0.7, min_p=0.05),
+    SamplingParams(top_k=10, top_p=0.8, seed=1),
+    SamplingParams(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, seed=2),
+    SamplingParams(xtc_threshold=0.1, xtc_probability=1.0, seed=3),
+    SamplingParams(dynatemp_min=0.5, dynatemp_max=1.5, typical_p=0.9),
+    SamplingParams(**EVERYTHING),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(sampler_priority=[SamplerID.MIN_P, SamplerID.TEMPERATURE], temperature=2.0, min_p=0.2),
+    SamplingParams(temperature_last=True, temperature=0.5, tfs=0.9, nsigma=1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_params_are_the_identity(dtype):
+    logits = _logits(3, dtype=dtype)
+    logits[0, 5] = float("-inf")
+    before = logits.clone()
+    batch = _batch(SamplingParams(), B=3)
+    out = SamplerPipeline("torch").process(logits, batch)
+    assert out.dtype == dtype
+    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       before.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(logits, before)
+
+
+def test_input_is_never_modified():
+    logits = _logits(len(PRESETS))
+    before = logits.clone()
+    SamplerPipeline("torch").sample(logits, _batch(PRESETS))
+    assert torch.equal(logits, before)
+
+
+def test_rows_are_independent_of_the_batch():
+    """Each row of a heterogeneous batch equals that row processed alone (same history)."""
+    logits = _logits(len(PRESETS), seed=1)
+    prompts, outputs = _histories(len(PRESETS), seed=5)
+    pipe = SamplerPipeline("torch", seed=0)
+    together = pipe.process(logits, SamplingBatch(PRESETS, prompts, outputs, vocab_size=V))
+    for b, p in enumerate(PRESETS):
+        if p.xtc_probability > 0 and p.seed is None:
+            continue  # an unseeded coin differs between calls by design
+        alone = pipe.process(logits[b:b + 1], SamplingBatch([p], [prompts[b]], [outputs[b]], vocab_size=V))
+        assert torch.equal(together[b], alone[0]), f"row {b}: {p}"
+
+
+def _manual_chain(logits, p, prompt, output, coin_row):
+    """The composition written out by hand from SEMANTICS.md's order, one sampler at a time."""
+    batch = SamplingBatch([p], [prompt], [output], vocab_size=logits.shape[1])
+    x = logits.float()
+    t = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
+    if p.logit_bias:
+        ids = list(p.logit_bias)
+        x = F.logit_bias(x, torch.zeros(len(ids), dtype=torch.int64), torch.tensor(ids),
+                         torch.tensor([p.logit_bias[i] for i in ids]))
+    steps = {
+        SamplerID.DRY: lambda x: F.dry(x, batch.history, t(p.dry_multiplier), t(p.dry_base),
+                                       t(p.dry_allowed_length, torch.int64), t(p.dry_range, torch.int64),
+                                       torch.full((1, 1), -1, dtype=torch.int64)),
+        SamplerID.PENALTIES: lambda x: F.penalties(x, batch.history.seen_mask(), batch.history.output_counts(),
+                                                   t(p.repetition_penalty), t(p.frequency_penalty),
+                                                   t(p.presence_penalty)),
+        SamplerID.NO_REPEAT_NGRAM: lambda x: F.no_repeat_ngram(x, batch.history,
+                                                               t(p.no_repeat_ngram_size, torch.int64)),
+        SamplerID.TEMPERATURE: lambda x: F.temperature(x, t(p.temperature)),
+        SamplerID.TOP_NSIGMA: lambda x: F.nsigma(x, t(p.nsigma)),
+        SamplerID.TOP_P_TOP_K: lambda x: F.top_p(F.top_k(x, t(p.top_k, torch.int64)), t(p.top_p)),
+        SamplerID.TOP_A: lambda x: F.top_a(x, t(p.top_a)),
+        SamplerID.MIN_P: lambda x: F.min_p(x, t(p.min_p)),
+        SamplerID.TFS: lambda x: F.tfs(x, t(p.tfs)),
+        SamplerID.ETA_CUTOFF: lambda x: F.eta_cutoff(x, t(p.eta_cutoff)),
+        SamplerID.EPSILON_CUTOFF: lambda x: F.epsilon_cutoff(x, t(p.epsilon_cutoff)),
+        SamplerID.TYPICAL_P: lambda x: F.typical_p(x, t(p.typical_p)),
+        SamplerID.QUADRATIC: lambda x: F.quadratic_smoothing(x, t(p.smoothing_factor), t(p.smoothing_curve)),
+        SamplerID.XTC: lambda x: F.xtc(x, t(p.xtc_threshold), t(p.xtc_probability), coin_row),
+    }
+    for sid in p.order:
+        x = steps[sid](x)
+    return F.skew(x, t(p.skew))
+
+
+@pytest.mark.parametrize("preset", [i for i, p in enumerate(PRESETS) if p.seed is not None or p.xtc_probability == 0])
+def test_pipeline_equals_the_hand_written_chain(preset):
+    p = PRESETS[preset]
+    if p.is_greedy or p.dynatemp_enabled:
+        pytest.skip("covered by the greedy / dynatemp tests")
+    logits = _logits(1, seed=preset)
+    prompts, outputs = _histories(1, seed=preset)
+    batch = SamplingBatch([p], prompts, outputs, vocab_size=V)
+    from samplers.pipeline import _RowRandoms
+    coin = _RowRandoms(batch, torch.Generator()).uniforms(1)
+    expected = _manual_chain(logits, p, prompts[0], outputs[0], coin)
+    got = SamplerPipeline("torch").process(logits, batch)
+    assert torch.equal(got, expected)
+
+
+def test_order_matters_temperature_vs_min_p():
+    # Row logits: log of probabilities [0.5, 0.3, 0.2]. min_p 0.5 keeps p >= 0.25: tokens 0, 1.
+    # With temperature 3 first, p ~ softmax(l / 3) = [0.389, 0.329, 0.281]: all three >= 0.195.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    first_min_p = SamplingParams(temperature=3.0, min_p=0.5, sampler_priority=["min_p", "temperature"])
+    first_temp = SamplingParams(temperature=3.0, min_p=0.5)  # default: temperature before min_p
+    pipe = SamplerPipeline("torch")
+    a = pipe.process(logits, SamplingBatch([first_min_p], vocab_size=3))
+    b = pipe.process(logits, SamplingBatch([first_temp], vocab_size=3))
+    assert torch.isinf(a[0, 2]) and torch.isfinite(a[0, :2]).all()
+    assert torch.isfinite(b).all()
+    # temperature_last moves temperature after min_p as well
+    c = pipe.process(logits, SamplingBatch([SamplingParams(temperature=3.0, min_p=0.5, temperature_last=True)],
+                                           vocab_size=3))
+    assert torch.equal(a, c)
+
+
+def test_rows_with_different_priorities_in_one_batch():
+    p_default = SamplingParams(temperature=3.0, min_p=0.5)
+    p_reversed = SamplingParams(temperature=3.0, min_p=0.5, sampler_priority=[2, 5])
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4, 1)
+    pipe = SamplerPipeline("torch")
+    batch = SamplingBatch([p_default, p_reversed, p_reversed, p_default], vocab_size=3)
+    assert any(mask is not None for _, mask in batch.schedule)
+    mixed = pipe.process(logits, batch)
+    for b, p in enumerate([p_default, p_reversed, p_reversed, p_default]):
+        alone = pipe.process(logits[b:b + 1], SamplingBatch([p], vocab_size=3))
+        assert torch.equal(mixed[b], alone[0])
+    assert not torch.equal(mixed[0], mixed[1])
+
+
+def test_schedule_merges_consistent_orders_without_masks():
+    S = SamplerID
+    stages = _schedule([(S.DRY, S.TEMPERATURE), (S.TEMPERATURE, S.MIN_P), ()], torch.device("cpu"))
+    assert [s for s, _ in stages] == [S.DRY, S.TEMPERATURE, S.MIN_P]
+    assert all(m is None for _, m in stages)
+    stages = _schedule([(S.TEMPERATURE, S.MIN_P), (S.MIN_P, S.TEMPERATURE)], torch.device("cpu"))
+    assert [(s, m.tolist()) for s, m in stages] == [
+        (S.MIN_P, [False, True]), (S.TEMPERATURE, [True, False]),
+        (S.MIN_P, [True, False]), (S.TEMPERATURE, [False, True]),
+    ]
+
+
+def test_samplers_no_row_enables_are_not_run(monkeypatch):
+    import samplers.pipeline as pl
+
+    called = []
+    for sid, fn in list(pl.UNITS.items()):
+        monkeypatch.setitem(pl.UNITS, sid, (lambda s, f: lambda x, b, r: (called.append(s), f(x, b, r))[1])(sid, fn))
+    batch = _batch([SamplingParams(min_p=0.1), SamplingParams()])
+    SamplerPipeline("torch").process(_logits(2), batch)
+    assert called == [SamplerID.MIN_P]
+
+
+def test_greedy_rows_take_the_argmax_of_processed_logits():
+    logits = _logits(2, seed=3)
+    prompts, outputs = _histories(2, seed=3)
+    top = int(logits[0].argmax())
+    outputs[0] = outputs[0] + [top]  # the penalty must move the argmax away
+    p = SamplingParams(temperature=0.0, repetition_penalty=100.0)
+    batch = SamplingBatch([p, SamplingParams(temperature=0.0)], prompts, outputs, vocab_size=V)
+    pipe = SamplerPipeline("torch")
+    out = pipe.sample(logits, batch)
+    processed = pipe.process(logits, batch)
+    assert out.token_ids.tolist() == processed.argmax(-1).tolist()
+    assert out.token_ids[0] != top
+    assert out.token_ids[1] == logits[1].argmax()
+
+
+def test_seeded_rows_reproduce_across_batch_composition_and_position():
+    seeded = SamplingParams(temperature=1.5, seed=1234, xtc_probability=0.5, xtc_threshold=0.02)
+    others = [SamplingParams(temperature=0.7), SamplingParams(top_k=3, seed=9), SamplingParams()]
+    logits_row = _logits(1, seed=11)[0]
+    prompt, output = [1, 2, 3], [4, 5]
+    results = []
+    for position in range(4):
+        params = others[:]
+        params.insert(position, seeded)
+        B = len(params)
+        logits = _logits(B, seed=position + 100)
+        logits[position] = logits_row
+        batch = SamplingBatch(params, [prompt] * B, [output] * B, vocab_size=V)
+        pipe = SamplerPipeline("torch", seed=position)  # a different generator every time
+        results.append(int(pipe.sample(logits, batch).token_ids[position]))
+    assert len(set(results)) == 1
+
+
+def test_seeded_rows_follow_their_own_step_counter():
+    p = SamplingParams(seed=5)
+    logits = torch.zeros(1, 1000)  # uniform: the token is a function of the uniform alone
+    batch = SamplingBatch([p], [[1]], [[]], vocab_size=1000)
+    pipe = SamplerPipeline("torch")
+    first = []
+    for _ in range(5):
+        t = pipe.sample(logits, batch).token_ids
+        first.append(int(t))
+        batch.append(t)
+    batch2 = SamplingBatch([p], [[1]], [[]], vocab_size=1000)
+    again = []
+    for _ in range(5):
+        t = SamplerPipeline("torch").sample(logits, batch2).token_ids
+        again.append(int(t))
+        batch2.append(t)
+    assert first == again and len(set(first)) > 1
+    # the n sequences of one request get distinct streams
+    b3 = SamplingBatch([p, p], [[1], [1]], [[], []], vocab_size=1000, sequence_indices=[0, 1])
+    t = SamplerPipeline("torch").sample(torch.zeros(2, 1000), b3).token_ids
+    assert int(t[0]) == first[0] and int(t[1]) != int(t[0])
+
+
+def _chi_square_p_value(counts, probs):
+    from math import fsum
+
+    n = counts.sum()
+    expected = probs * n
+    keep = expected > 0
+    stat = fsum(((counts[keep] - expected[keep]) ** 2 / expected[keep]).tolist())
+    dof = int(keep.sum()) - 1
+    # Wilson-Hilferty approximation of the chi-square upper tail
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, min_p=0.05),
+    SamplingParams(top_k=5, top_p=0.9, skew=0.5),
+    SamplingParams(xtc_threshold=0.1, xtc_probability=0.5),
+])
+def test_unseeded_draw_frequencies_match_the_processed_distribution(params):
+    Vs = 12
+    base = torch.log(torch.tensor([0.3, 0.2, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.02, 0.015, 0.01, 0.005]))
+    draws = 20000
+    logits = base.repeat(draws, 1)
+    batch = SamplingBatch([params] * draws, vocab_size=Vs)
+    pipe = SamplerPipeline("torch", seed=123)
+    tokens = pipe.sample(logits, batch).token_ids
+    counts = np.bincount(tokens.numpy(), minlength=Vs).astype(np.float64)
+    if params.xtc_probability > 0:
+        # mixture: half the rows had XTC applied
+        on = F.xtc(base[None], torch.tensor([params.xtc_threshold]), torch.tensor([1.0]), torch.tensor([0.0]))
+        probs = 0.5 * torch.softmax(on[0], -1) + 0.5 * torch.softmax(base, -1)
+    else:
+        processed = pipe.process(base[None], SamplingBatch([params], vocab_size=Vs))
+        probs = torch.softmax(processed[0].double(), -1)
+    probs = probs.double().numpy()
+    assert counts[probs == 0].sum() == 0
+    assert _chi_square_p_value(counts, probs) > 1e-4
+    # ... and a wrong distribution (the unprocessed softmax) is rejected by the same test
+    raw = torch.softmax(base.double(), -1).numpy()
+    assert _chi_square_p_value(counts, raw) < 1e-4 or counts[raw == 0].sum() > 0
+
+
+def test_logprobs_come_from_the_processed_distribution():
+    p = SamplingParams(top_k=2, logprobs=3, seed=0)
+    raw_mode = SamplingParams(top_k=2, logprobs=1, seed=0, logprobs_mode="raw")
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    out = SamplerPipeline("torch").sample(logits, SamplingBatch([p, raw_mode], vocab_size=3))
+    tok = out.token_ids.tolist()
+    assert tok[0] in (0, 1)
+    assert out.logprobs[0].item() == pytest.approx(math.log([0.625, 0.375][tok[0]]), abs=1e-5)
+    assert out.logprobs[1].item() == pytest.approx(math.log([0.5, 0.3][tok[1]]), abs=1e-5)
+    ids, values = out.top_logprobs
+    assert ids.shape == (2, 3)
+    assert ids[0, :2].tolist() == [0, 1] and values[0, 2].item() == float("-inf")
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached_and_logit_bias_applies_first():
+    p = SamplingParams(min_tokens=2, stop_token_ids=[7], logit_bias={9: 100.0})
+    logits = torch.zeros(1, 10)
+    batch = SamplingBatch([p], [[1, 2]], [[3]], vocab_size=10, eos_token_ids=[0])
+    pipe = SamplerPipeline("torch")
+    out = pipe.process(logits, batch)
+    assert torch.isinf(out[0, 0]) and torch.isinf(out[0, 7]) and out[0, 9] == 100.0
+    batch.append(torch.tensor([4]))  # output length 2 = min_tokens: EOS allowed again
+    out = pipe.process(logits, batch)
+    assert torch.isfinite(out).all()
+
+
+def test_append_matches_rebuilding_from_full_histories():
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                       dry_multiplier=1.0, no_repeat_ngram_size=2, seed=4, temperature=0.9)
+    prompts, outputs = _histories(3, seed=9)
+    batch = SamplingBatch([p] * 3, prompts, outputs, vocab_size=V)
+    pipe = SamplerPipeline("torch")
+    for step in range(6):
+        logits = _logits(3, seed=step)
+        tokens = pipe.sample(logits, batch).token_ids
+        batch.append(tokens)
+        for b in range(3):
+            outputs[b] = outputs[b] + [int(tokens[b])]
+    fresh = SamplingBatch([p] * 3, prompts, outputs, vocab_size=V)
+    logits = _logits(3, seed=99)
+    assert torch.equal(pipe.process(logits, batch), pipe.process(logits, fresh))
+
+
+def test_errors_are_clear():
+    pipe = SamplerPipeline("torch")
+    batch = _batch([SamplingParams()] * 2)
+    with pytest.raises(ValueError, match="shape"):
+        pipe.process(torch.zeros(3, V), batch)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingBatch([SamplingParams(logit_bias={V + 1: 1.0})], vocab_size=V)
+    with pytest.raises(ValueError, match="backend"):
+        SamplerPipeline("cuda-magic")
+    with pytest.raises(ValueError, match="rows"):
+        SamplingBatch([SamplingParams()] * 2, [[1]], vocab_size=V)
+    with pytest.raises(ValueError, match="append"):
+        batch.append(torch.tensor([1, 2, 3]))
+
+
+def test_backend_auto_falls_back_to_torch_without_cuda():
+    if not torch.cuda.is_available():
+        assert SamplerPipeline("auto").backend == "torch"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sampled_from(range(len(PRESETS))), min_size=1, max_size=5),
+    st.integers(0, 2**16),
+)
+def test_hypothesis_truncation_never_empties_a_row(rows, seed):
+    params = [PRESETS[i] for i in rows]
+    logits = _logits(len(params), seed=seed)
+    batch = _batch(params, seed=seed)
+    out = SamplerPipeline("torch", seed=seed).process(logits, batch)
+    assert torch.isfinite(out).any(dim=-1).all()
+    assert not torch.isnan(out).any()

@@ -1,0 +1,138 @@
+"""The random stream (Philox4x32-10), the draw and the log-probabilities."""
+
+import numpy as np
+import pytest
+import torch
+
+from samplers.sampling import (
+    compute_logprobs,
+    draw_tokens,
+    philox4x32,
+    row_uniforms,
+    split_seed,
+    uint32_to_uniform,
+)
+
+
+def _t(*values):
+    return [torch.tensor([v], dtype=torch.int64) for v in values]
+
+
+@pytest.mark.parametrize(
+    "counter,key,expected",
+    [
+        # Known-answer vectors of Random123 (kat_vectors, philox4x32 with 10 rounds).
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
+def test_philox_known_answers(counter, key, expected):
+    out = philox4x32(*_t(*counter), *_t(*key))
+    assert tuple(int(o) for o in out) == expected
+
+
+def _numpy_uniform(word: int) -> np.float32:
+    """Triton's uint -> float conversion, written independently with numpy scalars."""
+    signed = np.int64(np.uint32(word).view(np.int32))
+    magnitude = -signed - 1 if signed < 0 else signed
+    return np.float32(magnitude) * np.float32(4.6566127342e-10)
+
+
+def test_uniform_conversion_matches_numpy_and_stays_below_one():
+    words = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123456789, 0xDEADBEEF]
+    got = uint32_to_uniform(torch.tensor(words, dtype=torch.int64))
+    for w, g in zip(words, got.tolist()):
+        assert np.float32(g) == _numpy_uniform(w)
+    assert float(got.max()) < 1.0 and float(got.min()) >= 0.0
+
+
+def test_row_uniforms_are_uniform_and_depend_on_every_counter_word():
+    n = 20000
+    lo, hi = split_seed(1234)
+    key_lo = torch.full((n,), lo, dtype=torch.int64)
+    key_hi = torch.full((n,), hi, dtype=torch.int64)
+    steps = torch.arange(n)
+    u = row_uniforms(key_lo, key_hi, steps, torch.zeros(n, dtype=torch.int64), 0)
+    # Kolmogorov-Smirnov distance against U(0, 1): 1.63/sqrt(n) is the 1% critical value.
+    xs = np.sort(u.numpy().astype(np.float64))
+    ks = np.max(np.abs(xs - (np.arange(1, n + 1) / n)))
+    assert ks < 1.63 / np.sqrt(n)
+    other_seq = row_uniforms(key_lo, key_hi, steps, torch.ones(n, dtype=torch.int64), 0)
+    other_purpose = row_uniforms(key_lo, key_hi, steps, torch.zeros(n, dtype=torch.int64), 1)
+    other_key = row_uniforms(key_lo + 1, key_hi, steps, torch.zeros(n, dtype=torch.int64), 0)
+    for other in (other_seq, other_purpose, other_key):
+        assert (other != u).float().mean() > 0.99
+
+
+def test_split_seed_handles_negative_and_large():
+    assert split_seed(0) == (0, 0)
+    assert split_seed(2**32 + 5) == (5, 1)
+    assert split_seed(-1) == (0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def test_row_uniforms_match_triton_philox_bit_for_bit():
+    """The kernels' stream: tl.philox in Triton (run by the interpreter) gives the same bits."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def _kernel(out_ptr, key_lo_ptr, key_hi_ptr, step_ptr, seq_ptr, purpose, N: tl.constexpr):
+        i = tl.arange(0, N)
+        k0 = tl.load(key_lo_ptr + i).to(tl.uint32)
+        k1 = tl.load(key_hi_ptr + i).to(tl.uint32)
+        step = tl.load(step_ptr + i).to(tl.uint32)
+        seq = tl.load(seq_ptr + i).to(tl.uint32)
+        zero = step * 0
+        c0, _, _, _ = tl.random.philox_impl(step, seq, zero + purpose, zero, k0, k1)
+        tl.store(out_ptr + i, tl.random.uint_to_uniform_float(c0))
+
+    seeds = [0, 1, 2**40 + 5, -7, 123456789, 2**63 - 1, 2**64 - 1, 42]
+    words = torch.tensor([split_seed(s) for s in seeds], dtype=torch.int64).t()
+    step = torch.arange(8, dtype=torch.int64) * 1000 + 3
+    seq = torch.arange(8, dtype=torch.int64) % 3
+    for purpose in (0, 1):
+        expected = row_uniforms(words[0], words[1], step, seq, purpose)
+        # int64 -> int32 views keep the low 32 bits; the kernel reinterprets them as uint32.
+        got = torch.empty(8, dtype=torch.float32)
+        _kernel[(1,)](got, words[0].to(torch.int32), words[1].to(torch.int32),
+                      step.to(torch.int32), seq.to(torch.int32), purpose, N=8)
+        assert torch.equal(got, expected)
+
+
+def test_draw_greedy_takes_lowest_id_among_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("-inf"), 0.0, -1.0, 0.0]])
+    tokens = draw_tokens(logits, torch.tensor([True, True]), torch.zeros(2))
+    assert tokens.tolist() == [1, 1]
+
+
+def test_draw_inverse_cdf_hand_computed():
+    # probabilities [0.1, 0.2, 0.3, 0.4] -> cumulative [0.1, 0.3, 0.6, 1.0]
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(5, 1)
+    u = torch.tensor([0.05, 0.15, 0.35, 0.65, 0.999])
+    tokens = draw_tokens(logits, torch.zeros(5, dtype=torch.bool), u)
+    assert tokens.tolist() == [0, 1, 2, 3, 3]
+
+
+def test_draw_never_returns_a_removed_token():
+    ninf = float("-inf")
+    logits = torch.tensor([[0.0, 0.0, ninf, ninf], [ninf, 0.0, ninf, ninf]])
+    u = torch.tensor([0.99999994, 0.99999994])  # the largest float32 below 1
+    tokens = draw_tokens(logits, torch.zeros(2, dtype=torch.bool), u)
+    assert tokens.tolist() == [1, 1]
+
+
+def test_logprobs_processed_and_raw():
+    raw = torch.tensor([[0.0, 1.0, 2.0]])
+    processed = torch.tensor([[float("-inf"), 1.0, 2.0]])
+    tok = torch.tensor([1])
+    chosen, top = compute_logprobs(processed, raw, torch.tensor([False]), tok, 2)
+    expected = 1.0 - np.log(np.exp(1.0) + np.exp(2.0))
+    assert chosen.item() == pytest.approx(expected, abs=1e-6)
+    assert top[0].tolist() == [[2, 1]]
+    chosen_raw, _ = compute_logprobs(processed, raw, torch.tensor([True]), tok, 0)
+    assert chosen_raw.item() == pytest.approx(1.0 - np.log(1 + np.exp(1.0) + np.exp(2.0)), abs=1e-6)

@@ -1,0 +1,217 @@
+"""Tests for samplers/functional/skew.py.
+
+1. hand-computed values (arithmetic written out), incl. ties and -inf;
+2. agreement with an independent float64 numpy re-implementation on random heterogeneous
+   batches with -inf entries and ties;
+3. hypothesis properties: skew 0 -> bit-identical, batch independence, -inf stays -inf,
+   the top token keeps a positive probability, mass conservation, direction of the effect;
+4. fp16 / bf16 inputs keep their dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from samplers.functional.skew import skew
+
+NEG_INF = float("-inf")
+HYP = settings(max_examples=50, deadline=None, derandomize=True)
+
+
+def f32(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def logits_of(probs: list[float]) -> list[float]:
+    return [math.log(q) if q > 0 else NEG_INF for q in probs]
+
+
+def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
+                ties: float = 0.2, scale: float = 2.0) -> torch.Tensor:
+    """Random fp32 logits with some -inf (never a whole row) and exact ties."""
+    x = (rng.standard_normal((batch, vocab)) * scale).astype(np.float32)
+    for b in range(batch):
+        if vocab > 1 and ties > 0:
+            n_tie = int(rng.integers(0, max(1, int(ties * vocab)) + 1))
+            x[b, rng.integers(0, vocab, n_tie)] = x[b, rng.integers(0, vocab, n_tie)]
+        if ninf > 0:
+            mask = rng.random(vocab) < ninf
+            mask[int(np.argmax(x[b]))] = False
+            x[b, mask] = -np.inf
+    return torch.from_numpy(x)
+
+
+def ref_skew_probs(row: np.ndarray, sk: float) -> np.ndarray:
+    """Independent float64 reference: the skewed probabilities p' of one row.
+
+    Sort by probability descending, c = cumsum ** exp(skew), p' = diff(c, prepend 0); tokens
+    with equal probability share their group's mass equally (the tie rule)."""
+    fin = np.isfinite(row)
+    p = np.zeros_like(row)
+    e = np.exp(row[fin] - row[fin].max())
+    p[fin] = e / e.sum()
+    power = math.exp(sk)
+    values = sorted(set(p[fin].tolist()), reverse=True)
+    out = np.zeros_like(p)
+    before = 0.0
+    for v in values:
+        members = np.nonzero(fin & (p == v))[0]
+        after = before + v * len(members)
+        out[members] = (after ** power - before ** power) / len(members)
+        before = after
+    return out
+
+
+# ------------------------------------------------------------ 1. hand-computed values
+
+
+def test_skew_hand():
+    l = torch.tensor([logits_of([0.5, 0.3, 0.15, 0.05]),
+                      logits_of([0.15, 0.05, 0.5, 0.3]),
+                      logits_of([0.5, 0.3, 0.15, 0.05])])
+    out = skew(l, f32(math.log(2.0), math.log(2.0), math.log(0.5)))
+    # row0, exp(skew) = 2: c = .5 .8 .95 1 -> squared .25 .64 .9025 1
+    #   -> p' = .25, .64-.25 = .39, .9025-.64 = .2625, 1-.9025 = .0975
+    expected0 = [0.25, 0.39, 0.2625, 0.0975]
+    assert torch.allclose(out[0].exp(), f32(*expected0), atol=1e-6)
+    # row1: the same probabilities in another token order -> the same values, permuted
+    assert torch.allclose(out[1].exp(), f32(0.2625, 0.0975, 0.25, 0.39), atol=1e-6)
+    # row2, exp(skew) = .5: sqrt(c) = .70711 .89443 .97468 1 -> p' = .70711 .18732 .08025 .02532
+    sq = [math.sqrt(x) for x in (0.5, 0.8, 0.95, 1.0)]
+    expected2 = [sq[0], sq[1] - sq[0], sq[2] - sq[1], sq[3] - sq[2]]
+    assert expected2 == pytest.approx([0.70711, 0.18732, 0.08025, 0.02532], abs=1e-5)
+    assert torch.allclose(out[2].exp(), f32(*expected2), atol=1e-6)
+
+
+def test_skew_ties_share_mass():
+    l = torch.tensor([logits_of([0.3, 0.4, 0.3])])
+    out = skew(l, f32(math.log(2.0)))
+    # sorted .4 .3 .3 -> c = .4 .7 1 -> squared .16 .49 1; the tied pair shares 1 - .16 = .84:
+    # .42 each (instead of .33 and .51 depending on the sort order)
+    assert torch.allclose(out.exp(), f32(0.42, 0.16, 0.42), atol=1e-6)
+    assert out[0, 0].item() == out[0, 2].item()
+
+
+def test_skew_keeps_removed_tokens_removed():
+    l = torch.tensor([logits_of([0.5, 0.0, 0.3, 0.2, 0.0])])
+    out = skew(l, f32(0.7))
+    assert torch.isneginf(out[0, [1, 4]]).all()
+    assert torch.isfinite(out[0, [0, 2, 3]]).all()
+
+
+def test_skew_zero_and_neighbours():
+    l = torch.tensor([logits_of([0.5, 0.3, 0.2])] * 3)
+    out = skew(l, f32(0.0, -0.0, 1e-3))
+    assert torch.equal(bits(out[0]), bits(l[0]))
+    assert torch.equal(bits(out[1]), bits(l[1]))
+    assert not torch.equal(out[2], l[2])
+
+
+def test_extreme_skew_keeps_top_token():
+    l = torch.tensor([logits_of([0.5, 0.3, 0.2, 0.0])] * 2 + [[0.0] * 4])
+    out = skew(l, f32(20.0, -120.0, 30.0))
+    # skew 20: exp(20) = 4.85e8, .5 ** 4.85e8 underflows to 0: the top token would get p' = 0;
+    # it is kept at the smallest normal fp32 probability instead (log = -87.34)
+    assert torch.isfinite(out[:, 0]).all()
+    assert out[0, 0].item() == pytest.approx(math.log(torch.finfo(torch.float32).tiny), abs=1e-3)
+    # skew -120: exp(-120) underflows to 0 in fp32; the top token still gets mass, the rest 0
+    assert torch.isfinite(out[1, 0]) and torch.isneginf(out[1, 1:]).all()
+    # a uniform row is one tie group: every token gets (1 ** e - 0) / 4, whatever the skew
+    assert torch.allclose(out[2].exp(), torch.full((4,), 1 / 4), atol=1e-6)
+    assert not torch.isnan(out).any()
+
+
+def test_all_neg_inf_row():
+    out = skew(torch.full((1, 4), NEG_INF), f32(0.5))
+    assert torch.isneginf(out).all()
+
+
+# ------------------------------------------------ 2. independent numpy re-implementation
+
+
+def test_matches_numpy_reference():
+    rng = np.random.default_rng(11)
+    for vocab in (1, 2, 3, 10, 100, 400):
+        for scale in (0.3, 2.0, 6.0):
+            l = make_logits(rng, 8, vocab, scale=scale, ninf=rng.choice([0.0, 0.3, 0.8]))
+            sk = np.float32(rng.choice([0.0, -2.0, -0.5, -0.05, 0.05, 0.5, 2.0], 8))
+            out = skew(l, torch.from_numpy(sk))
+            rows = l.double().numpy()
+            for b in range(8):
+                ref = ref_skew_probs(rows[b], float(sk[b]))
+                got = out[b].double().exp().numpy()
+                if sk[b] == 0:
+                    assert torch.equal(bits(out[b]), bits(l[b]))
+                    continue
+                np.testing.assert_allclose(got, ref, rtol=1e-3, atol=2e-6)
+                assert np.all(np.isneginf(out[b].numpy())[~np.isfinite(rows[b])])
+
+
+# ---------------------------------------------------------------- 3. hypothesis properties
+
+
+@st.composite
+def cases(draw):
+    batch = draw(st.integers(1, 5))
+    vocab = draw(st.integers(1, 64))
+    seed = draw(st.integers(0, 2**31 - 1))
+    ninf = draw(st.sampled_from([0.0, 0.3, 0.9]))
+    scale = draw(st.sampled_from([0.1, 1.0, 8.0]))
+    logits = make_logits(np.random.default_rng(seed), batch, vocab, ninf=ninf, scale=scale)
+    sk = draw(st.lists(st.one_of(st.just(0.0), st.floats(-5.0, 5.0, width=32)),
+                       min_size=batch, max_size=batch))
+    return logits, torch.tensor(sk, dtype=torch.float32)
+
+
+@HYP
+@given(case=cases())
+def test_prop_skew(case):
+    logits, sk = case
+    before = logits.clone()
+    out = skew(logits, sk)
+    assert torch.equal(bits(logits), bits(before))
+    assert out.dtype == logits.dtype and out.shape == logits.shape
+    assert not torch.isnan(out).any()
+    assert torch.all(torch.isneginf(out)[torch.isneginf(logits)])
+    top = logits == logits.amax(dim=-1, keepdim=True)
+    assert torch.isfinite(out[top]).all()
+    p = torch.softmax(logits, dim=-1)
+    for b in range(logits.shape[0]):
+        alone = skew(logits[b:b + 1].clone(), sk[b:b + 1].clone())
+        assert torch.equal(bits(alone[0]), bits(out[b]))
+        if sk[b] == 0:
+            assert torch.equal(bits(out[b]), bits(logits[b]))
+            continue
+        q = out[b].exp()
+        # mass is conserved: sum p' = (sum p) ** exp(skew) = 1 (up to rounding / the top clamp)
+        assert abs(q.sum().item() - 1.0) < 1e-4
+        # skew > 0 moves mass away from the top tokens, skew < 0 toward them
+        top_p, top_q = p[b][top[b]].sum().item(), q[top[b]].sum().item()
+        if sk[b] > 0:
+            assert top_q <= top_p + 1e-6
+        else:
+            assert top_q >= top_p - 1e-6
+
+
+# ------------------------------------------------------------------ 4. fp16 / bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_dtypes(dtype):
+    l = make_logits(np.random.default_rng(3), 4, 60).to(dtype)
+    sk = f32(0.5, 0.0, -1.0, 3.0)
+    out = skew(l, sk)
+    assert out.dtype == dtype and out.shape == l.shape
+    assert torch.equal(bits(out[1]), bits(l[1]))
+    assert torch.equal(out, skew(l.float(), sk).to(dtype))
