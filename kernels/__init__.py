@@ -7,6 +7,7 @@ The kernels are the CUDA fast path of ``SamplerPipeline(backend="triton")``. Unt
 from __future__ import annotations
 
 
-def available() -> bool:
-    """True when the Triton backend can run: kernels implemented, triton importable, CUDA present."""
+def available(device=None) -> bool:
+    """True when the Triton backend can run on ``device``: kernels implemented, triton
+    importable, and CUDA (or ``TRITON_INTERPRET=1`` for any device)."""
     return False

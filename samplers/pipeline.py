@@ -102,22 +102,23 @@ UNITS: dict[SamplerID, Unit] = {
 }
 
 
-def triton_available() -> bool:
-    """True when the Triton kernels can run here (CUDA device and triton importable)."""
+def triton_available(device: Optional[torch.device] = None) -> bool:
+    """True when the Triton kernels can run on ``device`` (CUDA with triton importable, or
+    any device under ``TRITON_INTERPRET=1``, which is how the tests run them on a CPU)."""
     try:
         import kernels
-
-        return kernels.available()
     except ImportError:
         return False
+    return kernels.available(device)
 
 
 class SamplerPipeline:
     """Composes the samplers per row and draws tokens.
 
     Args:
-        backend: "torch" (the reference path, any device), "triton" (the CUDA kernels) or
-            "auto" (triton when CUDA and triton are available, else torch).
+        backend: "torch" (the reference path, any device), "triton" (the kernels; CUDA, or
+            the CPU under ``TRITON_INTERPRET=1``) or "auto" (triton for CUDA logits when the
+            kernels are available, torch otherwise; decided per call).
         generator: the ``torch.Generator`` (CPU) that keys unseeded rows; a fresh one
             seeded from ``seed`` (or nondeterministically) when omitted.
         seed: seed for the default generator.
@@ -127,10 +128,11 @@ class SamplerPipeline:
                  seed: Optional[int] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "auto":
-            backend = "triton" if triton_available() else "torch"
         if backend == "triton" and not triton_available():
-            raise ValueError("backend 'triton' needs a CUDA device and the triton package; use 'torch' or 'auto'")
+            raise ValueError(
+                "backend 'triton' needs the triton package and a CUDA device (or TRITON_INTERPRET=1); "
+                "use 'torch' or 'auto'"
+            )
         self.backend = backend
         if generator is None:
             generator = torch.Generator()
@@ -139,6 +141,12 @@ class SamplerPipeline:
             else:
                 generator.manual_seed(seed)
         self.generator = generator
+
+    def backend_for(self, logits: torch.Tensor) -> str:
+        """The backend a call with these logits uses."""
+        if self.backend == "auto":
+            return "triton" if logits.is_cuda and triton_available(logits.device) else "torch"
+        return self.backend
 
     # ------------------------------------------------------------------ processing
     def _check(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -155,6 +163,10 @@ class SamplerPipeline:
 
     def _process(self, logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms) -> torch.Tensor:
         self._check(logits, batch)
+        if self.backend_for(logits) == "triton":
+            import kernels
+
+            return kernels.process_logits(logits, batch, randoms)
         x = logits.float()
         if batch.logit_bias_coo is not None:
             x = F.logit_bias(x, *batch.logit_bias_coo)
@@ -184,6 +196,11 @@ class SamplerPipeline:
             uniforms = torch.zeros(batch.batch_size, device=batch.device)
         else:
             uniforms = randoms.uniforms(PURPOSE_DRAW)
-        tokens = draw_tokens(x, batch.greedy, uniforms)
+        if self.backend_for(logits) == "triton":
+            import kernels
+
+            tokens = kernels.draw_tokens(x, batch.greedy, uniforms)
+        else:
+            tokens = draw_tokens(x, batch.greedy, uniforms)
         chosen, top = compute_logprobs(x, logits, batch.raw_logprobs, tokens, batch.max_logprobs)
         return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)

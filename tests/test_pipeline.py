@@ -350,9 +350,8 @@ def test_errors_are_clear():
         batch.append(torch.tensor([1, 2, 3]))
 
 
-def test_backend_auto_falls_back_to_torch_without_cuda():
-    if not torch.cuda.is_available():
-        assert SamplerPipeline("auto").backend == "torch"
+def test_backend_auto_uses_torch_for_cpu_logits():
+    assert SamplerPipeline("auto").backend_for(torch.zeros(1, 4)) == "torch"
 
 
 @settings(max_examples=25, deadline=None)
