@@ -168,6 +168,10 @@ class SamplingBatch:
         self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
 
         self._build_token_lists()
+        # Bans are the only steps that do not keep a row's top token.
+        self.may_remove_every_token = (
+            self.min_tokens_coo is not None or SamplerID.NO_REPEAT_NGRAM in self.active
+        )
         self._build_keys(sequence_indices)
         self.max_logprobs = max((p.logprobs or 0) for p in params)
         self.wants_logprobs = any(p.logprobs is not None for p in params)

@@ -102,6 +102,14 @@ UNITS: dict[SamplerID, Unit] = {
 }
 
 
+def _keep_input_argmax_of_empty_rows(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Bans (min_tokens, no_repeat_ngram) can remove every token of a row; such a row keeps
+    its most likely input token, so a draw is always possible (DESIGN.md)."""
+    empty = torch.isneginf(x).all(dim=-1, keepdim=True)
+    top = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).bool()
+    return torch.where(empty & top, logits.float(), x)
+
+
 def triton_available(device: Optional[torch.device] = None) -> bool:
     """True when the Triton kernels can run on ``device`` (CUDA with triton importable, or
     any device under ``TRITON_INTERPRET=1``, which is how the tests run them on a CPU)."""
@@ -177,6 +185,8 @@ class SamplerPipeline:
             x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x)
         if batch.any_skew:
             x = F.skew(x, batch.param("skew"))
+        if batch.may_remove_every_token:
+            x = _keep_input_argmax_of_empty_rows(x, logits)
         return x
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

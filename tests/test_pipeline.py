@@ -366,3 +366,13 @@ def test_hypothesis_truncation_never_empties_a_row(rows, seed):
     out = SamplerPipeline("torch", seed=seed).process(logits, batch)
     assert torch.isfinite(out).any(dim=-1).all()
     assert not torch.isnan(out).any()
+
+
+def test_a_row_whose_every_token_is_banned_keeps_its_most_likely_token():
+    # n = 1 bans every token of the history; the history holds the whole vocabulary
+    p = SamplingParams(no_repeat_ngram_size=1)
+    logits = torch.tensor([[0.5, 2.0, 1.0], [0.5, 2.0, 1.0]])
+    batch = SamplingBatch([p, p], [[0, 1, 2], [0, 2]], vocab_size=3)
+    out = SamplerPipeline("torch").process(logits, batch)
+    assert out[0].tolist() == [float("-inf"), 2.0, float("-inf")]
+    assert out[1].tolist() == [float("-inf"), 2.0, float("-inf")]

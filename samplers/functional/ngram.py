@@ -1,0 +1,50 @@
+"""no_repeat_ngram_size: forbid completing an n-gram that already occurs in the history."""
+
+from __future__ import annotations
+
+import torch
+
+from ..history import TokenHistory
+
+__all__ = ["no_repeat_ngram"]
+
+
+def no_repeat_ngram(
+    logits: torch.Tensor,
+    history: TokenHistory,
+    no_repeat_ngram_size: torch.Tensor,
+) -> torch.Tensor:
+    """Remove every token that would repeat an n-gram of the row's history.
+
+    Args:
+        logits: [B, V] float (float32 / float16 / bfloat16).
+        history: the rows' histories h = prompt + output (same rows, same device).
+        no_repeat_ngram_size: int64 [B], n >= 0; 0 disables.
+
+    Definition (SEMANTICS.md), per row with len = len(h): if len >= n - 1, remove every
+    token t such that (h[len-n+1:], t) occurs as an n-gram of h, i.e. remove h[j] for every
+    j in [n-1, len-1] with h[j-n+1:j] == h[len-n+1:len]. n = 1 removes every token of h;
+    if len < n - 1 nothing is removed. Computed as: remove h[j] iff
+    `history.match_lengths()[j] >= n - 1` (the longest common suffix of h[:j] and h is at
+    least n - 1; it is <= j, so j >= n - 1 holds automatically).
+
+    Returns [B, V] in the input's dtype; removed tokens are `-inf`, all other entries (and
+    every row with n = 0) bit-identical. It does not protect the argmax: if every token of
+    a row is banned, the row is all `-inf` (as in Hugging Face's processor).
+    """
+    b, v = logits.shape
+    if history.vocab_size > v:
+        raise ValueError(
+            f"no_repeat_ngram: history vocab_size {history.vocab_size} exceeds the logits' {v} columns"
+        )
+    w = history.max_length
+    if w == 0 or b == 0:
+        return logits.clone()
+    n = no_repeat_ngram_size.to(torch.int64)[:, None]
+    match = history.match_lengths()[:, :w]
+    tok = history.tokens[:, :w]
+    pos = torch.arange(w, device=logits.device)
+    hit = (n >= 1) & (pos[None, :] < history.lengths[:, None]) & (match >= n - 1)
+    banned = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)
+    banned.scatter_(1, torch.where(hit, tok, v), True)
+    return logits.masked_fill(banned[:, :v], float("-inf"))

@@ -1,0 +1,449 @@
+"""Per-row token history (prompt + output) shared by the samplers that read it.
+
+`TokenHistory` holds, for each row of a batch, the prompt tokens followed by the output
+tokens generated so far, on the logits' device. It is built once from Python lists and then
+updated one step at a time with `append` (O(B) work per step, amortised over capacity
+doubling). Samplers that need more than the raw tokens ask for derived state, which is built
+from the full histories on first use and kept up to date from then on:
+
+- `output_counts()`  int32 [B, V]: how often each token occurs in the output (frequency and
+  presence penalties). Maintained by `append` in O(B).
+- `seen_mask()`      bool [B, V]: whether each token occurs in prompt or output (repetition
+  penalty). Maintained by `append` in O(B).
+- `prefix_hashes()`  int64 [2, B, capacity + 1]: polynomial prefix hashes modulo two primes,
+  for O(1) substring comparison. Maintained by `append` in O(B).
+- `match_lengths()`  int32 [B, capacity]: for each position j of a row's history h,
+  the length of the longest common suffix of h[:j] and h (no-repeat-ngram and DRY read
+  only this). Built on first use by exact token comparison for matches shorter than 8
+  tokens and a vectorised binary search on prefix hashes beyond; after that, brought up to
+  date at query time by an exact O(B * len) recurrence per appended step (see
+  `match_lengths`), so `append` itself stays O(B) and the per-step DRY / n-gram work is
+  one pass over the history, whatever the text.
+
+Hashing. P[b, j] = sum_{i < j} (h[i] + 1) * r^i mod M, for (M, r) in `HASH_MODULI`,
+`HASH_BASES`. The substring h[a:b] is encoded by H(a, b) = P[b] - P[a] mod M, and for
+equal lengths h[a:b] == h[c:d] (c >= a) implies H(a, b) * r^(c - a) == H(c, d) (mod M)
+for both moduli. The converse can fail (a collision) only if r is a root of the nonzero
+difference polynomial, of degree < len(h): for a base drawn at random that happens with
+probability <= len(h) / M per modulus, so <= (len(h) / M)^2 ~ 1.5e-11 per comparison for a
+history of 8192 tokens with both moduli (the bases here are fixed constants, so the bound
+holds for inputs not chosen with knowledge of them). Collisions can only make a match look
+longer. Hashes are consulted only when `match_lengths` is built from scratch, and only for
+positions whose match is at least 8 tokens long, about log2(len) comparisons each: for a
+batch of 64 rows of 8192 identical tokens (every position such a match) the union bound
+for the whole build is ~ 64 * 8192 * 13 * 1.5e-11 ~ 1e-4; for ordinary text it is orders
+of magnitude smaller. Every later update is exact.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["TokenHistory", "HASH_MODULI", "HASH_BASES"]
+
+# Two primes below 2^31 (2^31 - 1 is a Mersenne prime; 2147483629 was checked prime by trial
+# division up to its square root). A product of two residues is < 2^62 and fits in int64.
+HASH_MODULI: tuple[int, int] = (2147483647, 2147483629)
+# Fixed bases (arbitrary constants in [2^20, M)).
+HASH_BASES: tuple[int, int] = (1_315_423_911, 916_132_831)
+
+# Matches shorter than this many tokens are measured by direct token comparison when
+# `match_lengths` is built from scratch; only longer ones use the hashes.
+_EXACT_PREFIX = 8
+# `match_lengths` catches up by the exact per-step recurrence when at most this many steps
+# were appended since it was last brought up to date; otherwise it is rebuilt.
+_MAX_CATCH_UP = 16
+_MIN_CAPACITY = 16
+
+_POWERS_CACHE: dict[str, torch.Tensor] = {}
+_MODULI_CACHE: dict[str, torch.Tensor] = {}
+
+
+def _moduli(device: torch.device) -> torch.Tensor:
+    """int64 [2]: HASH_MODULI on `device` (cached: no host-to-device copy per step)."""
+    key = str(device)
+    mod = _MODULI_CACHE.get(key)
+    if mod is None:
+        mod = _MODULI_CACHE[key] = torch.tensor(HASH_MODULI, dtype=torch.int64, device=device)
+    return mod
+
+
+def _powers(device: torch.device, n: int) -> torch.Tensor:
+    """int64 [2, >= n]: r^i mod M for both (M, r); built by doubling, cached per device."""
+    key = str(device)
+    pw = _POWERS_CACHE.get(key)
+    if pw is not None and pw.shape[1] >= n:
+        return pw
+    if pw is None:
+        pw = torch.ones(2, 1, dtype=torch.int64, device=device)
+    mod = _moduli(device)[:, None]
+    base = torch.tensor(HASH_BASES, dtype=torch.int64, device=device)[:, None]
+    while pw.shape[1] < n:
+        # r^size = r^(size - 1) * r; then [r^size .. r^(2 size - 1)] = [1 .. r^(size-1)] * r^size.
+        step = pw[:, -1:] * base % mod
+        pw = torch.cat([pw, pw * step % mod], dim=1)
+    _POWERS_CACHE[key] = pw
+    return pw
+
+
+def _capacity_for(n: int) -> int:
+    cap = _MIN_CAPACITY
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+def _flatten_rows(
+    rows: Sequence[Sequence[int]], vocab_size: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-row id lists; validate every id is in [0, vocab_size)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
+    bad = np.flatnonzero((flat < 0) | (flat >= vocab_size))
+    if bad.size:
+        pos = int(bad[0])
+        row = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+        raise ValueError(
+            f"{name}[{row}] contains token id {int(flat[pos])}, outside [0, vocab_size={vocab_size})"
+        )
+    return flat, lengths
+
+
+class TokenHistory:
+    """Token history (prompt + output) of each row of a batch, on a device.
+
+    Args:
+        prompt_token_ids: per row, the prompt token ids.
+        output_token_ids: per row, the output token ids generated so far.
+        vocab_size: V; every id must be in [0, V) (ValueError naming the row and the id).
+        device: where the tensors live (that of the logits).
+
+    Attributes:
+        tokens: int64 [B, capacity], row b's history h_b = prompt + output left-aligned in
+            tokens[b, :lengths[b]], padding -1 after it. capacity >= max length, doubled
+            when an append needs more room.
+        lengths: int64 [B], len(h_b).
+        prompt_lengths: int64 [B], len(prompt_b).
+        output_lengths: int64 [B] (property), lengths - prompt_lengths.
+        vocab_size, device, batch_size, capacity, max_length (Python int, max(lengths)).
+
+    Derived state (`output_counts`, `seen_mask`, `prefix_hashes`, `match_lengths`) is built
+    on first use and kept up to date by `append`; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if len(prompt_token_ids) != len(output_token_ids):
+            raise ValueError(
+                f"prompt_token_ids has {len(prompt_token_ids)} rows but output_token_ids has "
+                f"{len(output_token_ids)}"
+            )
+        if int(vocab_size) < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+        p_flat, p_len = _flatten_rows(prompt_token_ids, self.vocab_size, "prompt_token_ids")
+        o_flat, o_len = _flatten_rows(output_token_ids, self.vocab_size, "output_token_ids")
+        lengths = p_len + o_len
+        batch = len(lengths)
+        max_len = int(lengths.max()) if batch else 0
+        cap = _capacity_for(max_len + 1)
+
+        tokens = np.full((batch, cap), -1, dtype=np.int64)
+        # Row and column of every prompt / output id, without a loop over rows.
+        p_rows = np.repeat(np.arange(batch), p_len)
+        p_cols = np.arange(p_flat.size) - np.repeat(np.cumsum(p_len) - p_len, p_len)
+        tokens[p_rows, p_cols] = p_flat
+        o_rows = np.repeat(np.arange(batch), o_len)
+        o_cols = np.arange(o_flat.size) - np.repeat(np.cumsum(o_len) - o_len, o_len) + p_len[o_rows]
+        tokens[o_rows, o_cols] = o_flat
+
+        self.tokens = torch.from_numpy(tokens).to(self.device)
+        self.lengths = torch.from_numpy(lengths).to(self.device)
+        self.prompt_lengths = torch.from_numpy(p_len).to(self.device)
+        self._max_len = max_len
+        self._steps = 0  # number of append() calls so far
+        self._counts: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None
+        self._hashes: torch.Tensor | None = None
+        self._match: torch.Tensor | None = None
+        self._match_steps = 0  # value of _steps when _match was last up to date
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        """max(lengths) as a Python int (tracked on the host: no device sync)."""
+        return self._max_len
+
+    @property
+    def output_lengths(self) -> torch.Tensor:
+        """int64 [B]: number of output tokens of each row."""
+        return self.lengths - self.prompt_lengths
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenHistory(batch_size={self.batch_size}, max_length={self._max_len}, "
+            f"capacity={self.capacity}, vocab_size={self.vocab_size}, device={self.device})"
+        )
+
+    def to_lists(self) -> list[list[int]]:
+        """Each row's full history as a Python list (for debugging and tests)."""
+        toks = self.tokens.cpu().tolist()
+        return [row[:n] for row, n in zip(toks, self.lengths.cpu().tolist())]
+
+    # ------------------------------------------------------------------ updates
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new_cap = cap
+        while new_cap < needed:
+            new_cap *= 2
+        extra = new_cap - cap
+        b = self.batch_size
+        self.tokens = torch.cat(
+            [self.tokens, torch.full((b, extra), -1, dtype=torch.int64, device=self.device)], dim=1
+        )
+        if self._hashes is not None:
+            pad = torch.zeros(2, b, extra, dtype=torch.int64, device=self.device)
+            self._hashes = torch.cat([self._hashes, pad], dim=2)
+        if self._match is not None:
+            pad = torch.zeros(b, extra, dtype=torch.int32, device=self.device)
+            self._match = torch.cat([self._match, pad], dim=1)
+
+    def append(self, token_ids: torch.Tensor) -> None:
+        """Append one token to every row: h_b += [token_ids[b]].
+
+        token_ids: int64 [B] on any device (moved to this history's device). On a CPU device
+        the ids are checked to be in [0, vocab_size) (ValueError); elsewhere they are not
+        checked, to avoid a device sync.
+
+        Work is O(B) (plus a copy when the capacity doubles): the tokens, lengths and every
+        derived structure already built except `match_lengths` are updated here;
+        `match_lengths` catches up when next asked for.
+        """
+        b = self.batch_size
+        tok = torch.as_tensor(token_ids, device=self.device).to(torch.int64).reshape(-1)
+        if tok.shape[0] != b:
+            raise ValueError(f"append expects {b} token ids (one per row), got {tok.shape[0]}")
+        if self.device.type == "cpu" and b:
+            bad = (tok < 0) | (tok >= self.vocab_size)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"append: row {row} token id {int(tok[row])} outside [0, vocab_size={self.vocab_size})"
+                )
+        self._grow(self._max_len + 1)
+        rows = torch.arange(b, device=self.device)
+        pos = self.lengths
+        self.tokens[rows, pos] = tok
+        if self._counts is not None:
+            self._counts[rows, tok] += 1
+        if self._seen is not None:
+            self._seen[rows, tok] = True
+        if self._hashes is not None:
+            pw = _powers(self.device, self.capacity + 1)
+            mod = _moduli(self.device)[:, None]
+            prev = self._hashes[:, rows, pos]  # [2, B]
+            nxt = (prev + (tok + 1)[None, :] * pw[:, pos] % mod) % mod
+            self._hashes[:, rows, pos + 1] = nxt
+        self.lengths = self.lengths + 1
+        self._max_len += 1
+        self._steps += 1
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
+        """A new TokenHistory holding the given rows (in that order; repeats allowed).
+
+        Every derived structure already built is carried over (indexed, not rebuilt).
+        """
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)
+        new = TokenHistory.__new__(TokenHistory)
+        new.vocab_size = self.vocab_size
+        new.device = self.device
+        new.tokens = self.tokens[idx]
+        new.lengths = self.lengths[idx]
+        new.prompt_lengths = self.prompt_lengths[idx]
+        new._max_len = int(new.lengths.max()) if idx.numel() else 0
+        new._steps = self._steps
+        new._counts = self._counts[idx] if self._counts is not None else None
+        new._seen = self._seen[idx] if self._seen is not None else None
+        new._hashes = self._hashes[:, idx] if self._hashes is not None else None
+        new._match = self._match[idx] if self._match is not None else None
+        new._match_steps = self._match_steps
+        return new
+
+    # ------------------------------------------------------------------ derived state
+    def _valid(self, width: int) -> torch.Tensor:
+        """bool [B, width]: position is inside the row's history."""
+        ar = torch.arange(width, device=self.device)
+        return ar[None, :] < self.lengths[:, None]
+
+    def output_counts(self) -> torch.Tensor:
+        """int32 [B, V]: counts[b, t] = number of occurrences of t in row b's output.
+
+        Built on first call (O(B * (V + len))), then maintained by `append`. The returned
+        tensor is this history's state: do not modify it.
+        """
+        if self._counts is None:
+            w = self._max_len
+            ar = torch.arange(w, device=self.device)
+            out_pos = (ar[None, :] >= self.prompt_lengths[:, None]) & (ar[None, :] < self.lengths[:, None])
+            tok = self.tokens[:, :w]
+            counts = torch.zeros(self.batch_size, self.vocab_size, dtype=torch.int32, device=self.device)
+            counts.scatter_add_(1, torch.where(out_pos, tok, 0), out_pos.to(torch.int32))
+            self._counts = counts
+        return self._counts
+
+    def seen_mask(self) -> torch.Tensor:
+        """bool [B, V]: seen[b, t] = t occurs in row b's prompt or output.
+
+        Built on first call, then maintained by `append`. Do not modify the returned tensor.
+        """
+        if self._seen is None:
+            w = self._max_len
+            valid = self._valid(w)
+            tok = self.tokens[:, :w]
+            hits = torch.zeros(self.batch_size, self.vocab_size, dtype=torch.int32, device=self.device)
+            hits.scatter_add_(1, torch.where(valid, tok, 0), valid.to(torch.int32))
+            self._seen = hits > 0
+        return self._seen
+
+    def _compute_hashes(self) -> torch.Tensor:
+        cap = self.capacity
+        pw = _powers(self.device, cap + 1)[:, :cap]
+        mod = _moduli(self.device)[:, None, None]
+        valid = self._valid(cap)
+        terms = torch.where(valid, self.tokens + 1, 0)[None] * pw[:, None, :] % mod  # [2, B, cap]
+        csum = torch.cumsum(terms, dim=2) % mod  # sums of < 2^31 terms of < 2^31: no overflow
+        zeros = torch.zeros(2, self.batch_size, 1, dtype=torch.int64, device=self.device)
+        return torch.cat([zeros, csum], dim=2)
+
+    def prefix_hashes(self) -> torch.Tensor:
+        """int64 [2, B, capacity + 1]: P[k, b, j] = sum_{i<j} (h_b[i] + 1) * r_k^i mod M_k.
+
+        (M_k, r_k) = (HASH_MODULI[k], HASH_BASES[k]). Valid for j <= lengths[b] (beyond that
+        the values are unspecified). Built on first call, then maintained by `append` in O(B).
+        Do not modify the returned tensor.
+        """
+        if self._hashes is None:
+            self._hashes = self._compute_hashes()
+        return self._hashes
+
+    def _build_match_lengths(self) -> torch.Tensor:
+        """From scratch: exact for matches < _EXACT_PREFIX, hashed binary search beyond."""
+        b, cap = self.batch_size, self.capacity
+        dev = self.device
+        match = torch.zeros(b, cap, dtype=torch.int32, device=dev)
+        w = self._max_len
+        if w < 2 or b == 0:
+            return match
+        lens = self.lengths
+        tok = self.tokens[:, :w]
+        j = torch.arange(w, device=dev)
+        cand = (j[None, :] >= 1) & (j[None, :] < lens[:, None])  # candidate positions 1..len-1
+        # Exact run of agreement for k = 1 .. _EXACT_PREFIX: h[j-k] == h[len-k].
+        run = torch.zeros(b, w, dtype=torch.int32, device=dev)
+        alive = cand
+        for k in range(1, _EXACT_PREFIX + 1):
+            if k > w - 1:
+                break
+            ref = self.tokens.gather(1, (lens - k).clamp(min=0)[:, None])  # [B, 1] h[len-k]
+            shifted = torch.full_like(tok, -2)
+            shifted[:, k:] = tok[:, :-k]  # shifted[j] = h[j-k], -2 where j-k < 0
+            alive = alive & (shifted == ref) & (lens[:, None] >= k)
+            run += alive.to(torch.int32)
+        match[:, :w] = run
+        # Matches that reached _EXACT_PREFIX may be longer: binary search with hashes.
+        long_b, long_j = (run >= _EXACT_PREFIX).nonzero(as_tuple=True)
+        if long_b.numel():
+            hashes = self._hashes if self._hashes is not None else self._compute_hashes()
+            pw = _powers(dev, cap + 1)
+            ln = lens[long_b]
+            at_j = long_b * hashes.shape[2] + long_j  # flat index of P[b, j]
+            at_len = at_j + (ln - long_j)  # flat index of P[b, len]
+            # h[j-k:j] == h[len-k:len] (hashed) iff, for both (M, r),
+            # (P[j] - P[j-k]) * r^(len-j) - (P[len] - P[len-k]) == 0 (mod M).
+            # |(P[j] - P[j-k]) * r^(len-j)| < 2^62, so the sum fits in int64: one remainder.
+            flat = [hashes[k].reshape(-1) for k in range(2)]  # contiguous per modulus
+            p_j = [f.index_select(0, at_j) for f in flat]
+            p_len = [f.index_select(0, at_len) for f in flat]
+            shift = [pw[k].index_select(0, ln - long_j) for k in range(2)]  # r^(len - j)
+            lo = torch.full_like(long_j, _EXACT_PREFIX)  # h[j-lo:j] == h[len-lo:len] known true
+            hi = long_j.clone()  # a match cannot be longer than j
+            iters = int((long_j.max() - _EXACT_PREFIX + 1).item()).bit_length()
+            for _ in range(iters):
+                mid = (lo + hi + 1) >> 1
+                ia, ic = at_j - mid, at_len - mid  # P[j - mid], P[len - mid]
+                ok = None
+                for k in range(2):
+                    diff = (p_j[k] - flat[k].index_select(0, ia)) * shift[k]
+                    diff -= p_len[k] - flat[k].index_select(0, ic)
+                    eq = diff.remainder_(HASH_MODULI[k]) == 0
+                    ok = eq if ok is None else ok & eq
+                lo = torch.where(ok, mid, lo)
+                hi = torch.where(ok, hi, mid - 1)
+            match[long_b, long_j] = lo.to(torch.int32)
+        return match
+
+    def _advance_match(self, match: torch.Tensor, lag: int) -> None:
+        """Exact recurrence for the last `lag` appended steps, in place.
+
+        Appending x to h (old length t) gives m'(0) = 0 and, for 1 <= j <= t,
+        m'(j) = (h[j-1] == x) ? m(j-1) + 1 : 0, where m is the old array: the longest common
+        suffix of h[:j] and h + [x] is the one of h[:j-1] and h, extended by x.
+        """
+        w = self._max_len
+        if w < 2 or self.batch_size == 0:
+            return  # every m is 0
+        ar = torch.arange(1, w, device=self.device)
+        rows = torch.arange(self.batch_size, device=self.device)
+        tok = self.tokens[:, : w - 1]
+        for s in range(lag):
+            pos = self.lengths - lag + s  # where this step's token sits = old length t
+            x = self.tokens[rows, pos]
+            keep = (tok == x[:, None]) & (ar[None, :] <= pos[:, None])
+            new = torch.where(keep, match[:, : w - 1] + 1, 0)
+            match[:, 1:w] = new
+            match[:, 0] = 0
+
+    def match_lengths(self) -> torch.Tensor:
+        """int32 [B, capacity]: m[b, j] = the longest k with h[j-k:j] == h[len-k:len].
+
+        That is, the length of the longest common suffix of h[:j] and h, for
+        0 <= j < len = lengths[b] (so m[b, 0] = 0 and m[b, j] <= j); 0 for j >= len.
+        The token h[j] is the one that followed an earlier occurrence of the last m tokens.
+
+        Built on first call (exact token comparison up to 8 tokens, then a vectorised
+        binary search on `prefix_hashes`); afterwards each appended step is applied by an
+        exact O(B * len) recurrence when this is next called (rebuilt instead if more than
+        16 steps were appended meanwhile). Do not modify the returned tensor.
+        """
+        lag = self._steps - self._match_steps
+        if self._match is None or lag > _MAX_CATCH_UP:
+            self._match = self._build_match_lengths()
+        elif lag > 0:
+            self._advance_match(self._match, lag)
+        self._match_steps = self._steps
+        return self._match

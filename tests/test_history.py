@@ -1,0 +1,275 @@
+"""TokenHistory: layout, validation, derived state, incremental append, select."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from samplers.history import HASH_BASES, HASH_MODULI, TokenHistory
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_match_lengths(h: list[int]) -> list[int]:
+    """m[j] = longest k <= j with h[j-k:j] == h[len-k:len], by direct comparison."""
+    n = len(h)
+    out = []
+    for j in range(n):
+        k = 0
+        while k < j and h[j - 1 - k] == h[n - 1 - k]:
+            k += 1
+        out.append(k)
+    return out
+
+
+def ref_prefix_hash(h: list[int], mod: int, base: int) -> list[int]:
+    """P[j] = sum_{i<j} (h[i] + 1) * base^i mod M with Python big integers."""
+    out, acc = [0], 0
+    for i, t in enumerate(h):
+        acc = (acc + (t + 1) * pow(base, i, mod)) % mod
+        out.append(acc)
+    return out
+
+
+def check_against_reference(th: TokenHistory, hists: list[list[int]], prompts: list[list[int]]) -> None:
+    """Every structure of `th` equals the one computed from the plain lists."""
+    v = th.vocab_size
+    assert th.to_lists() == hists
+    assert th.lengths.tolist() == [len(h) for h in hists]
+    assert th.prompt_lengths.tolist() == [len(p) for p in prompts]
+    assert th.output_lengths.tolist() == [len(h) - len(p) for h, p in zip(hists, prompts)]
+    assert th.max_length == max((len(h) for h in hists), default=0)
+    assert (th.tokens[:, th.max_length :] == -1).all()
+    counts = th.output_counts()
+    seen = th.seen_mask()
+    match = th.match_lengths()
+    hashes = th.prefix_hashes()
+    assert counts.dtype == torch.int32 and seen.dtype == torch.bool and match.dtype == torch.int32
+    for b, (h, p) in enumerate(zip(hists, prompts)):
+        out = h[len(p) :]
+        assert counts[b].tolist() == [out.count(t) for t in range(v)]
+        assert seen[b].tolist() == [t in h for t in range(v)]
+        assert match[b, : len(h)].tolist() == ref_match_lengths(h)
+        assert (match[b, len(h) :] == 0).all()
+        assert (th.tokens[b, len(h) :] == -1).all()
+        for k in range(2):
+            assert hashes[k, b, : len(h) + 1].tolist() == ref_prefix_hash(h, HASH_MODULI[k], HASH_BASES[k])
+
+
+# ----------------------------------------------------------------------------- hand-computed
+
+
+def test_layout_and_derived_state_hand_computed():
+    # row 0: prompt [3, 1], output [1, 4, 1] -> h = [3, 1, 1, 4, 1]
+    # row 1: prompt [],     output [2]       -> h = [2]
+    # row 2: prompt [0, 0], output []        -> h = [0, 0]
+    th = TokenHistory([[3, 1], [], [0, 0]], [[1, 4, 1], [2], []], vocab_size=5, device="cpu")
+    assert th.tokens.dtype == torch.int64
+    assert th.tokens[:, :5].tolist() == [[3, 1, 1, 4, 1], [2, -1, -1, -1, -1], [0, 0, -1, -1, -1]]
+    assert th.lengths.tolist() == [5, 1, 2]
+    assert th.prompt_lengths.tolist() == [2, 0, 2]
+    assert th.output_lengths.tolist() == [3, 1, 0]
+    # output counts: row 0 output [1, 4, 1] -> token 1 twice, token 4 once (prompt's 3 not counted)
+    assert th.output_counts().tolist() == [[0, 2, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]
+    # seen: prompt or output
+    assert th.seen_mask().tolist() == [
+        [False, True, False, True, True],
+        [False, False, True, False, False],
+        [True, False, False, False, False],
+    ]
+    # match lengths of row 0, h = [3, 1, 1, 4, 1] (suffixes of h: [1], [4, 1], [1, 4, 1], ...):
+    #   j=0: h[:0] = []            -> 0
+    #   j=1: h[:1] = [3]           ends in 3 != 1 -> 0
+    #   j=2: h[:2] = [3, 1]        ends in 1 == h[-1]; then 3 vs 4 differ -> 1
+    #   j=3: h[:3] = [3, 1, 1]     ends in 1; then 1 vs 4 differ -> 1
+    #   j=4: h[:4] = [3, 1, 1, 4]  ends in 4 != 1 -> 0
+    # row 2, h = [0, 0]: j=1: h[:1] = [0] vs suffix [0] -> 1 (cannot be longer than j)
+    m = th.match_lengths()
+    assert m[0, :5].tolist() == [0, 0, 1, 1, 0]
+    assert m[1, :1].tolist() == [0]
+    assert m[2, :2].tolist() == [0, 1]
+
+
+def test_match_lengths_long_repeat_hand_computed():
+    # h = (a b c) * 5 = 15 tokens; for j = 3q (h[:j] = (a b c) * q) the common suffix with h
+    # is all of h[:j], so m = j; for other j, h[:j] ends in a or b != c -> 0.
+    # Lengths up to 12 exceed the exact 8-token prefix, so the hashed binary search runs.
+    h = [0, 1, 2] * 5
+    th = TokenHistory([h], [[]], vocab_size=3)
+    expected = [j if j % 3 == 0 else 0 for j in range(15)]
+    assert th.match_lengths()[0, :15].tolist() == expected
+    # one token of all-equal history: h = [7] * 20 -> m[j] = j
+    th = TokenHistory([[7] * 20], [[]], vocab_size=8)
+    assert th.match_lengths()[0, :20].tolist() == list(range(20))
+
+
+def test_prefix_hash_hand_computed():
+    # h = [2, 0]: P = [0, 3, 3 + 1 * r] mod M
+    th = TokenHistory([[2, 0]], [[]], vocab_size=3)
+    hashes = th.prefix_hashes()
+    for k in range(2):
+        assert hashes[k, 0, :3].tolist() == [0, 3, (3 + HASH_BASES[k]) % HASH_MODULI[k]]
+
+
+def test_moduli_are_primes_below_2_31():
+    # trial division up to sqrt(M) ~ 46341 (fast), so products of two residues fit in int64
+    for m in HASH_MODULI:
+        assert m < 2**31
+        assert all(m % d for d in range(2, int(m**0.5) + 1))
+    assert HASH_MODULI[0] != HASH_MODULI[1]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_validation_names_row_and_value():
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\].*7"):
+        TokenHistory([[0], [1, 7]], [[], []], vocab_size=5)
+    with pytest.raises(ValueError, match=r"output_token_ids\[0\].*-3"):
+        TokenHistory([[0], [1]], [[-3], []], vocab_size=5)
+    with pytest.raises(ValueError, match=r"output_token_ids\[2\].*5"):
+        TokenHistory([[0], [1], []], [[], [4], [1, 2, 5]], vocab_size=5)
+    with pytest.raises(ValueError, match="rows"):
+        TokenHistory([[0]], [[], []], vocab_size=5)
+    th = TokenHistory([[0], [1]], [[], []], vocab_size=5)
+    with pytest.raises(ValueError, match=r"row 1.*9"):
+        th.append(torch.tensor([1, 9]))
+    with pytest.raises(ValueError, match="2 token ids"):
+        th.append(torch.tensor([1, 2, 3]))
+
+
+def test_empty_batch_and_empty_rows():
+    th = TokenHistory([], [], vocab_size=4)
+    assert th.batch_size == 0 and th.max_length == 0
+    assert th.output_counts().shape == (0, 4)
+    assert th.match_lengths().shape[0] == 0
+    th = TokenHistory([[], []], [[], []], vocab_size=4)
+    check_against_reference(th, [[], []], [[], []])
+    th.append(torch.tensor([1, 2]))
+    check_against_reference(th, [[1], [2]], [[], []])
+
+
+# ----------------------------------------------------------------------------- append
+
+
+def test_append_grows_capacity_and_keeps_contents():
+    th = TokenHistory([[1, 2, 3]], [[]], vocab_size=10)
+    cap0 = th.capacity
+    h = [1, 2, 3]
+    th.output_counts(), th.seen_mask(), th.prefix_hashes(), th.match_lengths()
+    for i in range(3 * cap0):
+        t = (i * 7) % 10
+        th.append(torch.tensor([t]))
+        h.append(t)
+    assert th.capacity >= len(h) and th.capacity > cap0
+    check_against_reference(th, [h], [[1, 2, 3]])
+
+
+def test_append_many_steps_between_queries_rebuilds():
+    # more appended steps than the catch-up limit between two match_lengths() calls
+    rnd = random.Random(3)
+    prompts = [[rnd.randrange(3) for _ in range(rnd.randrange(30))] for _ in range(3)]
+    th = TokenHistory(prompts, [[], [], []], vocab_size=3)
+    th.match_lengths()
+    hists = [list(p) for p in prompts]
+    for _ in range(40):
+        toks = [rnd.randrange(3) for _ in range(3)]
+        th.append(torch.tensor(toks))
+        for h, t in zip(hists, toks):
+            h.append(t)
+    check_against_reference(th, hists, prompts)
+
+
+histories = st.integers(1, 4).flatmap(
+    lambda b: st.tuples(
+        st.integers(2, 6),  # alphabet: small, so repeats happen
+        st.lists(st.lists(st.integers(0, 5), max_size=30), min_size=b, max_size=b),
+        st.lists(st.lists(st.integers(0, 5), max_size=8), min_size=b, max_size=b),
+        st.lists(st.lists(st.integers(0, 5), min_size=b, max_size=b), max_size=25),
+        st.lists(st.booleans(), min_size=25, max_size=25),
+    )
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(histories)
+def test_incremental_append_equals_full_build(data):
+    alpha, prompts, outputs, steps, query = data
+    v = 6
+    prompts = [[t % alpha for t in p] for p in prompts]
+    outputs = [[t % alpha for t in o] for o in outputs]
+    th = TokenHistory(prompts, outputs, vocab_size=v)
+    # build some of the derived state before appending; the rest is built afterwards
+    if query[0]:
+        th.output_counts(), th.match_lengths()
+    if query[1]:
+        th.seen_mask(), th.prefix_hashes()
+    hists = [p + o for p, o in zip(prompts, outputs)]
+    for i, toks in enumerate(steps):
+        toks = [t % alpha for t in toks]
+        th.append(torch.tensor(toks))
+        for h, t in zip(hists, toks):
+            h.append(t)
+        if query[i]:
+            th.match_lengths()
+    check_against_reference(th, hists, prompts)
+    full = TokenHistory(prompts, [h[len(p) :] for h, p in zip(hists, prompts)], vocab_size=v)
+    w = full.max_length
+    assert torch.equal(th.match_lengths()[:, :w], full.match_lengths()[:, :w])
+    assert torch.equal(th.output_counts(), full.output_counts())
+    assert torch.equal(th.seen_mask(), full.seen_mask())
+
+
+@settings(max_examples=30, deadline=None)
+@given(histories, st.data())
+def test_select_carries_state(data, draw):
+    alpha, prompts, outputs, steps, query = data
+    prompts = [[t % alpha for t in p] for p in prompts]
+    outputs = [[t % alpha for t in o] for o in outputs]
+    b = len(prompts)
+    th = TokenHistory(prompts, outputs, vocab_size=6)
+    th.output_counts(), th.seen_mask(), th.prefix_hashes(), th.match_lengths()
+    hists = [p + o for p, o in zip(prompts, outputs)]
+    for toks in steps[:3]:  # some steps not yet folded into match_lengths
+        toks = [t % alpha for t in toks]
+        th.append(torch.tensor(toks))
+        for h, t in zip(hists, toks):
+            h.append(t)
+    rows = draw.draw(st.lists(st.integers(0, b - 1), max_size=5))
+    sub = th.select(torch.tensor(rows, dtype=torch.int64))
+    assert sub._counts is not None and sub._match is not None  # carried, not rebuilt
+    sel_h = [list(hists[r]) for r in rows]
+    sel_p = [prompts[r] for r in rows]
+    check_against_reference(sub, sel_h, sel_p)
+    # the selection keeps working incrementally
+    if rows:
+        toks = [(r + 1) % alpha for r in range(len(rows))]
+        sub.append(torch.tensor(toks))
+        for h, t in zip(sel_h, toks):
+            h.append(t)
+        check_against_reference(sub, sel_h, sel_p)
+    # the original is unaffected by the selection's appends
+    check_against_reference(th, hists, prompts)
+
+
+def test_match_lengths_random_against_reference():
+    rnd = random.Random(0)
+    for _ in range(40):
+        b = rnd.randint(1, 4)
+        alpha = rnd.choice([1, 2, 3, 50])
+        prompts = []
+        for _ in range(b):
+            n = rnd.randint(0, 80)
+            if rnd.random() < 0.3:  # periodic rows give long matches (hashed binary search)
+                period = [rnd.randrange(alpha) for _ in range(rnd.randint(1, 5))]
+                prompts.append((period * 80)[:n])
+            else:
+                prompts.append([rnd.randrange(alpha) for _ in range(n)])
+        th = TokenHistory(prompts, [[] for _ in range(b)], vocab_size=50)
+        m = th.match_lengths()
+        for r, h in enumerate(prompts):
+            assert m[r, : len(h)].tolist() == ref_match_lengths(h)

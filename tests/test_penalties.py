@@ -1,0 +1,200 @@
+"""logit_bias, ban_tokens / min_tokens, repetition / frequency / presence penalties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from samplers.functional.penalties import ban_tokens, logit_bias, min_tokens, penalties
+from samplers.history import TokenHistory
+
+INF = float("inf")
+I64 = torch.int64
+
+
+def t(x, dtype=torch.float32):
+    return torch.tensor(x, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_penalties(l, hist, prompt_len, r, f, pr):
+    """Row-by-row numpy reference of SEMANTICS.md (float32 arithmetic, same order)."""
+    l = np.array(l, dtype=np.float32)
+    out = l.copy()
+    seen = set(hist)
+    outs = hist[prompt_len:]
+    r, f, pr = np.float32(r), np.float32(f), np.float32(pr)
+    for tok in range(len(l)):
+        x = out[tok]
+        if tok in seen:
+            x = x / r if x > 0 else x * r
+        c = np.float32(outs.count(tok))
+        x = np.float32(x - f * c)
+        x = np.float32(x - pr * np.float32(c > 0))
+        out[tok] = x
+    return out
+
+
+# ----------------------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_hand_computed():
+    logits = t([[0.0, 1.0, 2.0], [5.0, -INF, 0.5], [1.0, 1.0, 1.0]])
+    # row 0: token 2 += 3 -> 5; row 1: token 1 += 10 -> -inf stays -inf, token 0 += -100 -> -95
+    # row 2: no entry -> unchanged
+    out = logit_bias(logits, t([0, 1, 1], I64), t([2, 1, 0], I64), t([3.0, 10.0, -100.0]))
+    assert out.tolist() == [[0.0, 1.0, 5.0], [-95.0, -INF, 0.5], [1.0, 1.0, 1.0]]
+    assert logits[0, 2] == 2.0  # input not modified
+    # duplicates are summed: row 0 token 0: 0 + 0.5 + 0.25 = 0.75
+    out = logit_bias(logits, t([0, 0], I64), t([0, 0], I64), t([0.5, 0.25]))
+    assert out[0, 0] == 0.75
+    # no entries at all: a copy
+    out = logit_bias(logits, t([], I64), t([], I64), t([]))
+    assert torch.equal(out, logits) and out.data_ptr() != logits.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logit_bias_low_precision(dtype):
+    logits = torch.randn(3, 50).to(dtype)
+    out = logit_bias(logits, t([1], I64), t([7], I64), t([1.5]))
+    assert out.dtype == dtype
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert out[1, 7] == (logits[1, 7].float() + 1.5).to(dtype)
+    mask = torch.ones(50, dtype=torch.bool)
+    mask[7] = False
+    assert torch.equal(out[1, mask], logits[1, mask])
+
+
+# ----------------------------------------------------------------------------- bans
+
+
+def test_ban_tokens_and_min_tokens_hand_computed():
+    logits = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    out = ban_tokens(logits, t([0, 2, 2], I64), t([1, 0, 0], I64))
+    assert out.tolist() == [[1.0, -INF, 3.0], [4.0, 5.0, 6.0], [-INF, 8.0, 9.0]]
+    # min_tokens: row 0 has 1 output token, minimum 3 -> still under: ban its EOS (2).
+    # row 1 has 3 output tokens, minimum 3 -> reached: unchanged.
+    # row 2 minimum 0 (disabled) -> unchanged, although it lists pairs.
+    rows, toks = t([0, 0, 1, 2], I64), t([2, 0, 2, 2], I64)
+    out = min_tokens(logits, t([1, 3, 0], I64), t([3, 3, 0], I64), rows, toks)
+    assert out.tolist() == [[-INF, 2.0, -INF], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]
+    assert logits[0, 0] == 1.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 40), st.data())
+def test_min_tokens_properties(b, v, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    logits = torch.randn(b, v, generator=g)
+    n = data.draw(st.integers(0, 8))
+    rows = torch.randint(0, b, (n,), generator=g)
+    toks = torch.randint(0, v, (n,), generator=g)
+    outl = torch.randint(0, 4, (b,), generator=g)
+    mint = torch.randint(0, 4, (b,), generator=g)
+    out = min_tokens(logits, outl, mint, rows, toks)
+    for r in range(b):
+        banned = {int(tok) for rr, tok in zip(rows.tolist(), toks) if rr == r} if outl[r] < mint[r] else set()
+        for k in range(v):
+            if k in banned:
+                assert out[r, k] == -INF
+            else:
+                assert out[r, k].view(torch.int32) == logits[r, k].view(torch.int32)
+
+
+# ----------------------------------------------------------------------------- penalties
+
+
+def test_penalties_hand_computed():
+    # h = prompt [0] + output [1, 1, 2]; V = 5; l = [2, -1, 0.5, 3, -inf]
+    # seen = {0, 1, 2}; counts: token 1 -> 2, token 2 -> 1
+    # r = 2, f = 0.5, pr = 0.25:
+    #   token 0: seen, 2 > 0 -> 2 / 2 = 1; count 0 -> 1
+    #   token 1: seen, -1 <= 0 -> -1 * 2 = -2; - 0.5 * 2 = -3; - 0.25 = -3.25
+    #   token 2: seen, 0.5 / 2 = 0.25; - 0.5 * 1 = -0.25; - 0.25 = -0.5
+    #   token 3: unseen -> 3
+    #   token 4: -inf stays -inf
+    th = TokenHistory([[0]], [[1, 1, 2]], vocab_size=5)
+    logits = t([[2.0, -1.0, 0.5, 3.0, -INF]])
+    out = penalties(logits, th.seen_mask(), th.output_counts(), t([2.0]), t([0.5]), t([0.25]))
+    assert out.tolist() == [[1.0, -3.25, -0.5, 3.0, -INF]]
+    # repetition only (r = 0.5 < 1 rewards seen tokens): 2 / 0.5 = 4, -1 * 0.5 = -0.5, 0.5 / 0.5 = 1
+    out = penalties(logits, th.seen_mask(), th.output_counts(), t([0.5]), t([0.0]), t([0.0]))
+    assert out.tolist() == [[4.0, -0.5, 1.0, 3.0, -INF]]
+    # frequency / presence count the output only: prompt token 0 is not penalised
+    out = penalties(logits, th.seen_mask(), th.output_counts(), t([1.0]), t([-1.0]), t([1.0]))
+    # token 1: -1 + 2 - 1 = 0; token 2: 0.5 + 1 - 1 = 0.5
+    assert out.tolist() == [[2.0, 0.0, 0.5, 3.0, -INF]]
+
+
+def _random_case(rng: np.random.Generator, b: int, v: int):
+    prompts = [rng.integers(0, v, rng.integers(0, 12)).tolist() for _ in range(b)]
+    outputs = [rng.integers(0, v, rng.integers(0, 12)).tolist() for _ in range(b)]
+    logits = rng.normal(0, 3, (b, v)).astype(np.float32)
+    logits[rng.random((b, v)) < 0.15] = -np.inf
+    logits[rng.random((b, v)) < 0.1] = 0.0
+    r = rng.choice([1.0, 1.0, 0.7, 1.3, 2.0], b).astype(np.float32)
+    f = rng.choice([0.0, 0.0, -1.5, 0.4, 2.0], b).astype(np.float32)
+    pr = rng.choice([0.0, 0.0, 1.0, -0.6], b).astype(np.float32)
+    return prompts, outputs, logits, r, f, pr
+
+
+def test_penalties_against_reference_random():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        b, v = int(rng.integers(1, 7)), int(rng.integers(2, 30))
+        prompts, outputs, logits, r, f, pr = _random_case(rng, b, v)
+        th = TokenHistory(prompts, outputs, vocab_size=v)
+        out = penalties(torch.from_numpy(logits), th.seen_mask(), th.output_counts(),
+                        torch.from_numpy(r), torch.from_numpy(f), torch.from_numpy(pr))
+        for row in range(b):
+            exp = ref_penalties(logits[row], prompts[row] + outputs[row], len(prompts[row]), r[row], f[row], pr[row])
+            np.testing.assert_array_equal(out[row].numpy(), exp)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(2, 64))
+def test_penalties_disabled_rows_bit_identical_and_batch_independent(seed, b, v):
+    rng = np.random.default_rng(seed)
+    prompts, outputs, logits, r, f, pr = _random_case(rng, b, v)
+    logits[rng.random((b, v)) < 0.05] = np.nan  # even NaN payloads survive in disabled rows
+    th = TokenHistory(prompts, outputs, vocab_size=v)
+    lt = torch.from_numpy(logits)
+    out = penalties(lt, th.seen_mask(), th.output_counts(), *map(torch.from_numpy, (r, f, pr)))
+    for row in range(b):
+        if r[row] == 1 and f[row] == 0 and pr[row] == 0:
+            assert torch.equal(out[row].view(torch.int32), lt[row].view(torch.int32))
+        # the row alone gives the same bits
+        sub = th.select(torch.tensor([row]))
+        alone = penalties(lt[row : row + 1], sub.seen_mask(), sub.output_counts(),
+                          *(torch.from_numpy(x[row : row + 1]) for x in (r, f, pr)))
+        assert torch.equal(alone[0].view(torch.int32), out[row].view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_penalties_low_precision(dtype):
+    rng = np.random.default_rng(1)
+    prompts, outputs, logits, r, f, pr = _random_case(rng, 4, 40)
+    r[0], f[0], pr[0] = 1.0, 0.0, 0.0
+    th = TokenHistory(prompts, outputs, vocab_size=40)
+    lt = torch.from_numpy(logits).to(dtype)
+    out = penalties(lt, th.seen_mask(), th.output_counts(), *map(torch.from_numpy, (r, f, pr)))
+    assert out.dtype == dtype
+    assert torch.equal(out[0], lt[0])
+    for row in range(4):
+        exp = ref_penalties(lt[row].float().numpy(), prompts[row] + outputs[row], len(prompts[row]), r[row], f[row], pr[row])
+        assert torch.equal(out[row], torch.from_numpy(exp).to(dtype))
+
+
+def test_penalties_no_nan_from_inf():
+    th = TokenHistory([[0, 1]], [[0, 1, 1]], vocab_size=3)
+    logits = t([[-INF, -INF, -INF]])
+    out = penalties(logits, th.seen_mask(), th.output_counts(), t([1.5]), t([-2.0]), t([2.0]))
+    assert not torch.isnan(out).any() and torch.isneginf(out).all()
+    assert math.isinf(out[0, 0])
