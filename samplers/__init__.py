@@ -14,3 +14,14 @@ from .sampling import SamplerOutput
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_ORDER", "SamplerID", "SamplerOutput", "SamplerPipeline", "SamplingBatch", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # ``samplers.generate`` (a Hugging Face generation loop) is imported on first use, so
+    # ``import samplers`` does not import transformers (and it stays out of ``__all__``, so
+    # ``from samplers import *`` does not either).
+    if name == "generate":
+        from .generation import generate
+
+        return generate
+    raise AttributeError(f"module 'samplers' has no attribute {name!r}")

@@ -1,10 +1,15 @@
 """Command line: ``python -m samplers demo``.
 
-The demo runs the pipeline on an embedded default: a synthetic next-token distribution
-(Zipf-shaped logits over a 32000-token vocabulary, fixed seed) after a history that repeats
-itself, and shows what each sampler preset does to it: how many tokens survive, the entropy
-of the processed distribution, the most likely tokens, how much DRY / penalties moved the
-repeated continuation, and a seeded draw. Nothing is downloaded.
+Part 1 (needs the ``hf`` extra): generates from the embedded default model (a tiny causal LM
+trained by this project on the Python standard library, shipped in ``samplers/models/tiny``;
+nothing is downloaded) with greedy decoding and several sampler presets, all presets in one
+heterogeneous batch of ``samplers.generate``, and prints the texts and measured statistics:
+repeated n-gram rate, distinct-n, and the mean entropy of the processed distribution.
+
+Part 2 (``--synthetic`` runs only this part): the pipeline on a synthetic next-token
+distribution (Zipf-shaped logits over a 32000-token vocabulary, fixed seed) after a history
+that repeats itself: how many tokens each preset keeps, the entropy, the most likely tokens,
+how much DRY / penalties moved the repeated continuation, and a seeded draw.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ def _entropy(logits: torch.Tensor) -> float:
     return float(-(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum())
 
 
-def run_demo(out=sys.stdout) -> list[dict]:
+def run_demo(out=None) -> list[dict]:
+    out = sys.stdout if out is None else out
     logits, prompt, output = embedded_inputs()
     pipe = SamplerPipeline("torch", seed=0)
     rows = []
@@ -108,16 +114,133 @@ def run_demo(out=sys.stdout) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- part 1: the model
+#: The API's full example request (../shared/examples/arli_full_request.json) minus its
+#: guided-decoding and serving-level fields; ``max_tokens`` is cut to the demo's length.
+FULL_REQUEST = {
+    **FULL_EXAMPLE,
+    "length_penalty": 1.0, "early_stopping": False, "stop": [], "stop_token_ids": [],
+    "include_stop_str_in_output": False, "ignore_eos": False, "prompt_logprobs": 0, "detokenize": True,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+}
+
+MODEL_PRESETS: dict[str, dict] = {
+    "greedy": {"temperature": 0.0},
+    "plain softmax (T=1)": {"seed": 0},
+    "temperature 0.7 + min_p 0.05": {"temperature": 0.7, "min_p": 0.05, "seed": 0},
+    "DRY 0.8 / 1.75 / 2 (greedy)": {"temperature": 0.0, "dry_multiplier": 0.8, "dry_base": 1.75,
+                                    "dry_allowed_length": 2},
+    "XTC 0.1 / 0.5 + min_p 0.02": {"xtc_threshold": 0.1, "xtc_probability": 0.5, "min_p": 0.02, "seed": 0},
+    "API full example": FULL_REQUEST,
+}
+
+MODEL_PROMPTS = ["def __init__(self, ", "import os\nimport sys\n\n", "    for name in "]
+
+
+def ngram_stats(token_ids: Sequence[int], n: int) -> tuple[int, int, int]:
+    """(number of n-grams, distinct n-grams, n-grams that repeat an earlier one)."""
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    distinct = len(set(grams))
+    return len(grams), distinct, len(grams) - distinct
+
+
+def preset_statistics(outputs: Sequence) -> dict:
+    """Statistics over one preset's completions (each a CompletionOutput)."""
+    total3 = rep3 = total2 = dist2 = total1 = dist1 = 0
+    ent, toks = [], 0
+    for c in outputs:
+        t3, _, r3 = ngram_stats(c.token_ids, 3)
+        t2, d2, _ = ngram_stats(c.token_ids, 2)
+        t1, d1, _ = ngram_stats(c.token_ids, 1)
+        total3, rep3, total2, dist2, total1, dist1 = total3 + t3, rep3 + r3, total2 + t2, dist2 + d2, \
+            total1 + t1, dist1 + d1
+        toks += len(c.token_ids)
+        if c.mean_entropy is not None:
+            ent.append(c.mean_entropy)
+    return dict(
+        tokens=toks,
+        repeated_3gram_rate=rep3 / max(total3, 1),
+        distinct_1=dist1 / max(total1, 1),
+        distinct_2=dist2 / max(total2, 1),
+        mean_entropy=sum(ent) / len(ent) if ent else float("nan"),
+    )
+
+
+def run_model_demo(out=None, max_tokens: int = 48, progress: bool = True) -> list[dict]:
+    out = sys.stdout if out is None else out
+    from .generation import generate
+    from .models import load_default
+
+    torch.manual_seed(0)
+    model, tok = load_default()
+    names = list(MODEL_PRESETS)
+    params, prompts = [], []
+    for name in names:
+        body = dict(MODEL_PRESETS[name], max_tokens=max_tokens)
+        body["min_tokens"] = min(body.get("min_tokens", 0), max_tokens)
+        p = SamplingParams.from_dict(body)
+        for prompt in MODEL_PROMPTS:
+            params.append(p)
+            prompts.append(prompt)
+    n_params = sum(q.numel() for q in model.parameters())
+    print(f"samplers demo, part 1: the embedded model ({n_params / 1e6:.2f} M parameters, vocabulary "
+          f"{model.config.vocab_size}, trained on the Python standard library), {len(names)} presets x "
+          f"{len(MODEL_PROMPTS)} prompts in one batch of samplers.generate, {max_tokens} tokens each\n",
+          file=out)
+    start = time.perf_counter()
+    results = generate(model, tok, prompts, params, seed=0, collect_entropy=True, progress=progress)
+    elapsed = time.perf_counter() - start
+    rows = []
+    for k, name in enumerate(names):
+        req = results[k * len(MODEL_PROMPTS):(k + 1) * len(MODEL_PROMPTS)]
+        comps = [r.outputs[0] for r in req]
+        stats = preset_statistics(comps)
+        rows.append(dict(preset=name, **stats, texts=[c.text for c in comps]))
+        print(f"== {name}", file=out)
+        for r, c in zip(req, comps):
+            print(f"   {r.prompt!r} -> {c.text!r}", file=out)
+    print(file=out)
+    header = f"{'preset':<30} {'tokens':>6} {'rep. 3-grams':>12} {'distinct-1':>10} {'distinct-2':>10} " \
+             f"{'entropy':>8}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        print(f"{r['preset']:<30} {r['tokens']:>6} {r['repeated_3gram_rate']:>12.3f} {r['distinct_1']:>10.3f} "
+              f"{r['distinct_2']:>10.3f} {r['mean_entropy']:>8.3f}", file=out)
+    total = sum(r["tokens"] for r in rows)
+    print("\nrep. 3-grams: share of a text's token 3-grams that repeat an earlier one of the same text; "
+          "distinct-n: distinct n-grams / n-grams;\nentropy: mean over the steps of the entropy (nats) of "
+          "the processed distribution the token was chosen from (for greedy rows, the one the argmax "
+          "was taken from)", file=out)
+    print(f"generation: {total} tokens in {elapsed:.1f} s ({total / elapsed:.0f} tokens/s on the CPU, "
+          f"sampler statistics included)\n", file=out)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="samplers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show what each sampler does on an embedded default")
+    demo = sub.add_parser("demo", help="generate with each sampler preset from the embedded model, "
+                                       "then the synthetic-logits table")
+    demo.add_argument("--synthetic", action="store_true", help="only the synthetic-logits table (part 2)")
+    demo.add_argument("--max-tokens", type=int, default=48, help="tokens per text in part 1 (default 48)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--json", type=Path, help="also write the statistics to this file")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        rows = run_demo()
+        result: dict = {}
+        if not args.synthetic:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print("part 1 (generation from the embedded model) needs the hf extra: "
+                      "pip install 'samplers[hf]'; showing part 2 only\n")
+            else:
+                result["model"] = run_model_demo(max_tokens=args.max_tokens, progress=not args.no_progress)
+                print("samplers demo, part 2: one step on synthetic logits\n")
+        result["synthetic"] = run_demo()
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+            args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,0 +1,255 @@
+"""Hugging Face ``transformers`` integration: our pipeline inside ``model.generate``.
+
+``SamplersLogitsProcessor`` is a ``transformers.LogitsProcessor``. On each step it runs the
+pipeline on the scores for every row, draws the row's token with our seeded draw, and
+returns a **one-hot mask**: 0.0 for the chosen token, ``-inf`` everywhere else. Whatever
+``generate`` does next then picks our token: its greedy ``argmax`` (``do_sample=False``) and
+its multinomial draw (``do_sample=True``: softmax of a one-hot is probability 1 on our token,
+and temperature / top-k / top-p / min-p keep the single finite token). So the tokens, the
+seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested), and
+each step's logprobs are in ``processor.outputs``. Left-padded prompts: pass the
+``attention_mask`` to the processor so padding stays out of the history.
+
+Making ``generate`` apply nothing of its own
+--------------------------------------------
+``generate`` fills every generation field left ``None`` from the model's
+``generation_config.json`` and then from transformers' global defaults (read from
+transformers 5.24's ``GenerationConfig._get_default_generation_params``: ``do_sample=False``,
+``temperature=1.0``, **``top_k=50``**, ``top_p=1.0``, ``typical_p=1.0``,
+``repetition_penalty=1.0``, ``min_length=0``, ...; 4.x puts the same values in
+``GenerationConfig.__init__``). Default processors run before the user's ``logits_processor``
+list (``_merge_criteria_processor_list``), warpers after it. Two groups can run besides ours:
+
+* *processors* that run **before** ours whenever configured (``repetition_penalty``,
+  ``no_repeat_ngram_size``, ``min_length``/``min_new_tokens``, ``bad_words_ids``,
+  ``suppress_tokens``, ``sequence_bias``, forced BOS/EOS, ...): they would change the logits
+  our pipeline sees, so a checkpoint that sets e.g. ``repetition_penalty: 1.1`` would
+  silently double-penalise;
+* *warpers* that run **after** ours, only with ``do_sample=True`` (temperature, ``top_k``
+  (default 50!), top_p, min_p, typical_p, epsilon, eta, top_h).
+
+A field left ``None`` is refilled from the checkpoint, so the way to switch one off is an
+explicit "off" value: :func:`neutral_generate_kwargs` returns them all (``do_sample=False,
+temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0,
+no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, epsilon_cutoff=0.0,
+eta_cutoff=0.0, ...``; the warpers' values only with ``do_sample=True``, where
+``top_k=0`` matters most); pass them with the processor::
+
+    proc = SamplersLogitsProcessor(SamplingParams(temperature=0.8, min_p=0.05, seed=1),
+                                   eos_token_ids=tokenizer.eos_token_id)
+    out = model.generate(**enc, logits_processor=[proc],
+                         **neutral_generate_kwargs(model, max_new_tokens=64))
+
+``do_sample=False`` is what the helper chooses (the one-hot mask makes argmax take our
+token, and no warper can run); with ``num_return_sequences > 1``, which generate refuses
+without sampling, it sets ``do_sample=True`` and the warpers' off values. Request-level fields stay ``generate``'s business:
+``max_tokens`` -> ``max_new_tokens``, ``stop`` -> ``stop_strings`` (with ``tokenizer=``),
+EOS handling -> ``eos_token_id``; ``min_tokens`` is honoured by the processor (pass the EOS
+ids). For everything request-level in one place use :func:`samplers.generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+try:  # transformers is optional: the class still works as a plain callable without it
+    from transformers import LogitsProcessor as _HFLogitsProcessor
+except ImportError:  # pragma: no cover - exercised only without the hf extra
+    _HFLogitsProcessor = object
+
+from ..batch import SamplingBatch
+from ..params import SamplingParams
+from ..pipeline import SamplerPipeline
+
+__all__ = ["SamplersLogitsProcessor", "neutral_generate_kwargs", "expand_params", "apply_user_processors",
+           "eos_ids_of"]
+
+#: generate() fields set explicitly to their "off" value, so that neither the checkpoint's
+#: generation_config.json nor transformers' global defaults (top_k=50) apply.
+_NEUTRAL = dict(
+    do_sample=False, num_beams=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+    remove_invalid_values=False, renormalize_logits=False,
+)
+#: The warpers: only applied with do_sample=True (then top_k must be 0: the default is 50).
+_WARPERS_OFF = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+#: Fields whose "off" value is None: generate() refills None from the checkpoint, so these
+#: cannot be switched off by a keyword. Those with a no-op non-None value get it; for the
+#: others a checkpoint that sets them gets a warning.
+_NOOP_WHEN_SET = dict(min_p=0.0, suppress_tokens=[], begin_suppress_tokens=[], sequence_bias={})
+_CANNOT_CLEAR = ("bad_words_ids", "forced_bos_token_id", "forced_eos_token_id", "top_h",
+                 "exponential_decay_length_penalty", "watermarking_config")
+
+
+def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
+    """Keyword arguments for ``model.generate`` under which it applies no logits processor or
+    warper of its own, so ours is the only sampler. ``overrides`` are added (e.g.
+    ``max_new_tokens=64``). With ``model``, fields its ``generation_config`` sets whose off
+    value is None are neutralised too where a no-op value exists (min_p=0, empty
+    suppress lists); the rest (bad_words_ids, forced BOS/EOS, ...) raise a warning."""
+    kwargs = dict(_NEUTRAL)
+    # num_return_sequences > 1 needs do_sample=True in generate(): fine, our one-hot mask
+    # survives the warpers, which are switched off anyway.
+    if (overrides.get("num_return_sequences") or 1) > 1:
+        overrides.setdefault("do_sample", True)
+    sampling = bool(overrides.get("do_sample", False))
+    if sampling:
+        kwargs.update(_WARPERS_OFF)
+    cfg = getattr(model, "generation_config", None)
+    if cfg is not None:
+        for name, value in _NOOP_WHEN_SET.items():
+            if getattr(cfg, name, None) is not None and (sampling or name != "min_p"):
+                kwargs[name] = value
+        left = [n for n in _CANNOT_CLEAR if getattr(cfg, n, None) is not None]
+        if left:
+            import warnings
+
+            warnings.warn(f"the model's generation_config sets {left}: generate() will apply them besides "
+                          f"the samplers pipeline (clear them on model.generation_config to avoid it)")
+    kwargs.update(overrides)
+    return kwargs
+
+
+def eos_ids_of(tokenizer: Any = None, model: Any = None) -> tuple[int, ...]:
+    """The end-of-sequence id(s): the model's generation_config first, then the tokenizer's."""
+    ids: list[int] = []
+    cfg = getattr(model, "generation_config", None)
+    for source in (getattr(cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if source is None:
+            continue
+        for t in ([source] if isinstance(source, int) else list(source)):
+            if int(t) not in ids:
+                ids.append(int(t))
+        if ids:
+            break
+    return tuple(ids)
+
+
+def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows: int
+                  ) -> tuple[list[SamplingParams], list[int]]:
+    """Per-row params and sequence indices for ``rows`` rows.
+
+    One SamplingParams: every row. A list of P: rows must be P (one each) or P * k (each
+    request's k rows consecutive, as ``num_return_sequences=k`` lays them out: sequence
+    index j = 0..k-1 keys row j's seeded stream, as ``n`` does in :func:`samplers.generate`).
+    """
+    if isinstance(params, SamplingParams):
+        return [params] * rows, [0] * rows
+    params = list(params)
+    if not params or rows % len(params):
+        raise ValueError(f"got {len(params)} SamplingParams for {rows} rows: give one, one per row, "
+                         f"or one per prompt with num_return_sequences rows each")
+    k = rows // len(params)
+    return [p for p in params for _ in range(k)], [j for _ in params for j in range(k)]
+
+
+def apply_user_processors(logits: torch.Tensor, params: Sequence[SamplingParams],
+                          outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Run each row's ``logits_processors`` ``(output_token_ids, logits_row) -> logits_row``
+    in order, on a copy. Only rows that have processors are visited."""
+    rows = [b for b, p in enumerate(params) if p.logits_processors]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for b in rows:
+        row = logits[b]
+        for proc in params[b].logits_processors:
+            row = proc(list(outputs[b]), row)
+        logits[b] = row
+    return logits
+
+
+class SamplersLogitsProcessor(_HFLogitsProcessor):
+    """Runs our sampler pipeline as a ``transformers`` logits processor.
+
+    Args:
+        params: one SamplingParams for every row, or one per row (or one per prompt, with
+            ``num_return_sequences`` rows each; see :func:`expand_params`).
+        eos_token_ids: the model's EOS id(s), banned while a row is below ``min_tokens``.
+        attention_mask: the prompt's attention mask, when prompts are left-padded: padding
+            is then left out of each row's history (DRY, penalties, n-grams read it).
+        pipeline: a SamplerPipeline (default: the torch/auto backend, generator from ``seed``).
+        mode: "choose" (default) returns a one-hot mask of our drawn token (works with
+            do_sample False or True); "process" returns the processed logits and lets
+            generate draw (its own unseeded multinomial, so only the distribution matches).
+
+    The first call fixes the prompt: ``input_ids`` then holds the prompts, and each later
+    call must be exactly one token longer (its last column is the token chosen last step).
+    A call that does not continue the previous one starts a new generation (so one processor
+    can serve several ``generate`` calls one after the other). After each step,
+    ``last_output`` holds the SamplerOutput (tokens, logprobs, top logprobs) and
+    ``logprobs`` the per-step list of them.
+    """
+
+    def __init__(
+        self,
+        params: Union[SamplingParams, Sequence[SamplingParams]],
+        *,
+        eos_token_ids: Union[int, Sequence[int], None] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        pipeline: Optional[SamplerPipeline] = None,
+        seed: Optional[int] = None,
+        mode: str = "choose",
+    ) -> None:
+        if mode not in ("choose", "process"):
+            raise ValueError(f"mode must be 'choose' or 'process', got {mode!r}")
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.attention_mask = attention_mask
+        self.pipeline = pipeline if pipeline is not None else SamplerPipeline("auto", seed=seed)
+        self.mode = mode
+        self.batch: Optional[SamplingBatch] = None
+        self.row_params: list[SamplingParams] = []
+        self.prompt_length = 0
+        self._seen_length = 0
+        self.last_output = None
+        self.outputs: list = []
+
+    # -------------------------------------------------------------- state
+    def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
+        rows = input_ids.shape[0]
+        self.row_params, seq_idx = expand_params(self.params, rows)
+        prompts = input_ids.tolist()
+        mask = self.attention_mask
+        if mask is not None:
+            if mask.shape[0] != rows:  # one mask row per prompt, rows expanded by n
+                mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
+            keep = mask.bool().tolist()
+            prompts = [[t for t, k in zip(row, m) if k] for row, m in zip(prompts, keep)]
+        self.batch = SamplingBatch(self.row_params, prompts, None, vocab_size=vocab_size, device=device,
+                                   eos_token_ids=self.eos_token_ids, sequence_indices=seq_idx)
+        self.prompt_length = input_ids.shape[1]
+        self._seen_length = input_ids.shape[1]
+        self._outputs: list[list[int]] = [[] for _ in range(rows)]
+        self.outputs = []
+
+    def reset(self) -> None:
+        """Forget the current generation; the next call starts a new one."""
+        self.batch = None
+
+    # -------------------------------------------------------------- the hook
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        B, V = scores.shape
+        length = input_ids.shape[1]
+        continues = (self.batch is not None and self.batch.batch_size == B
+                     and length == self._seen_length + 1)
+        if not continues:
+            self._start(input_ids, V, scores.device)
+        else:
+            new = input_ids[:, -1]
+            self.batch.append(new)
+            self._seen_length = length
+            if any(p.logits_processors for p in self.row_params):
+                for b, t in enumerate(new.tolist()):
+                    self._outputs[b].append(t)
+        logits = apply_user_processors(scores, self.row_params, self._outputs)
+        if self.mode == "process":
+            return self.pipeline.process(logits, self.batch)
+        out = self.pipeline.sample(logits, self.batch)
+        self.last_output = out
+        self.outputs.append(out)
+        onehot = torch.full_like(scores, float("-inf"))
+        onehot.scatter_(1, out.token_ids.unsqueeze(1).to(scores.device), 0.0)
+        return onehot

@@ -1,0 +1,170 @@
+"""The transformers LogitsProcessor adapter, and samplers' coexistence with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+from samplers import SamplingParams  # noqa: E402
+from samplers.generation import generate  # noqa: E402
+from samplers.integrations.hf import SamplersLogitsProcessor, neutral_generate_kwargs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["def __init__(self, ", "import os\nimport sys\n\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from samplers.models import load_default
+
+    return load_default()
+
+
+def _hf_generate(model, tok, prompts, params, new_tokens, **extra):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    proc = SamplersLogitsProcessor(params, eos_token_ids=tok.eos_token_id, attention_mask=enc["attention_mask"])
+    kwargs = neutral_generate_kwargs(model, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, **extra)
+    out = model.generate(**enc, logits_processor=[proc], **kwargs)
+    width = enc["input_ids"].shape[1]
+    return out[:, width:].tolist(), proc
+
+
+def _strip(ids, eos):
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_processor_equals_our_loop(tiny, do_sample):
+    model, tok = tiny
+    params = [SamplingParams(seed=11, temperature=0.9, min_p=0.03, dry_multiplier=0.6, max_tokens=10),
+              SamplingParams(seed=12, temperature=0.7, top_k=30, repetition_penalty=1.2, xtc_probability=0.5,
+                             xtc_threshold=0.05, max_tokens=10)]
+    ours = generate(model, tok, PROMPTS, params)
+    theirs, proc = _hf_generate(model, tok, PROMPTS, params, 10, do_sample=do_sample)
+    for r, row in zip(ours, theirs):
+        assert _strip(row, tok.eos_token_id) == r.outputs[0].token_ids
+    assert len(proc.outputs) >= 1 and proc.last_output.token_ids.shape == (2,)
+
+
+def test_neutral_kwargs_override_checkpoint_defaults(tiny):
+    """A checkpoint whose generation_config sets sampling defaults changes nothing."""
+    model, tok = tiny
+    saved = model.generation_config
+    cfg = transformers.GenerationConfig(**saved.to_dict())
+    cfg.update(do_sample=True, temperature=0.3, top_k=5, top_p=0.5, repetition_penalty=1.5,
+               no_repeat_ngram_size=2)
+    model.generation_config = cfg
+    try:
+        p = SamplingParams(seed=4, temperature=1.0, max_tokens=8)
+        ours = generate(model, tok, PROMPTS[:1], p)[0].outputs[0].token_ids
+        for do_sample in (False, True):
+            theirs, _ = _hf_generate(model, tok, PROMPTS[:1], p, 8, do_sample=do_sample)
+            assert _strip(theirs[0], tok.eos_token_id) == ours
+    finally:
+        model.generation_config = saved
+
+
+def test_greedy_params_equal_hf_greedy(tiny):
+    model, tok = tiny
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    plain = model.generate(**enc, **neutral_generate_kwargs(model, max_new_tokens=8, pad_token_id=0))
+    ours, _ = _hf_generate(model, tok, PROMPTS[:1], SamplingParams(temperature=0), 8)
+    assert plain[0, enc["input_ids"].shape[1]:].tolist() == ours[0]
+
+
+def test_num_return_sequences_and_min_tokens(tiny):
+    model, tok = tiny
+    p = SamplingParams(seed=21, n=3, max_tokens=6, min_tokens=6)
+    ours = generate(model, tok, PROMPTS[:1], p)[0]
+    theirs, proc = _hf_generate(model, tok, PROMPTS[:1], [p], 6, num_return_sequences=3)
+    assert theirs == [o.token_ids for o in ours.outputs]
+    assert all(tok.eos_token_id not in row for row in theirs)
+
+
+def test_processor_mode_process_returns_processed_logits(tiny):
+    model, tok = tiny
+    proc = SamplersLogitsProcessor(SamplingParams(min_p=0.2), mode="process")
+    ids = torch.tensor([[5, 6, 7]])
+    scores = torch.randn(1, model.config.vocab_size)
+    out = proc(ids, scores)
+    p = torch.softmax(scores, -1)
+    keep = p >= 0.2 * p.max()
+    assert torch.equal(torch.isfinite(out), keep)
+
+
+def test_processor_restarts_on_a_new_generation(tiny):
+    model, tok = tiny
+    p = SamplingParams(seed=2, max_tokens=5)
+    first, proc = _hf_generate(model, tok, PROMPTS[:1], p, 5)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    again = model.generate(**enc, logits_processor=[proc],
+                           **neutral_generate_kwargs(model, max_new_tokens=5, pad_token_id=0))
+    assert again[0, enc["input_ids"].shape[1]:].tolist() == first[0]
+
+
+_PROBE = r"""
+import json, sys
+order = sys.argv[1]
+if order == "samplers-first":
+    import samplers, samplers.integrations.hf, samplers.generation
+import transformers
+from transformers.utils import is_kernels_available
+from transformers.utils import import_utils as iu
+state = {
+    "is_kernels_available": is_kernels_available(),
+    "kernels_probe": list(iu._is_package_available("kernels", return_version=True)),
+}
+if order == "transformers-first":
+    import samplers, samplers.integrations.hf, samplers.generation
+    state["probe_after_import"] = list(iu._is_package_available("kernels", return_version=True))
+print(json.dumps(state))
+"""
+
+
+def _probe(order: str, cwd: Path) -> dict:
+    # samplers importable whether or not it is installed (the repository on PYTHONPATH)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", _PROBE, order], cwd=cwd, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_samplers_changes_nothing_in_transformers(tmp_path):
+    """``import samplers`` next to transformers leaves transformers' view unchanged.
+
+    Finding (transformers 5.24): ``is_kernels_available()`` calls
+    ``_is_package_available("kernels")``: ``importlib.util.find_spec("kernels")`` finds *our*
+    top-level ``kernels`` package whenever it is importable, and with samplers installed
+    (also editable) ``importlib.metadata.packages_distributions()`` maps ``kernels`` to the
+    ``samplers`` distribution, so transformers reads our version (0.1.0) as the version of
+    Hugging Face's ``kernels``. ``is_kernels_available()`` stays False only because 0.1.0 is
+    below its minimum (0.18.2). Importing samplers does not change any of this: it depends on
+    what is installed, not on what is imported.
+    """
+    import importlib.metadata as md
+
+    first = _probe("samplers-first", tmp_path)
+    plain = _probe("transformers-first", tmp_path)   # its first state is transformers alone
+    assert plain["is_kernels_available"] == first["is_kernels_available"]
+    assert plain["kernels_probe"] == first["kernels_probe"] == plain["probe_after_import"]
+    try:
+        md.version("kernels")  # Hugging Face's kernels distribution installed here: no claim on its result
+    except md.PackageNotFoundError:
+        assert plain["is_kernels_available"] is False
+
+
+def test_import_samplers_does_not_import_transformers():
+    code = "import sys, samplers, samplers.pipeline; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
