@@ -10,7 +10,8 @@ import pytest
 from samplers import SamplerID, SamplingParams
 from samplers.priority import DEFAULT_ORDER, resolve_order
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "examples" / "arli_full_request.json"
+# A copy of the API documentation's full example request (shared/examples/arli_full_request.json).
+EXAMPLE = Path(__file__).resolve().parent / "data" / "arli_full_request.json"
 
 
 def test_defaults_enable_nothing():
