@@ -105,9 +105,18 @@ UNITS: dict[SamplerID, Unit] = {
 def _keep_input_argmax_of_empty_rows(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Bans (min_tokens, no_repeat_ngram) can remove every token of a row; such a row keeps
     its most likely input token, so a draw is always possible (DESIGN.md)."""
-    empty = torch.isneginf(x).all(dim=-1, keepdim=True)
-    top = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).bool()
-    return torch.where(empty & top, logits.float(), x)
+    empty = x.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction
+    if x.device.type == "cpu":
+        # No device sync on the CPU: touch only the (rare) empty rows.
+        if not bool(empty.any()):
+            return x
+        rows = empty.nonzero().squeeze(1)
+        cols = logits[rows].argmax(dim=-1)
+        x = x.clone()
+        x[rows, cols] = logits[rows, cols].float()
+        return x
+    top = torch.zeros_like(x, dtype=torch.bool).scatter_(1, logits.argmax(dim=-1, keepdim=True), True)
+    return torch.where(empty[:, None] & top, logits.float(), x)
 
 
 def triton_available(device: Optional[torch.device] = None) -> bool:

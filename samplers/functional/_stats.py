@@ -15,8 +15,9 @@ Conventions used throughout (see ``conventions.md`` / ``SEMANTICS.md``):
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +34,12 @@ __all__ = [
     "apply_keep",
     "cast_saturating",
     "select_rows",
+    "fill_removed",
+    "sort_values_desc",
+    "sort_nonneg",
+    "is_finite",
+    "count_below",
+    "keep_at_least",
 ]
 
 #: Temperatures below this value mean "greedy" (SEMANTICS.md, temperature).
@@ -71,33 +78,86 @@ def upcast(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float32 else logits.to(torch.float32)
 
 
-def softmax_and_log_softmax(l32: Tensor) -> tuple[Tensor, Tensor]:
+def softmax_and_log_softmax(l32: Tensor, with_log: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """Row-wise ``p = softmax(l)`` and ``log p`` in fp32.
 
     ``-inf`` logits get ``p = 0`` and ``log p = -inf``. A row whose logits are all ``-inf``
-    gets ``p = 0`` everywhere and ``log p = -inf`` everywhere (no NaN).
+    gets ``p = 0`` everywhere and ``log p = -inf`` everywhere (no NaN). With
+    ``with_log=False`` the second value is ``None`` (one full pass saved).
     """
     m = l32.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z = l32 - m
-    e = torch.exp(z)
+    if not with_log:
+        e = exp_(z)  # z is not needed afterwards: one [B, V] buffer instead of two
+        s = e.sum(dim=-1, keepdim=True)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return e.div_(s), None
+    e = exp_(z.clone())
     s = e.sum(dim=-1, keepdim=True)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return e / s, z - torch.log(s)
+    # In place on temporaries: the same values as ``e / s`` and ``z - log(s)``.
+    return e.div_(s), z.sub_(torch.log(s))
 
 
-def entropy(p: Tensor, logp: Tensor) -> Tensor:
-    """``H = -sum(p * log p)`` per row (natural log), with ``0 * log 0 = 0``. Shape ``[B]``."""
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+#: ``exp`` of fp32 values below this is subnormal or 0; torch's CPU kernel takes a slow
+#: path (tens of times slower) for such inputs, ``-inf`` included.
+_EXP_NORMAL_MIN = -87.0
+#: ``exp`` of fp32 values below this is exactly 0 (well below ``log(2**-150)``).
+_EXP_ZERO_BELOW = -110.0
 
 
-def top_token_mask(l32: Tensor) -> Tensor:
+def exp_(z: Tensor) -> Tensor:
+    """``z.exp_()`` with the same values, fast on the CPU when ``z`` has entries far below 0
+    (removed tokens, ``-inf``): those are computed as ``exp(max(z, -87))`` times 0, except
+    the few in ``(-110, -87)`` (subnormal results), which are computed exactly on their own.
+    NaN inputs give 0 instead of NaN (logits are never NaN)."""
+    if z.device.type != "cpu" or z.dtype != torch.float32 or z.numel() == 0 or not z.is_contiguous():
+        return z.exp_()
+    if not bool(z.amin() < _EXP_NORMAL_MIN):
+        return z.exp_()
+    flat = z.view(-1)
+    zn = flat.numpy()
+    band = np.flatnonzero((zn < _EXP_NORMAL_MIN) & (zn > _EXP_ZERO_BELOW))
+    exact = torch.exp(flat[torch.from_numpy(band)]) if band.size else None
+    normal = (z >= _EXP_NORMAL_MIN).to(torch.float32)
+    z.clamp_min_(_EXP_NORMAL_MIN).exp_().mul_(normal)
+    if exact is not None:
+        flat[torch.from_numpy(band)] = exact
+    return z
+
+
+def entropy(p: Tensor, logp: Tensor, overwrite_logp: bool = False) -> Tensor:
+    """``H = -sum(p * log p)`` per row (natural log), with ``0 * log 0 = 0``. Shape ``[B]``.
+
+    ``p * log p`` is NaN exactly where ``p = 0`` and ``log p = -inf`` (and ``-0.0`` or ``0``
+    where ``p`` underflowed to 0 with a finite ``log p``): replacing NaN by 0 gives the same
+    sum as masking ``p > 0`` (signed zeros do not change a sum), without a ``where`` pass.
+    With ``overwrite_logp`` the products are formed in ``logp``'s buffer (same values).
+    """
+    terms = logp.mul_(p) if overwrite_logp else p * logp
+    terms = terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    return -terms.sum(dim=-1)
+
+
+def is_finite(x: Tensor) -> Tensor:
+    """``torch.isfinite(x)`` for float tensors, as ``-inf < x < inf`` (same values, NaN
+    included; vectorised comparisons instead of ``isfinite``'s slower CPU kernel)."""
+    finite = x > float("-inf")
+    return finite.logical_and_(x < float("inf"))
+
+
+def top_token_mask(l32: Tensor, row_max: Optional[Tensor] = None) -> Tensor:
     """Boolean ``[B, V]``: the row's most likely token(s), i.e. finite logits equal to the row max.
 
     Tokens tied at the maximum are all marked, so the kept set never depends on token ids.
+    ``row_max`` (``[B, 1]``, ``l32.amax(-1, keepdim=True)``) may be passed when already known.
     """
-    m = l32.amax(dim=-1, keepdim=True)
-    return (l32 == m) & (l32 > float("-inf"))
+    m = l32.amax(dim=-1, keepdim=True) if row_max is None else row_max
+    # l == m and l > -inf  <=>  l == m', with m' = m where m > -inf, else NaN (equal to nothing):
+    # one [B, V] comparison.
+    m = torch.where(m > float("-inf"), m, torch.full_like(m, float("nan")))
+    return l32 == m
 
 
 def exclusive_cumsum(x: Tensor) -> Tensor:
@@ -118,25 +178,127 @@ def prefix_boundary(sorted_vals: Tensor, n_kept: Tensor) -> Tensor:
 
 
 def select_rows(enabled: Tensor, out: Tensor, logits: Tensor) -> Tensor:
-    """``out`` on enabled rows, the untouched input (bit-identical) on the others."""
+    """``out`` on enabled rows, the untouched input (bit-identical) on the others.
+
+    ``out`` must be a fresh tensor of the caller's (it may be written in place). On the CPU,
+    where reading ``enabled`` costs no device sync, only the disabled rows are copied
+    (nothing when every row is enabled) instead of a full ``where`` pass.
+    """
+    if out.device.type == "cpu" and out.dtype == logits.dtype and out.shape == logits.shape:
+        if bool(enabled.all()):
+            return out
+        off = (~enabled).nonzero().squeeze(1)
+        return out.index_copy_(0, off, logits.index_select(0, off))
     return torch.where(enabled[:, None], out, logits)
 
 
-def apply_keep(logits: Tensor, l32: Tensor, keep: Tensor, enabled: Tensor) -> Tensor:
+def fill_removed(logits: Tensor, keep: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+    """``logits.masked_fill(~keep, -inf)`` (a new tensor), computed as
+    ``minimum(logits, +inf where keep else -inf)``: bit-identical for every kept entry
+    (``min(x, +inf) = x``) and ``-inf`` for the others, with vectorised float passes
+    instead of a boolean-masked one (several times faster on the CPU).
+
+    ``scratch``: an optional temporary of the caller's, used as the output buffer when it
+    has the logits' dtype and shape (saves an allocation)."""
+    if scratch is not None and scratch.dtype == logits.dtype and scratch.shape == logits.shape:
+        cap = scratch.copy_(keep)
+    else:
+        cap = keep.to(logits.dtype)
+    cap.sub_(0.5).mul_(float("inf"))  # 1 -> +inf, 0 -> -inf
+    return torch.minimum(logits, cap, out=cap)
+
+
+def keep_at_least(logits: Tensor, values: Tensor, threshold: Tensor, values_is_scratch: bool = False,
+                  values_not_negative_zero: bool = False) -> Tensor:
+    """``logits`` where ``values >= threshold[:, None]``, ``-inf`` elsewhere (a new tensor).
+
+    ``values``: fp32 ``[B, V]`` (probabilities or the logits themselves); ``threshold``: fp32
+    ``[B]`` (``-inf`` keeps the whole row, bit-identical). Computed without a boolean mask:
+    ``d = values - threshold`` is ``>= +0.0`` exactly when the value is kept (IEEE
+    subtraction of two different floats is never 0; equal ones give ``+0.0``, or ``-0.0``
+    for ``-0.0 - +0.0``, which adding ``+0.0`` turns into ``+0.0``), so
+    ``copysign(inf, d)`` is ``+inf`` on kept entries and ``-inf`` on the others, and
+    ``minimum(logits, that)`` gives the result (kept entries bit-identical). Where ``d`` is
+    NaN (``-inf - -inf``) the logit is ``-inf`` and stays ``-inf`` whatever the sign.
+    With ``values_is_scratch`` ``values`` is overwritten (one allocation saved).
+    ``values_not_negative_zero`` (e.g. probabilities, which are ``>= +0.0``) skips the
+    ``-0.0`` fix-up pass, which cannot matter then.
+    """
+    t = threshold.to(torch.float32)[:, None]
+    d = values.sub_(t) if values_is_scratch else values - t
+    if not values_not_negative_zero:
+        d.add_(0.0)  # -0.0 (from -0.0 - +0.0: equal values) -> +0.0; nonzero d unchanged
+    torch.copysign(torch.tensor(float("inf"), device=d.device), d, out=d)
+    if d.dtype != logits.dtype:
+        d = d.to(logits.dtype)
+    return torch.minimum(logits, d, out=d)
+
+
+def apply_keep(logits: Tensor, l32: Tensor, keep: Tensor, enabled: Tensor,
+               keeps_top: bool = False, row_max: Optional[Tensor] = None,
+               scratch: Optional[Tensor] = None) -> Tensor:
     """Finish a truncation sampler.
 
     Tokens outside ``keep`` become ``-inf``; the row's top token(s) are always kept (so a
     row never loses every token); kept tokens keep their exact input value and dtype; rows
-    with ``enabled`` False are returned bit-identical.
+    with ``enabled`` False are returned bit-identical (every entry of theirs is kept).
+    ``keeps_top=True`` tells that ``keep`` already contains the top token(s);
+    ``row_max`` is ``l32.amax(-1, keepdim=True)`` when the caller has it. ``keep`` must be
+    the caller's temporary (it is updated in place); so must ``scratch`` (see
+    ``fill_removed``).
     """
-    keep = keep | top_token_mask(l32)
-    out = logits.masked_fill(~keep, float("-inf"))
-    return select_rows(enabled, out, logits)
+    if not keeps_top:
+        keep.logical_or_(top_token_mask(l32, row_max))
+    keep.logical_or_(~enabled[:, None])
+    return fill_removed(logits, keep, scratch)
 
 
 def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     """Cast fp32 values to ``dtype``; finite values beyond the dtype's range saturate at its
     largest finite magnitude instead of overflowing to ``+-inf`` (``-inf`` stays ``-inf``)."""
+    if dtype == torch.float32 and out32.dtype == torch.float32:
+        return out32  # every finite fp32 value is in range; infinities stay as they are
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
+
+
+def sort_values_desc(x: Tensor) -> Tensor:
+    """Each row of ``x`` sorted in descending order (values only; no order is returned, so
+    ties cannot matter). On the CPU this uses numpy's (SIMD) sort, much faster than
+    ``torch.sort``, which always computes the permutation too."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=-1)).flip(-1)
+    return torch.sort(x, dim=-1, descending=True).values
+
+
+def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.sort(x, dim=-1, descending=descending)`` for a float32 ``x`` whose entries
+    are ``+0.0``, positive or ``+inf`` (probabilities, deviations): ``(values, indices)``.
+
+    The order among equal values is unspecified (callers use tie-independent rules). On the
+    CPU the permutation comes from one numpy sort of int64 keys ``bits(x) << 32 | index``
+    (the bit patterns of non-negative floats sort as integers), several times faster than
+    ``torch.sort``.
+    """
+    batch, vocab = x.shape
+    if x.device.type == "cpu" and x.dtype == torch.float32 and vocab < 2**31 and not x.requires_grad:
+        x = x.contiguous()
+        key = x.numpy().view(np.int32).astype(np.int64)  # >= 0: the bits of x >= +0.0
+        if descending:
+            np.subtract(0x7FFFFFFF, key, out=key)  # larger value, smaller key
+        np.left_shift(key, 32, out=key)
+        np.bitwise_or(key, np.arange(vocab, dtype=np.int64), out=key)
+        key.sort(axis=-1)
+        np.bitwise_and(key, 0xFFFFFFFF, out=key)
+        order = torch.from_numpy(key)
+        return x.gather(-1, order), order
+    return torch.sort(x, dim=-1, descending=descending)
+
+
+def count_below(sorted_rows: Tensor, bound: Tensor, inclusive: bool = False) -> Tensor:
+    """Per row, how many entries of the non-decreasing row are ``< bound`` (``<= bound``
+    with ``inclusive``): ``((sorted_rows < bound[:, None]).sum(-1))`` by binary search.
+    ``bound``: ``[B]``. Returns int64 ``[B]``."""
+    q = bound.to(sorted_rows.dtype).reshape(-1, 1).contiguous()
+    return torch.searchsorted(sorted_rows.contiguous(), q, right=inclusive).squeeze(1)

@@ -45,6 +45,13 @@ def no_repeat_ngram(
     tok = history.tokens[:, :w]
     pos = torch.arange(w, device=logits.device)
     hit = (n >= 1) & (pos[None, :] < history.lengths[:, None]) & (match >= n - 1)
+    if logits.device.type == "cpu":
+        # Only the banned (row, token) pairs are written (a token banned twice gets -inf
+        # twice): no [B, V] mask. Reading the hits' count costs no device sync on the CPU.
+        rows, cols = hit.nonzero(as_tuple=True)
+        out = logits.clone(memory_format=torch.contiguous_format)
+        out.view(-1)[rows * v + tok[rows, cols]] = float("-inf")
+        return out
     banned = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)
     banned.scatter_(1, torch.where(hit, tok, v), True)
     return logits.masked_fill(banned[:, :v], float("-inf"))

@@ -142,7 +142,8 @@ def penalties(
     # CPU: the same arithmetic, without full-width selects. Host reads cost no device sync here.
     if not bool(enabled.any()):
         return logits.clone()
-    out = x.clone() if x is logits else x  # a float32 tensor of our own
+    # A contiguous float32 tensor of our own.
+    out = x.clone(memory_format=torch.contiguous_format) if x is logits else x.contiguous()
     # 1. Repetition: only the seen tokens change (x / 1 == x * 1 == x on rows with r = 1).
     flat = torch.from_numpy(np.flatnonzero(seen_mask.contiguous().numpy()))
     if flat.numel():

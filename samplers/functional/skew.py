@@ -12,6 +12,7 @@ from ._stats import (
     row_param,
     select_rows,
     softmax_and_log_softmax,
+    sort_nonneg,
     top_token_mask,
     upcast,
 )
@@ -55,32 +56,66 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
     if vocab == 0:
         return logits.clone()
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
     power = torch.exp(sk)[:, None]
-    p_sorted, order = torch.sort(p, dim=-1, descending=True)
-    cum = torch.cumsum(p_sorted, dim=-1)
+    p_sorted, order = sort_nonneg(p, descending=True)
+    # c = cumsum(p_sorted) ** power; c_prev the same shifted by one (0 before position 0).
+    c = torch.cumsum(p_sorted, dim=-1).pow_(power)
+    c_prev = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=-1)
+    if logits.device.type == "cpu":
+        p_new_sorted = _skew_sorted_sparse_ties(p_sorted, c, c_prev)
+    else:
+        p_new_sorted = _skew_sorted_dense(p_sorted, c, c_prev)
+    p_new = torch.empty_like(p_new_sorted).scatter_(-1, order, p_new_sorted)
 
-    # Tie groups of the sorted probabilities: first and last sorted position of each group.
-    pos = torch.arange(vocab, device=logits.device).expand_as(order)
+    # The top token(s) keep at least the smallest normal probability (few entries: indexed).
+    top = top_token_mask(l32).nonzero(as_tuple=True)
+    p_new[top] = p_new[top].clamp_min(torch.finfo(_F32).tiny)
+    # log(p') where p > 0, -inf elsewhere (and where p' = 0). log(0) is slow on the CPU, so
+    # zeros are replaced by 1 before the log and set to -inf after it (x * 1, x + 0 exact).
+    p_new.mul_((p > 0).to(_F32))
+    zero = (p_new == 0).to(_F32)
+    out = p_new.add_(zero).log_()
+    cap = zero.sub_(0.5).mul_(float("-inf"))  # -inf where p' = 0, +inf elsewhere
+    out = torch.minimum(out, cap, out=cap)
+    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+
+
+def _skew_sorted_dense(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:
+    """p' in sorted order: a tie group at sorted positions i..j gets (c[j] - c[i-1]) / n each."""
+    batch, vocab = p_sorted.shape
+    pos = torch.arange(vocab, device=p_sorted.device).expand(batch, vocab)
     differs = p_sorted[:, 1:] != p_sorted[:, :-1]
-    true_col = torch.ones((order.shape[0], 1), dtype=torch.bool, device=logits.device)
+    true_col = torch.ones((batch, 1), dtype=torch.bool, device=p_sorted.device)
     starts_group = torch.cat([true_col, differs], dim=-1)
     ends_group = torch.cat([differs, true_col], dim=-1)
     first = torch.cummax(torch.where(starts_group, pos, torch.zeros_like(pos)), dim=-1).values
     last_flipped = torch.where(ends_group, pos, torch.full_like(pos, vocab - 1)).flip(-1)
     last = torch.cummin(last_flipped, dim=-1).values.flip(-1)
-
-    c_hi = cum.gather(-1, last).pow(power)
-    c_lo = torch.where(
-        first > 0,
-        cum.gather(-1, (first - 1).clamp_min(0)).pow(power),
-        torch.zeros_like(c_hi),
-    )
     group_size = (last - first + 1).to(_F32)
-    p_new_sorted = (c_hi - c_lo).clamp_min(0.0) / group_size
-    p_new = torch.empty_like(p_new_sorted).scatter_(-1, order, p_new_sorted)
+    return (c.gather(-1, last) - c_prev.gather(-1, first)).clamp_min(0.0) / group_size
 
-    p_new = torch.where(top_token_mask(l32), p_new.clamp_min(torch.finfo(_F32).tiny), p_new)
-    p_new = torch.where(p > 0, p_new, torch.zeros_like(p_new))
-    out = torch.log(p_new)
-    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+
+def _skew_sorted_sparse_ties(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:
+    """Same values as ``_skew_sorted_dense`` at every position with ``p > 0`` (positions with
+    ``p = 0`` are discarded by the caller): singletons get ``c - c_prev`` (dividing by a
+    group size of 1 is exact); only the few positions tied with a neighbour are grouped,
+    from their list of indices (no full-width cumulative max/min)."""
+    out = (c - c_prev).clamp_min_(0.0)
+    tie_next = (p_sorted[:, 1:] == p_sorted[:, :-1]).logical_and_(p_sorted[:, 1:] > 0)  # k+1 ties k
+    tied = torch.zeros_like(p_sorted, dtype=torch.bool)
+    tied[:, 1:] |= tie_next
+    tied[:, :-1] |= tie_next
+    rows, cols = tied.nonzero(as_tuple=True)  # row-major: a group's positions are consecutive
+    if rows.numel() == 0:
+        return out
+    same = torch.zeros_like(rows, dtype=torch.bool)
+    same[1:] = (rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1] + 1) & tie_next[rows[1:], (cols[1:] - 1).clamp_min(0)]
+    starts = ~same
+    ends = torch.cat([starts[1:], torch.ones_like(starts[:1])])
+    group = torch.cumsum(starts.to(torch.int64), dim=0) - 1
+    first = cols[starts][group]
+    last = cols[ends][group]
+    size = (last - first + 1).to(_F32)
+    out[rows, cols] = (c[rows, last] - c_prev[rows, first]).clamp_min(0.0) / size
+    return out

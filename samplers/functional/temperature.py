@@ -19,6 +19,8 @@ from ._stats import (
     cast_saturating,
     check_logits,
     entropy,
+    fill_removed,
+    is_finite,
     row_param,
     select_rows,
     softmax_and_log_softmax,
@@ -90,8 +92,8 @@ def dynamic_temperature(
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
     p, logp = softmax_and_log_softmax(l32)
-    h = entropy(p, logp)
-    n = torch.isfinite(l32).sum(dim=-1)
+    h = entropy(p, logp, overwrite_logp=True)  # logp is not used again
+    n = is_finite(l32).sum(dim=-1)
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
     t = t_min + (t_max - t_min) * ratio.pow(exponent)
@@ -130,7 +132,13 @@ def quadratic_smoothing(
     k = (f * (3.0 - c) / 2.0)[:, None]
     s = (f * (c - 1.0) / 2.0)[:, None]
     row_max = l32.amax(dim=-1, keepdim=True)
-    d = l32 - row_max
-    smoothed = row_max - k * (d * d) + s * (d * d * d)
-    out = torch.where(torch.isfinite(l32), smoothed, l32)
+    # Rows without a finite logit: any finite stand-in (every entry stays -inf below).
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    finite = is_finite(l32)
+    # Non-finite logits are read as 0 (so no inf * 0 = NaN; finite ones are unchanged) and
+    # set back to -inf at the end.
+    d = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sub_(row_max)
+    d2 = d * d
+    smoothed = row_max - k * d2 + s * (d2 * d)
+    out = fill_removed(smoothed, finite)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)

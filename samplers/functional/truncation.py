@@ -18,6 +18,7 @@ Shared rules (SEMANTICS.md, conventions.md):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +26,16 @@ from ._stats import (
     ParamLike,
     apply_keep,
     check_logits,
+    count_below,
     entropy,
-    exclusive_cumsum,
+    fill_removed,
+    is_finite,
+    keep_at_least,
     prefix_boundary,
     row_param,
-    select_rows,
     softmax_and_log_softmax,
+    sort_nonneg,
+    sort_values_desc,
     upcast,
 )
 
@@ -75,10 +80,53 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     k_row = torch.where(enabled, k, torch.ones_like(k))
     k_max = int(k_row.max())
     l32 = upcast(logits)
+    kth = _kth_largest(l32, k_row, enabled, k_max)
+    # keep l >= kth; kth <= the row max, so the top token(s) are kept. Disabled rows: -inf.
+    kth = torch.where(enabled, kth, torch.full_like(kth, float("-inf")))
+    return keep_at_least(logits, l32, kth)
+
+
+def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Tensor:
+    """``[B]``: the ``k_row``-th largest value of each row (duplicates counted); rows not
+    ``enabled`` get an arbitrary value. On the CPU, when the enabled rows use a few
+    distinct ``k``, no entry is ``-inf`` (introselect slows down a lot on long runs of
+    equal values) and torch runs one thread (numpy's partition does not use more), one
+    numpy partition (O(V)) finds them; otherwise ``torch.topk`` with the largest ``k``."""
+    batch, vocab = l32.shape
+    if (l32.device.type == "cpu" and l32.dtype == torch.float32 and torch.get_num_threads() == 1
+            and bool(l32.amin() > float("-inf"))):
+        ks = torch.unique(k_row[enabled]).tolist()
+        if 0 < len(ks) <= 4:
+            part = np.partition(l32.contiguous().numpy(), [vocab - k for k in ks], axis=-1)
+            pos = (vocab - k_row).clamp(0, vocab - 1)
+            return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0]
     largest = torch.topk(l32, k_max, dim=-1, largest=True, sorted=True).values
-    kth = largest.gather(-1, (k_row - 1)[:, None])
-    keep = l32 >= kth
-    return apply_keep(logits, l32, keep, enabled)
+    return largest.gather(-1, (k_row - 1)[:, None])[:, 0]
+
+
+def _count_mass_before_below(cum: Tensor, bound: Tensor) -> Tensor:
+    """``(exclusive_cumsum(x) < bound[:, None]).sum(-1)`` from ``cum = cumsum(x)`` (``x >= 0``),
+    up to the clamp to ``[1, V]`` that ``prefix_boundary`` applies: position 0 (mass 0)
+    counts when ``bound > 0``, position ``i >= 1`` iff ``cum[i - 1] < bound``; ``cum`` is
+    non-decreasing, so the count is a binary search."""
+    return 1 + count_below(cum, bound).clamp_max(cum.shape[-1] - 1)
+
+
+def _keep_probability_at_least(
+    logits: Tensor, l32: Tensor, p: Tensor, threshold: Tensor, enabled: Tensor, p_max: Tensor
+) -> Tensor:
+    """Finish a sampler whose rule is ``keep t iff p(t) >= threshold`` plus the top token(s).
+
+    When no enabled row's threshold exceeds its ``p_max`` the top tokens (``p = p_max``)
+    pass the test anyway and the mask-free ``keep_at_least`` is used; otherwise (or off
+    the CPU, where reading that condition would be a device sync) the generic path.
+    ``p`` is overwritten.
+    """
+    if logits.device.type == "cpu" and not bool(((threshold > p_max) & enabled).any()):
+        thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
+        return keep_at_least(logits, p, thr, values_is_scratch=True, values_not_negative_zero=True)
+    keep = p >= threshold[:, None]
+    return apply_keep(logits, l32, keep, enabled, scratch=p)
 
 
 def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
@@ -100,13 +148,12 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
     tp = row_param(top_p, logits, _F32, "top_p")
     enabled = tp < 1.0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
-    p_sorted = torch.sort(p, dim=-1, descending=True).values
-    mass_before = exclusive_cumsum(p_sorted)
-    n_kept = (mass_before < tp[:, None]).sum(dim=-1)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
+    p_sorted = sort_values_desc(p)
+    n_kept = _count_mass_before_below(torch.cumsum(p_sorted, dim=-1), tp)
     threshold = prefix_boundary(p_sorted, n_kept)
     keep = p >= threshold
-    return apply_keep(logits, l32, keep, enabled)
+    return apply_keep(logits, l32, keep, enabled, scratch=p)
 
 
 def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
@@ -127,10 +174,9 @@ def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
     a = row_param(top_a, logits, _F32, "top_a")
     enabled = a > 0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
     p_max = p.amax(dim=-1)
-    keep = p >= (a * p_max * p_max)[:, None]
-    return apply_keep(logits, l32, keep, enabled)
+    return _keep_probability_at_least(logits, l32, p, a * p_max * p_max, enabled, p_max)
 
 
 def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
@@ -150,10 +196,9 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
     mp = row_param(min_p, logits, _F32, "min_p")
     enabled = mp > 0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
     p_max = p.amax(dim=-1)
-    keep = p >= (mp * p_max)[:, None]
-    return apply_keep(logits, l32, keep, enabled)
+    return _keep_probability_at_least(logits, l32, p, mp * p_max, enabled, p_max)
 
 
 def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
@@ -186,18 +231,18 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
     if vocab < 3:  # no second differences: every token is kept
         return logits.clone()
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
-    p_sorted = torch.sort(p, dim=-1, descending=True).values
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
+    p_sorted = sort_values_desc(p)
     d2 = torch.diff(torch.diff(p_sorted, dim=-1), dim=-1).abs()
     total = d2.sum(dim=-1, keepdim=True)
     cdf = torch.cumsum(d2 / torch.where(total > 0, total, torch.ones_like(total)), dim=-1)
     # Sorted positions 1 .. V-1 read cdf[0 .. V-3], and the last position reads cdf[V-3] again.
     cdf_per_position = torch.cat([cdf, cdf[:, -1:]], dim=-1)
-    n_kept = 1 + (cdf_per_position <= z[:, None]).sum(dim=-1)
+    n_kept = 1 + count_below(cdf_per_position, z, inclusive=True)  # cdf is non-decreasing
     n_kept = torch.where(total[:, 0] > 0, n_kept, torch.full_like(n_kept, vocab))
     threshold = prefix_boundary(p_sorted, n_kept)
     keep = p >= threshold
-    return apply_keep(logits, l32, keep, enabled)
+    return apply_keep(logits, l32, keep, enabled, scratch=p)
 
 
 def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
@@ -219,10 +264,9 @@ def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
     enabled = eta > 0
     l32 = upcast(logits)
     p, logp = softmax_and_log_softmax(l32)
-    h = entropy(p, logp)
+    h = entropy(p, logp, overwrite_logp=True)  # logp is not used again
     eps = torch.minimum(eta, torch.sqrt(eta.clamp_min(0)) * torch.exp(-h))
-    keep = p >= eps[:, None]
-    return apply_keep(logits, l32, keep, enabled)
+    return _keep_probability_at_least(logits, l32, p, eps, enabled, p.amax(dim=-1))
 
 
 def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
@@ -242,9 +286,8 @@ def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
     eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff")
     enabled = eps > 0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
-    keep = p >= eps[:, None]
-    return apply_keep(logits, l32, keep, enabled)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
+    return _keep_probability_at_least(logits, l32, p, eps, enabled, p.amax(dim=-1))
 
 
 def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
@@ -272,13 +315,12 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     l32 = upcast(logits)
     p, logp = softmax_and_log_softmax(l32)
     h = entropy(p, logp)
-    dev = (-logp - h[:, None]).abs()  # +inf for removed tokens
-    dev_sorted, order = torch.sort(dev, dim=-1)
-    mass_before = exclusive_cumsum(p.gather(-1, order))
-    n_kept = (mass_before < tp[:, None]).sum(dim=-1)
+    dev = logp.neg_().sub_(h[:, None]).abs_()  # |-log p - H| in place; +inf for removed tokens
+    dev_sorted, order = sort_nonneg(dev)
+    n_kept = _count_mass_before_below(p.gather(-1, order).cumsum_(dim=-1), tp)
     threshold = prefix_boundary(dev_sorted, n_kept)
     keep = dev <= threshold
-    return apply_keep(logits, l32, keep, enabled)
+    return apply_keep(logits, l32, keep, enabled, scratch=p)
 
 
 def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
@@ -299,16 +341,22 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
     n = row_param(nsigma, logits, _F32, "nsigma")
     enabled = n > 0
     l32 = upcast(logits)
-    finite = torch.isfinite(l32)
-    count = finite.sum(dim=-1, keepdim=True)
-    zeros = torch.zeros_like(l32)
-    mean = torch.where(finite, l32, zeros).sum(dim=-1, keepdim=True) / count.clamp_min(1)
-    sq = torch.where(finite, (l32 - mean) ** 2, zeros).sum(dim=-1, keepdim=True)
+    finite = is_finite(l32).to(_F32)  # 1.0 / 0.0
+    count = finite.sum(dim=-1, keepdim=True)  # exact in fp32 (V < 2**24)
+    # Non-finite logits read as 0 in the sum and contribute 0 to the squares.
+    lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    mean = lf.sum(dim=-1, keepdim=True) / count.clamp_min(1)
+    sq = lf.sub_(mean).mul_(finite).pow_(2).sum(dim=-1, keepdim=True)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
     std = torch.where(count > 1, std, torch.zeros_like(std))
     row_max = l32.amax(dim=-1, keepdim=True)
-    keep = l32 >= row_max - n[:, None] * std
-    return apply_keep(logits, l32, keep, enabled)
+    threshold = (row_max - n[:, None] * std)[:, 0]
+    if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
+        # The top token(s) pass l >= threshold: no boolean mask needed.
+        thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
+        return keep_at_least(logits, l32, thr)
+    keep = l32 >= threshold[:, None]
+    return apply_keep(logits, l32, keep, enabled, row_max=row_max)
 
 
 def xtc(
@@ -343,10 +391,28 @@ def xtc(
     u = row_param(coin, logits, _F32, "coin")
     enabled = (probability > 0) & (u < probability)
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32)
-    in_c = (p >= threshold[:, None]) & torch.isfinite(l32)
+    p, _ = softmax_and_log_softmax(l32, with_log=False)
+    if logits.device.type == "cpu" and logits.shape[1] >= 2 and not bool((enabled & (threshold <= 0)).any()):
+        return _xtc_positive_threshold(logits, p, threshold, enabled)
+    in_c = (p >= threshold[:, None]) & is_finite(l32)
     size_c = in_c.sum(dim=-1, keepdim=True)
-    min_c = torch.where(in_c, p, torch.full_like(p, float("inf"))).amin(dim=-1, keepdim=True)
-    remove = in_c & (p > min_c) & (size_c >= 2)
-    out = logits.masked_fill(remove, float("-inf"))
-    return select_rows(enabled, out, logits)
+    # min of p over C: p where in C, +inf elsewhere, as max(p, -inf in C / +inf outside).
+    outside = (~in_c).to(_F32).sub_(0.5).mul_(float("inf"))
+    min_c = torch.maximum(p, outside, out=outside).amin(dim=-1, keepdim=True)
+    remove = in_c & (p > min_c) & (size_c >= 2) & enabled[:, None]
+    return fill_removed(logits, ~remove)
+
+
+def _xtc_positive_threshold(logits: Tensor, p: Tensor, threshold: Tensor, enabled: Tensor) -> Tensor:
+    """XTC when every enabled row has ``threshold > 0``: then ``p >= threshold`` implies
+    ``p > 0`` (a finite logit), ``|C| >= 2`` iff the second largest ``p`` is ``>= threshold``,
+    and the removed tokens are exactly those with ``p > min_C p`` (such a ``p`` is in C).
+    No boolean ``[B, V]`` mask: signs of differences select (see ``keep_at_least``)."""
+    d = p - threshold[:, None]  # >= +0.0 exactly in C
+    inside = torch.copysign(torch.tensor(float("inf")), d, out=d).neg_()  # -inf in C, +inf outside
+    min_c = torch.maximum(p, inside, out=inside).amin(dim=-1)
+    second = torch.topk(p, 2, dim=-1).values[:, 1]
+    active = enabled & (second >= threshold)
+    min_c = torch.where(active, min_c, torch.full_like(min_c, float("inf")))
+    # keep t iff p(t) <= min_C, i.e. -p(t) >= -min_C; p is a temporary of the caller.
+    return keep_at_least(logits, p.neg_(), -min_c, values_is_scratch=True)
