@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""GPU benchmark of the Triton kernels against the torch reference path.
+
+On a CUDA machine it
+1. checks the kernels against the torch path on the GPU (same removed tokens, values within
+   tolerance, same seeded token) for every configuration;
+2. measures the device-to-device copy bandwidth (the memory floor of one sampling step is
+   one read of the logits: ``B * V * bytes_per_logit / bandwidth``);
+3. times (``triton.testing.do_bench``, median) one sampling step -- the processing chain and
+   the draw, without log-probabilities -- on the triton and on the torch backend for
+   B in {1, 32, 256}, V in {32000, 128256, 151936} and the configurations
+   (a) min_p only, (b) top_k + top_p, (c) the full default chain with DRY and the penalties
+   on 4k-token histories, plus FlashInfer's ``top_k_top_p_sampling_from_logits`` on (b)
+   when ``flashinfer`` is importable;
+4. prints a table with each time as a ratio to the memory floor.
+
+``--dry-run`` runs everything except the timing at tiny shapes on whatever device exists
+(on a CPU the kernels run under ``TRITON_INTERPRET=1``), so the script is tested without a GPU.
+
+    python benchmarks/gpu_bench.py                  # the full table (CUDA)
+    python benchmarks/gpu_bench.py -b 256 -v 128256 -c a b
+    TRITON_INTERPRET=1 python benchmarks/gpu_bench.py --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
+from samplers.pipeline import _RowRandoms  # noqa: E402
+from samplers.sampling import PURPOSE_DRAW, draw_tokens  # noqa: E402
+
+CONFIGS = {
+    "a": ("min_p only", dict(min_p=0.05)),
+    "b": ("top_k+top_p", dict(top_k=50, top_p=0.9)),
+    "c": ("full default chain", dict(
+        repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1, dry_multiplier=0.8,
+        dry_base=1.75, dry_allowed_length=2, temperature=0.8, top_k=100, top_p=0.95, top_a=0.01, min_p=0.02,
+        eta_cutoff=1e-4, epsilon_cutoff=1e-4, typical_p=0.99, nsigma=3.0, smoothing_factor=0.1,
+        xtc_threshold=0.1, xtc_probability=0.5)),
+}
+HISTORY = {"a": False, "b": False, "c": True}  # which configs carry histories (--history tokens)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-b", "--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    p.add_argument("-v", "--vocab-sizes", type=int, nargs="+", default=[32000, 128256, 151936])
+    p.add_argument("-c", "--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
+    p.add_argument("--history", type=int, default=4096, help="history length (prompt + output) for config c")
+    p.add_argument("--check-batch", type=int, default=8, help="rows used by the correctness check")
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=50, help="do_bench repetitions (ms)")
+    p.add_argument("--skip-check", action="store_true", help="time without checking first")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes, checks only, no timing (runs on a CPU with TRITON_INTERPRET=1)")
+    return p.parse_args(argv)
+
+
+def make_inputs(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device, history: int,
+                seed: int = 0) -> tuple[torch.Tensor, SamplingBatch]:
+    """Random logits (LLM-like spread) and a batch of the configuration, seeded rows."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, V, generator=g) * 4).to(dtype).to(device)
+    kw = CONFIGS[config][1]
+    params = [SamplingParams(seed=1000 + i, **kw) for i in range(B)]
+    L = history if HISTORY[config] else 0
+    rng = np.random.default_rng(seed)
+    prompts, outputs = [], []
+    for _ in range(B):
+        if L:
+            # repetitive text: a random walk over a small phrase book, so DRY and n-grams fire
+            phrases = rng.integers(0, V, size=(64, 16))
+            toks = phrases[rng.integers(0, 64, size=L // 16 + 1)].reshape(-1)[:L]
+            prompts.append(toks[: L * 3 // 4].tolist())
+            outputs.append(toks[L * 3 // 4:].tolist())
+        else:
+            prompts.append([]), outputs.append([])
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=V, device=device)
+    return logits, batch
+
+
+def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callable[[], torch.Tensor]:
+    """One sampling step (chain + draw, no log-probabilities) on ``backend``."""
+    pipe = SamplerPipeline(backend, seed=0)
+    if backend == "triton":
+        import kernels
+
+        def run():
+            r = _RowRandoms(batch, pipe.generator)
+            x = kernels.process_logits(logits, batch, r)
+            return kernels.draw_tokens(x, batch.greedy, r.uniforms(PURPOSE_DRAW))
+    else:
+        def run():
+            r = _RowRandoms(batch, pipe.generator)
+            x = pipe._process(logits, batch, r)
+            return draw_tokens(x, batch.greedy, r.uniforms(PURPOSE_DRAW))
+    return run
+
+
+def check(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device, history: int) -> str:
+    """Kernels vs torch path on ``device``: removed sets, values, seeded tokens. Returns a summary."""
+    logits, batch = make_inputs(config, B, V, dtype, device, history, seed=1)
+    torch_pipe, triton_pipe = SamplerPipeline("torch", seed=0), SamplerPipeline("triton", seed=0)
+    want = torch_pipe.process(logits, batch)
+    got = triton_pipe.process(logits, batch)
+    wi, gi = torch.isneginf(want), torch.isneginf(got)
+    mismatched = int((wi != gi).sum())
+    err = float((got[~gi].float() - want[~wi].float()).abs().max()) if mismatched == 0 and (~gi).any() else float("nan")
+    t_want = torch_pipe.sample(logits, batch).token_ids
+    t_got = triton_pipe.sample(logits, batch).token_ids
+    same = int((t_want == t_got).sum())
+    ok = mismatched == 0 and same == B
+    return (f"check {config} B={B} V={V} {str(dtype)[6:]}: removed-set mismatches {mismatched}, "
+            f"max |diff| {err:.3g}, same seeded tokens {same}/{B} -> {'OK' if ok else 'MISMATCH'}")
+
+
+def bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), median of do_bench."""
+    from triton.testing import do_bench
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def flashinfer_fn(logits: torch.Tensor, batch: SamplingBatch) -> Optional[Callable[[], torch.Tensor]]:
+    try:
+        import flashinfer.sampling as fs
+    except Exception:
+        return None
+    k = batch.param("top_k").to(torch.int32)
+    p = batch.param("top_p")
+    x = logits.float()
+    fn = lambda: fs.top_k_top_p_sampling_from_logits(x, k, p)  # noqa: E731  (flashinfer >= 0.2 signature)
+    try:
+        fn()
+    except Exception as e:  # an older or newer signature: report and leave the column empty
+        print(f"flashinfer top_k_top_p_sampling_from_logits not usable here: {type(e).__name__}: {e}")
+        return None
+    return fn
+
+
+def run(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype]
+    cuda = torch.cuda.is_available()
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = torch.device("cuda" if cuda else "cpu")
+        import kernels
+
+        if not kernels.available(device):
+            print("dry run: triton backend unavailable here (set TRITON_INTERPRET=1 before importing)")
+            return 0
+        for config in args.configs:
+            print(check(config, 2, 1000, dtype, device, history=min(args.history, 256)))
+        print("dry run: timing skipped")
+        return 0
+    if not cuda:
+        print("gpu_bench: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    from triton.testing import do_bench
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    bw = bandwidth_gbps(device)
+    bytes_per = torch.finfo(dtype).bits // 8
+    print(f"# device: {name}; copy bandwidth {bw:.0f} GB/s; logits {args.dtype}")
+    if not args.skip_check:
+        for config in args.configs:
+            for V in args.vocab_sizes:
+                print(check(config, args.check_batch, V, dtype, device, args.history))
+    header = (f"| config | B | V | floor us | torch ms | triton ms | speedup | triton/floor | flashinfer ms | "
+              f"flashinfer/floor |")
+    print()
+    print(header)
+    print("|" + "---|" * 10)
+    for config in args.configs:
+        for B in args.batch_sizes:
+            for V in args.vocab_sizes:
+                logits, batch = make_inputs(config, B, V, dtype, device, args.history)
+                floor_ms = B * V * bytes_per / (bw * 1e9) * 1e3
+                t_torch = do_bench(step_fn("torch", logits, batch), warmup=args.warmup, rep=args.rep,
+                                   return_mode="median")
+                t_triton = do_bench(step_fn("triton", logits, batch), warmup=args.warmup, rep=args.rep,
+                                    return_mode="median")
+                fi = flashinfer_fn(logits, batch) if config == "b" else None
+                t_fi = do_bench(fi, warmup=args.warmup, rep=args.rep, return_mode="median") if fi else None
+                fi_cols = f"{t_fi:.3f} | {t_fi / floor_ms:.1f}x" if t_fi else "- | -"
+                print(f"| {config} ({CONFIGS[config][0]}) | {B} | {V} | {floor_ms * 1e3:.1f} | {t_torch:.3f} | "
+                      f"{t_triton:.3f} | {t_torch / t_triton:.1f}x | {t_triton / floor_ms:.1f}x | {fi_cols} |")
+                del logits, batch
+                torch.cuda.empty_cache()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
