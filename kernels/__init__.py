@@ -1,13 +1,56 @@
 """Triton kernels for the samplers, with the same contracts as ``samplers.functional``.
 
-The kernels are the CUDA fast path of ``SamplerPipeline(backend="triton")``. Until they land,
-``available()`` is False and the pipeline uses the torch reference path everywhere.
+The kernels are the CUDA fast path of ``SamplerPipeline(backend="triton")``; under
+``TRITON_INTERPRET=1`` they also run on the CPU (that is how the tests check them against
+the torch reference). Modules, one per family:
+
+- ``fused``: the chain kernel (one read + one write of [B, V] for any run of fusable stages)
+- ``truncation``: top_k, top_p, top_a, min_p, eta, epsilon, typical_p, nsigma, XTC (tfs: torch)
+- ``temperature``: temperature, dynamic temperature, quadratic smoothing
+- ``penalties``: repetition/frequency/presence, no_repeat_ngram, logit_bias, min_tokens, DRY (torch)
+- ``skew``: torch reference (sort-defined)
+- ``draw``: the token draw and the Philox stream
+- ``chain``: ``process_logits``, the pipeline's whole chain
+- ``row_stats``: the shared row statistics as a standalone kernel (tested against torch)
+- ``aot``: compile every kernel for a CUDA target without a GPU (``python -m kernels.aot``)
+
+See kernels/README.md for the design and the number of passes over [B, V].
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
 
-def available(device=None) -> bool:
-    """True when the Triton backend can run on ``device``: kernels implemented, triton
-    importable, and CUDA (or ``TRITON_INTERPRET=1`` for any device)."""
-    return False
+import torch
+
+
+def available(device: Optional[torch.device] = None) -> bool:
+    """True when the Triton backend can run on ``device``: triton importable, and ``device``
+    is CUDA (``device=None``: a CUDA device exists), or ``TRITON_INTERPRET=1`` (any device)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def process_logits(logits: torch.Tensor, batch, randoms) -> torch.Tensor:
+    """The pipeline's chain on the kernel path (see ``kernels.chain.process_logits``)."""
+    from .chain import process_logits as _process
+
+    return _process(logits, batch, randoms)
+
+
+def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The draw in a kernel (see ``kernels.draw.draw_tokens``)."""
+    from .draw import draw_tokens as _draw
+
+    return _draw(logits, greedy, uniforms)
+
+
+__all__ = ["available", "process_logits", "draw_tokens"]

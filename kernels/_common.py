@@ -1,0 +1,104 @@
+"""Shared helpers of the Triton kernels: launch sizes, the interpreter switch, in-kernel row
+statistics and the order-preserving float -> int key used by the threshold searches."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "okey", "softmax_stats", "entropy_of",
+           "top_mask", "finite_std", "saturate"]
+
+#: True when kernels run on the CPU through Triton's interpreter (the tests).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: Largest row the whole-row kernels hold in one program (Triton's tensor size limit is 2**20).
+MAX_BLOCK = 1 << 20
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """A real CUDA launch (not the interpreter): autotuning and timing only make sense then."""
+    return t.is_cuda and not INTERPRET
+
+
+def block_for(vocab: int) -> int:
+    """Whole-row block: the next power of two >= V (every kernel keeps one row in one program)."""
+    block = triton.next_power_of_2(max(int(vocab), 16))
+    if block > MAX_BLOCK:
+        raise ValueError(f"vocabulary of {vocab} tokens exceeds the kernels' row limit {MAX_BLOCK}")
+    return block
+
+
+def warps_for(block: int) -> int:
+    """num_warps heuristic for a whole-row program (ignored by the interpreter)."""
+    if block <= 2048:
+        return 4
+    if block <= 16384:
+        return 8
+    if block <= 65536:
+        return 16
+    return 32
+
+
+@triton.jit
+def okey(x):
+    """Order-preserving map fp32 -> int32 (a < b  <=>  okey(a) < okey(b)); -0.0 maps like +0.0,
+    so keys agree with float comparisons (torch treats -0.0 == 0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def softmax_stats(x):
+    """Row softmax in fp32, the formula of ``samplers.functional._stats.softmax_and_log_softmax``.
+
+    ``x``: [BLOCK] fp32, removed tokens and padding lanes are -inf. Returns
+    (raw max, p, log p); an all -inf row gives p = 0 and log p = -inf (no NaN).
+    """
+    m_raw = tl.max(x, 0)
+    m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
+    z = x - m
+    e = tl.exp(z)
+    s = tl.sum(e, 0)
+    s = tl.where(s > 0, s, 1.0)
+    p = e / s
+    logp = z - tl.log(s)
+    return m_raw, p, logp
+
+
+@triton.jit
+def entropy_of(p, logp):
+    """H = -sum(p log p) with 0 log 0 = 0 (``_stats.entropy``)."""
+    return -tl.sum(p * tl.where(p > 0, logp, 0.0), 0)
+
+
+@triton.jit
+def top_mask(x, m_raw):
+    """The row's top token(s): finite logits equal to the row max (``_stats.top_token_mask``)."""
+    return (x == m_raw) & (x > float("-inf"))
+
+
+@triton.jit
+def finite_std(x):
+    """(count, sample std) over the finite entries of ``x`` (torch.std, divisor N - 1; 0 if N <= 1)."""
+    finite = (x > float("-inf")) & (x < float("inf"))
+    count = tl.sum(finite.to(tl.int32), 0)
+    countf = count.to(tl.float32)
+    mean = tl.sum(tl.where(finite, x, 0.0), 0) / tl.maximum(countf, 1.0)
+    d = tl.where(finite, x - mean, 0.0)
+    sq = tl.sum(d * d, 0)
+    std = tl.sqrt(sq / tl.maximum(countf - 1.0, 1.0))
+    std = tl.where(count > 1, std, 0.0)
+    return count, std
+
+
+def saturate(out32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> ``dtype`` with the reference's saturating cast (``_stats.cast_saturating``)."""
+    if dtype == torch.float32:
+        return out32
+    fmax = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32).to(dtype)

@@ -1,0 +1,102 @@
+"""Ahead-of-time compilation of the kernels for a CUDA target, without a GPU.
+
+The interpreter (the CPU tests) does not type-check kernels the way the GPU compiler does;
+compiling them to PTX / cubin for an NVIDIA target catches what would only fail on a GPU,
+and ``ptxas -v`` reports registers and spills per configuration.
+
+    python -m kernels.aot                    # sm_90, BLOCK 4096, every kernel
+    python -m kernels.aot --block 131072 --warps 32 --codes 6,7
+
+Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
+interpreted functions, which cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+_CHAIN_SIG = {"x_ptr": "*fp32", "out_ptr": "*fp32", "prm_ptr": "*fp32", "rmask_ptr": "*i8", "seen_ptr": "*i8",
+              "cnt_ptr": "*i32", "ban_ptr": "*i8", "key_ptr": "*i32", "scr_ptr": "*fp32", "B": "i32", "V": "i32", "stride_x": "i32",
+              "stride_o": "i32", "stride_s": "i32", "stride_c": "i32", "stride_b": "i32"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def _ptxas_info(compiled, arch: int) -> str:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return "ptxas not found"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                     if "registers" in line or "spill" in line)
+
+
+def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
+                dtype: str = "fp32") -> dict[str, str]:
+    """Compile the chain kernel (``codes``, default every stage code), the draw, Philox and
+    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernels.aot must run without TRITON_INTERPRET")
+    from . import draw as D
+    from . import fused as K
+    from . import row_stats as R
+
+    if codes is None:
+        codes = [K.PENALTIES, K.NGRAM, K.DYNATEMP, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA,
+                 K.EPSILON, K.TYPICAL, K.QUADRATIC, K.XTC_PHILOX, K.XTC, K.TEMPERATURE]
+    slots = list(codes) + [K.NONE] * (K.NSLOTS - len(codes))
+    cx = {f"S{i}": c for i, c in enumerate(slots)}
+    cx["BLOCK"] = block
+    cx["KMAX"] = K.compact_size(block)
+    sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
+    out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
+    sig = {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32", "stride_x": "i32"}
+    out["draw"] = _ptxas_info(_compile(D._draw_kernel, sig, {"BLOCK": block}, arch, warps), arch)
+    sig = {"out_ptr": "*fp32", "klo_ptr": "*i32", "khi_ptr": "*i32", "step_ptr": "*i32", "seq_ptr": "*i32",
+           "purpose": "i32", "B": "i32"}
+    out["philox"] = _ptxas_info(_compile(D._uniform_kernel, sig, {"BLOCK": 128}, arch, 4), arch)
+    sig = {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "V": "i32", "stride_x": "i32"}
+    out["row_stats"] = _ptxas_info(_compile(R._row_stats_kernel, sig, {"BLOCK": block}, arch, warps), arch)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--block", type=int, default=4096)
+    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--codes", default=None, help="comma-separated stage codes of the chain (kernels.fused)")
+    a = p.parse_args(argv)
+    codes = [int(c) for c in a.codes.split(",")] if a.codes else None
+    for name, info in compile_all(a.arch, a.block, a.warps, codes, a.dtype).items():
+        print(f"{name}: {info}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

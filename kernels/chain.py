@@ -1,0 +1,141 @@
+"""``process_logits``: the pipeline's whole chain on the kernel path.
+
+Same result as ``SamplerPipeline._process``'s torch path (logit_bias, min_tokens, the
+batch's schedule of stages in order, then skew), returned as fp32 processed logits.
+
+Consecutive stages that have an in-kernel form are fused into one launch of the chain
+kernel (``kernels.fused``): one read of the logits and one write of the fp32 result per
+launch. Stages without one (DRY, tfs; skew at the end) run the torch reference on the fp32
+working tensor between launches. See kernels/README.md for the pass counts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import weakref
+
+import torch
+
+import samplers.functional as F
+from samplers.priority import SamplerID
+
+from . import fused as K
+from .penalties import apply_sparse_, ngram_banned
+
+S = SamplerID
+
+#: Stages computed by the torch reference on the working tensor (no exact kernel form).
+TORCH_STAGES = frozenset({S.DRY, S.TFS})
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _table(batch) -> torch.Tensor:
+    """The per-row parameter table of the fused kernel, from the batch's device tensors
+    (built once per batch: the parameters do not change between steps)."""
+    p = batch.param
+    values = {
+        "repetition_penalty": p("repetition_penalty"), "frequency_penalty": p("frequency_penalty"),
+        "presence_penalty": p("presence_penalty"), "temperature": p("static_temperature"),
+        "dynatemp_min": p("dynatemp_min_active"), "dynatemp_max": p("dynatemp_max_active"),
+        "dynatemp_exponent": p("dynatemp_exponent"), "smoothing_factor": p("smoothing_factor"),
+        "smoothing_curve": p("smoothing_curve"), "nsigma": p("nsigma"), "top_k": p("top_k"),
+        "top_p": p("top_p"), "top_a": p("top_a"), "min_p": p("min_p"), "eta_cutoff": p("eta_cutoff"),
+        "epsilon_cutoff": p("epsilon_cutoff"), "typical_p": p("typical_p"),
+        "xtc_threshold": p("xtc_threshold"), "xtc_probability": p("xtc_probability"),
+    }
+    return K.param_table(batch.batch_size, batch.device, values)
+
+
+def _codes(sid: SamplerID, batch) -> list[int]:
+    if sid == S.PENALTIES:
+        return [K.PENALTIES]
+    if sid == S.NO_REPEAT_NGRAM:
+        return [K.NGRAM]
+    if sid == S.TEMPERATURE:
+        return [K.DYNATEMP] if batch.any_dynatemp else [K.TEMPERATURE]
+    if sid == S.TOP_P_TOP_K:
+        return ([K.TOP_K] if batch.any_top_k else []) + ([K.TOP_P] if batch.any_top_p else [])
+    return [{S.TOP_NSIGMA: K.NSIGMA, S.TOP_A: K.TOP_A, S.MIN_P: K.MIN_P, S.ETA_CUTOFF: K.ETA,
+             S.EPSILON_CUTOFF: K.EPSILON, S.TYPICAL_P: K.TYPICAL, S.QUADRATIC: K.QUADRATIC,
+             S.XTC: K.XTC_PHILOX}[sid]]
+
+
+def _torch_stage(sid: SamplerID, x: torch.Tensor, batch) -> torch.Tensor:
+    if sid == S.DRY:
+        return F.dry(x, batch.history, batch.param("dry_multiplier"), batch.param("dry_base"),
+                     batch.param("dry_allowed_length"), batch.param("dry_range"), batch.dry_sequence_breaker_ids)
+    if sid == S.TFS:
+        return F.tfs(x, batch.param("tfs"))
+    raise AssertionError(sid)
+
+
+def plan(batch) -> list[tuple[str, object]]:
+    """The launches of ``process_logits`` for this batch: ("fused", [(code, mask), ...]) or
+    ("torch", (sid, mask)); skew is not listed (always last)."""
+    steps: list[tuple[str, object]] = []
+    pending: list[tuple[int, Optional[torch.Tensor]]] = []
+    for sid, rows in batch.schedule:
+        if sid in TORCH_STAGES:
+            if pending:
+                steps.append(("fused", pending))
+                pending = []
+            steps.append(("torch", (sid, rows)))
+            continue
+        for code in _codes(sid, batch):
+            if len(pending) == K.NSLOTS:
+                steps.append(("fused", pending))
+                pending = []
+            pending.append((code, rows))
+    if pending:
+        steps.append(("fused", pending))
+    return steps
+
+
+def process_logits(logits: torch.Tensor, batch, randoms) -> torch.Tensor:
+    """Kernel path of ``SamplerPipeline._process``: [B, V] logits (fp32/fp16/bf16) -> fp32
+    processed logits [B, V]; the input is not modified."""
+    x = logits
+    if batch.logit_bias_coo is not None or batch.min_tokens_coo is not None:
+        x = apply_sparse_(logits.to(torch.float32, copy=True), batch)
+    cached = _CACHE.get(batch)
+    if cached is None:
+        steps = plan(batch)
+        codes_all = [c for kind, st in steps if kind == "fused" for c, _ in st]
+        table = _table(batch) if codes_all else None
+        rmasks = [K.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused" else None
+                  for kind, st in steps]
+        cached = (steps, codes_all, table, rmasks)
+        _CACHE[batch] = cached
+    steps, codes_all, table, rmasks = cached
+    keys = seen = counts = banned = None
+    if K.XTC_PHILOX in codes_all:
+        # the XTC coin is drawn inside the kernel from the row's Philox stream
+        keys = K.key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
+    if K.PENALTIES in codes_all:
+        seen, counts = batch.history.seen_mask(), batch.history.output_counts()
+    if K.NGRAM in codes_all:
+        banned = ngram_banned(batch.history, batch.param("no_repeat_ngram_size"), batch.vocab_size)
+        if banned is None:  # empty histories: nothing is banned
+            banned = torch.zeros(batch.batch_size, batch.vocab_size, dtype=torch.bool, device=batch.device)
+    for (kind, st), rmask in zip(steps, rmasks):
+        if kind == "fused":
+            x = K.run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
+                            banned=banned, keys=keys, rmask=rmask)
+        else:
+            sid, rows = st
+            x32 = x.float()
+            out = _torch_stage(sid, x32, batch)
+            x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x32)
+    x = x.float()
+    if batch.any_skew:
+        x = F.skew(x, batch.param("skew"))
+    if getattr(batch, "may_remove_every_token", False):
+        # bans (min_tokens, no_repeat_ngram) may empty a row: it keeps its input argmax,
+        # exactly as the torch path (the pipeline's own helper, a [B]-sized fix-up)
+        from samplers.pipeline import _keep_input_argmax_of_empty_rows
+
+        x = _keep_input_argmax_of_empty_rows(x, logits)
+    return x

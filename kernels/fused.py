@@ -1,0 +1,270 @@
+"""The fused chain kernel: one program per row reads the row once (any float dtype, upcast
+to fp32 right after the load), applies up to ``NSLOTS`` stages in order with the row held in
+registers, and writes the fp32 result once.
+
+Row statistics (max, softmax, entropy, std, threshold searches) are computed inside the
+program from the row in registers, so a chain of any length costs one read and one write of
+[B, V] (plus the [B, V] side inputs a stage reads: penalties' seen/counts, no_repeat_ngram's
+ban mask). Stage codes are compile-time constants: a chain compiles once per distinct tuple
+of codes and dispatches with no branching over disabled samplers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from samplers.sampling import PURPOSE_XTC
+
+from ._common import block_for, on_gpu, saturate, warps_for
+from .penalties import stage_ban, stage_penalties
+from .temperature import stage_dynatemp, stage_smoothing, stage_temperature
+from .truncation import (stage_epsilon, stage_eta, stage_min_p, stage_nsigma, stage_top_a, stage_top_k,
+                         stage_top_p, stage_typical, stage_xtc)
+
+# Stage codes.
+NONE, PENALTIES, NGRAM, TEMPERATURE, DYNATEMP, NSIGMA, TOP_K, TOP_P, TOP_A, MIN_P, ETA, EPSILON, \
+    TYPICAL, QUADRATIC, XTC, XTC_PHILOX = range(16)
+# The XTC_PHILOX stage hard-codes the Philox purpose word of the XTC coin (1):
+assert PURPOSE_XTC == 1, "update _stage's XTC_PHILOX purpose word"
+NSLOTS = 16
+
+# Rows of the per-row parameter table (float32 [NPARAMS, B]).
+PARAMS = (
+    "repetition_penalty", "frequency_penalty", "presence_penalty", "temperature",
+    "dynatemp_min", "dynatemp_max", "dynatemp_exponent", "smoothing_factor", "smoothing_curve",
+    "nsigma", "top_k", "top_p", "top_a", "min_p", "eta_cutoff", "epsilon_cutoff", "typical_p",
+    "xtc_threshold", "xtc_probability", "coin",
+)
+# Value a parameter takes when a caller does not give it (the disabled value).
+_DISABLED = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "typical_p": 1.0,
+             "dynatemp_exponent": 1.0, "smoothing_curve": 1.0}
+
+(P_REP, P_FREQ, P_PRES, P_TEMP, P_DMIN, P_DMAX, P_DEXP, P_SF, P_SC, P_NSIG, P_TOPK, P_TOPP, P_TOPA,
+ P_MINP, P_ETA, P_EPS, P_TYP, P_XTHR, P_XPROB, P_COIN) = range(len(PARAMS))
+
+
+@triton.jit
+def _prm(prm_ptr, idx: tl.constexpr, row, B):
+    return tl.load(prm_ptr + idx * B + row)
+
+
+@triton.jit
+def _philox_coin(key_ptr, row, B, purpose: tl.constexpr):
+    """The row's uniform of ``samplers.sampling.row_uniforms``: key_ptr is int32 [4, B] holding
+    (key_lo, key_hi, step, sequence_index) as uint32 words."""
+    k0 = tl.load(key_ptr + row).to(tl.uint32)
+    k1 = tl.load(key_ptr + B + row).to(tl.uint32)
+    step = tl.load(key_ptr + 2 * B + row).to(tl.uint32)
+    seq = tl.load(key_ptr + 3 * B + row).to(tl.uint32)
+    zero = step * 0
+    c0, _, _, _ = tl.random.philox_impl(step, seq, zero + purpose, zero, k0, k1)
+    return tl.random.uint_to_uniform_float(c0)
+
+
+@triton.jit
+def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, prm_ptr, rmask_ptr,
+           seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX: tl.constexpr):
+    if CODE != 0:
+        en = tl.load(rmask_ptr + SLOT * B + row) != 0
+        if CODE == 1:  # PENALTIES
+            seen = tl.load(seen_ptr + row * stride_s + offs, mask=valid, other=0) != 0
+            cnt = tl.load(cnt_ptr + row * stride_c + offs, mask=valid, other=0)
+            x = stage_penalties(x, seen, cnt, _prm(prm_ptr, 0, row, B), _prm(prm_ptr, 1, row, B),
+                                _prm(prm_ptr, 2, row, B), en)
+        elif CODE == 2:  # NGRAM
+            banned = tl.load(ban_ptr + row * stride_b + offs, mask=valid, other=0) != 0
+            x = stage_ban(x, banned, en)
+        elif CODE == 3:  # TEMPERATURE (static)
+            x = stage_temperature(x, _prm(prm_ptr, 3, row, B), en)
+        elif CODE == 4:  # DYNATEMP then static temperature (the pipeline's temperature unit)
+            x = stage_dynatemp(x, _prm(prm_ptr, 4, row, B), _prm(prm_ptr, 5, row, B),
+                               _prm(prm_ptr, 6, row, B), en)
+            x = stage_temperature(x, _prm(prm_ptr, 3, row, B), en)
+        elif CODE == 5:
+            x = stage_nsigma(x, _prm(prm_ptr, 9, row, B), en)
+        elif CODE == 6:
+            x = stage_top_k(x, valid, _prm(prm_ptr, 10, row, B), V, en)
+        elif CODE == 7:
+            x = stage_top_p(x, valid, _prm(prm_ptr, 11, row, B), en, scr_ptr + row * (2 * KMAX), KMAX)
+        elif CODE == 8:
+            x = stage_top_a(x, _prm(prm_ptr, 12, row, B), en)
+        elif CODE == 9:
+            x = stage_min_p(x, _prm(prm_ptr, 13, row, B), en)
+        elif CODE == 10:
+            x = stage_eta(x, _prm(prm_ptr, 14, row, B), en)
+        elif CODE == 11:
+            x = stage_epsilon(x, _prm(prm_ptr, 15, row, B), en)
+        elif CODE == 12:
+            x = stage_typical(x, valid, _prm(prm_ptr, 16, row, B), en, scr_ptr + row * (2 * KMAX), KMAX)
+        elif CODE == 13:
+            x = stage_smoothing(x, _prm(prm_ptr, 7, row, B), _prm(prm_ptr, 8, row, B), en)
+        elif CODE == 14:
+            x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B),
+                          _prm(prm_ptr, 19, row, B), en)
+        elif CODE == 15:  # XTC with its coin drawn here from the row's Philox stream
+            coin = _philox_coin(key_ptr, row, B, 1)
+            x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), coin, en)
+    return x
+
+
+@triton.jit
+def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_ptr,
+                  B, V, stride_x, stride_o, stride_s, stride_c, stride_b,
+                  S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                  S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+                  S8: tl.constexpr, S9: tl.constexpr, S10: tl.constexpr, S11: tl.constexpr,
+                  S12: tl.constexpr, S13: tl.constexpr, S14: tl.constexpr, S15: tl.constexpr,
+                  BLOCK: tl.constexpr, KMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < V
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    x = _stage(S0, 0, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S1, 1, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S2, 2, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S3, 3, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S4, 4, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S5, 5, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S6, 6, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S7, 7, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S8, 8, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S9, 9, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S10, 10, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S11, 11, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S12, 12, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S13, 13, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S14, 14, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    x = _stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+    tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
+
+
+_TUNED: dict[bool, object] = {}
+
+
+def _tuned_kernel(block: int):
+    """The chain kernel autotuned over num_warps, only on a real GPU (autotune and do_bench
+    need one). Rows of 32768+ use 32 warps only: compiling one whole-row chain at such
+    blocks takes minutes, so each stage tuple compiles a single variant there."""
+    large = block >= 32768
+    if large not in _TUNED:
+        warps = (32,) if large else (4, 8, 16)
+        configs = [triton.Config({}, num_warps=w) for w in warps]
+        _TUNED[large] = triton.autotune(configs=configs, key=["V", "BLOCK"])(_chain_kernel)
+    return _TUNED[large]
+
+
+def param_table(batch_size: int, device: torch.device, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 [NPARAMS, B]: the given per-row parameters; the others at their disabled value."""
+    cols = []
+    for name in PARAMS:
+        v = values.get(name)
+        if v is None:
+            cols.append(torch.full((batch_size,), _DISABLED.get(name, 0.0), dtype=torch.float32, device=device))
+        else:
+            cols.append(v.to(device=device, dtype=torch.float32).reshape(batch_size))
+    return torch.stack(cols)
+
+
+def compact_size(block: int) -> int:
+    """KMAX of the top_p / typical_p searches: rows with at most this many tokens of p > 0
+    search a compacted copy of them (1024, or BLOCK / 4 for small rows so the tests cover it)."""
+    return max(16, min(1024, block // 4))
+
+
+def row_masks(masks: Sequence[Optional[torch.Tensor]], batch_size: int, device: torch.device) -> torch.Tensor:
+    """int8 [NSLOTS, B]: slot i applies to row b iff rmask[i, b] (None = every row)."""
+    rmask = torch.ones((NSLOTS, batch_size), dtype=torch.int8, device=device)
+    for i, m in enumerate(masks):
+        if m is not None:
+            rmask[i] = m.to(torch.int8)
+    return rmask
+
+
+def key_words(key_lo: torch.Tensor, key_hi: torch.Tensor, step: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """int32 [4, B]: the low 32 bits of the Philox key words and counter words of each row."""
+    return (torch.stack([key_lo, key_hi, step, seq]).to(torch.int64) & 0xFFFFFFFF).to(torch.int32)
+
+
+def run_chain(
+    x: torch.Tensor,
+    codes: Sequence[int],
+    masks: Sequence[Optional[torch.Tensor]],
+    table: torch.Tensor,
+    seen: Optional[torch.Tensor] = None,
+    counts: Optional[torch.Tensor] = None,
+    banned: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    rmask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Apply the stages ``codes`` (each with its row mask, None = all rows) to ``x`` [B, V]
+    (fp32/fp16/bf16) in one launch; returns a new fp32 [B, V] tensor.
+
+    ``table``: float32 [NPARAMS, B] (``param_table``); ``seen``/``counts``: the history's
+    [B, V] state for PENALTIES; ``banned``: bool [B, V] for NGRAM; ``keys``: int32 [4, B]
+    (``key_words``) for XTC_PHILOX; ``rmask``: a prebuilt ``row_masks(masks)``."""
+    if len(codes) > NSLOTS:
+        raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
+    B, V = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((B, V), dtype=torch.float32, device=x.device)
+    if B == 0 or V == 0 or not codes:
+        out.copy_(x)
+        return out
+    if rmask is None:
+        rmask = row_masks(masks, B, x.device)
+    if XTC_PHILOX in codes and keys is None:
+        raise ValueError("XTC_PHILOX needs the rows' key words")
+    slots = list(codes) + [NONE] * (NSLOTS - len(codes))
+
+    def side(t, dtype):
+        if t is None:
+            return x, 0
+        t = t.view(dtype) if t.dtype == torch.bool else t
+        if t.stride(1) != 1:
+            t = t.contiguous()
+        return t, t.stride(0)
+
+    seen_t, ss = side(seen, torch.int8)
+    cnt_t, sc = side(counts, torch.int32)
+    ban_t, sb = side(banned, torch.int8)
+    block = block_for(V)
+    kwargs = {f"S{i}": c for i, c in enumerate(slots)}
+    keys_t = keys if keys is not None else rmask
+    kmax = compact_size(block)
+    needs_scratch = TOP_P in codes or TYPICAL in codes
+    scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
+    args = (x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch, B, V, x.stride(0), out.stride(0), ss, sc, sb)
+    if on_gpu(x):
+        _tuned_kernel(block)[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax)
+    else:
+        _chain_kernel[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, num_warps=warps_for(block))
+    return out
+
+
+def run_single(logits: torch.Tensor, code: int, seen=None, counts=None, banned=None,
+               **params: torch.Tensor) -> torch.Tensor:
+    """One stage on all rows, returned in the input's dtype (saturating cast, as the reference)."""
+    table = param_table(logits.shape[0], logits.device, params)
+    out = run_chain(logits, [code], [None], table, seen=seen, counts=counts, banned=banned)
+    return saturate(out, logits.dtype)

@@ -1,0 +1,109 @@
+"""Token-history samplers: penalties and no_repeat_ngram as in-kernel stages; logit_bias,
+min_tokens (sparse, a few entries per row) and DRY (the torch match search) on the side.
+
+Mirrors ``samplers.functional.penalties``, ``ngram`` and ``dry``:
+
+- repetition / frequency / presence penalties: an elementwise stage of the fused chain that
+  reads the history's ``seen_mask`` (bool [B, V]) and ``output_counts`` (int32 [B, V]), which
+  ``TokenHistory`` keeps up to date in O(B) per step.
+- no_repeat_ngram: the banned-token mask comes from the history's ``match_lengths`` (the
+  torch match search of ``samplers.functional.ngram``, a scatter of O(B * len) work); the
+  fused chain applies it as an in-kernel stage.
+- logit_bias and min_tokens: scatter ops on the few listed (row, token) entries, applied in
+  place on the fp32 working copy (no extra kernel over [B, V]).
+- DRY: ``samplers.functional.dry`` (vectorised torch, runs on the GPU) on the fp32 working
+  tensor; see kernels/README.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+import samplers.functional as F
+from samplers.history import TokenHistory
+
+
+@triton.jit
+def stage_penalties(x, seen, counts, r, f, pr, en):
+    """``F.penalties``: seen -> (l > 0 ? l / r : l * r); l -= f * count; l -= pr * (count > 0)."""
+    en = en & ((r != 1.0) | (f != 0.0) | (pr != 0.0))
+    safe_r = tl.where(en, r, 1.0)
+    out = tl.where(seen, tl.where(x > 0, tl.math.div_rn(x, safe_r), x * safe_r), x)
+    cf = counts.to(tl.float32)
+    fc = f * cf
+    out = out - fc
+    pres = pr * (counts > 0).to(tl.float32)
+    out = out - pres
+    return tl.where(en, out, x)
+
+
+@triton.jit
+def stage_ban(x, banned, en):
+    """Remove the banned tokens of enabled rows (no_repeat_ngram's mask)."""
+    return tl.where(en & banned, float("-inf"), x)
+
+
+def ngram_banned(history: TokenHistory, no_repeat_ngram_size: torch.Tensor, vocab: int) -> Optional[torch.Tensor]:
+    """bool [B, V] mask of the tokens ``samplers.functional.no_repeat_ngram`` removes (the same
+    rule: ban h[j] iff match_lengths[j] >= n - 1), or None when no history exists."""
+    w = history.max_length
+    if w == 0:
+        return None
+    b = history.batch_size
+    n = no_repeat_ngram_size.to(torch.int64)[:, None]
+    match = history.match_lengths()[:, :w]
+    tok = history.tokens[:, :w]
+    pos = torch.arange(w, device=tok.device)
+    hit = (n >= 1) & (pos[None, :] < history.lengths[:, None]) & (match >= n - 1)
+    banned = torch.zeros(b, vocab + 1, dtype=torch.bool, device=tok.device)
+    banned.scatter_(1, torch.where(hit, tok, vocab), True)
+    return banned[:, :vocab]
+
+
+def apply_sparse_(x32: torch.Tensor, batch) -> torch.Tensor:
+    """logit_bias then min_tokens, in place on the fp32 working copy ``x32`` (the semantics of
+    ``F.logit_bias`` and ``F.min_tokens``: bias summed in fp32, stop ids -inf while the row's
+    output is shorter than its ``min_tokens``)."""
+    if batch.logit_bias_coo is not None:
+        rows, ids, bias = batch.logit_bias_coo
+        x32.index_put_((rows, ids), bias.to(torch.float32), accumulate=True)
+    if batch.min_tokens_coo is not None:
+        rows, ids = batch.min_tokens_coo
+        active = (batch.output_lengths < batch.param("min_tokens"))[rows]
+        current = x32[rows, ids]
+        x32[rows, ids] = torch.where(active, torch.full_like(current, float("-inf")), current)
+    return x32
+
+
+def penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,
+              repetition_penalty: torch.Tensor, frequency_penalty: torch.Tensor,
+              presence_penalty: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``samplers.functional.penalties`` (same arguments)."""
+    from .fused import PENALTIES, run_single
+
+    return run_single(logits, PENALTIES, repetition_penalty=repetition_penalty,
+                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                      seen=seen_mask, counts=output_counts)
+
+
+def no_repeat_ngram(logits: torch.Tensor, history: TokenHistory, no_repeat_ngram_size: torch.Tensor) -> torch.Tensor:
+    """Kernel path of ``samplers.functional.no_repeat_ngram``: torch match search, in-kernel ban."""
+    from .fused import NGRAM, run_single
+
+    banned = ngram_banned(history, no_repeat_ngram_size, logits.shape[1])
+    if banned is None:
+        return logits.clone()
+    return run_single(logits, NGRAM, banned=banned)
+
+
+def dry(logits: torch.Tensor, history: TokenHistory, dry_multiplier: torch.Tensor, dry_base: torch.Tensor,
+        dry_allowed_length: torch.Tensor, dry_range: torch.Tensor,
+        dry_sequence_breaker_ids: torch.Tensor) -> torch.Tensor:
+    """DRY on the kernel path: the torch reference ``samplers.functional.dry`` (vectorised
+    match search over the history, scatter of the penalties), run on the logits' device."""
+    return F.dry(logits, history, dry_multiplier, dry_base, dry_allowed_length, dry_range,
+                 dry_sequence_breaker_ids)

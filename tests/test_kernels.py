@@ -1,0 +1,310 @@
+"""Triton kernels (run by Triton's interpreter on the CPU) against the torch reference path.
+
+Every kernel is compared with its ``samplers.functional`` function on random rows: several
+shapes (V never a power of two, so the whole-row block has padding lanes; one larger case),
+fp32/fp16/bf16, heterogeneous per-row parameters with a disabled row, rows with -inf already
+present and rows full of ties. Removed-token sets must be identical; kept values must match
+within the per-dtype tolerance below; disabled rows must be bit-identical.
+
+Tolerances (kernel vs reference, on finite values):
+- truncation samplers, penalties, no_repeat_ngram: exact (kept values are copied);
+- temperature / smoothing: exact in fp32 under the interpreter (same IEEE operations);
+- dynamic temperature: its T comes from an entropy summed in another order, so values agree
+  to rtol 1e-5 in fp32, and to one unit in the last place of fp16 / bf16 after the cast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import samplers.functional as F  # noqa: E402
+from samplers.history import TokenHistory  # noqa: E402
+from samplers.sampling import draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
+from kernels import temperature as KTe, truncation as KT  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(4, 1000), (3, 333)]
+NINF = float("-inf")
+
+
+def _logits(B, V, dtype, seed=0):
+    """Row 0 plain, row 1 with -inf already present, row 2 full of ties, row 3+ plain."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g) * 3
+    if B > 1:
+        x[1, torch.randperm(V, generator=g)[: V // 5]] = NINF
+    if B > 2:
+        x[2] = torch.round(x[2] * 2) / 2  # many exactly tied logits
+    return x.to(dtype)
+
+
+def _tol(dtype):
+    return {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 1e-2)}[dtype]
+
+
+def _assert_same(got, ref, dtype, exact=True):
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+    gi, ri = torch.isneginf(got), torch.isneginf(ref)
+    assert torch.equal(gi, ri), f"removed sets differ in {int((gi != ri).sum())} places"
+    assert not torch.isnan(got).any()
+    if exact:
+        assert torch.equal(got[~gi], ref[~ri])
+    else:
+        rtol, atol = _tol(dtype)
+        torch.testing.assert_close(got[~gi].float(), ref[~ri].float(), rtol=rtol, atol=atol)
+
+
+def _params(B, values, dtype=torch.float32):
+    """Per-row values cycled over B rows; the last row gets the disabled value (values[0])."""
+    vals = [values[1 + (i % (len(values) - 1))] for i in range(B - 1)] + [values[0]]
+    return torch.tensor(vals, dtype=dtype)
+
+
+# sampler name -> (kernel, reference, [disabled, enabled values...], param dtype, exact)
+CASES = {
+    "top_k": (KT.top_k, F.top_k, [0, 5, 50, 1, 7], torch.int64, True),
+    "top_p": (KT.top_p, F.top_p, [1.0, 0.5, 0.9, 0.05, 0.99], torch.float32, True),
+    "top_a": (KT.top_a, F.top_a, [0.0, 0.2, 0.05, 1.0, 0.5], torch.float32, True),
+    "min_p": (KT.min_p, F.min_p, [0.0, 0.05, 0.2, 0.01, 0.5], torch.float32, True),
+    "eta_cutoff": (KT.eta_cutoff, F.eta_cutoff, [0.0, 1e-3, 1e-2, 0.2, 3e-4], torch.float32, True),
+    "epsilon_cutoff": (KT.epsilon_cutoff, F.epsilon_cutoff, [0.0, 1e-3, 1e-2, 0.05, 3e-4], torch.float32, True),
+    "typical_p": (KT.typical_p, F.typical_p, [1.0, 0.5, 0.9, 0.2, 0.95], torch.float32, True),
+    "nsigma": (KT.nsigma, F.nsigma, [0.0, 1.0, 2.0, 0.5, 3.0], torch.float32, True),
+    "temperature": (KTe.temperature, F.temperature, [1.0, 0.5, 2.0, 0.0, 0.7], torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_single_param_kernels_match_reference(name, shape, dtype):
+    kernel, ref, values, pdtype, exact = CASES[name]
+    B, V = shape
+    x = _logits(B, V, dtype, seed=hash(name) % 1000)
+    before = x.clone()
+    prm = _params(B, values, pdtype)
+    got, want = kernel(x, prm), ref(x, prm)
+    assert torch.equal(x, before)
+    _assert_same(got, want, dtype, exact=exact)
+    assert torch.equal(got[-1].view(torch.uint8), x[-1].view(torch.uint8))  # disabled row
+    assert torch.isfinite(got).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_xtc_kernel(shape, dtype):
+    B, V = shape
+    x = _logits(B, V, dtype, seed=3)
+    # sharpen so that several tokens pass the thresholds
+    x = (x.float() * 2).to(dtype)
+    thr = torch.tensor([0.01, 0.05, 0.1, 0.2][:B])
+    prob = torch.tensor([1.0, 0.5, 1.0, 0.0][:B])
+    coin = torch.tensor([0.3, 0.2, 0.99, 0.1][:B])
+    _assert_same(KT.xtc(x, thr, prob, coin), F.xtc(x, thr, prob, coin), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dynamic_temperature_and_smoothing(shape, dtype):
+    B, V = shape
+    x = _logits(B, V, dtype, seed=4)
+    dmin = _params(B, [0.0, 0.5, 0.0, 1.0], torch.float32)
+    dmax = _params(B, [0.0, 1.5, 2.0, 1.0], torch.float32)
+    dexp = _params(B, [1.0, 1.0, 0.5, 2.0], torch.float32)
+    _assert_same(KTe.dynamic_temperature(x, dmin, dmax, dexp), F.dynamic_temperature(x, dmin, dmax, dexp),
+                 dtype, exact=False)
+    f = _params(B, [0.0, 0.2, 1.0, 0.05])
+    c = _params(B, [1.0, 1.0, 2.0, 1.5])
+    _assert_same(KTe.quadratic_smoothing(x, f, c), F.quadratic_smoothing(x, f, c), dtype,
+                 exact=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_penalties_and_no_repeat_ngram(dtype):
+    B, V = 4, 500
+    x = _logits(B, V, dtype, seed=5)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 40, size=30).tolist() for _ in range(B)]
+    outputs = [rng.integers(0, 40, size=15).tolist() for _ in range(B)]
+    h = TokenHistory(prompts, outputs, V)
+    r = torch.tensor([1.3, 1.0, 0.8, 1.0])
+    f = torch.tensor([0.5, -0.3, 0.0, 0.0])
+    pr = torch.tensor([0.2, 0.0, 1.0, 0.0])  # last row disabled
+    got = KP.penalties(x, h.seen_mask(), h.output_counts(), r, f, pr)
+    _assert_same(got, F.penalties(x, h.seen_mask(), h.output_counts(), r, f, pr), dtype)
+    n = torch.tensor([2, 0, 1, 3])
+    _assert_same(KP.no_repeat_ngram(x, h, n), F.no_repeat_ngram(x, h, n), dtype)
+
+
+def test_torch_backed_stages_are_the_reference():
+    x = _logits(3, 300, torch.float32, seed=6)
+    z = torch.tensor([0.9, 1.0, 0.5])
+    assert torch.equal(KT.tfs(x, z), F.tfs(x, z))
+    from kernels import skew as KS
+
+    s = torch.tensor([0.5, 0.0, -0.3])
+    assert torch.equal(KS.skew(x, s), F.skew(x, s))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_stats(dtype):
+    x = _logits(4, 777, dtype, seed=7)
+    x[3] = NINF
+    x[3, 5] = 1.0  # one finite token
+    st = KR.row_stats(x)
+    l32 = x.float()
+    from samplers.functional._stats import entropy, softmax_and_log_softmax
+
+    p, logp = softmax_and_log_softmax(l32)
+    torch.testing.assert_close(st["max"], l32.amax(-1))
+    torch.testing.assert_close(st["logsumexp"], torch.logsumexp(l32, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st["entropy"], entropy(p, logp), rtol=1e-5, atol=1e-5)
+    fin = torch.isfinite(l32)
+    std = torch.stack([l32[b][fin[b]].std() if fin[b].sum() > 1 else torch.tensor(0.0) for b in range(4)])
+    torch.testing.assert_close(st["std"], std, rtol=1e-5, atol=1e-5)
+    assert st["count"].tolist() == fin.sum(-1).float().tolist()
+
+
+def test_fused_chain_equals_the_sequential_reference_with_row_masks():
+    """One launch of several stages == the reference functions applied one after another,
+    a stage restricted to some rows by its mask (heterogeneous orders)."""
+    B, V = 4, 600
+    x = _logits(B, V, torch.bfloat16, seed=8)
+    prm = {
+        "temperature": torch.tensor([0.7, 1.0, 1.3, 0.5]), "top_k": torch.tensor([40, 0, 100, 3]),
+        "top_p": torch.tensor([0.9, 0.8, 1.0, 0.5]), "min_p": torch.tensor([0.02, 0.0, 0.1, 0.05]),
+        "typical_p": torch.tensor([0.95, 0.9, 1.0, 0.7]), "nsigma": torch.tensor([2.0, 1.5, 0.0, 1.0]),
+        "top_a": torch.tensor([0.1, 0.0, 0.3, 0.2]), "eta_cutoff": torch.tensor([1e-3, 0.0, 1e-2, 0.0]),
+        "epsilon_cutoff": torch.tensor([1e-4, 3e-3, 0.0, 0.0]),
+        "smoothing_factor": torch.tensor([0.0, 0.3, 0.1, 0.0]), "smoothing_curve": torch.tensor([1.0, 1.0, 2.0, 1.0]),
+        "xtc_threshold": torch.tensor([0.05, 0.1, 0.02, 0.1]), "xtc_probability": torch.tensor([1.0, 1.0, 0.5, 0.0]),
+        "coin": torch.tensor([0.1, 0.5, 0.9, 0.0]),
+    }
+    mask = torch.tensor([True, False, True, True])
+    codes = [K.TEMPERATURE, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA, K.EPSILON, K.TYPICAL,
+             K.QUADRATIC, K.XTC]
+    masks = [None, mask, None, None, None, ~mask, None, None, None, None, None]
+    got = K.run_chain(x, codes, masks, K.param_table(B, x.device, prm))
+    ref = x.float()
+    steps = [
+        lambda y: F.temperature(y, prm["temperature"]), lambda y: F.nsigma(y, prm["nsigma"]),
+        lambda y: F.top_k(y, prm["top_k"]), lambda y: F.top_p(y, prm["top_p"]), lambda y: F.top_a(y, prm["top_a"]),
+        lambda y: F.min_p(y, prm["min_p"]), lambda y: F.eta_cutoff(y, prm["eta_cutoff"]),
+        lambda y: F.epsilon_cutoff(y, prm["epsilon_cutoff"]), lambda y: F.typical_p(y, prm["typical_p"]),
+        lambda y: F.quadratic_smoothing(y, prm["smoothing_factor"], prm["smoothing_curve"]),
+        lambda y: F.xtc(y, prm["xtc_threshold"], prm["xtc_probability"], prm["coin"]),
+    ]
+    for fn, m in zip(steps, masks):
+        out = fn(ref)
+        ref = out if m is None else torch.where(m[:, None], out, ref)
+    _assert_same(got, ref, torch.float32)
+    assert torch.isfinite(got).sum(-1).min() >= 1
+
+
+@pytest.mark.slow
+def test_larger_shapes():
+    """A real vocabulary size (V = 32000 + 1, not a multiple of any block) and a fused chain."""
+    B, V = 2, 32001
+    x = _logits(B, V, torch.float16, seed=9)
+    for kernel, ref, prm in [
+        (KT.top_k, F.top_k, torch.tensor([50, 1000])),
+        (KT.top_p, F.top_p, torch.tensor([0.9, 0.3])),
+        (KT.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
+        (KT.min_p, F.min_p, torch.tensor([0.05, 0.0])),
+    ]:
+        _assert_same(kernel(x, prm), ref(x, prm), torch.float16)
+
+
+def test_top_k_and_top_p_ties_at_the_boundary_are_all_kept():
+    x = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0, -0.0, NINF]])
+    got = KT.top_k(x, torch.tensor([2]))
+    assert torch.isfinite(got[0]).tolist() == [True, False, True, True, True, False, False, False]
+    got = KT.top_k(x, torch.tensor([6]))  # the 6th largest is 0.0 == -0.0: both kept
+    assert torch.isfinite(got[0]).tolist() == [True] * 7 + [False]
+    # p = [0.25, 0.25, 0.25, 0.25]: top_p 0.3 -> mass above each token is 0 < 0.3: all kept
+    y = torch.zeros(1, 4)
+    assert torch.isfinite(KT.top_p(y, torch.tensor([0.3]))).all()
+    for fn in (KT.top_p, KT.typical_p):
+        _assert_same(fn(x, torch.tensor([0.6])), getattr(F, fn.__name__)(x, torch.tensor([0.6])), torch.float32)
+
+
+# ---------------------------------------------------------------------------- draw and Philox
+def test_philox_kernel_reproduces_the_torch_stream_bit_for_bit():
+    seeds = [0, 1, 2**40 + 5, -7, 123456789, 2**63 - 1, 2**64 - 1, 42, 99, 3]
+    words = torch.tensor([split_seed(s) for s in seeds], dtype=torch.int64).t()
+    step = torch.arange(10, dtype=torch.int64) * 1000 + 3
+    seq = torch.arange(10, dtype=torch.int64) % 3
+    for purpose in (0, 1):
+        want = ref_uniforms(words[0], words[1], step, seq, purpose)
+        got = KD.row_uniforms(words[0], words[1], step, seq, purpose)
+        assert torch.equal(got, want)
+
+
+def test_draw_kernel_hand_computed_and_edge_cases():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(5, 1)
+    u = torch.tensor([0.05, 0.15, 0.35, 0.65, 0.999])
+    assert kernels.draw_tokens(logits, torch.zeros(5, dtype=torch.bool), u).tolist() == [0, 1, 2, 3, 3]
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [NINF, 0.0, -1.0, 0.0]])
+    assert kernels.draw_tokens(ties, torch.ones(2, dtype=torch.bool), torch.zeros(2)).tolist() == [1, 1]
+    removed = torch.tensor([[0.0, 0.0, NINF, NINF], [NINF, 0.0, NINF, NINF]])
+    u = torch.tensor([0.99999994, 0.99999994])
+    assert kernels.draw_tokens(removed, torch.zeros(2, dtype=torch.bool), u).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_draw_kernel_matches_reference_on_random_rows(dtype):
+    B, V = 48, 203
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(B, V, generator=g) * 2).to(dtype)
+    x[::3, ::2] = NINF
+    greedy = torch.arange(B) % 4 == 0
+    u = torch.rand(B, generator=g)
+    assert torch.equal(kernels.draw_tokens(x, greedy, u), ref_draw(x, greedy, u))
+
+
+def test_available():
+    assert kernels.available()  # TRITON_INTERPRET=1 (tests/conftest.py)
+    assert kernels.available(torch.device("cpu"))
+
+
+def test_xtc_coin_drawn_in_kernel_equals_the_torch_stream():
+    """XTC_PHILOX draws the coin inside the chain kernel from (seed, step, sequence, PURPOSE_XTC):
+    the same rows are hit as with the torch-drawn coin of ``samplers.sampling.row_uniforms``."""
+    B, V = 24, 64
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(B, V, generator=g) * 4
+    words = torch.tensor([split_seed(s) for s in range(1000, 1000 + B)], dtype=torch.int64).t()
+    step = torch.arange(B, dtype=torch.int64) * 7
+    seq = torch.arange(B, dtype=torch.int64) % 2
+    coin = ref_uniforms(words[0], words[1], step, seq, 1)
+    thr, prob = torch.full((B,), 0.02), torch.full((B,), 0.5)
+    table = K.param_table(B, x.device, {"xtc_threshold": thr, "xtc_probability": prob})
+    got = K.run_chain(x, [K.XTC_PHILOX], [None], table, keys=K.key_words(words[0], words[1], step, seq))
+    want = F.xtc(x, thr, prob, coin)
+    _assert_same(got, want, torch.float32)
+    hit = (coin < prob)
+    assert 0 < int(hit.sum()) < B and not torch.equal(want[hit], x[hit])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_top_k_radix_select_edge_cases(dtype):
+    """Heavy ties, negative and positive logits, -0.0, k beyond the finite tokens, k = V - 1."""
+    g = torch.Generator().manual_seed(13)
+    B, V = 6, 300
+    x = torch.randint(-4, 5, (B, V), generator=g).float() * 0.75
+    x[0] = 0.0                       # all tied
+    x[1, ::2] = -0.0
+    x[2, 10:] = NINF                 # 10 finite tokens
+    x[3] = torch.randn(V, generator=g) * 1e-3 - 50.0  # close negative values
+    x = x.to(dtype)
+    k = torch.tensor([5, 7, 25, 150, V - 1, 1])
+    _assert_same(KT.top_k(x, k), F.top_k(x, k), dtype)

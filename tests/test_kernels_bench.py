@@ -1,0 +1,39 @@
+"""benchmarks/gpu_bench.py imports, parses its arguments and runs its dry-run path on a CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_bench.py")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_bench", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_help_and_arguments(capsys):
+    mod = _module()
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--help"])
+    assert e.value.code == 0
+    assert "memory floor" in capsys.readouterr().out
+    args = mod.parse_args([])
+    assert args.batch_sizes == [1, 32, 256] and args.vocab_sizes == [32000, 128256, 151936]
+    assert args.configs == ["a", "b", "c"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_dry_run_checks_every_config(capsys):
+    mod = _module()
+    assert mod.main(["--dry-run", "--dtype", "bfloat16", "--history", "128"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-> OK") == 3, out
+    assert "MISMATCH" not in out

@@ -1,0 +1,223 @@
+"""SamplerPipeline("triton") against SamplerPipeline("torch"), and the foundation's pipeline
+tests re-run on the triton backend (kernels under Triton's interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import test_pipeline as tp  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
+
+from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.chain import plan  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _compare(got, want, dtype):
+    """Same removed set; values equal up to the per-dtype tolerance (dynatemp's entropy is
+    summed in another order; everything else is exact under the interpreter)."""
+    assert got.dtype == want.dtype == dtype
+    gi, wi = torch.isneginf(got), torch.isneginf(want)
+    assert torch.equal(gi, wi), f"removed sets differ at {(gi != wi).nonzero().tolist()[:10]}"
+    rtol, atol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 1e-2)}[dtype]
+    torch.testing.assert_close(got[~gi].float(), want[~wi].float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_backend_equals_torch_backend_on_the_presets(dtype):
+    logits = tp._logits(len(tp.PRESETS), dtype=dtype, seed=21)
+    logits[1, :7] = float("-inf")
+    batch = tp._batch(tp.PRESETS, seed=21)
+    before = logits.clone()
+    want = SamplerPipeline("torch", seed=0).process(logits, batch)
+    got = SamplerPipeline("triton", seed=0).process(logits, batch)
+    assert torch.equal(logits, before)
+    _compare(got, want, dtype)
+    # rows whose parameters are all defaults are bit-identical
+    assert torch.equal(got[0], logits[0])
+
+
+def test_each_preset_alone_and_heterogeneous_priorities():
+    S = SamplerID
+    params = tp.PRESETS + [
+        SamplingParams(temperature=3.0, min_p=0.5, sampler_priority=[2, 5], top_k=20, typical_p=0.8),
+        SamplingParams(sampler_priority=[S.XTC, S.TOP_P_TOP_K, S.DRY], xtc_threshold=0.05, xtc_probability=1.0,
+                       top_p=0.7, dry_multiplier=1.0, no_repeat_ngram_size=2, seed=11, tfs=0.8),
+    ]
+    logits = tp._logits(len(params), seed=22)
+    batch = tp._batch(params, seed=22)
+    assert any(m is not None for _, m in batch.schedule)
+    want = SamplerPipeline("torch", seed=0).process(logits, batch)
+    got = SamplerPipeline("triton", seed=0).process(logits, batch)
+    _compare(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seeded_draw_gives_the_same_token_on_both_backends(dtype):
+    """Same seed, same processed distribution -> same token, step after step (the batch's
+    histories advance with the drawn tokens, so penalties / DRY / n-grams evolve too)."""
+    params = [SamplingParams(seed=s, **kw) for s, kw in enumerate([
+        dict(temperature=0.9, min_p=0.05), dict(top_k=20, top_p=0.9), dict(),
+        dict(xtc_threshold=0.05, xtc_probability=0.7, repetition_penalty=1.2, dry_multiplier=0.8),
+        dict(temperature=0.0, presence_penalty=0.5),
+    ])] + [SamplingParams(**{**tp.EVERYTHING, "seed": 77})]
+    prompts, outputs = tp._histories(len(params), seed=23)
+    b_torch = SamplingBatch(params, prompts, outputs, vocab_size=tp.V)
+    b_triton = SamplingBatch(params, prompts, outputs, vocab_size=tp.V)
+    pt, pk = SamplerPipeline("torch", seed=1), SamplerPipeline("triton", seed=2)
+    for step in range(4):
+        logits = tp._logits(len(params), seed=100 + step, dtype=dtype)
+        a = pt.sample(logits, b_torch)
+        k = pk.sample(logits, b_triton)
+        assert a.token_ids.tolist() == k.token_ids.tolist(), f"step {step}"
+        torch.testing.assert_close(k.logprobs, a.logprobs, rtol=1e-4, atol=1e-4)
+        b_torch.append(a.token_ids)
+        b_triton.append(k.token_ids)
+
+
+def test_fused_plan_for_the_default_chain():
+    """The default chain fuses everything except DRY and tfs into as few launches as possible."""
+    batch = tp._batch([SamplingParams(**tp.EVERYTHING)])
+    kinds = [(k, [c for c, _ in s] if k == "fused" else s[0]) for k, s in plan(batch)]
+    assert kinds[0] == ("torch", SamplerID.DRY)
+    assert kinds[2] == ("torch", SamplerID.TFS)
+    assert [k for k, _ in kinds] == ["torch", "fused", "torch", "fused"]
+    batch = tp._batch([SamplingParams(top_k=50, top_p=0.9, min_p=0.05, temperature=0.8)])
+    assert [k for k, _ in plan(batch)] == ["fused"]
+
+
+# ---------------------------------------------------------------------------- foundation suite
+class _TritonPipeline(SamplerPipeline):
+    """SamplerPipeline forced onto the triton backend (what the foundation tests construct)."""
+
+    def __init__(self, backend="auto", *args, **kwargs):
+        super().__init__("triton" if backend in ("torch", "auto") else backend, *args, **kwargs)
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    monkeypatch.setattr(tp, "SamplerPipeline", _TritonPipeline)
+
+
+FOUNDATION_TESTS = [
+    "test_input_is_never_modified",
+    "test_rows_are_independent_of_the_batch",
+    "test_order_matters_temperature_vs_min_p",
+    "test_rows_with_different_priorities_in_one_batch",
+    "test_greedy_rows_take_the_argmax_of_processed_logits",
+    "test_seeded_rows_reproduce_across_batch_composition_and_position",
+    "test_seeded_rows_follow_their_own_step_counter",
+    "test_logprobs_come_from_the_processed_distribution",
+    "test_min_tokens_bans_eos_and_stop_ids_until_reached_and_logit_bias_applies_first",
+    "test_append_matches_rebuilding_from_full_histories",
+    "test_errors_are_clear",
+]
+
+
+@pytest.mark.parametrize("name", FOUNDATION_TESTS)
+def test_foundation_pipeline_suite_on_triton(name, on_triton):
+    getattr(tp, name)()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_foundation_identity_on_triton(dtype, on_triton):
+    tp.test_default_params_are_the_identity(dtype)
+
+
+@pytest.mark.parametrize("preset", [i for i, p in enumerate(tp.PRESETS)
+                                    if (p.seed is not None or p.xtc_probability == 0)
+                                    and not p.is_greedy and not p.dynatemp_enabled])
+def test_foundation_hand_written_chain_on_triton(preset, on_triton):
+    """Exact equality with the hand-written reference chain (no dynatemp in these presets)."""
+    tp.test_pipeline_equals_the_hand_written_chain(preset)
+
+
+def test_foundation_draw_frequencies_on_triton(on_triton):
+    """The chi-square draw test of the foundation suite, with fewer draws (interpreter speed)."""
+    Vs, draws = 12, 600
+    base = torch.log(torch.tensor([0.3, 0.2, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04, 0.02, 0.015, 0.01, 0.005]))
+    p = SamplingParams(temperature=0.8, min_p=0.05)
+    pipe = tp.SamplerPipeline("triton", seed=5)
+    tokens = pipe.sample(base.repeat(draws, 1), SamplingBatch([p] * draws, vocab_size=Vs)).token_ids
+    import numpy as np
+
+    counts = np.bincount(tokens.numpy(), minlength=Vs).astype(np.float64)
+    probs = torch.softmax(pipe.process(base[None], SamplingBatch([p], vocab_size=Vs))[0].double(), -1).numpy()
+    assert counts[probs == 0].sum() == 0
+    assert tp._chi_square_p_value(counts, probs) > 1e-4
+
+
+def test_auto_backend_and_availability():
+    assert kernels.available()
+    assert SamplerPipeline("auto").backend_for(torch.zeros(1, 4)) == "torch"
+    assert SamplerPipeline("triton").backend_for(torch.zeros(1, 4)) == "triton"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(range(len(tp.PRESETS))), min_size=1, max_size=4),
+       st.integers(0, 2**16), st.sampled_from(DTYPES), st.booleans())
+def test_hypothesis_backends_agree_on_random_batches(rows, seed, dtype, ties):
+    params = [tp.PRESETS[i] for i in rows]
+    logits = tp._logits(len(params), seed=seed).float()
+    if ties:
+        logits = torch.round(logits)
+    logits[:, seed % tp.V] = float("-inf")
+    logits = logits.to(dtype)
+    batch = tp._batch(params, seed=seed)
+    want = SamplerPipeline("torch", seed=seed).process(logits, batch)
+    got = SamplerPipeline("triton", seed=seed).process(logits, batch)
+    _compare(got, want, dtype)
+    assert torch.isfinite(got.float()).any(dim=-1).all()
+
+
+@pytest.mark.slow
+def test_larger_vocabulary_full_chain_and_draw():
+    """V = 32000 (a real vocabulary): the full preset, top_k+top_p and min_p rows, bf16 logits."""
+    Vb = 32000
+    params = [SamplingParams(**tp.EVERYTHING), SamplingParams(top_k=50, top_p=0.9, seed=3),
+              SamplingParams(min_p=0.05, temperature=0.7, seed=4)]
+    g = torch.Generator().manual_seed(31)
+    logits = (torch.randn(3, Vb, generator=g) * 4).to(torch.bfloat16)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50, size=200).tolist() for _ in range(3)]
+    outputs = [rng.integers(0, 50, size=100).tolist() for _ in range(3)]
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=Vb)
+    want = SamplerPipeline("torch", seed=0).process(logits, batch)
+    got = SamplerPipeline("triton", seed=0).process(logits, batch)
+    _compare(got, want, torch.bfloat16)
+    a = SamplerPipeline("torch", seed=0).sample(logits, batch).token_ids
+    k = SamplerPipeline("triton", seed=0).sample(logits, batch).token_ids
+    assert a.tolist() == k.tolist()
+
+
+def test_rows_emptied_by_bans_keep_their_input_argmax_on_both_backends():
+    """no_repeat_ngram_size = 1 with every token in the history bans the whole row; min_tokens
+    bans EOS; the torch path then keeps the input argmax; so must the triton path."""
+    Vs = 6
+    params = [SamplingParams(no_repeat_ngram_size=1, temperature=0.7, top_k=3),
+              SamplingParams(min_tokens=3, stop_token_ids=[1, 2, 3, 4, 5], seed=1),
+              SamplingParams(min_p=0.1)]
+    prompts = [list(range(Vs)), [0], [1, 2]]
+    outputs = [[], [], []]
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.0, 1.0, 0.3]] * 3)
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=Vs, eos_token_ids=[0])
+    want = SamplerPipeline("torch", seed=0).process(logits, batch)
+    got = SamplerPipeline("triton", seed=0).process(logits, batch)
+    _compare(got, want, torch.float32)
+    assert torch.isfinite(got).any(dim=-1).all()
+    t_want = SamplerPipeline("torch", seed=0).sample(logits, batch).token_ids
+    t_got = SamplerPipeline("triton", seed=0).sample(logits, batch).token_ids
+    assert t_want[:2].tolist() == t_got[:2].tolist() == [1, 1]
