@@ -89,6 +89,8 @@ class SamplingBatch:
             ``min_tokens`` (together with its ``stop_token_ids``).
         sequence_indices: per row, which of the request's ``n`` sequences it is (seeded
             rows draw from a stream keyed by (seed, sequence index)); default 0.
+        history: an existing ``TokenHistory`` of these rows (instead of the token id lists),
+            whose derived state is kept; see ``select``.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class SamplingBatch:
         device: Union[torch.device, str, None] = None,
         eos_token_ids: Union[int, Sequence[int], None] = None,
         sequence_indices: Optional[Sequence[int]] = None,
+        history: Optional[TokenHistory] = None,
     ) -> None:
         rows = None
         for ids in (prompt_token_ids, output_token_ids):
@@ -114,6 +117,8 @@ class SamplingBatch:
         B = len(params)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        if history is not None and (prompt_token_ids is not None or output_token_ids is not None):
+            raise ValueError("pass either history or prompt_token_ids/output_token_ids, not both")
         prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
         output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
         for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
@@ -135,7 +140,11 @@ class SamplingBatch:
         self.vocab_size = vocab_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.eos_token_ids = eos
-        self.history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+        if history is None:
+            history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+        elif history.batch_size != B:
+            raise ValueError(f"history has {history.batch_size} rows but params has {B}")
+        self.history = history
 
         floats = torch.tensor([[getattr(p, f) for f in FLOAT_FIELDS] for p in params], dtype=torch.float32)
         ints = torch.tensor([[getattr(p, f) for f in INT_FIELDS] for p in params], dtype=torch.int64)
@@ -222,8 +231,8 @@ class SamplingBatch:
         self.seeded = torch.tensor([p.seed is not None for p in self.params], dtype=torch.bool,
                                    device=self.device)
         self.all_seeded = all(p.seed is not None for p in self.params)
-        self.sequence_indices = torch.tensor([int(j) for j in sequence_indices], dtype=torch.int64,
-                                             device=self.device)
+        self._sequence_indices = [int(j) for j in sequence_indices]
+        self.sequence_indices = torch.tensor(self._sequence_indices, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:
@@ -243,6 +252,20 @@ class SamplingBatch:
 
     def __len__(self) -> int:
         return self.batch_size
+
+    def select(self, rows: Union[Sequence[int], torch.Tensor]) -> "SamplingBatch":
+        """A batch of the given rows (in that order; repeats allowed), e.g. without the rows
+        whose sequences finished. Histories and their derived state (counts, match lengths)
+        are carried over, not rebuilt."""
+        host = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+        if any(not 0 <= r < self.batch_size for r in host):
+            raise ValueError(f"select: rows must be in [0, {self.batch_size}), got {host}")
+        index = torch.tensor(host, dtype=torch.int64, device=self.device)
+        return SamplingBatch(
+            [self.params[r] for r in host], vocab_size=self.vocab_size, device=self.device,
+            eos_token_ids=self.eos_token_ids, sequence_indices=[self._sequence_indices[r] for r in host],
+            history=self.history.select(index),
+        )
 
     # ------------------------------------------------------------------ generation steps
     def append(self, token_ids: torch.Tensor) -> None:

@@ -397,8 +397,7 @@ class _Run:
                 cache = _select_cache(cache, keep)
                 mask = mask[keep]
                 last_pos = last_pos[keep]
-                batch = _select_batch(batch, keep, [row_params[g] for g in active_list],
-                                      [row_seq[g] for g in active_list])
+                batch = batch.select(keep)
                 tracked = [(i, g) for i, g in enumerate(active_list) if track[g]]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos + 1
@@ -518,17 +517,6 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[in
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     return best
-
-
-def _select_batch(batch: SamplingBatch, keep: torch.Tensor, params: list[SamplingParams],
-                  sequence_indices: list[int]) -> SamplingBatch:
-    """The rows ``keep`` of a batch, its history's derived state carried over (not rebuilt)."""
-    if hasattr(batch, "select"):
-        return batch.select(keep)
-    new = SamplingBatch(params, None, None, vocab_size=batch.vocab_size, device=batch.device,
-                        eos_token_ids=batch.eos_token_ids, sequence_indices=sequence_indices)
-    new.history = batch.history.select(keep)
-    return new
 
 
 def generate(

@@ -376,3 +376,21 @@ def test_a_row_whose_every_token_is_banned_keeps_its_most_likely_token():
     out = SamplerPipeline("torch").process(logits, batch)
     assert out[0].tolist() == [float("-inf"), 2.0, float("-inf")]
     assert out[1].tolist() == [float("-inf"), 2.0, float("-inf")]
+
+
+def test_select_keeps_rows_and_their_history_state():
+    params = [SamplingParams(dry_multiplier=1.0, seed=1), SamplingParams(repetition_penalty=1.5, seed=2),
+              SamplingParams(no_repeat_ngram_size=2, seed=3)]
+    prompts, outputs = _histories(3, seed=4)
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=V, sequence_indices=[0, 1, 2])
+    pipe = SamplerPipeline("torch")
+    logits = _logits(3, seed=8)
+    pipe.process(logits, batch)  # builds the derived history state
+    sub = batch.select([2, 0])
+    expected = SamplingBatch([params[2], params[0]], [prompts[2], prompts[0]], [outputs[2], outputs[0]],
+                             vocab_size=V, sequence_indices=[2, 0])
+    assert torch.equal(pipe.process(logits[[2, 0]], sub), pipe.process(logits[[2, 0]], expected))
+    assert pipe.sample(logits[[2, 0]], sub).token_ids.tolist() == \
+        pipe.sample(logits[[2, 0]], expected).token_ids.tolist()
+    with pytest.raises(ValueError, match="select"):
+        batch.select([3])

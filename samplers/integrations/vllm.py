@@ -293,8 +293,7 @@ class SamplersLogitsProcessor(LogitsProcessor):
                 and all(p is not None for p in pos)):
             # Only removals and moves of rows we already hold: keep their history state.
             idx = torch.tensor(pos, dtype=torch.int64)
-            batch = SamplingBatch([r.params for r in reqs], vocab_size=V, device=logits.device)
-            batch.history = old.history.select(idx.to(old.device))
+            batch = old.select(idx)
             self._batch, self._seen = batch, self._seen[idx.numpy()]
             self._set_rows(rows, reqs, logits.device)
             self._catch_up(logits)
