@@ -221,3 +221,20 @@ def test_rows_emptied_by_bans_keep_their_input_argmax_on_both_backends():
     t_want = SamplerPipeline("torch", seed=0).sample(logits, batch).token_ids
     t_got = SamplerPipeline("triton", seed=0).sample(logits, batch).token_ids
     assert t_want[:2].tolist() == t_got[:2].tolist() == [1, 1]
+
+
+def test_auto_keeps_large_vocabularies_on_the_torch_path(monkeypatch):
+    import kernels
+    from samplers import SamplerPipeline
+
+    class FakeCudaLogits:
+        is_cuda = True
+        device = "cuda:0"
+
+        def __init__(self, vocab):
+            self.shape = (1, vocab)
+
+    monkeypatch.setattr(kernels, "available", lambda device=None: True)
+    pipe = SamplerPipeline("auto")
+    assert pipe.backend_for(FakeCudaLogits(32000)) == "triton"
+    assert pipe.backend_for(FakeCudaLogits(kernels.AUTO_MAX_VOCAB + 1)) == "torch"
