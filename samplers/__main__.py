@@ -116,13 +116,41 @@ def run_demo(out=None) -> list[dict]:
 
 # ---------------------------------------------------------------------------- part 1: the model
 #: The API's full example request (../shared/examples/arli_full_request.json) minus its
-#: guided-decoding and serving-level fields; ``max_tokens`` is cut to the demo's length.
+#: serving-level fields; ``max_tokens`` is cut to the demo's length. Its guided fields are
+#: honoured (guided decoding, docs/guided.md): it sets guided_choice, guided_regex and
+#: guided_json at once, and choice > regex > json, so its texts are one of Yes / No / Maybe.
+FULL_GUIDED = {
+    "guided_json": {"type": "object", "properties": {"response": {"type": "string"}}},
+    "guided_regex": "^\\w+$", "guided_choice": ["Yes", "No", "Maybe"], "guided_decoding_backend": "regex",
+    "guided_whitespace_pattern": "\\s+",
+}
 FULL_REQUEST = {
     **FULL_EXAMPLE,
     "length_penalty": 1.0, "early_stopping": False, "stop": [], "stop_token_ids": [],
     "include_stop_str_in_output": False, "ignore_eos": False, "prompt_logprobs": 0, "detokenize": True,
     "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    **FULL_GUIDED,
 }
+
+
+def _guided_note(body: dict, out) -> dict:
+    """The guided fields of a preset: kept when the default grammar library is installed (with a
+    note saying which field wins), else dropped with a note."""
+    if not any(body.get(k) is not None for k in ("guided_json", "guided_regex", "guided_choice")):
+        return body
+    from .guided import DEFAULT_BACKEND
+
+    try:
+        __import__(DEFAULT_BACKEND)
+    except ImportError:
+        print(f"note: {DEFAULT_BACKEND} is not installed: the API full example runs without its guided fields "
+              f"(pip install --no-deps {DEFAULT_BACKEND})", file=out)
+        return {k: v for k, v in body.items() if not k.startswith("guided_")}
+    set_ = [k for k in ("guided_choice", "guided_regex", "guided_json") if body.get(k) is not None]
+    if len(set_) > 1:
+        print(f"note: the API full example sets {', '.join(set_)}: {set_[0]} wins (precedence choice > regex "
+              f"> json, docs/guided.md); the grammar's completion ends a text (before min_tokens)", file=out)
+    return body
 
 MODEL_PRESETS: dict[str, dict] = {
     "greedy": {"temperature": 0.0},
@@ -178,6 +206,7 @@ def run_model_demo(out=None, max_tokens: int = 48, progress: bool = True) -> lis
     for name in names:
         body = dict(MODEL_PRESETS[name], max_tokens=max_tokens)
         body["min_tokens"] = min(body.get("min_tokens", 0), max_tokens)
+        body = _guided_note(body, out)
         p = SamplingParams.from_dict(body)
         for prompt in MODEL_PROMPTS:
             params.append(p)

@@ -197,10 +197,6 @@ class _Run:
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        for p in params:
-            if p.has_guided_decoding:
-                raise ValueError("guided decoding (guided_json/guided_regex/guided_choice) is not supported "
-                                 "by samplers.generate")
         self.params = params
         self.eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(tokenizer, model)
         self.pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), *self.eos) if t is not None), 0)
@@ -232,6 +228,16 @@ class _Run:
         self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
         self.keep_kw = "logits_to_keep" if "logits_to_keep" in fwd else (
             "num_logits_to_keep" if "num_logits_to_keep" in fwd else None)
+        # guided decoding: compile (and so validate) every request's grammar before generation starts
+        self.guided = None
+        if any(p.has_guided_decoding for p in params):
+            from .guided import GuidedDecoder
+
+            self.guided = GuidedDecoder(tokenizer, self.vocab_size, self.eos)
+            for p in params:
+                spec = self.guided.spec(p)
+                if spec is not None:
+                    self.guided.compile(spec)
 
     # ------------------------------------------------------------------ steps
     def steps(self) -> Iterator[StreamDelta]:
@@ -294,9 +300,12 @@ class _Run:
         active_list = list(range(R))
         tracked = [(i, g) for i, g in enumerate(active_list) if track[g]]   # (batch row, global row)
         wants_lp = any(p.logprobs is not None for p in row_params)
+        top_k_max = max([p.logprobs or 0 for p in row_params] + [0])
         rec_rows, rec_tok, rec_lp, rec_top_ids, rec_top_vals = [], [], [], [], []
         entropy_sum = torch.zeros(R, dtype=torch.float64, device=device)
         has_user_procs = any(p.logits_processors for p in row_params)
+        grows = self.guided.rows(row_params, device) if self.guided is not None else None
+        pending = None      # the next step's guided bitmask: (bitmask [k, W], global rows of its k rows)
 
         # prefill
         want_prompt_lp = any(p.prompt_logprobs is not None for p in self.params)
@@ -319,6 +328,11 @@ class _Run:
             if has_user_procs:
                 outs = self._outputs_of(batch)
                 logits = apply_user_processors(logits, [row_params[g] for g in active_list], outs)
+            if grows is not None:
+                # the grammar mask, on the raw logits before every sampler
+                if pending is None:
+                    pending = grows.bitmask(active_list)[:2]
+                logits = self._apply_guided(logits, pending, active_list)
             sampled = self.pipe.sample(logits, batch)
             tokens = sampled.token_ids
             if self.collect_entropy:
@@ -330,9 +344,17 @@ class _Run:
             rec_tok.append(tokens)
             if wants_lp:
                 rec_lp.append(sampled.logprobs)
-                if sampled.top_logprobs is not None:
-                    rec_top_ids.append(sampled.top_logprobs[0])
-                    rec_top_vals.append(sampled.top_logprobs[1])
+                if top_k_max > 0:
+                    # fixed width: the batch's largest ``logprobs`` shrinks (or drops to 0) as rows
+                    # finish, e.g. when a guided row ends early; pad so the steps concatenate
+                    ti, tv = sampled.top_logprobs if sampled.top_logprobs is not None else (
+                        tokens.new_zeros((tokens.shape[0], 0)), torch.zeros((tokens.shape[0], 0), device=device))
+                    if ti.shape[1] < top_k_max:
+                        pad = top_k_max - ti.shape[1]
+                        ti = torch.cat([ti, ti.new_full((ti.shape[0], pad), -1)], 1)
+                        tv = torch.cat([tv, tv.new_full((tv.shape[0], pad), -math.inf)], 1)
+                    rec_top_ids.append(ti)
+                    rec_top_vals.append(tv)
             batch.append(tokens)
             n_out = step + 1
             # vectorised finish checks
@@ -340,6 +362,18 @@ class _Run:
             if any_stop_ids:
                 ended_by_token = ended_by_token | (tokens.unsqueeze(1) == stop_tab[active]).any(1)
             done = ended_by_token | (max_new_t[active] <= n_out)
+            if grows is not None:
+                # advance the grammars; a row whose grammar is complete (it accepted a stop token,
+                # or it now allows nothing but stop tokens) is finished: "stop"
+                ended_g = grows.advance(active_list, tokens.tolist())
+                bm, rows_g, complete = grows.bitmask(active_list)
+                pending = (bm, rows_g)
+                g_done = sorted(set(ended_g) | set(complete))
+                for i in g_done:
+                    if finish[active_list[i]] is None:
+                        finish[active_list[i]] = ("stop", None)
+                if g_done:
+                    done[torch.tensor(g_done, dtype=torch.int64, device=device)] = True
             # detokenisation and stop strings: the tracked rows only
             deltas: list[StreamDelta] = []
             by_string: list[int] = []
@@ -412,6 +446,20 @@ class _Run:
                                       rec_top_vals, finish, final_text, detoks, entropy_sum)
 
     # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def _apply_guided(logits: torch.Tensor, pending: tuple, active_list: list[int]) -> torch.Tensor:
+        from .guided import apply_token_bitmask
+
+        bm, rows_g = pending
+        where = {g: i for i, g in enumerate(active_list)}
+        sel = [k for k, g in enumerate(rows_g) if g in where]
+        if not sel:
+            return logits
+        pos = torch.tensor([where[rows_g[k]] for k in sel], dtype=torch.int64, device=logits.device)
+        if len(sel) != len(rows_g):
+            bm = bm[torch.tensor(sel, dtype=torch.int64, device=bm.device)]
+        return apply_token_bitmask(logits, bm, pos)
+
     def _cache_of(self, out: Any) -> Any:
         if self.cache_kw == "cache":
             return out["cache"]
