@@ -20,36 +20,18 @@ from hypothesis import strategies as st
 
 from samplers.functional.skew import skew
 
+from logit_helpers import bits, make_logits
+
 NEG_INF = float("-inf")
 HYP = settings(max_examples=50, deadline=None, derandomize=True)
-
-
-def f32(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
 
 
 def logits_of(probs: list[float]) -> list[float]:
     return [math.log(q) if q > 0 else NEG_INF for q in probs]
 
 
-def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
-                ties: float = 0.2, scale: float = 2.0) -> torch.Tensor:
-    """Random fp32 logits with some -inf (never a whole row) and exact ties."""
-    x = (rng.standard_normal((batch, vocab)) * scale).astype(np.float32)
-    for b in range(batch):
-        if vocab > 1 and ties > 0:
-            n_tie = int(rng.integers(0, max(1, int(ties * vocab)) + 1))
-            x[b, rng.integers(0, vocab, n_tie)] = x[b, rng.integers(0, vocab, n_tie)]
-        if ninf > 0:
-            mask = rng.random(vocab) < ninf
-            mask[int(np.argmax(x[b]))] = False
-            x[b, mask] = -np.inf
-    return torch.from_numpy(x)
+def f32(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float32)
 
 
 def ref_skew_probs(row: np.ndarray, sk: float) -> np.ndarray:
@@ -209,7 +191,7 @@ def test_prop_skew(case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_dtypes(dtype):
-    l = make_logits(np.random.default_rng(3), 4, 60).to(dtype)
+    l = make_logits(np.random.default_rng(3), 4, 60, scale=2.0).to(dtype)
     sk = f32(0.5, 0.0, -1.0, 3.0)
     out = skew(l, sk)
     assert out.dtype == dtype and out.shape == l.shape

@@ -20,32 +20,14 @@ from hypothesis import strategies as st
 
 from samplers.functional.temperature import dynamic_temperature, quadratic_smoothing, temperature
 
+from logit_helpers import bits, make_logits
+
 NEG_INF = float("-inf")
 HYP = settings(max_examples=40, deadline=None, derandomize=True)
 
 
 def f32(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float32)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
-
-
-def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
-                ties: float = 0.2, scale: float = 3.0) -> torch.Tensor:
-    """Random fp32 logits with some -inf (never a whole row) and exact ties."""
-    x = (rng.standard_normal((batch, vocab)) * scale).astype(np.float32)
-    for b in range(batch):
-        if vocab > 1 and ties > 0:
-            n_tie = int(rng.integers(0, max(1, int(ties * vocab)) + 1))
-            x[b, rng.integers(0, vocab, n_tie)] = x[b, rng.integers(0, vocab, n_tie)]
-        if ninf > 0:
-            mask = rng.random(vocab) < ninf
-            mask[int(np.argmax(x[b]))] = False
-            x[b, mask] = -np.inf
-    return torch.from_numpy(x)
 
 
 # --------------------------------------------------------------- numpy references

@@ -34,6 +34,13 @@ from samplers.functional.truncation import (
     xtc,
 )
 
+from functools import partial
+
+from logit_helpers import bits
+from logit_helpers import make_logits as _make_logits
+
+make_logits = partial(_make_logits, ties_at_max=True)
+
 NEG_INF = float("-inf")
 HYP = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -52,34 +59,6 @@ def kept(out: torch.Tensor) -> list[list[int]]:
 
 def f32(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float32)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a float tensor (for bit-identity checks, -0.0 != 0.0)."""
-    t = t.contiguous()
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t.view(torch.int16)
-
-
-def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
-                ties: float = 0.2, scale: float = 3.0) -> torch.Tensor:
-    """Random fp32 logits: normal * scale, a fraction set to -inf (never a whole row),
-    a fraction copied from other entries of the row (exact ties, incl. ties at the max)."""
-    x = (rng.standard_normal((batch, vocab)) * scale).astype(np.float32)
-    for b in range(batch):
-        if vocab > 1 and ties > 0:
-            n_tie = int(rng.integers(0, max(1, int(ties * vocab)) + 1))
-            src = rng.integers(0, vocab, n_tie)
-            dst = rng.integers(0, vocab, n_tie)
-            x[b, dst] = x[b, src]
-            if rng.random() < 0.3:  # a tie at the maximum
-                x[b, rng.integers(0, vocab)] = x[b].max()
-        if ninf > 0:
-            mask = rng.random(vocab) < ninf
-            mask[int(np.argmax(x[b]))] = False
-            x[b, mask] = -np.inf
-    return torch.from_numpy(x)
 
 
 # ----------------------------------------------------------------- numpy reference

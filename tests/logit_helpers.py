@@ -1,0 +1,35 @@
+"""Random logits and bit patterns shared by the reference-sampler tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a float tensor (for bit-identity checks, -0.0 != 0.0)."""
+    t = t.contiguous()
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t.view(torch.int16)
+
+
+def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
+                ties: float = 0.2, scale: float = 3.0, ties_at_max: bool = False) -> torch.Tensor:
+    """Random fp32 logits: normal * scale, a fraction set to -inf (never a whole row),
+    a fraction copied from other entries of the row (exact ties); with ``ties_at_max``,
+    sometimes also a tie at the row's maximum."""
+    x = (rng.standard_normal((batch, vocab)) * scale).astype(np.float32)
+    for b in range(batch):
+        if vocab > 1 and ties > 0:
+            n_tie = int(rng.integers(0, max(1, int(ties * vocab)) + 1))
+            src = rng.integers(0, vocab, n_tie)
+            dst = rng.integers(0, vocab, n_tie)
+            x[b, dst] = x[b, src]
+            if ties_at_max and rng.random() < 0.3:
+                x[b, rng.integers(0, vocab)] = x[b].max()
+        if ninf > 0:
+            mask = rng.random(vocab) < ninf
+            mask[int(np.argmax(x[b]))] = False
+            x[b, mask] = -np.inf
+    return torch.from_numpy(x)
