@@ -11,6 +11,7 @@ the torch reference). Modules, one per family:
 - ``skew``: torch reference (sort-defined)
 - ``draw``: the token draw and the Philox stream
 - ``chain``: ``process_logits``, the pipeline's whole chain
+- ``blocked``: column-blocked chain and draw kernels for large vocabularies (rows > 65536 lanes)
 - ``row_stats``: the shared row statistics as a standalone kernel (tested against torch)
 - ``aot``: compile every kernel for a CUDA target without a GPU (``python -m kernels.aot``)
 
@@ -39,19 +40,6 @@ def available(device: Optional[torch.device] = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
-#: ``backend="auto"`` uses the kernels up to this vocabulary size. One program holds a whole
-#: row in registers; past ~64k tokens the row spills to local memory and the chain kernel's
-#: compile time grows to minutes (measured for sm_90: 48 s for top_k + top_p at 131072
-#: lanes), so "auto" keeps the torch path there until a column-blocked kernel exists.
-#: ``backend="triton"`` still runs any vocabulary up to ``_common.MAX_BLOCK``.
-AUTO_MAX_VOCAB = 65536
-
-
-def preferred_for(vocab_size: int) -> bool:
-    """Whether ``backend="auto"`` should use the kernels for rows of ``vocab_size`` tokens."""
-    return vocab_size <= AUTO_MAX_VOCAB
-
-
 def process_logits(logits: torch.Tensor, batch, randoms) -> torch.Tensor:
     """The pipeline's chain on the kernel path (see ``kernels.chain.process_logits``)."""
     from .chain import process_logits as _process
@@ -66,4 +54,4 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     return _draw(logits, greedy, uniforms)
 
 
-__all__ = ["AUTO_MAX_VOCAB", "available", "draw_tokens", "preferred_for", "process_logits"]
+__all__ = ["available", "draw_tokens", "process_logits"]

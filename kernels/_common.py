@@ -18,6 +18,22 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: Largest row the whole-row kernels hold in one program (Triton's tensor size limit is 2**20).
 MAX_BLOCK = 1 << 20
 
+#: Rows whose whole-row block (next_pow2(V)) exceeds this use the column-blocked kernels
+#: (``kernels.blocked``): past ~64k lanes a row in registers spills and compiles for minutes.
+#: Read at call time, so tests can lower it (``monkeypatch.setattr(_common, "BLOCKED_ABOVE", ...)``).
+BLOCKED_ABOVE = 65536
+
+#: Tile of the column-blocked kernels (lanes per loop iteration; a power of two), and their
+#: num_warps: 8192 lanes / 16 warps compile for sm_90 to 128 registers and no spills for
+#: every stage code (``python -m kernels.aot --blocked``).
+TILE = 8192
+TILE_WARPS = 16
+
+
+def use_blocked(vocab: int) -> bool:
+    """Whether rows of ``vocab`` tokens go to the column-blocked kernels."""
+    return triton.next_power_of_2(max(int(vocab), 16)) > BLOCKED_ABOVE
+
 
 def on_gpu(t: torch.Tensor) -> bool:
     """A real CUDA launch (not the interpreter): autotuning and timing only make sense then."""

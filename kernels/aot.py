@@ -6,6 +6,7 @@ and ``ptxas -v`` reports registers and spills per configuration.
 
     python -m kernels.aot                    # sm_90, BLOCK 4096, every kernel
     python -m kernels.aot --block 131072 --warps 32 --codes 6,7
+    python -m kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions, which cannot be compiled).
@@ -84,17 +85,50 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
     return out
 
 
+def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Optional[list[int]] = None,
+                    dtype: str = "fp32") -> dict[str, str]:
+    """Compile the column-blocked chain (``kernels.blocked``; ``codes``, default every stage
+    code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernels.aot must run without TRITON_INTERPRET")
+    from . import blocked as KB
+    from . import fused as K
+
+    if codes is None:
+        codes = [K.PENALTIES, K.NGRAM, K.DYNATEMP, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA,
+                 K.EPSILON, K.TYPICAL, K.QUADRATIC, K.XTC_PHILOX, K.XTC, K.TEMPERATURE]
+    slots = list(codes) + [K.NONE] * (K.NSLOTS - len(codes))
+    cx = {f"S{i}": c for i, c in enumerate(slots)}
+    cx["TILE"] = tile
+    cx["KMAX"] = K.compact_size(tile)
+    sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
+    out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
+    sig = {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32", "stride_x": "i32"}
+    out["blocked_draw"] = _ptxas_info(_compile(KB._blocked_draw_kernel, sig, {"TILE": tile}, arch, warps), arch)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--block", type=int, default=4096)
-    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--warps", type=int, default=None, help="default 8 (whole-row), 16 (--blocked)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--codes", default=None, help="comma-separated stage codes of the chain (kernels.fused)")
+    p.add_argument("--blocked", action="store_true", help="the column-blocked chain and draw instead")
+    p.add_argument("--tile", type=int, default=8192, help="tile of the blocked kernels")
     a = p.parse_args(argv)
     codes = [int(c) for c in a.codes.split(",")] if a.codes else None
-    for name, info in compile_all(a.arch, a.block, a.warps, codes, a.dtype).items():
+    import time
+
+    t0 = time.perf_counter()
+    if a.blocked:
+        result = compile_blocked(a.arch, a.tile, a.warps or 16, codes, a.dtype)
+    else:
+        result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype)
+    for name, info in result.items():
         print(f"{name}: {info}")
+    print(f"compile time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 

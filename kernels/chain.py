@@ -6,7 +6,10 @@ batch's schedule of stages in order, then skew), returned as fp32 processed logi
 Consecutive stages that have an in-kernel form are fused into one launch of the chain
 kernel (``kernels.fused``): one read of the logits and one write of the fp32 result per
 launch. Stages without one (DRY, tfs; skew at the end) run the torch reference on the fp32
-working tensor between launches. See kernels/README.md for the pass counts.
+working tensor between launches. Rows of more than ``_common.BLOCKED_ABOVE`` lanes (large
+vocabularies) run the column-blocked chain (``kernels.blocked``, chosen in
+``fused.run_chain``): same stages and launches, the row processed in tiles. See
+kernels/README.md for the pass counts.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import block_for, softmax_stats, warps_for
 
 
@@ -46,6 +47,13 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
         logits = logits.contiguous()
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
+        return out
+    if _common.use_blocked(V):
+        from .blocked import _blocked_draw_kernel
+
+        tile = _common.TILE
+        _blocked_draw_kernel[(B,)](logits, greedy.to(torch.int8).contiguous(), uniforms.to(torch.float32).contiguous(),
+                                   out, V, logits.stride(0), TILE=tile, num_warps=_common.TILE_WARPS)
         return out
     block = block_for(V)
     _draw_kernel[(B,)](logits, greedy.to(torch.int8).contiguous(), uniforms.to(torch.float32).contiguous(),

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from samplers.sampling import PURPOSE_XTC
 
+from . import _common
 from ._common import block_for, on_gpu, saturate, warps_for
 from .penalties import stage_ban, stage_penalties
 from .temperature import stage_dynatemp, stage_smoothing, stage_temperature
@@ -248,9 +249,21 @@ def run_chain(
     seen_t, ss = side(seen, torch.int8)
     cnt_t, sc = side(counts, torch.int32)
     ban_t, sb = side(banned, torch.int8)
-    block = block_for(V)
     kwargs = {f"S{i}": c for i, c in enumerate(slots)}
     keys_t = keys if keys is not None else rmask
+    if _common.use_blocked(V):
+        # column-blocked variant (kernels.blocked): loops over tiles of _common.TILE lanes
+        from .blocked import _blocked_chain_kernel
+
+        tile = _common.TILE
+        kmax = compact_size(tile)
+        needs_scratch = TOP_P in codes or TYPICAL in codes
+        scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
+        _blocked_chain_kernel[(B,)](x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch, B, V,
+                                    x.stride(0), out.stride(0), ss, sc, sb, **kwargs, TILE=tile, KMAX=kmax,
+                                    num_warps=_common.TILE_WARPS)
+        return out
+    block = block_for(V)
     kmax = compact_size(block)
     needs_scratch = TOP_P in codes or TYPICAL in codes
     scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)

@@ -135,8 +135,7 @@ class SamplerPipeline:
     Args:
         backend: "torch" (the reference path, any device), "triton" (the kernels; CUDA, or
             the CPU under ``TRITON_INTERPRET=1``) or "auto" (triton for CUDA logits when the
-            kernels are available and the vocabulary is at most ``kernels.AUTO_MAX_VOCAB``,
-            torch otherwise; decided per call).
+            kernels are available, torch otherwise; decided per call).
         generator: the ``torch.Generator`` (CPU) that keys unseeded rows; a fresh one
             seeded from ``seed`` (or nondeterministically) when omitted.
         seed: seed for the default generator.
@@ -163,12 +162,7 @@ class SamplerPipeline:
     def backend_for(self, logits: torch.Tensor) -> str:
         """The backend a call with these logits uses."""
         if self.backend == "auto":
-            if logits.is_cuda and triton_available(logits.device):
-                import kernels
-
-                if kernels.preferred_for(logits.shape[-1]):
-                    return "triton"
-            return "torch"
+            return "triton" if logits.is_cuda and triton_available(logits.device) else "torch"
         return self.backend
 
     # ------------------------------------------------------------------ processing

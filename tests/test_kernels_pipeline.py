@@ -223,8 +223,11 @@ def test_rows_emptied_by_bans_keep_their_input_argmax_on_both_backends():
     assert t_want[:2].tolist() == t_got[:2].tolist() == [1, 1]
 
 
-def test_auto_keeps_large_vocabularies_on_the_torch_path(monkeypatch):
+def test_auto_uses_the_kernels_for_large_vocabularies(monkeypatch):
+    """Rows above 65536 lanes run the column-blocked kernels (tests/test_kernels_blocked.py),
+    so "auto" keeps the kernel path for real large vocabularies (Llama 3, Qwen 2)."""
     import kernels
+    from kernels import _common
     from samplers import SamplerPipeline
 
     class FakeCudaLogits:
@@ -236,5 +239,6 @@ def test_auto_keeps_large_vocabularies_on_the_torch_path(monkeypatch):
 
     monkeypatch.setattr(kernels, "available", lambda device=None: True)
     pipe = SamplerPipeline("auto")
-    assert pipe.backend_for(FakeCudaLogits(32000)) == "triton"
-    assert pipe.backend_for(FakeCudaLogits(kernels.AUTO_MAX_VOCAB + 1)) == "torch"
+    for vocab in (32000, 65536, 128256, 151936, 262144):
+        assert pipe.backend_for(FakeCudaLogits(vocab)) == "triton"
+    assert not _common.use_blocked(32000) and _common.use_blocked(128256) and _common.use_blocked(151936)

@@ -1,0 +1,137 @@
+"""The column-blocked kernels (``kernels.blocked``) against the torch reference.
+
+The blocked path is what rows of more than ``_common.BLOCKED_ABOVE`` lanes use (large
+vocabularies). Here the threshold is lowered so that every row takes it, with small tiles
+so that each row spans several tiles and the last one is partial (V = 1000 and 333 with
+tiles of 128; the pipeline's V = 64 with tiles of 16). The kernel suite of
+``test_kernels.py`` and the pipeline suite of ``test_kernels_pipeline.py`` are re-run as
+they are, plus blocked-specific cases (compaction, all -inf rows, larger V).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import samplers.functional as F  # noqa: E402
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import _common, blocked as KB, fused as K, truncation as KT  # noqa: E402
+
+import test_kernels as tk  # noqa: E402
+import test_kernels_pipeline as tkp  # noqa: E402
+import test_pipeline as tp  # noqa: E402
+from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
+    test_draw_kernel_hand_computed_and_edge_cases,
+    test_draw_kernel_matches_reference_on_random_rows,
+    test_dynamic_temperature_and_smoothing,
+    test_fused_chain_equals_the_sequential_reference_with_row_masks,
+    test_penalties_and_no_repeat_ngram,
+    test_single_param_kernels_match_reference,
+    test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
+    test_top_k_radix_select_edge_cases,
+    test_xtc_coin_drawn_in_kernel_equals_the_torch_stream,
+    test_xtc_kernel,
+)
+from test_kernels_pipeline import (  # noqa: E402,F401
+    on_triton,
+    test_each_preset_alone_and_heterogeneous_priorities,
+    test_foundation_hand_written_chain_on_triton,
+    test_foundation_pipeline_suite_on_triton,
+    test_rows_emptied_by_bans_keep_their_input_argmax_on_both_backends,
+    test_triton_backend_equals_torch_backend_on_the_presets,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+NINF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def blocked(monkeypatch, request):
+    """Every row on the blocked path; tiles of 128 lanes (16 for the pipeline's V = 64)."""
+    fn = getattr(request.node, "function", None)
+    small = fn is not None and fn.__module__ == "test_kernels_pipeline"
+    monkeypatch.setattr(_common, "BLOCKED_ABOVE", 8)
+    monkeypatch.setattr(_common, "TILE", 16 if small else 128)
+    calls = {"chain": 0, "draw": 0}
+    chain, draw = KB._blocked_chain_kernel, KB._blocked_draw_kernel
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            calls[self.name] += 1
+            return self.kernel[grid]
+
+    monkeypatch.setattr(KB, "_blocked_chain_kernel", Spy(chain, "chain"))
+    monkeypatch.setattr(KB, "_blocked_draw_kernel", Spy(draw, "draw"))
+    yield calls
+    if fn is not None and not fn.__name__.startswith(("test_foundation", "test_threshold")):  # some launch nothing
+        assert calls["chain"] + calls["draw"] > 0, "the blocked kernels were not used"
+
+
+def test_threshold_is_a_module_constant():
+    assert _common.use_blocked(1000) and _common.use_blocked(16)
+
+
+def test_threshold_default(monkeypatch):
+    monkeypatch.setattr(_common, "BLOCKED_ABOVE", 65536)
+    assert not _common.use_blocked(65536) and _common.use_blocked(65537) and _common.use_blocked(151936)
+    # the blocked path has no row limit (the whole-row block stops at 2**20)
+    assert _common.use_blocked(2**21)
+
+
+def test_seeded_multi_step_draw_gives_the_same_tokens_on_both_backends():
+    tkp.test_seeded_draw_gives_the_same_token_on_both_backends(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compacted_searches_after_top_k_and_all_neginf_rows(dtype):
+    """top_p / typical_p after top_k (few survivors: the compacted [KMAX] search), a row with a
+    single finite token, a row entirely -inf, a tied row; V not a multiple of the tile."""
+    B, V = 5, 700
+    x = tk._logits(B, V, dtype, seed=40).float()
+    x[3] = NINF
+    x[3, 650] = 2.0
+    x[4] = NINF
+    x = x.to(dtype)
+    prm = {"top_k": torch.tensor([30, 60, 10, 5, 5]), "top_p": torch.tensor([0.8, 0.95, 0.5, 0.5, 0.5]),
+           "typical_p": torch.tensor([0.9, 0.5, 1.0, 0.7, 0.7]), "min_p": torch.tensor([0.0, 0.01, 0.0, 0.1, 0.1])}
+    codes = [K.TOP_K, K.TOP_P, K.MIN_P, K.TYPICAL]
+    got = K.run_chain(x, codes, [None] * 4, K.param_table(B, x.device, prm))
+    ref = F.typical_p(F.min_p(F.top_p(F.top_k(x.float(), prm["top_k"]), prm["top_p"]), prm["min_p"]),
+                      prm["typical_p"])
+    tk._assert_same(got, ref, torch.float32)
+    assert torch.isneginf(got[4]).all()
+    for fn, p in ((KT.top_p, 0.9), (KT.typical_p, 0.9), (KT.nsigma, 1.0)):
+        prm1 = torch.full((B,), p)
+        tk._assert_same(fn(x, prm1), getattr(F, fn.__name__)(x, prm1), dtype)
+
+
+@pytest.mark.slow
+def test_larger_vocabulary_on_the_blocked_path(monkeypatch):
+    """V = 32001 in tiles of 4096 (8 tiles, the last one partial): single stages, the full
+    preset through the pipeline, and the draw."""
+    monkeypatch.setattr(_common, "TILE", 4096)
+    B, V = 2, 32001
+    x = tk._logits(B, V, torch.float16, seed=9)
+    for kernel, ref, prm in [
+        (KT.top_k, F.top_k, torch.tensor([50, 1000])),
+        (KT.top_p, F.top_p, torch.tensor([0.9, 0.3])),
+        (KT.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
+    ]:
+        tk._assert_same(kernel(x, prm), ref(x, prm), torch.float16)
+    params = [SamplingParams(**tp.EVERYTHING), SamplingParams(top_k=50, top_p=0.9, seed=3)]
+    logits = (torch.randn(2, V, generator=torch.Generator().manual_seed(31)) * 4).to(torch.bfloat16)
+    batch = SamplingBatch(params, [[1, 2, 3, 4] * 20, [5, 6] * 10], [[7, 8] * 10, []], vocab_size=V)
+    want = SamplerPipeline("torch", seed=0).process(logits, batch)
+    got = SamplerPipeline("triton", seed=0).process(logits, batch)
+    tkp._compare(got, want, torch.bfloat16)
+    a = SamplerPipeline("torch", seed=0).sample(logits, batch).token_ids
+    k = SamplerPipeline("triton", seed=0).sample(logits, batch).token_ids
+    assert a.tolist() == k.tolist()
