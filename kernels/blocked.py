@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import okey
 from .penalties import stage_ban, stage_penalties
-from .temperature import stage_temperature
+from .temperature import dynatemp_of, stage_temperature
 
 _NINF = float("-inf")
 
@@ -315,13 +315,7 @@ def _b_dynatemp(o, V, t_min, t_max, exponent, en, TILE: tl.constexpr):
     en = en & ((t_min != 0) | (t_max != 0))
     if en:
         m_raw, m, s, h, n = _row_softmax(o, V, TILE)
-        log_n = tl.log(tl.maximum(n, 2).to(tl.float32))
-        ratio = tl.minimum(tl.maximum(h / log_n, 0.0), 1.0)
-        powed = tl.where(ratio > 0, tl.exp2(exponent * tl.log2(tl.maximum(ratio, 1e-30))), 0.0)
-        temp = t_min + (t_max - t_min) * powed
-        temp = tl.where(n <= 1, t_min, temp)
-        temp = tl.maximum(temp, 1e-5)
-        _b_scale(o, V, temp, TILE)
+        _b_scale(o, V, dynatemp_of(h, n, t_min, t_max, exponent), TILE)
 
 
 @triton.jit

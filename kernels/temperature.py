@@ -23,19 +23,27 @@ def stage_temperature(x, t, en):
 
 
 @triton.jit
+def dynatemp_of(h, n, t_min, t_max, exponent):
+    """The dynamic temperature of a row with entropy ``h`` over ``n`` finite logits:
+    ``min + (max - min) * (h / log n) ** exponent`` (ratio clamped to [0, 1]; ``n <= 1``:
+    ``min``; at least 1e-5), as ``F.dynamic_temperature``. Shared by the whole-row and the
+    column-blocked kernels."""
+    log_n = tl.log(tl.maximum(n, 2).to(tl.float32))
+    ratio = tl.minimum(tl.maximum(h / log_n, 0.0), 1.0)
+    powed = tl.where(ratio > 0, tl.exp2(exponent * tl.log2(tl.maximum(ratio, 1e-30))), 0.0)
+    temp = t_min + (t_max - t_min) * powed
+    temp = tl.where(n <= 1, t_min, temp)
+    return tl.maximum(temp, 1e-5)
+
+
+@triton.jit
 def stage_dynatemp(x, t_min, t_max, exponent, en):
     """``F.dynamic_temperature``: T = min + (max - min) * (H / log N) ** exponent, then l / T."""
     en = en & ((t_min != 0) | (t_max != 0))
     m_raw, p, logp = softmax_stats(x)
     h = entropy_of(p, logp)
     n = tl.sum(((x > float("-inf")) & (x < float("inf"))).to(tl.int32), 0)
-    log_n = tl.log(tl.maximum(n, 2).to(tl.float32))
-    ratio = tl.minimum(tl.maximum(h / log_n, 0.0), 1.0)
-    powed = tl.where(ratio > 0, tl.exp2(exponent * tl.log2(tl.maximum(ratio, 1e-30))), 0.0)
-    temp = t_min + (t_max - t_min) * powed
-    temp = tl.where(n <= 1, t_min, temp)
-    temp = tl.maximum(temp, 1e-5)
-    temp = tl.where(en, temp, 1.0)
+    temp = tl.where(en, dynatemp_of(h, n, t_min, t_max, exponent), 1.0)
     return tl.where(en, tl.math.div_rn(x, temp), x)
 
 
