@@ -56,27 +56,41 @@ def _ptxas_info(compiled, arch: int) -> str:
                      if "registers" in line or "spill" in line)
 
 
-def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
-                dtype: str = "fp32") -> dict[str, str]:
-    """Compile the chain kernel (``codes``, default every stage code), the draw, Philox and
-    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary."""
+def _chain_constants(codes: Optional[list[int]], size_name: str, size: int) -> dict[str, int]:
+    """The chain kernels' constexprs: stage codes (default every one) padded to the slot
+    count, the row/tile size and the compaction size that goes with it."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("kernels.aot must run without TRITON_INTERPRET")
-    from . import draw as D
     from . import fused as K
-    from . import row_stats as R
 
     if codes is None:
         codes = [K.PENALTIES, K.NGRAM, K.DYNATEMP, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA,
                  K.EPSILON, K.TYPICAL, K.QUADRATIC, K.XTC_PHILOX, K.XTC, K.TEMPERATURE]
     slots = list(codes) + [K.NONE] * (K.NSLOTS - len(codes))
     cx = {f"S{i}": c for i, c in enumerate(slots)}
-    cx["BLOCK"] = block
-    cx["KMAX"] = K.compact_size(block)
+    cx[size_name] = size
+    cx["KMAX"] = K.compact_size(size)
+    return cx
+
+
+def _draw_signature(dtype: str) -> dict[str, str]:
+    return {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32",
+            "stride_x": "i32"}
+
+
+def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
+                dtype: str = "fp32") -> dict[str, str]:
+    """Compile the chain kernel (``codes``, default every stage code), the draw, Philox and
+    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary."""
+    cx = _chain_constants(codes, "BLOCK", block)
+    from . import draw as D
+    from . import fused as K
+    from . import row_stats as R
+
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
-    sig = {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32", "stride_x": "i32"}
-    out["draw"] = _ptxas_info(_compile(D._draw_kernel, sig, {"BLOCK": block}, arch, warps), arch)
+    out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block}, arch, warps),
+                              arch)
     sig = {"out_ptr": "*fp32", "klo_ptr": "*i32", "khi_ptr": "*i32", "step_ptr": "*i32", "seq_ptr": "*i32",
            "purpose": "i32", "B": "i32"}
     out["philox"] = _ptxas_info(_compile(D._uniform_kernel, sig, {"BLOCK": 128}, arch, 4), arch)
@@ -89,22 +103,13 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
                     dtype: str = "fp32") -> dict[str, str]:
     """Compile the column-blocked chain (``kernels.blocked``; ``codes``, default every stage
     code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("kernels.aot must run without TRITON_INTERPRET")
+    cx = _chain_constants(codes, "TILE", tile)
     from . import blocked as KB
-    from . import fused as K
 
-    if codes is None:
-        codes = [K.PENALTIES, K.NGRAM, K.DYNATEMP, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA,
-                 K.EPSILON, K.TYPICAL, K.QUADRATIC, K.XTC_PHILOX, K.XTC, K.TEMPERATURE]
-    slots = list(codes) + [K.NONE] * (K.NSLOTS - len(codes))
-    cx = {f"S{i}": c for i, c in enumerate(slots)}
-    cx["TILE"] = tile
-    cx["KMAX"] = K.compact_size(tile)
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
-    sig = {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32", "stride_x": "i32"}
-    out["blocked_draw"] = _ptxas_info(_compile(KB._blocked_draw_kernel, sig, {"TILE": tile}, arch, warps), arch)
+    out["blocked_draw"] = _ptxas_info(
+        _compile(KB._blocked_draw_kernel, _draw_signature(dtype), {"TILE": tile}, arch, warps), arch)
     return out
 
 
