@@ -71,11 +71,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def make_inputs(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device, history: int,
-                seed: int = 0) -> tuple[torch.Tensor, SamplingBatch]:
-    """Random logits (LLM-like spread) and a batch of the configuration, seeded rows."""
+                seed: int = 0, **overrides) -> tuple[torch.Tensor, SamplingBatch]:
+    """Random logits (LLM-like spread) and a batch of the configuration, seeded rows;
+    ``overrides``: more SamplingParams fields for every row."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, V, generator=g) * 4).to(dtype).to(device)
-    kw = CONFIGS[config][1]
+    kw = {**CONFIGS[config][1], **overrides}
     params = [SamplingParams(seed=1000 + i, **kw) for i in range(B)]
     L = history if HISTORY[config] else 0
     rng = np.random.default_rng(seed)

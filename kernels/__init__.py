@@ -54,4 +54,12 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     return _draw(logits, greedy, uniforms)
 
 
-__all__ = ["available", "draw_tokens", "process_logits"]
+def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw with in-kernel uniforms and the chosen log-probabilities (see
+    ``kernels.draw.sample_tokens``)."""
+    from .draw import sample_tokens as _sample
+
+    return _sample(logits, greedy, keys)
+
+
+__all__ = ["available", "draw_tokens", "process_logits", "sample_tokens"]

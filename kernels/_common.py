@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "okey", "softmax_stats", "entropy_of",
-           "top_mask", "finite_std", "saturate"]
+           "top_mask", "finite_std", "saturate", "philox_uniform"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -110,6 +110,20 @@ def finite_std(x):
     std = tl.sqrt(sq / tl.maximum(countf - 1.0, 1.0))
     std = tl.where(count > 1, std, 0.0)
     return count, std
+
+
+@triton.jit
+def philox_uniform(key_ptr, row, B, purpose: tl.constexpr):
+    """The row's uniform of ``samplers.sampling.row_uniforms`` for ``purpose``, drawn in the
+    kernel: ``key_ptr`` is int32 [4, B] holding (key_lo, key_hi, step, sequence_index) as
+    uint32 words (``kernels.fused.key_words``); bit-exact with the torch stream."""
+    k0 = tl.load(key_ptr + row).to(tl.uint32)
+    k1 = tl.load(key_ptr + B + row).to(tl.uint32)
+    step = tl.load(key_ptr + 2 * B + row).to(tl.uint32)
+    seq = tl.load(key_ptr + 3 * B + row).to(tl.uint32)
+    zero = step * 0
+    c0, _, _, _ = tl.random.philox_impl(step, seq, zero + purpose, zero, k0, k1)
+    return tl.random.uint_to_uniform_float(c0)
 
 
 def saturate(out32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

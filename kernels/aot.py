@@ -73,9 +73,17 @@ def _chain_constants(codes: Optional[list[int]], size_name: str, size: int) -> d
     return cx
 
 
-def _draw_signature(dtype: str) -> dict[str, str]:
-    return {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "out_ptr": "*i64", "V": "i32",
-            "stride_x": "i32"}
+def _draw_signature(dtype: str, blocked: bool = False) -> dict[str, str]:
+    """The draw kernels' arguments with the uniforms computed in the kernel (KEYED, the
+    pipeline's ``sample`` path)."""
+    sig = {"x_ptr": f"*{dtype}", "greedy_ptr": "*i8", "u_ptr": "*fp32", "key_ptr": "*i32", "out_ptr": "*i64",
+           "lp_ptr": "*fp32"}
+    if blocked:
+        sig["scr_ptr"] = "*fp32"
+    sig.update({"B": "i32", "V": "i32", "stride_x": "i32"})
+    if blocked:
+        sig["NT"] = "i32"
+    return sig
 
 
 def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
@@ -89,7 +97,8 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
 
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
-    out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block}, arch, warps),
+    out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block, "KEYED": True},
+                                           arch, warps),
                               arch)
     sig = {"out_ptr": "*fp32", "klo_ptr": "*i32", "khi_ptr": "*i32", "step_ptr": "*i32", "seq_ptr": "*i32",
            "purpose": "i32", "B": "i32"}
@@ -105,11 +114,13 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
     code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program."""
     cx = _chain_constants(codes, "TILE", tile)
     from . import blocked as KB
+    from . import draw as D
 
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
     out["blocked_draw"] = _ptxas_info(
-        _compile(KB._blocked_draw_kernel, _draw_signature(dtype), {"TILE": tile}, arch, warps), arch)
+        _compile(D._blocked_draw_kernel, _draw_signature(dtype, blocked=True),
+                 {"TILE": tile, "KEYED": True, "NTB": D._TILES_PER_STEP}, arch, warps), arch)
     return out
 
 

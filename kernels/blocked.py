@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import okey
+from ._common import okey, philox_uniform
 from .penalties import stage_ban, stage_penalties
 from .temperature import dynatemp_of, stage_temperature
 
@@ -365,17 +365,6 @@ def _prm(prm_ptr, idx: tl.constexpr, row, B):
 
 
 @triton.jit
-def _coin(key_ptr, row, B):
-    k0 = tl.load(key_ptr + row).to(tl.uint32)
-    k1 = tl.load(key_ptr + B + row).to(tl.uint32)
-    step = tl.load(key_ptr + 2 * B + row).to(tl.uint32)
-    seq = tl.load(key_ptr + 3 * B + row).to(tl.uint32)
-    zero = step * 0
-    c0, _, _, _ = tl.random.philox_impl(step, seq, zero + 1, zero, k0, k1)
-    return tl.random.uint_to_uniform_float(c0)
-
-
-@triton.jit
 def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
             ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE: tl.constexpr, KMAX: tl.constexpr):
     if CODE != 0:
@@ -414,7 +403,7 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, row, B, V, prm_ptr, rmask
         elif CODE == 14:
             _b_xtc(o, V, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), _prm(prm_ptr, 19, row, B), en, TILE)
         elif CODE == 15:
-            _b_xtc(o, V, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), _coin(key_ptr, row, B), en, TILE)
+            _b_xtc(o, V, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), philox_uniform(key_ptr, row, B, 1), en, TILE)
 
 
 @triton.jit
@@ -450,54 +439,3 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     _bstage(S13, 13, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
     _bstage(S14, 14, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
     _bstage(S15, 15, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-
-
-# --------------------------------------------------------------------------- draw
-@triton.jit
-def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, out_ptr, V, stride_x, TILE: tl.constexpr):
-    """``kernels.draw._draw_kernel`` in tiles: argmax (lowest id on ties) and the inverse CDF
-    in token-id order with a running prefix sum carried across tiles."""
-    row = tl.program_id(0).to(tl.int64)
-    xr = x_ptr + row * stride_x
-    greedy = tl.load(greedy_ptr + row) != 0
-    u = tl.load(u_ptr + row)
-    m_raw = tl.full([], float("-inf"), tl.float32)
-    am = tl.full([], 0, tl.int64)
-    for start in range(0, V, TILE):
-        offs = start + tl.arange(0, TILE)
-        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        tm = tl.max(x, 0)
-        ti = tl.argmax(x, 0, tie_break_left=True).to(tl.int64) + start
-        am = tl.where((tm > m_raw) | ((start == 0) & (tm == m_raw)), ti, am)
-        m_raw = tl.maximum(m_raw, tm)
-    m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
-    s = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, TILE):
-        offs = start + tl.arange(0, TILE)
-        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        s += tl.sum(tl.exp(x - m), 0)
-    s = tl.where(s > 0, s, 1.0)
-    total = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, TILE):
-        offs = start + tl.arange(0, TILE)
-        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        total += tl.sum(tl.exp(x - m) / s, 0)
-    target = u * total
-    carry = tl.full([], 0.0, tl.float32)
-    idx = tl.full([], 0, tl.int64)
-    last_pos = tl.full([], -1, tl.int64)
-    for start in range(0, V, TILE):
-        offs = start + tl.arange(0, TILE)
-        valid = offs < V
-        x = tl.load(xr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - m) / s
-        cdf = carry + tl.cumsum(p, 0)
-        idx += tl.sum((valid & (cdf <= target)).to(tl.int64), 0)
-        last_pos = tl.maximum(last_pos, tl.max(tl.where(p > 0, offs, -1), 0).to(tl.int64))
-        carry += tl.sum(p, 0)
-    last_pos = tl.where(last_pos >= 0, last_pos, V - 1)
-    idx = tl.minimum(idx, last_pos)
-    if greedy:
-        tl.store(out_ptr + row, am)
-    else:
-        tl.store(out_ptr + row, idx)

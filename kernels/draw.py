@@ -11,22 +11,37 @@ Triton's ``uint_to_uniform_float``; bit-exact with the torch stream (tested).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_for, softmax_stats, warps_for
+from ._common import block_for, philox_uniform, softmax_stats, warps_for
+
+#: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
+_TILES_PER_STEP = 64
 
 
 @triton.jit
-def _draw_kernel(x_ptr, greedy_ptr, u_ptr, out_ptr, V, stride_x, BLOCK: tl.constexpr):
+def _row_uniform(u_ptr, key_ptr, row, B, KEYED: tl.constexpr):
+    """The row's draw uniform: computed here from its Philox key words (KEYED), or given."""
+    if KEYED:
+        return philox_uniform(key_ptr, row, B, 0)
+    else:
+        return tl.load(u_ptr + row)
+
+
+@triton.jit
+def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, stride_x, BLOCK: tl.constexpr,
+                 KEYED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < V
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
     greedy = tl.load(greedy_ptr + row) != 0
-    u = tl.load(u_ptr + row)
+    u = _row_uniform(u_ptr, key_ptr, row, B, KEYED)
     am = tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
     m_raw, p, logp = softmax_stats(x)
     cdf = tl.cumsum(p, 0)
@@ -36,29 +51,127 @@ def _draw_kernel(x_ptr, greedy_ptr, u_ptr, out_ptr, V, stride_x, BLOCK: tl.const
     last_pos = tl.max(tl.where(p > 0, offs, -1), 0).to(tl.int64)
     last_pos = tl.where(last_pos >= 0, last_pos, V - 1)
     idx = tl.minimum(idx, last_pos)
-    tl.store(out_ptr + row, tl.where(greedy, am, idx))
+    tok = tl.where(greedy, am, idx)
+    tl.store(out_ptr + row, tok)
+    tl.store(lp_ptr + row, tl.sum(tl.where(offs == tok, logp, 0.0), 0))
+
+
+@triton.jit
+def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
+                         TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
+    """``_draw_kernel`` for long rows, in one pass over the row plus one tile.
+
+    The pass keeps the running max, argmax (lowest id on ties) and softmax sum (rescaled
+    when the max grows, as in online softmax) and stores each tile's (max, sum of
+    exp(x - tile max)) in the scratch row ``scr`` [2, NT]. The inverse CDF then finds the
+    tile whose cumulative mass first exceeds ``u * total`` from those NT pairs and scans that
+    tile alone, carrying the mass of the tiles before it. Greedy rows stop after the pass."""
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    scr = scr_ptr + row * (2 * NT)
+    greedy = tl.load(greedy_ptr + row) != 0
+    m_raw = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    am = tl.full([], 0, tl.int64)
+    for start in range(0, V, TILE):
+        offs = start + tl.arange(0, TILE)
+        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        tm = tl.max(x, 0)
+        ti = tl.argmax(x, 0, tie_break_left=True).to(tl.int64) + start
+        am = tl.where((tm > m_raw) | ((start == 0) & (tm == m_raw)), ti, am)
+        tm_safe = tl.where(tm > float("-inf"), tm, 0.0)
+        ts = tl.sum(tl.exp(x - tm_safe), 0)
+        t = start // TILE
+        tl.store(scr + t, tm)
+        tl.store(scr + NT + t, ts)
+        new_m = tl.maximum(m_raw, tm)
+        new_safe = tl.where(new_m > float("-inf"), new_m, 0.0)
+        old_safe = tl.where(m_raw > float("-inf"), m_raw, 0.0)
+        s = s * tl.exp(old_safe - new_safe) + ts * tl.exp(tm_safe - new_safe)
+        m_raw = new_m
+    tl.debug_barrier()
+    m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
+    log_s = tl.log(tl.where(s > 0, s, 1.0))
+    if greedy:
+        tl.store(out_ptr + row, am)
+        tl.store(lp_ptr + row, tl.where(m_raw > float("-inf"), -log_s, float("-inf")))
+    else:
+        target = _row_uniform(u_ptr, key_ptr, row, B, KEYED) * s
+        # the first tile whose cumulative mass exceeds the target; the last tile with mass
+        carry = tl.full([], 0.0, tl.float32)
+        hit = tl.full([], -1, tl.int32)
+        before = tl.full([], 0.0, tl.float32)
+        last_t = tl.full([], -1, tl.int32)
+        for c in range(0, NT, NTB):
+            j = c + tl.arange(0, NTB)
+            inside = j < NT
+            tmx = tl.load(scr + j, mask=inside, other=float("-inf"))
+            mass = tl.where(tmx > float("-inf"), tl.load(scr + NT + j, mask=inside, other=0.0) * tl.exp(tmx - m), 0.0)
+            cum = carry + tl.cumsum(mass, 0)
+            first = tl.min(tl.where(inside & (cum > target), j, 2147483647), 0)
+            found = (hit < 0) & (first < 2147483647)
+            # mass of the tiles before ``first``: the inclusive sum of its predecessor (<= target)
+            before = tl.where(found, tl.max(tl.where(inside & (j < first), cum, carry), 0), before)
+            hit = tl.where(found, first, hit)
+            last_t = tl.maximum(last_t, tl.max(tl.where(inside & (mass > 0), j, -1), 0))
+            carry = tl.max(tl.where(inside, cum, carry), 0)
+        # rounding can leave the target at or past the total: the last token with p > 0
+        t = tl.where(hit >= 0, hit, last_t)
+        idx = tl.full([], 0, tl.int64) + V - 1
+        if t >= 0:
+            offs = t.to(tl.int64) * TILE + tl.arange(0, TILE)
+            valid = offs < V
+            e = tl.exp(tl.load(xr + offs, mask=valid, other=float("-inf")).to(tl.float32) - m)
+            cdf = before + tl.cumsum(e, 0)
+            below = tl.sum((valid & (cdf <= target)).to(tl.int32), 0)
+            last_in = tl.max(tl.where(valid & (e > 0), offs, -1), 0)
+            crossed = (hit >= 0) & (below < tl.sum(valid.to(tl.int32), 0))
+            idx = tl.where(crossed, t.to(tl.int64) * TILE + below, last_in)
+        x_tok = tl.load(xr + idx).to(tl.float32)
+        tl.store(out_ptr + row, idx)
+        tl.store(lp_ptr + row, x_tok - m - log_s)
+
+
+def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch.Tensor],
+            keys: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    B, V = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logp = torch.empty(B, dtype=torch.float32, device=logits.device)
+    if B == 0:
+        return out, logp
+    keyed = keys is not None
+    g = greedy.to(torch.int8).contiguous()
+    u = out if keyed else uniforms.to(torch.float32).contiguous()  # unused pointer when keyed
+    k = keys.contiguous() if keyed else g
+    if _common.use_blocked(V):
+        tile = _common.TILE
+        nt = triton.cdiv(V, tile)
+        scratch = torch.empty((B, 2 * nt), dtype=torch.float32, device=logits.device)
+        _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt, TILE=tile,
+                                   KEYED=keyed, NTB=_TILES_PER_STEP, num_warps=_common.TILE_WARPS)
+    else:
+        block = block_for(V)
+        _draw_kernel[(B,)](logits, g, u, k, out, logp, B, V, logits.stride(0), BLOCK=block, KEYED=keyed,
+                           num_warps=warps_for(block))
+    return out, logp
 
 
 def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Kernel of ``samplers.sampling.draw_tokens``: [B, V] logits, [B] bool greedy, [B] float32
     uniforms -> [B] int64 token ids."""
-    B, V = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    if B == 0:
-        return out
-    if _common.use_blocked(V):
-        from .blocked import _blocked_draw_kernel
+    return _launch(logits, greedy, uniforms, None)[0]
 
-        tile = _common.TILE
-        _blocked_draw_kernel[(B,)](logits, greedy.to(torch.int8).contiguous(), uniforms.to(torch.float32).contiguous(),
-                                   out, V, logits.stride(0), TILE=tile, num_warps=_common.TILE_WARPS)
-        return out
-    block = block_for(V)
-    _draw_kernel[(B,)](logits, greedy.to(torch.int8).contiguous(), uniforms.to(torch.float32).contiguous(),
-                       out, V, logits.stride(0), BLOCK=block, num_warps=warps_for(block))
-    return out
+
+def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's draw in one launch: ``draw_tokens`` with each row's uniform computed in
+    the kernel from its Philox words (``keys``: int32 [4, B], ``kernels.fused.key_words``;
+    the same stream as ``row_uniforms(..., PURPOSE_DRAW)``), and the log-probability of the
+    chosen token under softmax(logits) (``compute_logprobs``' value) as a by-product.
+
+    Returns ([B] int64 token ids, [B] float32 log-probabilities)."""
+    return _launch(logits, greedy, None, keys)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton.language as tl
 from samplers.sampling import PURPOSE_XTC
 
 from . import _common
-from ._common import block_for, on_gpu, saturate, warps_for
+from ._common import block_for, on_gpu, philox_uniform, saturate, warps_for
 from .penalties import stage_ban, stage_penalties
 from .temperature import stage_dynatemp, stage_smoothing, stage_temperature
 from .truncation import (stage_epsilon, stage_eta, stage_min_p, stage_nsigma, stage_top_a, stage_top_k,
@@ -51,19 +51,6 @@ _DISABLED = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "typic
 @triton.jit
 def _prm(prm_ptr, idx: tl.constexpr, row, B):
     return tl.load(prm_ptr + idx * B + row)
-
-
-@triton.jit
-def _philox_coin(key_ptr, row, B, purpose: tl.constexpr):
-    """The row's uniform of ``samplers.sampling.row_uniforms``: key_ptr is int32 [4, B] holding
-    (key_lo, key_hi, step, sequence_index) as uint32 words."""
-    k0 = tl.load(key_ptr + row).to(tl.uint32)
-    k1 = tl.load(key_ptr + B + row).to(tl.uint32)
-    step = tl.load(key_ptr + 2 * B + row).to(tl.uint32)
-    seq = tl.load(key_ptr + 3 * B + row).to(tl.uint32)
-    zero = step * 0
-    c0, _, _, _ = tl.random.philox_impl(step, seq, zero + purpose, zero, k0, k1)
-    return tl.random.uint_to_uniform_float(c0)
 
 
 @triton.jit
@@ -107,7 +94,7 @@ def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, pr
             x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B),
                           _prm(prm_ptr, 19, row, B), en)
         elif CODE == 15:  # XTC with its coin drawn here from the row's Philox stream
-            coin = _philox_coin(key_ptr, row, B, 1)
+            coin = philox_uniform(key_ptr, row, B, 1)
             x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), coin, en)
     return x
 

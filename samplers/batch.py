@@ -184,8 +184,9 @@ class SamplingBatch:
         self._build_keys(sequence_indices)
         self.max_logprobs = max((p.logprobs or 0) for p in params)
         self.wants_logprobs = any(p.logprobs is not None for p in params)
-        self.raw_logprobs = torch.tensor([p.logprobs_mode == "raw" for p in params], dtype=torch.bool,
-                                         device=self.device)
+        raw = [p.logprobs_mode == "raw" for p in params]
+        self.raw_logprobs = torch.tensor(raw, dtype=torch.bool, device=self.device)
+        self.any_raw_logprobs = any(raw)
 
     # ------------------------------------------------------------------ construction helpers
     def _build_token_lists(self) -> None:

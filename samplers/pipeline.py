@@ -211,15 +211,22 @@ class SamplerPipeline:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
         randoms = _RowRandoms(batch, self.generator)
         x = self._process(logits, batch, randoms)
-        if batch.all_greedy:
-            uniforms = torch.zeros(batch.batch_size, device=batch.device)
-        else:
-            uniforms = randoms.uniforms(PURPOSE_DRAW)
         if self.backend_for(logits) == "triton":
             import kernels
+            from kernels.fused import key_words
 
-            tokens = kernels.draw_tokens(x, batch.greedy, uniforms)
+            # one launch: the uniforms come from the rows' Philox words inside the kernel,
+            # and the chosen tokens' log-probabilities come out of the draw's own softmax
+            keys = key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
+            tokens, chosen = kernels.sample_tokens(x, batch.greedy, keys)
+            if batch.max_logprobs == 0 and not batch.any_raw_logprobs:
+                return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=None)
         else:
+            if batch.all_greedy:
+                uniforms = torch.zeros(batch.batch_size, device=batch.device)
+            else:
+                uniforms = randoms.uniforms(PURPOSE_DRAW)
             tokens = draw_tokens(x, batch.greedy, uniforms)
-        chosen, top = compute_logprobs(x, logits, batch.raw_logprobs, tokens, batch.max_logprobs)
+        chosen, top = compute_logprobs(x, logits, batch.raw_logprobs, tokens, batch.max_logprobs,
+                                       any_raw=batch.any_raw_logprobs)
         return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)

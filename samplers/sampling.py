@@ -131,13 +131,16 @@ class SamplerOutput:
 
 def compute_logprobs(
     processed: torch.Tensor, raw: torch.Tensor, use_raw: torch.Tensor,
-    token_ids: torch.Tensor, num_top: int,
+    token_ids: torch.Tensor, num_top: int, any_raw: Optional[bool] = None,
 ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """Log-probabilities of the chosen tokens and the top ``num_top`` alternatives.
 
-    ``use_raw`` [B] bool picks the raw model distribution per row instead of the processed one.
+    ``use_raw`` [B] bool picks the raw model distribution per row instead of the processed one;
+    ``any_raw``: whether any row does, when the caller knows it on the host (saves a device sync).
     """
-    if bool(use_raw.any()):
+    if any_raw is None:
+        any_raw = bool(use_raw.any())
+    if any_raw:
         source = torch.where(use_raw.unsqueeze(-1), raw.float(), processed.float())
     else:
         source = processed.float()

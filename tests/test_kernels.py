@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 
 import samplers.functional as F  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
-from samplers.sampling import draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
+from samplers.sampling import compute_logprobs, draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
@@ -269,6 +269,45 @@ def test_draw_kernel_matches_reference_on_random_rows(dtype):
     greedy = torch.arange(B) % 4 == 0
     u = torch.rand(B, generator=g)
     assert torch.equal(kernels.draw_tokens(x, greedy, u), ref_draw(x, greedy, u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs(dtype):
+    """``sample_tokens`` computes each row's uniform in the kernel from its Philox words: the
+    same tokens as the torch draw with ``row_uniforms(..., PURPOSE_DRAW)``, and the chosen
+    log-probabilities of ``compute_logprobs`` (greedy rows, rows with removed tokens)."""
+    B, V = 40, 1000
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    x[::3, ::2] = NINF
+    x[5, 1:] = NINF  # a single token left
+    greedy = torch.arange(B) % 4 == 0
+    words = torch.tensor([split_seed(s) for s in range(500, 500 + B)], dtype=torch.int64).t()
+    step = torch.arange(B, dtype=torch.int64) * 3
+    seq = torch.arange(B, dtype=torch.int64) % 2
+    u = ref_uniforms(words[0], words[1], step, seq, 0)
+    tokens, logprobs = kernels.sample_tokens(x, greedy, K.key_words(words[0], words[1], step, seq))
+    want = ref_draw(x, greedy, u)
+    assert torch.equal(tokens, want)
+    assert tokens[5] == 0 and not torch.isneginf(x[torch.arange(B), tokens]).any()
+    want_lp, _ = compute_logprobs(x.float(), x, torch.zeros(B, dtype=torch.bool), want, 0)
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():
+    """u just below 1 on rows whose mass ends early: never a removed token, never past V."""
+    B, V = 6, 700
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(B, V, generator=g)
+    x[:, 400:] = NINF
+    x[1, :] = NINF
+    x[1, 17] = 0.0
+    x[2, 650] = 1.0
+    u = torch.full((B,), 0.99999994)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    got = kernels.draw_tokens(x, greedy, u)
+    assert torch.equal(got, ref_draw(x, greedy, u))
+    assert got[1] == 17 and got[2] == 650 and not torch.isneginf(x[torch.arange(B), got]).any()
 
 
 def test_available():

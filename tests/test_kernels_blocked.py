@@ -19,7 +19,7 @@ import samplers.functional as F  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import _common, blocked as KB, fused as K, truncation as KT  # noqa: E402
+from kernels import _common, blocked as KB, draw as KD, fused as K, truncation as KT  # noqa: E402
 
 import test_kernels as tk  # noqa: E402
 import test_kernels_pipeline as tkp  # noqa: E402
@@ -27,9 +27,11 @@ import test_pipeline as tp  # noqa: E402
 from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_draw_kernel_hand_computed_and_edge_cases,
     test_draw_kernel_matches_reference_on_random_rows,
+    test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token,
     test_dynamic_temperature_and_smoothing,
     test_fused_chain_equals_the_sequential_reference_with_row_masks,
     test_penalties_and_no_repeat_ngram,
+    test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs,
     test_single_param_kernels_match_reference,
     test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
     test_top_k_radix_select_edge_cases,
@@ -58,7 +60,7 @@ def blocked(monkeypatch, request):
     monkeypatch.setattr(_common, "BLOCKED_ABOVE", 8)
     monkeypatch.setattr(_common, "TILE", 16 if small else 128)
     calls = {"chain": 0, "draw": 0}
-    chain, draw = KB._blocked_chain_kernel, KB._blocked_draw_kernel
+    chain, draw = KB._blocked_chain_kernel, KD._blocked_draw_kernel
 
     class Spy:
         def __init__(self, kernel, name):
@@ -69,7 +71,7 @@ def blocked(monkeypatch, request):
             return self.kernel[grid]
 
     monkeypatch.setattr(KB, "_blocked_chain_kernel", Spy(chain, "chain"))
-    monkeypatch.setattr(KB, "_blocked_draw_kernel", Spy(draw, "draw"))
+    monkeypatch.setattr(KD, "_blocked_draw_kernel", Spy(draw, "draw"))
     yield calls
     if fn is not None and not fn.__name__.startswith(("test_foundation", "test_threshold")):  # some launch nothing
         assert calls["chain"] + calls["draw"] > 0, "the blocked kernels were not used"
@@ -84,6 +86,16 @@ def test_threshold_default(monkeypatch):
     assert not _common.use_blocked(65536) and _common.use_blocked(65537) and _common.use_blocked(151936)
     # the blocked path has no row limit (the whole-row block stops at 2**20)
     assert _common.use_blocked(2**21)
+
+
+@pytest.mark.parametrize("tiles_per_step", [1, 2])
+def test_blocked_draw_finds_the_target_tile_across_scan_steps(monkeypatch, tiles_per_step):
+    """The target tile is searched NTB tile sums at a time (the carry between steps): with 1
+    or 2 per step, V = 1000 in 8 tiles gives the reference tokens, the rounding fallback too."""
+    monkeypatch.setattr(KD, "_TILES_PER_STEP", tiles_per_step)
+    tk.test_draw_kernel_matches_reference_on_random_rows(torch.float32)
+    tk.test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token()
+    tk.test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs(torch.float32)
 
 
 def test_seeded_multi_step_draw_gives_the_same_tokens_on_both_backends():
