@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "okey", "softmax_stats", "entropy_of",
-           "top_mask", "finite_std", "saturate", "philox_uniform"]
+           "top_mask", "finite_std", "saturate", "philox_uniform", "online_softmax"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -110,6 +110,37 @@ def finite_std(x):
     std = tl.sqrt(sq / tl.maximum(countf - 1.0, 1.0))
     std = tl.where(count > 1, std, 0.0)
     return count, std
+
+
+@triton.jit
+def online_softmax(sm, ss, sez, sn, st, y):
+    """Fold one tile into a row's running statistics (online softmax).
+
+    ``y``: [TILE] fp32, removed tokens and padding lanes -inf. The running statistics, with
+    m = the raw max ``sm`` (0 where it is -inf): ``ss`` = sum exp(x - m), ``sez`` =
+    sum exp(x - m) (x - m) over exp > 0 (entropy: H = log ss - sez / ss), ``sn`` = finite
+    count, ``st`` = sum of the finite values. When the max grows, the sums are rescaled by
+    exp(m_old - m_new) (and ``sez`` shifted by (m_old - m_new) ``ss``). Returns the new
+    (sm, ss, sez, sn, st) and the tile's own (max, sum exp(y - its max))."""
+    tm = tl.max(y, 0)
+    finite = (y > float("-inf")) & (y < float("inf"))
+    tms = tl.where(tm > float("-inf"), tm, 0.0)
+    z = y - tms
+    e = tl.exp(z)
+    ts = tl.sum(e, 0)
+    tez = tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+    new_m = tl.maximum(sm, tm)
+    new_safe = tl.where(new_m > float("-inf"), new_m, 0.0)
+    d_old = tl.where(sm > float("-inf"), sm, 0.0) - new_safe
+    d_t = tms - new_safe
+    # a part that is all -inf contributes nothing (and its exp(d) may overflow)
+    c_old = tl.where(sm > float("-inf"), tl.exp(d_old), 0.0)
+    c_t = tl.where(tm > float("-inf"), tl.exp(d_t), 0.0)
+    ss2 = ss * c_old + ts * c_t
+    sez2 = c_old * (sez + d_old * ss) + c_t * (tez + d_t * ts)
+    sn2 = sn + tl.sum(finite.to(tl.int32), 0)
+    st2 = st + tl.sum(tl.where(finite, y, 0.0), 0)
+    return new_m, ss2, sez2, sn2, st2, tm, ts
 
 
 @triton.jit

@@ -7,6 +7,7 @@ and ``ptxas -v`` reports registers and spills per configuration.
     python -m kernels.aot                    # sm_90, BLOCK 4096, every kernel
     python -m kernels.aot --block 131072 --warps 32 --codes 6,7
     python -m kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
+    python -m kernels.aot --blocked --codes 6,7 --draw      # top_k + top_p with the draw fused
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions, which cannot be compiled).
@@ -109,14 +110,19 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
 
 
 def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Optional[list[int]] = None,
-                    dtype: str = "fp32") -> dict[str, str]:
+                    dtype: str = "fp32", draw: bool = False) -> dict[str, str]:
     """Compile the column-blocked chain (``kernels.blocked``; ``codes``, default every stage
-    code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program."""
+    code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program.
+    ``draw``: compile the chain with the draw fused at its end (``SamplerPipeline.sample``)."""
     cx = _chain_constants(codes, "TILE", tile)
     from . import blocked as KB
     from . import draw as D
 
-    sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
+    sig = {k: v for k, v in dict(_CHAIN_SIG, x_ptr=f"*{dtype}").items() if k not in ("B", "V", "stride_x")}
+    sig = dict(list(sig.items())[:9] + [("greedy_ptr", "*i8"), ("tok_ptr", "*i64"), ("lp_ptr", "*fp32"),
+                                        ("B", "i32"), ("V", "i32"), ("NT", "i32"), ("stride_x", "i32")]
+               + list(sig.items())[9:] + [("stride_scr", "i32")])
+    cx.update(DRAW=draw, NTB=D._TILES_PER_STEP)  # draw: the chain with the token draw at its end
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
     out["blocked_draw"] = _ptxas_info(
         _compile(D._blocked_draw_kernel, _draw_signature(dtype, blocked=True),
@@ -133,13 +139,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--codes", default=None, help="comma-separated stage codes of the chain (kernels.fused)")
     p.add_argument("--blocked", action="store_true", help="the column-blocked chain and draw instead")
     p.add_argument("--tile", type=int, default=8192, help="tile of the blocked kernels")
+    p.add_argument("--draw", action="store_true", help="--blocked: the chain with the draw fused at its end")
     a = p.parse_args(argv)
     codes = [int(c) for c in a.codes.split(",")] if a.codes else None
     import time
 
     t0 = time.perf_counter()
     if a.blocked:
-        result = compile_blocked(a.arch, a.tile, a.warps or 16, codes, a.dtype)
+        result = compile_blocked(a.arch, a.tile, a.warps or 16, codes, a.dtype, draw=a.draw)
     else:
         result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype)
     for name, info in result.items():

@@ -1,18 +1,25 @@
-"""Column-blocked chain and draw kernels for large vocabularies.
+"""Column-blocked chain kernel for large vocabularies.
 
 The whole-row kernels (``kernels.fused``, ``kernels.draw``) hold a row in registers
 (``BLOCK = next_pow2(V)``); past ~64k lanes that spills and compiles for minutes. Here one
 program per row loops over the row in tiles of ``TILE`` lanes (``_common.TILE``):
 
-- the input row is read once (any float dtype, upcast after the load) and written as fp32
-  to the output row, which is then the working row: every stage re-reads it tile by tile
-  from global memory (L2 for the usual B), computes its row statistics with streaming
-  reductions (max pass, then sum exp / entropy / count pass), runs its threshold search as
-  loops of tile reductions (top_k: 4 radix passes of a 256-bin histogram accumulated over
-  the tiles; top_p / typical_p: bisection, each iteration one pass, or on a compacted
-  ``[KMAX]`` copy of the surviving probabilities when at most KMAX tokens have p > 0), and
-  rewrites the row in place;
-- a stage whose row mask (or parameter) disables it for a row skips every pass of that row.
+- The first pass reads the input row (any float dtype, upcast after the load) only for its
+  statistics. The first stage that changes the row reads the input and writes the fp32
+  output row, which is the working row from then on; every later pass reads it tile by
+  tile (from L2 for the usual B) and rewrites it in place. A row no stage changes is copied
+  at the end.
+- Every pass that writes the row also folds what it writes into the row statistics
+  (online softmax, ``_common.online_softmax``: max, sum exp, entropy, finite count and sum,
+  argmax, and each tile's own max and sum exp), so the next stage starts from the
+  statistics of its input instead of re-reading the row for them.
+- Threshold searches run as loops of tile reductions (top_k: 4 radix passes of a 256-bin
+  histogram accumulated over the tiles; top_p / typical_p: bisection, each iteration one
+  pass, or on a compacted ``[KMAX]`` copy of the surviving values when at most KMAX tokens
+  are finite).
+- A stage whose row mask (or parameter) disables it for a row skips every pass of that row.
+- With ``DRAW``, the launch ends with the token draw (``kernels.draw``): the last write
+  pass left each tile's mass, so the inverse CDF reads one tile.
 
 Per-element formulas are those of the whole-row stages (``p = exp(x - m) / s``, ...); only
 the summation order of the reductions differs. Stage codes are the ones of
@@ -24,52 +31,57 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import okey, philox_uniform
+from ._common import okey, online_softmax, philox_uniform
+from .draw import pick_from_tiles
 from .penalties import stage_ban, stage_penalties
-from .temperature import dynatemp_of, stage_temperature
+from .temperature import dynatemp_of
 
 _NINF = float("-inf")
 
 
-# --------------------------------------------------------------------------- streaming stats
+# --------------------------------------------------------------------------- row access
 @triton.jit
-def _ld(o, start, V, TILE: tl.constexpr):
+def _ld(o, xin, wr, start, V, TILE: tl.constexpr):
+    """Tile ``start`` of the working row: the output row once a stage wrote it (``wr``),
+    the input row before (only one of the two masked loads moves memory)."""
     offs = start + tl.arange(0, TILE)
     valid = offs < V
-    x = tl.load(o + offs, mask=valid, other=float("-inf"))
-    return offs, valid, x
+    xo = tl.load(o + offs, mask=valid & (wr != 0), other=float("-inf"))
+    xi = tl.load(xin + offs, mask=valid & (wr == 0), other=float("-inf")).to(tl.float32)
+    return offs, valid, tl.where(wr != 0, xo, xi)
 
 
 @triton.jit
-def _row_max(o, V, TILE: tl.constexpr):
-    m = tl.full([], float("-inf"), tl.float32)
-    for start in range(0, V, TILE):
-        offs, valid, x = _ld(o, start, V, TILE)
-        m = tl.maximum(m, tl.max(x, 0))
-    return m
+def _fresh():
+    """Row statistics before the first tile: (max, sum exp, sum e z, finite count, finite sum, argmax)."""
+    return (tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.full([], 0.0, tl.float32),
+            tl.full([], 0, tl.int32), tl.full([], 0.0, tl.float32), tl.full([], 0, tl.int64))
 
 
 @triton.jit
-def _row_softmax(o, V, TILE: tl.constexpr):
-    """(raw max, safe max m, safe sum s, entropy H, finite count) of the row (two passes);
-    the formulas of ``_common.softmax_stats`` / ``entropy_of``: p = exp(x - m) / s."""
-    m_raw = _row_max(o, V, TILE)
-    m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
-    s = tl.full([], 0.0, tl.float32)
-    ez = tl.full([], 0.0, tl.float32)
-    n = tl.full([], 0, tl.int32)
-    for start in range(0, V, TILE):
-        offs, valid, x = _ld(o, start, V, TILE)
-        z = x - m
-        e = tl.exp(z)
-        s += tl.sum(e, 0)
-        ez += tl.sum(tl.where(e > 0, e * z, 0.0), 0)
-        n += tl.sum(((x > float("-inf")) & (x < float("inf"))).to(tl.int32), 0)
-    s = tl.where(s > 0, s, 1.0)
-    # H = -sum p log p = log s - sum(e z) / s
-    h = tl.log(s) - ez / s
-    h = tl.where(n > 0, h, 0.0)
-    return m_raw, m, s, h, n
+def _put(o, tiles, NT, offs, valid, start, y, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
+    """Store tile ``y`` of the working row and fold it into the running statistics; each
+    tile's (max, sum exp(y - max)) goes to ``tiles`` [2, NT] for the draw."""
+    tl.store(o + offs, y, mask=valid)
+    y = tl.where(valid, y, float("-inf"))
+    ti = tl.argmax(y, 0, tie_break_left=True).to(tl.int64) + start
+    sm_old = sm
+    sm, ss, sez, sn, st, tm, ts = online_softmax(sm, ss, sez, sn, st, y)
+    am = tl.where((tm > sm_old) | ((start == 0) & (tm == sm_old)), ti, am)
+    t = start // TILE
+    tl.store(tiles + t, tm)
+    tl.store(tiles + NT + t, ts)
+    return sm, ss, sez, sn, st, am
+
+
+@triton.jit
+def _derive(sm, ss, sez, sn):
+    """(safe max m, safe sum s, entropy H) from the running statistics; the formulas of
+    ``_common.softmax_stats`` / ``entropy_of``: p = exp(x - m) / s, H = log s - sum(e z) / s."""
+    m = tl.where(sm > float("-inf"), sm, 0.0)
+    s = tl.where(ss > 0, ss, 1.0)
+    h = tl.where(sn > 0, tl.log(s) - sez / s, 0.0)
+    return m, s, h
 
 
 @triton.jit
@@ -82,15 +94,17 @@ def _ukey(x):
     return okey(x).to(tl.uint32, bitcast=True) ^ 0x80000000
 
 
-# --------------------------------------------------------------------------- apply pass
+# --------------------------------------------------------------------------- write passes
 @triton.jit
-def _apply_keep(o, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr):
-    """Rewrite the row keeping the tokens of the rule MODE (and the row's top token(s)).
+def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr):
+    """Rewrite the row keeping the tokens of the rule MODE (and the row's top token(s));
+    returns the state after the pass (wr, statistics of the written row).
 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
     4: okey(|-log p - H|) <= thr."""
+    sm, ss, sez, sn, st, am = _fresh()
     for start in range(0, V, TILE):
-        offs, valid, x = _ld(o, start, V, TILE)
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
         if MODE == 0:
             keep = _p_of(x, m, s) >= thr
         elif MODE == 1:
@@ -103,13 +117,28 @@ def _apply_keep(o, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexp
             logp = (x - m) - tl.log(s)
             keep = okey(tl.abs(-logp - h)) <= thr
         keep = keep | ((x == m_raw) & (x > float("-inf")))
-        tl.store(o + offs, tl.where(keep, x, float("-inf")), mask=valid)
+        sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, tl.where(keep, x, float("-inf")),
+                                       sm, ss, sez, sn, st, am, TILE)
     tl.debug_barrier()
+    return wr | 1, sm, ss, sez, sn, st, am
+
+
+@triton.jit
+def _scale(o, xin, wr, tiles, NT, V, temp, TILE: tl.constexpr):
+    sm, ss, sez, sn, st, am = _fresh()
+    for start in range(0, V, TILE):
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+        sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, tl.math.div_rn(x, temp),
+                                       sm, ss, sez, sn, st, am, TILE)
+    tl.debug_barrier()
+    return wr | 1, sm, ss, sez, sn, st, am
 
 
 # --------------------------------------------------------------------------- stages
+# Each stage takes the row state (wr: the output row holds the working row; the running
+# statistics sm, ss, sez, sn, st, am of the working row) and returns it updated.
 @triton.jit
-def _b_top_k(o, V, k, en, TILE: tl.constexpr):
+def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
     en = en & (k > 0) & (k < V)
     if en:
         need = k.to(tl.int32)
@@ -118,7 +147,7 @@ def _b_top_k(o, V, k, en, TILE: tl.constexpr):
         for p in tl.static_range(4):
             hist = tl.zeros([256], tl.int32)
             for start in range(0, V, TILE):
-                offs, valid, x = _ld(o, start, V, TILE)
+                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
                 ukey = _ukey(x)
                 digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
                 if p == 0:
@@ -131,17 +160,18 @@ def _b_top_k(o, V, k, en, TILE: tl.constexpr):
             above = tl.sum(tl.where(bins > d, hist, 0), 0)
             need = need - above
             prefix = prefix * 256 + d.to(tl.uint32)
-        m_raw = _row_max(o, V, TILE)
-        _apply_keep(o, V, 2, prefix, m_raw, m_raw, 1.0, 0.0, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_compact(o, V, m, s, h, VAL: tl.constexpr, scr, TILE: tl.constexpr):
+def _b_compact(o, xin, wr, V, m, s, h, VAL: tl.constexpr, scr, TILE: tl.constexpr):
     """Store p (VAL 0) or d = |-log p - H| (VAL 1) of the tokens with p > 0 contiguously at
-    ``scr`` in token order (the caller checked there are at most KMAX of them)."""
+    ``scr`` in token order (the caller checked there are at most KMAX of them); returns
+    how many."""
     base = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
-        offs, valid, x = _ld(o, start, V, TILE)
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
         p = _p_of(x, m, s)
         alive = valid & (p > 0)
         pos = base + tl.cumsum(alive.to(tl.int32), 0) - 1
@@ -152,26 +182,21 @@ def _b_compact(o, V, m, s, h, VAL: tl.constexpr, scr, TILE: tl.constexpr):
         tl.store(scr + pos, val, mask=alive)
         base += tl.sum(alive.to(tl.int32), 0)
     tl.debug_barrier()
+    return base
 
 
 @triton.jit
-def _b_top_p(o, V, tp, en, scr, TILE: tl.constexpr, KMAX: tl.constexpr):
+def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TILE: tl.constexpr,
+             KMAX: tl.constexpr):
     en = en & (tp < 1.0)
     if en:
-        m_raw, m, s, h, n_fin = _row_softmax(o, V, TILE)
-        lo = tl.full([], 2147483647, tl.int32)
-        hi = tl.full([], 0, tl.int32)
-        n = tl.full([], 0, tl.int32)
-        for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
-            p = _p_of(x, m, s)
-            key = p.to(tl.int32, bitcast=True)
-            lo = tl.minimum(lo, tl.min(tl.where(valid, key, 2147483647), 0))
-            hi = tl.maximum(hi, tl.max(tl.where(valid, key, 0), 0))
-            n += tl.sum((valid & (p > 0)).to(tl.int32), 0)
-        lo = lo - 1
-        if n <= KMAX:
-            _b_compact(o, V, m, s, h, 0, scr, TILE)
+        m, s, h = _derive(sm, ss, sez, sn)
+        # bisection over the bits of p (p >= 0: its bits are ordered) for the smallest tau
+        # with mass(p > tau) < top_p; the top token's p is exp(0) / s, the row's largest
+        lo = tl.full([], -1, tl.int32)
+        hi = tl.where(sm > float("-inf"), (1.0 / s).to(tl.int32, bitcast=True), 0)
+        if sn <= KMAX:  # few finite tokens: search a compacted copy of their p in registers
+            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, TILE)
             j = tl.arange(0, KMAX)
             pc = tl.load(scr + j, mask=j < n, other=0.0)
             keyc = pc.to(tl.int32, bitcast=True)
@@ -185,34 +210,28 @@ def _b_top_p(o, V, tp, en, scr, TILE: tl.constexpr, KMAX: tl.constexpr):
                 mid = lo + (hi - lo) // 2
                 mass = tl.full([], 0.0, tl.float32)
                 for start in range(0, V, TILE):
-                    offs, valid, x = _ld(o, start, V, TILE)
+                    offs, valid, x = _ld(o, xin, wr, start, V, TILE)
                     p = _p_of(x, m, s)
                     mass += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > mid, p, 0.0), 0)
                 good = mass < tp
                 hi = tl.where(good, mid, hi)
                 lo = tl.where(good, lo, mid)
-        _apply_keep(o, V, 3, hi, m_raw, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 3, hi, sm, m, s, h, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_typical(o, V, tp, en, scr, TILE: tl.constexpr, KMAX: tl.constexpr):
+def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TILE: tl.constexpr,
+               KMAX: tl.constexpr):
     en = en & (tp < 1.0)
     if en:
-        m_raw, m, s, h, n_fin = _row_softmax(o, V, TILE)
-        lo = tl.full([], 2147483647, tl.int32)
-        hi = tl.full([], 0, tl.int32)
-        n = tl.full([], 0, tl.int32)
-        for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
-            p = _p_of(x, m, s)
-            key = okey(tl.abs(-((x - m) - tl.log(s)) - h))
-            lo = tl.minimum(lo, tl.min(tl.where(valid, key, 2147483647), 0))
-            hi = tl.maximum(hi, tl.max(tl.where(valid, key, 0), 0))
-            n += tl.sum((valid & (p > 0)).to(tl.int32), 0)
-        hi = hi + 1
-        if n <= KMAX:
-            _b_compact(o, V, m, s, h, 0, scr, TILE)
-            _b_compact(o, V, m, s, h, 1, scr + KMAX, TILE)
+        m, s, h = _derive(sm, ss, sez, sn)
+        # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf)
+        lo = tl.full([], -1, tl.int32)
+        hi = tl.full([], 0x7F800001, tl.int32)
+        if sn <= KMAX:
+            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, TILE)
+            _b_compact(o, xin, wr, V, m, s, h, 1, scr + KMAX, TILE)
             j = tl.arange(0, KMAX)
             pc = tl.load(scr + j, mask=j < n, other=0.0)
             keyc = okey(tl.load(scr + KMAX + j, mask=j < n, other=0.0))
@@ -226,23 +245,25 @@ def _b_typical(o, V, tp, en, scr, TILE: tl.constexpr, KMAX: tl.constexpr):
                 mid = lo + (hi - lo) // 2
                 mass = tl.full([], 0.0, tl.float32)
                 for start in range(0, V, TILE):
-                    offs, valid, x = _ld(o, start, V, TILE)
+                    offs, valid, x = _ld(o, xin, wr, start, V, TILE)
                     p = _p_of(x, m, s)
                     key = okey(tl.abs(-((x - m) - tl.log(s)) - h))
                     mass += tl.sum(tl.where(key < mid, p, 0.0), 0)
                 good = mass < tp
                 lo = tl.where(good, mid, lo)
                 hi = tl.where(good, hi, mid)
-        _apply_keep(o, V, 4, lo, m_raw, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 4, lo, sm, m, s, h, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_prob_cut(o, V, KIND: tl.constexpr, a, en, TILE: tl.constexpr):
+def _b_prob_cut(o, xin, wr, tiles, NT, V, KIND: tl.constexpr, a, en, sm, ss, sez, sn, st, am,
+                TILE: tl.constexpr):
     """KIND 0 top_a (p >= a p_max^2), 1 min_p (p >= a p_max), 2 eta, 3 epsilon (p >= a)."""
     en = en & (a > 0)
     if en:
-        m_raw, m, s, h, n = _row_softmax(o, V, TILE)
-        pmax = tl.where(m_raw > float("-inf"), 1.0 / s, 0.0)
+        m, s, h = _derive(sm, ss, sez, sn)
+        pmax = tl.where(sm > float("-inf"), 1.0 / s, 0.0)
         if KIND == 0:
             thr = a * pmax * pmax
         elif KIND == 1:
@@ -251,103 +272,107 @@ def _b_prob_cut(o, V, KIND: tl.constexpr, a, en, TILE: tl.constexpr):
             thr = tl.minimum(a, tl.sqrt(tl.maximum(a, 0.0)) * tl.exp(-h))
         else:
             thr = a
-        _apply_keep(o, V, 0, thr, m_raw, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 0, thr, sm, m, s, h, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_nsigma(o, V, nsig, en, TILE: tl.constexpr):
+def _b_nsigma(o, xin, wr, tiles, NT, V, nsig, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
     en = en & (nsig > 0)
     if en:
-        m_raw = tl.full([], float("-inf"), tl.float32)
-        cnt = tl.full([], 0, tl.int32)
-        tot = tl.full([], 0.0, tl.float32)
-        for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
-            finite = (x > float("-inf")) & (x < float("inf"))
-            m_raw = tl.maximum(m_raw, tl.max(x, 0))
-            cnt += tl.sum(finite.to(tl.int32), 0)
-            tot += tl.sum(tl.where(finite, x, 0.0), 0)
-        countf = cnt.to(tl.float32)
-        mean = tot / tl.maximum(countf, 1.0)
+        # the two-pass sample std of the reference: the mean from the running sum, then
+        # one pass for the squared deviations
+        countf = sn.to(tl.float32)
+        mean = st / tl.maximum(countf, 1.0)
         sq = tl.full([], 0.0, tl.float32)
         for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
             finite = (x > float("-inf")) & (x < float("inf"))
             d = tl.where(finite, x - mean, 0.0)
             sq += tl.sum(d * d, 0)
         std = tl.sqrt(sq / tl.maximum(countf - 1.0, 1.0))
-        std = tl.where(cnt > 1, std, 0.0)
-        _apply_keep(o, V, 1, m_raw - nsig * std, m_raw, m_raw, 1.0, 0.0, TILE)
+        std = tl.where(sn > 1, std, 0.0)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 1, sm - nsig * std, sm, sm, 1.0, 0.0,
+                                                  TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_xtc(o, V, threshold, probability, coin, en, TILE: tl.constexpr):
+def _b_xtc(o, xin, wr, tiles, NT, V, threshold, probability, coin, en, sm, ss, sez, sn, st, am,
+           TILE: tl.constexpr):
     en = en & (probability > 0) & (coin < probability)
     if en:
-        m_raw, m, s, h, n = _row_softmax(o, V, TILE)
+        m, s, h = _derive(sm, ss, sez, sn)
         size = tl.full([], 0, tl.int32)
         min_c = tl.full([], float("inf"), tl.float32)
         for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
             p = _p_of(x, m, s)
             in_c = (p >= threshold) & (x > float("-inf")) & (x < float("inf")) & valid
             size += tl.sum(in_c.to(tl.int32), 0)
             min_c = tl.minimum(min_c, tl.min(tl.where(in_c, p, float("inf")), 0))
         if size >= 2:
+            sm, ss, sez, sn, st, am = _fresh()
             for start in range(0, V, TILE):
-                offs, valid, x = _ld(o, start, V, TILE)
+                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
                 p = _p_of(x, m, s)
                 in_c = (p >= threshold) & (x > float("-inf")) & (x < float("inf")) & valid
-                tl.store(o + offs, tl.where(in_c & (p > min_c), float("-inf"), x), mask=valid)
+                sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start,
+                                               tl.where(in_c & (p > min_c), float("-inf"), x),
+                                               sm, ss, sez, sn, st, am, TILE)
             tl.debug_barrier()
+            wr = wr | 1
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_scale(o, V, temp, TILE: tl.constexpr):
-    for start in range(0, V, TILE):
-        offs, valid, x = _ld(o, start, V, TILE)
-        tl.store(o + offs, tl.math.div_rn(x, temp), mask=valid)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _b_dynatemp(o, V, t_min, t_max, exponent, en, TILE: tl.constexpr):
+def _b_dynatemp(o, xin, wr, tiles, NT, V, t_min, t_max, exponent, en, sm, ss, sez, sn, st, am,
+                TILE: tl.constexpr):
     en = en & ((t_min != 0) | (t_max != 0))
     if en:
-        m_raw, m, s, h, n = _row_softmax(o, V, TILE)
-        _b_scale(o, V, dynatemp_of(h, n, t_min, t_max, exponent), TILE)
+        m, s, h = _derive(sm, ss, sez, sn)
+        wr, sm, ss, sez, sn, st, am = _scale(o, xin, wr, tiles, NT, V, dynatemp_of(h, sn, t_min, t_max, exponent),
+                                             TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_temperature(o, V, t, en, TILE: tl.constexpr):
+def _b_temperature(o, xin, wr, tiles, NT, V, t, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
     en = en & (t != 1.0) & (t >= 1e-5)
     if en:
-        _b_scale(o, V, t, TILE)
+        wr, sm, ss, sez, sn, st, am = _scale(o, xin, wr, tiles, NT, V, t, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_smoothing(o, V, f, c, en, TILE: tl.constexpr):
+def _b_smoothing(o, xin, wr, tiles, NT, V, f, c, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
     en = en & (f != 0)
     if en:
         k = f * (3.0 - c) / 2.0
         sc = f * (c - 1.0) / 2.0
-        m = _row_max(o, V, TILE)
+        m = sm
+        sm, ss, sez, sn, st, am = _fresh()
         for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
             finite = (x > float("-inf")) & (x < float("inf"))
             d = tl.where(finite, x - m, 0.0)
             dd = d * d
             smoothed = m - k * dd + sc * (dd * d)
-            tl.store(o + offs, tl.where(finite, smoothed, x), mask=valid)
+            sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, tl.where(finite, smoothed, x),
+                                           sm, ss, sez, sn, st, am, TILE)
         tl.debug_barrier()
+        wr = wr | 1
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_side(o, V, CODE: tl.constexpr, side_ptr, cnt_ptr, r, f, pr, en, TILE: tl.constexpr):
+def _b_side(o, xin, wr, tiles, NT, V, CODE: tl.constexpr, side_ptr, cnt_ptr, r, f, pr, en,
+            sm, ss, sez, sn, st, am, TILE: tl.constexpr):
     """Elementwise stages with a [V] side input: PENALTIES (seen, counts), NGRAM (ban mask)."""
     if en:
+        sm, ss, sez, sn, st, am = _fresh()
         for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, start, V, TILE)
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
             if CODE == 1:
                 seen = tl.load(side_ptr + offs, mask=valid, other=0) != 0
                 cnt = tl.load(cnt_ptr + offs, mask=valid, other=0)
@@ -355,8 +380,10 @@ def _b_side(o, V, CODE: tl.constexpr, side_ptr, cnt_ptr, r, f, pr, en, TILE: tl.
             else:
                 banned = tl.load(side_ptr + offs, mask=valid, other=0) != 0
                 y = stage_ban(x, banned, en)
-            tl.store(o + offs, y, mask=valid)
+            sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, y, sm, ss, sez, sn, st, am, TILE)
         tl.debug_barrier()
+        wr = wr | 1
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
@@ -365,77 +392,115 @@ def _prm(prm_ptr, idx: tl.constexpr, row, B):
 
 
 @triton.jit
-def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
-            ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE: tl.constexpr, KMAX: tl.constexpr):
+def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr,
+            seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
+            TILE: tl.constexpr, KMAX: tl.constexpr):
     if CODE != 0:
         en = tl.load(rmask_ptr + SLOT * B + row) != 0
         if CODE == 1:  # PENALTIES
-            _b_side(o, V, 1, seen_ptr + row * stride_s, cnt_ptr + row * stride_c, _prm(prm_ptr, 0, row, B),
-                    _prm(prm_ptr, 1, row, B), _prm(prm_ptr, 2, row, B),
-                    en & ((_prm(prm_ptr, 0, row, B) != 1.0) | (_prm(prm_ptr, 1, row, B) != 0.0)
-                          | (_prm(prm_ptr, 2, row, B) != 0.0)), TILE)
+            r, f, pr = _prm(prm_ptr, 0, row, B), _prm(prm_ptr, 1, row, B), _prm(prm_ptr, 2, row, B)
+            wr, sm, ss, sez, sn, st, am = _b_side(
+                o, xin, wr, tiles, NT, V, 1, seen_ptr + row * stride_s, cnt_ptr + row * stride_c, r, f, pr,
+                en & ((r != 1.0) | (f != 0.0) | (pr != 0.0)), sm, ss, sez, sn, st, am, TILE)
         elif CODE == 2:  # NGRAM
-            _b_side(o, V, 2, ban_ptr + row * stride_b, cnt_ptr, 1.0, 0.0, 0.0, en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_side(o, xin, wr, tiles, NT, V, 2, ban_ptr + row * stride_b, cnt_ptr,
+                                                  1.0, 0.0, 0.0, en, sm, ss, sez, sn, st, am, TILE)
         elif CODE == 3:
-            _b_temperature(o, V, _prm(prm_ptr, 3, row, B), en, TILE)
-        elif CODE == 4:
-            _b_dynatemp(o, V, _prm(prm_ptr, 4, row, B), _prm(prm_ptr, 5, row, B), _prm(prm_ptr, 6, row, B),
-                        en, TILE)
-            _b_temperature(o, V, _prm(prm_ptr, 3, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 3, row, B), en,
+                                                         sm, ss, sez, sn, st, am, TILE)
+        elif CODE == 4:  # dynatemp, then static temperature (the pipeline's temperature unit)
+            wr, sm, ss, sez, sn, st, am = _b_dynatemp(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 4, row, B),
+                                                      _prm(prm_ptr, 5, row, B), _prm(prm_ptr, 6, row, B), en,
+                                                      sm, ss, sez, sn, st, am, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 3, row, B), en,
+                                                         sm, ss, sez, sn, st, am, TILE)
         elif CODE == 5:
-            _b_nsigma(o, V, _prm(prm_ptr, 9, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_nsigma(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 9, row, B), en,
+                                                    sm, ss, sez, sn, st, am, TILE)
         elif CODE == 6:
-            _b_top_k(o, V, _prm(prm_ptr, 10, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 10, row, B), en,
+                                                   sm, ss, sez, sn, st, am, TILE)
         elif CODE == 7:
-            _b_top_p(o, V, _prm(prm_ptr, 11, row, B), en, scr, TILE, KMAX)
+            wr, sm, ss, sez, sn, st, am = _b_top_p(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 11, row, B), en,
+                                                   sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 8:
-            _b_prob_cut(o, V, 0, _prm(prm_ptr, 12, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 0, _prm(prm_ptr, 12, row, B), en,
+                                                      sm, ss, sez, sn, st, am, TILE)
         elif CODE == 9:
-            _b_prob_cut(o, V, 1, _prm(prm_ptr, 13, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 1, _prm(prm_ptr, 13, row, B), en,
+                                                      sm, ss, sez, sn, st, am, TILE)
         elif CODE == 10:
-            _b_prob_cut(o, V, 2, _prm(prm_ptr, 14, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 2, _prm(prm_ptr, 14, row, B), en,
+                                                      sm, ss, sez, sn, st, am, TILE)
         elif CODE == 11:
-            _b_prob_cut(o, V, 3, _prm(prm_ptr, 15, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 3, _prm(prm_ptr, 15, row, B), en,
+                                                      sm, ss, sez, sn, st, am, TILE)
         elif CODE == 12:
-            _b_typical(o, V, _prm(prm_ptr, 16, row, B), en, scr, TILE, KMAX)
+            wr, sm, ss, sez, sn, st, am = _b_typical(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 16, row, B), en,
+                                                     sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 13:
-            _b_smoothing(o, V, _prm(prm_ptr, 7, row, B), _prm(prm_ptr, 8, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_smoothing(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 7, row, B),
+                                                       _prm(prm_ptr, 8, row, B), en, sm, ss, sez, sn, st, am, TILE)
         elif CODE == 14:
-            _b_xtc(o, V, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), _prm(prm_ptr, 19, row, B), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 17, row, B),
+                                                 _prm(prm_ptr, 18, row, B), _prm(prm_ptr, 19, row, B), en,
+                                                 sm, ss, sez, sn, st, am, TILE)
         elif CODE == 15:
-            _b_xtc(o, V, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), philox_uniform(key_ptr, row, B, 1), en, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 17, row, B),
+                                                 _prm(prm_ptr, 18, row, B), philox_uniform(key_ptr, row, B, 1), en,
+                                                 sm, ss, sez, sn, st, am, TILE)
+    return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
 def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_ptr,
-                          B, V, stride_x, stride_o, stride_s, stride_c, stride_b,
+                          greedy_ptr, tok_ptr, lp_ptr, B, V, NT, stride_x, stride_o, stride_s, stride_c, stride_b,
+                          stride_scr,
                           S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                           S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
                           S8: tl.constexpr, S9: tl.constexpr, S10: tl.constexpr, S11: tl.constexpr,
                           S12: tl.constexpr, S13: tl.constexpr, S14: tl.constexpr, S15: tl.constexpr,
-                          TILE: tl.constexpr, KMAX: tl.constexpr):
+                          TILE: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr, NTB: tl.constexpr):
+    """The stages S0..S15 on one row in tiles; with DRAW, then the draw (tokens to ``tok_ptr``,
+    their log-probabilities to ``lp_ptr``, uniforms from the rows' Philox words ``key_ptr``).
+    ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, then [2, NT] tile statistics."""
     row = tl.program_id(0).to(tl.int64)
     o = out_ptr + row * stride_o
-    scr = scr_ptr + row * (2 * KMAX)
-    for start in range(0, V, TILE):  # the one read of the input: fp32 copy into the working row
+    xin = x_ptr + row * stride_x
+    scr = scr_ptr + row * stride_scr
+    tiles = scr + 2 * KMAX
+    # statistics of the input row: one read, nothing written yet
+    sm, ss, sez, sn, st, am = _fresh()
+    for start in range(0, V, TILE):
         offs = start + tl.arange(0, TILE)
-        valid = offs < V
-        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        tl.store(o + offs, x, mask=valid)
-    tl.debug_barrier()
-    _bstage(S0, 0, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S1, 1, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S2, 2, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S3, 3, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S4, 4, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S5, 5, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S6, 6, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S7, 7, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S8, 8, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S9, 9, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S10, 10, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S11, 11, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S12, 12, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S13, 13, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S14, 14, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
-    _bstage(S15, 15, o, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, TILE, KMAX)
+        x = tl.load(xin + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        sm, ss, sez, sn, st, tm, ts = online_softmax(sm, ss, sez, sn, st, x)
+    wr = tl.full([], 0, tl.int32)
+    wr, sm, ss, sez, sn, st, am = _bstage(S0, 0, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S1, 1, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S2, 2, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S3, 3, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S4, 4, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S5, 5, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S6, 6, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S7, 7, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S8, 8, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S9, 9, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S10, 10, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S11, 11, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S12, 12, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S13, 13, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S14, 14, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    wr, sm, ss, sez, sn, st, am = _bstage(S15, 15, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    if wr == 0:  # no stage changed this row: the output is the fp32 input
+        sm, ss, sez, sn, st, am = _fresh()
+        for start in range(0, V, TILE):
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+            sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, x, sm, ss, sez, sn, st, am, TILE)
+        tl.debug_barrier()
+    if DRAW:
+        greedy = tl.load(greedy_ptr + row) != 0
+        u = philox_uniform(key_ptr, row, B, 0)
+        tok, lp = pick_from_tiles(o, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
+        tl.store(tok_ptr + row, tok)
+        tl.store(lp_ptr + row, lp)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_for, philox_uniform, softmax_stats, warps_for
+from ._common import block_for, online_softmax, philox_uniform, softmax_stats, warps_for
 
 #: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
 _TILES_PER_STEP = 64
@@ -57,47 +57,20 @@ def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, strid
 
 
 @triton.jit
-def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
-                         TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
-    """``_draw_kernel`` for long rows, in one pass over the row plus one tile.
+def pick_from_tiles(xr, tiles, NT, V, m_raw, s, am, greedy, u, TILE: tl.constexpr, NTB: tl.constexpr):
+    """The draw of a long row from its statistics: ``m_raw`` (raw max), ``s`` (sum exp(x - m)),
+    ``am`` (argmax) and ``tiles`` [2, NT], each tile's (max, sum exp(x - tile max)).
 
-    The pass keeps the running max, argmax (lowest id on ties) and softmax sum (rescaled
-    when the max grows, as in online softmax) and stores each tile's (max, sum of
-    exp(x - tile max)) in the scratch row ``scr`` [2, NT]. The inverse CDF then finds the
-    tile whose cumulative mass first exceeds ``u * total`` from those NT pairs and scans that
-    tile alone, carrying the mass of the tiles before it. Greedy rows stop after the pass."""
-    row = tl.program_id(0).to(tl.int64)
-    xr = x_ptr + row * stride_x
-    scr = scr_ptr + row * (2 * NT)
-    greedy = tl.load(greedy_ptr + row) != 0
-    m_raw = tl.full([], float("-inf"), tl.float32)
-    s = tl.full([], 0.0, tl.float32)
-    am = tl.full([], 0, tl.int64)
-    for start in range(0, V, TILE):
-        offs = start + tl.arange(0, TILE)
-        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        tm = tl.max(x, 0)
-        ti = tl.argmax(x, 0, tie_break_left=True).to(tl.int64) + start
-        am = tl.where((tm > m_raw) | ((start == 0) & (tm == m_raw)), ti, am)
-        tm_safe = tl.where(tm > float("-inf"), tm, 0.0)
-        ts = tl.sum(tl.exp(x - tm_safe), 0)
-        t = start // TILE
-        tl.store(scr + t, tm)
-        tl.store(scr + NT + t, ts)
-        new_m = tl.maximum(m_raw, tm)
-        new_safe = tl.where(new_m > float("-inf"), new_m, 0.0)
-        old_safe = tl.where(m_raw > float("-inf"), m_raw, 0.0)
-        s = s * tl.exp(old_safe - new_safe) + ts * tl.exp(tm_safe - new_safe)
-        m_raw = new_m
-    tl.debug_barrier()
+    Greedy rows take ``am``. Otherwise the tile whose cumulative mass first exceeds ``u * s``
+    is found from the NT pairs (NTB at a time) and only that tile of ``xr`` is read: the
+    inverse CDF in token-id order, carrying the mass of the tiles before it. Rounding can
+    leave the target at or past the total: then the last token with p > 0, as the reference.
+    Returns (token id, its log-probability x - m - log s)."""
     m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
     log_s = tl.log(tl.where(s > 0, s, 1.0))
-    if greedy:
-        tl.store(out_ptr + row, am)
-        tl.store(lp_ptr + row, tl.where(m_raw > float("-inf"), -log_s, float("-inf")))
-    else:
-        target = _row_uniform(u_ptr, key_ptr, row, B, KEYED) * s
-        # the first tile whose cumulative mass exceeds the target; the last tile with mass
+    tok = am
+    if not greedy:
+        target = u * s
         carry = tl.full([], 0.0, tl.float32)
         hit = tl.full([], -1, tl.int32)
         before = tl.full([], 0.0, tl.float32)
@@ -105,19 +78,19 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
         for c in range(0, NT, NTB):
             j = c + tl.arange(0, NTB)
             inside = j < NT
-            tmx = tl.load(scr + j, mask=inside, other=float("-inf"))
-            mass = tl.where(tmx > float("-inf"), tl.load(scr + NT + j, mask=inside, other=0.0) * tl.exp(tmx - m), 0.0)
+            tmx = tl.load(tiles + j, mask=inside, other=float("-inf"))
+            mass = tl.where(tmx > float("-inf"), tl.load(tiles + NT + j, mask=inside, other=0.0) * tl.exp(tmx - m),
+                            0.0)
             cum = carry + tl.cumsum(mass, 0)
             first = tl.min(tl.where(inside & (cum > target), j, 2147483647), 0)
             found = (hit < 0) & (first < 2147483647)
-            # mass of the tiles before ``first``: the inclusive sum of its predecessor (<= target)
+            # mass before ``first``: the cumulative sum of its predecessor (<= target)
             before = tl.where(found, tl.max(tl.where(inside & (j < first), cum, carry), 0), before)
             hit = tl.where(found, first, hit)
             last_t = tl.maximum(last_t, tl.max(tl.where(inside & (mass > 0), j, -1), 0))
             carry = tl.max(tl.where(inside, cum, carry), 0)
-        # rounding can leave the target at or past the total: the last token with p > 0
         t = tl.where(hit >= 0, hit, last_t)
-        idx = tl.full([], 0, tl.int64) + V - 1
+        tok = tl.full([], 0, tl.int64) + V - 1
         if t >= 0:
             offs = t.to(tl.int64) * TILE + tl.arange(0, TILE)
             valid = offs < V
@@ -126,10 +99,41 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
             below = tl.sum((valid & (cdf <= target)).to(tl.int32), 0)
             last_in = tl.max(tl.where(valid & (e > 0), offs, -1), 0)
             crossed = (hit >= 0) & (below < tl.sum(valid.to(tl.int32), 0))
-            idx = tl.where(crossed, t.to(tl.int64) * TILE + below, last_in)
-        x_tok = tl.load(xr + idx).to(tl.float32)
-        tl.store(out_ptr + row, idx)
-        tl.store(lp_ptr + row, x_tok - m - log_s)
+            tok = tl.where(crossed, t.to(tl.int64) * TILE + below, last_in)
+    x_tok = tl.load(xr + tok).to(tl.float32)
+    return tok, x_tok - m - log_s
+
+
+@triton.jit
+def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
+                         TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
+    """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
+    sum exp, and each tile's (max, sum exp) in the scratch row [2, NT]), then
+    ``pick_from_tiles`` (greedy rows read nothing more, the others one tile)."""
+    row = tl.program_id(0).to(tl.int64)
+    xr = x_ptr + row * stride_x
+    tiles = scr_ptr + row * (2 * NT)
+    sm = tl.full([], float("-inf"), tl.float32)
+    ss = tl.full([], 0.0, tl.float32)
+    sez = tl.full([], 0.0, tl.float32)
+    sn = tl.full([], 0, tl.int32)
+    st = tl.full([], 0.0, tl.float32)
+    am = tl.full([], 0, tl.int64)
+    for start in range(0, V, TILE):
+        offs = start + tl.arange(0, TILE)
+        x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        ti = tl.argmax(x, 0, tie_break_left=True).to(tl.int64) + start
+        sm_old = sm
+        sm, ss, sez, sn, st, tm, ts = online_softmax(sm, ss, sez, sn, st, x)
+        am = tl.where((tm > sm_old) | ((start == 0) & (tm == sm_old)), ti, am)
+        tl.store(tiles + start // TILE, tm)
+        tl.store(tiles + NT + start // TILE, ts)
+    tl.debug_barrier()
+    greedy = tl.load(greedy_ptr + row) != 0
+    u = _row_uniform(u_ptr, key_ptr, row, B, KEYED)
+    tok, lp = pick_from_tiles(xr, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
+    tl.store(out_ptr + row, tok)
+    tl.store(lp_ptr + row, lp)
 
 
 def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch.Tensor],

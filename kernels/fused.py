@@ -203,13 +203,18 @@ def run_chain(
     banned: Optional[torch.Tensor] = None,
     keys: Optional[torch.Tensor] = None,
     rmask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    draw_greedy: Optional[torch.Tensor] = None,
+):
     """Apply the stages ``codes`` (each with its row mask, None = all rows) to ``x`` [B, V]
     (fp32/fp16/bf16) in one launch; returns a new fp32 [B, V] tensor.
 
     ``table``: float32 [NPARAMS, B] (``param_table``); ``seen``/``counts``: the history's
     [B, V] state for PENALTIES; ``banned``: bool [B, V] for NGRAM; ``keys``: int32 [4, B]
-    (``key_words``) for XTC_PHILOX; ``rmask``: a prebuilt ``row_masks(masks)``."""
+    (``key_words``) for XTC_PHILOX; ``rmask``: a prebuilt ``row_masks(masks)``.
+
+    ``draw_greedy`` ([B] bool; needs ``keys``): also draw each row's token in the same launch
+    (``kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs); only
+    rows on the column-blocked path (``fused_draw_supported(V)``)."""
     if len(codes) > NSLOTS:
         raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
     B, V = x.shape
@@ -240,16 +245,28 @@ def run_chain(
     keys_t = keys if keys is not None else rmask
     if _common.use_blocked(V):
         # column-blocked variant (kernels.blocked): loops over tiles of _common.TILE lanes
+        from . import draw as KD
         from .blocked import _blocked_chain_kernel
 
         tile = _common.TILE
         kmax = compact_size(tile)
-        needs_scratch = TOP_P in codes or TYPICAL in codes
-        scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
-        _blocked_chain_kernel[(B,)](x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch, B, V,
-                                    x.stride(0), out.stride(0), ss, sc, sb, **kwargs, TILE=tile, KMAX=kmax,
-                                    num_warps=_common.TILE_WARPS)
-        return out
+        nt = triton.cdiv(V, tile)
+        # per row: [2 * KMAX] for the compacted top_p / typical searches, [2, NT] tile statistics
+        scratch = torch.empty((B, 2 * kmax + 2 * nt), dtype=torch.float32, device=x.device)
+        drawing = draw_greedy is not None
+        if drawing:
+            if keys is None:
+                raise ValueError("the draw needs the rows' key words")
+            tokens = torch.empty(B, dtype=torch.int64, device=x.device)
+            logprobs = torch.empty(B, dtype=torch.float32, device=x.device)
+            greedy_t = draw_greedy.to(torch.int8).contiguous()
+        else:
+            tokens = logprobs = greedy_t = rmask  # unused pointers
+        _blocked_chain_kernel[(B,)](x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
+                                    greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
+                                    scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
+                                    NTB=KD._TILES_PER_STEP, num_warps=_common.TILE_WARPS)
+        return (out, tokens, logprobs) if drawing else out
     block = block_for(V)
     kmax = compact_size(block)
     needs_scratch = TOP_P in codes or TYPICAL in codes

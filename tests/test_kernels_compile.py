@@ -48,3 +48,21 @@ def test_blocked_kernels_compile_for_sm90_without_spills():
     for name in ("blocked_chain", "blocked_draw"):
         line = r.stdout.split(f"{name}:")[1].splitlines()[0]
         assert "0 bytes spill stores" in line or "ptxas not found" in line, line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
+@pytest.mark.parametrize("codes", ["9", "6,7"], ids=["min_p", "top_k+top_p"])
+def test_blocked_chain_with_the_fused_draw_compiles_without_spills(codes):
+    """The benchmark's configurations (a) and (b) with the draw at the end of the chain (what
+    ``SamplerPipeline.sample`` launches for V = 128256). (Every stage code at once plus the
+    draw spills one 4-byte scalar at 128 registers: not tested.)"""
+    from kernels import _common
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--blocked", "--draw", "--codes", codes, "--dtype", "bf16",
+                        "--tile", str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
+                       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.split("blocked_chain:")[1].splitlines()[0]
+    assert "0 bytes spill stores" in line or "ptxas not found" in line, line
