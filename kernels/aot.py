@@ -23,8 +23,14 @@ import tempfile
 from typing import Optional
 
 _CHAIN_SIG = {"x_ptr": "*fp32", "out_ptr": "*fp32", "prm_ptr": "*fp32", "rmask_ptr": "*i8", "seen_ptr": "*i8",
-              "cnt_ptr": "*i32", "ban_ptr": "*i8", "key_ptr": "*i32", "scr_ptr": "*fp32", "B": "i32", "V": "i32", "stride_x": "i32",
+              "cnt_ptr": "*i32", "ban_ptr": "*i8", "key_ptr": "*i32", "scr_ptr": "*fp32", "greedy_ptr": "*i8",
+              "tok_ptr": "*i64", "lp_ptr": "*fp32", "B": "i32", "V": "i32", "stride_x": "i32",
               "stride_o": "i32", "stride_s": "i32", "stride_c": "i32", "stride_b": "i32"}
+# the column-blocked chain: the tile count after V, the scratch row stride at the end
+_BLOCKED_CHAIN_SIG = {**{k: v for k, v in _CHAIN_SIG.items() if k not in ("stride_x", "stride_o", "stride_s",
+                                                                          "stride_c", "stride_b")},
+                      "NT": "i32", "stride_x": "i32", "stride_o": "i32", "stride_s": "i32", "stride_c": "i32",
+                      "stride_b": "i32", "stride_scr": "i32"}
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
@@ -97,6 +103,7 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
     from . import row_stats as R
 
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
+    cx["DRAW"] = True  # with the token draw at the end (``SamplerPipeline.sample``): the larger kernel
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
     out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block, "KEYED": True},
                                            arch, warps),
@@ -118,10 +125,7 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
     from . import blocked as KB
     from . import draw as D
 
-    sig = {k: v for k, v in dict(_CHAIN_SIG, x_ptr=f"*{dtype}").items() if k not in ("B", "V", "stride_x")}
-    sig = dict(list(sig.items())[:9] + [("greedy_ptr", "*i8"), ("tok_ptr", "*i64"), ("lp_ptr", "*fp32"),
-                                        ("B", "i32"), ("V", "i32"), ("NT", "i32"), ("stride_x", "i32")]
-               + list(sig.items())[9:] + [("stride_scr", "i32")])
+    sig = dict(_BLOCKED_CHAIN_SIG, x_ptr=f"*{dtype}")
     cx.update(DRAW=draw, NTB=D._TILES_PER_STEP)  # draw: the chain with the token draw at its end
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
     out["blocked_draw"] = _ptxas_info(

@@ -35,6 +35,7 @@ from ._common import okey, online_softmax, philox_uniform
 from .draw import pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .temperature import dynatemp_of
+from .truncation import radix_select
 
 _NINF = float("-inf")
 
@@ -137,43 +138,80 @@ def _scale(o, xin, wr, tiles, NT, V, temp, TILE: tl.constexpr):
 # --------------------------------------------------------------------------- stages
 # Each stage takes the row state (wr: the output row holds the working row; the running
 # statistics sm, ss, sez, sn, st, am of the working row) and returns it updated.
+#: top_k's window: logits within 255 / WINDOW_SCALE of the row max are histogrammed in bins
+#: of 1 / WINDOW_SCALE (the last bin takes the rest)
+WINDOW_SCALE = tl.constexpr(8.0)
+
+
 @triton.jit
-def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
+def _window_bin(x, sm):
+    return tl.minimum((sm - x) * WINDOW_SCALE, 255.0).to(tl.int32)
+
+
+@triton.jit
+def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE: tl.constexpr,
+             KMAX: tl.constexpr):
     en = en & (k > 0) & (k < V)
     if en:
         need = k.to(tl.int32)
-        prefix = tl.full([], 0, tl.uint32)
+        # The k largest logits are near the max: a histogram of the distance to the max in
+        # bins of 1 / WINDOW_SCALE gives the smallest window holding >= k tokens. When it
+        # holds at most KMAX, they are compacted and the radix select runs in registers on
+        # them (the window is an upper set, so its k-th largest is the row's); otherwise the
+        # radix select makes its 4 histogram passes over the row.
         bins = tl.arange(0, 256)
-        for p in tl.static_range(4):
-            hist = tl.zeros([256], tl.int32)
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, V, TILE):
+            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+            finite = valid & (x > float("-inf")) & (x < float("inf"))
+            hist += tl.histogram(_window_bin(x, sm), 256, mask=finite)
+        upto = tl.cumsum(hist, 0)
+        last_bin = tl.min(tl.where(upto >= need, bins, 255), 0)
+        count = tl.sum(tl.where(bins <= last_bin, hist, 0), 0)
+        if count <= KMAX:
+            base = tl.full([], 0, tl.int32)
             for start in range(0, V, TILE):
                 offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                ukey = _ukey(x)
-                digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
-                if p == 0:
-                    match = valid
-                else:
-                    match = valid & ((ukey >> (32 - 8 * p)) == prefix)
-                hist += tl.histogram(digit, 256, mask=match)
-            from_top = tl.cumsum(hist, 0, reverse=True)
-            d = tl.max(tl.where(from_top >= need, bins, 0), 0)
-            above = tl.sum(tl.where(bins > d, hist, 0), 0)
-            need = need - above
-            prefix = prefix * 256 + d.to(tl.uint32)
+                cand = valid & (x > float("-inf")) & (x < float("inf")) & (_window_bin(x, sm) <= last_bin)
+                pos = base + tl.cumsum(cand.to(tl.int32), 0) - 1
+                tl.store(scr + pos, x, mask=cand)
+                base += tl.sum(cand.to(tl.int32), 0)
+            tl.debug_barrier()
+            j = tl.arange(0, KMAX)
+            xc = tl.load(scr + j, mask=j < count, other=float("-inf"))
+            prefix = radix_select(_ukey(xc), j < count, need)
+        else:
+            prefix = tl.full([], 0, tl.uint32)
+            for p in tl.static_range(4):
+                hist = tl.zeros([256], tl.int32)
+                for start in range(0, V, TILE):
+                    offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+                    ukey = _ukey(x)
+                    digit = ((ukey >> (24 - 8 * p)) & 255).to(tl.int32)
+                    if p == 0:
+                        match = valid
+                    else:
+                        match = valid & ((ukey >> (32 - 8 * p)) == prefix)
+                    hist += tl.histogram(digit, 256, mask=match)
+                from_top = tl.cumsum(hist, 0, reverse=True)
+                d = tl.max(tl.where(from_top >= need, bins, 0), 0)
+                above = tl.sum(tl.where(bins > d, hist, 0), 0)
+                need = need - above
+                prefix = prefix * 256 + d.to(tl.uint32)
         wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE)
     return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_compact(o, xin, wr, V, m, s, h, VAL: tl.constexpr, scr, TILE: tl.constexpr):
-    """Store p (VAL 0) or d = |-log p - H| (VAL 1) of the tokens with p > 0 contiguously at
-    ``scr`` in token order (the caller checked there are at most KMAX of them); returns
-    how many."""
+def _b_compact(o, xin, wr, V, m, s, h, VAL: tl.constexpr, scr, floor, TILE: tl.constexpr):
+    """Store p (VAL 0) or d = |-log p - H| (VAL 1) of the tokens with p > 0 and
+    bits(p) >= ``floor`` contiguously at ``scr`` in token order (the caller checked there
+    are at most KMAX of them); returns how many."""
     base = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
         p = _p_of(x, m, s)
-        alive = valid & (p > 0)
+        alive = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= floor)
         pos = base + tl.cumsum(alive.to(tl.int32), 0) - 1
         if VAL == 0:
             val = p
@@ -195,10 +233,25 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
         # with mass(p > tau) < top_p; the top token's p is exp(0) / s, the row's largest
         lo = tl.full([], -1, tl.int32)
         hi = tl.where(sm > float("-inf"), (1.0 / s).to(tl.int32, bitcast=True), 0)
-        if sn <= KMAX:  # few finite tokens: search a compacted copy of their p in registers
-            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, TILE)
-            j = tl.arange(0, KMAX)
-            pc = tl.load(scr + j, mask=j < n, other=0.0)
+        floor = tl.full([], 0, tl.int32)
+        if sn > KMAX:
+            # Many tokens: a 256-bin histogram of bits(p) >> 22 (half-octaves of p) gives the
+            # lowest bin edge with at most KMAX tokens at or above it; they are compacted.
+            # If their exact mass reaches top_p, every token below the edge has at least
+            # top_p of mass above it and is removed, so the search runs on them alone.
+            bins = tl.arange(0, 256)
+            hist = tl.zeros([256], tl.int32)
+            for start in range(0, V, TILE):
+                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+                p = _p_of(x, m, s)
+                hist += tl.histogram(p.to(tl.int32, bitcast=True) >> 22, 256, mask=valid & (p > 0))
+            count_above = tl.cumsum(hist, 0, reverse=True)
+            floor = tl.min(tl.where(count_above <= KMAX, bins, 255), 0) << 22
+        n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, floor, TILE)
+        j = tl.arange(0, KMAX)
+        pc = tl.load(scr + j, mask=j < n, other=0.0)
+        if (floor == 0) | (tl.sum(pc, 0) >= tp):  # all tokens with p > 0, or enough mass
+            lo = floor - 1
             keyc = pc.to(tl.int32, bitcast=True)
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
@@ -230,8 +283,8 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
         lo = tl.full([], -1, tl.int32)
         hi = tl.full([], 0x7F800001, tl.int32)
         if sn <= KMAX:
-            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, TILE)
-            _b_compact(o, xin, wr, V, m, s, h, 1, scr + KMAX, TILE)
+            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, 0, TILE)
+            _b_compact(o, xin, wr, V, m, s, h, 1, scr + KMAX, 0, TILE)
             j = tl.arange(0, KMAX)
             pc = tl.load(scr + j, mask=j < n, other=0.0)
             keyc = okey(tl.load(scr + KMAX + j, mask=j < n, other=0.0))
@@ -419,7 +472,7 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, 
                                                     sm, ss, sez, sn, st, am, TILE)
         elif CODE == 6:
             wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 10, row, B), en,
-                                                   sm, ss, sez, sn, st, am, TILE)
+                                                   sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 7:
             wr, sm, ss, sez, sn, st, am = _b_top_p(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 11, row, B), en,
                                                    sm, ss, sez, sn, st, am, scr, TILE, KMAX)

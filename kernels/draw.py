@@ -34,14 +34,10 @@ def _row_uniform(u_ptr, key_ptr, row, B, KEYED: tl.constexpr):
 
 
 @triton.jit
-def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, stride_x, BLOCK: tl.constexpr,
-                 KEYED: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    valid = offs < V
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
-    greedy = tl.load(greedy_ptr + row) != 0
-    u = _row_uniform(u_ptr, key_ptr, row, B, KEYED)
+def draw_row(x, offs, valid, V, greedy, u):
+    """The draw of a row held in registers (``x`` [BLOCK] fp32, -inf = removed or padding):
+    argmax (lowest id on ties) for greedy rows, else the inverse CDF of softmax(x) in token-id
+    order at ``u * total``, never a removed token. Returns (token id, its log-probability)."""
     am = tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
     m_raw, p, logp = softmax_stats(x)
     cdf = tl.cumsum(p, 0)
@@ -52,8 +48,20 @@ def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, strid
     last_pos = tl.where(last_pos >= 0, last_pos, V - 1)
     idx = tl.minimum(idx, last_pos)
     tok = tl.where(greedy, am, idx)
+    return tok, tl.sum(tl.where(offs == tok, logp, 0.0), 0)
+
+
+@triton.jit
+def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, stride_x, BLOCK: tl.constexpr,
+                 KEYED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < V
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    greedy = tl.load(greedy_ptr + row) != 0
+    tok, lp = draw_row(x, offs, valid, V, greedy, _row_uniform(u_ptr, key_ptr, row, B, KEYED))
     tl.store(out_ptr + row, tok)
-    tl.store(lp_ptr + row, tl.sum(tl.where(offs == tok, logp, 0.0), 0))
+    tl.store(lp_ptr + row, lp)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ of codes and dispatches with no branching over disabled samplers.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -21,6 +21,7 @@ from samplers.sampling import PURPOSE_XTC
 
 from . import _common
 from ._common import block_for, on_gpu, philox_uniform, saturate, warps_for
+from .draw import draw_row
 from .penalties import stage_ban, stage_penalties
 from .temperature import stage_dynatemp, stage_smoothing, stage_temperature
 from .truncation import (stage_epsilon, stage_eta, stage_min_p, stage_nsigma, stage_top_a, stage_top_k,
@@ -101,12 +102,12 @@ def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, pr
 
 @triton.jit
 def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_ptr,
-                  B, V, stride_x, stride_o, stride_s, stride_c, stride_b,
+                  greedy_ptr, tok_ptr, lp_ptr, B, V, stride_x, stride_o, stride_s, stride_c, stride_b,
                   S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                   S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
                   S8: tl.constexpr, S9: tl.constexpr, S10: tl.constexpr, S11: tl.constexpr,
                   S12: tl.constexpr, S13: tl.constexpr, S14: tl.constexpr, S15: tl.constexpr,
-                  BLOCK: tl.constexpr, KMAX: tl.constexpr):
+                  BLOCK: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < V
@@ -144,6 +145,11 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
     x = _stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
     tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
+    if DRAW:  # the token draw on the row still in registers (uniform: Philox purpose 0)
+        greedy = tl.load(greedy_ptr + row) != 0
+        tok, lp = draw_row(x, offs, valid, V, greedy, philox_uniform(key_ptr, row, B, 0))
+        tl.store(tok_ptr + row, tok)
+        tl.store(lp_ptr + row, lp)
 
 
 _TUNED: dict[bool, object] = {}
@@ -217,12 +223,19 @@ def run_chain(
     rows on the column-blocked path (``fused_draw_supported(V)``)."""
     if len(codes) > NSLOTS:
         raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
+    drawing = draw_greedy is not None
+    if drawing and keys is None:
+        raise ValueError("the draw needs the rows' key words")
     B, V = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((B, V), dtype=torch.float32, device=x.device)
     if B == 0 or V == 0 or not codes:
         out.copy_(x)
+        if drawing:
+            from .draw import sample_tokens
+
+            return (out, *sample_tokens(out, draw_greedy, keys))
         return out
     if rmask is None:
         rmask = row_masks(masks, B, x.device)
@@ -243,7 +256,15 @@ def run_chain(
     ban_t, sb = side(banned, torch.int8)
     kwargs = {f"S{i}": c for i, c in enumerate(slots)}
     keys_t = keys if keys is not None else rmask
-    if _common.use_blocked(V):
+    table = table.contiguous()
+    if drawing:
+        tokens = torch.empty(B, dtype=torch.int64, device=x.device)
+        logprobs = torch.empty(B, dtype=torch.float32, device=x.device)
+        greedy_t = draw_greedy.to(torch.int8).contiguous()
+    else:
+        tokens = logprobs = greedy_t = rmask  # unused pointers
+
+    def blocked() -> None:
         # column-blocked variant (kernels.blocked): loops over tiles of _common.TILE lanes
         from . import draw as KD
         from .blocked import _blocked_chain_kernel
@@ -253,30 +274,74 @@ def run_chain(
         nt = triton.cdiv(V, tile)
         # per row: [2 * KMAX] for the compacted top_p / typical searches, [2, NT] tile statistics
         scratch = torch.empty((B, 2 * kmax + 2 * nt), dtype=torch.float32, device=x.device)
-        drawing = draw_greedy is not None
-        if drawing:
-            if keys is None:
-                raise ValueError("the draw needs the rows' key words")
-            tokens = torch.empty(B, dtype=torch.int64, device=x.device)
-            logprobs = torch.empty(B, dtype=torch.float32, device=x.device)
-            greedy_t = draw_greedy.to(torch.int8).contiguous()
-        else:
-            tokens = logprobs = greedy_t = rmask  # unused pointers
-        _blocked_chain_kernel[(B,)](x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
+        _blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
                                     greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
                                     scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
                                     NTB=KD._TILES_PER_STEP, num_warps=_common.TILE_WARPS)
-        return (out, tokens, logprobs) if drawing else out
+
+    def whole_row() -> None:
+        block = block_for(V)
+        kmax = compact_size(block)
+        needs_scratch = TOP_P in codes or TYPICAL in codes
+        scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
+        args = (x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch, greedy_t, tokens, logprobs,
+                B, V, x.stride(0), out.stride(0), ss, sc, sb)
+        if on_gpu(x):
+            _tuned_kernel(block)[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, DRAW=drawing)
+        else:
+            _chain_kernel[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, DRAW=drawing, num_warps=warps_for(block))
+
+    _pick_layout(x, tuple(codes), drawing, whole_row, blocked)()
+    return (out, tokens, logprobs) if drawing else out
+
+
+#: The whole-row chain compiles without (or with a few hundred bytes of) spills up to this
+#: block for every stage code (``python -m kernels.aot``); rows up to it always use it.
+WHOLE_ROW_ALWAYS = 8192
+
+# (codes, block, dtype, draw, next_pow2(B)) -> "whole" | "blocked", measured once per process
+_LAYOUT: dict[tuple, str] = {}
+
+
+def _tunes_layout(x: torch.Tensor) -> bool:
+    return on_gpu(x) and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_launch(fn: Callable[[], None], reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _pick_layout(x: torch.Tensor, codes: tuple, drawing: bool, whole_row: Callable[[], None],
+                 blocked: Callable[[], None]) -> Callable[[], None]:
+    """Whole-row or column-blocked chain for this launch.
+
+    Rows above ``_common.BLOCKED_ABOVE`` lanes are blocked (too large for one program's
+    registers), rows up to ``WHOLE_ROW_ALWAYS`` whole-row. In between, the whole-row chain
+    of a register-hungry stage tuple spills to local memory (e.g. top_k + top_p at BLOCK
+    32768: a 3 KB stack frame per thread) while the blocked one does not but makes more
+    passes; which is faster depends on the GPU, so on a GPU both are timed on the first
+    launch of each (stage tuple, block, dtype, draw, batch bucket) and the faster is kept.
+    Elsewhere (the interpreter) the whole-row chain runs."""
+    V = x.shape[1]
+    if _common.use_blocked(V):
+        return blocked
     block = block_for(V)
-    kmax = compact_size(block)
-    needs_scratch = TOP_P in codes or TYPICAL in codes
-    scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
-    args = (x, out, table.contiguous(), rmask, seen_t, cnt_t, ban_t, keys_t, scratch, B, V, x.stride(0), out.stride(0), ss, sc, sb)
-    if on_gpu(x):
-        _tuned_kernel(block)[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax)
-    else:
-        _chain_kernel[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, num_warps=warps_for(block))
-    return out
+    if block <= WHOLE_ROW_ALWAYS or not _tunes_layout(x):
+        return whole_row
+    key = (codes, block, x.dtype, drawing, triton.next_power_of_2(x.shape[0]))
+    if key not in _LAYOUT:
+        _LAYOUT[key] = "whole" if _time_launch(whole_row) <= _time_launch(blocked) else "blocked"
+    return whole_row if _LAYOUT[key] == "whole" else blocked
 
 
 def run_single(logits: torch.Tensor, code: int, seen=None, counts=None, banned=None,

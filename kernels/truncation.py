@@ -45,18 +45,11 @@ def _finish(x, keep, m_raw, en):
 
 
 @triton.jit
-def stage_top_k(x, valid, k, vocab, en):
-    """``F.top_k``: keep l >= the k-th largest logit (k <= 0 or k >= V: row disabled).
-
-    Radix select over the 32-bit order-preserving key (unsigned form, 4 digits of 8 bits):
-    each pass histograms the next digit of the keys that share the prefix found so far
-    (``tl.histogram``) and picks the digit holding the k-th largest. After 4 passes the
-    prefix is exactly the k-th largest key; ties at the boundary are all kept.
-    """
-    en = en & (k > 0) & (k < vocab)
-    # unsigned form of the key: flip the sign bit (same order, compared as uint32)
-    ukey = okey(x).to(tl.uint32, bitcast=True) ^ 0x80000000
-    need = tl.where(en, k, 1.0).to(tl.int32)
+def radix_select(ukey, valid, need):
+    """The ``need``-th largest of the uint32 keys ``ukey`` over the ``valid`` lanes: 4 passes,
+    each a 256-bin ``tl.histogram`` of the next 8-bit digit of the keys that share the prefix
+    found so far, picking the digit that holds the need-th largest. (0 when fewer than
+    ``need`` lanes are valid.) Shared by the whole-row and the column-blocked top_k."""
     prefix = tl.full([], 0, tl.uint32)
     bins = tl.arange(0, 256)
     for p in tl.static_range(4):
@@ -71,6 +64,22 @@ def stage_top_k(x, valid, k, vocab, en):
         above = tl.sum(tl.where(bins > d, hist, 0), 0)
         need = need - above
         prefix = prefix * 256 + d.to(tl.uint32)
+    return prefix
+
+
+@triton.jit
+def stage_top_k(x, valid, k, vocab, en):
+    """``F.top_k``: keep l >= the k-th largest logit (k <= 0 or k >= V: row disabled).
+
+    Radix select over the 32-bit order-preserving key (unsigned form, 4 digits of 8 bits):
+    each pass histograms the next digit of the keys that share the prefix found so far
+    (``tl.histogram``) and picks the digit holding the k-th largest. After 4 passes the
+    prefix is exactly the k-th largest key; ties at the boundary are all kept.
+    """
+    en = en & (k > 0) & (k < vocab)
+    # unsigned form of the key: flip the sign bit (same order, compared as uint32)
+    ukey = okey(x).to(tl.uint32, bitcast=True) ^ 0x80000000
+    prefix = radix_select(ukey, valid, tl.where(en, k, 1.0).to(tl.int32))
     keep = ukey >= prefix
     return _finish(x, keep, tl.max(x, 0), en)
 

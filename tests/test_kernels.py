@@ -26,6 +26,7 @@ from samplers.history import TokenHistory  # noqa: E402
 from samplers.sampling import compute_logprobs, draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import _common  # noqa: E402
 from kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
 from kernels import temperature as KTe, truncation as KT  # noqa: E402
 
@@ -292,6 +293,57 @@ def test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs(dtyp
     assert tokens[5] == 0 and not torch.isneginf(x[torch.arange(B), tokens]).any()
     want_lp, _ = compute_logprobs(x.float(), x, torch.zeros(B, dtype=torch.bool), want, 0)
     torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chain_with_the_draw_fused_equals_chain_then_draw(dtype):
+    """``run_chain(..., draw_greedy=...)`` (the draw at the end of the chain launch) returns the
+    chain's output and exactly the tokens / logprobs of ``sample_tokens`` on that output."""
+    B, V = 12, 1000
+    x = _logits(B, V, dtype, seed=41)
+    words = torch.tensor([split_seed(s) for s in range(700, 700 + B)], dtype=torch.int64).t()
+    keys = K.key_words(words[0], words[1], torch.arange(B) * 5, torch.zeros(B, dtype=torch.int64))
+    greedy = torch.arange(B) % 3 == 0
+    table = K.param_table(B, x.device, {"top_k": torch.full((B,), 40.0), "top_p": torch.full((B,), 0.9),
+                                        "min_p": torch.where(torch.arange(B) % 2 == 0, 0.05, 0.0)})
+    codes = [K.TOP_K, K.TOP_P, K.MIN_P]
+    out, tokens, logprobs = K.run_chain(x, codes, [None] * 3, table, keys=keys, draw_greedy=greedy)
+    alone = K.run_chain(x, codes, [None] * 3, table, keys=keys)
+    assert torch.equal(out, alone)
+    want_t, want_lp = kernels.sample_tokens(alone, greedy, keys)
+    assert torch.equal(tokens, want_t)
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-6, atol=1e-6)
+    # a row that no stage changes (every stage disabled for it) is still drawn
+    none = K.param_table(B, x.device, {})
+    out, tokens, _ = K.run_chain(x, [K.MIN_P], [None], none, keys=keys, draw_greedy=greedy)
+    assert torch.equal(out, x.float()) and torch.equal(tokens, kernels.sample_tokens(x.float(), greedy, keys)[0])
+
+
+@pytest.mark.parametrize("faster", ["whole_row", "blocked"])
+def test_layout_between_whole_row_and_blocked_is_timed_once_and_kept(monkeypatch, faster):
+    """Rows between WHOLE_ROW_ALWAYS and BLOCKED_ABOVE lanes: on a GPU both chain layouts are
+    timed on the first launch of a stage tuple and the faster one is kept (here with a fake
+    clock; the results are the same either way)."""
+    monkeypatch.setattr(K, "WHOLE_ROW_ALWAYS", 64)
+    monkeypatch.setattr(K, "_LAYOUT", {})
+    monkeypatch.setattr(K, "_tunes_layout", lambda x: True)
+    monkeypatch.setattr(_common, "TILE", 128)
+    timed = []
+
+    def fake_time(fn):
+        timed.append(fn.__name__)
+        return 1.0 if fn.__name__ == faster else 2.0
+
+    monkeypatch.setattr(K, "_time_launch", fake_time)
+    B, V = 3, 333
+    x = _logits(B, V, torch.float32, seed=42)
+    table = K.param_table(B, x.device, {"top_k": torch.full((B,), 20.0), "top_p": torch.full((B,), 0.8)})
+    first = K.run_chain(x, [K.TOP_K, K.TOP_P], [None, None], table)
+    assert sorted(timed) == ["blocked", "whole_row"]
+    assert list(K._LAYOUT.values()) == ["whole" if faster == "whole_row" else "blocked"]
+    again = K.run_chain(x, [K.TOP_K, K.TOP_P], [None, None], table)
+    assert len(timed) == 2 and torch.equal(first, again)
+    _assert_same(first, F.top_p(F.top_k(x, torch.full((B,), 20)), torch.full((B,), 0.8)), torch.float32)
 
 
 def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():

@@ -25,6 +25,7 @@ import test_kernels as tk  # noqa: E402
 import test_kernels_pipeline as tkp  # noqa: E402
 import test_pipeline as tp  # noqa: E402
 from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
+    test_chain_with_the_draw_fused_equals_chain_then_draw,
     test_draw_kernel_hand_computed_and_edge_cases,
     test_draw_kernel_matches_reference_on_random_rows,
     test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token,
@@ -147,3 +148,55 @@ def test_larger_vocabulary_on_the_blocked_path(monkeypatch):
     a = SamplerPipeline("torch", seed=0).sample(logits, batch).token_ids
     k = SamplerPipeline("triton", seed=0).sample(logits, batch).token_ids
     assert a.tolist() == k.tolist()
+
+
+def _passes(fn, row_bytes):
+    """(reads, writes) of ``fn()`` in units of one fp32 row, measured by counting the kernels'
+    loads and stores under the interpreter (benchmarks/traffic.py)."""
+    import sys
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from traffic import counting
+
+    with counting() as t:
+        out = fn()
+    return out, t.read / row_bytes, t.written / row_bytes
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "ties", "large_k"])
+def test_top_k_window_prefilter_and_its_fallback(case):
+    """top_k on the blocked path: the k largest are found in a window below the max and, when
+    at most KMAX tokens lie in it, selected in registers (hist + compaction + keep: 3 reads
+    after the statistics pass); a crowded window falls back to the 4 radix passes. Same
+    removed sets as F.top_k either way."""
+    V = 1000
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(1, V, generator=g) * {"peaked": 3.0, "flat": 0.01, "ties": 0.0, "large_k": 3.0}[case]
+    k = 200 if case == "large_k" else 5
+    table = K.param_table(1, x.device, {"top_k": torch.full((1,), float(k))})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [K.TOP_K], [None], table), V * 4)
+    tk._assert_same(got, F.top_k(x, torch.full((1,), k)), torch.float32)
+    compacted = case == "peaked"
+    # statistics pass + window histogram + (compaction | 4 radix passes) + keep pass
+    assert reads == pytest.approx(4 if compacted else 7, abs=0.2), reads
+    assert writes == pytest.approx(1, abs=0.1)
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "no_bound"])
+def test_top_p_mass_bound_prefilter_and_its_fallback(case):
+    """top_p alone on many tokens: a histogram pass finds the lowest edge with at most KMAX
+    tokens above it; when their mass reaches top_p the search runs on them in registers
+    (histogram + compaction + keep after the statistics pass), otherwise (a flat row) it
+    bisects over the row. Same removed sets as F.top_p."""
+    V = 1000
+    g = torch.Generator().manual_seed(51)
+    scale, tp = {"peaked": (4.0, 0.9), "flat": (0.05, 0.9), "no_bound": (0.05, 0.999)}[case]
+    x = torch.randn(1, V, generator=g) * scale
+    table = K.param_table(1, x.device, {"top_p": torch.full((1,), tp)})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [K.TOP_P], [None], table), V * 4)
+    tk._assert_same(got, F.top_p(x, torch.full((1,), tp)), torch.float32)
+    if case == "peaked":
+        assert reads == pytest.approx(4, abs=0.2), reads  # stats, histogram, compaction, keep
+    else:
+        assert reads > 8, reads  # bisection passes over the row
