@@ -40,11 +40,12 @@ def available(device: Optional[torch.device] = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def process_logits(logits: torch.Tensor, batch, randoms) -> torch.Tensor:
-    """The pipeline's chain on the kernel path (see ``kernels.chain.process_logits``)."""
+def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False):
+    """The pipeline's chain on the kernel path; with ``draw``, also the tokens and their
+    logprobs (see ``kernels.chain.process_logits``)."""
     from .chain import process_logits as _process
 
-    return _process(logits, batch, randoms)
+    return _process(logits, batch, randoms, draw=draw)
 
 
 def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,13 @@ batch's schedule of stages in order, then skew), returned as fp32 processed logi
 Consecutive stages that have an in-kernel form are fused into one launch of the chain
 kernel (``kernels.fused``): one read of the logits and one write of the fp32 result per
 launch. Stages without one (DRY, tfs; skew at the end) run the torch reference on the fp32
-working tensor between launches. Rows of more than ``_common.BLOCKED_ABOVE`` lanes (large
-vocabularies) run the column-blocked chain (``kernels.blocked``, chosen in
-``fused.run_chain``): same stages and launches, the row processed in tiles. See
-kernels/README.md for the pass counts.
+working tensor between launches; DRY runs in place on it (``samplers.functional.dry.dry_``:
+a scatter over the history positions, no [B, V] temporary, no device sync on CUDA; one fp32
+copy first only when the working tensor is still the caller's logits). The no_repeat_ngram
+ban mask is kept across steps (``penalties.NgramBanMask``). Rows of more than
+``_common.BLOCKED_ABOVE`` lanes (large vocabularies) run the column-blocked chain
+(``kernels.blocked``, chosen in ``fused.run_chain``): same stages and launches, the row
+processed in tiles. See kernels/README.md for the pass counts.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import weakref
 import torch
 
 import samplers.functional as F
+from samplers.functional.dry import dry_
 from samplers.priority import SamplerID
 
 from . import fused as K
-from .penalties import apply_sparse_, ngram_banned
+from .penalties import NgramBanMask, apply_sparse_
 
 S = SamplerID
 
@@ -66,10 +70,13 @@ def _codes(sid: SamplerID, batch) -> list[int]:
              S.XTC: K.XTC_PHILOX}[sid]]
 
 
+def _dry_multiplier(batch, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rows' dry_multiplier, 0 (DRY disabled) outside the stage's row mask."""
+    mult = batch.param("dry_multiplier").to(torch.float32)
+    return mult if rows is None else torch.where(rows, mult, 0.0)
+
+
 def _torch_stage(sid: SamplerID, x: torch.Tensor, batch) -> torch.Tensor:
-    if sid == S.DRY:
-        return F.dry(x, batch.history, batch.param("dry_multiplier"), batch.param("dry_base"),
-                     batch.param("dry_allowed_length"), batch.param("dry_range"), batch.dry_sequence_breaker_ids)
     if sid == S.TFS:
         return F.tfs(x, batch.param("tfs"))
     raise AssertionError(sid)
@@ -97,48 +104,76 @@ def plan(batch) -> list[tuple[str, object]]:
     return steps
 
 
-def process_logits(logits: torch.Tensor, batch, randoms) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False):
     """Kernel path of ``SamplerPipeline._process``: [B, V] logits (fp32/fp16/bf16) -> fp32
-    processed logits [B, V]; the input is not modified."""
+    processed logits [B, V]; the input is not modified.
+
+    ``draw``: also draw the rows' tokens (``kernels.draw.sample_tokens``: uniforms from the
+    rows' Philox stream, the chosen tokens' logprobs) and return (processed, token ids,
+    logprobs). When the chain ends with a kernel launch (no skew, no row-emptying bans after
+    it) the draw runs at the end of that launch, on the row it has just written."""
     x = logits
+    owned = False  # x is an fp32 contiguous tensor of ours (never the caller's logits)
     if batch.logit_bias_coo is not None or batch.min_tokens_coo is not None:
-        x = apply_sparse_(logits.to(torch.float32, copy=True), batch)
+        x = apply_sparse_(logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True), batch)
+        owned = True
     cached = _CACHE.get(batch)
     if cached is None:
         steps = plan(batch)
         codes_all = [c for kind, st in steps if kind == "fused" for c, _ in st]
         table = _table(batch) if codes_all else None
-        rmasks = [K.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused" else None
+        rmasks = [K.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused"
+                  else _dry_multiplier(batch, st[1]) if st[0] == S.DRY else None
                   for kind, st in steps]
-        cached = (steps, codes_all, table, rmasks)
+        bans = NgramBanMask(batch.batch_size, batch.vocab_size, batch.device) if K.NGRAM in codes_all else None
+        cached = (steps, codes_all, table, rmasks, bans)
         _CACHE[batch] = cached
-    steps, codes_all, table, rmasks = cached
+    steps, codes_all, table, rmasks, bans = cached
     keys = seen = counts = banned = None
-    if K.XTC_PHILOX in codes_all:
-        # the XTC coin is drawn inside the kernel from the row's Philox stream
+    if K.XTC_PHILOX in codes_all or draw:
+        # the XTC coin and the draw's uniform are computed in the kernels from the rows' Philox words
         keys = K.key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
+    may_empty = getattr(batch, "may_remove_every_token", False)
+    fused_draw = draw and bool(steps) and steps[-1][0] == "fused" and not batch.any_skew and not may_empty
+    tokens = logprobs = None
     if K.PENALTIES in codes_all:
         seen, counts = batch.history.seen_mask(), batch.history.output_counts()
-    if K.NGRAM in codes_all:
-        banned = ngram_banned(batch.history, batch.param("no_repeat_ngram_size"), batch.vocab_size)
-        if banned is None:  # empty histories: nothing is banned
-            banned = torch.zeros(batch.batch_size, batch.vocab_size, dtype=torch.bool, device=batch.device)
-    for (kind, st), rmask in zip(steps, rmasks):
+    if bans is not None:
+        # kept across steps: O(B * len) scatters, no [B, V] mask written per step
+        banned = bans.update(batch.history, batch.param("no_repeat_ngram_size"))
+    for i, ((kind, st), rmask) in enumerate(zip(steps, rmasks)):
         if kind == "fused":
+            last = fused_draw and i == len(steps) - 1
             x = K.run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
-                            banned=banned, keys=keys, rmask=rmask)
+                            banned=banned, keys=keys, rmask=rmask, draw_greedy=batch.greedy if last else None)
+            if last:
+                x, tokens, logprobs = x
+        elif st[0] == S.DRY:
+            # in place on our fp32 working tensor (one copy if it is still the caller's);
+            # rmask: the multipliers, 0 outside the stage's rows (those rows are untouched)
+            if not (owned and x.dtype == torch.float32 and x.is_contiguous()):
+                x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            dry_(x, batch.history, rmask, batch.param("dry_base"), batch.param("dry_allowed_length"),
+                 batch.param("dry_range"), batch.dry_sequence_breaker_ids, sync_free=x.is_cuda)
         else:
             sid, rows = st
             x32 = x.float()
             out = _torch_stage(sid, x32, batch)
             x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x32)
+        owned = True  # each stage above gives a new tensor (F.tfs too) or x, already ours
     x = x.float()
     if batch.any_skew:
         x = F.skew(x, batch.param("skew"))
-    if getattr(batch, "may_remove_every_token", False):
+    if may_empty:
         # bans (min_tokens, no_repeat_ngram) may empty a row: it keeps its input argmax,
         # exactly as the torch path (the pipeline's own helper, a [B]-sized fix-up)
         from samplers.pipeline import _keep_input_argmax_of_empty_rows
 
         x = _keep_input_argmax_of_empty_rows(x, logits)
-    return x
+    if not draw:
+        return x
+    if tokens is None:
+        from .draw import sample_tokens
+
+        tokens, logprobs = sample_tokens(x, batch.greedy, keys)
+    return x, tokens, logprobs

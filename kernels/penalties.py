@@ -7,12 +7,13 @@ Mirrors ``samplers.functional.penalties``, ``ngram`` and ``dry``:
   reads the history's ``seen_mask`` (bool [B, V]) and ``output_counts`` (int32 [B, V]), which
   ``TokenHistory`` keeps up to date in O(B) per step.
 - no_repeat_ngram: the banned-token mask comes from the history's ``match_lengths`` (the
-  torch match search of ``samplers.functional.ngram``, a scatter of O(B * len) work); the
-  fused chain applies it as an in-kernel stage.
+  torch match search of ``samplers.functional.ngram``, a scatter of O(B * len) work; the
+  chain keeps one mask per batch and updates it in place, ``NgramBanMask``); the fused chain
+  applies it as an in-kernel stage.
 - logit_bias and min_tokens: scatter ops on the few listed (row, token) entries, applied in
   place on the fp32 working copy (no extra kernel over [B, V]).
-- DRY: ``samplers.functional.dry`` (vectorised torch, runs on the GPU) on the fp32 working
-  tensor; see kernels/README.md.
+- DRY: ``samplers.functional.dry.dry_`` (vectorised torch, runs on the GPU without a device
+  sync) in place on the fp32 working tensor; see kernels/README.md.
 """
 
 from __future__ import annotations
@@ -47,21 +48,55 @@ def stage_ban(x, banned, en):
     return tl.where(en & banned, float("-inf"), x)
 
 
-def ngram_banned(history: TokenHistory, no_repeat_ngram_size: torch.Tensor, vocab: int) -> Optional[torch.Tensor]:
-    """bool [B, V] mask of the tokens ``samplers.functional.no_repeat_ngram`` removes (the same
-    rule: ban h[j] iff match_lengths[j] >= n - 1), or None when no history exists."""
+def _ngram_ban_index(history: TokenHistory, no_repeat_ngram_size: torch.Tensor, vocab: int) -> Optional[torch.Tensor]:
+    """int64 [B, w]: the token each history position bans (``samplers.functional.no_repeat_ngram``'s
+    rule: h[j] iff match_lengths[j] >= n - 1, for n >= 1), ``vocab`` (a spare column) where
+    it bans nothing; None when no history exists. O(B * w) work, no device sync."""
     w = history.max_length
     if w == 0:
         return None
-    b = history.batch_size
     n = no_repeat_ngram_size.to(torch.int64)[:, None]
     match = history.match_lengths()[:, :w]
     tok = history.tokens[:, :w]
     pos = torch.arange(w, device=tok.device)
     hit = (n >= 1) & (pos[None, :] < history.lengths[:, None]) & (match >= n - 1)
-    banned = torch.zeros(b, vocab + 1, dtype=torch.bool, device=tok.device)
-    banned.scatter_(1, torch.where(hit, tok, vocab), True)
+    return torch.where(hit, tok, vocab)
+
+
+def ngram_banned(history: TokenHistory, no_repeat_ngram_size: torch.Tensor, vocab: int) -> Optional[torch.Tensor]:
+    """bool [B, V] mask of the tokens ``samplers.functional.no_repeat_ngram`` removes (the same
+    rule: ban h[j] iff match_lengths[j] >= n - 1), or None when no history exists.
+    A new mask each call; ``NgramBanMask`` keeps one up to date across steps."""
+    idx = _ngram_ban_index(history, no_repeat_ngram_size, vocab)
+    if idx is None:
+        return None
+    banned = torch.zeros(history.batch_size, vocab + 1, dtype=torch.bool, device=idx.device)
+    banned.scatter_(1, idx, True)
     return banned[:, :vocab]
+
+
+class NgramBanMask:
+    """A batch's no_repeat_ngram ban mask kept across steps, for ``kernels.chain``.
+
+    ``update`` returns the same bool [B, V] view (of a [B, V + 1] buffer allocated once)
+    equal to ``ngram_banned(...)`` (all False for empty histories): it clears the entries
+    the previous update set and sets the new ones, two scatters of O(B * len) instead of
+    writing a [B, V] mask every step. The returned mask is valid until the next update
+    (on an accelerator the scatters are ordered after the launches that read it)."""
+
+    def __init__(self, batch_size: int, vocab: int, device: torch.device) -> None:
+        self.vocab = vocab
+        self._buf = torch.zeros(batch_size, vocab + 1, dtype=torch.bool, device=device)
+        self._idx: Optional[torch.Tensor] = None
+
+    def update(self, history: TokenHistory, no_repeat_ngram_size: torch.Tensor) -> torch.Tensor:
+        idx = _ngram_ban_index(history, no_repeat_ngram_size, self.vocab)
+        if self._idx is not None:
+            self._buf.scatter_(1, self._idx, False)
+        if idx is not None:
+            self._buf.scatter_(1, idx, True)
+        self._idx = idx
+        return self._buf[:, : self.vocab]
 
 
 def apply_sparse_(x32: torch.Tensor, batch) -> torch.Tensor:

@@ -210,18 +210,17 @@ class SamplerPipeline:
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
         randoms = _RowRandoms(batch, self.generator)
-        x = self._process(logits, batch, randoms)
         if self.backend_for(logits) == "triton":
             import kernels
-            from kernels.fused import key_words
 
-            # one launch: the uniforms come from the rows' Philox words inside the kernel,
-            # and the chosen tokens' log-probabilities come out of the draw's own softmax
-            keys = key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
-            tokens, chosen = kernels.sample_tokens(x, batch.greedy, keys)
+            # the draw runs in the kernels (at the end of the chain's last launch when it can),
+            # its uniforms from the rows' Philox words, the chosen logprobs from its softmax
+            self._check(logits, batch)
+            x, tokens, chosen = kernels.process_logits(logits, batch, randoms, draw=True)
             if batch.max_logprobs == 0 and not batch.any_raw_logprobs:
                 return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=None)
         else:
+            x = self._process(logits, batch, randoms)
             if batch.all_greedy:
                 uniforms = torch.zeros(batch.batch_size, device=batch.device)
             else:

@@ -277,3 +277,159 @@ def test_vocab_larger_than_logits_is_an_error_and_empty_batch():
     e = torch.zeros(0)
     out = dry(torch.zeros(0, 5), th, e, e, e.long(), e.long(), torch.zeros(0, 2, dtype=torch.int64))
     assert out.shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------- in place, selections
+
+
+def _tensors(hists, mult, base, allowed, rngs, breakers, prompts=None):
+    nb = len(hists)
+    k = max((len(r) for r in breakers), default=0)
+    brk = torch.tensor([list(r) + [-1] * (k - len(r)) for r in breakers], dtype=torch.int64).reshape(nb, k)
+    if prompts is None:
+        th = TokenHistory(hists, [[] for _ in hists], vocab_size=V)
+    else:
+        th = TokenHistory(prompts, [h[len(p) :] for h, p in zip(hists, prompts)], vocab_size=V)
+    args = (
+        torch.tensor(list(mult), dtype=torch.float32),
+        torch.tensor(list(base), dtype=torch.float32),
+        torch.tensor(list(allowed), dtype=torch.int64),
+        torch.tensor(list(rngs), dtype=torch.int64),
+        brk,
+    )
+    return th, args
+
+
+def _repetitive_hist(gen: np.random.Generator, n: int, alpha: int) -> list[int]:
+    kind = gen.integers(0, 4)
+    if kind == 0:  # one token repeated: every position matches, long matches (overflow)
+        return [int(gen.integers(0, alpha))] * n
+    if kind == 1:  # short period
+        period = gen.integers(0, alpha, gen.integers(1, 4)).tolist()
+        return (period * n)[:n]
+    if kind == 2:  # a few phrases in random order (as benchmarks' histories)
+        phrases = gen.integers(0, alpha, (3, int(gen.integers(2, 6))))
+        return phrases[gen.integers(0, 3, n)].reshape(-1)[:n].tolist()
+    return gen.integers(0, alpha, n).tolist()
+
+
+@pytest.mark.parametrize("repetitive", [False, True])
+def test_selections_bit_identical(repetitive):
+    """The nonzero selection and the sync-free dense one give the same bits, in place."""
+    from samplers.functional.dry import dry_
+
+    gen = np.random.default_rng(1 + repetitive)
+    fired = 0
+    for _ in range(80):
+        nb = int(gen.integers(1, 6))
+        alpha = int(gen.integers(1, 5))
+        hists = []
+        for _ in range(nb):
+            n = int(gen.integers(0, 120 if repetitive else 40))
+            hists.append(_repetitive_hist(gen, n, alpha) if repetitive else gen.integers(0, alpha, n).tolist())
+        mult, base, allowed, rngs, breakers = _random_params(gen, nb)
+        th, args = _tensors(hists, mult.tolist(), base.tolist(), allowed.tolist(), rngs.tolist(), breakers)
+        logits = torch.from_numpy(gen.normal(size=(nb, V)).astype(np.float32))
+        logits[gen.random((nb, V)) < 0.1] = -INF
+        sparse, dense = logits.clone(), logits.clone()
+        assert dry_(sparse, th, *args, sync_free=False) is sparse
+        assert dry_(dense, th, *args, sync_free=True) is dense
+        assert torch.equal(sparse.view(torch.int32), dense.view(torch.int32)), hists
+        assert torch.equal(dry(logits, th, *args).view(torch.int32), sparse.view(torch.int32))  # CPU default
+        _check_rows(dense, logits, hists, mult, base, allowed, rngs, breakers)
+        fired += int((dense.view(torch.int32) != logits.view(torch.int32)).any())
+    assert fired >= 20  # the histories do produce penalties
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_in_place_hand_computed_and_rows_untouched(sync_free):
+    from samplers.functional.dry import dry_
+
+    th, args = _tensors([H] * 4, [1.0, 0.0, 1.0, 0.0], [2.0] * 4, [1, 1, 3, 2], [0] * 4, [[], [], [], [a]])
+    x = torch.full((4, V), 0.5)
+    x[1, 3] = -0.0
+    x[3, 5] = -INF
+    before = x.clone()
+    ptr = x.data_ptr()
+    dry_(x, th, *args, sync_free=sync_free)
+    assert x.data_ptr() == ptr
+    assert x[0].tolist() == row(d=4.0) and x[2].tolist() == row(d=1.0)
+    assert torch.equal(x[1::2].view(torch.int32), before[1::2].view(torch.int32))  # multiplier 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_disabled_rows_bit_identical_every_dtype(dtype):
+    """No final torch.where: disabled rows survive the float32 round trip bit for bit (-0.0,
+    +-inf, subnormals, the largest finite value included); enabled rows change."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, V, generator=gen) * 30).to(dtype)
+    fi = torch.finfo(dtype)
+    logits[:, 0] = -0.0
+    logits[:, 1] = -INF
+    logits[:, 2] = fi.tiny / 4  # subnormal
+    logits[:, 4] = fi.max
+    logits[:, 5] = -fi.max
+    logits[:, 6] = INF
+    src = logits.clone()
+    hist = [a, b, c, d, a, b, c, d, a, b, c]  # candidate d: M = 7
+    out = run([hist] * 4, [0.0, 1.0, 0.0, 2.0], [2.0] * 4, [2] * 4, [0] * 4, [[]] * 4, logits=logits)
+    assert out.dtype == dtype
+    assert torch.equal(logits.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       src.view(torch.int16 if dtype != torch.float32 else torch.int32))  # input untouched
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    for r in (0, 2):
+        assert torch.equal(out[r].view(bits), logits[r].view(bits))
+    for r in (1, 3):
+        assert out[r, d] < logits[r, d]
+
+
+def test_in_place_rejects_bad_tensors():
+    from samplers.functional.dry import dry_
+
+    th, args = _tensors([H, H], [1.0, 1.0], [2.0, 2.0], [2, 2], [0, 0], [[], []])
+    with pytest.raises(ValueError, match="float32"):
+        dry_(torch.zeros(2, V, dtype=torch.float16), th, *args)
+    with pytest.raises(ValueError, match="contiguous"):
+        dry_(torch.zeros(V, 2).t(), th, *args)
+
+
+def test_non_contiguous_logits():
+    th, args = _tensors([H, H], [1.0, 0.0], [2.0, 2.0], [2, 2], [0, 0], [[], []])
+    base_ = torch.randn(V, 2)
+    out = dry(base_.t(), th, *args)
+    exp = dry(base_.t().contiguous(), th, *args)
+    assert torch.equal(out, exp)
+
+
+def test_breaker_lookup_methods_agree():
+    from samplers.functional.dry import _breaker_mask
+
+    gen = np.random.default_rng(5)
+    for k in (1, 3, 9, 20):
+        tok = torch.from_numpy(gen.integers(-1, 40, (4, 30)))
+        ids = torch.from_numpy(gen.integers(-3, 45, (4, k)))  # -1 padding, out-of-range ids
+        ids[0] = -1
+        exp = torch.tensor([[t >= 0 and t in set(r) for t in row_] for row_, r in zip(tok.tolist(), ids.tolist())])
+        assert torch.equal(_breaker_mask(tok, ids, search=True), exp)
+        assert torch.equal(_breaker_mask(tok, ids, search=False), exp)
+        assert torch.equal(_breaker_mask(tok, ids), exp)
+
+
+def test_many_breakers_selections_bit_identical():
+    """More breaker ids than the broadcast threshold (the sorted lookup) in both selections."""
+    from samplers.functional.dry import dry_
+
+    gen = np.random.default_rng(7)
+    for _ in range(20):
+        nb = 3
+        hists = [_repetitive_hist(gen, int(gen.integers(0, 80)), 5) for _ in range(nb)]
+        mult, base, allowed, rngs, _ = _random_params(gen, nb)
+        breakers = [[int(t) for t in gen.integers(-1, 40, 12)] for _ in range(nb)]
+        th, args = _tensors(hists, mult.tolist(), base.tolist(), allowed.tolist(), rngs.tolist(), breakers)
+        logits = torch.from_numpy(gen.normal(size=(nb, V)).astype(np.float32))
+        sparse, dense = logits.clone(), logits.clone()
+        dry_(sparse, th, *args, sync_free=False)
+        dry_(dense, th, *args, sync_free=True)
+        assert torch.equal(sparse.view(torch.int32), dense.view(torch.int32))
+        valid = [{t for t in r if 0 <= t < V} for r in breakers]
+        _check_rows(dense, logits, hists, mult, base, allowed, rngs, valid)

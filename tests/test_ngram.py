@@ -144,3 +144,29 @@ def test_vocab_larger_than_logits_is_an_error():
     th = TokenHistory([[1, 2]], [[]], vocab_size=10)
     with pytest.raises(ValueError, match="vocab_size"):
         no_repeat_ngram(torch.zeros(1, 5), th, torch.tensor([2]))
+
+
+def test_kernel_ban_mask_kept_across_steps_equals_rebuilt():
+    """kernels.penalties.NgramBanMask (one buffer, cleared and set by scatters each step)
+    gives the mask of ngram_banned built from scratch, at every step, from empty histories on."""
+    pytest.importorskip("triton")
+    from kernels.penalties import NgramBanMask, ngram_banned
+
+    gen = np.random.default_rng(3)
+    v = 6
+    sizes = torch.tensor([0, 1, 2, 3, 2], dtype=torch.int64)
+    th = TokenHistory([[]] * 5, [[]] * 5, vocab_size=v)
+    hists: list[list[int]] = [[] for _ in range(5)]
+    mask = NgramBanMask(5, v, th.device)
+    for step in range(30):
+        got = mask.update(th, sizes)
+        full = ngram_banned(TokenHistory(hists, [[]] * 5, vocab_size=v), sizes, v)
+        exp = torch.zeros(5, v, dtype=torch.bool) if full is None else full
+        assert torch.equal(got, exp), step
+        assert got.tolist() == [[t in ref_banned(h, int(n)) for t in range(v)] for h, n in zip(hists, sizes)]
+        again = mask.update(th, sizes)  # a second update without an append: same mask
+        assert torch.equal(again, exp)
+        toks = gen.integers(0, 3 if step % 2 else v, 5).tolist()
+        th.append(torch.tensor(toks))
+        for h, t in zip(hists, toks):
+            h.append(t)

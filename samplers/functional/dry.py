@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..history import TokenHistory
 
-__all__ = ["dry"]
+__all__ = ["dry", "dry_"]
 
 
 def dry(
@@ -39,6 +41,68 @@ def dry(
         l[t] -= multiplier * base ** (M(t) - allowed_length)
     (float32; no cap on match length or number of occurrences).
 
+    The computation is `dry_` (in place, float32) applied to a float32 copy of the logits,
+    cast back to the input dtype; see `dry_`.
+
+    Returns [B, V] in the input's dtype. `-inf` logits stay `-inf` (a penalty that overflows
+    float32 is `inf` and gives `-inf`, never NaN). Rows with multiplier 0 are bit-identical
+    (`dry_` leaves them untouched, and float16 / bfloat16 -> float32 -> the same dtype is an
+    exact round trip).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"dry: logits must be [B, V], got shape {tuple(logits.shape)}")
+    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    dry_(out, history, dry_multiplier, dry_base, dry_allowed_length, dry_range, dry_sequence_breaker_ids)
+    return out.to(logits.dtype)
+
+
+#: Up to this many breaker ids per row, breakers are found by comparing each position with
+#: every id ([B, w, K] booleans); more are looked up in the sorted ids (searchsorted).
+_BROADCAST_BREAKERS = 8
+
+
+def _breaker_mask(tok: torch.Tensor, breaker_ids: torch.Tensor, search: Optional[bool] = None) -> torch.Tensor:
+    """bool [B, w]: tok[b, j] (a history token, or the padding -1) is one of row b's
+    breakers. History tokens lie in [0, vocab_size) and vocab_size <= V, so the padding
+    mask (tok >= 0) is all that keeps ids outside [0, V) (the -1 padding included) from
+    matching. ``search``: look the tokens up in the sorted ids (default when K > 8) rather
+    than comparing with each; same result, and no [B, V] table either way."""
+    k = breaker_ids.shape[1]
+    if k == 0:
+        return torch.zeros(tok.shape, dtype=torch.bool, device=tok.device)
+    if search is None:
+        search = k > _BROADCAST_BREAKERS
+    if search:
+        srt = breaker_ids.sort(dim=1).values
+        idx = torch.searchsorted(srt, tok.contiguous()).clamp_(max=k - 1)
+        found = srt.gather(1, idx) == tok
+    else:
+        found = (tok[:, :, None] == breaker_ids[:, None, :]).any(dim=2)
+    return found & (tok >= 0)
+
+
+def dry_(
+    x: torch.Tensor,
+    history: TokenHistory,
+    dry_multiplier: torch.Tensor,
+    dry_base: torch.Tensor,
+    dry_allowed_length: torch.Tensor,
+    dry_range: torch.Tensor,
+    dry_sequence_breaker_ids: torch.Tensor,
+    *,
+    sync_free: Optional[bool] = None,
+) -> torch.Tensor:
+    """DRY (the definition in `dry`) in place on a contiguous float32 [B, V] tensor ``x``;
+    returns ``x``. Rows whose multiplier is 0 (or that the definition leaves alone) are not
+    modified. Other arguments as in `dry`.
+
+    ``sync_free``: how the penalised history positions are found (both give bit-identical
+    results). False: gather them with `nonzero` (a device -> host sync on accelerators;
+    natural text has few, so little work follows). True: process all B * w positions
+    (w = the longest history) densely, a non-position contributing `+inf` to the
+    scatter-amin below (a no-op), so nothing waits for the device. None (default): True
+    unless ``x`` is on the CPU.
+
     Computation (no loop over rows or positions). Let H be the full history, len = len(H),
     start = max(0, len - dry_range) (0 when dry_range = 0) the index in H of h's first
     token, and j = i + 1 the position in H of the candidate. Then
@@ -47,70 +111,87 @@ def dry(
     (`TokenHistory.match_lengths`, kept up to date incrementally) and trailing is the number
     of non-breaker tokens at the end of H (matched tokens are equal on both sides, so a
     breaker on either side is a breaker on the reference side, and a match that reaches a
-    breaker stops there). Only positions with match_lengths[j] >= allowed_length can be
-    penalised; they are gathered with `nonzero` (a device sync on accelerators: the Triton
-    path is the fast one there), so natural text costs little. For a token, the longest
-    match gives the largest penalty (base > 1 and multiplier >= 0, as validated), and
-    fl(l - max(pen)) == min(fl(l - pen)) because rounding is monotone, so M(t) and the
-    subtraction are one scatter-amin over the candidate positions.
-
-    Returns [B, V] in the input's dtype. `-inf` logits stay `-inf` (a penalty that overflows
-    float32 is `inf` and gives `-inf`, never NaN). Rows with multiplier 0 are bit-identical
-    (final `torch.where`).
+    breaker stops there). Each position's token is compared with the row's breaker ids (or
+    looked up in them sorted, when there are many): no [B, V] table. Position j is penalised
+    iff the row is enabled (multiplier != 0, len >= 2, H[-1] not a breaker), m(j) >= allowed
+    and H[j] is not a breaker; its penalty
+    is multiplier * P[m(j) - allowed] with P = base ** [0, 1, ..., w - 1] a per-row
+    float32 table (computed once, so both selections use the same powers). For a token,
+    the longest match gives the largest penalty (base > 1 and multiplier >= 0, as
+    validated), and fl(l - max(pen)) == min(fl(l - pen)) because rounding is monotone, so
+    M(t) and the subtraction are one scatter-amin into ``x`` over the positions.
     """
-    b, v = logits.shape
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(
+            f"dry_: x must be a contiguous float32 [B, V] tensor, got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    b, v = x.shape
     if history.vocab_size > v:
         raise ValueError(f"dry: history vocab_size {history.vocab_size} exceeds the logits' {v} columns")
     w = history.max_length
     if w < 2 or b == 0:
-        return logits.clone()
-    dev = logits.device
-    i32 = torch.int32
-    lens = history.lengths.to(i32)
-    allowed = dry_allowed_length.clamp(min=1).to(i32)
-    out = logits.to(torch.float32, copy=True)
+        return x
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    dev = x.device
+    f32 = torch.float32
+    tok = history.tokens[:, :w]  # [B, w] int64, padding -1
+    match = history.match_lengths()[:, :w]  # [B, w] int32, 0 outside h
+    lens = history.lengths
+    allowed = dry_allowed_length.clamp(min=1)  # integers: int32 / int64 mix without casts
+    mult = dry_multiplier.to(f32)
+    pos = torch.arange(w, device=dev)
 
-    # Breaker table [B, 1 + V], shifted by one: column 1 + t is token t, column 0 stands for
-    # the padding (-1) and for breaker ids outside [0, V), and is never a breaker.
-    brk_ids = dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1)
-    table = torch.zeros(b, v + 1, dtype=torch.bool, device=dev)
-    table.scatter_(1, torch.where((brk_ids >= 0) & (brk_ids < v), brk_ids + 1, 0), True)
-    table[:, 0] = False
-    last_tok = history.tokens.gather(1, (history.lengths - 1).clamp(min=0)[:, None])  # [B, 1]
-    last_is_brk = table.gather(1, last_tok + 1)[:, 0]  # empty row: padding -> False
-    enabled = (dry_multiplier != 0) & (lens >= 2) & ~last_is_brk
+    is_brk = _breaker_mask(tok, dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1))  # padding -> False
+    last_is_brk = is_brk.gather(1, (lens - 1).clamp(min=0)[:, None])[:, 0]  # empty row: padding -> False
+    enabled = (mult != 0) & (lens >= 2) & ~last_is_brk
 
-    # m(j) <= match_lengths[j]; a position can only be penalised if that is >= allowed
-    # (match_lengths is 0 outside h, so these positions are inside h). Work on those only.
-    match_full = history.match_lengths()
-    cand_b, cand_j = ((match_full[:, :w] >= allowed[:, None]) & enabled[:, None]).nonzero(as_tuple=True)
-    if cand_b.numel():
-        tok = history.tokens[:, :w]
-        pos = torch.arange(w, device=dev, dtype=i32)
-        # trailing = number of non-breaker tokens at the end of h = len - 1 - (last breaker or -1).
-        is_brk = table.gather(1, tok + 1)  # padding -> column 0 -> False
-        last_brk = torch.where(is_brk, pos[None, :], -1).amax(dim=1)
-        trailing = lens - 1 - last_brk
-        rng = dry_range.to(i32)
-        start = torch.where(rng > 0, (lens - rng).clamp(min=0), 0)
+    if sync_free:
+        # every position: [B, w] tensors, per-row values broadcast along the row
+        def at(t2d: torch.Tensor) -> torch.Tensor:
+            return t2d
 
-        def per_row(x: torch.Tensor) -> torch.Tensor:  # [B] -> one value per candidate
-            return x.index_select(0, cand_b)
+        def per_row(t1d: torch.Tensor) -> torch.Tensor:
+            return t1d[:, None]
 
-        lin = cand_b * history.capacity + cand_j  # flat index into [B, capacity] state
-        t = history.tokens.reshape(-1).index_select(0, lin)
-        m = match_full.reshape(-1).index_select(0, lin)
-        m = torch.minimum(m, cand_j.to(i32) - per_row(start))
-        m = torch.minimum(m, per_row(trailing))
-        a = per_row(allowed)
-        hit = (m >= a) & ~table.reshape(-1).index_select(0, cand_b * (v + 1) + t + 1)
-        # For a token, the largest m gives the largest penalty (base > 1), and
-        # l - max(pen) == min(l - pen) exactly (float rounding is monotone): scatter-amin.
-        pen = per_row(dry_multiplier.to(torch.float32)) * torch.pow(
-            per_row(dry_base.to(torch.float32)), (m - a).clamp(min=0).to(torch.float32)
-        )
-        flat_idx = cand_b * v + t
-        flat = out.view(-1)
+        j = pos[None, :]
+    else:
+        # m(j) <= match_lengths[j]: only positions with match_lengths >= allowed can be
+        # penalised (match_lengths is 0 outside h, so these are inside h).
+        cand_b, cand_j = ((match >= allowed[:, None]) & enabled[:, None]).nonzero(as_tuple=True)
+        if cand_b.numel() == 0:
+            return x
+
+        def at(t2d: torch.Tensor) -> torch.Tensor:
+            return t2d[cand_b, cand_j]
+
+        def per_row(t1d: torch.Tensor) -> torch.Tensor:
+            return t1d.index_select(0, cand_b)
+
+        j = cand_j
+
+    # trailing = number of non-breaker tokens at the end of h = len - 1 - (last breaker or -1).
+    last_brk = torch.where(is_brk, pos[None, :], -1).amax(dim=1)
+    trailing = lens - 1 - last_brk
+    rng = dry_range.to(torch.int64)
+    start = torch.where(rng > 0, (lens - rng).clamp(min=0), 0)
+    powers = torch.pow(dry_base.to(f32)[:, None], torch.arange(w, device=dev, dtype=f32)[None, :])  # [B, w]
+    a = per_row(allowed)
+    m = torch.minimum(torch.minimum(at(match), j - per_row(start)), per_row(trailing))
+    hit = (m >= a) & ~at(is_brk)
+    if sync_free:
+        hit &= enabled[:, None]
+    k = (m - a).clamp(min=0)  # int64
+    if sync_free:
+        pen = mult[:, None] * powers.gather(1, k)
+        t = tok.clamp(min=0)  # padding: not a hit, any column will do
+        # fl(l - max(pen)) == min(fl(l - pen)): scatter-amin; +inf (no hit) is a no-op
+        vals = torch.where(hit, x.gather(1, t) - pen, float("inf"))
+        x.scatter_reduce_(1, t, vals, reduce="amin", include_self=True)
+    else:
+        pen = per_row(mult) * powers[cand_b, k]
+        flat_idx = cand_b * v + at(tok)
+        flat = x.view(-1)
         vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
         flat.scatter_reduce_(0, flat_idx, vals, reduce="amin", include_self=True)
-    return torch.where(enabled[:, None], out.to(logits.dtype), logits)
+    return x
