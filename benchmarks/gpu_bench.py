@@ -95,15 +95,15 @@ def make_inputs(config: str, B: int, V: int, dtype: torch.dtype, device: torch.d
 
 
 def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callable[[], torch.Tensor]:
-    """One sampling step (chain + draw, no log-probabilities) on ``backend``."""
+    """One sampling step (chain + draw, no top log-probabilities) on ``backend``: what
+    ``SamplerPipeline.sample`` runs, minus the torch path's ``compute_logprobs``."""
     pipe = SamplerPipeline(backend, seed=0)
     if backend == "triton":
         import kernels
 
         def run():
             r = _RowRandoms(batch, pipe.generator)
-            x = kernels.process_logits(logits, batch, r)
-            return kernels.draw_tokens(x, batch.greedy, r.uniforms(PURPOSE_DRAW))
+            return kernels.process_logits(logits, batch, r, draw=True)[1]
     else:
         def run():
             r = _RowRandoms(batch, pipe.generator)
@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         for config in args.configs:
             print(check(config, 2, 1000, dtype, device, history=min(args.history, 256)))
+            # a row above 65536 lanes: the column-blocked kernels
+            print(check(config, 1, 70001, dtype, device, history=min(args.history, 256)))
         print("dry run: timing skipped")
         return 0
     if not cuda:
