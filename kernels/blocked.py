@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from ._common import okey, online_softmax, philox_uniform
-from .draw import pick_from_tiles
+from .draw import draw_sparse, pick_from_tiles
+from .fused import _stage
 from .penalties import stage_ban, stage_penalties
 from .temperature import dynatemp_of
 from .truncation import radix_select
@@ -97,13 +98,18 @@ def _ukey(x):
 
 # --------------------------------------------------------------------------- write passes
 @triton.jit
-def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr):
+def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr,
+                KMAX: tl.constexpr):
     """Rewrite the row keeping the tokens of the rule MODE (and the row's top token(s));
-    returns the state after the pass (wr, statistics of the written row).
+    returns the state after the pass (wr, statistics of the written row). The survivors are
+    also compacted (value, token id) into the sparse region of the scratch row: when there
+    are at most KMAX of them, the rest of the chain runs on them in registers (``_bstage``).
 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
     4: okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
+    sps = tiles - 2 * KMAX - 1
+    kept_n = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
         if MODE == 0:
@@ -118,8 +124,14 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
             logp = (x - m) - tl.log(s)
             keep = okey(tl.abs(-logp - h)) <= thr
         keep = keep | ((x == m_raw) & (x > float("-inf")))
-        sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, tl.where(keep, x, float("-inf")),
-                                       sm, ss, sez, sn, st, am, TILE)
+        y = tl.where(keep, x, float("-inf"))
+        sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, y, sm, ss, sez, sn, st, am, TILE)
+        alive = valid & (y > float("-inf"))
+        pos = kept_n + tl.cumsum(alive.to(tl.int32), 0) - 1
+        tl.store(sps + pos, y, mask=alive & (pos < KMAX))
+        tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=alive & (pos < KMAX))
+        kept_n += tl.sum(alive.to(tl.int32), 0)
+    tl.store(sps + 2 * KMAX, tl.where(kept_n <= KMAX, kept_n, -1).to(tl.float32))
     tl.debug_barrier()
     return wr | 1, sm, ss, sez, sn, st, am
 
@@ -198,7 +210,7 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
                 above = tl.sum(tl.where(bins > d, hist, 0), 0)
                 need = need - above
                 prefix = prefix * 256 + d.to(tl.uint32)
-        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
@@ -269,7 +281,7 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
                 good = mass < tp
                 hi = tl.where(good, mid, hi)
                 lo = tl.where(good, lo, mid)
-        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 3, hi, sm, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 3, hi, sm, m, s, h, TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
@@ -305,13 +317,13 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
                 good = mass < tp
                 lo = tl.where(good, mid, lo)
                 hi = tl.where(good, hi, mid)
-        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 4, lo, sm, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 4, lo, sm, m, s, h, TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
 def _b_prob_cut(o, xin, wr, tiles, NT, V, KIND: tl.constexpr, a, en, sm, ss, sez, sn, st, am,
-                TILE: tl.constexpr):
+                TILE: tl.constexpr, KMAX: tl.constexpr):
     """KIND 0 top_a (p >= a p_max^2), 1 min_p (p >= a p_max), 2 eta, 3 epsilon (p >= a)."""
     en = en & (a > 0)
     if en:
@@ -325,12 +337,13 @@ def _b_prob_cut(o, xin, wr, tiles, NT, V, KIND: tl.constexpr, a, en, sm, ss, sez
             thr = tl.minimum(a, tl.sqrt(tl.maximum(a, 0.0)) * tl.exp(-h))
         else:
             thr = a
-        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 0, thr, sm, m, s, h, TILE)
+        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 0, thr, sm, m, s, h, TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
 @triton.jit
-def _b_nsigma(o, xin, wr, tiles, NT, V, nsig, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr):
+def _b_nsigma(o, xin, wr, tiles, NT, V, nsig, en, sm, ss, sez, sn, st, am, TILE: tl.constexpr,
+              KMAX: tl.constexpr):
     en = en & (nsig > 0)
     if en:
         # the two-pass sample std of the reference: the mean from the running sum, then
@@ -346,7 +359,7 @@ def _b_nsigma(o, xin, wr, tiles, NT, V, nsig, en, sm, ss, sez, sn, st, am, TILE:
         std = tl.sqrt(sq / tl.maximum(countf - 1.0, 1.0))
         std = tl.where(sn > 1, std, 0.0)
         wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 1, sm - nsig * std, sm, sm, 1.0, 0.0,
-                                                  TILE)
+                                                  TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
@@ -445,9 +458,42 @@ def _prm(prm_ptr, idx: tl.constexpr, row, B):
 
 
 @triton.jit
+def _sparse(scr, KMAX: tl.constexpr):
+    """The sparse mode's survivors: (count or -1 when not sparse, lane mask, values, token ids)."""
+    n = tl.load(scr + 4 * KMAX).to(tl.int32)
+    j = tl.arange(0, KMAX)
+    lane = j < n
+    xs = tl.load(scr + 2 * KMAX + j, mask=lane, other=float("-inf"))
+    ids = tl.load(scr + 3 * KMAX + j, mask=lane, other=0.0).to(tl.int64)
+    return n, lane, xs, ids
+
+
+@triton.jit
 def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr,
             seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
             TILE: tl.constexpr, KMAX: tl.constexpr):
+    """Stage CODE on the row: in registers on the survivors when the row is sparse (a
+    truncation left at most KMAX tokens: the whole-row stage of ``kernels.fused`` on them,
+    side inputs gathered at their token ids), else tile by tile (``_bstage_tiles``)."""
+    if CODE != 0:
+        n, lane, xs, ids = _sparse(scr, KMAX)
+        if n >= 0:
+            xs = _stage(CODE, SLOT, xs, lane, ids, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+                        key_ptr, scr, stride_s, stride_c, stride_b, KMAX)
+            tl.store(scr + 2 * KMAX + tl.arange(0, KMAX), xs, mask=lane)
+            tl.debug_barrier()
+        else:
+            wr, sm, ss, sez, sn, st, am = _bstage_tiles(CODE, SLOT, o, xin, wr, tiles, NT, row, B, V, prm_ptr,
+                                                        rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr,
+                                                        stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
+                                                        TILE, KMAX)
+    return wr, sm, ss, sez, sn, st, am
+
+
+@triton.jit
+def _bstage_tiles(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr,
+                  seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
+                  TILE: tl.constexpr, KMAX: tl.constexpr):
     if CODE != 0:
         en = tl.load(rmask_ptr + SLOT * B + row) != 0
         if CODE == 1:  # PENALTIES
@@ -469,7 +515,7 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, 
                                                          sm, ss, sez, sn, st, am, TILE)
         elif CODE == 5:
             wr, sm, ss, sez, sn, st, am = _b_nsigma(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 9, row, B), en,
-                                                    sm, ss, sez, sn, st, am, TILE)
+                                                    sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 6:
             wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 10, row, B), en,
                                                    sm, ss, sez, sn, st, am, scr, TILE, KMAX)
@@ -478,16 +524,16 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, 
                                                    sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 8:
             wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 0, _prm(prm_ptr, 12, row, B), en,
-                                                      sm, ss, sez, sn, st, am, TILE)
+                                                      sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 9:
             wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 1, _prm(prm_ptr, 13, row, B), en,
-                                                      sm, ss, sez, sn, st, am, TILE)
+                                                      sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 10:
             wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 2, _prm(prm_ptr, 14, row, B), en,
-                                                      sm, ss, sez, sn, st, am, TILE)
+                                                      sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 11:
             wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 3, _prm(prm_ptr, 15, row, B), en,
-                                                      sm, ss, sez, sn, st, am, TILE)
+                                                      sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 12:
             wr, sm, ss, sez, sn, st, am = _b_typical(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 16, row, B), en,
                                                      sm, ss, sez, sn, st, am, scr, TILE, KMAX)
@@ -516,12 +562,14 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
                           TILE: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr, NTB: tl.constexpr):
     """The stages S0..S15 on one row in tiles; with DRAW, then the draw (tokens to ``tok_ptr``,
     their log-probabilities to ``lp_ptr``, uniforms from the rows' Philox words ``key_ptr``).
-    ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, then [2, NT] tile statistics."""
+    ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, [2 * KMAX] the sparse mode's
+    survivors (values, token ids), [1] their count (-1: not sparse), [2, NT] tile statistics."""
     row = tl.program_id(0).to(tl.int64)
     o = out_ptr + row * stride_o
     xin = x_ptr + row * stride_x
     scr = scr_ptr + row * stride_scr
-    tiles = scr + 2 * KMAX
+    tiles = scr + 4 * KMAX + 1
+    tl.store(scr + 4 * KMAX, -1.0)
     # statistics of the input row: one read, nothing written yet
     sm, ss, sez, sn, st, am = _fresh()
     for start in range(0, V, TILE):
@@ -545,7 +593,11 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     wr, sm, ss, sez, sn, st, am = _bstage(S13, 13, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S14, 14, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S15, 15, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
-    if wr == 0:  # no stage changed this row: the output is the fp32 input
+    n, lane, xs, ids = _sparse(scr, KMAX)
+    if n >= 0:
+        # sparse: the row outside the survivors is already -inf; write their final values
+        tl.store(o + ids, xs, mask=lane)
+    elif wr == 0:  # no stage changed this row: the output is the fp32 input
         sm, ss, sez, sn, st, am = _fresh()
         for start in range(0, V, TILE):
             offs, valid, x = _ld(o, xin, wr, start, V, TILE)
@@ -554,6 +606,9 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     if DRAW:
         greedy = tl.load(greedy_ptr + row) != 0
         u = philox_uniform(key_ptr, row, B, 0)
-        tok, lp = pick_from_tiles(o, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
+        if n >= 0:
+            tok, lp = draw_sparse(xs, ids, lane, n, V, greedy, u)
+        else:
+            tok, lp = pick_from_tiles(o, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
         tl.store(tok_ptr + row, tok)
         tl.store(lp_ptr + row, lp)

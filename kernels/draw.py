@@ -52,6 +52,19 @@ def draw_row(x, offs, valid, V, greedy, u):
 
 
 @triton.jit
+def draw_sparse(xs, ids, lane, n, V, greedy, u):
+    """``draw_row`` for a row given by its finite entries: ``xs`` [K] values (-inf past the
+    ``n`` ``lane``s) at token ids ``ids`` (increasing), every other token removed. Token-id
+    order is lane order, so the inverse CDF and the lowest-id argmax are those of the row."""
+    j = tl.arange(0, xs.shape[0])
+    tok_lane, lp = draw_row(xs, j, lane, xs.shape[0], greedy, u)
+    tok = tl.sum(tl.where(j == tok_lane, ids, 0), 0)
+    # an all -inf row: the reference's argmax is token 0, its inverse CDF the last token
+    tok = tl.where(n > 0, tok, tl.where(greedy, 0, V - 1).to(tl.int64))
+    return tok, lp
+
+
+@triton.jit
 def _draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, B, V, stride_x, BLOCK: tl.constexpr,
                  KEYED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -56,7 +56,7 @@ def _prm(prm_ptr, idx: tl.constexpr, row, B):
 
 @triton.jit
 def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, prm_ptr, rmask_ptr,
-           seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX: tl.constexpr):
+           seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX: tl.constexpr):
     if CODE != 0:
         en = tl.load(rmask_ptr + SLOT * B + row) != 0
         if CODE == 1:  # PENALTIES
@@ -78,7 +78,7 @@ def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, pr
         elif CODE == 6:
             x = stage_top_k(x, valid, _prm(prm_ptr, 10, row, B), V, en)
         elif CODE == 7:
-            x = stage_top_p(x, valid, _prm(prm_ptr, 11, row, B), en, scr_ptr + row * (2 * KMAX), KMAX)
+            x = stage_top_p(x, valid, _prm(prm_ptr, 11, row, B), en, scr_row, KMAX)
         elif CODE == 8:
             x = stage_top_a(x, _prm(prm_ptr, 12, row, B), en)
         elif CODE == 9:
@@ -88,7 +88,7 @@ def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, pr
         elif CODE == 11:
             x = stage_epsilon(x, _prm(prm_ptr, 15, row, B), en)
         elif CODE == 12:
-            x = stage_typical(x, valid, _prm(prm_ptr, 16, row, B), en, scr_ptr + row * (2 * KMAX), KMAX)
+            x = stage_typical(x, valid, _prm(prm_ptr, 16, row, B), en, scr_row, KMAX)
         elif CODE == 13:
             x = stage_smoothing(x, _prm(prm_ptr, 7, row, B), _prm(prm_ptr, 8, row, B), en)
         elif CODE == 14:
@@ -112,38 +112,39 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
     offs = tl.arange(0, BLOCK)
     valid = offs < V
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    scr_row = scr_ptr + row * (2 * KMAX)
     x = _stage(S0, 0, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S1, 1, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S2, 2, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S3, 3, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S4, 4, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S5, 5, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S6, 6, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S7, 7, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S8, 8, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S9, 9, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S10, 10, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S11, 11, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S12, 12, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S13, 13, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S14, 14, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
-               key_ptr, scr_ptr, stride_s, stride_c, stride_b, KMAX)
+               key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
     if DRAW:  # the token draw on the row still in registers (uniform: Philox purpose 0)
         greedy = tl.load(greedy_ptr + row) != 0
@@ -227,6 +228,8 @@ def run_chain(
     if drawing and keys is None:
         raise ValueError("the draw needs the rows' key words")
     B, V = x.shape
+    if V > MAX_VOCAB:
+        raise ValueError(f"vocab_size {V} exceeds the kernels' limit {MAX_VOCAB} (token ids are kept as fp32)")
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((B, V), dtype=torch.float32, device=x.device)
@@ -272,8 +275,8 @@ def run_chain(
         tile = _common.TILE
         kmax = compact_size(tile)
         nt = triton.cdiv(V, tile)
-        # per row: [2 * KMAX] for the compacted top_p / typical searches, [2, NT] tile statistics
-        scratch = torch.empty((B, 2 * kmax + 2 * nt), dtype=torch.float32, device=x.device)
+        # per row: [2 * KMAX] compacted searches, [2 * KMAX + 1] sparse survivors, [2, NT] tile statistics
+        scratch = torch.empty((B, 4 * kmax + 1 + 2 * nt), dtype=torch.float32, device=x.device)
         _blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
                                     greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
                                     scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
@@ -294,6 +297,9 @@ def run_chain(
     _pick_layout(x, tuple(codes), drawing, whole_row, blocked)()
     return (out, tokens, logprobs) if drawing else out
 
+
+#: Largest vocabulary: the blocked chain keeps the token ids of a sparse row as fp32 (exact to 2**24).
+MAX_VOCAB = 1 << 24
 
 #: The whole-row chain compiles without (or with a few hundred bytes of) spills up to this
 #: block for every stage code (``python -m kernels.aot``); rows up to it always use it.

