@@ -103,7 +103,7 @@ def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callabl
 
         def run():
             r = _RowRandoms(batch, pipe.generator)
-            return kernels.process_logits(logits, batch, r, draw=True)[1]
+            return kernels.process_logits(logits, batch, r, draw=True, keep_processed=False)[1]
     else:
         def run():
             r = _RowRandoms(batch, pipe.generator)

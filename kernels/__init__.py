@@ -40,12 +40,12 @@ def available(device: Optional[torch.device] = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False):
+def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, keep_processed: bool = True):
     """The pipeline's chain on the kernel path; with ``draw``, also the tokens and their
     logprobs (see ``kernels.chain.process_logits``)."""
     from .chain import process_logits as _process
 
-    return _process(logits, batch, randoms, draw=draw)
+    return _process(logits, batch, randoms, draw=draw, keep_processed=keep_processed)
 
 
 def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
     from . import draw as D
 
     sig = dict(_BLOCKED_CHAIN_SIG, x_ptr=f"*{dtype}")
-    cx.update(DRAW=draw, NTB=D._TILES_PER_STEP)  # draw: the chain with the token draw at its end
+    cx.update(DRAW=draw, NTB=D._TILES_PER_STEP, STORE=True)  # draw: the chain with the token draw at its end
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
     out["blocked_draw"] = _ptxas_info(
         _compile(D._blocked_draw_kernel, _draw_signature(dtype, blocked=True),

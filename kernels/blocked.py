@@ -108,7 +108,7 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
     4: okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
-    sps = tiles - 2 * KMAX - 1
+    sps = tiles - 2 * KMAX - 2
     kept_n = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
@@ -132,6 +132,7 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
         tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=alive & (pos < KMAX))
         kept_n += tl.sum(alive.to(tl.int32), 0)
     tl.store(sps + 2 * KMAX, tl.where(kept_n <= KMAX, kept_n, -1).to(tl.float32))
+    tl.store(sps + 2 * KMAX + 1, 0.0)  # the row is -inf outside the survivors already
     tl.debug_barrier()
     return wr | 1, sm, ss, sez, sn, st, am
 
@@ -187,11 +188,20 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
                 cand = valid & (x > float("-inf")) & (x < float("inf")) & (_window_bin(x, sm) <= last_bin)
                 pos = base + tl.cumsum(cand.to(tl.int32), 0) - 1
                 tl.store(scr + pos, x, mask=cand)
+                tl.store(scr + KMAX + pos, offs.to(tl.float32), mask=cand)
                 base += tl.sum(cand.to(tl.int32), 0)
             tl.debug_barrier()
             j = tl.arange(0, KMAX)
-            xc = tl.load(scr + j, mask=j < count, other=float("-inf"))
-            prefix = radix_select(_ukey(xc), j < count, need)
+            lane = j < count
+            xc = tl.load(scr + j, mask=lane, other=float("-inf"))
+            prefix = radix_select(_ukey(xc), lane, need)
+            # the window holds every survivor: the row is sparse from here, without a keep pass
+            keep = (_ukey(xc) >= prefix) | ((xc == sm) & (xc > float("-inf")))
+            tl.store(scr + 2 * KMAX + j, tl.where(keep, xc, float("-inf")), mask=lane)
+            tl.store(scr + 3 * KMAX + j, tl.load(scr + KMAX + j, mask=lane, other=0.0), mask=lane)
+            tl.store(scr + 4 * KMAX, count.to(tl.float32))
+            tl.store(scr + 4 * KMAX + 1, 1.0)
+            tl.debug_barrier()
         else:
             prefix = tl.full([], 0, tl.uint32)
             for p in tl.static_range(4):
@@ -210,7 +220,8 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
                 above = tl.sum(tl.where(bins > d, hist, 0), 0)
                 need = need - above
                 prefix = prefix * 256 + d.to(tl.uint32)
-        wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE, KMAX)
+            wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 2, prefix, sm, sm, 1.0, 0.0, TILE,
+                                                      KMAX)
     return wr, sm, ss, sez, sn, st, am
 
 
@@ -559,25 +570,63 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
                           S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
                           S8: tl.constexpr, S9: tl.constexpr, S10: tl.constexpr, S11: tl.constexpr,
                           S12: tl.constexpr, S13: tl.constexpr, S14: tl.constexpr, S15: tl.constexpr,
-                          TILE: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr, NTB: tl.constexpr):
+                          TILE: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr, NTB: tl.constexpr,
+                          STORE: tl.constexpr):
     """The stages S0..S15 on one row in tiles; with DRAW, then the draw (tokens to ``tok_ptr``,
     their log-probabilities to ``lp_ptr``, uniforms from the rows' Philox words ``key_ptr``).
     ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, [2 * KMAX] the sparse mode's
-    survivors (values, token ids), [1] their count (-1: not sparse), [2, NT] tile statistics."""
+    survivors (values, token ids), [1] their count (-1: not sparse), [1] whether the row
+    outside them still has to be set to -inf, [2, NT] tile statistics.
+    ``STORE`` False (only with DRAW): a row that ends sparse is not written (the caller
+    wants the tokens only)."""
     row = tl.program_id(0).to(tl.int64)
     o = out_ptr + row * stride_o
     xin = x_ptr + row * stride_x
     scr = scr_ptr + row * stride_scr
-    tiles = scr + 4 * KMAX + 1
+    tiles = scr + 4 * KMAX + 2
     tl.store(scr + 4 * KMAX, -1.0)
     # statistics of the input row: one read, nothing written yet
     sm, ss, sez, sn, st, am = _fresh()
+    # A chain that starts with min_p (code 9) also collects its candidates in this pass:
+    # x >= running max + log(min_p) (a superset of the survivors, the max only grows)
+    pre_en = tl.full([], 0, tl.int1)
+    log_a = tl.full([], 0.0, tl.float32)
+    a = tl.full([], 0.0, tl.float32)
+    if S0 == 9:
+        a = tl.load(prm_ptr + 13 * B + row)
+        pre_en = (tl.load(rmask_ptr + row) != 0) & (a > 0)
+        log_a = tl.log(tl.maximum(a, 1e-30)) - 1e-3  # (a margin far above rounding)
+    sps = scr + 2 * KMAX
+    n_pre = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs = start + tl.arange(0, TILE)
         x = tl.load(xin + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         sm, ss, sez, sn, st, tm, ts = online_softmax(sm, ss, sez, sn, st, x)
+        if S0 == 9:
+            cand = pre_en & (x > float("-inf")) & (x >= sm + log_a)
+            pos = n_pre + tl.cumsum(cand.to(tl.int32), 0) - 1
+            tl.store(sps + pos, x, mask=cand & (pos < KMAX))
+            tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=cand & (pos < KMAX))
+            n_pre += tl.sum(cand.to(tl.int32), 0)
     wr = tl.full([], 0, tl.int32)
-    wr, sm, ss, sez, sn, st, am = _bstage(S0, 0, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
+    pre = pre_en & (n_pre <= KMAX)
+    if pre:
+        # min_p on the candidates, with the row's statistics and the formula of the tile
+        # stage (p = exp(x - m) / s >= min_p * p_max, top token kept); the row is sparse
+        # from here, nothing of it written yet
+        tl.debug_barrier()
+        j = tl.arange(0, KMAX)
+        lane = j < n_pre
+        xs = tl.load(sps + j, mask=lane, other=float("-inf"))
+        m, s, h = _derive(sm, ss, sez, sn)
+        pmax = tl.where(sm > float("-inf"), 1.0 / s, 0.0)
+        keep = (_p_of(xs, m, s) >= a * pmax) | ((xs == sm) & (xs > float("-inf")))
+        tl.store(sps + j, tl.where(keep, xs, float("-inf")), mask=lane)
+        tl.store(sps + 2 * KMAX, n_pre.to(tl.float32))
+        tl.store(sps + 2 * KMAX + 1, 1.0)  # nothing of the row written: fill it at the end
+        tl.debug_barrier()
+    else:
+        wr, sm, ss, sez, sn, st, am = _bstage(S0, 0, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S1, 1, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S2, 2, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S3, 3, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
@@ -595,8 +644,15 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     wr, sm, ss, sez, sn, st, am = _bstage(S15, 15, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     n, lane, xs, ids = _sparse(scr, KMAX)
     if n >= 0:
-        # sparse: the row outside the survivors is already -inf; write their final values
-        tl.store(o + ids, xs, mask=lane)
+        if STORE:
+            # sparse: write the survivors' final values; the rest of the row is -inf already
+            # when a keep pass wrote it, else (entered without one) it is set now
+            if tl.load(scr + 4 * KMAX + 1) != 0:
+                for start in range(0, V, TILE):
+                    offs = start + tl.arange(0, TILE)
+                    tl.store(o + offs, tl.full([TILE], float("-inf"), tl.float32), mask=offs < V)
+                tl.debug_barrier()
+            tl.store(o + ids, xs, mask=lane)
     elif wr == 0:  # no stage changed this row: the output is the fp32 input
         sm, ss, sez, sn, st, am = _fresh()
         for start in range(0, V, TILE):

@@ -104,14 +104,16 @@ def plan(batch) -> list[tuple[str, object]]:
     return steps
 
 
-def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False):
+def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, keep_processed: bool = True):
     """Kernel path of ``SamplerPipeline._process``: [B, V] logits (fp32/fp16/bf16) -> fp32
     processed logits [B, V]; the input is not modified.
 
     ``draw``: also draw the rows' tokens (``kernels.draw.sample_tokens``: uniforms from the
     rows' Philox stream, the chosen tokens' logprobs) and return (processed, token ids,
     logprobs). When the chain ends with a kernel launch (no skew, no row-emptying bans after
-    it) the draw runs at the end of that launch, on the row it has just written."""
+    it) the draw runs at the end of that launch, on the row it has just written; then, with
+    ``keep_processed=False``, the processed logits are not returned (None) and rows that end
+    with few survivors are not even written."""
     x = logits
     owned = False  # x is an fp32 contiguous tensor of ours (never the caller's logits)
     if batch.logit_bias_coo is not None or batch.min_tokens_coo is not None:
@@ -145,9 +147,12 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False):
         if kind == "fused":
             last = fused_draw and i == len(steps) - 1
             x = K.run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
-                            banned=banned, keys=keys, rmask=rmask, draw_greedy=batch.greedy if last else None)
+                            banned=banned, keys=keys, rmask=rmask, draw_greedy=batch.greedy if last else None,
+                            store=keep_processed)
             if last:
                 x, tokens, logprobs = x
+                if not keep_processed:
+                    return None, tokens, logprobs
         elif st[0] == S.DRY:
             # in place on our fp32 working tensor (one copy if it is still the caller's);
             # rmask: the multipliers, 0 outside the stage's rows (those rows are untouched)

@@ -211,6 +211,7 @@ def run_chain(
     keys: Optional[torch.Tensor] = None,
     rmask: Optional[torch.Tensor] = None,
     draw_greedy: Optional[torch.Tensor] = None,
+    store: bool = True,
 ):
     """Apply the stages ``codes`` (each with its row mask, None = all rows) to ``x`` [B, V]
     (fp32/fp16/bf16) in one launch; returns a new fp32 [B, V] tensor.
@@ -220,8 +221,9 @@ def run_chain(
     (``key_words``) for XTC_PHILOX; ``rmask``: a prebuilt ``row_masks(masks)``.
 
     ``draw_greedy`` ([B] bool; needs ``keys``): also draw each row's token in the same launch
-    (``kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs); only
-    rows on the column-blocked path (``fused_draw_supported(V)``)."""
+    (``kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs).
+    ``store=False`` (with ``draw_greedy``): the caller will not read ``out``; rows of the
+    column-blocked path that end with at most KMAX survivors are then not written."""
     if len(codes) > NSLOTS:
         raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
     drawing = draw_greedy is not None
@@ -275,12 +277,13 @@ def run_chain(
         tile = _common.TILE
         kmax = compact_size(tile)
         nt = triton.cdiv(V, tile)
-        # per row: [2 * KMAX] compacted searches, [2 * KMAX + 1] sparse survivors, [2, NT] tile statistics
-        scratch = torch.empty((B, 4 * kmax + 1 + 2 * nt), dtype=torch.float32, device=x.device)
+        # per row: [2 * KMAX] compacted searches, [2 * KMAX + 2] sparse survivors, [2, NT] tile statistics
+        scratch = torch.empty((B, 4 * kmax + 2 + 2 * nt), dtype=torch.float32, device=x.device)
         _blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
                                     greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
                                     scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
-                                    NTB=KD._TILES_PER_STEP, num_warps=_common.TILE_WARPS)
+                                    NTB=KD._TILES_PER_STEP, STORE=store or not drawing,
+                                    num_warps=_common.TILE_WARPS)
 
     def whole_row() -> None:
         block = block_for(V)

@@ -216,8 +216,10 @@ class SamplerPipeline:
             # the draw runs in the kernels (at the end of the chain's last launch when it can),
             # its uniforms from the rows' Philox words, the chosen logprobs from its softmax
             self._check(logits, batch)
-            x, tokens, chosen = kernels.process_logits(logits, batch, randoms, draw=True)
-            if batch.max_logprobs == 0 and not batch.any_raw_logprobs:
+            need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
+            x, tokens, chosen = kernels.process_logits(logits, batch, randoms, draw=True,
+                                                       keep_processed=need_processed)
+            if not need_processed:
                 return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=None)
         else:
             x = self._process(logits, batch, randoms)

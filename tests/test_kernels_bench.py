@@ -35,5 +35,19 @@ def test_dry_run_checks_every_config(capsys):
     mod = _module()
     assert mod.main(["--dry-run", "--dtype", "bfloat16", "--history", "128"]) == 0
     out = capsys.readouterr().out
-    assert out.count("-> OK") == 3, out
+    assert out.count("-> OK") == 6, out  # 3 configs, a whole-row and a column-blocked shape
     assert "MISMATCH" not in out
+
+
+def test_traffic_counts_the_kernels_passes_over_the_logits():
+    """benchmarks/traffic.py: one pipeline step's kernel loads / stores under the interpreter.
+    min_p at V = 1000 (whole-row chain with the draw fused): one read and one write."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(_PATH))
+    import traffic
+
+    t, row_bytes = traffic.measure("a", 2, 1000)
+    assert t.read / row_bytes == pytest.approx(1, abs=0.01)
+    assert t.written / row_bytes == pytest.approx(1, abs=0.01)
+    assert t.launches == 1 and t.torch_ops < 10
