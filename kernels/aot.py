@@ -103,7 +103,7 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
     from . import row_stats as R
 
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
-    cx["DRAW"] = True  # with the token draw at the end (``SamplerPipeline.sample``): the larger kernel
+    cx["DRAW"], cx["STORE"] = True, True  # with the token draw at the end (``SamplerPipeline.sample``): the larger kernel
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
     out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block, "KEYED": True},
                                            arch, warps),

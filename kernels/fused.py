@@ -107,7 +107,7 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
                   S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
                   S8: tl.constexpr, S9: tl.constexpr, S10: tl.constexpr, S11: tl.constexpr,
                   S12: tl.constexpr, S13: tl.constexpr, S14: tl.constexpr, S15: tl.constexpr,
-                  BLOCK: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr):
+                  BLOCK: tl.constexpr, KMAX: tl.constexpr, DRAW: tl.constexpr, STORE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < V
@@ -145,7 +145,8 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     x = _stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
+    if STORE:  # (False: only the draw is wanted)
+        tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
     if DRAW:  # the token draw on the row still in registers (uniform: Philox purpose 0)
         greedy = tl.load(greedy_ptr + row) != 0
         tok, lp = draw_row(x, offs, valid, V, greedy, philox_uniform(key_ptr, row, B, 0))
@@ -222,8 +223,9 @@ def run_chain(
 
     ``draw_greedy`` ([B] bool; needs ``keys``): also draw each row's token in the same launch
     (``kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs).
-    ``store=False`` (with ``draw_greedy``): the caller will not read ``out``; rows of the
-    column-blocked path that end with at most KMAX survivors are then not written."""
+    ``store=False`` (with ``draw_greedy``): the caller will not read ``out``; the whole-row
+    chain then does not write it, the column-blocked one not for rows that end with at most
+    KMAX survivors."""
     if len(codes) > NSLOTS:
         raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
     drawing = draw_greedy is not None
@@ -292,10 +294,11 @@ def run_chain(
         scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
         args = (x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch, greedy_t, tokens, logprobs,
                 B, V, x.stride(0), out.stride(0), ss, sc, sb)
+        cx = dict(BLOCK=block, KMAX=kmax, DRAW=drawing, STORE=store or not drawing)
         if on_gpu(x):
-            _tuned_kernel(block)[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, DRAW=drawing)
+            _tuned_kernel(block)[(B,)](*args, **kwargs, **cx)
         else:
-            _chain_kernel[(B,)](*args, **kwargs, BLOCK=block, KMAX=kmax, DRAW=drawing, num_warps=warps_for(block))
+            _chain_kernel[(B,)](*args, **kwargs, **cx, num_warps=warps_for(block))
 
     _pick_layout(x, tuple(codes), drawing, whole_row, blocked)()
     return (out, tokens, logprobs) if drawing else out

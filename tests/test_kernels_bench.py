@@ -41,7 +41,8 @@ def test_dry_run_checks_every_config(capsys):
 
 def test_traffic_counts_the_kernels_passes_over_the_logits():
     """benchmarks/traffic.py: one pipeline step's kernel loads / stores under the interpreter.
-    min_p at V = 1000 (whole-row chain with the draw fused): one read and one write."""
+    min_p at V = 1000 (whole-row chain with the draw fused, the processed logits not needed):
+    one read."""
     import sys
 
     sys.path.insert(0, os.path.dirname(_PATH))
@@ -49,5 +50,5 @@ def test_traffic_counts_the_kernels_passes_over_the_logits():
 
     t, row_bytes = traffic.measure("a", 2, 1000)
     assert t.read / row_bytes == pytest.approx(1, abs=0.01)
-    assert t.written / row_bytes == pytest.approx(1, abs=0.01)
+    assert t.written / row_bytes < 0.01
     assert t.launches == 1 and t.torch_ops < 10
