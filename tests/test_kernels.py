@@ -211,6 +211,71 @@ def test_fused_chain_equals_the_sequential_reference_with_row_masks():
     assert torch.isfinite(got).sum(-1).min() >= 1
 
 
+_RANDOM_STAGES = {
+    # code: (parameter names and a sampler of enabled values, the reference on (y, prm, side))
+    K.TEMPERATURE: (lambda r: {"temperature": r.choice([0.5, 0.8, 1.0, 1.7])},
+                    lambda y, p, d: F.temperature(y, p["temperature"])),
+    K.NSIGMA: (lambda r: {"nsigma": r.choice([0.0, 1.0, 2.5])}, lambda y, p, d: F.nsigma(y, p["nsigma"])),
+    K.TOP_K: (lambda r: {"top_k": float(r.choice([0, 1, 5, 40, 300]))},
+              lambda y, p, d: F.top_k(y, p["top_k"].long())),
+    K.TOP_P: (lambda r: {"top_p": r.choice([1.0, 0.3, 0.9, 0.99])}, lambda y, p, d: F.top_p(y, p["top_p"])),
+    K.TOP_A: (lambda r: {"top_a": r.choice([0.0, 0.1, 0.5])}, lambda y, p, d: F.top_a(y, p["top_a"])),
+    K.MIN_P: (lambda r: {"min_p": r.choice([0.0, 0.01, 0.1, 0.5])}, lambda y, p, d: F.min_p(y, p["min_p"])),
+    K.ETA: (lambda r: {"eta_cutoff": r.choice([0.0, 1e-4, 3e-3])}, lambda y, p, d: F.eta_cutoff(y, p["eta_cutoff"])),
+    K.EPSILON: (lambda r: {"epsilon_cutoff": r.choice([0.0, 1e-4, 2e-3])},
+                lambda y, p, d: F.epsilon_cutoff(y, p["epsilon_cutoff"])),
+    K.TYPICAL: (lambda r: {"typical_p": r.choice([1.0, 0.5, 0.95])}, lambda y, p, d: F.typical_p(y, p["typical_p"])),
+    K.QUADRATIC: (lambda r: {"smoothing_factor": r.choice([0.0, 0.2, 1.0]), "smoothing_curve": r.choice([1.0, 2.0])},
+                  lambda y, p, d: F.quadratic_smoothing(y, p["smoothing_factor"], p["smoothing_curve"])),
+    K.XTC_PHILOX: (lambda r: {"xtc_threshold": r.choice([0.01, 0.1]), "xtc_probability": r.choice([0.0, 0.5, 1.0])},
+                   lambda y, p, d: F.xtc(y, p["xtc_threshold"], p["xtc_probability"], d["coin"])),
+    K.PENALTIES: (lambda r: {"repetition_penalty": r.choice([1.0, 1.3]), "frequency_penalty": r.choice([0.0, 0.2]),
+                             "presence_penalty": r.choice([0.0, 0.5])},
+                  lambda y, p, d: F.penalties(y, d["seen"], d["counts"], p["repetition_penalty"],
+                                              p["frequency_penalty"], p["presence_penalty"])),
+}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_chains_equal_the_reference_functions_in_sequence(seed):
+    """Random chains (1-6 stages in random order, per-row parameters with disabled rows, a row
+    mask per stage, peaked / flat / tied rows, -inf already present, V not a multiple of any
+    block) with the draw fused: the removed sets equal those of the reference functions
+    applied one after another, the kept values are equal (within 1e-5), and the tokens and
+    logprobs equal drawing from the output afterwards."""
+    r = np.random.default_rng(seed)
+    B, V = 4, int(r.choice([257, 700, 1000]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g) * torch.tensor([[4.0], [1.0], [0.05], [3.0]])
+    x[3] = torch.round(x[3])  # ties
+    x[1, torch.randperm(V, generator=g)[: V // 4]] = NINF
+    dtype = [torch.float32, torch.bfloat16, torch.float16][seed % 3]
+    x = x.to(dtype)
+    codes = list(r.permutation(list(_RANDOM_STAGES))[: int(r.integers(1, 7))])
+    prm: dict[str, torch.Tensor] = {}
+    for c in codes:
+        rows = [_RANDOM_STAGES[c][0](r) for _ in range(B)]
+        for name in rows[0]:
+            prm[name] = torch.tensor([float(row[name]) for row in rows])
+    masks = [None if r.random() < 0.6 else torch.from_numpy(r.random(B) < 0.6) for _ in codes]
+    counts = torch.randint(0, 3, (B, V), generator=g, dtype=torch.int32)
+    words = torch.tensor([split_seed(int(s)) for s in r.integers(0, 2**40, B)], dtype=torch.int64).t()
+    step, seq = torch.arange(B, dtype=torch.int64) * 7, torch.zeros(B, dtype=torch.int64)
+    side = {"seen": counts > 0, "counts": counts, "coin": ref_uniforms(words[0], words[1], step, seq, 1)}
+    keys = K.key_words(words[0], words[1], step, seq)
+    greedy = torch.from_numpy(r.random(B) < 0.3)
+    out, tokens, logprobs = K.run_chain(x, codes, masks, K.param_table(B, x.device, prm), seen=side["seen"],
+                                        counts=counts, keys=keys, draw_greedy=greedy)
+    ref = x.float()
+    for c, m in zip(codes, masks):
+        y = _RANDOM_STAGES[c][1](ref, prm, side)
+        ref = y if m is None else torch.where(m[:, None], y, ref)
+    _assert_same(out, ref, torch.float32, exact=False)
+    want_t, want_lp = kernels.sample_tokens(out, greedy, keys)
+    assert torch.equal(tokens, want_t), (codes, tokens, want_t)
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_larger_shapes():
     """A real vocabulary size (V = 32000 + 1, not a multiple of any block) and a fused chain."""

@@ -33,6 +33,7 @@ from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_dynamic_temperature_and_smoothing,
     test_fused_chain_equals_the_sequential_reference_with_row_masks,
     test_penalties_and_no_repeat_ngram,
+    test_random_chains_equal_the_reference_functions_in_sequence,
     test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs,
     test_single_param_kernels_match_reference,
     test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
