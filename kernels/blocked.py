@@ -226,21 +226,35 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
 
 
 @triton.jit
-def _b_compact(o, xin, wr, V, m, s, h, VAL: tl.constexpr, scr, floor, TILE: tl.constexpr):
-    """Store p (VAL 0) or d = |-log p - H| (VAL 1) of the tokens with p > 0 and
-    bits(p) >= ``floor`` contiguously at ``scr`` in token order (the caller checked there
-    are at most KMAX of them); returns how many."""
+def _d_of(x, m, s, h):
+    """typical_p's distance d = |-log p - H|."""
+    return tl.abs(-((x - m) - tl.log(s)) - h)
+
+
+@triton.jit
+def _d_bin(d):
+    """typical_p's histogram bin of d: 1/16 wide, the last one (d >= 255/16) takes the rest."""
+    return tl.minimum(d * 16.0, 255.0).to(tl.int32)
+
+
+@triton.jit
+def _b_compact(o, xin, wr, V, m, s, h, scr, floor, dcap, WITH_D: tl.constexpr, KMAX: tl.constexpr,
+               TILE: tl.constexpr):
+    """Store p (and, WITH_D, d = |-log p - H| at ``scr + KMAX``) of the tokens with p > 0,
+    bits(p) >= ``floor`` and ``_d_bin(d) < dcap`` contiguously at ``scr`` in token order
+    (the caller checked there are at most KMAX of them); returns how many."""
     base = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
         p = _p_of(x, m, s)
         alive = valid & (p > 0) & (p.to(tl.int32, bitcast=True) >= floor)
+        if WITH_D:
+            d = _d_of(x, m, s, h)
+            alive = alive & (_d_bin(d) < dcap)
         pos = base + tl.cumsum(alive.to(tl.int32), 0) - 1
-        if VAL == 0:
-            val = p
-        else:
-            val = tl.abs(-((x - m) - tl.log(s)) - h)
-        tl.store(scr + pos, val, mask=alive)
+        tl.store(scr + pos, p, mask=alive)
+        if WITH_D:
+            tl.store(scr + KMAX + pos, d, mask=alive)
         base += tl.sum(alive.to(tl.int32), 0)
     tl.debug_barrier()
     return base
@@ -270,7 +284,7 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
                 hist += tl.histogram(p.to(tl.int32, bitcast=True) >> 22, 256, mask=valid & (p > 0))
             count_above = tl.cumsum(hist, 0, reverse=True)
             floor = tl.min(tl.where(count_above <= KMAX, bins, 255), 0) << 22
-        n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, floor, TILE)
+        n = _b_compact(o, xin, wr, V, m, s, h, scr, floor, 256, False, KMAX, TILE)
         j = tl.arange(0, KMAX)
         pc = tl.load(scr + j, mask=j < n, other=0.0)
         if (floor == 0) | (tl.sum(pc, 0) >= tp):  # all tokens with p > 0, or enough mass
@@ -305,12 +319,28 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
         # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf)
         lo = tl.full([], -1, tl.int32)
         hi = tl.full([], 0x7F800001, tl.int32)
-        if sn <= KMAX:
-            n = _b_compact(o, xin, wr, V, m, s, h, 0, scr, 0, TILE)
-            _b_compact(o, xin, wr, V, m, s, h, 1, scr + KMAX, 0, TILE)
-            j = tl.arange(0, KMAX)
-            pc = tl.load(scr + j, mask=j < n, other=0.0)
+        cap = tl.full([], 256, tl.int32)
+        if sn > KMAX:
+            # Many tokens: a histogram of d in bins of 1/16 gives the largest bin bound with at
+            # most KMAX tokens below it; they are compacted. If their exact mass reaches
+            # typical_p, every token above the bound has at least typical_p of mass below it
+            # and is removed (but for the top token), so the search runs on them alone.
+            bins = tl.arange(0, 256)
+            hist = tl.zeros([256], tl.int32)
+            for start in range(0, V, TILE):
+                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+                p = _p_of(x, m, s)
+                hist += tl.histogram(_d_bin(_d_of(x, m, s, h)), 256, mask=valid & (p > 0))
+            below = tl.cumsum(hist, 0) - hist  # tokens in the bins before each bin
+            cap = tl.max(tl.where(below <= KMAX, bins, 0), 0)
+            cap = tl.where(tl.sum(hist, 0) <= KMAX, 256, cap)
+        n = _b_compact(o, xin, wr, V, m, s, h, scr, 0, cap, True, KMAX, TILE)
+        j = tl.arange(0, KMAX)
+        pc = tl.load(scr + j, mask=j < n, other=0.0)
+        if (cap == 256) | (tl.sum(pc, 0) >= tp):  # every token with p > 0, or enough mass
             keyc = okey(tl.load(scr + KMAX + j, mask=j < n, other=0.0))
+            # (with a cap, the tokens above it have larger keys and are removed)
+            hi = tl.where(cap == 256, hi, tl.max(tl.where(j < n, keyc, 0), 0) + 1)
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
                 good = tl.sum(tl.where(keyc < mid, pc, 0.0), 0) < tp

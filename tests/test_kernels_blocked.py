@@ -282,3 +282,22 @@ def test_min_p_first_is_decided_in_the_statistics_pass(case):
         assert writes == pytest.approx(3, abs=0.15), writes
     else:
         assert reads2 > 5, reads2
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat"])
+def test_typical_p_histogram_prefilter_and_its_fallback(case):
+    """typical_p alone on many tokens: a histogram of d = |-log p - H| finds the largest bound
+    with at most KMAX tokens below it; when their mass reaches typical_p the search runs on
+    them in registers (histogram + compaction + keep after the statistics pass), otherwise it
+    bisects over the row. Same removed sets as F.typical_p."""
+    V = 1000
+    g = torch.Generator().manual_seed(55)
+    x = torch.randn(1, V, generator=g) * (5.0 if case == "peaked" else 0.05)
+    tp = torch.full((1,), 0.9)
+    table = K.param_table(1, x.device, {"typical_p": tp})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [K.TYPICAL], [None], table), V * 4)
+    tk._assert_same(got, F.typical_p(x, tp), torch.float32)
+    if case == "peaked":
+        assert reads == pytest.approx(4, abs=0.2), reads
+    else:
+        assert reads > 8, reads
