@@ -1,7 +1,8 @@
 """``SamplingBatch``: the per-row parameters and token histories of one batch, on a device.
 
 Built once per batch of requests; during generation ``append(token_ids)`` advances every row
-by one token in O(B) work (the histories' derived state is updated, not rebuilt).
+by one token in O(B) work (the histories' derived state is updated, not rebuilt), and
+``append(token_ids, rows=mask)`` only the masked rows.
 """
 
 from __future__ import annotations
@@ -269,9 +270,27 @@ class SamplingBatch:
         )
 
     # ------------------------------------------------------------------ generation steps
-    def append(self, token_ids: torch.Tensor) -> None:
-        """Advance every row by its newly chosen token ([B] int64), in O(B) work."""
-        token_ids = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device)
-        if token_ids.shape != (self.batch_size,):
-            raise ValueError(f"append expects token_ids of shape [{self.batch_size}], got {tuple(token_ids.shape)}")
-        self.history.append(token_ids)
+    def append(self, token_ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """Advance rows by their newly chosen token, in O(B) work.
+
+        token_ids: int64 [B], one id per row. rows: optional bool [B] mask (None = every
+        row): only the rows where it is True advance; the others (whose ``token_ids`` entry
+        is ignored) keep their history, derived state and ``output_lengths`` (hence their
+        ``min_tokens`` state and the step counter of their seeded random stream), e.g. rows
+        still prefilling a prompt in chunks. Give the mask on the CPU to avoid a device sync.
+        """
+        token_ids = torch.as_tensor(token_ids)
+        B = self.batch_size
+        dt = token_ids.dtype
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            raise ValueError(f"append: token_ids must be an integer tensor, got dtype {dt}")
+        if token_ids.shape != (B,):
+            raise ValueError(f"append expects token_ids of shape [{B}], got {tuple(token_ids.shape)}")
+        if rows is not None:
+            rows = torch.as_tensor(rows)
+            if rows.dtype != torch.bool:
+                raise ValueError(f"append: rows must be a bool mask (one entry per row), got dtype {rows.dtype}")
+            if rows.shape != (B,):
+                raise ValueError(f"append: rows must have shape [{B}], got {tuple(rows.shape)}")
+        token_ids = token_ids.to(device=self.device, dtype=torch.int64)
+        self.history.append(token_ids, rows=rows)

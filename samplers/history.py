@@ -3,8 +3,10 @@
 `TokenHistory` holds, for each row of a batch, the prompt tokens followed by the output
 tokens generated so far, on the logits' device. It is built once from Python lists and then
 updated one step at a time with `append` (O(B) work per step, amortised over capacity
-doubling). Samplers that need more than the raw tokens ask for derived state, which is built
-from the full histories on first use and kept up to date from then on:
+doubling; `append(token_ids, rows=mask)` advances only the masked rows, e.g. when some
+rows produced no token this step). Samplers that need more than the raw tokens ask for
+derived state, which is built from the full histories on first use and kept up to date
+from then on:
 
 - `output_counts()`  int32 [B, V]: how often each token occurs in the output (frequency and
   presence penalties). Maintained by `append` in O(B).
@@ -17,8 +19,9 @@ from the full histories on first use and kept up to date from then on:
   only this). Built on first use by exact token comparison for matches shorter than 8
   tokens and a vectorised binary search on prefix hashes beyond; after that, brought up to
   date at query time by an exact O(B * len) recurrence per appended step (see
-  `match_lengths`), so `append` itself stays O(B) and the per-step DRY / n-gram work is
-  one pass over the history, whatever the text.
+  `match_lengths`; each row catches up by the tokens it was given, so rows skipped by a
+  masked append keep their state), so `append` itself stays O(B) and the per-step DRY /
+  n-gram work is one pass over the history, whatever the text.
 
 Hashing. P[b, j] = sum_{i < j} (h[i] + 1) * r^i mod M, for (M, r) in `HASH_MODULI`,
 `HASH_BASES`. The substring h[a:b] is encoded by H(a, b) = P[b] - P[a] mod M, and for
@@ -172,6 +175,7 @@ class TokenHistory:
         self.tokens = torch.from_numpy(tokens).to(self.device)
         self.lengths = torch.from_numpy(lengths).to(self.device)
         self.prompt_lengths = torch.from_numpy(p_len).to(self.device)
+        self._host_lengths = lengths.copy()  # lengths on the host: exact max_length, no sync
         self._max_len = max_len
         self._steps = 0  # number of append() calls so far
         self._counts: torch.Tensor | None = None
@@ -179,6 +183,9 @@ class TokenHistory:
         self._hashes: torch.Tensor | None = None
         self._match: torch.Tensor | None = None
         self._match_steps = 0  # value of _steps when _match was last up to date
+        # int64 [B]: per row, the history length _match is up to date with (set with _match).
+        self._match_len: torch.Tensor | None = None
+        self._masked_since_match = False  # a masked append happened since _match_len was set
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -233,44 +240,98 @@ class TokenHistory:
             pad = torch.zeros(b, extra, dtype=torch.int32, device=self.device)
             self._match = torch.cat([self._match, pad], dim=1)
 
-    def append(self, token_ids: torch.Tensor) -> None:
-        """Append one token to every row: h_b += [token_ids[b]].
+    def append(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Append one token to every row, or to the rows of a mask: h_b += [token_ids[b]].
 
         token_ids: int64 [B] on any device (moved to this history's device). On a CPU device
-        the ids are checked to be in [0, vocab_size) (ValueError); elsewhere they are not
-        checked, to avoid a device sync.
+        the ids of the rows appended to are checked to be in [0, vocab_size) (ValueError);
+        elsewhere they are not checked, to avoid a device sync.
+        rows: optional bool [B] mask (None = every row). Only the rows where it is True get
+        their token; the others (whose entry of ``token_ids`` is ignored, any value) keep
+        their history and every derived structure unchanged, as if they had not been in
+        the call. Pass the mask on the CPU (it is copied to the device; on the host it keeps
+        ``max_length`` exact without a device sync); a mask on an accelerator costs one sync.
 
         Work is O(B) (plus a copy when the capacity doubles): the tokens, lengths and every
         derived structure already built except `match_lengths` are updated here;
         `match_lengths` catches up when next asked for.
         """
         b = self.batch_size
-        tok = torch.as_tensor(token_ids, device=self.device).to(torch.int64).reshape(-1)
+        tok = torch.as_tensor(token_ids, device=self.device)
+        if tok.dtype.is_floating_point or tok.dtype.is_complex or tok.dtype == torch.bool:
+            raise ValueError(f"append: token_ids must be an integer tensor, got dtype {tok.dtype}")
+        if tok.dim() > 1:
+            raise ValueError(
+                f"append: token_ids must be a 1-D tensor of {b} ids, got shape {tuple(tok.shape)}"
+            )
+        tok = tok.to(torch.int64).reshape(-1)
         if tok.shape[0] != b:
             raise ValueError(f"append expects {b} token ids (one per row), got {tok.shape[0]}")
+        mask = mask_host = None
+        if rows is not None:
+            mask = torch.as_tensor(rows)
+            if mask.dtype != torch.bool:
+                raise ValueError(
+                    f"append: rows must be a bool mask (one entry per row), got dtype {mask.dtype}"
+                )
+            if mask.shape != (b,):
+                raise ValueError(
+                    f"append: rows must have shape [{b}] (one entry per row), got {tuple(mask.shape)}"
+                )
+            mask_host = mask.cpu().numpy()  # free for a CPU mask
+            if mask_host.all():
+                mask = mask_host = None  # every row: the plain path
+            else:
+                mask = mask.to(self.device, non_blocking=True)
         if self.device.type == "cpu" and b:
             bad = (tok < 0) | (tok >= self.vocab_size)
+            if mask is not None:
+                bad &= mask
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(
                     f"append: row {row} token id {int(tok[row])} outside [0, vocab_size={self.vocab_size})"
                 )
+        if mask_host is not None and not mask_host.any():
+            return  # no row advances: nothing changes
         self._grow(self._max_len + 1)
-        rows = torch.arange(b, device=self.device)
-        pos = self.lengths
-        self.tokens[rows, pos] = tok
-        if self._counts is not None:
-            self._counts[rows, tok] += 1
-        if self._seen is not None:
-            self._seen[rows, tok] = True
-        if self._hashes is not None:
-            pw = _powers(self.device, self.capacity + 1)
-            mod = _moduli(self.device)[:, None]
-            prev = self._hashes[:, rows, pos]  # [2, B]
-            nxt = (prev + (tok + 1)[None, :] * pw[:, pos] % mod) % mod
-            self._hashes[:, rows, pos + 1] = nxt
-        self.lengths = self.lengths + 1
-        self._max_len += 1
+        ar = torch.arange(b, device=self.device)
+        pos = self.lengths  # each row's next position (< capacity after _grow)
+        if mask is None:
+            self.tokens[ar, pos] = tok
+            if self._counts is not None:
+                self._counts[ar, tok] += 1
+            if self._seen is not None:
+                self._seen[ar, tok] = True
+            if self._hashes is not None:
+                pw = _powers(self.device, self.capacity + 1)
+                mod = _moduli(self.device)[:, None]
+                prev = self._hashes[:, ar, pos]  # [2, B]
+                nxt = (prev + (tok + 1)[None, :] * pw[:, pos] % mod) % mod
+                self._hashes[:, ar, pos + 1] = nxt
+            self.lengths = self.lengths + 1
+            self._host_lengths = self._host_lengths + 1
+            self._max_len += 1
+        else:
+            # Skipped rows: write back what is there (their position is padding, -1), add 0.
+            tok = torch.where(mask, tok, self.tokens[ar, pos])
+            safe = torch.where(mask, tok, 0)  # an index in [0, V) for every row
+            self.tokens[ar, pos] = tok
+            if self._counts is not None:
+                self._counts[ar, safe] += mask.to(torch.int32)
+            if self._seen is not None:
+                self._seen[ar, safe] |= mask
+            if self._hashes is not None:
+                pw = _powers(self.device, self.capacity + 1)
+                mod = _moduli(self.device)[:, None]
+                prev = self._hashes[:, ar, pos]  # [2, B]
+                nxt = (prev + (safe + 1)[None, :] * pw[:, pos] % mod) % mod
+                old = self._hashes[:, ar, pos + 1]
+                self._hashes[:, ar, pos + 1] = torch.where(mask[None, :], nxt, old)
+            self.lengths = self.lengths + mask.to(torch.int64)
+            self._host_lengths = self._host_lengths + mask_host
+            self._max_len = int(self._host_lengths.max())
+            self._masked_since_match = True
         self._steps += 1
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
@@ -285,13 +346,16 @@ class TokenHistory:
         new.tokens = self.tokens[idx]
         new.lengths = self.lengths[idx]
         new.prompt_lengths = self.prompt_lengths[idx]
-        new._max_len = int(new.lengths.max()) if idx.numel() else 0
+        new._host_lengths = self._host_lengths[idx.cpu().numpy()]
+        new._max_len = int(new._host_lengths.max()) if idx.numel() else 0
         new._steps = self._steps
         new._counts = self._counts[idx] if self._counts is not None else None
         new._seen = self._seen[idx] if self._seen is not None else None
         new._hashes = self._hashes[:, idx] if self._hashes is not None else None
         new._match = self._match[idx] if self._match is not None else None
         new._match_steps = self._match_steps
+        new._match_len = self._match_len[idx] if self._match_len is not None else None
+        new._masked_since_match = self._masked_since_match
         return new
 
     # ------------------------------------------------------------------ derived state
@@ -407,12 +471,15 @@ class TokenHistory:
             match[long_b, long_j] = lo.to(torch.int32)
         return match
 
-    def _advance_match(self, match: torch.Tensor, lag: int) -> None:
-        """Exact recurrence for the last `lag` appended steps, in place.
+    def _advance_match(self, match: torch.Tensor, upto: torch.Tensor, lag: int) -> None:
+        """Exact recurrence, in place: bring each row b of `match` from history length
+        upto[b] (the length it is up to date with) to lengths[b], one token per iteration;
+        `lag` (>= max(lengths - upto), the number of append calls since) iterations.
 
         Appending x to h (old length t) gives m'(0) = 0 and, for 1 <= j <= t,
         m'(j) = (h[j-1] == x) ? m(j-1) + 1 : 0, where m is the old array: the longest common
-        suffix of h[:j] and h + [x] is the one of h[:j-1] and h, extended by x.
+        suffix of h[:j] and h + [x] is the one of h[:j-1] and h, extended by x. A row with
+        nothing left to apply (a row skipped by a masked append) is left as it is.
         """
         w = self._max_len
         if w < 2 or self.batch_size == 0:
@@ -420,13 +487,20 @@ class TokenHistory:
         ar = torch.arange(1, w, device=self.device)
         rows = torch.arange(self.batch_size, device=self.device)
         tok = self.tokens[:, : w - 1]
-        for s in range(lag):
-            pos = self.lengths - lag + s  # where this step's token sits = old length t
-            x = self.tokens[rows, pos]
+        pos = upto.clone()  # where each row's next token to apply sits = its old length t
+        # Without a masked append since `upto`, every row has `lag` tokens to apply.
+        every_row = not self._masked_since_match
+        for _ in range(lag):
+            active = pos < self.lengths
+            x = self.tokens[rows, pos.clamp(max=self.capacity - 1)]
             keep = (tok == x[:, None]) & (ar[None, :] <= pos[:, None])
             new = torch.where(keep, match[:, : w - 1] + 1, 0)
-            match[:, 1:w] = new
+            if every_row:
+                match[:, 1:w] = new
+            else:
+                match[:, 1:w] = torch.where(active[:, None], new, match[:, 1:w])
             match[:, 0] = 0
+            pos += active.to(torch.int64)
 
     def match_lengths(self) -> torch.Tensor:
         """int32 [B, capacity]: m[b, j] = the longest k with h[j-k:j] == h[len-k:len].
@@ -441,9 +515,11 @@ class TokenHistory:
         16 steps were appended meanwhile). Do not modify the returned tensor.
         """
         lag = self._steps - self._match_steps
-        if self._match is None or lag > _MAX_CATCH_UP:
+        if self._match is None or self._match_len is None or lag > _MAX_CATCH_UP:
             self._match = self._build_match_lengths()
         elif lag > 0:
-            self._advance_match(self._match, lag)
+            self._advance_match(self._match, self._match_len, lag)
         self._match_steps = self._steps
+        self._match_len = self.lengths
+        self._masked_since_match = False
         return self._match

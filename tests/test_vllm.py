@@ -309,6 +309,104 @@ def test_rows_that_do_not_advance_and_async_placeholders():
     torch.testing.assert_close(got, expected_logits(logits, pb.slots))
 
 
+def run_chunked_prefill_steps(proc, pb, rng, steps, prefill, churn=False):
+    """Like ``run_steps``, with chunked prefill: ``prefill[id(output list)]`` counts the steps
+    a request still spends prefilling its prompt, during which vLLM samples no token for it
+    (its output list does not grow). Each step is also checked against a processor that
+    rebuilds its batch from the live lists every step."""
+    rebuilt = make_processor()
+    for step in range(steps):
+        if churn:
+            for i in range(len(pb.slots)):
+                if pb.slots[i] is not None and rng.random() < 0.15:
+                    pb.remove(i)
+            for _ in range(rng.randrange(0, 2)):
+                req = random_request(rng)
+                prefill[id(req[2])] = rng.randrange(0, 4)
+                pb.add(*req)
+        proc.update_state(pb.update())
+        if pb.num_reqs == 0:
+            continue
+        logits = torch.randn(pb.num_reqs, V, generator=torch.Generator().manual_seed(1000 + step)) * 3
+        want = expected_logits(logits, pb.slots)
+        got = proc.apply(logits.clone())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert (torch.isinf(got) == torch.isinf(want)).all(), f"step {step}: removed tokens differ"
+        # The same requests in a processor that rebuilds from the live lists every step.
+        rebuilt.requests = {i: rebuilt._new_request(vp, prompt, out) for i, (vp, prompt, out)
+                            in enumerate(pb.slots) if EXTRA_ARGS_KEY in (vp.extra_args or {})}
+        rebuilt._batch = None
+        if rebuilt.requests:
+            assert torch.equal(rebuilt.apply(logits.clone()), got)
+        for i, (_, _, output) in enumerate(pb.slots):
+            if prefill.get(id(output), 0) > 0:
+                prefill[id(output)] -= 1  # a prompt chunk: no token for this row this step
+                continue
+            finite = torch.isfinite(got[i]).nonzero().flatten().tolist()
+            output.append(rng.choice(finite))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_prefill_appends_without_rebuild(seed):
+    """Rows whose prompt is still being prefilled get no token in a step while the others
+    decode: the held batch advances only the rows that got one (a masked append), with the
+    results of a rebuild from the live lists, and without rebuilding."""
+    rng = random.Random(seed)
+    proc, pb = make_processor(), PersistentBatch()
+    prefill = {}
+    for j, block in enumerate(BLOCKS):
+        output = [] if j % 3 else [rng.randrange(V)]
+        prefill[id(output)] = rng.choice([0, 0, 1, 3, 6])
+        pb.add(vparams(block, seed=rng.choice([None, 7])), [rng.randrange(4) for _ in range(8)], output)
+    pb.add(VllmParams(), [1, 2, 3], [])  # not ours
+    run_chunked_prefill_steps(proc, pb, rng, steps=1, prefill=prefill)
+    assert proc.rebuilds == 1
+    lengths = [len(out) for _, _, out in pb.slots]
+    run_chunked_prefill_steps(proc, pb, rng, steps=12, prefill=prefill)
+    assert proc.rebuilds == 1  # every later step was one (masked) batch.append
+    grew = [len(out) - n for (_, _, out), n in zip(pb.slots, lengths)]
+    assert len(set(grew)) > 1  # some rows did not advance on some steps
+    # Removing a row still reuses the held histories (select), then masked appends go on.
+    pb.remove(2)
+    proc.update_state(pb.update())
+    prefill[id(pb.slots[0][2])] = 2
+    run_chunked_prefill_steps(proc, pb, rng, steps=4, prefill=prefill)
+    assert proc.rebuilds == 1
+
+
+def test_chunked_prefill_with_churn_matches_rebuilding():
+    rng = random.Random(21)
+    proc, pb, prefill = make_processor(), PersistentBatch(), {}
+    for _ in range(4):
+        req = random_request(rng)
+        prefill[id(req[2])] = rng.randrange(0, 4)
+        pb.add(*req)
+    run_chunked_prefill_steps(proc, pb, rng, steps=15, prefill=prefill, churn=True)
+
+
+def test_a_row_advanced_by_several_tokens_rebuilds():
+    """Speculative decoding can accept several tokens of a row in one step: rebuilt from
+    the live lists (also when another row did not advance)."""
+    proc, pb = make_processor(), PersistentBatch()
+    pb.add(vparams({"dry_multiplier": 1.0, "no_repeat_ngram_size": 2}), [1, 2, 3, 1, 2], [3])
+    pb.add(vparams({"repetition_penalty": 1.5, "frequency_penalty": 0.5}), [4, 5], [])
+    proc.update_state(pb.update())
+    proc.apply(torch.randn(2, V))
+    assert proc.rebuilds == 1
+    pb.slots[0][2].extend([1, 2])
+    logits = torch.randn(2, V)
+    torch.testing.assert_close(proc.apply(logits.clone()), expected_logits(logits, pb.slots))
+    assert proc.rebuilds == 2
+    pb.slots[1][2].append(4)  # then one row advances by one, the other by none: no rebuild
+    logits = torch.randn(2, V)
+    torch.testing.assert_close(proc.apply(logits.clone()), expected_logits(logits, pb.slots))
+    assert proc.rebuilds == 2
+    del pb.slots[0][2][-1]  # a list that shrank (tokens discarded): rebuilt
+    logits = torch.randn(2, V)
+    torch.testing.assert_close(proc.apply(logits.clone()), expected_logits(logits, pb.slots))
+    assert proc.rebuilds == 3
+
+
 def test_no_active_rows_is_identity_and_out_of_vocab_ids_dropped():
     proc, pb = make_processor(vocab_size=V), PersistentBatch()
     pb.add(VllmParams(), [1], [])

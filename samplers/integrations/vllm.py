@@ -134,9 +134,11 @@ class SamplersLogitsProcessor(LogitsProcessor):
     rows is cached; it is rebuilt only when the active rows change, and in the steady state
     it is advanced by ``SamplingBatch.append`` with the one token that vLLM appended to each
     row's live output list since the last step (read in ``apply``, after vLLM has filled in
-    asynchronously scheduled tokens). If the rows did not all advance by exactly one token
-    (a partially prefilled prompt in the batch, tokens discarded by vLLM), the batch is
-    rebuilt from the live lists.
+    asynchronously scheduled tokens). Rows whose list did not grow (a prompt still being
+    prefilled in chunks) are masked out of that append (``append(ids, rows=mask)``) and keep
+    their state. Anything else (a row that advanced by several tokens, as with speculative
+    decoding, or whose list shrank, or a token vLLM has not filled in yet) rebuilds the batch
+    from the live lists.
     """
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool,
@@ -324,11 +326,16 @@ class SamplersLogitsProcessor(LogitsProcessor):
         step = lengths - self._seen
         if not step.any():
             return
-        if (step == 1).all():
-            last = list(map(itemgetter(-1), outputs))
-            if min(last) >= 0:
+        advanced = step == 1
+        if (advanced | (step == 0)).all():
+            # Every row advanced by one token or (still prefilling a prompt in chunks, say)
+            # by none: append to the rows that advanced, the others are masked out.
+            last = np.fromiter((o[-1] if o else 0 for o in outputs), dtype=np.int64, count=len(outputs))
+            last[~advanced] = 0
+            if last.min() >= 0:
                 assert self._batch is not None
-                self._batch.append(torch.tensor(last, dtype=torch.int64))
+                rows = None if advanced.all() else torch.from_numpy(advanced)
+                self._batch.append(torch.from_numpy(last), rows=rows)
                 self._seen = lengths
                 return
             if not self._warned_placeholders:
