@@ -614,7 +614,8 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     xin = x_ptr + row * stride_x
     scr = scr_ptr + row * stride_scr
     tiles = scr + 4 * KMAX + 2
-    tl.store(scr + 4 * KMAX, -1.0)
+    tl.store(scr + 4 * KMAX, -1.0)  # not sparse (yet)
+    tl.debug_barrier()  # (the scratch comes from torch.empty: no thread may read it first)
     # statistics of the input row: one read, nothing written yet
     sm, ss, sez, sn, st, am = _fresh()
     # A chain that starts with min_p (code 9) also collects its candidates in this pass:
