@@ -36,10 +36,13 @@ class _RowRandoms:
         if batch.all_seeded:
             self.key_lo, self.key_hi = batch.key_lo, batch.key_hi
         else:
-            fresh = torch.randint(0, 2**32, (2, batch.batch_size), generator=generator,
-                                  dtype=torch.int64).to(batch.device)
-            self.key_lo = torch.where(batch.seeded, batch.key_lo, fresh[0])
-            self.key_hi = torch.where(batch.seeded, batch.key_hi, fresh[1])
+            # One fresh 64-bit draw per call on the host; row b's key is (lo + b, hi), made on
+            # the device: distinct keys (independent Philox streams) without a host-to-device
+            # copy per step.
+            lo, hi = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64).tolist()
+            rows = torch.arange(batch.batch_size, dtype=torch.int64, device=batch.device)
+            self.key_lo = torch.where(batch.seeded, batch.key_lo, (rows + lo) & 0xFFFFFFFF)
+            self.key_hi = torch.where(batch.seeded, batch.key_hi, hi)
         self._cache: dict[int, torch.Tensor] = {}
 
     def uniforms(self, purpose: int) -> torch.Tensor:
