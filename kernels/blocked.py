@@ -157,13 +157,16 @@ WINDOW_SCALE = tl.constexpr(8.0)
 
 
 @triton.jit
-def _window_bin(x, sm):
-    return tl.minimum((sm - x) * WINDOW_SCALE, 255.0).to(tl.int32)
+def _window_bin(x, ref):
+    """Bin of x in top_k's window below ``ref``: 1 / WINDOW_SCALE wide, clamped to [0, 255]."""
+    return tl.maximum(tl.minimum((ref - x) * WINDOW_SCALE, 255.0), 0.0).to(tl.int32)
 
 
 @triton.jit
-def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE: tl.constexpr,
-             KMAX: tl.constexpr):
+def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, pre_hist, pre_ref, has_pre,
+             TILE: tl.constexpr, KMAX: tl.constexpr):
+    """``has_pre``: the window histogram (``pre_hist`` below ``pre_ref``) was taken by the
+    statistics pass (top_k first in the chain), so this stage does not read the row for it."""
     en = en & (k > 0) & (k < V)
     if en:
         need = k.to(tl.int32)
@@ -173,11 +176,16 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
         # them (the window is an upper set, so its k-th largest is the row's); otherwise the
         # radix select makes its 4 histogram passes over the row.
         bins = tl.arange(0, 256)
-        hist = tl.zeros([256], tl.int32)
-        for start in range(0, V, TILE):
-            offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-            finite = valid & (x > float("-inf")) & (x < float("inf"))
-            hist += tl.histogram(_window_bin(x, sm), 256, mask=finite)
+        if has_pre != 0:
+            hist = pre_hist
+            ref = pre_ref
+        else:
+            hist = tl.zeros([256], tl.int32)
+            ref = sm
+            for start in range(0, V, TILE):
+                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+                finite = valid & (x > float("-inf")) & (x < float("inf"))
+                hist += tl.histogram(_window_bin(x, ref), 256, mask=finite)
         upto = tl.cumsum(hist, 0)
         last_bin = tl.min(tl.where(upto >= need, bins, 255), 0)
         count = tl.sum(tl.where(bins <= last_bin, hist, 0), 0)
@@ -185,7 +193,7 @@ def _b_top_k(o, xin, wr, tiles, NT, V, k, en, sm, ss, sez, sn, st, am, scr, TILE
             base = tl.full([], 0, tl.int32)
             for start in range(0, V, TILE):
                 offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                cand = valid & (x > float("-inf")) & (x < float("inf")) & (_window_bin(x, sm) <= last_bin)
+                cand = valid & (x > float("-inf")) & (x < float("inf")) & (_window_bin(x, ref) <= last_bin)
                 pos = base + tl.cumsum(cand.to(tl.int32), 0) - 1
                 tl.store(scr + pos, x, mask=cand)
                 tl.store(scr + KMAX + pos, offs.to(tl.float32), mask=cand)
@@ -559,7 +567,8 @@ def _bstage_tiles(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT,
                                                     sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 6:
             wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 10, row, B), en,
-                                                   sm, ss, sez, sn, st, am, scr, TILE, KMAX)
+                                                   sm, ss, sez, sn, st, am, scr, tl.zeros([256], tl.int32), 0.0,
+                                                   0, TILE, KMAX)
         elif CODE == 7:
             wr, sm, ss, sez, sn, st, am = _b_top_p(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 11, row, B), en,
                                                    sm, ss, sez, sn, st, am, scr, TILE, KMAX)
@@ -627,12 +636,20 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
         a = tl.load(prm_ptr + 13 * B + row)
         pre_en = (tl.load(rmask_ptr + row) != 0) & (a > 0)
         log_a = tl.log(tl.maximum(a, 1e-30)) - 1e-3  # (a margin far above rounding)
+    # A chain that starts with top_k takes its window histogram in this pass, below a
+    # reference fixed by the first tile (its max + 16 / ... logits; tokens above it share
+    # bin 0); used when the window it gives holds at most KMAX tokens.
+    hist0 = tl.zeros([256], tl.int32)
+    ref0 = tl.full([], 0.0, tl.float32)
     sps = scr + 2 * KMAX
     n_pre = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs = start + tl.arange(0, TILE)
         x = tl.load(xin + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         sm, ss, sez, sn, st, tm, ts = online_softmax(sm, ss, sez, sn, st, x)
+        if S0 == 6:
+            ref0 = tl.where(start == 0, tl.where(tm > float("-inf"), tm, 0.0) + 255.0 / (2 * WINDOW_SCALE), ref0)
+            hist0 += tl.histogram(_window_bin(x, ref0), 256, mask=(offs < V) & (x > float("-inf")) & (x < float("inf")))
         if S0 == 9:
             cand = pre_en & (x > float("-inf")) & (x >= sm + log_a)
             pos = n_pre + tl.cumsum(cand.to(tl.int32), 0) - 1
@@ -656,6 +673,13 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
         tl.store(sps + 2 * KMAX, n_pre.to(tl.float32))
         tl.store(sps + 2 * KMAX + 1, 1.0)  # nothing of the row written: fill it at the end
         tl.debug_barrier()
+    elif S0 == 6:
+        k0 = tl.load(prm_ptr + 10 * B + row)
+        upto0 = tl.cumsum(hist0, 0)
+        fits = tl.min(tl.where(upto0 >= k0.to(tl.int32), upto0, 2147483647), 0) <= KMAX
+        wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, k0, tl.load(rmask_ptr + row) != 0,
+                                               sm, ss, sez, sn, st, am, scr, hist0, ref0, fits.to(tl.int32),
+                                               TILE, KMAX)
     else:
         wr, sm, ss, sez, sn, st, am = _bstage(S0, 0, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
     wr, sm, ss, sez, sn, st, am = _bstage(S1, 1, o, xin, wr, tiles, NT, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am, TILE, KMAX)
