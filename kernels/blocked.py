@@ -36,7 +36,7 @@ from .draw import draw_sparse, pick_from_tiles
 from .fused import _stage
 from .penalties import stage_ban, stage_penalties
 from .temperature import dynatemp_of
-from .truncation import radix_select
+from .truncation import bisect_mass_above, bisect_mass_below, radix_select
 
 _NINF = float("-inf")
 
@@ -297,12 +297,7 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
         pc = tl.load(scr + j, mask=j < n, other=0.0)
         if (floor == 0) | (tl.sum(pc, 0) >= tp):  # all tokens with p > 0, or enough mass
             lo = floor - 1
-            keyc = pc.to(tl.int32, bitcast=True)
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                good = tl.sum(tl.where(keyc > mid, pc, 0.0), 0) < tp
-                hi = tl.where(good, mid, hi)
-                lo = tl.where(good, lo, mid)
+            lo, hi = bisect_mass_above(pc.to(tl.int32, bitcast=True), pc, lo, hi, tp)
         else:
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
@@ -349,11 +344,7 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
             keyc = okey(tl.load(scr + KMAX + j, mask=j < n, other=0.0))
             # (with a cap, the tokens above it have larger keys and are removed)
             hi = tl.where(cap == 256, hi, tl.max(tl.where(j < n, keyc, 0), 0) + 1)
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                good = tl.sum(tl.where(keyc < mid, pc, 0.0), 0) < tp
-                lo = tl.where(good, mid, lo)
-                hi = tl.where(good, hi, mid)
+            lo, hi = bisect_mass_below(keyc, pc, lo, hi, tp)
         else:
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2

@@ -68,6 +68,31 @@ def radix_select(ukey, valid, need):
 
 
 @triton.jit
+def bisect_mass_above(key, p, lo, hi, tp):
+    """top_p's search: narrow (lo, hi] to the smallest ``hi`` with mass(key > hi) < tp, given
+    that ``lo`` fails and ``hi`` passes (``key``: int32 bits of p, ``p`` the masses; lanes
+    that hold no token carry p = 0). Returns (lo, hi) with hi - lo <= 1."""
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        good = tl.sum(tl.where(key > mid, p, 0.0), 0) < tp
+        hi = tl.where(good, mid, hi)
+        lo = tl.where(good, lo, mid)
+    return lo, hi
+
+
+@triton.jit
+def bisect_mass_below(key, p, lo, hi, tp):
+    """typical_p's search: narrow [lo, hi) to the largest ``lo`` with mass(key < lo) < tp,
+    given that ``lo`` passes and ``hi`` fails (``key``: okey of d). Returns (lo, hi)."""
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        good = tl.sum(tl.where(key < mid, p, 0.0), 0) < tp
+        lo = tl.where(good, mid, lo)
+        hi = tl.where(good, hi, mid)
+    return lo, hi
+
+
+@triton.jit
 def stage_top_k(x, valid, k, vocab, en):
     """``F.top_k``: keep l >= the k-th largest logit (k <= 0 or k >= V: row disabled).
 
@@ -115,17 +140,11 @@ def stage_top_p(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
     small = tl.sum(alive.to(tl.int32), 0) <= KMAX
     pc = _compact(p, alive, scr_ptr, KMAX)
     keyc = pc.to(tl.int32, bitcast=True)
-    # mass(key > hi) < tp always (hi = max key gives 0); find the smallest such hi.
-    while small & (hi - lo > 1):
-        mid = lo + (hi - lo) // 2
-        good = tl.sum(tl.where(keyc > mid, pc, 0.0), 0) < tp
-        hi = tl.where(good, mid, hi)
-        lo = tl.where(good, lo, mid)
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        good = tl.sum(tl.where(key > mid, p, 0.0), 0) < tp
-        hi = tl.where(good, mid, hi)
-        lo = tl.where(good, lo, mid)
+    # mass(key > hi) < tp always (hi = max key gives 0); find the smallest such hi, on the
+    # compacted values when there are few (then the row search has nothing left to do)
+    if small:
+        lo, hi = bisect_mass_above(keyc, pc, lo, hi, tp)
+    lo, hi = bisect_mass_above(key, p, lo, hi, tp)
     keep = key >= hi
     return _finish(x, keep, m_raw, en)
 
@@ -189,17 +208,10 @@ def stage_typical(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
     pc = _compact(p, alive, scr_ptr, KMAX)
     dc = _compact(d, alive, scr_ptr + KMAX, KMAX)
     keyc = okey(dc)
-    # mass(key < lo) < tp always (lo = min key gives 0); find the largest such lo.
-    while small & (hi - lo > 1):
-        mid = lo + (hi - lo) // 2
-        good = tl.sum(tl.where(keyc < mid, pc, 0.0), 0) < tp
-        lo = tl.where(good, mid, lo)
-        hi = tl.where(good, hi, mid)
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        good = tl.sum(tl.where(key < mid, p, 0.0), 0) < tp
-        lo = tl.where(good, mid, lo)
-        hi = tl.where(good, hi, mid)
+    # mass(key < lo) < tp always (lo = min key gives 0); find the largest such lo
+    if small:
+        lo, hi = bisect_mass_below(keyc, pc, lo, hi, tp)
+    lo, hi = bisect_mass_below(key, p, lo, hi, tp)
     keep = key <= lo
     return _finish(x, keep, m_raw, en)
 
