@@ -17,30 +17,12 @@ from hypothesis import strategies as st
 
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.history import HASH_BASES, HASH_MODULI, TokenHistory
+from test_history import ref_match_lengths, ref_prefix_hash  # the plain-list references
 
 V = 16
 
 
 # ----------------------------------------------------------------------------- references
-def ref_match_lengths(h: list[int]) -> list[int]:
-    n = len(h)
-    out = []
-    for j in range(n):
-        k = 0
-        while k < j and h[j - 1 - k] == h[n - 1 - k]:
-            k += 1
-        out.append(k)
-    return out
-
-
-def ref_prefix_hash(h: list[int], mod: int, base: int) -> list[int]:
-    out, acc = [0], 0
-    for i, t in enumerate(h):
-        acc = (acc + (t + 1) * pow(base, i, mod)) % mod
-        out.append(acc)
-    return out
-
-
 def assert_same_state(th: TokenHistory, prompts: list[list[int]], outputs: list[list[int]]) -> None:
     """`th` equals a history built from scratch from the lists, and the hand-computed values."""
     hists = [p + o for p, o in zip(prompts, outputs)]
