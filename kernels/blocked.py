@@ -246,6 +246,38 @@ def _d_bin(d):
 
 
 @triton.jit
+def _b_mass_hist(o, xin, wr, V, m, s, h, OF_D: tl.constexpr, TILE: tl.constexpr):
+    """256-bin histogram over the tokens with p > 0: of bits(p) >> 22 (half-octaves of p, for
+    top_p), or with OF_D of ``_d_bin(d)`` (typical_p's d in bins of 1/16)."""
+    hist = tl.zeros([256], tl.int32)
+    for start in range(0, V, TILE):
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+        p = _p_of(x, m, s)
+        if OF_D:
+            b = _d_bin(_d_of(x, m, s, h))
+        else:
+            b = p.to(tl.int32, bitcast=True) >> 22
+        hist += tl.histogram(b, 256, mask=valid & (p > 0))
+    return hist
+
+
+@triton.jit
+def _b_mass_beyond(o, xin, wr, V, m, s, h, mid, OF_D: tl.constexpr, TILE: tl.constexpr):
+    """One step of the row bisections: the mass of the tokens with bits(p) > mid (top_p), or
+    with OF_D of those with okey(d) < mid (typical_p)."""
+    mass = tl.full([], 0.0, tl.float32)
+    for start in range(0, V, TILE):
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+        p = _p_of(x, m, s)
+        if OF_D:
+            beyond = okey(_d_of(x, m, s, h)) < mid
+        else:
+            beyond = p.to(tl.int32, bitcast=True) > mid
+        mass += tl.sum(tl.where(beyond, p, 0.0), 0)
+    return mass
+
+
+@triton.jit
 def _b_compact(o, xin, wr, V, m, s, h, scr, floor, dcap, WITH_D: tl.constexpr, KMAX: tl.constexpr,
                TILE: tl.constexpr):
     """Store p (and, WITH_D, d = |-log p - H| at ``scr + KMAX``) of the tokens with p > 0,
@@ -285,11 +317,7 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
             # If their exact mass reaches top_p, every token below the edge has at least
             # top_p of mass above it and is removed, so the search runs on them alone.
             bins = tl.arange(0, 256)
-            hist = tl.zeros([256], tl.int32)
-            for start in range(0, V, TILE):
-                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                p = _p_of(x, m, s)
-                hist += tl.histogram(p.to(tl.int32, bitcast=True) >> 22, 256, mask=valid & (p > 0))
+            hist = _b_mass_hist(o, xin, wr, V, m, s, h, False, TILE)
             count_above = tl.cumsum(hist, 0, reverse=True)
             floor = tl.min(tl.where(count_above <= KMAX, bins, 255), 0) << 22
         n = _b_compact(o, xin, wr, V, m, s, h, scr, floor, 256, False, KMAX, TILE)
@@ -301,12 +329,7 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
         else:
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
-                mass = tl.full([], 0.0, tl.float32)
-                for start in range(0, V, TILE):
-                    offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                    p = _p_of(x, m, s)
-                    mass += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > mid, p, 0.0), 0)
-                good = mass < tp
+                good = _b_mass_beyond(o, xin, wr, V, m, s, h, mid, False, TILE) < tp
                 hi = tl.where(good, mid, hi)
                 lo = tl.where(good, lo, mid)
         wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 3, hi, sm, m, s, h, TILE, KMAX)
@@ -329,11 +352,7 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
             # typical_p, every token above the bound has at least typical_p of mass below it
             # and is removed (but for the top token), so the search runs on them alone.
             bins = tl.arange(0, 256)
-            hist = tl.zeros([256], tl.int32)
-            for start in range(0, V, TILE):
-                offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                p = _p_of(x, m, s)
-                hist += tl.histogram(_d_bin(_d_of(x, m, s, h)), 256, mask=valid & (p > 0))
+            hist = _b_mass_hist(o, xin, wr, V, m, s, h, True, TILE)
             below = tl.cumsum(hist, 0) - hist  # tokens in the bins before each bin
             cap = tl.max(tl.where(below <= KMAX, bins, 0), 0)
             cap = tl.where(tl.sum(hist, 0) <= KMAX, 256, cap)
@@ -348,13 +367,7 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
         else:
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
-                mass = tl.full([], 0.0, tl.float32)
-                for start in range(0, V, TILE):
-                    offs, valid, x = _ld(o, xin, wr, start, V, TILE)
-                    p = _p_of(x, m, s)
-                    key = okey(tl.abs(-((x - m) - tl.log(s)) - h))
-                    mass += tl.sum(tl.where(key < mid, p, 0.0), 0)
-                good = mass < tp
+                good = _b_mass_beyond(o, xin, wr, V, m, s, h, mid, True, TILE) < tp
                 lo = tl.where(good, mid, lo)
                 hi = tl.where(good, hi, mid)
         wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 4, lo, sm, m, s, h, TILE, KMAX)
