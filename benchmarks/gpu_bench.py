@@ -99,7 +99,7 @@ def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callabl
     ``SamplerPipeline.sample`` runs, minus the torch path's ``compute_logprobs``."""
     pipe = SamplerPipeline(backend, seed=0)
     if backend == "triton":
-        import kernels
+        import samplers.kernels as kernels
 
         def run():
             r = _RowRandoms(batch, pipe.generator)
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device = torch.device("cuda" if cuda else "cpu")
-        import kernels
+        import samplers.kernels as kernels
 
         if not kernels.available(device):
             print("dry run: triton backend unavailable here (set TRITON_INTERPRET=1 before importing)")

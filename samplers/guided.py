@@ -14,7 +14,7 @@ The grammar work is done by a grammar library (docs/guided.md has the comparison
   allowed-token bitmask ``[B, ceil(V / 32)]`` per step (bit ``t % 32`` of word ``t // 32`` set
   = token ``t`` allowed; rows without guidance are all ones);
 - applies it to logits (:func:`apply_token_bitmask`: masked tokens ``-inf``; the torch path
-  here, the Triton kernel ``kernels.guided`` for CUDA logits or under ``TRITON_INTERPRET=1``).
+  here, the Triton kernel ``samplers.kernels.guided`` for CUDA logits or under ``TRITON_INTERPRET=1``).
 
 ``samplers.generate`` applies the mask to the raw logits before every sampler (after the
 user ``logits_processors``, so no processor can re-enable a token the grammar forbids),
@@ -167,18 +167,18 @@ def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor,
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[torch.Tensor] = None,
                         backend: str = "auto") -> torch.Tensor:
     """Masked tokens -> ``-inf`` (a new tensor). ``backend``: "torch", "triton" or "auto" (the
-    Triton kernel when ``kernels.available(logits.device)``, i.e. CUDA logits or TRITON_INTERPRET=1)."""
+    Triton kernel when ``samplers.kernels.available(logits.device)``, i.e. CUDA logits or TRITON_INTERPRET=1)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
         try:
-            import kernels
+            import samplers.kernels as kernels
 
             backend = "triton" if kernels.available(logits.device) else "torch"
         except ImportError:
             backend = "torch"
     if backend == "triton":
-        from kernels.guided import apply_token_bitmask as triton_apply
+        from samplers.kernels.guided import apply_token_bitmask as triton_apply
 
         return triton_apply(logits, bitmask, rows)
     return apply_token_bitmask_torch(logits, bitmask, rows)

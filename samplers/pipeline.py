@@ -126,7 +126,7 @@ def triton_available(device: Optional[torch.device] = None) -> bool:
     """True when the Triton kernels can run on ``device`` (CUDA with triton importable, or
     any device under ``TRITON_INTERPRET=1``, which is how the tests run them on a CPU)."""
     try:
-        import kernels
+        import samplers.kernels as kernels
     except ImportError:
         return False
     return kernels.available(device)
@@ -184,7 +184,7 @@ class SamplerPipeline:
     def _process(self, logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms) -> torch.Tensor:
         self._check(logits, batch)
         if self.backend_for(logits) == "triton":
-            import kernels
+            import samplers.kernels as kernels
 
             return kernels.process_logits(logits, batch, randoms)
         x = logits.float()
@@ -214,7 +214,7 @@ class SamplerPipeline:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
         randoms = _RowRandoms(batch, self.generator)
         if self.backend_for(logits) == "triton":
-            import kernels
+            import samplers.kernels as kernels
 
             # the draw runs in the kernels (at the end of the chain's last launch when it can),
             # its uniforms from the rows' Philox words, the chosen logprobs from its softmax

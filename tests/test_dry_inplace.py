@@ -1,4 +1,4 @@
-"""DRY on the kernel path (``kernels.chain.process_logits``): in place on the fp32 working
+"""DRY on the kernel path (``samplers.kernels.chain.process_logits``): in place on the fp32 working
 tensor, the caller's logits never modified, stage row masks honoured, and the sync-free
 selection (used on CUDA) bit-identical to the nonzero one (used on the CPU)."""
 
@@ -13,7 +13,7 @@ import test_pipeline as tp  # noqa: E402  (tests/ is on sys.path: pytest's rootd
 
 from samplers import SamplerID, SamplerPipeline, SamplingParams  # noqa: E402
 
-import kernels.chain as chain  # noqa: E402
+import samplers.kernels.chain as chain  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

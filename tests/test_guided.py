@@ -1,4 +1,4 @@
-"""Guided decoding (samplers/guided.py, kernels/guided.py, the generation loop): every output of the
+"""Guided decoding (samplers/guided.py, samplers/kernels/guided.py, the generation loop): every output of the
 embedded model parses, unguided rows are unaffected, invalid inputs are clear errors, and the
 bitmask kernel equals the torch path."""
 
@@ -130,11 +130,11 @@ def test_torch_path_masks_and_keeps_rest():
 @pytest.mark.parametrize("with_rows", [False, True])
 def test_kernel_equals_torch(V, dtype, with_rows):
     pytest.importorskip("triton")
-    import kernels
+    import samplers.kernels as kernels
 
     if not kernels.available(torch.device("cpu")):
         pytest.skip("TRITON_INTERPRET is not set")
-    from kernels.guided import apply_token_bitmask as kernel_apply
+    from samplers.kernels.guided import apply_token_bitmask as kernel_apply
 
     g = torch.Generator().manual_seed(V)
     x = torch.randn(4, V, generator=g).to(dtype)

@@ -25,10 +25,10 @@ import samplers.functional as F  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
 from samplers.sampling import compute_logprobs, draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import _common  # noqa: E402
-from kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
-from kernels import temperature as KTe, truncation as KT  # noqa: E402
+import samplers.kernels as kernels  # noqa: E402
+from samplers.kernels import _common  # noqa: E402
+from samplers.kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
+from samplers.kernels import temperature as KTe, truncation as KT  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -150,7 +150,7 @@ def test_torch_backed_stages_are_the_reference():
     x = _logits(3, 300, torch.float32, seed=6)
     z = torch.tensor([0.9, 1.0, 0.5])
     assert torch.equal(KT.tfs(x, z), F.tfs(x, z))
-    from kernels import skew as KS
+    from samplers.kernels import skew as KS
 
     s = torch.tensor([0.5, 0.0, -0.3])
     assert torch.equal(KS.skew(x, s), F.skew(x, s))

@@ -1,4 +1,4 @@
-"""The column-blocked kernels (``kernels.blocked``) against the torch reference.
+"""The column-blocked kernels (``samplers.kernels.blocked``) against the torch reference.
 
 The blocked path is what rows of more than ``_common.BLOCKED_ABOVE`` lanes use (large
 vocabularies). Here the threshold is lowered so that every row takes it, with small tiles
@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 import samplers.functional as F  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import _common, blocked as KB, draw as KD, fused as K, truncation as KT  # noqa: E402
+import samplers.kernels as kernels  # noqa: E402
+from samplers.kernels import _common, blocked as KB, draw as KD, fused as K, truncation as KT  # noqa: E402
 from samplers.sampling import row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import test_kernels as tk  # noqa: E402

@@ -33,7 +33,7 @@ def _spill_stores(stdout: str, name: str) -> int:
 def test_every_kernel_compiles_for_sm90(dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--dtype", dtype, "--block", "2048"],
+    r = subprocess.run([sys.executable, "-m", "samplers.kernels.aot", "--dtype", dtype, "--block", "2048"],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("chain", "draw", "philox", "row_stats"):
@@ -48,11 +48,11 @@ def test_blocked_kernels_compile_for_sm90_without_row_spills():
     does not depend on V, so this is the kernel that runs V = 128256 or 151936. The draw has
     no spills; the chain with all 15 stage codes at once spills a few scalars (8 bytes with
     triton 3.7.1), never a tile (a tile is 8192 * 4 / 512 threads = 64 bytes per thread)."""
-    from kernels import _common
+    from samplers.kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--blocked", "--dtype", "bf16", "--tile",
+    r = subprocess.run([sys.executable, "-m", "samplers.kernels.aot", "--blocked", "--dtype", "bf16", "--tile",
                         str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -68,11 +68,11 @@ def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes, l
     triton 3.7.1); top_k + top_p (window select, mass-bounded search, sparse mode, draw) a few
     scalars at 16 warps' 128 registers (32 bytes; none at 8 warps), never a tile (64 bytes per
     thread)."""
-    from kernels import _common
+    from samplers.kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--blocked", "--draw", "--codes", codes, "--dtype", "bf16",
+    r = subprocess.run([sys.executable, "-m", "samplers.kernels.aot", "--blocked", "--draw", "--codes", codes, "--dtype", "bf16",
                         "--tile", str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

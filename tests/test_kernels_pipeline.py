@@ -12,8 +12,8 @@ import test_pipeline as tp  # noqa: E402  (tests/ is on sys.path: pytest's rootd
 
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.chain import plan  # noqa: E402
+import samplers.kernels as kernels  # noqa: E402
+from samplers.kernels.chain import plan  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -226,8 +226,8 @@ def test_rows_emptied_by_bans_keep_their_input_argmax_on_both_backends():
 def test_auto_uses_the_kernels_for_large_vocabularies(monkeypatch):
     """Rows above 65536 lanes run the column-blocked kernels (tests/test_kernels_blocked.py),
     so "auto" keeps the kernel path for real large vocabularies (Llama 3, Qwen 2)."""
-    import kernels
-    from kernels import _common
+    import samplers.kernels as kernels
+    from samplers.kernels import _common
     from samplers import SamplerPipeline
 
     class FakeCudaLogits:

@@ -150,7 +150,7 @@ def test_kernel_ban_mask_kept_across_steps_equals_rebuilt():
     """kernels.penalties.NgramBanMask (one buffer, cleared and set by scatters each step)
     gives the mask of ngram_banned built from scratch, at every step, from empty histories on."""
     pytest.importorskip("triton")
-    from kernels.penalties import NgramBanMask, ngram_banned
+    from samplers.kernels.penalties import NgramBanMask, ngram_banned
 
     gen = np.random.default_rng(3)
     v = 6

@@ -5,7 +5,7 @@ or bf16; computed in fp32, returned in the input dtype); per-row parameters are 
 tensors on the logits' device; the input is never modified; a row at its parameter's
 disabled value comes back bit-identical; removed tokens are ``-inf`` and every truncation
 keeps the row's most likely token. These functions define correctness: the Triton kernels
-in ``kernels/`` are tested against them.
+in ``samplers/kernels/`` are tested against them.
 """
 
 from .dry import dry

@@ -3,7 +3,7 @@
 Each ``stage_*`` is a ``@triton.jit`` function on one row held in registers: ``x`` is the
 row in fp32 ([BLOCK], removed tokens and padding lanes -inf), ``valid`` marks the real lanes,
 ``en`` says whether the stage applies to this row (its row mask). They are composed by the
-fused chain kernel (``kernels.fused``); the Python wrappers below run one stage alone and
+fused chain kernel (``samplers.kernels.fused``); the Python wrappers below run one stage alone and
 mirror ``samplers.functional.truncation`` function by function.
 
 Every rule is a threshold on the row, found without sorting:

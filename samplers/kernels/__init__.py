@@ -13,7 +13,7 @@ the torch reference). Modules, one per family:
 - ``chain``: ``process_logits``, the pipeline's whole chain
 - ``blocked``: column-blocked chain and draw kernels for large vocabularies (rows > 65536 lanes)
 - ``row_stats``: the shared row statistics as a standalone kernel (tested against torch)
-- ``aot``: compile every kernel for a CUDA target without a GPU (``python -m kernels.aot``)
+- ``aot``: compile every kernel for a CUDA target without a GPU (``python -m samplers.kernels.aot``)
 
 See kernels/README.md for the design and the number of passes over [B, V].
 """
@@ -42,14 +42,14 @@ def available(device: Optional[torch.device] = None) -> bool:
 
 def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, keep_processed: bool = True):
     """The pipeline's chain on the kernel path; with ``draw``, also the tokens and their
-    logprobs (see ``kernels.chain.process_logits``)."""
+    logprobs (see ``samplers.kernels.chain.process_logits``)."""
     from .chain import process_logits as _process
 
     return _process(logits, batch, randoms, draw=draw, keep_processed=keep_processed)
 
 
 def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The draw in a kernel (see ``kernels.draw.draw_tokens``)."""
+    """The draw in a kernel (see ``samplers.kernels.draw.draw_tokens``)."""
     from .draw import draw_tokens as _draw
 
     return _draw(logits, greedy, uniforms)
@@ -57,7 +57,7 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
 
 def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The draw with in-kernel uniforms and the chosen log-probabilities (see
-    ``kernels.draw.sample_tokens``)."""
+    ``samplers.kernels.draw.sample_tokens``)."""
     from .draw import sample_tokens as _sample
 
     return _sample(logits, greedy, keys)

@@ -191,7 +191,7 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
 
 def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pipeline's draw in one launch: ``draw_tokens`` with each row's uniform computed in
-    the kernel from its Philox words (``keys``: int32 [4, B], ``kernels.fused.key_words``;
+    the kernel from its Philox words (``keys``: int32 [4, B], ``samplers.kernels.fused.key_words``;
     the same stream as ``row_uniforms(..., PURPOSE_DRAW)``), and the log-probability of the
     chosen token under softmax(logits) (``compute_logprobs``' value) as a by-product.
 

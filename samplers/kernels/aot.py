@@ -4,10 +4,10 @@ The interpreter (the CPU tests) does not type-check kernels the way the GPU comp
 compiling them to PTX / cubin for an NVIDIA target catches what would only fail on a GPU,
 and ``ptxas -v`` reports registers and spills per configuration.
 
-    python -m kernels.aot                    # sm_90, BLOCK 4096, every kernel
-    python -m kernels.aot --block 131072 --warps 32 --codes 6,7
-    python -m kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
-    python -m kernels.aot --blocked --codes 6,7 --draw      # top_k + top_p with the draw fused
+    python -m samplers.kernels.aot                    # sm_90, BLOCK 4096, every kernel
+    python -m samplers.kernels.aot --block 131072 --warps 32 --codes 6,7
+    python -m samplers.kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
+    python -m samplers.kernels.aot --blocked --codes 6,7 --draw      # top_k + top_p with the draw fused
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions, which cannot be compiled).
@@ -118,7 +118,7 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
 
 def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Optional[list[int]] = None,
                     dtype: str = "fp32", draw: bool = False) -> dict[str, str]:
-    """Compile the column-blocked chain (``kernels.blocked``; ``codes``, default every stage
+    """Compile the column-blocked chain (``samplers.kernels.blocked``; ``codes``, default every stage
     code) and the blocked draw for ``sm_<arch>``; the tile, not V, sizes the program.
     ``draw``: compile the chain with the draw fused at its end (``SamplerPipeline.sample``)."""
     cx = _chain_constants(codes, "TILE", tile)

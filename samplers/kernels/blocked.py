@@ -1,6 +1,6 @@
 """Column-blocked chain kernel for large vocabularies.
 
-The whole-row kernels (``kernels.fused``, ``kernels.draw``) hold a row in registers
+The whole-row kernels (``samplers.kernels.fused``, ``samplers.kernels.draw``) hold a row in registers
 (``BLOCK = next_pow2(V)``); past ~64k lanes that spills and compiles for minutes. Here one
 program per row loops over the row in tiles of ``TILE`` lanes (``_common.TILE``):
 
@@ -18,12 +18,12 @@ program per row loops over the row in tiles of ``TILE`` lanes (``_common.TILE``)
   pass, or on a compacted ``[KMAX]`` copy of the surviving values when at most KMAX tokens
   are finite).
 - A stage whose row mask (or parameter) disables it for a row skips every pass of that row.
-- With ``DRAW``, the launch ends with the token draw (``kernels.draw``): the last write
+- With ``DRAW``, the launch ends with the token draw (``samplers.kernels.draw``): the last write
   pass left each tile's mass, so the inverse CDF reads one tile.
 
 Per-element formulas are those of the whole-row stages (``p = exp(x - m) / s``, ...); only
 the summation order of the reductions differs. Stage codes are the ones of
-``kernels.fused`` and are compile-time constants, like the whole-row chain.
+``samplers.kernels.fused`` and are compile-time constants, like the whole-row chain.
 """
 
 from __future__ import annotations
@@ -526,7 +526,7 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, 
             seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
             TILE: tl.constexpr, KMAX: tl.constexpr):
     """Stage CODE on the row: in registers on the survivors when the row is sparse (a
-    truncation left at most KMAX tokens: the whole-row stage of ``kernels.fused`` on them,
+    truncation left at most KMAX tokens: the whole-row stage of ``samplers.kernels.fused`` on them,
     side inputs gathered at their token ids), else tile by tile (``_bstage_tiles``)."""
     if CODE != 0:
         n, lane, xs, ids = _sparse(scr, KMAX)

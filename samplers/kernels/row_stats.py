@@ -1,6 +1,6 @@
 """Row statistics shared by the samplers, computed once per row inside the kernels.
 
-The ``@triton.jit`` helpers live in ``kernels._common`` (``softmax_stats``, ``entropy_of``,
+The ``@triton.jit`` helpers live in ``samplers.kernels._common`` (``softmax_stats``, ``entropy_of``,
 ``finite_std``, ``top_mask``) and are what every stage of the fused chain calls on the row in
 registers. This module exposes them as one standalone kernel, ``row_stats``, so they are
 tested directly against the torch formulas of ``samplers.functional._stats`` and

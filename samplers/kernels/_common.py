@@ -19,13 +19,13 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_BLOCK = 1 << 20
 
 #: Rows whose whole-row block (next_pow2(V)) exceeds this use the column-blocked kernels
-#: (``kernels.blocked``): past ~64k lanes a row in registers spills and compiles for minutes.
+#: (``samplers.kernels.blocked``): past ~64k lanes a row in registers spills and compiles for minutes.
 #: Read at call time, so tests can lower it (``monkeypatch.setattr(_common, "BLOCKED_ABOVE", ...)``).
 BLOCKED_ABOVE = 65536
 
 #: Tile of the column-blocked kernels (lanes per loop iteration; a power of two), and their
 #: num_warps: 8192 lanes / 16 warps compile for sm_90 to 128 registers and no spills for
-#: every stage code (``python -m kernels.aot --blocked``).
+#: every stage code (``python -m samplers.kernels.aot --blocked``).
 TILE = 8192
 TILE_WARPS = 16
 
@@ -147,7 +147,7 @@ def online_softmax(sm, ss, sez, sn, st, y):
 def philox_uniform(key_ptr, row, B, purpose: tl.constexpr):
     """The row's uniform of ``samplers.sampling.row_uniforms`` for ``purpose``, drawn in the
     kernel: ``key_ptr`` is int32 [4, B] holding (key_lo, key_hi, step, sequence_index) as
-    uint32 words (``kernels.fused.key_words``); bit-exact with the torch stream."""
+    uint32 words (``samplers.kernels.fused.key_words``); bit-exact with the torch stream."""
     k0 = tl.load(key_ptr + row).to(tl.uint32)
     k1 = tl.load(key_ptr + B + row).to(tl.uint32)
     step = tl.load(key_ptr + 2 * B + row).to(tl.uint32)

@@ -76,7 +76,7 @@ def ngram_banned(history: TokenHistory, no_repeat_ngram_size: torch.Tensor, voca
 
 
 class NgramBanMask:
-    """A batch's no_repeat_ngram ban mask kept across steps, for ``kernels.chain``.
+    """A batch's no_repeat_ngram ban mask kept across steps, for ``samplers.kernels.chain``.
 
     ``update`` returns the same bool [B, V] view (of a [B, V + 1] buffer allocated once)
     equal to ``ngram_banned(...)`` (all False for empty histories): it clears the entries

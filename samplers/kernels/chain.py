@@ -4,14 +4,14 @@ Same result as ``SamplerPipeline._process``'s torch path (logit_bias, min_tokens
 batch's schedule of stages in order, then skew), returned as fp32 processed logits.
 
 Consecutive stages that have an in-kernel form are fused into one launch of the chain
-kernel (``kernels.fused``): one read of the logits and one write of the fp32 result per
+kernel (``samplers.kernels.fused``): one read of the logits and one write of the fp32 result per
 launch. Stages without one (DRY, tfs; skew at the end) run the torch reference on the fp32
 working tensor between launches; DRY runs in place on it (``samplers.functional.dry.dry_``:
 a scatter over the history positions, no [B, V] temporary, no device sync on CUDA; one fp32
 copy first only when the working tensor is still the caller's logits). The no_repeat_ngram
 ban mask is kept across steps (``penalties.NgramBanMask``). Rows of more than
 ``_common.BLOCKED_ABOVE`` lanes (large vocabularies) run the column-blocked chain
-(``kernels.blocked``, chosen in ``fused.run_chain``): same stages and launches, the row
+(``samplers.kernels.blocked``, chosen in ``fused.run_chain``): same stages and launches, the row
 processed in tiles. See kernels/README.md for the pass counts.
 """
 
@@ -108,7 +108,7 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, kee
     """Kernel path of ``SamplerPipeline._process``: [B, V] logits (fp32/fp16/bf16) -> fp32
     processed logits [B, V]; the input is not modified.
 
-    ``draw``: also draw the rows' tokens (``kernels.draw.sample_tokens``: uniforms from the
+    ``draw``: also draw the rows' tokens (``samplers.kernels.draw.sample_tokens``: uniforms from the
     rows' Philox stream, the chosen tokens' logprobs) and return (processed, token ids,
     logprobs). When the chain ends with a kernel launch (no skew, no row-emptying bans after
     it) the draw runs at the end of that launch, on the row it has just written; then, with

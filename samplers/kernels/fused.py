@@ -222,7 +222,7 @@ def run_chain(
     (``key_words``) for XTC_PHILOX; ``rmask``: a prebuilt ``row_masks(masks)``.
 
     ``draw_greedy`` ([B] bool; needs ``keys``): also draw each row's token in the same launch
-    (``kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs).
+    (``samplers.kernels.draw.sample_tokens``' result) and return (out, token ids, logprobs).
     ``store=False`` (with ``draw_greedy``): the caller will not read ``out``; the whole-row
     chain then does not write it, the column-blocked one not for rows that end with at most
     KMAX survivors."""
@@ -308,7 +308,7 @@ def run_chain(
 MAX_VOCAB = 1 << 24
 
 #: The whole-row chain compiles without (or with a few hundred bytes of) spills up to this
-#: block for every stage code (``python -m kernels.aot``); rows up to it always use it.
+#: block for every stage code (``python -m samplers.kernels.aot``); rows up to it always use it.
 WHOLE_ROW_ALWAYS = 8192
 
 # (codes, block, dtype, draw, next_pow2(B)) -> "whole" | "blocked", measured once per process
