@@ -40,6 +40,8 @@ __all__ = [
     "is_finite",
     "count_below",
     "keep_at_least",
+    "SparseRows",
+    "compact_rows",
 ]
 
 #: Temperatures below this value mean "greedy" (SEMANTICS.md, temperature).
@@ -78,23 +80,32 @@ def upcast(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float32 else logits.to(torch.float32)
 
 
-def softmax_and_log_softmax(l32: Tensor, with_log: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+def row_sum(x: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
+    """``x.sum(dim=-1, keepdim=True)``; for packed rows (``sparse``, see ``SparseRows``) the sum
+    of the full rows they stand for (``x``'s entries at their columns, 0 elsewhere)."""
+    return x.sum(dim=-1, keepdim=True) if sparse is None else sparse.row_sum(x)
+
+
+def softmax_and_log_softmax(l32: Tensor, with_log: bool = True,
+                            sparse: Optional["SparseRows"] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Row-wise ``p = softmax(l)`` and ``log p`` in fp32.
 
     ``-inf`` logits get ``p = 0`` and ``log p = -inf``. A row whose logits are all ``-inf``
     gets ``p = 0`` everywhere and ``log p = -inf`` everywhere (no NaN). With
-    ``with_log=False`` the second value is ``None`` (one full pass saved).
+    ``with_log=False`` the second value is ``None`` (one full pass saved). ``sparse``: ``l32``
+    are the packed rows of that ``SparseRows`` (the denominators are then summed as over the
+    full rows).
     """
     m = l32.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z = l32 - m
     if not with_log:
         e = exp_(z)  # z is not needed afterwards: one [B, V] buffer instead of two
-        s = e.sum(dim=-1, keepdim=True)
+        s = row_sum(e, sparse)
         s = torch.where(s > 0, s, torch.ones_like(s))
         return e.div_(s), None
     e = exp_(z.clone())
-    s = e.sum(dim=-1, keepdim=True)
+    s = row_sum(e, sparse)
     s = torch.where(s > 0, s, torch.ones_like(s))
     # In place on temporaries: the same values as ``e / s`` and ``z - log(s)``.
     return e.div_(s), z.sub_(torch.log(s))
@@ -127,17 +138,19 @@ def exp_(z: Tensor) -> Tensor:
     return z
 
 
-def entropy(p: Tensor, logp: Tensor, overwrite_logp: bool = False) -> Tensor:
+def entropy(p: Tensor, logp: Tensor, overwrite_logp: bool = False,
+            sparse: Optional["SparseRows"] = None) -> Tensor:
     """``H = -sum(p * log p)`` per row (natural log), with ``0 * log 0 = 0``. Shape ``[B]``.
 
     ``p * log p`` is NaN exactly where ``p = 0`` and ``log p = -inf`` (and ``-0.0`` or ``0``
     where ``p`` underflowed to 0 with a finite ``log p``): replacing NaN by 0 gives the same
     sum as masking ``p > 0`` (signed zeros do not change a sum), without a ``where`` pass.
     With ``overwrite_logp`` the products are formed in ``logp``'s buffer (same values).
+    ``sparse``: packed rows, summed as the full rows (see ``row_sum``).
     """
     terms = logp.mul_(p) if overwrite_logp else p * logp
     terms = terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    return -terms.sum(dim=-1)
+    return -row_sum(terms, sparse)[:, 0]
 
 
 def is_finite(x: Tensor) -> Tensor:
@@ -261,6 +274,88 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
+
+
+#: Rows are compacted (``compact_rows``) only when the widest row keeps at most
+#: ``1 / _SPARSE_FRACTION`` of its columns: below that the compaction's passes cost more
+#: than they save.
+_SPARSE_FRACTION = 8
+#: ... and only from this row width on (smaller rows are cheap either way).
+_SPARSE_MIN_VOCAB = 1024
+
+
+class SparseRows:
+    """The entries of a ``[B, V]`` float32 CPU tensor that are not ``-inf``, packed to the left
+    of a ``[B, K]`` tensor (``K`` = the most such entries in a row, plus ``pad``), padded with
+    ``-inf``, each row's entries in column order.
+
+    Every sampler that compacts is a row-wise function of the multiset of a row's values
+    (nothing depends on token ids, ``-inf`` entries are removed tokens that stay ``-inf``),
+    so running it on ``logits`` gives the result of the full rows, which ``expand`` puts
+    back. Bit for bit: elementwise operations see the same values, ``max`` / ``min`` /
+    counts / prefix sums of sorted rows do not depend on the removed tokens, and every
+    other row sum goes through ``row_sum``, which adds the full-width row (zeros at the
+    removed tokens), because torch groups a sum's terms by their positions in the row.
+    """
+
+    __slots__ = ("logits", "_flat", "_pos", "_shape")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, V)`` of the full rows."""
+        return self._shape
+
+    def row_sum(self, packed: Tensor) -> Tensor:
+        """``[B, 1]``: the sums of the full rows whose entries are ``packed``'s (``[B, K]``
+        float32, a function of ``logits`` entry by entry) at their columns and 0 elsewhere."""
+        return self.expand(packed, fill=0.0).sum(dim=-1, keepdim=True)
+
+    def __init__(self, logits: Tensor, flat: np.ndarray, pos: np.ndarray, shape: tuple[int, int]) -> None:
+        self.logits = logits
+        self._flat = flat  # flat index in [B * V] of each packed entry (row-major)
+        self._pos = pos  # its flat index in [B * K]
+        self._shape = shape
+
+    def expand(self, packed: Tensor, fill: float = float("-inf")) -> Tensor:
+        """``[B, V]`` float32: ``packed``'s entries (``[B, K]``, float32, e.g. a sampler's
+        output on ``logits``) back at their columns, ``fill`` everywhere else."""
+        out = np.full(self._shape[0] * self._shape[1], fill, dtype=np.float32)
+        out[self._flat] = packed.contiguous().numpy().reshape(-1)[self._pos]
+        return torch.from_numpy(out).view(self._shape)
+
+
+def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
+    """``SparseRows`` of ``logits`` when most of every row is ``-inf`` (after a truncation:
+    then a sampler's work on the packed rows is a fraction of the full width's), else None.
+
+    Only on the CPU for float32 rows of at least ``_SPARSE_MIN_VOCAB`` columns (no device
+    sync is involved there; numpy's comparisons and ``flatnonzero`` are several times
+    faster than torch's boolean kernels on this path). ``pad`` extra ``-inf`` columns are
+    kept after the widest row's entries and the width is at least ``min_width`` (both capped
+    at ``V``): samplers whose rule looks at removed tokens next to kept ones (tfs's second
+    differences) ask for them. NaN entries count as kept entries (they are not ``-inf``).
+    """
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
+            or logits.requires_grad):
+        return None
+    batch, vocab = logits.shape
+    if vocab < _SPARSE_MIN_VOCAB or batch == 0:
+        return None
+    xn = logits.contiguous().numpy().reshape(-1)
+    live = xn != -np.inf
+    if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
+        return None
+    flat = np.flatnonzero(live)
+    rows = flat // vocab
+    counts = np.bincount(rows, minlength=batch)
+    width = min(vocab, max(int(counts.max()) + pad, min_width))
+    if width * _SPARSE_FRACTION > vocab:
+        return None
+    starts = np.cumsum(counts) - counts
+    pos = rows * width + (np.arange(flat.size) - starts[rows])
+    packed = np.full(batch * width, -np.inf, dtype=np.float32)
+    packed[pos] = xn[flat]
+    return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
 
 
 def sort_values_desc(x: Tensor) -> Tensor:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ._stats import (
     ParamLike,
+    SparseRows,
     cast_saturating,
     check_logits,
+    compact_rows,
     row_param,
     select_rows,
     softmax_and_log_softmax,
@@ -51,16 +55,25 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
     """
     check_logits(logits)
     sk = row_param(skew, logits, _F32, "skew")
-    enabled = sk != 0
-    vocab = logits.shape[1]
-    if vocab == 0:
+    if logits.shape[1] == 0:
         return logits.clone()
+    # After a truncation: sort only the tokens still in (the cumulative sums of the sorted
+    # probabilities are prefix sums, the same on packed rows).
+    sparse = compact_rows(logits)
+    if sparse is not None:
+        return sparse.expand(_skew(sparse.logits, sk, sparse))
+    return _skew(logits, sk)
+
+
+def _skew(logits: Tensor, sk: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
+    enabled = sk != 0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32, with_log=False)
+    p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
     power = torch.exp(sk)[:, None]
     p_sorted, order = sort_nonneg(p, descending=True)
     # c = cumsum(p_sorted) ** power; c_prev the same shifted by one (0 before position 0).
-    c = torch.cumsum(p_sorted, dim=-1).pow_(power)
+    c = torch.cumsum(p_sorted, dim=-1)
+    c = c.pow_(power) if sparse is None else _pow_packed(c, power)
     c_prev = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=-1)
     if logits.device.type == "cpu":
         p_new_sorted = _skew_sorted_sparse_ties(p_sorted, c, c_prev)
@@ -79,6 +92,24 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
     cap = zero.sub_(0.5).mul_(float("-inf"))  # -inf where p' = 0, +inf elsewhere
     out = torch.minimum(out, cap, out=cap)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+
+
+#: Packed rows are raised to the power on a width that is a multiple of this (see _pow_packed).
+_POW_ALIGN = 64
+
+
+def _pow_packed(c: Tensor, power: Tensor) -> Tensor:
+    """``c ** power`` for packed rows, with the values the full rows get. torch's CPU loops
+    compute the last ``width mod (2 * vector width)`` entries of a row (of a thread's chunk)
+    with the scalar ``pow``, which can differ from the vectorised one in the last place; in
+    the full rows the packed positions (the first ``V / 8``) are never among those, so the
+    packed rows are padded to a multiple of 64 columns to take the vector path too (also
+    when two threads split the rows: they split at a multiple of 32 columns)."""
+    batch, width = c.shape
+    padded = -(-width // _POW_ALIGN) * _POW_ALIGN
+    buf = c.new_ones(batch, padded)
+    buf[:, :width] = c
+    return buf.pow_(power)[:, :width]
 
 
 def _skew_sorted_dense(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:

@@ -10,14 +10,18 @@ than becoming ``+-inf``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ._stats import (
     GREEDY_TEMPERATURE,
     ParamLike,
+    SparseRows,
     cast_saturating,
     check_logits,
+    compact_rows,
     entropy,
     fill_removed,
     is_finite,
@@ -89,10 +93,18 @@ def dynamic_temperature(
     t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min")
     t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max")
     exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
+    sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
+    if sparse is not None:
+        return sparse.expand(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
+    return _dynamic_temperature(logits, t_min, t_max, exponent)
+
+
+def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent: Tensor,
+                         sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
-    p, logp = softmax_and_log_softmax(l32)
-    h = entropy(p, logp, overwrite_logp=True)  # logp is not used again
+    p, logp = softmax_and_log_softmax(l32, sparse=sparse)
+    h = entropy(p, logp, overwrite_logp=True, sparse=sparse)  # logp is not used again
     n = is_finite(l32).sum(dim=-1)
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
@@ -127,6 +139,13 @@ def quadratic_smoothing(
     check_logits(logits)
     f = row_param(smoothing_factor, logits, _F32, "smoothing_factor")
     c = row_param(smoothing_curve, logits, _F32, "smoothing_curve")
+    sparse = compact_rows(logits)
+    if sparse is not None:
+        return sparse.expand(_quadratic_smoothing(sparse.logits, f, c))
+    return _quadratic_smoothing(logits, f, c)
+
+
+def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     enabled = f != 0
     l32 = upcast(logits)
     k = (f * (3.0 - c) / 2.0)[:, None]

@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Ours against Hugging Face's warpers on the CPU, interleaved in one process, as ratios.
+
+Why this way: on a shared machine absolute times move 2-5x with the background load, but two
+contenders timed one right after the other, repetition by repetition, see the same load, so
+their ratio holds (within ~15%). For every case the contenders run in turn once per
+repetition (after ``--warmup`` untimed rounds); each contender's median over ``--reps``
+repetitions is reported, and the ratio of medians.
+
+Cases, at every shape of ``--shapes`` and every thread setting of ``--threads``:
+
+- ``<sampler>``: each sampler Hugging Face also has (temperature, top_k, top_p, min_p,
+  typical_p, eta, epsilon, repetition penalty, no_repeat_ngram): HF's warper / processor
+  against ours through the pipeline (``SamplerPipeline("torch").process`` with only that
+  sampler on, no draw, like a warper) and as the pure function. Target: pipeline / HF <= 1.
+- ``chain7``: temperature, top_k, top_p, min_p, typical_p, eta, epsilon in one pipeline call
+  against HF's ``LogitsProcessorList`` of the same warpers. Target: <= 0.2.
+- ``chain14``: those plus dynatemp (half the rows; the row when B = 1), top_a, tfs, nsigma, xtc, smoothing and
+  skew, against our ``chain7``. Target: <= 1.5.
+- ``skew``: ``F.skew`` against a plain softmax + cumsum over the same rows (the faster of
+  ``torch.softmax(x, -1).cumsum(-1)`` and a hand-written ``exp(x - max) / sum`` + cumsum: at
+  [64, 32000] ``torch.softmax`` takes a slow path on this torch, ~20x its time at other
+  shapes, which would make the target meaningless). Target: <= 2.
+- ``dry_step``: DRY alone, one step after ``append`` (steady state, exact, uncapped, four
+  breaker ids that occur in the histories), [64 rows, 8192-token histories, V = 32000];
+  functional and pipeline. Target: <= 3 ms (absolute: no peer in this process; a copy of
+  the logits is timed alongside as a yardstick of the machine's speed).
+- ``penalties`` / ``ngram`` steps on 4096-token histories are the HF cases above.
+
+Histories advance by one token per repetition (``append``, untimed) for our contenders, so
+a timed call includes the incremental update a generation step pays; HF recomputes from
+``input_ids`` on every call.
+
+    python benchmarks/compare.py --threads 1 default --json out/cpu.json --markdown out/cpu.md
+    python benchmarks/compare.py --quick        # a fast smoke run (tiny reps, one shape)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+for _p in (_ROOT, _HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import samplers.functional as F  # noqa: E402
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
+
+from bench_inputs import make_histories, make_logits, split_history  # noqa: E402
+
+HIST = 4096
+OUTPUT_LEN = 1024
+BREAKERS = (10, 11, 12, 13)
+DRY_SHAPE, DRY_HIST = (64, 32000), 8192
+
+# sampler -> (HF constructor, our functional call (x, history) -> x, SamplingParams kwargs, history?)
+SAMPLERS: dict[str, tuple] = {
+    "temperature": (lambda hf: hf.TemperatureLogitsWarper(0.7),
+                    lambda x, h: F.temperature(x, _full(x, 0.7)), dict(temperature=0.7), False),
+    "top_k": (lambda hf: hf.TopKLogitsWarper(50),
+              lambda x, h: F.top_k(x, _full(x, 50, torch.int64)), dict(top_k=50), False),
+    "top_p": (lambda hf: hf.TopPLogitsWarper(0.9),
+              lambda x, h: F.top_p(x, _full(x, 0.9)), dict(top_p=0.9), False),
+    "min_p": (lambda hf: hf.MinPLogitsWarper(0.05),
+              lambda x, h: F.min_p(x, _full(x, 0.05)), dict(min_p=0.05), False),
+    "typical_p": (lambda hf: hf.TypicalLogitsWarper(mass=0.9),
+                  lambda x, h: F.typical_p(x, _full(x, 0.9)), dict(typical_p=0.9), False),
+    "eta_cutoff": (lambda hf: hf.EtaLogitsWarper(3e-4),
+                   lambda x, h: F.eta_cutoff(x, _full(x, 3e-4)), dict(eta_cutoff=3e-4), False),
+    "epsilon_cutoff": (lambda hf: hf.EpsilonLogitsWarper(3e-4),
+                       lambda x, h: F.epsilon_cutoff(x, _full(x, 3e-4)), dict(epsilon_cutoff=3e-4), False),
+    "repetition_penalty": (lambda hf: hf.RepetitionPenaltyLogitsProcessor(1.2),
+                           lambda x, h: F.penalties(x, h.seen_mask(), h.output_counts(), _full(x, 1.2),
+                                                    _full(x, 0.0), _full(x, 0.0)),
+                           dict(repetition_penalty=1.2), True),
+    "no_repeat_ngram": (lambda hf: hf.NoRepeatNGramLogitsProcessor(3),
+                        lambda x, h: F.no_repeat_ngram(x, h, _full(x, 3, torch.int64)),
+                        dict(no_repeat_ngram_size=3), True),
+}
+
+CHAIN7 = dict(temperature=0.9, top_k=200, top_p=0.95, min_p=0.02, typical_p=0.98, eta_cutoff=3e-4,
+              epsilon_cutoff=3e-4)
+CHAIN14_EXTRA = dict(top_a=0.05, tfs=0.98, nsigma=3.0, xtc_threshold=0.1, xtc_probability=0.5,
+                     smoothing_factor=0.2, skew=0.2)
+
+TARGETS = {"sampler": 1.0, "chain7": 0.2, "chain14": 1.5, "skew": 2.0, "dry_step_ms": 3.0}
+
+
+def _full(x: torch.Tensor, value, dtype=torch.float32) -> torch.Tensor:
+    return torch.full((x.shape[0],), value, dtype=dtype)
+
+
+def _hf():
+    import transformers.generation.logits_process as hf
+
+    return hf
+
+
+def _stepper(batch: SamplingBatch) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(7)
+    hi = min(5000, batch.vocab_size)
+    return lambda: batch.append(torch.randint(0, hi, (batch.batch_size,), generator=g))
+
+
+def interleaved(contenders: dict[str, tuple[Callable[[], object], Optional[Callable[[], None]]]],
+                reps: int, warmup: int) -> dict[str, list[float]]:
+    """Per contender: ``reps`` times in ms. Each repetition runs every contender once, in turn
+    (untimed ``setup`` first when given)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(warmup + reps):
+        for name, (fn, setup) in contenders.items():
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            dt = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def _pipe_call(batch: SamplingBatch, logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    pipe = SamplerPipeline("torch", seed=0)
+    return lambda: pipe.process(logits, batch)
+
+
+def _batch(B: int, V: int, rows, **kw) -> SamplingBatch:
+    if rows is None:
+        return SamplingBatch(SamplingParams(**kw), [[] for _ in range(B)], [[] for _ in range(B)], vocab_size=V)
+    prompts, outputs = split_history(rows, OUTPUT_LEN)
+    return SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
+
+
+def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str, dict, str]]:
+    """(case name, contenders, ratio spec) for one shape; ratio spec 'a/b'."""
+    hf = _hf()
+    logits = make_logits(B, V, seed=1)
+    rows = make_histories(B, HIST, V, seed=1)
+    out = []
+    for name, (make_hf, ours, kw, needs_hist) in SAMPLERS.items():
+        if only and name not in only:
+            continue
+        warper = make_hf(hf)
+        input_ids = torch.tensor(rows, dtype=torch.int64) if needs_hist else torch.zeros(B, 1, dtype=torch.int64)
+        b_pipe = _batch(B, V, rows if needs_hist else None, **kw)
+        b_fn = _batch(B, V, rows if needs_hist else None, **kw)
+        h = b_fn.history
+        out.append((name, {
+            "hf": (lambda w=warper, i=input_ids: w(i, logits), None),
+            "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe) if needs_hist else None),
+            "functional": (lambda o=ours, h=h: o(logits, h), _stepper(b_fn) if needs_hist else None),
+        }, "pipeline/hf"))
+    if not only or "chain7" in only or "chain14" in only:
+        procs = hf.LogitsProcessorList([
+            hf.TemperatureLogitsWarper(CHAIN7["temperature"]), hf.TopKLogitsWarper(CHAIN7["top_k"]),
+            hf.TopPLogitsWarper(CHAIN7["top_p"]), hf.MinPLogitsWarper(CHAIN7["min_p"]),
+            hf.EtaLogitsWarper(CHAIN7["eta_cutoff"]), hf.EpsilonLogitsWarper(CHAIN7["epsilon_cutoff"]),
+            hf.TypicalLogitsWarper(mass=CHAIN7["typical_p"]),
+        ])
+        ids = torch.zeros(B, 1, dtype=torch.int64)
+        empty = [[] for _ in range(B)]
+        b7 = SamplingBatch(SamplingParams(**CHAIN7), empty, empty, vocab_size=V)
+        p14 = [SamplingParams(**CHAIN7, **CHAIN14_EXTRA,
+                              **(dict(dynatemp_min=0.5, dynatemp_max=1.5) if r % 2 or B == 1 else {}))
+               for r in range(B)]
+        b14 = SamplingBatch(p14, empty, empty, vocab_size=V)
+        # 11 ordered units (top_k + top_p share one, dynatemp is in temperature's) + skew
+        assert len(b14.active) == 11 and b14.any_skew and b14.any_dynatemp and b14.any_top_k, sorted(b14.active)
+        if not only or "chain7" in only:
+            out.append(("chain7", {"hf": (lambda: procs(ids, logits), None),
+                                   "ours": (_pipe_call(b7, logits), None)}, "ours/hf"))
+        if not only or "chain14" in only:
+            out.append(("chain14", {"chain7": (_pipe_call(b7, logits), None),
+                                    "chain14": (_pipe_call(b14, logits), None)}, "chain14/chain7"))
+    if not only or "skew" in only:
+        sk = _full(logits, 0.2)
+
+        def manual_softmax_cumsum():
+            m = logits.amax(-1, keepdim=True)
+            e = (logits - m).exp_()
+            return e.div_(e.sum(-1, keepdim=True)).cumsum(-1)
+
+        out.append(("skew", {
+            "softmax+cumsum (torch)": (lambda: torch.softmax(logits, -1).cumsum(-1), None),
+            "softmax+cumsum (manual)": (manual_softmax_cumsum, None),
+            "skew": (lambda: F.skew(logits, sk), None),
+        }, "skew/min(softmax+cumsum)"))
+    return out
+
+
+def dry_case() -> tuple[str, dict, str]:
+    B, V = DRY_SHAPE
+    prompts, outputs = split_history(make_histories(B, DRY_HIST, V, seed=3), 1024)
+    logits = make_logits(B, V, seed=3)
+    kw = dict(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_sequence_breaker_ids=BREAKERS)
+    b_fn = SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
+    b_pipe = SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
+    args = (b_fn.history, b_fn.param("dry_multiplier"), b_fn.param("dry_base"), b_fn.param("dry_allowed_length"),
+            b_fn.param("dry_range"), b_fn.dry_sequence_breaker_ids)
+    return ("dry_step", {
+        "logits.clone() (yardstick)": (lambda: logits.clone(), None),
+        "functional": (lambda: F.dry(logits, *args), _stepper(b_fn)),
+        "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe)),
+    }, "abs")
+
+
+def _ratio(spec: str, med: dict[str, float]) -> Optional[float]:
+    if spec == "abs":
+        return None
+    num, den = spec.split("/")
+    if den.startswith("min("):
+        d = min(v for k, v in med.items() if k.startswith(den[4:-1]))
+    else:
+        d = med[den]
+    return med[num] / d
+
+
+def _target(case: str) -> tuple[str, float]:
+    if case in TARGETS:
+        return case, TARGETS[case]
+    if case == "dry_step":
+        return "dry_step_ms", TARGETS["dry_step_ms"]
+    return "sampler", TARGETS["sampler"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    default_threads = torch.get_num_threads()
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    only = set(args.only) if args.only else None
+    results = []
+    for th in args.threads:
+        n = default_threads if th == "default" else int(th)
+        torch.set_num_threads(n)
+        label = f"{n} thread{'s' if n != 1 else ''}" + (" (torch default)" if th == "default" else "")
+        todo = []
+        for B, V in shapes:
+            todo += [((B, V), c) for c in cases_for_shape(B, V, only)]
+        if not args.no_dry and (not only or "dry_step" in only):
+            todo.append((DRY_SHAPE, dry_case()))
+        for (B, V), (case, contenders, spec) in todo:
+            times = interleaved(contenders, args.reps, args.warmup)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratio = _ratio(spec, med)
+            kind, target = _target(case)
+            if kind == "dry_step_ms":
+                value = min(med["functional"], med["pipeline"])
+                met = med["functional"] <= target and med["pipeline"] <= target
+            else:
+                value, met = ratio, ratio is not None and ratio <= target
+            row = dict(threads=n, thread_setting=th, case=case, shape=f"[{B}, {V}]", medians_ms=med,
+                       times_ms=times, ratio_spec=spec, ratio=ratio, target=target, target_kind=kind,
+                       met=bool(met))
+            if case not in ("chain7", "chain14", "skew", "dry_step"):
+                row["functional_over_hf"] = med["functional"] / med["hf"]
+            results.append(row)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in med.items())
+            print(f"[{label}] {case} [{B}, {V}]: {shown} ms; "
+                  f"{spec} = {'-' if ratio is None else f'{ratio:.2f}'}; target "
+                  f"{'<=' if kind != 'dry_step_ms' else '<='} {target}: {'met' if met else 'MISSED'}",
+                  flush=True)
+    return dict(command="python " + " ".join([os.path.relpath(__file__, _ROOT)] + sys.argv[1:]),
+                machine=_machine(), default_threads=default_threads, reps=args.reps, warmup=args.warmup,
+                results=results)
+
+
+def _machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        import transformers
+
+        tv = transformers.__version__
+    except ImportError:
+        tv = None
+    return dict(cpu=model, cores=os.cpu_count(), platform=platform.platform(), torch=torch.__version__,
+                transformers=tv, python=platform.python_version(),
+                loadavg=", ".join(f"{x:.2f}" for x in os.getloadavg()),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def markdown(data: dict) -> str:
+    m = data["machine"]
+    lines = ["```", data["command"], "```", "",
+             f"- Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}); torch {m['torch']}, "
+             f"transformers {m['transformers']}, Python {m['python']}",
+             f"- Load average at the end of the run (1, 5, 15 min): {m['loadavg']}; date {m['date']}",
+             f"- Median of {data['reps']} interleaved repetitions after {data['warmup']} warm-up rounds; "
+             "float32 logits `3 * randn`; times in ms; ratio < 1: ours faster.", ""]
+    by_threads: dict[str, list] = {}
+    for r in data["results"]:
+        by_threads.setdefault(f"{r['threads']}|{r['thread_setting']}", []).append(r)
+    for key, rows in by_threads.items():
+        n, setting = key.split("|")
+        lines += [f"### {n} torch thread{'s' if n != '1' else ''}"
+                  + (" (torch's default)" if setting == "default" else ""), ""]
+        lines += ["| case | shape | HF | ours: pipeline | ours: functional | pipeline / HF | functional / HF | target |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            med = r["medians_ms"]
+            if "hf" in med and "pipeline" in med:
+                lines.append(f"| {r['case']} | {r['shape']} | {med['hf']:.2f} | {med['pipeline']:.2f} | "
+                             f"{med['functional']:.2f} | {r['ratio']:.2f} | {r['functional_over_hf']:.2f} | "
+                             f"<= 1: {'met' if r['met'] else '**MISSED**'} |")
+        lines += ["", "| case | shape | contenders (median ms) | ratio | target |", "|---|---|---|---:|---|"]
+        for r in rows:
+            med = r["medians_ms"]
+            if "hf" in med and "pipeline" in med:
+                continue
+            shown = "; ".join(f"{k} {v:.2f}" for k, v in med.items())
+            if r["target_kind"] == "dry_step_ms":
+                ratio, tgt = "–", f"<= {r['target']} ms"
+            else:
+                ratio, tgt = f"{r['ratio']:.2f} ({r['ratio_spec']})", f"<= {r['target']}"
+            lines.append(f"| {r['case']} | {r['shape']} | {shown} | {ratio} | {tgt}: "
+                         f"{'met' if r['met'] else '**MISSED**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", nargs="+", default=["1", "default"],
+                   help="torch thread settings to run, in turn: integers or 'default'")
+    p.add_argument("--shapes", nargs="+", default=["64x32000", "8x128256", "1x128256"])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", nargs="+", default=None, help="case names to run (default: all)")
+    p.add_argument("--no-dry", action="store_true", help="skip the DRY step case")
+    p.add_argument("--json", default=None, help="write the raw results here")
+    p.add_argument("--markdown", default=None, help="write the Markdown tables here")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 thread, [4, 4096], 1 rep, no DRY")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.threads, args.shapes, args.reps, args.warmup, args.no_dry = ["1"], ["4x4096"], 1, 1, True
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    data = run(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    md = markdown(data)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
