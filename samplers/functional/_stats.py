@@ -94,8 +94,15 @@ def softmax_and_log_softmax(l32: Tensor, with_log: bool = True,
     gets ``p = 0`` everywhere and ``log p = -inf`` everywhere (no NaN). With
     ``with_log=False`` the second value is ``None`` (one full pass saved). ``sparse``: ``l32``
     are the packed rows of that ``SparseRows`` (the denominators are then summed as over the
-    full rows).
+    full rows). Without it, rows that are mostly ``-inf`` are packed here (``compact_rows``)
+    and the results expanded: the same values, without full-width ``exp`` / ``log`` passes
+    over removed tokens.
     """
+    if sparse is None:
+        packed = compact_rows(l32)
+        if packed is not None:
+            p, logp = softmax_and_log_softmax(packed.logits, with_log, packed)
+            return packed.expand(p, fill=0.0), (None if logp is None else packed.expand(logp))
     m = l32.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z = l32 - m
@@ -156,8 +163,19 @@ def entropy(p: Tensor, logp: Tensor, overwrite_logp: bool = False,
 def is_finite(x: Tensor) -> Tensor:
     """``torch.isfinite(x)`` for float tensors, as ``-inf < x < inf`` (same values, NaN
     included; vectorised comparisons instead of ``isfinite``'s slower CPU kernel)."""
+    if _numpy_ok(x):
+        return torch.from_numpy(np.isfinite(x.numpy()))
     finite = x > float("-inf")
     return finite.logical_and_(x < float("inf"))
+
+
+def _numpy_ok(*tensors: Tensor) -> bool:
+    """True when every tensor is a contiguous float32 / bool CPU tensor without autograd:
+    then numpy's elementwise comparisons and bool -> float conversions, several times
+    faster than torch's boolean CPU kernels (measured ~5x at [64, 32000]), give the same
+    values."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bool) and t.is_contiguous()
+               and not t.requires_grad for t in tensors)
 
 
 def top_token_mask(l32: Tensor, row_max: Optional[Tensor] = None) -> Tensor:
@@ -170,6 +188,8 @@ def top_token_mask(l32: Tensor, row_max: Optional[Tensor] = None) -> Tensor:
     # l == m and l > -inf  <=>  l == m', with m' = m where m > -inf, else NaN (equal to nothing):
     # one [B, V] comparison.
     m = torch.where(m > float("-inf"), m, torch.full_like(m, float("nan")))
+    if _numpy_ok(l32, m):
+        return torch.from_numpy(np.equal(l32.numpy(), m.numpy()))
     return l32 == m
 
 
@@ -214,9 +234,13 @@ def fill_removed(logits: Tensor, keep: Tensor, scratch: Optional[Tensor] = None)
     ``scratch``: an optional temporary of the caller's, used as the output buffer when it
     has the logits' dtype and shape (saves an allocation)."""
     if scratch is not None and scratch.dtype == logits.dtype and scratch.shape == logits.shape:
-        cap = scratch.copy_(keep)
+        cap = scratch
     else:
-        cap = keep.to(logits.dtype)
+        cap = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if _numpy_ok(cap, keep):
+        np.copyto(cap.numpy(), keep.numpy())
+    else:
+        cap.copy_(keep)
     cap.sub_(0.5).mul_(float("inf"))  # 1 -> +inf, 0 -> -inf
     return torch.minimum(logits, cap, out=cap)
 
@@ -374,11 +398,16 @@ def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
     The order among equal values is unspecified (callers use tie-independent rules). On the
     CPU the permutation comes from one numpy sort of int64 keys ``bits(x) << 32 | index``
     (the bit patterns of non-negative floats sort as integers), several times faster than
-    ``torch.sort``.
+    ``torch.sort``; when most entries are the value that sorts last (``+inf`` ascending: the
+    deviation of a removed token; ``+0.0`` descending: its probability), only the others
+    are sorted (``_sort_nonneg_sparse``).
     """
     batch, vocab = x.shape
     if x.device.type == "cpu" and x.dtype == torch.float32 and vocab < 2**31 and not x.requires_grad:
         x = x.contiguous()
+        sparse = _sort_nonneg_sparse(x, descending)
+        if sparse is not None:
+            return sparse
         key = x.numpy().view(np.int32).astype(np.int64)  # >= 0: the bits of x >= +0.0
         if descending:
             np.subtract(0x7FFFFFFF, key, out=key)  # larger value, smaller key
@@ -389,6 +418,53 @@ def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
         order = torch.from_numpy(key)
         return x.gather(-1, order), order
     return torch.sort(x, dim=-1, descending=descending)
+
+
+def _sort_nonneg_sparse(x: Tensor, descending: bool) -> Optional[tuple[Tensor, Tensor]]:
+    """``sort_nonneg`` of a contiguous CPU float32 ``x`` most of whose entries are the value
+    that sorts last, or None when that does not pay (or NaN is present).
+
+    Each row's other ("live") entries are sorted by the same keys as the dense path and
+    fill the first ``n_live`` positions; the remaining positions hold the last-sorting
+    entries, which are all equal. The permutation starts as the identity, and each live
+    entry sitting at a column ``>= n_live`` swaps places with a last-sorting entry sitting
+    at a column ``< n_live`` of its row (there are as many of each): O(B * V) only for the
+    identity and the values, O(live) for everything else.
+    """
+    batch, vocab = x.shape
+    if vocab < _SPARSE_MIN_VOCAB or batch == 0:
+        return None
+    xn = x.numpy()
+    last = np.float32(0.0 if descending else np.inf)
+    live = xn != last
+    n_live = np.count_nonzero(live)
+    if n_live * _SPARSE_FRACTION > xn.size or (not descending and np.isnan(xn).any()):
+        return None  # (ascending, NaN sorts after +inf: keep the dense path's order)
+    flat = np.flatnonzero(live)
+    rows, cols = np.divmod(flat, vocab)
+    counts = np.bincount(rows, minlength=batch)
+    width = int(counts.max())
+    key = xn.reshape(-1)[flat].view(np.int32).astype(np.int64)
+    if descending:
+        np.subtract(0x7FFFFFFF, key, out=key)
+    key = (key << 32) | cols
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(flat.size) - starts[rows]
+    packed = np.full((batch, width), np.iinfo(np.int64).max, dtype=np.int64)
+    packed[rows, rank] = key
+    packed.sort(axis=-1)
+    front_cols = packed[rows, rank] & 0xFFFFFFFF  # row b's sorted live columns, row-major
+    order = np.broadcast_to(np.arange(vocab, dtype=np.int64), (batch, vocab)).copy()
+    back = cols >= counts[rows]  # live entries outside their row's front
+    front_rows = np.repeat(np.arange(batch), counts)
+    front_idx = front_rows * vocab + rank  # every front position, row-major
+    dead_front = front_idx[~live.reshape(-1)[front_idx]]  # last-sorting entries in the front
+    order_flat = order.reshape(-1)
+    order_flat[flat[back]] = dead_front % vocab  # same rows, same counts, both row-major
+    order_flat[front_idx] = front_cols
+    values = np.full(batch * vocab, last, dtype=np.float32)
+    values[front_idx] = xn.reshape(-1)[rows * vocab + front_cols]
+    return torch.from_numpy(values).view(batch, vocab), torch.from_numpy(order)
 
 
 def count_below(sorted_rows: Tensor, bound: Tensor, inclusive: bool = False) -> Tensor:
