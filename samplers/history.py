@@ -186,6 +186,8 @@ class TokenHistory:
         # int64 [B]: per row, the history length _match is up to date with (set with _match).
         self._match_len: torch.Tensor | None = None
         self._masked_since_match = False  # a masked append happened since _match_len was set
+        # CPU only: (rows, cols) of the nonzero entries of _match, row-major (None: not known).
+        self._match_nz: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -356,6 +358,7 @@ class TokenHistory:
         new._match_steps = self._match_steps
         new._match_len = self._match_len[idx] if self._match_len is not None else None
         new._masked_since_match = self._masked_since_match
+        new._match_nz = None  # found again from new._match when needed
         return new
 
     # ------------------------------------------------------------------ derived state
@@ -502,6 +505,64 @@ class TokenHistory:
             match[:, 0] = 0
             pos += active.to(torch.int64)
 
+    def _advance_match_sparse(self, match: torch.Tensor, upto: torch.Tensor, lag: int) -> None:
+        """`_advance_match` on the CPU, writing only what changes. After appending x, the
+        nonzero entries of m' are exactly the j = i + 1 with h[i] == x (i < t), and every
+        other entry is 0: so each step finds the occurrences of x (one comparison over the
+        rows' tokens), reads m there, clears the previous step's nonzero entries (kept in
+        `_match_nz`) and writes the new ones. O(B * len) comparisons, but no O(B * len)
+        arithmetic or writes, and the nonzero entries come out listed for `match_entries`."""
+        w = self._max_len
+        b = self.batch_size
+        if w < 2 or b == 0:
+            return  # every m is 0
+        m = match.numpy()  # shares memory with `match`
+        cap = m.shape[1]
+        toks = self.tokens.numpy()
+        lengths = self.lengths.numpy()
+        pos = upto.numpy().copy()  # each row's old length t = where its next token sits
+        if self._match_nz is None:
+            self._match_nz = np.divmod(np.flatnonzero(m), cap)
+        nz_r, nz_c = self._match_nz
+        before = toks[:, : w - 1]  # h[i] for the candidate positions j = i + 1 <= w - 1
+        ar = np.arange(w - 1)
+        rows = np.arange(b)
+        for _ in range(lag):
+            active = pos < lengths
+            x = toks[rows, np.minimum(pos, cap - 1)]
+            hit = before == x[:, None]
+            hit &= ar[None, :] < pos[:, None]  # i < t
+            if not active.all():
+                hit &= active[:, None]
+            hr, hi = np.divmod(np.flatnonzero(hit), w - 1)
+            new = m[hr, hi] + 1  # m(j - 1) + 1, read before anything is cleared
+            stale = active[nz_r]
+            m[nz_r[stale], nz_c[stale]] = 0
+            m[hr, hi + 1] = new
+            if stale.all():
+                nz_r, nz_c = hr, hi + 1
+            else:  # rows that did not advance keep their entries
+                nz_r = np.concatenate([nz_r[~stale], hr])
+                nz_c = np.concatenate([nz_c[~stale], hi + 1])
+                order = np.lexsort((nz_c, nz_r))
+                nz_r, nz_c = nz_r[order], nz_c[order]
+            pos += active
+        self._match_nz = (nz_r, nz_c)
+
+    def match_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nonzero entries of `match_lengths` (brought up to date first), row-major:
+        ``(rows, cols, lengths)``, int64 / int64 / int32 ``[N]``. On the CPU they are kept
+        by the incremental update (no pass over the histories); elsewhere found with
+        ``nonzero`` (a device sync)."""
+        match = self.match_lengths()
+        if self.device.type != "cpu":
+            rows, cols = match.nonzero(as_tuple=True)
+            return rows, cols, match[rows, cols]
+        if self._match_nz is None:
+            self._match_nz = np.divmod(np.flatnonzero(match.numpy()), match.shape[1])
+        rows, cols = (torch.from_numpy(a) for a in self._match_nz)
+        return rows, cols, match[rows, cols]
+
     def match_lengths(self) -> torch.Tensor:
         """int32 [B, capacity]: m[b, j] = the longest k with h[j-k:j] == h[len-k:len].
 
@@ -517,8 +578,12 @@ class TokenHistory:
         lag = self._steps - self._match_steps
         if self._match is None or self._match_len is None or lag > _MAX_CATCH_UP:
             self._match = self._build_match_lengths()
+            self._match_nz = None
         elif lag > 0:
-            self._advance_match(self._match, self._match_len, lag)
+            if self.device.type == "cpu":
+                self._advance_match_sparse(self._match, self._match_len, lag)
+            else:
+                self._advance_match(self._match, self._match_len, lag)
         self._match_steps = self._steps
         self._match_len = self.lengths
         self._masked_since_match = False

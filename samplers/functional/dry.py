@@ -133,6 +133,9 @@ def dry_(
         return x
     if sync_free is None:
         sync_free = x.device.type != "cpu"
+    if not sync_free and x.device.type == "cpu":
+        return _dry_from_entries(x, history, dry_multiplier, dry_base, dry_allowed_length, dry_range,
+                                 dry_sequence_breaker_ids)
     dev = x.device
     f32 = torch.float32
     tok = history.tokens[:, :w]  # [B, w] int64, padding -1
@@ -194,4 +197,76 @@ def dry_(
         flat = x.view(-1)
         vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
         flat.scatter_reduce_(0, flat_idx, vals, reduce="amin", include_self=True)
+    return x
+
+
+#: The table of powers of the base is built this many columns wider than needed, rounded
+#: (see _dry_from_entries).
+_POW_ALIGN = 64
+
+
+def _dry_from_entries(
+    x: torch.Tensor,
+    history: TokenHistory,
+    dry_multiplier: torch.Tensor,
+    dry_base: torch.Tensor,
+    dry_allowed_length: torch.Tensor,
+    dry_range: torch.Tensor,
+    dry_sequence_breaker_ids: torch.Tensor,
+) -> torch.Tensor:
+    """`dry_` on the CPU from the history's nonzero match lengths (`match_entries`, kept by
+    its incremental update) instead of passes over every history position: the same
+    positions, penalties and result.
+
+    Only candidate positions (match length >= allowed) are looked at: their tokens are
+    checked against the breakers one by one, and ``trailing`` (non-breaker tokens at the end
+    of h) is only needed up to the longest candidate match L, so only the last L tokens of
+    each row are checked. The powers ``base ** k`` come from a table of the rows' first
+    columns, as wide as the largest k needs rounded up to 64 columns (so every entry used
+    is computed by torch's vectorised pow, as in `dry_`'s full-width table), or the full
+    width when that is about as wide.
+    """
+    b, v = x.shape
+    w = history.max_length
+    f32 = torch.float32
+    tok = history.tokens
+    lens = history.lengths
+    allowed = dry_allowed_length.clamp(min=1)
+    mult = dry_multiplier.to(f32)
+    brk_ids = dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1)
+
+    last_tok = tok.gather(1, (lens - 1).clamp(min=0)[:, None])  # empty row: padding -1
+    last_is_brk = _breaker_mask(last_tok, brk_ids)[:, 0]
+    enabled = (mult != 0) & (lens >= 2) & ~last_is_brk
+
+    rows, cols, match = history.match_entries()
+    sel = enabled.index_select(0, rows) & (match >= allowed.index_select(0, rows))
+    rows, cols, match = rows[sel], cols[sel], match[sel].to(torch.int64)
+    if rows.numel() == 0:
+        return x
+
+    # trailing, capped at the longest candidate match (a longer run changes no min below).
+    span = min(int(match.max()), w)
+    idx = lens[:, None] - span + torch.arange(span)[None, :]  # the last `span` positions of h
+    inside = idx >= 0
+    win_brk = _breaker_mask(tok.gather(1, idx.clamp(min=0)), brk_ids) & inside
+    last_in_win = torch.where(win_brk, torch.arange(span)[None, :], -1).amax(dim=1)
+    trailing = torch.where(last_in_win >= 0, span - 1 - last_in_win, torch.minimum(lens, torch.tensor(span)))
+
+    rng = dry_range.to(torch.int64)
+    start = torch.where(rng > 0, (lens - rng).clamp(min=0), 0)
+    a = allowed.index_select(0, rows)
+    m = torch.minimum(torch.minimum(match, cols - start.index_select(0, rows)), trailing.index_select(0, rows))
+    cand_tok = tok[rows, cols]
+    hit = (m >= a) & ~_breaker_mask(cand_tok[:, None], brk_ids.index_select(0, rows))[:, 0]
+    k = (m - a).clamp(min=0)
+    width = -(-(int(k.max()) + 1) // _POW_ALIGN) * _POW_ALIGN
+    if width > w - _POW_ALIGN:
+        width = w
+    powers = torch.pow(dry_base.to(f32)[:, None], torch.arange(width, dtype=f32)[None, :])
+    pen = mult.index_select(0, rows) * powers[rows, k]
+    flat_idx = rows * v + cand_tok
+    flat = x.view(-1)
+    vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
+    flat.scatter_reduce_(0, flat_idx, vals, reduce="amin", include_self=True)
     return x
