@@ -12,7 +12,10 @@ On a CUDA machine it
    (a) min_p only, (b) top_k + top_p, (c) the full default chain with DRY and the penalties
    on 4k-token histories, plus FlashInfer's ``top_k_top_p_sampling_from_logits`` on (b)
    when ``flashinfer`` is importable;
-4. prints a table with each time as a ratio to the memory floor.
+4. prints a table with each time as a ratio to the memory floor, and with ``--json`` /
+   ``--markdown`` writes it (rewritten after every row, so a run stopped from outside
+   keeps what it measured); ``--budget-s`` skips the rows left once that many seconds
+   have passed, and says so.
 
 ``--dry-run`` runs everything except the timing at tiny shapes on whatever device exists
 (on a CPU the kernels run under ``TRITON_INTERPRET=1``), so the script is tested without a GPU.
@@ -25,8 +28,10 @@ On a CUDA machine it
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Callable, Optional
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +72,45 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-check", action="store_true", help="time without checking first")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes, checks only, no timing (runs on a CPU with TRITON_INTERPRET=1)")
+    p.add_argument("--json", default=None, help="write the results (checks and table) here as JSON")
+    p.add_argument("--markdown", default=None, help="write the table here as Markdown")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the remaining table rows once this many seconds have passed")
     return p.parse_args(argv)
+
+
+HEADER = ("| config | B | V | floor us | torch ms | triton ms | speedup | triton/floor | flashinfer ms | "
+          "flashinfer/floor |")
+
+
+def _row_markdown(r: dict) -> str:
+    fi = (f"{r['flashinfer_ms']:.3f} | {r['flashinfer_ms'] / r['floor_ms']:.1f}x" if r.get("flashinfer_ms")
+          else "- | -")
+    return (f"| {r['config']} ({CONFIGS[r['config']][0]}) | {r['B']} | {r['V']} | {r['floor_ms'] * 1e3:.1f} | "
+            f"{r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['torch_ms'] / r['triton_ms']:.1f}x | "
+            f"{r['triton_ms'] / r['floor_ms']:.1f}x | {fi} |")
+
+
+def write_outputs(results: dict, args: argparse.Namespace) -> None:
+    """Write ``results`` to ``--json`` / ``--markdown`` (whichever were given)."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.markdown:
+        lines = [f"Device: {results.get('device', '?')}; copy bandwidth "
+                 f"{results.get('bandwidth_gbps', 0):.0f} GB/s; logits {results.get('dtype')}; "
+                 f"`{results.get('command')}`", ""]
+        if results.get("dry_run"):
+            lines.append("Dry run (no GPU timing): the checks below ran on "
+                         f"{results.get('device')}.")
+        lines += [f"- {c}" for c in results.get("checks", [])]
+        if results.get("rows"):
+            lines += ["", HEADER, "|" + "---|" * 10] + [_row_markdown(r) for r in results["rows"]]
+        if results.get("skipped"):
+            lines += ["", f"Skipped (over the {results.get('budget_s')} s budget): "
+                      + ", ".join(results["skipped"])]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def make_inputs(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device, history: int,
@@ -159,20 +202,29 @@ def flashinfer_fn(logits: torch.Tensor, batch: SamplingBatch) -> Optional[Callab
 def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     cuda = torch.cuda.is_available()
+    t_start = time.monotonic()
+    results: dict = dict(command="python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:]), dtype=args.dtype,
+                         dry_run=bool(args.dry_run), checks=[], rows=[], skipped=[], budget_s=args.budget_s)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device = torch.device("cuda" if cuda else "cpu")
+        results["device"] = torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)"
         import samplers.kernels as kernels
 
         if not kernels.available(device):
             print("dry run: triton backend unavailable here (set TRITON_INTERPRET=1 before importing)")
+            results["checks"].append("triton backend unavailable")
+            write_outputs(results, args)
             return 0
         for config in args.configs:
-            print(check(config, 2, 1000, dtype, device, history=min(args.history, 256)))
-            # a row above 65536 lanes: the column-blocked kernels
-            print(check(config, 1, 70001, dtype, device, history=min(args.history, 256)))
+            for B, V in ((2, 1000), (1, 70001)):  # 70001: a row above 65536 lanes, the column-blocked kernels
+                line = check(config, B, V, dtype, device, history=min(args.history, 256))
+                print(line)
+                results["checks"].append(line)
+                write_outputs(results, args)
         print("dry run: timing skipped")
-        return 0
+        write_outputs(results, args)
+        return 1 if any("MISMATCH" in c for c in results["checks"]) else 0
     if not cuda:
         print("gpu_bench: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
         return 2
@@ -183,18 +235,24 @@ def run(args: argparse.Namespace) -> int:
     bw = bandwidth_gbps(device)
     bytes_per = torch.finfo(dtype).bits // 8
     print(f"# device: {name}; copy bandwidth {bw:.0f} GB/s; logits {args.dtype}")
+    results.update(device=name, bandwidth_gbps=bw)
+    write_outputs(results, args)
     if not args.skip_check:
         for config in args.configs:
             for V in args.vocab_sizes:
-                print(check(config, args.check_batch, V, dtype, device, args.history))
-    header = (f"| config | B | V | floor us | torch ms | triton ms | speedup | triton/floor | flashinfer ms | "
-              f"flashinfer/floor |")
+                line = check(config, args.check_batch, V, dtype, device, args.history)
+                print(line)
+                results["checks"].append(line)
+                write_outputs(results, args)
     print()
-    print(header)
+    print(HEADER)
     print("|" + "---|" * 10)
     for config in args.configs:
         for B in args.batch_sizes:
             for V in args.vocab_sizes:
+                if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
+                    results["skipped"].append(f"{config} B={B} V={V}")
+                    continue
                 logits, batch = make_inputs(config, B, V, dtype, device, args.history)
                 floor_ms = B * V * bytes_per / (bw * 1e9) * 1e3
                 t_torch = do_bench(step_fn("torch", logits, batch), warmup=args.warmup, rep=args.rep,
@@ -203,12 +261,17 @@ def run(args: argparse.Namespace) -> int:
                                     return_mode="median")
                 fi = flashinfer_fn(logits, batch) if config == "b" else None
                 t_fi = do_bench(fi, warmup=args.warmup, rep=args.rep, return_mode="median") if fi else None
-                fi_cols = f"{t_fi:.3f} | {t_fi / floor_ms:.1f}x" if t_fi else "- | -"
-                print(f"| {config} ({CONFIGS[config][0]}) | {B} | {V} | {floor_ms * 1e3:.1f} | {t_torch:.3f} | "
-                      f"{t_triton:.3f} | {t_torch / t_triton:.1f}x | {t_triton / floor_ms:.1f}x | {fi_cols} |")
+                row = dict(config=config, B=B, V=V, floor_ms=floor_ms, torch_ms=t_torch, triton_ms=t_triton,
+                           flashinfer_ms=t_fi)
+                results["rows"].append(row)
+                print(_row_markdown(row), flush=True)
+                write_outputs(results, args)
                 del logits, batch
                 torch.cuda.empty_cache()
-    return 0
+    if results["skipped"]:
+        print(f"over the {args.budget_s} s budget, skipped: {', '.join(results['skipped'])}")
+    write_outputs(results, args)
+    return 1 if any("MISMATCH" in c for c in results["checks"]) else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

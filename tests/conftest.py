@@ -1,6 +1,26 @@
 """Test configuration. Triton kernels run on the CPU through Triton's interpreter: the
-variable must be set before triton (or anything importing it) is imported."""
+variable must be set before triton (or anything importing it) is imported.
+
+``SAMPLERS_TEST_DEVICE=cuda`` (``benchmarks/gpu_check.sh``) runs the suites on a real GPU
+instead: no interpreter; tensors the tests create without naming a device are made on that
+device (``torch.set_default_device``), and so are the generators they seed, so the kernel
+suites compare the compiled kernels with the torch reference there. Unset or ``cpu``: the
+usual CPU run.
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+_DEVICE = os.environ.get("SAMPLERS_TEST_DEVICE", "cpu")
+
+if _DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    import torch
+
+    torch.set_default_device(_DEVICE)
+    _Generator = torch.Generator
+
+    def _generator(device=None):
+        return _Generator(device=_DEVICE if device is None else device)
+
+    torch.Generator = _generator  # tests seed `torch.Generator()` and draw with it
