@@ -284,6 +284,13 @@ def apply_keep(logits: Tensor, l32: Tensor, keep: Tensor, enabled: Tensor,
     the caller's temporary (it is updated in place); so must ``scratch`` (see
     ``fill_removed``).
     """
+    if l32 is logits and keep.dtype == torch.bool:
+        sparse = compact_rows(logits)
+        if sparse is not None:
+            # Removed tokens stay -inf whatever ``keep`` says: decide only the others.
+            out = apply_keep(sparse.logits, sparse.logits, sparse.pack_mask(keep), enabled, keeps_top,
+                             row_max)
+            return sparse.expand(out)
     if not keeps_top:
         keep.logical_or_(top_token_mask(l32, row_max))
     keep.logical_or_(~enabled[:, None])
@@ -328,6 +335,13 @@ class SparseRows:
     def shape(self) -> tuple[int, int]:
         """``(B, V)`` of the full rows."""
         return self._shape
+
+    def pack_mask(self, mask: Tensor) -> Tensor:
+        """A ``[B, V]`` bool tensor's entries at the packed positions, as ``[B, K]`` (False
+        in the padding)."""
+        out = np.zeros(self.logits.numel(), dtype=np.bool_)
+        out[self._pos] = mask.contiguous().numpy().reshape(-1)[self._flat]
+        return torch.from_numpy(out).view(self.logits.shape)
 
     def row_sum(self, packed: Tensor) -> Tensor:
         """``[B, 1]``: the sums of the full rows whose entries are ``packed``'s (``[B, K]``
