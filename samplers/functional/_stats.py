@@ -387,7 +387,7 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     rows = flat // vocab
     counts = np.bincount(rows, minlength=batch)
     width = min(vocab, max(int(counts.max()) + pad, min_width))
-    if width * _SPARSE_FRACTION > vocab:
+    if width * _SPARSE_FRACTION > vocab or width == vocab:  # (packed rows do not shrink again)
         return None
     starts = np.cumsum(counts) - counts
     pos = rows * width + (np.arange(flat.size) - starts[rows])
