@@ -429,8 +429,10 @@ def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
         np.bitwise_or(key, np.arange(vocab, dtype=np.int64), out=key)
         key.sort(axis=-1)
         np.bitwise_and(key, 0xFFFFFFFF, out=key)
-        order = torch.from_numpy(key)
-        return x.gather(-1, order), order
+        # values: one flat numpy take (torch's gather is ~2x slower here)
+        flat = (key + (np.arange(batch, dtype=np.int64) * vocab)[:, None]).reshape(-1)
+        values = torch.from_numpy(x.numpy().reshape(-1)[flat]).view(batch, vocab)
+        return values, torch.from_numpy(key)
     return torch.sort(x, dim=-1, descending=descending)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,8 +87,13 @@ def _skew(logits: Tensor, sk: Tensor, sparse: Optional[SparseRows] = None) -> Te
     p_new[top] = p_new[top].clamp_min(torch.finfo(_F32).tiny)
     # log(p') where p > 0, -inf elsewhere (and where p' = 0). log(0) is slow on the CPU, so
     # zeros are replaced by 1 before the log and set to -inf after it (x * 1, x + 0 exact).
-    p_new.mul_((p > 0).to(_F32))
-    zero = (p_new == 0).to(_F32)
+    if p.device.type == "cpu" and p.is_contiguous() and p_new.is_contiguous():
+        pn, qn = p.numpy(), p_new.numpy()
+        qn *= pn > 0  # (numpy's bool masks and bool -> float, several times faster than torch's)
+        zero = torch.from_numpy((qn == 0).astype(np.float32))
+    else:
+        p_new.mul_((p > 0).to(_F32))
+        zero = (p_new == 0).to(_F32)
     out = p_new.add_(zero).log_()
     cap = zero.sub_(0.5).mul_(float("-inf"))  # -inf where p' = 0, +inf elsewhere
     out = torch.minimum(out, cap, out=cap)
@@ -133,11 +139,15 @@ def _skew_sorted_sparse_ties(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Ten
     group size of 1 is exact); only the few positions tied with a neighbour are grouped,
     from their list of indices (no full-width cumulative max/min)."""
     out = (c - c_prev).clamp_min_(0.0)
-    tie_next = (p_sorted[:, 1:] == p_sorted[:, :-1]).logical_and_(p_sorted[:, 1:] > 0)  # k+1 ties k
-    tied = torch.zeros_like(p_sorted, dtype=torch.bool)
-    tied[:, 1:] |= tie_next
-    tied[:, :-1] |= tie_next
-    rows, cols = tied.nonzero(as_tuple=True)  # row-major: a group's positions are consecutive
+    # Boolean work in numpy (several times faster than torch's boolean CPU kernels).
+    ps = p_sorted.contiguous().numpy()
+    tie_next_np = (ps[:, 1:] == ps[:, :-1]) & (ps[:, 1:] > 0)  # k+1 ties k
+    tied = np.zeros(ps.shape, dtype=np.bool_)
+    tied[:, 1:] |= tie_next_np
+    tied[:, :-1] |= tie_next_np
+    # row-major: a group's positions are consecutive
+    rows, cols = (torch.from_numpy(a) for a in np.divmod(np.flatnonzero(tied), ps.shape[1]))
+    tie_next = torch.from_numpy(tie_next_np)
     if rows.numel() == 0:
         return out
     same = torch.zeros_like(rows, dtype=torch.bool)

@@ -421,12 +421,19 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
 def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = n > 0
     l32 = upcast(logits)
-    finite = is_finite(l32).to(_F32)  # 1.0 / 0.0
-    count = finite.sum(dim=-1, keepdim=True)  # exact in fp32 (V < 2**24)
-    # Non-finite logits read as 0 in the sum and contribute 0 to the squares.
-    lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    mean = row_sum(lf, sparse) / count.clamp_min(1)
-    sq = row_sum(lf.sub_(mean).mul_(finite).pow_(2), sparse)
+    finite = is_finite(l32)
+    if finite.device.type == "cpu" and bool(finite.all()):
+        # Every logit finite (untruncated rows): the zeroing below would change nothing.
+        count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
+        mean = row_sum(l32, sparse) / count.clamp_min(1)
+        sq = row_sum((l32 - mean).pow_(2), sparse)
+    else:
+        finite = finite.to(_F32)  # 1.0 / 0.0
+        count = finite.sum(dim=-1, keepdim=True)  # exact in fp32 (V < 2**24)
+        # Non-finite logits read as 0 in the sum and contribute 0 to the squares.
+        lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        mean = row_sum(lf, sparse) / count.clamp_min(1)
+        sq = row_sum(lf.sub_(mean).mul_(finite).pow_(2), sparse)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
     std = torch.where(count > 1, std, torch.zeros_like(std))
     row_max = l32.amax(dim=-1, keepdim=True)
