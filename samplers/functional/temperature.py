@@ -22,6 +22,7 @@ from ._stats import (
     cast_saturating,
     check_logits,
     compact_rows,
+    count_true,
     entropy,
     fill_removed,
     is_finite,
@@ -105,7 +106,7 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
     l32 = upcast(logits)
     p, logp = softmax_and_log_softmax(l32, sparse=sparse)
     h = entropy(p, logp, overwrite_logp=True, sparse=sparse)  # logp is not used again
-    n = is_finite(l32).sum(dim=-1)
+    n = count_true(is_finite(l32))
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
     t = t_min + (t_max - t_min) * ratio.pow(exponent)

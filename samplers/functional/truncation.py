@@ -31,6 +31,7 @@ from ._stats import (
     check_logits,
     compact_rows,
     count_below,
+    count_true,
     entropy,
     fill_removed,
     is_finite,
@@ -105,13 +106,14 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Ten
     """``[B]``: the ``k_row``-th largest value of each row (duplicates counted); rows not
     ``enabled`` get an arbitrary value. On the CPU, when the enabled rows use a few
     distinct ``k`` and no entry is ``-inf`` (introselect slows down a lot on long runs of
-    equal values), one numpy partition (O(V)) finds them; otherwise ``torch.topk`` with the
-    largest ``k``. Measured at k = 50 on a 2-core AVX-512 machine: the partition takes
-    1.4 ms at [64, 32000] where ``topk`` takes 2.5-10 ms with one thread (and still more
-    than the partition with two), 0.6 vs 0.8 ms at [8, 128256]."""
+    equal values: at most an eighth of the entries may be), one numpy partition (O(V))
+    finds them; otherwise ``torch.topk`` with the largest ``k``. Measured at k = 50 on a
+    2-core AVX-512 machine: the partition takes 1.4 ms at [64, 32000] where ``topk`` takes
+    2.5-10 ms with one thread (and still more than the partition with two), 0.6 vs 0.8 ms
+    at [8, 128256]; with half the entries -inf the partition takes 10 ms."""
     batch, vocab = l32.shape
-    if (l32.device.type == "cpu" and l32.dtype == torch.float32
-            and bool(l32.amin() > float("-inf"))):
+    if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
+            and np.count_nonzero(l32.numpy() == -np.inf) * 8 <= l32.numel()):
         ks = torch.unique(k_row[enabled]).tolist()
         if 0 < len(ks) <= 4:
             part = np.partition(l32.contiguous().numpy(), [vocab - k for k in ks], axis=-1)
@@ -490,7 +492,7 @@ def _xtc(logits: Tensor, threshold: Tensor, probability: Tensor, u: Tensor,
     if logits.device.type == "cpu" and logits.shape[1] >= 2 and not bool((enabled & (threshold <= 0)).any()):
         return _xtc_positive_threshold(logits, p, threshold, enabled)
     in_c = (p >= threshold[:, None]) & is_finite(l32)
-    size_c = in_c.sum(dim=-1, keepdim=True)
+    size_c = count_true(in_c)[:, None]
     # min of p over C: p where in C, +inf elsewhere, as max(p, -inf in C / +inf outside).
     outside = (~in_c).to(_F32).sub_(0.5).mul_(float("inf"))
     min_c = torch.maximum(p, outside, out=outside).amin(dim=-1, keepdim=True)
