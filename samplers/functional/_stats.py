@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import threading
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -43,6 +45,7 @@ __all__ = [
     "SparseRows",
     "compact_rows",
     "count_true",
+    "sum_scattered",
 ]
 
 #: Temperatures below this value mean "greedy" (SEMANTICS.md, temperature).
@@ -357,7 +360,8 @@ class SparseRows:
     def row_sum(self, packed: Tensor) -> Tensor:
         """``[B, 1]``: the sums of the full rows whose entries are ``packed``'s (``[B, K]``
         float32, a function of ``logits`` entry by entry) at their columns and 0 elsewhere."""
-        return self.expand(packed, fill=0.0).sum(dim=-1, keepdim=True)
+        values = packed.contiguous().numpy().reshape(-1)[self._pos]
+        return sum_scattered(values, self._flat, self._shape)
 
     def __init__(self, logits: Tensor, flat: np.ndarray, pos: np.ndarray, shape: tuple[int, int]) -> None:
         self.logits = logits
@@ -371,6 +375,29 @@ class SparseRows:
         out = np.full(self._shape[0] * self._shape[1], fill, dtype=np.float32)
         out[self._flat] = packed.contiguous().numpy().reshape(-1)[self._pos]
         return torch.from_numpy(out).view(self._shape)
+
+
+_scratch = threading.local()
+
+
+def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) -> Tensor:
+    """``[B, 1]`` float32: the row sums of the ``shape`` float32 array that is 0 everywhere
+    except ``values`` at the flat indices ``flat``, summed by torch over the full rows (the
+    same grouping of terms, so the same result, as summing that array itself).
+
+    The zeros come from a per-thread scratch buffer that stays allocated and zero between
+    calls (the written entries are zeroed again): a fresh [B, V] array per sum costs more in
+    page faults than the sum itself."""
+    n = shape[0] * shape[1]
+    buf = getattr(_scratch, "zeros", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.zeros = np.zeros(n, dtype=np.float32)
+    view = buf[:n]
+    view[flat] = values
+    try:
+        return torch.from_numpy(view).view(shape).sum(dim=-1, keepdim=True)
+    finally:
+        view[flat] = 0.0
 
 
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:

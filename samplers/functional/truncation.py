@@ -41,6 +41,7 @@ from ._stats import (
     row_sum,
     softmax_and_log_softmax,
     sort_nonneg,
+    sum_scattered,
     sort_values_desc,
     upcast,
 )
@@ -301,9 +302,9 @@ def _sum_full_width(x: Tensor, width: int) -> Tensor:
     """``[B, 1]``: row sums of ``x`` (``[B, w]``, ``w <= width``) padded with zeros to
     ``width`` columns: the sum of a packed row's sorted-order array as the full row's
     (whose entries past ``w`` are 0), grouped as torch groups the full width."""
-    full = x.new_zeros(x.shape[0], width)
-    full[:, : x.shape[1]] = x
-    return full.sum(dim=-1, keepdim=True)
+    batch, w = x.shape
+    flat = (np.arange(batch, dtype=np.int64)[:, None] * width + np.arange(w, dtype=np.int64)[None, :]).reshape(-1)
+    return sum_scattered(x.contiguous().numpy().reshape(-1), flat, (batch, width))
 
 
 def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
