@@ -107,13 +107,15 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Ten
     """``[B]``: the ``k_row``-th largest value of each row (duplicates counted); rows not
     ``enabled`` get an arbitrary value. On the CPU, when the enabled rows use a few
     distinct ``k`` and no entry is ``-inf`` (introselect slows down a lot on long runs of
-    equal values: at most an eighth of the entries may be), one numpy partition (O(V))
-    finds them; otherwise ``torch.topk`` with the largest ``k``. Measured at k = 50 on a
-    2-core AVX-512 machine: the partition takes 1.4 ms at [64, 32000] where ``topk`` takes
-    2.5-10 ms with one thread (and still more than the partition with two), 0.6 vs 0.8 ms
-    at [8, 128256]; with half the entries -inf the partition takes 10 ms."""
+    equal values: at most an eighth of the entries may be) and torch runs one thread (the
+    partition does not use more), one numpy partition (O(V)) finds them; otherwise
+    ``torch.topk`` with the largest ``k``. Measured at k = 50 on a 2-core AVX-512 machine
+    with one thread: the partition takes 1.4 ms at [64, 32000] where ``topk`` takes
+    2.5-10 ms, 0.6 vs 0.8 ms at [8, 128256]; with half the entries -inf the partition takes
+    10 ms. With two threads ``topk`` (split over rows) wins at [8, 128256]."""
     batch, vocab = l32.shape
     if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
+            and torch.get_num_threads() == 1
             and np.count_nonzero(l32.numpy() == -np.inf) * 8 <= l32.numel()):
         ks = torch.unique(k_row[enabled]).tolist()
         if 0 < len(ks) <= 4:
