@@ -1,4 +1,7 @@
-"""Shared inputs for the CPU benchmarks (pytest-benchmark).
+"""Shared inputs for the CPU benchmarks (pytest-benchmark): absolute per-call timings.
+
+benchmarks/RESULTS.md's CPU section comes from ``benchmarks/compare.py`` instead (ours and
+Hugging Face's interleaved in one process, as ratios: steadier on a shared machine).
 
 Run explicitly (they are not part of the test suite: ``testpaths`` is ``tests/`` and
 ``addopts`` has ``--benchmark-skip``, which ``--benchmark-only`` overrides)::
