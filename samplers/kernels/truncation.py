@@ -3,8 +3,8 @@
 Each ``stage_*`` is a ``@triton.jit`` function on one row held in registers: ``x`` is the
 row in fp32 ([BLOCK], removed tokens and padding lanes -inf), ``valid`` marks the real lanes,
 ``en`` says whether the stage applies to this row (its row mask). They are composed by the
-fused chain kernel (``samplers.kernels.fused``); the Python wrappers below run one stage alone and
-mirror ``samplers.functional.truncation`` function by function.
+chain kernels (``stage.stage``); ``ops`` runs one stage alone, mirroring
+``samplers.functional.truncation`` function by function.
 
 Every rule is a threshold on the row, found without sorting:
 
@@ -19,18 +19,15 @@ Every rule is a threshold on the row, found without sorting:
 - XTC: C = {p >= threshold}; when |C| >= 2 every member above min_C p is removed.
 
 tfs is defined on the sorted second differences of p; it has no exact threshold form here,
-so ``tfs`` calls the torch reference on the (GPU) tensor. See kernels/README.md.
+so ``ops.tfs`` calls the torch reference on the (GPU) tensor. See kernels/README.md.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-import samplers.functional as F
-
-from ._common import entropy_of, finite_std, okey, softmax_stats, top_mask
+from ._common import entropy_of, finite_std, lane_mask, okey, softmax_stats, top_mask
 
 _I32_MAX = 2147483647
 _I32_MIN = -2147483648
@@ -115,10 +112,10 @@ def _compact(values, alive, scr_ptr, KMAX: tl.constexpr):
     them, in token order) and load them back as a [KMAX] tensor (0 past the end)."""
     n = tl.sum(alive.to(tl.int32), 0)
     pos = tl.cumsum(alive.to(tl.int32), 0) - 1
-    tl.store(scr_ptr + pos, values, mask=alive & (n <= KMAX))
+    tl.store(scr_ptr + pos, values, mask=lane_mask(alive & (n <= KMAX)))
     tl.debug_barrier()
     j = tl.arange(0, KMAX)
-    return tl.load(scr_ptr + j, mask=(j < n) & (n <= KMAX), other=0.0)
+    return tl.load(scr_ptr + j, mask=lane_mask((j < n) & (n <= KMAX)), other=0.0)
 
 
 @triton.jit
@@ -238,80 +235,3 @@ def stage_xtc(x, valid, threshold, probability, coin, en):
     remove = in_c & (p > min_c) & (size >= 2)
     out = tl.where(remove, float("-inf"), x)
     return tl.where(en, out, x)
-
-
-# ---------------------------------------------------------------------------- wrappers
-def _one(logits: torch.Tensor, code: int, **params: torch.Tensor) -> torch.Tensor:
-    from .fused import run_single
-
-    return run_single(logits, code, **params)
-
-
-def top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_k`` (int64 [B] k; ties at the boundary all kept)."""
-    from .fused import TOP_K
-
-    return _one(logits, TOP_K, top_k=top_k)
-
-
-def top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_p`` (threshold search, no sort)."""
-    from .fused import TOP_P
-
-    return _one(logits, TOP_P, top_p=top_p)
-
-
-def top_a(logits: torch.Tensor, top_a: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_a``."""
-    from .fused import TOP_A
-
-    return _one(logits, TOP_A, top_a=top_a)
-
-
-def min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.min_p``."""
-    from .fused import MIN_P
-
-    return _one(logits, MIN_P, min_p=min_p)
-
-
-def eta_cutoff(logits: torch.Tensor, eta_cutoff: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.eta_cutoff``."""
-    from .fused import ETA
-
-    return _one(logits, ETA, eta_cutoff=eta_cutoff)
-
-
-def epsilon_cutoff(logits: torch.Tensor, epsilon_cutoff: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.epsilon_cutoff``."""
-    from .fused import EPSILON
-
-    return _one(logits, EPSILON, epsilon_cutoff=epsilon_cutoff)
-
-
-def typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.typical_p`` (threshold search on the deviation, no sort)."""
-    from .fused import TYPICAL
-
-    return _one(logits, TYPICAL, typical_p=typical_p)
-
-
-def nsigma(logits: torch.Tensor, nsigma: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.nsigma``."""
-    from .fused import NSIGMA
-
-    return _one(logits, NSIGMA, nsigma=nsigma)
-
-
-def xtc(logits: torch.Tensor, xtc_threshold: torch.Tensor, xtc_probability: torch.Tensor,
-        coin: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.xtc`` (``coin``: [B] uniforms, the row's XTC draw)."""
-    from .fused import XTC
-
-    return _one(logits, XTC, xtc_threshold=xtc_threshold, xtc_probability=xtc_probability, coin=coin)
-
-
-def tfs(logits: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
-    """Tail-free sampling: the torch reference ``samplers.functional.tfs`` (sort-defined, no
-    exact threshold form; it runs on the logits' device)."""
-    return F.tfs(logits, tfs)
