@@ -573,3 +573,11 @@ def test_loaded_by_vllm_register_into_fastapi(monkeypatch):
     sent, _ = call(app, COMPLETIONS_PATH, dict(example(), min_p=7))
     assert sent[0]["status"] == 400 and len(seen) == 2
     assert json.loads(sent[1]["body"])["error"]["message"] == "min_p must be in [0, 1], got 7.0"
+
+
+def test_docs_curl_is_the_api_example():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "vllm.md").read_text()
+    section = docs[docs.index("## The API's own request bodies"):]
+    start = section.index("-d '") + len("-d '")
+    body = json.loads(section[start:section.index("}'\n", start) + 1])
+    assert body == example()
