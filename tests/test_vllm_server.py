@@ -581,3 +581,44 @@ def test_docs_curl_is_the_api_example():
     start = section.index("-d '") + len("-d '")
     body = json.loads(section[start:section.index("}'\n", start) + 1])
     assert body == example()
+
+
+def test_errors_answered_behind_vllm_cors_and_api_key(monkeypatch):
+    # vLLM adds --middleware classes last (outermost): our 400 must still carry the CORS headers
+    # of --allowed-origins, and a request without the API key must get vLLM's 401, not our 400.
+    fastapi = pytest.importorskip("fastapi")
+    from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    app = fastapi.FastAPI()
+    seen = []
+
+    @app.post(COMPLETIONS_PATH)
+    async def completions(request: CompletionRequest):
+        seen.append(request)
+        return {"ok": True}
+
+    origin = b"http://front.example"
+    args = Namespace(allowed_origins=[origin.decode()], allow_credentials=False, allowed_methods=["*"],
+                     allowed_headers=["*"], api_key=["secret"], enable_request_id_headers=True,
+                     middleware=[FQCN])
+    init_entrypoints_middleware(args, app, ())
+
+    def headers(auth: bool) -> list:
+        h = [(b"content-type", b"application/json"), (b"origin", origin)]
+        return h + [(b"authorization", b"Bearer secret")] if auth else h
+
+    bad = json.dumps(dict(base(COMPLETIONS_PATH), min_p=7)).encode()
+    good = json.dumps(dict(base(COMPLETIONS_PATH), min_p=0.5)).encode()
+    sent, _ = call(app, COMPLETIONS_PATH, bad, headers=headers(True))
+    start = sent[0]
+    assert start["status"] == 400
+    hdrs = dict(start["headers"])
+    assert hdrs[b"access-control-allow-origin"] == origin and b"x-request-id" in hdrs
+    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]["param"] == "min_p"
+    for body in (bad, good):
+        sent, _ = call(app, COMPLETIONS_PATH, body, headers=headers(False))
+        assert sent[0]["status"] == 401
+    sent, _ = call(app, COMPLETIONS_PATH, good, headers=headers(True))
+    assert sent[0]["status"] == 200 and dict(sent[0]["headers"])[b"access-control-allow-origin"] == origin
+    assert len(seen) == 1 and json.loads(seen[0].vllm_xargs["samplers"]) == {"min_p": 0.5}

@@ -12,7 +12,8 @@ parameters are dropped and the request runs without them. Start the server with:
 
 vLLM's ``--middleware`` imports the class and passes it to ``app.add_middleware``: it is
 built as ``ArliRequestMiddleware(app)`` and wraps the whole application (it is added last,
-so it runs first, before vLLM's API-key check).
+so it runs first; its own 400s are answered behind copies of vLLM's inner middlewares, CORS
+and the API-key check included).
 
 On POST to those two routes with a JSON object body, :func:`rewrite_request_body` decides:
 
@@ -40,6 +41,7 @@ rewritten bodies are re-serialised.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from functools import lru_cache
@@ -249,7 +251,7 @@ class ArliRequestMiddleware:
             try:
                 new = rewrite_request_body(body, path, self._fields[path])
             except ValueError as exc:
-                await _send_error(send, str(exc), _param_of(str(exc), body))
+                await self._answer_error(str(exc), _param_of(str(exc), body), scope, raw, receive, send)
                 return
             if new is not None:
                 raw = json.dumps(new).encode()
@@ -258,6 +260,32 @@ class ArliRequestMiddleware:
                                     if k.lower() not in (b"content-length", b"transfer-encoding")]
                 scope["headers"].append((b"content-length", str(len(raw)).encode()))
         await self.app(scope, _replay(raw, receive), send)
+
+
+    async def _answer_error(self, message: str, param: Optional[str], scope: Scope, raw: bytes,
+                            receive: Receive, send: Send) -> None:
+        """Our 400, answered behind copies of the middlewares that sit between this one and
+        vLLM's routes (added before it: CORS, the --api-key check, request ids, ...): a browser
+        front end gets its CORS headers with the message, and a request without the API key
+        gets vLLM's 401, not our 400. Without such middlewares the 400 is sent directly."""
+        async def error_app(scope: Scope, receive: Receive, send: Send) -> None:
+            await _send_error(send, message, param)
+
+        chain = []
+        node = self.app
+        while (hasattr(node, "app") and type(node).__name__ != "ExceptionMiddleware"
+               and len(chain) < 32):    # Starlette's ExceptionMiddleware wraps the routes
+            chain.append(node)
+            node = node.app
+        app: Any = error_app
+        try:
+            for middleware in reversed(chain):
+                layer = copy.copy(middleware)
+                layer.app = app
+                app = layer
+        except Exception:  # pragma: no cover - a middleware that cannot be copied
+            app = error_app
+        await app(scope, _replay(raw, receive), send)
 
 
 def _route(scope: Scope) -> Optional[str]:
