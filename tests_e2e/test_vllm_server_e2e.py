@@ -51,6 +51,7 @@ CHOICES = {"Yes", "No", "Maybe"}
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 REPETITIVE = "    self.x = x\n" * 6
+ORIGIN = "http://front.example"   # a browser front end allowed by the server's CORS
 START_TIMEOUT_S = float(os.environ.get("SAMPLERS_E2E_START_TIMEOUT", "900"))
 
 
@@ -77,7 +78,7 @@ def server(tmp_path_factory):
            "--generation-config", "vllm",
            "--logits-processors", "samplers.integrations.vllm:SamplersLogitsProcessor",
            "--middleware", "samplers.integrations.vllm_server.ArliRequestMiddleware",
-           "--chat-template", str(template)]
+           "--chat-template", str(template), "--allowed-origins", json.dumps([ORIGIN])]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)   # its own group: the engine workers go with it
@@ -113,14 +114,15 @@ def get(url: str, path: str):
         return e.code, e.read()
 
 
-def post(url: str, path: str, body) -> tuple[int, bytes]:
+def post(url: str, path: str, body, headers=None, with_headers: bool = False):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, r.read()
+            out = r.status, r.read(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        out = e.code, e.read(), e.headers
+    return out if with_headers else out[:2]
 
 
 def post_json(url: str, path: str, body) -> dict:
@@ -207,8 +209,10 @@ def test_seeded_body_reproducible(server):
 
 # ---------------------------------------------------------------------- errors and other routes
 def test_invalid_body_is_400_and_server_stays_healthy(server):
-    status, raw = post(server, COMPLETIONS_PATH, dict(EXAMPLE, min_p=3))
+    status, raw, headers = post(server, COMPLETIONS_PATH, dict(EXAMPLE, min_p=3),
+                                headers={"Origin": ORIGIN}, with_headers=True)
     assert status == 400
+    assert headers["access-control-allow-origin"] == ORIGIN   # the server's CORS, also on our 400
     err = json.loads(raw)["error"]
     assert err["message"] == "min_p must be in [0, 1], got 3.0" and err["param"] == "min_p"
     status, raw = post(server, CHAT_COMPLETIONS_PATH, dict(EXAMPLE, dry_multipler=0.8))
