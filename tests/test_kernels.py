@@ -22,12 +22,15 @@ import torch
 pytest.importorskip("triton")
 
 import samplers.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
 from samplers.sampling import compute_logprobs, draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import samplers.kernels as kernels  # noqa: E402
 from samplers.kernels import _common  # noqa: E402
 from samplers.kernels import codes as KC, draw as KD, fused as K, ops, row_stats as KR  # noqa: E402
+
+import test_truncation as tt  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -110,6 +113,19 @@ def test_xtc_kernel(shape, dtype):
     prob = torch.tensor([1.0, 0.5, 1.0, 0.0][:B])
     coin = torch.tensor([0.3, 0.2, 0.99, 0.1][:B])
     _assert_same(ops.xtc(x, thr, prob, coin), F.xtc(x, thr, prob, coin), dtype)
+
+
+def test_xtc_kernel_keeps_every_tied_least_likely_member_of_c():
+    """SEMANTICS.md: tokens tied at C's minimum are all kept (not one of them by position)."""
+    x = torch.cat([tt.logits_of([0.35, 0.2, 0.25, 0.2]), tt.logits_of([0.3, 0.3, 0.1, 0.3]),
+                   tt.logits_of([0.3, 0.3, 0.1, 0.3])])
+    thr, prob, coin = torch.tensor([0.15, 0.2, 0.05]), torch.ones(3), torch.zeros(3)
+    got = ops.xtc(x, thr, prob, coin)
+    # row 0: C = all four, min .2 held by tokens 1 and 3: both kept, .35 and .25 removed;
+    # row 1: C = the three .3 tokens, all tied at its minimum: nothing removed;
+    # row 2: C = all four, min .1: the three .3 tokens removed
+    assert tt.kept(got) == [[1, 3], [0, 1, 2, 3], [2]]
+    _assert_same(got, F.xtc(x, thr, prob, coin), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -299,6 +315,58 @@ def test_top_k_and_top_p_ties_at_the_boundary_are_all_kept():
     assert torch.isfinite(ops.top_p(y, torch.tensor([0.3]))).all()
     for fn in (ops.top_p, ops.typical_p):
         _assert_same(fn(x, torch.tensor([0.6])), getattr(F, fn.__name__)(x, torch.tensor([0.6])), torch.float32)
+
+
+# ---------------------------------------------------------------------------- typical_p's top token
+def test_typical_published_cases_on_the_kernels():
+    """The HF transformers (test_logits_process.py::test_typical_dist_warper) and llama.cpp
+    (test-sampling.cpp::test_typical) expectations, ``tt.TYPICAL_PUBLISHED``: [0.4, 0.2, 0.2,
+    0.2] at 0.5 keeps only the three 0.2 tokens (the top token goes); [0.97, 0.01 x 3] only
+    the 0.97 token."""
+    x = torch.cat([tt.logits_of(p) for p, _, _ in tt.TYPICAL_PUBLISHED])
+    tp = torch.tensor([q for _, q, _ in tt.TYPICAL_PUBLISHED])
+    got = ops.typical_p(x, tp)
+    assert tt.kept(got) == [k for _, _, k in tt.TYPICAL_PUBLISHED]
+    _assert_same(got, F.typical_p(x, tp), torch.float32)
+
+
+def typical_top_removed_rows(V: int = 1000) -> torch.Tensor:
+    """Rows (as log-probabilities) in which typical_p 0.5 removes the top token (token 0):
+    A: p0 = .4, V - 1 tied tokens share .6: H = .4 * .916 + .6 * 7.418 = 4.818, d0 = 3.90 >
+       d(tail) = 2.60, and the tail's mass .6 >= .5 -> the V - 1 others kept;
+    B: p0 = .3, 20 tokens of .03, V - 21 share .1: H = .361 + 2.104 + .919 = 3.384,
+       d(.03) = .123 < d0 = 2.18 < d(tail) = 5.8; the .03 group has .6 >= .5 -> those 20;
+    C: p0 = .4, 30 tokens of .02, the rest 12 logits lower: H ~ .367 + 2.347 = 2.714,
+       d(.02) = 1.198 < d0 = 1.80 -> the 30 tokens (also after top_k 31)."""
+    a = [0.4] + [0.6 / (V - 1)] * (V - 1)
+    b = [0.3] + [0.03] * 20 + [0.1 / (V - 21)] * (V - 21)
+    x = torch.cat([tt.logits_of(a), tt.logits_of(b), tt.logits_of([0.4] + [0.02] * 30 + [0.02] * (V - 31))])
+    x[2, 31:] -= 12.0
+    return x
+
+
+TYPICAL_TOP_REMOVED_KEPT = [list(range(1, 1000)), list(range(1, 21)), list(range(1, 31))]
+
+
+def test_typical_removes_the_top_token_on_larger_rows():
+    x = typical_top_removed_rows()
+    tp = torch.full((3,), 0.5)
+    got = ops.typical_p(x, tp)
+    assert tt.kept(got) == TYPICAL_TOP_REMOVED_KEPT
+    _assert_same(got, F.typical_p(x, tp), torch.float32)
+    # after top_k in the same launch (few survivors: the compacted search / the sparse mode)
+    codes = [KC.TOP_K, KC.TYPICAL]
+    table = KC.param_table(3, x.device, {"top_k": torch.full((3,), 31.0), "typical_p": tp})
+    got = K.run_chain(x, codes, [None, None], table)
+    _assert_same(got, F.typical_p(F.top_k(x, torch.full((3,), 31)), tp), torch.float32)
+    assert tt.kept(got[2:]) == [list(range(1, 31))]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(data=tt.quantised_rows(max_batch=3, max_vocab=40))
+def test_prop_typical_kernel_equals_the_sorted_definition(data):
+    """The kernel keeps exactly the set of the numpy sort of the definition (rows with ties)."""
+    tt.check_typical_equals_sorted_definition(ops.typical_p, *data)
 
 
 # ---------------------------------------------------------------------------- draw and Philox

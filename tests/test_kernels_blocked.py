@@ -38,8 +38,12 @@ from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_single_param_kernels_match_reference,
     test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
     test_top_k_radix_select_edge_cases,
+    test_prop_typical_kernel_equals_the_sorted_definition,
+    test_typical_published_cases_on_the_kernels,
+    test_typical_removes_the_top_token_on_larger_rows,
     test_xtc_coin_drawn_in_kernel_equals_the_torch_stream,
     test_xtc_kernel,
+    test_xtc_kernel_keeps_every_tied_least_likely_member_of_c,
 )
 from test_kernels_pipeline import (  # noqa: E402,F401
     on_triton,
@@ -291,20 +295,43 @@ def test_min_p_first_is_decided_in_the_statistics_pass(case):
         assert reads2 > 5, reads2
 
 
-@pytest.mark.parametrize("case", ["peaked", "flat"])
+@pytest.mark.parametrize("case", ["peaked", "flat", "top_removed_compacted", "top_removed_bisected"])
 def test_typical_p_histogram_prefilter_and_its_fallback(case):
     """typical_p alone on many tokens: a histogram of d = |-log p - H| finds the largest bound
     with at most KMAX tokens below it; when their mass reaches typical_p the search runs on
     them in registers (histogram + compaction + keep after the statistics pass), otherwise it
-    bisects over the row. Same removed sets as F.typical_p."""
+    bisects over the row. Same removed sets as F.typical_p. The top_removed cases are rows B
+    and A of ``tk.typical_top_removed_rows``: the top token lies beyond the bound (B) or the
+    row bisection removes it (A); it is not added back on either branch."""
     V = 1000
-    g = torch.Generator().manual_seed(55)
-    x = torch.randn(1, V, generator=g) * (5.0 if case == "peaked" else 0.05)
-    tp = torch.full((1,), 0.9)
+    if case.startswith("top_removed"):
+        row = 1 if case == "top_removed_compacted" else 0
+        x = tk.typical_top_removed_rows(V)[row:row + 1]
+        tp = torch.full((1,), 0.5)
+    else:
+        g = torch.Generator().manual_seed(55)
+        x = torch.randn(1, V, generator=g) * (5.0 if case == "peaked" else 0.05)
+        tp = torch.full((1,), 0.9)
     table = KC.param_table(1, x.device, {"typical_p": tp})
     got, reads, writes = _passes(lambda: K.run_chain(x, [KC.TYPICAL], [None], table), V * 4)
     tk._assert_same(got, F.typical_p(x, tp), torch.float32)
-    if case == "peaked":
+    if case.startswith("top_removed"):
+        assert tk.tt.kept(got) == [tk.TYPICAL_TOP_REMOVED_KEPT[row]]
+    if case in ("peaked", "top_removed_compacted"):
         assert reads == pytest.approx(4, abs=0.2), reads
     else:
         assert reads > 8, reads
+
+
+def test_typical_p_in_the_sparse_mode_removes_the_top_token():
+    """After top_k leaves at most KMAX tokens, typical_p runs on the survivors in registers
+    (the whole-row stage, ``stage.stage``): the chain reads the row twice, and the top token
+    goes as in F.typical_p (row C of ``tk.typical_top_removed_rows``)."""
+    V = 1000
+    x = tk.typical_top_removed_rows(V)[2:3]
+    tp = torch.full((1,), 0.5)
+    table = KC.param_table(1, x.device, {"top_k": torch.full((1,), 31.0), "typical_p": tp})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [KC.TOP_K, KC.TYPICAL], [None, None], table), V * 4)
+    assert 2 < reads < 2.3, reads  # statistics with top_k's window, its compaction (+ scratch)
+    tk._assert_same(got, F.typical_p(F.top_k(x, torch.full((1,), 31)), tp), torch.float32)
+    assert tk.tt.kept(got) == [list(range(1, 31))]

@@ -100,13 +100,14 @@ def _ukey(x):
 @triton.jit
 def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr,
                 KMAX: tl.constexpr):
-    """Rewrite the row keeping the tokens of the rule MODE (and the row's top token(s));
-    returns the state after the pass (wr, statistics of the written row). The survivors are
-    also compacted (value, token id) into the sparse region of the scratch row: when there
-    are at most KMAX of them, the rest of the chain runs on them in registers (``_bstage``).
+    """Rewrite the row keeping the tokens of the rule MODE (and, for the threshold samplers,
+    MODE 0 to 3, the row's top token(s)); returns the state after the pass (wr, statistics of
+    the written row). The survivors are also compacted (value, token id) into the sparse
+    region of the scratch row: when there are at most KMAX of them, the rest of the chain
+    runs on them in registers (``_bstage``).
 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
-    4: okey(|-log p - H|) <= thr."""
+    4 (typical_p, which does not add the top token back): okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
     sps = tiles - 2 * KMAX - 2
     kept_n = tl.full([], 0, tl.int32)
@@ -123,7 +124,8 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
         else:
             logp = (x - m) - tl.log(s)
             keep = okey(tl.abs(-logp - h)) <= thr
-        keep = keep | ((x == m_raw) & (x > float("-inf")))
+        if MODE != 4:
+            keep = keep | ((x == m_raw) & (x > float("-inf")))
         y = tl.where(keep, x, float("-inf"))
         sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, y, sm, ss, sez, sn, st, am, TILE)
         alive = valid & (y > float("-inf"))
@@ -342,7 +344,8 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
     en = en & (tp < 1.0)
     if en:
         m, s, h = _derive(sm, ss, sez, sn)
-        # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf)
+        # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf);
+        # tau = the least deviation key passes (mass 0 below it), so the row never empties
         lo = tl.full([], -1, tl.int32)
         hi = tl.full([], 0x7F800001, tl.int32)
         cap = tl.full([], 256, tl.int32)
@@ -350,7 +353,8 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
             # Many tokens: a histogram of d in bins of 1/16 gives the largest bin bound with at
             # most KMAX tokens below it; they are compacted. If their exact mass reaches
             # typical_p, every token above the bound has at least typical_p of mass below it
-            # and is removed (but for the top token), so the search runs on them alone.
+            # and is removed (the top token too: typical_p does not add it back), so the
+            # search runs on them alone.
             bins = tl.arange(0, 256)
             hist = _b_mass_hist(o, xin, wr, V, m, s, h, True, TILE)
             below = tl.cumsum(hist, 0) - hist  # tokens in the bins before each bin

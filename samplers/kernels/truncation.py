@@ -13,7 +13,8 @@ Every rule is a threshold on the row, found without sorting:
 - top_p: keep p(t) iff mass(p > p(t)) < top_p: bisection for the smallest probability key
   tau with mass(key > tau) < top_p; keep key >= tau (ties at the boundary all kept).
 - typical_p: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H|: bisection for the
-  largest deviation key tau with mass(key < tau) < typical_p; keep key <= tau, plus the top token.
+  largest deviation key tau with mass(key < tau) < typical_p; keep key <= tau (the top token
+  is not added back: it goes when its deviation is large, as in HF and llama.cpp).
 - min_p, top_a, eta, epsilon: a probability threshold from the row's max / entropy.
 - nsigma: a logit threshold max - n * std (std over finite logits, divisor N - 1).
 - XTC: C = {p >= threshold}; when |C| >= 2 every member above min_C p is removed.
@@ -34,11 +35,16 @@ _I32_MIN = -2147483648
 
 
 @triton.jit
-def _finish(x, keep, m_raw, en):
-    """Apply a keep mask (the top token(s) always kept) on enabled rows."""
-    keep = keep | top_mask(x, m_raw)
+def _keep_only(x, keep, en):
+    """Apply a keep mask on enabled rows (nothing added to it)."""
     out = tl.where(keep, x, float("-inf"))
     return tl.where(en, out, x)
+
+
+@triton.jit
+def _finish(x, keep, m_raw, en):
+    """Apply a keep mask (the top token(s) always kept) on enabled rows: the threshold samplers."""
+    return _keep_only(x, keep | top_mask(x, m_raw), en)
 
 
 @triton.jit
@@ -187,12 +193,15 @@ def stage_epsilon(x, eps, en):
 
 @triton.jit
 def stage_typical(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
-    """``F.typical_p``: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H|, plus the top token.
+    """``F.typical_p``: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H| (the top
+    token only when the rule keeps it).
 
     Bisection over the bits of d (>= 0); with at most KMAX tokens of p > 0 the (p, d) pairs
-    are compacted first (see ``stage_top_p``)."""
+    are compacted first (see ``stage_top_p``). ``lo`` starts at the row's least deviation
+    key and only grows, so the least-deviation token(s) are always kept: a row with a finite
+    token never empties."""
     en = en & (tp < 1.0)
-    m_raw, p, logp = softmax_stats(x)
+    _, p, logp = softmax_stats(x)
     h = entropy_of(p, logp)
     d = tl.abs(-logp - h)  # +inf for removed tokens and padding
     key = okey(d)
@@ -210,7 +219,7 @@ def stage_typical(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
         lo, hi = bisect_mass_below(keyc, pc, lo, hi, tp)
     lo, hi = bisect_mass_below(key, p, lo, hi, tp)
     keep = key <= lo
-    return _finish(x, keep, m_raw, en)
+    return _keep_only(x, keep, en)
 
 
 @triton.jit
