@@ -306,54 +306,62 @@ def _machine() -> dict:
 
 
 def markdown(data: dict) -> str:
+    """The run as Markdown: numbers in their own cells (wall-clock medians; the ratio of the
+    process-CPU-time medians in its own column), so ``report.py --charts-from`` can draw the
+    ratio columns."""
     m = data["machine"]
     lines = ["```", data["command"], "```", "",
              f"- Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}); torch {m['torch']}, "
              f"transformers {m['transformers']}, Python {m['python']}",
              f"- Load average at the end of the run (1, 5, 15 min): {m['loadavg']}; date {m['date']}",
              f"- Median of {data['reps']} interleaved repetitions after {data['warmup']} warm-up rounds; "
-             "float32 logits `3 * randn`; times in ms; ratio < 1: ours faster.",
-             "- Each cell: wall-clock median / process-CPU-time median (the CPU time leaves out the time "
-             "the process sat descheduled, so under load it is the steadier of the two; with several "
-             "threads it adds up every thread's time). Verdicts: wall / CPU.", ""]
+             "float32 logits `3 * randn`; wall-clock times in ms; ratio < 1: ours faster.",
+             "- `(CPU)` columns: the same ratio of process-CPU-time medians, which leave out the time "
+             "the process sat descheduled (the steadier of the two under load; with several threads "
+             "it adds up every thread's time, spin-waits included). `load`: 1-minute load average "
+             "when the case ran. Verdicts: wall / CPU.", ""]
+
+    def verdict(r: dict) -> str:
+        return " / ".join("met" if ok else "MISSED" for ok in (r["met"], r["cpu_met"]))
+
     by_threads: dict[str, list] = {}
     for r in data["results"]:
         by_threads.setdefault(f"{r['threads']}|{r['thread_setting']}", []).append(r)
     for key, rows in by_threads.items():
         n, setting = key.split("|")
-        lines += [f"### {n} torch thread{'s' if n != '1' else ''}"
-                  + (" (torch's default)" if setting == "default" else ""), ""]
-        lines += ["| case | shape | HF | ours: pipeline | ours: functional | pipeline / HF | functional / HF "
-                  "| load | target <= 1 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-
-        def two(a: float, b: float) -> str:
-            return f"{a:.2f} / {b:.2f}"
-
-        def verdict(r: dict) -> str:
-            return " / ".join("met" if ok else "**MISSED**" for ok in (r["met"], r["cpu_met"]))
-
+        title = f"{n} torch thread{'s' if n != '1' else ''}" + (" (torch's default)" if setting == "default" else "")
+        lines += [f"#### Per sampler, {title}", ""]
+        lines += ["| case | shape | HF ms | pipeline ms | functional ms | pipeline / HF | functional / HF "
+                  "| pipeline / HF (CPU) | load | target <= 1 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
-            med, cm = r["medians_ms"], r["cpu_medians_ms"]
+            med = r["medians_ms"]
             if "hf" in med and "pipeline" in med:
-                lines.append(f"| {r['case']} | {r['shape']} | {two(med['hf'], cm['hf'])} | "
-                             f"{two(med['pipeline'], cm['pipeline'])} | {two(med['functional'], cm['functional'])} | "
-                             f"{two(r['ratio'], r['cpu_ratio'])} | "
-                             f"{two(r['functional_over_hf'], r['cpu_functional_over_hf'])} | {r['loadavg']:.1f} | "
-                             f"{verdict(r)} |")
-        lines += ["", "| case | shape | contenders (median ms, wall / CPU) | ratio (wall / CPU) | load | target |",
-                  "|---|---|---|---:|---:|---|"]
+                lines.append(f"| {r['case']} | {r['shape']} | {med['hf']:.2f} | {med['pipeline']:.2f} | "
+                             f"{med['functional']:.2f} | {r['ratio']:.2f} | {r['functional_over_hf']:.2f} | "
+                             f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | {verdict(r)} |")
+        lines += ["", f"#### Chains and skew, {title}", "",
+                  "| case | shape | ours ms | reference ms | ours / reference | ours / reference (CPU) | load "
+                  "| target |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        dry = []
         for r in rows:
-            med, cm = r["medians_ms"], r["cpu_medians_ms"]
+            med = r["medians_ms"]
             if "hf" in med and "pipeline" in med:
                 continue
-            shown = "; ".join(f"{k} {two(v, cm[k])}" for k, v in med.items())
             if r["target_kind"] == "dry_step_ms":
-                ratio, tgt = f"– (median of {r['reps']})", f"<= {r['target']} ms"
-            else:
-                ratio, tgt = f"{two(r['ratio'], r['cpu_ratio'])} ({r['ratio_spec']})", f"<= {r['target']}"
-            lines.append(f"| {r['case']} | {r['shape']} | {shown} | {ratio} | {r['loadavg']:.1f} | {tgt}: "
-                         f"{verdict(r)} |")
+                dry.append(r)
+                continue
+            num, den = r["ratio_spec"].split("/")
+            ref = min(v for k, v in med.items() if k.startswith(den[4:-1])) if den.startswith("min(") else med[den]
+            what = {"chain7": "chain7 vs HF's list", "chain14": "chain14 vs our chain7",
+                    "skew": "skew vs softmax + cumsum"}.get(r["case"], r["case"])
+            lines.append(f"| {what} | {r['shape']} | {med[num]:.2f} | {ref:.2f} | {r['ratio']:.2f} | "
+                         f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | <= {r['target']}: {verdict(r)} |")
+        for r in dry:
+            med, cm = r["medians_ms"], r["cpu_medians_ms"]
+            lines += ["", f"DRY step, {r['shape']} with 8192-token histories (median of {r['reps']}): "
+                      + "; ".join(f"{k} {v:.2f} ms (CPU {cm[k]:.2f})" for k, v in med.items())
+                      + f"; target <= {r['target']} ms: {verdict(r)}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -371,6 +379,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--markdown", default=None, help="write the Markdown tables here")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 thread, [4, 4096], 1 rep, no DRY")
+    p.add_argument("--from-json", default=None, help="only render this earlier run's JSON as Markdown")
     args = p.parse_args(argv)
     if args.quick:
         args.threads, args.shapes, args.reps, args.warmup, args.no_dry = ["1"], ["4x4096"], 1, 1, True
@@ -379,8 +388,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    data = run(args)
-    if args.json:
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+    else:
+        data = run(args)
+    if args.json and not args.from_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)

@@ -43,7 +43,6 @@ import torch  # noqa: E402
 
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 from samplers.pipeline import _RowRandoms  # noqa: E402
-from samplers.sampling import PURPOSE_DRAW, draw_tokens  # noqa: E402
 
 CONFIGS = {
     "a": ("min_p only", dict(min_p=0.05)),
@@ -139,19 +138,13 @@ def make_inputs(config: str, B: int, V: int, dtype: torch.dtype, device: torch.d
 
 def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callable[[], torch.Tensor]:
     """One sampling step (chain + draw, no top log-probabilities) on ``backend``: what
-    ``SamplerPipeline.sample`` runs, minus the torch path's ``compute_logprobs``."""
+    ``SamplerPipeline.sample`` runs, through the backend's chain."""
     pipe = SamplerPipeline(backend, seed=0)
-    if backend == "triton":
-        import samplers.kernels as kernels
+    chain = pipe._chain(logits)
 
-        def run():
-            r = _RowRandoms(batch, pipe.generator)
-            return kernels.process_logits(logits, batch, r, draw=True, keep_processed=False)[1]
-    else:
-        def run():
-            r = _RowRandoms(batch, pipe.generator)
-            x = pipe._process(logits, batch, r)
-            return draw_tokens(x, batch.greedy, r.uniforms(PURPOSE_DRAW))
+    def run():
+        r = _RowRandoms(batch, pipe.generator)
+        return chain(logits, batch, r, draw=True, keep_processed=False).token_ids
     return run
 
 

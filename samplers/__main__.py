@@ -1,4 +1,4 @@
-"""Command line: ``python -m samplers demo``.
+"""Command line: ``python -m samplers demo`` and ``python -m samplers plot``.
 
 Part 1 (needs the ``hf`` extra): generates from the embedded default model (a tiny causal LM
 trained by this project on the Python standard library, shipped in ``samplers/models/tiny``;
@@ -9,7 +9,13 @@ repeated n-gram rate, distinct-n, and the mean entropy of the processed distribu
 Part 2 (``--synthetic`` runs only this part): the pipeline on a synthetic next-token
 distribution (Zipf-shaped logits over a 32000-token vocabulary, fixed seed) after a history
 that repeats itself: how many tokens each preset keeps, the entropy, the most likely tokens,
-how much DRY / penalties moved the repeated continuation, and a seeded draw.
+how much DRY / penalties moved the repeated continuation, and a seeded draw. The demo ends
+by drawing one request's chain stage by stage (``samplers.plot``, needs the ``plot`` extra)
+into a temporary folder and printing the picture's path.
+
+``plot``: that picture for any request (a preset name, ``--params JSON`` or ``--request FILE``)
+on a prompt for the embedded model or on the synthetic logits; ``--compare`` puts several
+presets' final distributions side by side. See ``python -m samplers plot --help``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -246,6 +253,113 @@ def run_model_demo(out=None, max_tokens: int = 48, progress: bool = True) -> lis
     return rows
 
 
+# ---------------------------------------------------------------------------- pictures
+def all_presets() -> dict[str, dict]:
+    """Every named request of the demo (both parts), by name."""
+    return {**PRESETS, **MODEL_PRESETS}
+
+
+def find_preset(name: str) -> tuple[str, dict]:
+    """A preset by its name, any case, or by a part of its name that only one preset has."""
+    presets = all_presets()
+    key = name.strip().lower()
+    exact = [n for n in presets if n.lower() == key]
+    found = exact or [n for n in presets if key in n.lower()]
+    if len(found) != 1:
+        what = "no preset matches" if not found else f"{len(found)} presets match ({', '.join(found)})"
+        raise ValueError(f"preset {name!r}: {what}; the presets are: {', '.join(presets)}")
+    return found[0], presets[found[0]]
+
+
+def _new_picture_path(stem: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix="samplers-plot-")) / f"{stem}.png"
+
+
+def _plot_inputs(synthetic: bool, prompt: Optional[str]) -> dict:
+    """Keyword arguments of samplers.plot.chain / compare for the chosen input."""
+    if synthetic:
+        logits, prompt_ids, output_ids = embedded_inputs()
+        return dict(logits=logits, prompt_token_ids=prompt_ids, output_token_ids=output_ids, eos_token_ids=[0],
+                    input_label=f"synthetic Zipf logits (V={VOCAB}), the history repeating 5 9 13 -> 17")
+    return dict(prompt=prompt)
+
+
+def demo_picture(synthetic: bool, out=None) -> Optional[Path]:
+    """The demo's last step: the API's full example request drawn stage by stage."""
+    out = sys.stdout if out is None else out
+    from . import plot
+
+    try:
+        plot.require_matplotlib()
+    except ImportError as exc:
+        print(f"\n(no picture: {exc})", file=out)
+        return None
+    pic = plot.chain(FULL_EXAMPLE, path=_new_picture_path("api-full-example"), **_plot_inputs(synthetic, None))
+    print(f"\nthe API full example, stage by stage ({len(pic.stages) - 1} stages, then the draw): "
+          f"{pic.paths[0]}", file=out)
+    return pic.paths[0]
+
+
+def run_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import plot
+
+    if args.list:
+        for name, body in all_presets().items():
+            print(f"{name:<32} {json.dumps(body)[:100]}")
+        return 0
+    given = [x for x in (args.preset, args.params, args.request) if x is not None]
+    if len(given) > 1:
+        parser.error("give one request: a preset name, --params or --request")
+    requests: dict[str, object] = {}
+    try:
+        if args.preset is not None:
+            name, body = find_preset(args.preset)
+            requests[name] = body
+        elif args.params is not None:
+            try:
+                requests["--params"] = json.loads(args.params)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--params is not valid JSON: {exc}") from None
+        elif args.request is not None:
+            try:
+                requests[args.request.name] = json.loads(args.request.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"--request {str(args.request)!r}: {exc}") from None
+        if args.compare:
+            for item in args.compare.split(","):
+                name, body = find_preset(item)
+                requests[name] = body
+        if not requests:
+            requests["API full example"] = FULL_EXAMPLE
+        params = {n: SamplingParams.from_dict(b) if not isinstance(b, SamplingParams) else b
+                  for n, b in requests.items()}
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, p in params.items():
+        if p.has_guided_decoding:
+            print(f"note: {name}: guided decoding (guided_*) is applied by samplers.generate, not drawn here")
+    kwargs = dict(_plot_inputs(args.synthetic, args.prompt), top_n=args.top, seed=args.seed, svg=args.svg)
+    try:
+        plot.require_matplotlib()
+        if args.compare:
+            path = args.out or _new_picture_path("compare")
+            pic = plot.compare(params, path=path, **kwargs)
+            for name, st, token in zip(pic.names, pic.finals, pic.tokens):
+                print(f"{name:<32} {int(st.kept.sum()):>6} candidates, drew {token}")
+        else:
+            (name, p), = params.items()
+            path = args.out or _new_picture_path("chain")
+            pic = plot.chain(p, path=path, **kwargs)
+            print(f"{name}: {len(pic.stages) - 1} stages: " + " -> ".join(s.name for s in pic.stages[1:])
+                  + f"; drew {pic.token}")
+    except ImportError as exc:
+        print(f"samplers plot: {exc}", file=sys.stderr)
+        return 1
+    for p in pic.paths:
+        print(f"wrote {p}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="samplers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,7 +369,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=48, help="tokens per text in part 1 (default 48)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--json", type=Path, help="also write the statistics to this file")
+    demo.add_argument("--no-picture", action="store_true", help="do not draw the closing picture")
+    pl = sub.add_parser("plot", help="draw a request's sampler chain stage by stage (needs the plot extra)",
+                        description="One figure: the next-token distribution before and after each stage of "
+                                    "the request's chain, in its own order, then the draw. Written as PNG "
+                                    "(and SVG with --svg) to the printed path.")
+    pl.add_argument("preset", nargs="?", help="a preset name, or a part of one (see --list)")
+    pl.add_argument("--params", help="the request as JSON, e.g. '{\"min_p\": 0.1, \"temperature\": 0.8}'")
+    pl.add_argument("--request", type=Path, help="a JSON file with an API request body")
+    pl.add_argument("--compare", help="comma-separated preset names: their final distributions side by side "
+                                      "(with the request above, if given)")
+    pl.add_argument("--prompt", help="the prompt for the embedded model (default: %r)" % "import os\nimport sys\nimport")
+    pl.add_argument("--synthetic", action="store_true", help="the demo's synthetic logits instead of the model")
+    pl.add_argument("--top", type=int, default=12, help="tokens per panel (default 12)")
+    pl.add_argument("--seed", type=int, default=0, help="seed of XTC and the draw when the request has none")
+    pl.add_argument("-o", "--out", type=Path, help="the PNG path (default: a new temporary folder)")
+    pl.add_argument("--svg", action="store_true", help="also write an SVG next to the PNG")
+    pl.add_argument("--list", action="store_true", help="list the presets")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        return run_plot(args, pl)
     if args.command == "demo":
         result: dict = {}
         if not args.synthetic:
@@ -268,6 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 result["model"] = run_model_demo(max_tokens=args.max_tokens, progress=not args.no_progress)
                 print("samplers demo, part 2: one step on synthetic logits\n")
         result["synthetic"] = run_demo()
+        if not args.no_picture:
+            picture = demo_picture(synthetic=args.synthetic or "model" not in result)
+            result["picture"] = None if picture is None else str(picture)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -178,7 +178,8 @@ class SamplingBatch:
         self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
 
         self._build_token_lists()
-        # Bans are the only steps that do not keep a row's top token.
+        # Bans are the only steps that may remove every token of a row (typical_p and XTC may
+        # remove the top token, but always leave one).
         self.may_remove_every_token = (
             self.min_tokens_coo is not None or SamplerID.NO_REPEAT_NGRAM in self.active
         )

@@ -5,6 +5,11 @@ samplers of each row's ``sampler_priority``; then skew; then the draw. Each orde
 is one unit: a function ``(logits, batch, randoms) -> logits`` that reads its per-row
 parameters from the batch and calls the sampler's pure function in ``samplers.functional``.
 A unit runs only when some row of the batch enables it.
+
+The chain has two backends with one interface (``Chain``: logits, batch, randoms, draw,
+keep_processed -> ``ChainOutput``): ``torch_chain`` below, the reference, and
+``samplers.kernels.chain.process_logits``, the Triton kernels. ``SamplerPipeline._chain``
+is the one place that picks between them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from typing import Callable, Optional
 import torch
 
 from . import functional as F
+from . import kernels
 from .batch import SamplingBatch
 from .priority import SamplerID
 from .sampling import (
     PURPOSE_DRAW,
     PURPOSE_XTC,
+    ChainOutput,
     SamplerOutput,
     compute_logprobs,
     draw_tokens,
@@ -105,30 +112,43 @@ UNITS: dict[SamplerID, Unit] = {
 }
 
 
-def _keep_input_argmax_of_empty_rows(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Bans (min_tokens, no_repeat_ngram) can remove every token of a row; such a row keeps
-    its most likely input token, so a draw is always possible (DESIGN.md)."""
-    empty = x.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction
-    if x.device.type == "cpu":
-        # No device sync on the CPU: touch only the (rare) empty rows.
-        if not bool(empty.any()):
-            return x
-        rows = empty.nonzero().squeeze(1)
-        cols = logits[rows].argmax(dim=-1)
-        x = x.clone()
-        x[rows, cols] = logits[rows, cols].float()
-        return x
-    top = torch.zeros_like(x, dtype=torch.bool).scatter_(1, logits.argmax(dim=-1, keepdim=True), True)
-    return torch.where(empty[:, None] & top, logits.float(), x)
+def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
+                keep_processed: bool = True) -> ChainOutput:
+    """The reference backend: logit_bias, min_tokens, the batch's schedule of ``UNITS``, skew,
+    then (``draw``) the tokens. Same contract as the kernel backend,
+    ``samplers.kernels.chain.process_logits``: [B, V] logits -> ``ChainOutput`` with fp32
+    processed logits; the input is not modified."""
+    x = logits.float()
+    if batch.logit_bias_coo is not None:
+        x = F.logit_bias(x, *batch.logit_bias_coo)
+    if batch.min_tokens_coo is not None:
+        x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
+    for sampler, rows in batch.schedule:
+        out = UNITS[sampler](x, batch, randoms)
+        x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x)
+    if batch.any_skew:
+        x = F.skew(x, batch.param("skew"))
+    if batch.may_remove_every_token:
+        x = F.rescue_empty_rows(x, logits)
+    if not draw:
+        return ChainOutput(x)
+    if batch.all_greedy:
+        uniforms = torch.zeros(batch.batch_size, device=batch.device)
+    else:
+        uniforms = randoms.uniforms(PURPOSE_DRAW)
+    tokens = draw_tokens(x, batch.greedy, uniforms)
+    if keep_processed:
+        return ChainOutput(x, tokens)
+    chosen, _ = compute_logprobs(x, logits, batch.raw_logprobs, tokens, 0, any_raw=False)
+    return ChainOutput(None, tokens, chosen)
+
+
+Chain = Callable[..., ChainOutput]
 
 
 def triton_available(device: Optional[torch.device] = None) -> bool:
     """True when the Triton kernels can run on ``device`` (CUDA with triton importable, or
     any device under ``TRITON_INTERPRET=1``, which is how the tests run them on a CPU)."""
-    try:
-        import samplers.kernels as kernels
-    except ImportError:
-        return False
     return kernels.available(device)
 
 
@@ -181,25 +201,13 @@ class SamplerPipeline:
         if logits.device != batch.device:
             raise ValueError(f"logits are on {logits.device} but the batch was built for {batch.device}")
 
-    def _process(self, logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms) -> torch.Tensor:
-        self._check(logits, batch)
+    def _chain(self, logits: torch.Tensor) -> Chain:
+        """The backend's chain for these logits: the one place where the backend is chosen."""
         if self.backend_for(logits) == "triton":
-            import samplers.kernels as kernels
+            from .kernels.chain import process_logits
 
-            return kernels.process_logits(logits, batch, randoms)
-        x = logits.float()
-        if batch.logit_bias_coo is not None:
-            x = F.logit_bias(x, *batch.logit_bias_coo)
-        if batch.min_tokens_coo is not None:
-            x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
-        for sampler, rows in batch.schedule:
-            out = UNITS[sampler](x, batch, randoms)
-            x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x)
-        if batch.any_skew:
-            x = F.skew(x, batch.param("skew"))
-        if batch.may_remove_every_token:
-            x = _keep_input_argmax_of_empty_rows(x, logits)
-        return x
+            return process_logits
+        return torch_chain
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Processed logits [B, V], same dtype as ``logits``; removed tokens are -inf.
@@ -207,30 +215,20 @@ class SamplerPipeline:
         The input is never modified. Rows whose parameters are all defaults come back
         bit-identical. XTC's coin comes from the same per-row stream as ``sample``'s draw.
         """
-        x = self._process(logits, batch, _RowRandoms(batch, self.generator))
+        self._check(logits, batch)
+        x = self._chain(logits)(logits, batch, _RowRandoms(batch, self.generator)).processed
         return x if x.dtype == logits.dtype else x.to(logits.dtype)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
-        randoms = _RowRandoms(batch, self.generator)
-        if self.backend_for(logits) == "triton":
-            import samplers.kernels as kernels
-
-            # the draw runs in the kernels (at the end of the chain's last launch when it can),
-            # its uniforms from the rows' Philox words, the chosen logprobs from its softmax
-            self._check(logits, batch)
-            need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
-            x, tokens, chosen = kernels.process_logits(logits, batch, randoms, draw=True,
-                                                       keep_processed=need_processed)
-            if not need_processed:
-                return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=None)
-        else:
-            x = self._process(logits, batch, randoms)
-            if batch.all_greedy:
-                uniforms = torch.zeros(batch.batch_size, device=batch.device)
-            else:
-                uniforms = randoms.uniforms(PURPOSE_DRAW)
-            tokens = draw_tokens(x, batch.greedy, uniforms)
-        chosen, top = compute_logprobs(x, logits, batch.raw_logprobs, tokens, batch.max_logprobs,
-                                       any_raw=batch.any_raw_logprobs)
-        return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
+        self._check(logits, batch)
+        # the processed logits are needed only for top or raw logprobs; without them the
+        # kernel backend draws at the end of its last launch and writes nothing else
+        need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
+        out = self._chain(logits)(logits, batch, _RowRandoms(batch, self.generator), draw=True,
+                                  keep_processed=need_processed)
+        if not need_processed:
+            return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None)
+        chosen, top = compute_logprobs(out.processed, logits, batch.raw_logprobs, out.token_ids,
+                                       batch.max_logprobs, any_raw=batch.any_raw_logprobs)
+        return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top)

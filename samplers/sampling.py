@@ -16,7 +16,7 @@ where ``tl.philox`` computes the same bits):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -127,6 +127,22 @@ class SamplerOutput:
     token_ids: torch.Tensor
     logprobs: torch.Tensor
     top_logprobs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+class ChainOutput(NamedTuple):
+    """What a backend's chain returns (``SamplerPipeline``'s one interface to its backends).
+
+    processed: fp32 [B, V] processed logits (-inf = removed); None when the caller said it
+               will not read them (``keep_processed=False``).
+    token_ids: int64 [B], the drawn tokens; None when no draw was asked for.
+    logprobs:  float32 [B], the drawn tokens' log-probabilities under the processed
+               distribution, when the chain returns no ``processed`` (else None or those
+               values; the caller can compute them, with the top alternatives, from ``processed``).
+    """
+
+    processed: Optional[torch.Tensor]
+    token_ids: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
 
 
 def compute_logprobs(

@@ -142,14 +142,10 @@ def _probe(order: str, cwd: Path) -> dict:
 def test_importing_samplers_changes_nothing_in_transformers(tmp_path):
     """``import samplers`` next to transformers leaves transformers' view unchanged.
 
-    Finding (transformers 5.24): ``is_kernels_available()`` calls
-    ``_is_package_available("kernels")``: ``importlib.util.find_spec("kernels")`` finds *our*
-    top-level ``kernels`` package whenever it is importable, and with samplers installed
-    (also editable) ``importlib.metadata.packages_distributions()`` maps ``kernels`` to the
-    ``samplers`` distribution, so transformers reads our version (0.1.0) as the version of
-    Hugging Face's ``kernels``. ``is_kernels_available()`` stays False only because 0.1.0 is
-    below its minimum (0.18.2). Importing samplers does not change any of this: it depends on
-    what is installed, not on what is imported.
+    transformers' ``is_kernels_available()`` looks up the top-level name ``kernels`` (Hugging
+    Face's hub-kernels package). Our Triton kernels live in ``samplers.kernels``, so that name
+    is never ours: the probe sees Hugging Face's package (or nothing), from any directory, and
+    importing samplers changes nothing.
     """
     import importlib.metadata as md
 
@@ -157,6 +153,7 @@ def test_importing_samplers_changes_nothing_in_transformers(tmp_path):
     plain = _probe("transformers-first", tmp_path)   # its first state is transformers alone
     assert plain["is_kernels_available"] == first["is_kernels_available"]
     assert plain["kernels_probe"] == first["kernels_probe"] == plain["probe_after_import"]
+    assert "samplers" not in md.packages_distributions().get("kernels", [])
     try:
         md.version("kernels")  # Hugging Face's kernels distribution installed here: no claim on its result
     except md.PackageNotFoundError:

@@ -22,13 +22,15 @@ import torch
 pytest.importorskip("triton")
 
 import samplers.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
 from samplers.sampling import compute_logprobs, draw_tokens as ref_draw, row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import samplers.kernels as kernels  # noqa: E402
 from samplers.kernels import _common  # noqa: E402
-from samplers.kernels import draw as KD, fused as K, penalties as KP, row_stats as KR  # noqa: E402
-from samplers.kernels import temperature as KTe, truncation as KT  # noqa: E402
+from samplers.kernels import codes as KC, draw as KD, fused as K, ops, row_stats as KR  # noqa: E402
+
+import test_truncation as tt  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -72,15 +74,15 @@ def _params(B, values, dtype=torch.float32):
 
 # sampler name -> (kernel, reference, [disabled, enabled values...], param dtype, exact)
 CASES = {
-    "top_k": (KT.top_k, F.top_k, [0, 5, 50, 1, 7], torch.int64, True),
-    "top_p": (KT.top_p, F.top_p, [1.0, 0.5, 0.9, 0.05, 0.99], torch.float32, True),
-    "top_a": (KT.top_a, F.top_a, [0.0, 0.2, 0.05, 1.0, 0.5], torch.float32, True),
-    "min_p": (KT.min_p, F.min_p, [0.0, 0.05, 0.2, 0.01, 0.5], torch.float32, True),
-    "eta_cutoff": (KT.eta_cutoff, F.eta_cutoff, [0.0, 1e-3, 1e-2, 0.2, 3e-4], torch.float32, True),
-    "epsilon_cutoff": (KT.epsilon_cutoff, F.epsilon_cutoff, [0.0, 1e-3, 1e-2, 0.05, 3e-4], torch.float32, True),
-    "typical_p": (KT.typical_p, F.typical_p, [1.0, 0.5, 0.9, 0.2, 0.95], torch.float32, True),
-    "nsigma": (KT.nsigma, F.nsigma, [0.0, 1.0, 2.0, 0.5, 3.0], torch.float32, True),
-    "temperature": (KTe.temperature, F.temperature, [1.0, 0.5, 2.0, 0.0, 0.7], torch.float32, True),
+    "top_k": (ops.top_k, F.top_k, [0, 5, 50, 1, 7], torch.int64, True),
+    "top_p": (ops.top_p, F.top_p, [1.0, 0.5, 0.9, 0.05, 0.99], torch.float32, True),
+    "top_a": (ops.top_a, F.top_a, [0.0, 0.2, 0.05, 1.0, 0.5], torch.float32, True),
+    "min_p": (ops.min_p, F.min_p, [0.0, 0.05, 0.2, 0.01, 0.5], torch.float32, True),
+    "eta_cutoff": (ops.eta_cutoff, F.eta_cutoff, [0.0, 1e-3, 1e-2, 0.2, 3e-4], torch.float32, True),
+    "epsilon_cutoff": (ops.epsilon_cutoff, F.epsilon_cutoff, [0.0, 1e-3, 1e-2, 0.05, 3e-4], torch.float32, True),
+    "typical_p": (ops.typical_p, F.typical_p, [1.0, 0.5, 0.9, 0.2, 0.95], torch.float32, True),
+    "nsigma": (ops.nsigma, F.nsigma, [0.0, 1.0, 2.0, 0.5, 3.0], torch.float32, True),
+    "temperature": (ops.temperature, F.temperature, [1.0, 0.5, 2.0, 0.0, 0.7], torch.float32, True),
 }
 
 
@@ -110,7 +112,20 @@ def test_xtc_kernel(shape, dtype):
     thr = torch.tensor([0.01, 0.05, 0.1, 0.2][:B])
     prob = torch.tensor([1.0, 0.5, 1.0, 0.0][:B])
     coin = torch.tensor([0.3, 0.2, 0.99, 0.1][:B])
-    _assert_same(KT.xtc(x, thr, prob, coin), F.xtc(x, thr, prob, coin), dtype)
+    _assert_same(ops.xtc(x, thr, prob, coin), F.xtc(x, thr, prob, coin), dtype)
+
+
+def test_xtc_kernel_keeps_every_tied_least_likely_member_of_c():
+    """SEMANTICS.md: tokens tied at C's minimum are all kept (not one of them by position)."""
+    x = torch.cat([tt.logits_of([0.35, 0.2, 0.25, 0.2]), tt.logits_of([0.3, 0.3, 0.1, 0.3]),
+                   tt.logits_of([0.3, 0.3, 0.1, 0.3])])
+    thr, prob, coin = torch.tensor([0.15, 0.2, 0.05]), torch.ones(3), torch.zeros(3)
+    got = ops.xtc(x, thr, prob, coin)
+    # row 0: C = all four, min .2 held by tokens 1 and 3: both kept, .35 and .25 removed;
+    # row 1: C = the three .3 tokens, all tied at its minimum: nothing removed;
+    # row 2: C = all four, min .1: the three .3 tokens removed
+    assert tt.kept(got) == [[1, 3], [0, 1, 2, 3], [2]]
+    _assert_same(got, F.xtc(x, thr, prob, coin), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -121,11 +136,11 @@ def test_dynamic_temperature_and_smoothing(shape, dtype):
     dmin = _params(B, [0.0, 0.5, 0.0, 1.0], torch.float32)
     dmax = _params(B, [0.0, 1.5, 2.0, 1.0], torch.float32)
     dexp = _params(B, [1.0, 1.0, 0.5, 2.0], torch.float32)
-    _assert_same(KTe.dynamic_temperature(x, dmin, dmax, dexp), F.dynamic_temperature(x, dmin, dmax, dexp),
+    _assert_same(ops.dynamic_temperature(x, dmin, dmax, dexp), F.dynamic_temperature(x, dmin, dmax, dexp),
                  dtype, exact=False)
     f = _params(B, [0.0, 0.2, 1.0, 0.05])
     c = _params(B, [1.0, 1.0, 2.0, 1.5])
-    _assert_same(KTe.quadratic_smoothing(x, f, c), F.quadratic_smoothing(x, f, c), dtype,
+    _assert_same(ops.quadratic_smoothing(x, f, c), F.quadratic_smoothing(x, f, c), dtype,
                  exact=dtype == torch.float32)
 
 
@@ -140,20 +155,19 @@ def test_penalties_and_no_repeat_ngram(dtype):
     r = torch.tensor([1.3, 1.0, 0.8, 1.0])
     f = torch.tensor([0.5, -0.3, 0.0, 0.0])
     pr = torch.tensor([0.2, 0.0, 1.0, 0.0])  # last row disabled
-    got = KP.penalties(x, h.seen_mask(), h.output_counts(), r, f, pr)
+    got = ops.penalties(x, h.seen_mask(), h.output_counts(), r, f, pr)
     _assert_same(got, F.penalties(x, h.seen_mask(), h.output_counts(), r, f, pr), dtype)
     n = torch.tensor([2, 0, 1, 3])
-    _assert_same(KP.no_repeat_ngram(x, h, n), F.no_repeat_ngram(x, h, n), dtype)
+    _assert_same(ops.no_repeat_ngram(x, h, n), F.no_repeat_ngram(x, h, n), dtype)
 
 
 def test_torch_backed_stages_are_the_reference():
     x = _logits(3, 300, torch.float32, seed=6)
     z = torch.tensor([0.9, 1.0, 0.5])
-    assert torch.equal(KT.tfs(x, z), F.tfs(x, z))
-    from samplers.kernels import skew as KS
+    assert torch.equal(ops.tfs(x, z), F.tfs(x, z))
 
     s = torch.tensor([0.5, 0.0, -0.3])
-    assert torch.equal(KS.skew(x, s), F.skew(x, s))
+    assert torch.equal(ops.skew(x, s), F.skew(x, s))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -191,10 +205,10 @@ def test_fused_chain_equals_the_sequential_reference_with_row_masks():
         "coin": torch.tensor([0.1, 0.5, 0.9, 0.0]),
     }
     mask = torch.tensor([True, False, True, True])
-    codes = [K.TEMPERATURE, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA, K.EPSILON, K.TYPICAL,
-             K.QUADRATIC, K.XTC]
+    codes = [KC.TEMPERATURE, KC.NSIGMA, KC.TOP_K, KC.TOP_P, KC.TOP_A, KC.MIN_P, KC.ETA, KC.EPSILON, KC.TYPICAL,
+             KC.QUADRATIC, KC.XTC]
     masks = [None, mask, None, None, None, ~mask, None, None, None, None, None]
-    got = K.run_chain(x, codes, masks, K.param_table(B, x.device, prm))
+    got = K.run_chain(x, codes, masks, KC.param_table(B, x.device, prm))
     ref = x.float()
     steps = [
         lambda y: F.temperature(y, prm["temperature"]), lambda y: F.nsigma(y, prm["nsigma"]),
@@ -213,23 +227,23 @@ def test_fused_chain_equals_the_sequential_reference_with_row_masks():
 
 _RANDOM_STAGES = {
     # code: (parameter names and a sampler of enabled values, the reference on (y, prm, side))
-    K.TEMPERATURE: (lambda r: {"temperature": r.choice([0.5, 0.8, 1.0, 1.7])},
+    KC.TEMPERATURE: (lambda r: {"temperature": r.choice([0.5, 0.8, 1.0, 1.7])},
                     lambda y, p, d: F.temperature(y, p["temperature"])),
-    K.NSIGMA: (lambda r: {"nsigma": r.choice([0.0, 1.0, 2.5])}, lambda y, p, d: F.nsigma(y, p["nsigma"])),
-    K.TOP_K: (lambda r: {"top_k": float(r.choice([0, 1, 5, 40, 300]))},
+    KC.NSIGMA: (lambda r: {"nsigma": r.choice([0.0, 1.0, 2.5])}, lambda y, p, d: F.nsigma(y, p["nsigma"])),
+    KC.TOP_K: (lambda r: {"top_k": float(r.choice([0, 1, 5, 40, 300]))},
               lambda y, p, d: F.top_k(y, p["top_k"].long())),
-    K.TOP_P: (lambda r: {"top_p": r.choice([1.0, 0.3, 0.9, 0.99])}, lambda y, p, d: F.top_p(y, p["top_p"])),
-    K.TOP_A: (lambda r: {"top_a": r.choice([0.0, 0.1, 0.5])}, lambda y, p, d: F.top_a(y, p["top_a"])),
-    K.MIN_P: (lambda r: {"min_p": r.choice([0.0, 0.01, 0.1, 0.5])}, lambda y, p, d: F.min_p(y, p["min_p"])),
-    K.ETA: (lambda r: {"eta_cutoff": r.choice([0.0, 1e-4, 3e-3])}, lambda y, p, d: F.eta_cutoff(y, p["eta_cutoff"])),
-    K.EPSILON: (lambda r: {"epsilon_cutoff": r.choice([0.0, 1e-4, 2e-3])},
+    KC.TOP_P: (lambda r: {"top_p": r.choice([1.0, 0.3, 0.9, 0.99])}, lambda y, p, d: F.top_p(y, p["top_p"])),
+    KC.TOP_A: (lambda r: {"top_a": r.choice([0.0, 0.1, 0.5])}, lambda y, p, d: F.top_a(y, p["top_a"])),
+    KC.MIN_P: (lambda r: {"min_p": r.choice([0.0, 0.01, 0.1, 0.5])}, lambda y, p, d: F.min_p(y, p["min_p"])),
+    KC.ETA: (lambda r: {"eta_cutoff": r.choice([0.0, 1e-4, 3e-3])}, lambda y, p, d: F.eta_cutoff(y, p["eta_cutoff"])),
+    KC.EPSILON: (lambda r: {"epsilon_cutoff": r.choice([0.0, 1e-4, 2e-3])},
                 lambda y, p, d: F.epsilon_cutoff(y, p["epsilon_cutoff"])),
-    K.TYPICAL: (lambda r: {"typical_p": r.choice([1.0, 0.5, 0.95])}, lambda y, p, d: F.typical_p(y, p["typical_p"])),
-    K.QUADRATIC: (lambda r: {"smoothing_factor": r.choice([0.0, 0.2, 1.0]), "smoothing_curve": r.choice([1.0, 2.0])},
+    KC.TYPICAL: (lambda r: {"typical_p": r.choice([1.0, 0.5, 0.95])}, lambda y, p, d: F.typical_p(y, p["typical_p"])),
+    KC.QUADRATIC: (lambda r: {"smoothing_factor": r.choice([0.0, 0.2, 1.0]), "smoothing_curve": r.choice([1.0, 2.0])},
                   lambda y, p, d: F.quadratic_smoothing(y, p["smoothing_factor"], p["smoothing_curve"])),
-    K.XTC_PHILOX: (lambda r: {"xtc_threshold": r.choice([0.01, 0.1]), "xtc_probability": r.choice([0.0, 0.5, 1.0])},
+    KC.XTC_PHILOX: (lambda r: {"xtc_threshold": r.choice([0.01, 0.1]), "xtc_probability": r.choice([0.0, 0.5, 1.0])},
                    lambda y, p, d: F.xtc(y, p["xtc_threshold"], p["xtc_probability"], d["coin"])),
-    K.PENALTIES: (lambda r: {"repetition_penalty": r.choice([1.0, 1.3]), "frequency_penalty": r.choice([0.0, 0.2]),
+    KC.PENALTIES: (lambda r: {"repetition_penalty": r.choice([1.0, 1.3]), "frequency_penalty": r.choice([0.0, 0.2]),
                              "presence_penalty": r.choice([0.0, 0.5])},
                   lambda y, p, d: F.penalties(y, d["seen"], d["counts"], p["repetition_penalty"],
                                               p["frequency_penalty"], p["presence_penalty"])),
@@ -262,9 +276,9 @@ def test_random_chains_equal_the_reference_functions_in_sequence(seed):
     words = torch.tensor([split_seed(int(s)) for s in r.integers(0, 2**40, B)], dtype=torch.int64).t()
     step, seq = torch.arange(B, dtype=torch.int64) * 7, torch.zeros(B, dtype=torch.int64)
     side = {"seen": counts > 0, "counts": counts, "coin": ref_uniforms(words[0], words[1], step, seq, 1)}
-    keys = K.key_words(words[0], words[1], step, seq)
+    keys = KC.key_words(words[0], words[1], step, seq)
     greedy = torch.from_numpy(r.random(B) < 0.3)
-    out, tokens, logprobs = K.run_chain(x, codes, masks, K.param_table(B, x.device, prm), seen=side["seen"],
+    out, tokens, logprobs = K.run_chain(x, codes, masks, KC.param_table(B, x.device, prm), seen=side["seen"],
                                         counts=counts, keys=keys, draw_greedy=greedy)
     ref = x.float()
     for c, m in zip(codes, masks):
@@ -282,25 +296,77 @@ def test_larger_shapes():
     B, V = 2, 32001
     x = _logits(B, V, torch.float16, seed=9)
     for kernel, ref, prm in [
-        (KT.top_k, F.top_k, torch.tensor([50, 1000])),
-        (KT.top_p, F.top_p, torch.tensor([0.9, 0.3])),
-        (KT.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
-        (KT.min_p, F.min_p, torch.tensor([0.05, 0.0])),
+        (ops.top_k, F.top_k, torch.tensor([50, 1000])),
+        (ops.top_p, F.top_p, torch.tensor([0.9, 0.3])),
+        (ops.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
+        (ops.min_p, F.min_p, torch.tensor([0.05, 0.0])),
     ]:
         _assert_same(kernel(x, prm), ref(x, prm), torch.float16)
 
 
 def test_top_k_and_top_p_ties_at_the_boundary_are_all_kept():
     x = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0, -0.0, NINF]])
-    got = KT.top_k(x, torch.tensor([2]))
+    got = ops.top_k(x, torch.tensor([2]))
     assert torch.isfinite(got[0]).tolist() == [True, False, True, True, True, False, False, False]
-    got = KT.top_k(x, torch.tensor([6]))  # the 6th largest is 0.0 == -0.0: both kept
+    got = ops.top_k(x, torch.tensor([6]))  # the 6th largest is 0.0 == -0.0: both kept
     assert torch.isfinite(got[0]).tolist() == [True] * 7 + [False]
     # p = [0.25, 0.25, 0.25, 0.25]: top_p 0.3 -> mass above each token is 0 < 0.3: all kept
     y = torch.zeros(1, 4)
-    assert torch.isfinite(KT.top_p(y, torch.tensor([0.3]))).all()
-    for fn in (KT.top_p, KT.typical_p):
+    assert torch.isfinite(ops.top_p(y, torch.tensor([0.3]))).all()
+    for fn in (ops.top_p, ops.typical_p):
         _assert_same(fn(x, torch.tensor([0.6])), getattr(F, fn.__name__)(x, torch.tensor([0.6])), torch.float32)
+
+
+# ---------------------------------------------------------------------------- typical_p's top token
+def test_typical_published_cases_on_the_kernels():
+    """The HF transformers (test_logits_process.py::test_typical_dist_warper) and llama.cpp
+    (test-sampling.cpp::test_typical) expectations, ``tt.TYPICAL_PUBLISHED``: [0.4, 0.2, 0.2,
+    0.2] at 0.5 keeps only the three 0.2 tokens (the top token goes); [0.97, 0.01 x 3] only
+    the 0.97 token."""
+    x = torch.cat([tt.logits_of(p) for p, _, _ in tt.TYPICAL_PUBLISHED])
+    tp = torch.tensor([q for _, q, _ in tt.TYPICAL_PUBLISHED])
+    got = ops.typical_p(x, tp)
+    assert tt.kept(got) == [k for _, _, k in tt.TYPICAL_PUBLISHED]
+    _assert_same(got, F.typical_p(x, tp), torch.float32)
+
+
+def typical_top_removed_rows(V: int = 1000) -> torch.Tensor:
+    """Rows (as log-probabilities) in which typical_p 0.5 removes the top token (token 0):
+    A: p0 = .4, V - 1 tied tokens share .6: H = .4 * .916 + .6 * 7.418 = 4.818, d0 = 3.90 >
+       d(tail) = 2.60, and the tail's mass .6 >= .5 -> the V - 1 others kept;
+    B: p0 = .3, 20 tokens of .03, V - 21 share .1: H = .361 + 2.104 + .919 = 3.384,
+       d(.03) = .123 < d0 = 2.18 < d(tail) = 5.8; the .03 group has .6 >= .5 -> those 20;
+    C: p0 = .4, 30 tokens of .02, the rest 12 logits lower: H ~ .367 + 2.347 = 2.714,
+       d(.02) = 1.198 < d0 = 1.80 -> the 30 tokens (also after top_k 31)."""
+    a = [0.4] + [0.6 / (V - 1)] * (V - 1)
+    b = [0.3] + [0.03] * 20 + [0.1 / (V - 21)] * (V - 21)
+    x = torch.cat([tt.logits_of(a), tt.logits_of(b), tt.logits_of([0.4] + [0.02] * 30 + [0.02] * (V - 31))])
+    x[2, 31:] -= 12.0
+    return x
+
+
+TYPICAL_TOP_REMOVED_KEPT = [list(range(1, 1000)), list(range(1, 21)), list(range(1, 31))]
+
+
+def test_typical_removes_the_top_token_on_larger_rows():
+    x = typical_top_removed_rows()
+    tp = torch.full((3,), 0.5)
+    got = ops.typical_p(x, tp)
+    assert tt.kept(got) == TYPICAL_TOP_REMOVED_KEPT
+    _assert_same(got, F.typical_p(x, tp), torch.float32)
+    # after top_k in the same launch (few survivors: the compacted search / the sparse mode)
+    codes = [KC.TOP_K, KC.TYPICAL]
+    table = KC.param_table(3, x.device, {"top_k": torch.full((3,), 31.0), "typical_p": tp})
+    got = K.run_chain(x, codes, [None, None], table)
+    _assert_same(got, F.typical_p(F.top_k(x, torch.full((3,), 31)), tp), torch.float32)
+    assert tt.kept(got[2:]) == [list(range(1, 31))]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(data=tt.quantised_rows(max_batch=3, max_vocab=40))
+def test_prop_typical_kernel_equals_the_sorted_definition(data):
+    """The kernel keeps exactly the set of the numpy sort of the definition (rows with ties)."""
+    tt.check_typical_equals_sorted_definition(ops.typical_p, *data)
 
 
 # ---------------------------------------------------------------------------- draw and Philox
@@ -352,7 +418,7 @@ def test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs(dtyp
     step = torch.arange(B, dtype=torch.int64) * 3
     seq = torch.arange(B, dtype=torch.int64) % 2
     u = ref_uniforms(words[0], words[1], step, seq, 0)
-    tokens, logprobs = kernels.sample_tokens(x, greedy, K.key_words(words[0], words[1], step, seq))
+    tokens, logprobs = kernels.sample_tokens(x, greedy, KC.key_words(words[0], words[1], step, seq))
     want = ref_draw(x, greedy, u)
     assert torch.equal(tokens, want)
     assert tokens[5] == 0 and not torch.isneginf(x[torch.arange(B), tokens]).any()
@@ -367,11 +433,11 @@ def test_chain_with_the_draw_fused_equals_chain_then_draw(dtype):
     B, V = 12, 1000
     x = _logits(B, V, dtype, seed=41)
     words = torch.tensor([split_seed(s) for s in range(700, 700 + B)], dtype=torch.int64).t()
-    keys = K.key_words(words[0], words[1], torch.arange(B) * 5, torch.zeros(B, dtype=torch.int64))
+    keys = KC.key_words(words[0], words[1], torch.arange(B) * 5, torch.zeros(B, dtype=torch.int64))
     greedy = torch.arange(B) % 3 == 0
-    table = K.param_table(B, x.device, {"top_k": torch.full((B,), 40.0), "top_p": torch.full((B,), 0.9),
+    table = KC.param_table(B, x.device, {"top_k": torch.full((B,), 40.0), "top_p": torch.full((B,), 0.9),
                                         "min_p": torch.where(torch.arange(B) % 2 == 0, 0.05, 0.0)})
-    codes = [K.TOP_K, K.TOP_P, K.MIN_P]
+    codes = [KC.TOP_K, KC.TOP_P, KC.MIN_P]
     out, tokens, logprobs = K.run_chain(x, codes, [None] * 3, table, keys=keys, draw_greedy=greedy)
     alone = K.run_chain(x, codes, [None] * 3, table, keys=keys)
     assert torch.equal(out, alone)
@@ -379,8 +445,8 @@ def test_chain_with_the_draw_fused_equals_chain_then_draw(dtype):
     assert torch.equal(tokens, want_t)
     torch.testing.assert_close(logprobs, want_lp, rtol=1e-6, atol=1e-6)
     # a row that no stage changes (every stage disabled for it) is still drawn
-    none = K.param_table(B, x.device, {})
-    out, tokens, _ = K.run_chain(x, [K.MIN_P], [None], none, keys=keys, draw_greedy=greedy)
+    none = KC.param_table(B, x.device, {})
+    out, tokens, _ = K.run_chain(x, [KC.MIN_P], [None], none, keys=keys, draw_greedy=greedy)
     assert torch.equal(out, x.float()) and torch.equal(tokens, kernels.sample_tokens(x.float(), greedy, keys)[0])
 
 
@@ -402,11 +468,11 @@ def test_layout_between_whole_row_and_blocked_is_timed_once_and_kept(monkeypatch
     monkeypatch.setattr(K, "_time_launch", fake_time)
     B, V = 3, 333
     x = _logits(B, V, torch.float32, seed=42)
-    table = K.param_table(B, x.device, {"top_k": torch.full((B,), 20.0), "top_p": torch.full((B,), 0.8)})
-    first = K.run_chain(x, [K.TOP_K, K.TOP_P], [None, None], table)
+    table = KC.param_table(B, x.device, {"top_k": torch.full((B,), 20.0), "top_p": torch.full((B,), 0.8)})
+    first = K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table)
     assert sorted(timed) == ["blocked", "whole_row"]
     assert list(K._LAYOUT.values()) == ["whole" if faster == "whole_row" else "blocked"]
-    again = K.run_chain(x, [K.TOP_K, K.TOP_P], [None, None], table)
+    again = K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table)
     assert len(timed) == 2 and torch.equal(first, again)
     _assert_same(first, F.top_p(F.top_k(x, torch.full((B,), 20)), torch.full((B,), 0.8)), torch.float32)
 
@@ -443,8 +509,8 @@ def test_xtc_coin_drawn_in_kernel_equals_the_torch_stream():
     seq = torch.arange(B, dtype=torch.int64) % 2
     coin = ref_uniforms(words[0], words[1], step, seq, 1)
     thr, prob = torch.full((B,), 0.02), torch.full((B,), 0.5)
-    table = K.param_table(B, x.device, {"xtc_threshold": thr, "xtc_probability": prob})
-    got = K.run_chain(x, [K.XTC_PHILOX], [None], table, keys=K.key_words(words[0], words[1], step, seq))
+    table = KC.param_table(B, x.device, {"xtc_threshold": thr, "xtc_probability": prob})
+    got = K.run_chain(x, [KC.XTC_PHILOX], [None], table, keys=KC.key_words(words[0], words[1], step, seq))
     want = F.xtc(x, thr, prob, coin)
     _assert_same(got, want, torch.float32)
     hit = (coin < prob)
@@ -463,4 +529,4 @@ def test_top_k_radix_select_edge_cases(dtype):
     x[3] = torch.randn(V, generator=g) * 1e-3 - 50.0  # close negative values
     x = x.to(dtype)
     k = torch.tensor([5, 7, 25, 150, V - 1, 1])
-    _assert_same(KT.top_k(x, k), F.top_k(x, k), dtype)
+    _assert_same(ops.top_k(x, k), F.top_k(x, k), dtype)

@@ -19,7 +19,7 @@ import samplers.functional as F  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
 import samplers.kernels as kernels  # noqa: E402
-from samplers.kernels import _common, blocked as KB, draw as KD, fused as K, truncation as KT  # noqa: E402
+from samplers.kernels import _common, blocked as KB, codes as KC, draw as KD, fused as K, ops  # noqa: E402
 from samplers.sampling import row_uniforms as ref_uniforms, split_seed  # noqa: E402
 
 import test_kernels as tk  # noqa: E402
@@ -38,8 +38,12 @@ from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_single_param_kernels_match_reference,
     test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
     test_top_k_radix_select_edge_cases,
+    test_prop_typical_kernel_equals_the_sorted_definition,
+    test_typical_published_cases_on_the_kernels,
+    test_typical_removes_the_top_token_on_larger_rows,
     test_xtc_coin_drawn_in_kernel_equals_the_torch_stream,
     test_xtc_kernel,
+    test_xtc_kernel_keeps_every_tied_least_likely_member_of_c,
 )
 from test_kernels_pipeline import (  # noqa: E402,F401
     on_triton,
@@ -117,13 +121,13 @@ def test_compacted_searches_after_top_k_and_all_neginf_rows(dtype):
     x = x.to(dtype)
     prm = {"top_k": torch.tensor([30, 60, 10, 5, 5]), "top_p": torch.tensor([0.8, 0.95, 0.5, 0.5, 0.5]),
            "typical_p": torch.tensor([0.9, 0.5, 1.0, 0.7, 0.7]), "min_p": torch.tensor([0.0, 0.01, 0.0, 0.1, 0.1])}
-    codes = [K.TOP_K, K.TOP_P, K.MIN_P, K.TYPICAL]
-    got = K.run_chain(x, codes, [None] * 4, K.param_table(B, x.device, prm))
+    codes = [KC.TOP_K, KC.TOP_P, KC.MIN_P, KC.TYPICAL]
+    got = K.run_chain(x, codes, [None] * 4, KC.param_table(B, x.device, prm))
     ref = F.typical_p(F.min_p(F.top_p(F.top_k(x.float(), prm["top_k"]), prm["top_p"]), prm["min_p"]),
                       prm["typical_p"])
     tk._assert_same(got, ref, torch.float32)
     assert torch.isneginf(got[4]).all()
-    for fn, p in ((KT.top_p, 0.9), (KT.typical_p, 0.9), (KT.nsigma, 1.0)):
+    for fn, p in ((ops.top_p, 0.9), (ops.typical_p, 0.9), (ops.nsigma, 1.0)):
         prm1 = torch.full((B,), p)
         tk._assert_same(fn(x, prm1), getattr(F, fn.__name__)(x, prm1), dtype)
 
@@ -136,9 +140,9 @@ def test_larger_vocabulary_on_the_blocked_path(monkeypatch):
     B, V = 2, 32001
     x = tk._logits(B, V, torch.float16, seed=9)
     for kernel, ref, prm in [
-        (KT.top_k, F.top_k, torch.tensor([50, 1000])),
-        (KT.top_p, F.top_p, torch.tensor([0.9, 0.3])),
-        (KT.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
+        (ops.top_k, F.top_k, torch.tensor([50, 1000])),
+        (ops.top_p, F.top_p, torch.tensor([0.9, 0.3])),
+        (ops.typical_p, F.typical_p, torch.tensor([0.9, 0.5])),
     ]:
         tk._assert_same(kernel(x, prm), ref(x, prm), torch.float16)
     params = [SamplingParams(**tp.EVERYTHING), SamplingParams(top_k=50, top_p=0.9, seed=3)]
@@ -179,8 +183,8 @@ def test_top_k_window_prefilter_and_its_fallback(case, first):
     x = torch.randn(1, V, generator=g) * {"peaked": 3.0, "flat": 0.01, "ties": 0.0, "large_k": 3.0}[case]
     k = 200 if case == "large_k" else 5
     prm = {"top_k": torch.full((1,), float(k)), "temperature": torch.full((1,), 1.0 if first else 0.5)}
-    codes = [K.TOP_K] if first else [K.TEMPERATURE, K.TOP_K]
-    table = K.param_table(1, x.device, prm)
+    codes = [KC.TOP_K] if first else [KC.TEMPERATURE, KC.TOP_K]
+    table = KC.param_table(1, x.device, prm)
     got, reads, writes = _passes(lambda: K.run_chain(x, codes, [None] * len(codes), table), V * 4)
     want = F.top_k(x if first else F.temperature(x, prm["temperature"]), torch.full((1,), k))
     tk._assert_same(got, want, torch.float32)
@@ -203,8 +207,8 @@ def test_top_p_mass_bound_prefilter_and_its_fallback(case):
     g = torch.Generator().manual_seed(51)
     scale, tp = {"peaked": (4.0, 0.9), "flat": (0.05, 0.9), "no_bound": (0.05, 0.999)}[case]
     x = torch.randn(1, V, generator=g) * scale
-    table = K.param_table(1, x.device, {"top_p": torch.full((1,), tp)})
-    got, reads, writes = _passes(lambda: K.run_chain(x, [K.TOP_P], [None], table), V * 4)
+    table = KC.param_table(1, x.device, {"top_p": torch.full((1,), tp)})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [KC.TOP_P], [None], table), V * 4)
     tk._assert_same(got, F.top_p(x, torch.full((1,), tp)), torch.float32)
     if case == "peaked":
         assert reads == pytest.approx(4, abs=0.2), reads  # stats, histogram, compaction, keep
@@ -228,10 +232,10 @@ def test_sparse_mode_runs_the_rest_of_the_chain_in_registers(dtype):
            "repetition_penalty": torch.full((B,), 1.3), "frequency_penalty": torch.full((B,), 0.1),
            "presence_penalty": torch.zeros(B), "min_p": torch.full((B,), 0.02), "typical_p": torch.full((B,), 0.9),
            "xtc_threshold": torch.full((B,), 0.05), "xtc_probability": torch.full((B,), 0.5)}
-    table = K.param_table(B, x.device, prm)
+    table = KC.param_table(B, x.device, prm)
     words = torch.tensor([split_seed(s) for s in range(900, 900 + B)], dtype=torch.int64).t()
-    keys = K.key_words(words[0], words[1], torch.arange(B) * 3, torch.zeros(B, dtype=torch.int64))
-    codes = [K.TOP_K, K.TOP_P, K.TEMPERATURE, K.PENALTIES, K.MIN_P, K.TYPICAL, K.XTC_PHILOX]
+    keys = KC.key_words(words[0], words[1], torch.arange(B) * 3, torch.zeros(B, dtype=torch.int64))
+    codes = [KC.TOP_K, KC.TOP_P, KC.TEMPERATURE, KC.PENALTIES, KC.MIN_P, KC.TYPICAL, KC.XTC_PHILOX]
     greedy = torch.tensor([True, False, False, False])
 
     def run():
@@ -267,11 +271,11 @@ def test_min_p_first_is_decided_in_the_statistics_pass(case):
     g = torch.Generator().manual_seed(54)
     x = torch.randn(B, V, generator=g) * (4.0 if case == "peaked" else 0.01)
     mp = torch.tensor([0.1, 0.0, 0.3])  # row 1: min_p disabled
-    table = K.param_table(B, x.device, {"min_p": mp, "temperature": torch.full((B,), 0.8)})
+    table = KC.param_table(B, x.device, {"min_p": mp, "temperature": torch.full((B,), 0.8)})
     words = torch.tensor([split_seed(s) for s in range(300, 300 + B)], dtype=torch.int64).t()
-    keys = K.key_words(words[0], words[1], torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
+    keys = KC.key_words(words[0], words[1], torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
     greedy = torch.tensor([False, False, True])
-    codes = [K.MIN_P, K.TEMPERATURE]
+    codes = [KC.MIN_P, KC.TEMPERATURE]
     want = F.temperature(F.min_p(x, mp), torch.full((B,), 0.8))
     (out, tokens, logprobs), reads, writes = _passes(
         lambda: K.run_chain(x, codes, [None, None], table, keys=keys, draw_greedy=greedy), V * 4)
@@ -291,20 +295,43 @@ def test_min_p_first_is_decided_in_the_statistics_pass(case):
         assert reads2 > 5, reads2
 
 
-@pytest.mark.parametrize("case", ["peaked", "flat"])
+@pytest.mark.parametrize("case", ["peaked", "flat", "top_removed_compacted", "top_removed_bisected"])
 def test_typical_p_histogram_prefilter_and_its_fallback(case):
     """typical_p alone on many tokens: a histogram of d = |-log p - H| finds the largest bound
     with at most KMAX tokens below it; when their mass reaches typical_p the search runs on
     them in registers (histogram + compaction + keep after the statistics pass), otherwise it
-    bisects over the row. Same removed sets as F.typical_p."""
+    bisects over the row. Same removed sets as F.typical_p. The top_removed cases are rows B
+    and A of ``tk.typical_top_removed_rows``: the top token lies beyond the bound (B) or the
+    row bisection removes it (A); it is not added back on either branch."""
     V = 1000
-    g = torch.Generator().manual_seed(55)
-    x = torch.randn(1, V, generator=g) * (5.0 if case == "peaked" else 0.05)
-    tp = torch.full((1,), 0.9)
-    table = K.param_table(1, x.device, {"typical_p": tp})
-    got, reads, writes = _passes(lambda: K.run_chain(x, [K.TYPICAL], [None], table), V * 4)
+    if case.startswith("top_removed"):
+        row = 1 if case == "top_removed_compacted" else 0
+        x = tk.typical_top_removed_rows(V)[row:row + 1]
+        tp = torch.full((1,), 0.5)
+    else:
+        g = torch.Generator().manual_seed(55)
+        x = torch.randn(1, V, generator=g) * (5.0 if case == "peaked" else 0.05)
+        tp = torch.full((1,), 0.9)
+    table = KC.param_table(1, x.device, {"typical_p": tp})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [KC.TYPICAL], [None], table), V * 4)
     tk._assert_same(got, F.typical_p(x, tp), torch.float32)
-    if case == "peaked":
+    if case.startswith("top_removed"):
+        assert tk.tt.kept(got) == [tk.TYPICAL_TOP_REMOVED_KEPT[row]]
+    if case in ("peaked", "top_removed_compacted"):
         assert reads == pytest.approx(4, abs=0.2), reads
     else:
         assert reads > 8, reads
+
+
+def test_typical_p_in_the_sparse_mode_removes_the_top_token():
+    """After top_k leaves at most KMAX tokens, typical_p runs on the survivors in registers
+    (the whole-row stage, ``stage.stage``): the chain reads the row twice, and the top token
+    goes as in F.typical_p (row C of ``tk.typical_top_removed_rows``)."""
+    V = 1000
+    x = tk.typical_top_removed_rows(V)[2:3]
+    tp = torch.full((1,), 0.5)
+    table = KC.param_table(1, x.device, {"top_k": torch.full((1,), 31.0), "typical_p": tp})
+    got, reads, writes = _passes(lambda: K.run_chain(x, [KC.TOP_K, KC.TYPICAL], [None, None], table), V * 4)
+    assert 2 < reads < 2.3, reads  # statistics with top_k's window, its compaction (+ scratch)
+    tk._assert_same(got, F.typical_p(F.top_k(x, torch.full((1,), 31)), tp), torch.float32)
+    assert tk.tt.kept(got) == [list(range(1, 31))]

@@ -20,11 +20,16 @@ pytest.importorskip("triton")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: Bytes per thread of one spilled tile of the blocked kernels (8192 fp32 lanes over 512
+#: threads): a spill this large means a whole tile went to local memory. A few spilled scalars
+#: (their count changes with the triton release: 4 bytes for min_p + draw with 3.7.1, 16 with
+#: 3.8.0) are below it.
+_TILE_SPILL = 8192 * 4 // 512
+
+
 def _spill_stores(stdout: str, name: str) -> int:
-    """Bytes of spill stores ptxas reports for kernel ``name`` (0 without ptxas)."""
+    """Bytes of spill stores ptxas reports for kernel ``name``."""
     line = stdout.split(f"{name}:")[1].splitlines()[0]
-    if "ptxas not found" in line:
-        return 0
     return int(re.search(r"(\d+) bytes spill stores", line).group(1))
 
 
@@ -47,7 +52,7 @@ def test_blocked_kernels_compile_for_sm90_without_row_spills():
     """The column-blocked chain (every stage code) and draw at the production tile: their size
     does not depend on V, so this is the kernel that runs V = 128256 or 151936. The draw has
     no spills; the chain with all 15 stage codes at once spills a few scalars (8 bytes with
-    triton 3.7.1), never a tile (a tile is 8192 * 4 / 512 threads = 64 bytes per thread)."""
+    triton 3.7.1), never a tile (``_TILE_SPILL``)."""
     from samplers.kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -56,18 +61,17 @@ def test_blocked_kernels_compile_for_sm90_without_row_spills():
                         str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _spill_stores(r.stdout, "blocked_chain") <= 32
+    assert _spill_stores(r.stdout, "blocked_chain") < _TILE_SPILL
     assert _spill_stores(r.stdout, "blocked_draw") == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
-@pytest.mark.parametrize("codes,limit", [("9", 8), ("6,7", 48)], ids=["min_p", "top_k+top_p"])
-def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes, limit):
+@pytest.mark.parametrize("codes", ["9", "6,7"], ids=["min_p", "top_k+top_p"])
+def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes):
     """The benchmark's configurations (a) and (b) with the draw at the end of the chain (what
     ``SamplerPipeline.sample`` launches for V = 128256): min_p spills one scalar (4 bytes with
     triton 3.7.1); top_k + top_p (window select, mass-bounded search, sparse mode, draw) a few
-    scalars at 16 warps' 128 registers (32 bytes; none at 8 warps), never a tile (64 bytes per
-    thread)."""
+    scalars at 16 warps' 128 registers (32 bytes; none at 8 warps), never a tile (``_TILE_SPILL``)."""
     from samplers.kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -76,4 +80,4 @@ def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes, l
                         "--tile", str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _spill_stores(r.stdout, "blocked_chain") <= limit
+    assert _spill_stores(r.stdout, "blocked_chain") < _TILE_SPILL

@@ -4,8 +4,9 @@
 2. agreement with an independent float64 numpy re-implementation written here, on random
    rows with heterogeneous parameters, -inf entries and ties (tokens whose decision is within
    rounding of the threshold are reported "ambiguous" by the reference and not compared);
-3. hypothesis properties: disabled -> bit-identical, batch independence, top token kept,
-   never all removed, monotonicity;
+3. hypothesis properties: disabled -> bit-identical, batch independence, top token kept
+   (the threshold samplers; typical_p need not keep it), never all removed, monotonicity;
+   typical_p's kept set equals a plain numpy sort of the definition on rows with ties;
 4. fp16 / bf16 inputs keep their dtype.
 """
 
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from samplers.functional.truncation import (
@@ -197,10 +198,12 @@ def ref_typical(row, tp):
     with np.errstate(divide="ignore"):
         dev = np.where(p > 0, np.abs(-np.log(p) - h), np.inf)
     lo = np.array([p[dev < d - 1e-4].sum() for d in dev])
-    hi = np.array([p[dev < d + 1e-4].sum() for d in dev])
+    # near-ties in d may round either way, but a token never precedes one of equal logit
+    # (their d are computed by the same operations: equal in every precision)
+    hi = np.array([p[(dev < d + 1e-4) & (row != l)].sum() for d, l in zip(dev, row)])
     keep, amb = mass_decision(lo, hi, tp)
-    top = np_top(row)
-    return (keep & (p > 0)) | top, amb & ~top & (p > 0)
+    # no top token added back: typical_p removes it when its deviation is large
+    return keep & (p > 0), amb & (p > 0)
 
 
 def ref_nsigma(row, n):
@@ -248,6 +251,7 @@ class Spec:
     disabled: list
     enabled: st.SearchStrategy
     larger_keeps_more: bool
+    keeps_top: bool = True  # the threshold samplers; typical_p may remove the top token
 
 
 def _fl(lo, hi):
@@ -263,7 +267,7 @@ SPECS: dict[str, Spec] = {
     "tfs": Spec(tfs, ref_tfs, torch.float32, [1.0], _fl(0.01, 0.999), True),
     "eta_cutoff": Spec(eta_cutoff, ref_eta, torch.float32, [0.0], _fl(1e-4, 0.99), False),
     "epsilon_cutoff": Spec(epsilon_cutoff, ref_epsilon, torch.float32, [0.0], _fl(1e-4, 0.99), False),
-    "typical_p": Spec(typical_p, ref_typical, torch.float32, [1.0], _fl(0.01, 0.999), True),
+    "typical_p": Spec(typical_p, ref_typical, torch.float32, [1.0], _fl(0.01, 0.999), True, keeps_top=False),
     "nsigma": Spec(nsigma, ref_nsigma, torch.float32, [0.0], _fl(0.01, 5.0), True),
 }
 
@@ -376,15 +380,35 @@ def test_typical_hand():
     # |2.99573-1.14212| = 1.85361: order by deviation: token 1, 0, 2, 3
     assert sorted(range(4), key=lambda t: dev[t]) == [1, 0, 2, 3]
     out = typical_p(l, f32(0.2, 0.75, 0.9))
-    # typical_p=.2: mass before token1 = 0 < .2 keep; token0: .3 >= .2 -> removed by the rule but
-    #   it is the top token, so kept -> {0, 1}
-    # typical_p=.75: token2: mass before = .3+.5 = .8 >= .75 -> {0, 1}
+    # typical_p=.2: mass before token1 = 0 < .2 keep; token0 (the top token): .3 >= .2 -> removed
+    #   (not added back) -> {1}
+    # typical_p=.75: token0: .3 < .75 keep; token2: mass before = .3+.5 = .8 >= .75 -> {0, 1}
     # typical_p=.9: token2: .8 < .9 keep; token3: .95 >= .9 -> {0, 1, 2}
-    assert kept(out) == [[0, 1], [0, 1], [0, 1, 2]]
+    assert kept(out) == [[1], [0, 1], [0, 1, 2]]
 
 
-def test_typical_top_token_kept_alone():
-    # a peaked row: the top token is far from the entropy but must survive
+# The published expectations of the two reference implementations, as numbers:
+# Hugging Face transformers tests/generation/test_logits_process.py::test_typical_dist_warper
+# (TypicalLogitsWarper(0.5)) and llama.cpp tests/test-sampling.cpp::test_typical
+# (llama_sampler_init_typical(0.5, 0)) both give these kept sets.
+TYPICAL_PUBLISHED = [
+    ([0.97, 0.01, 0.01, 0.01], 0.5, [0]),       # only the 0.97 token
+    ([0.4, 0.2, 0.2, 0.2], 0.5, [1, 2, 3]),     # only the three 0.2 tokens: the top token goes
+]
+
+
+def test_typical_published_cases():
+    l = torch.cat([logits_of(p) for p, _, _ in TYPICAL_PUBLISHED])
+    out = typical_p(l, f32(*[tp for _, tp, _ in TYPICAL_PUBLISHED]))
+    # row 1 by hand: H = -(.4 ln .4 + 3 * .2 ln .2) = .36652 + .96566 = 1.33218;
+    # d(.4) = |.91629 - 1.33218| = .41589 > d(.2) = |1.60944 - 1.33218| = .27726, so the
+    # three tied .2 tokens come first and their mass .6 >= .5 ends the prefix before the .4
+    assert kept(out) == [k for _, _, k in TYPICAL_PUBLISHED]
+    assert torch.equal(out[torch.isfinite(out)], l[torch.isfinite(out)])
+
+
+def test_typical_peaked_row_keeps_the_least_deviating_token():
+    # a peaked row: here the top token is the one closest to the entropy
     l = logits_of([0.9, 0.05, 0.05])
     # H = -(.9 ln .9 + 2 * .05 ln .05) = .09482 + .29957 = .39439
     # dev: top |.10536-.39439| = .28903, others |2.99573-.39439| = 2.60134 (tied)
@@ -589,8 +613,9 @@ def check_keeps_top_and_something(spec, logits, params):
     out = spec.fn(logits, params)
     assert torch.equal(bits(logits), bits(before))  # input not modified
     assert not torch.isnan(out).any()
-    top = logits == logits.amax(dim=-1, keepdim=True)
-    assert torch.equal(out[top], logits[top])
+    if spec.keeps_top:
+        top = logits == logits.amax(dim=-1, keepdim=True)
+        assert torch.equal(out[top], logits[top])
     assert torch.isfinite(out).any(dim=-1).all()
     # removal only: every output is either the input value or -inf
     assert torch.all((out == logits) | torch.isneginf(out))
@@ -647,6 +672,86 @@ def test_prop_xtc(seed, vocab, thr, prob, coin):
         assert torch.equal(bits(alone[0]), bits(out[b]))
         if not (prob[b] > 0 and coin[b] < prob[b]):
             assert torch.equal(bits(out[b]), bits(logits[b]))
+
+
+# typical_p against a plain sort of its definition, on rows with many exact ties
+
+
+def np_typical_sorted(row: np.ndarray, tp: float) -> tuple[np.ndarray, bool]:
+    """typical_p by its definition, in float64: sort the tokens by d = |-log p - H|
+    ascending, take the shortest prefix whose mass is >= tp, keep every token whose d is <=
+    that of the prefix's last one (ties in d kept). Nothing is added back.
+
+    Returns (keep, unsure): ``unsure`` when fp32 rounding could change the answer: two
+    different logits whose deviations are within 1e-6 (their order), or a cumulative mass
+    at the end of a group of tied tokens within 1e-5 of tp (where the prefix ends)."""
+    fin = np.isfinite(row)
+    if tp >= 1.0:
+        return fin, False
+    p = np_softmax(row)
+    pos = p > 0
+    with np.errstate(divide="ignore"):
+        logp = np.where(pos, np.log(np.where(pos, p, 1.0)), -np.inf)
+    h = float(-(p[pos] * logp[pos]).sum())
+    d = np.where(pos, np.abs(-logp - h), np.inf)
+    order = np.argsort(d, kind="stable")
+    cum = np.cumsum(p[order])
+    n = min(int(np.searchsorted(cum, tp, side="left")) + 1, len(row))  # first cum >= tp
+    keep = fin & (d <= d[order[n - 1]])
+    # equal logits have exactly equal d: one group of tied tokens per distinct logit, whose
+    # d is |lse - l - H| (-log p = lse - l)
+    levels = np.unique(row[pos])
+    lse = float(row[pos][0] - logp[pos][0])
+    d_lv = np.abs(lse - levels - h)
+    by_d = np.argsort(d_lv)
+    mass_lv = np.array([p[row == v].sum() for v in levels])[by_d]
+    unsure = bool(np.any(np.diff(d_lv[by_d]) <= 1e-6 * (1 + d_lv.max(initial=0.0)))
+                  or np.any(np.abs(np.cumsum(mass_lv) - tp) <= 1e-5))
+    return keep, unsure
+
+
+def test_np_typical_sorted_on_the_published_cases():
+    # the numpy definition itself reproduces the HF / llama.cpp numbers
+    for probs, tp, want in TYPICAL_PUBLISHED:
+        keep, unsure = np_typical_sorted(logits_of(probs)[0].double().numpy(), tp)
+        assert np.nonzero(keep)[0].tolist() == want and not unsure
+
+
+@st.composite
+def quantised_rows(draw, max_batch: int = 4, max_vocab: int = 48):
+    """Logits on a coarse grid (many exact ties, at the maximum too), some -inf, never a
+    whole row; per-row typical_p, sometimes disabled."""
+    batch = draw(st.integers(1, max_batch))
+    vocab = draw(st.integers(1, max_vocab))
+    scale = draw(st.sampled_from([0.25, 0.5, 1.0, 2.0]))
+    levels = draw(st.integers(1, 9))
+    rows = draw(st.lists(st.lists(st.integers(-1, levels - 1), min_size=vocab, max_size=vocab),
+                         min_size=batch, max_size=batch))
+    x = np.array(rows, dtype=np.float32) * np.float32(scale)
+    x[np.array(rows) < 0] = -np.inf
+    x[:, 0] = np.where(np.isfinite(x).any(axis=1), x[:, 0], 0.0)  # never a whole row removed
+    tps = draw(st.lists(st.one_of(st.just(1.0), _fl(0.01, 0.999)), min_size=batch, max_size=batch))
+    return torch.from_numpy(x), torch.tensor(tps, dtype=torch.float32)
+
+
+def check_typical_equals_sorted_definition(fn, logits, tp):
+    """``fn`` (F.typical_p or a kernel) keeps exactly the numpy definition's set (rows where
+    rounding could decide are rejected, so each compared row is an exact claim)."""
+    rows = logits.double().numpy()
+    refs = [np_typical_sorted(rows[b], tp[b].item()) for b in range(len(rows))]
+    assume(not any(unsure for _, unsure in refs))
+    out = fn(logits, tp)
+    for b, (keep, _) in enumerate(refs):
+        got = torch.isfinite(out[b]).numpy()
+        assert np.array_equal(got, keep), (b, rows[b].tolist(), tp[b].item(), got.tolist(), keep.tolist())
+        assert torch.equal(out[b][torch.from_numpy(got)], logits[b][torch.from_numpy(got)])
+        assert got.any()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(data=quantised_rows())
+def test_prop_typical_equals_the_sorted_definition(data):
+    check_typical_equals_sorted_definition(typical_p, *data)
 
 
 # ------------------------------------------------------------------ 4. fp16 / bf16

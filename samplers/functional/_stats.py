@@ -246,7 +246,13 @@ def fill_removed(logits: Tensor, keep: Tensor, scratch: Optional[Tensor] = None)
     instead of a boolean-masked one (several times faster on the CPU).
 
     ``scratch``: an optional temporary of the caller's, used as the output buffer when it
-    has the logits' dtype and shape (saves an allocation)."""
+    has the logits' dtype and shape (saves an allocation). Rows that are mostly ``-inf``
+    already are packed first (``compact_rows``): removed tokens stay ``-inf`` whatever
+    ``keep`` says, so only the others are decided."""
+    if keep.dtype == torch.bool:
+        sparse = compact_rows(logits)
+        if sparse is not None:
+            return sparse.expand(fill_removed(sparse.logits, sparse.pack_mask(keep)))
     if scratch is not None and scratch.dtype == logits.dtype and scratch.shape == logits.shape:
         cap = scratch
     else:

@@ -161,3 +161,30 @@ def penalties(
         return out
     off = (~enabled).nonzero().squeeze(1)
     return out.index_copy_(0, off, logits.index_select(0, off))
+
+
+def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Give a row that ends with every token removed back its most likely input token.
+
+    Bans (min_tokens, no_repeat_ngram) can remove every token of a row; such a row keeps
+    its input argmax, at its input value, so a draw is always possible (DESIGN.md).
+
+    Args:
+        processed: fp32 [B, V], the chain's result (-inf = removed).
+        logits: [B, V], the chain's input.
+    Returns:
+        ``processed`` itself when no row is empty on the CPU, else a new fp32 [B, V] tensor.
+        Ties for the argmax: the lowest token id.
+    """
+    empty = processed.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction
+    if processed.device.type == "cpu":
+        # No device sync on the CPU: touch only the (rare) empty rows.
+        if not bool(empty.any()):
+            return processed
+        rows = empty.nonzero().squeeze(1)
+        cols = logits[rows].argmax(dim=-1)
+        processed = processed.clone()
+        processed[rows, cols] = logits[rows, cols].float()
+        return processed
+    top = torch.zeros_like(processed, dtype=torch.bool).scatter_(1, logits.argmax(dim=-1, keepdim=True), True)
+    return torch.where(empty[:, None] & top, logits.float(), processed)

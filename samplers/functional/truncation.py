@@ -9,9 +9,11 @@ Shared rules (SEMANTICS.md, conventions.md):
 
 - A row whose parameter has the disabled value comes out bit-identical.
 - Tokens that are already ``-inf`` have probability 0 and stay ``-inf``.
-- Every sampler except XTC keeps the row's top token(s): every finite token whose logit
-  equals the row maximum (so ties at the maximum are all kept). XTC removes top tokens by
-  design, but always leaves at least one token of the row.
+- The threshold samplers (top_k, top_p, top_a, min_p, tfs, eta, epsilon, nsigma) keep the
+  row's top token(s): every finite token whose logit equals the row maximum (so ties at the
+  maximum are all kept). typical_p keeps the tokens closest to the entropy, which may
+  exclude the top one, and XTC removes top tokens by design; both still leave at least one
+  token of a row that had one.
 - Sort-based rules are expressed as thresholds, so tokens tied at the boundary are all kept
   and nothing depends on sort stability.
 """
@@ -381,8 +383,12 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
 
     Tie rule (conventions.md): keep ``t`` iff
     ``sum(p(s) for s with d(s) < d(t)) < typical_p``; tokens tied in ``d`` with the last kept
-    one are all kept. Removed tokens (``p = 0``, ``d = inf``) stay ``-inf``. The top token
-    is always kept, also when its deviation is large.
+    one are all kept. Removed tokens (``p = 0``, ``d = inf``) stay ``-inf``.
+
+    The top token is NOT added back: it is removed when its deviation is large (as in HF
+    transformers and llama.cpp; e.g. ``p = [0.4, 0.2, 0.2, 0.2]`` at ``typical_p = 0.5``
+    keeps only the three 0.2 tokens, whose deviation is smaller). The token(s) of least
+    deviation always have mass 0 before them, so a row with a finite token never empties.
 
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
@@ -398,7 +404,9 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     n_kept = _count_mass_before_below(p.gather(-1, order).cumsum_(dim=-1), tp)
     threshold = prefix_boundary(dev_sorted, n_kept)
     keep = dev <= threshold
-    return apply_keep(logits, l32, keep, enabled, scratch=p)
+    # not apply_keep: that adds the top token(s), which typical_p does not keep by itself
+    keep.logical_or_(~enabled[:, None])
+    return fill_removed(logits, keep, scratch=p)
 
 
 def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:

@@ -4,16 +4,23 @@ The kernels are the CUDA fast path of ``SamplerPipeline(backend="triton")``; und
 ``TRITON_INTERPRET=1`` they also run on the CPU (that is how the tests check them against
 the torch reference). Modules, one per family:
 
-- ``fused``: the chain kernel (one read + one write of [B, V] for any run of fusable stages)
-- ``truncation``: top_k, top_p, top_a, min_p, eta, epsilon, typical_p, nsigma, XTC (tfs: torch)
-- ``temperature``: temperature, dynamic temperature, quadratic smoothing
-- ``penalties``: repetition/frequency/presence, no_repeat_ngram, logit_bias, min_tokens, DRY (torch)
-- ``skew``: torch reference (sort-defined)
+- ``_common``: launch sizes and the in-kernel row statistics every kernel shares
+- ``truncation``, ``temperature``, ``penalties``: the in-kernel stages of each family (top_k,
+  top_p, top_a, min_p, eta, epsilon, typical_p, nsigma, XTC; temperature, dynamic temperature,
+  smoothing; repetition/frequency/presence, no_repeat_ngram, with logit_bias and min_tokens
+  applied as scatters)
 - ``draw``: the token draw and the Philox stream
-- ``chain``: ``process_logits``, the pipeline's whole chain
-- ``blocked``: column-blocked chain and draw kernels for large vocabularies (rows > 65536 lanes)
-- ``row_stats``: the shared row statistics as a standalone kernel (tested against torch)
+- ``codes``: the stage codes and the per-row parameter table
+- ``stage``: the whole-row stage dispatch (code -> stage function)
+- ``blocked``: the column-blocked chain for large vocabularies (rows > 65536 lanes)
+- ``fused``: the whole-row chain kernel and ``run_chain``, which launches either layout
+- ``chain``: ``process_logits``, the pipeline's kernel backend (its whole chain)
+- ``ops``: one sampler at a time, with the contracts of ``samplers.functional`` (tfs, skew and
+  DRY: the torch reference on the logits' device)
+- ``guided``: the grammar bitmask; ``row_stats``: the row statistics as a standalone kernel
 - ``aot``: compile every kernel for a CUDA target without a GPU (``python -m samplers.kernels.aot``)
+
+Imports flow down that list: a module imports only modules listed above it.
 
 See kernels/README.md for the design and the number of passes over [B, V].
 """
@@ -40,14 +47,6 @@ def available(device: Optional[torch.device] = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, keep_processed: bool = True):
-    """The pipeline's chain on the kernel path; with ``draw``, also the tokens and their
-    logprobs (see ``samplers.kernels.chain.process_logits``)."""
-    from .chain import process_logits as _process
-
-    return _process(logits, batch, randoms, draw=draw, keep_processed=keep_processed)
-
-
 def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The draw in a kernel (see ``samplers.kernels.draw.draw_tokens``)."""
     from .draw import draw_tokens as _draw
@@ -63,4 +62,4 @@ def sample_tokens(logits: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor
     return _sample(logits, greedy, keys)
 
 
-__all__ = ["available", "draw_tokens", "process_logits", "sample_tokens"]
+__all__ = ["available", "draw_tokens", "sample_tokens"]

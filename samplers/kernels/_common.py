@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "okey", "softmax_stats", "entropy_of",
+__all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "lane_mask", "okey", "softmax_stats", "entropy_of",
            "top_mask", "finite_std", "saturate", "philox_uniform", "online_softmax"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
@@ -57,6 +57,14 @@ def warps_for(block: int) -> int:
     if block <= 65536:
         return 16
     return 32
+
+
+@triton.jit
+def lane_mask(m):
+    """``m`` as a bool lane mask for ``tl.load`` / ``tl.store``. A block mask ``&`` a scalar
+    condition takes the scalar's integer type in Triton's interpreter, and triton 3.9's
+    interpreter rejects a load or store mask that is not bool; compiled, this is free."""
+    return m != 0
 
 
 @triton.jit

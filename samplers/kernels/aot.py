@@ -46,12 +46,20 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def _ptxas_info(compiled, arch: int) -> str:
-    import triton
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for ``sm_<arch>`` (its bundled one, or ``TRITON_PTXAS_PATH``):
+    the CUDA version, and so the PTX versions it accepts, changes with the triton release."""
+    from triton.backends.nvidia import compiler as nv
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        return "ptxas not found"
+    try:
+        tool = nv.get_ptxas(arch)
+    except TypeError:  # releases whose get_ptxas takes no architecture
+        tool = nv.get_ptxas()
+    return tool.path
+
+
+def _ptxas_info(compiled, arch: int) -> str:
+    ptxas = _ptxas_path(arch)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     try:
@@ -59,6 +67,8 @@ def _ptxas_info(compiled, arch: int) -> str:
                            capture_output=True, text=True)
     finally:
         os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"{ptxas} failed on the PTX for sm_{arch} (exit {r.returncode}): {r.stderr.strip()}")
     return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
                      if "registers" in line or "spill" in line)
 
@@ -67,16 +77,16 @@ def _chain_constants(codes: Optional[list[int]], size_name: str, size: int) -> d
     """The chain kernels' constexprs: stage codes (default every one) padded to the slot
     count, the row/tile size and the compaction size that goes with it."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("kernels.aot must run without TRITON_INTERPRET")
-    from . import fused as K
+        raise RuntimeError("samplers.kernels.aot must run without TRITON_INTERPRET")
+    from . import codes as C
 
     if codes is None:
-        codes = [K.PENALTIES, K.NGRAM, K.DYNATEMP, K.NSIGMA, K.TOP_K, K.TOP_P, K.TOP_A, K.MIN_P, K.ETA,
-                 K.EPSILON, K.TYPICAL, K.QUADRATIC, K.XTC_PHILOX, K.XTC, K.TEMPERATURE]
-    slots = list(codes) + [K.NONE] * (K.NSLOTS - len(codes))
+        codes = [C.PENALTIES, C.NGRAM, C.DYNATEMP, C.NSIGMA, C.TOP_K, C.TOP_P, C.TOP_A, C.MIN_P, C.ETA,
+                 C.EPSILON, C.TYPICAL, C.QUADRATIC, C.XTC_PHILOX, C.XTC, C.TEMPERATURE]
+    slots = list(codes) + [C.NONE] * (C.NSLOTS - len(codes))
     cx = {f"S{i}": c for i, c in enumerate(slots)}
     cx[size_name] = size
-    cx["KMAX"] = K.compact_size(size)
+    cx["KMAX"] = C.compact_size(size)
     return cx
 
 

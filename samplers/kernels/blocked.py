@@ -22,8 +22,8 @@ program per row loops over the row in tiles of ``TILE`` lanes (``_common.TILE``)
   pass left each tile's mass, so the inverse CDF reads one tile.
 
 Per-element formulas are those of the whole-row stages (``p = exp(x - m) / s``, ...); only
-the summation order of the reductions differs. Stage codes are the ones of
-``samplers.kernels.fused`` and are compile-time constants, like the whole-row chain.
+the summation order of the reductions differs. Stage codes are those of
+``samplers.kernels.codes`` and are compile-time constants, like the whole-row chain.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import okey, online_softmax, philox_uniform
+from ._common import lane_mask, okey, online_softmax, philox_uniform
 from .draw import draw_sparse, pick_from_tiles
-from .fused import _stage
 from .penalties import stage_ban, stage_penalties
+from .stage import prm, stage
 from .temperature import dynatemp_of
 from .truncation import bisect_mass_above, bisect_mass_below, radix_select
 
@@ -48,8 +48,8 @@ def _ld(o, xin, wr, start, V, TILE: tl.constexpr):
     the input row before (only one of the two masked loads moves memory)."""
     offs = start + tl.arange(0, TILE)
     valid = offs < V
-    xo = tl.load(o + offs, mask=valid & (wr != 0), other=float("-inf"))
-    xi = tl.load(xin + offs, mask=valid & (wr == 0), other=float("-inf")).to(tl.float32)
+    xo = tl.load(o + offs, mask=lane_mask(valid & (wr != 0)), other=float("-inf"))
+    xi = tl.load(xin + offs, mask=lane_mask(valid & (wr == 0)), other=float("-inf")).to(tl.float32)
     return offs, valid, tl.where(wr != 0, xo, xi)
 
 
@@ -100,13 +100,14 @@ def _ukey(x):
 @triton.jit
 def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, h, TILE: tl.constexpr,
                 KMAX: tl.constexpr):
-    """Rewrite the row keeping the tokens of the rule MODE (and the row's top token(s));
-    returns the state after the pass (wr, statistics of the written row). The survivors are
-    also compacted (value, token id) into the sparse region of the scratch row: when there
-    are at most KMAX of them, the rest of the chain runs on them in registers (``_bstage``).
+    """Rewrite the row keeping the tokens of the rule MODE (and, for the threshold samplers,
+    MODE 0 to 3, the row's top token(s)); returns the state after the pass (wr, statistics of
+    the written row). The survivors are also compacted (value, token id) into the sparse
+    region of the scratch row: when there are at most KMAX of them, the rest of the chain
+    runs on them in registers (``_bstage``).
 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
-    4: okey(|-log p - H|) <= thr."""
+    4 (typical_p, which does not add the top token back): okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
     sps = tiles - 2 * KMAX - 2
     kept_n = tl.full([], 0, tl.int32)
@@ -123,13 +124,14 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
         else:
             logp = (x - m) - tl.log(s)
             keep = okey(tl.abs(-logp - h)) <= thr
-        keep = keep | ((x == m_raw) & (x > float("-inf")))
+        if MODE != 4:
+            keep = keep | ((x == m_raw) & (x > float("-inf")))
         y = tl.where(keep, x, float("-inf"))
         sm, ss, sez, sn, st, am = _put(o, tiles, NT, offs, valid, start, y, sm, ss, sez, sn, st, am, TILE)
         alive = valid & (y > float("-inf"))
         pos = kept_n + tl.cumsum(alive.to(tl.int32), 0) - 1
-        tl.store(sps + pos, y, mask=alive & (pos < KMAX))
-        tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=alive & (pos < KMAX))
+        tl.store(sps + pos, y, mask=lane_mask(alive & (pos < KMAX)))
+        tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=lane_mask(alive & (pos < KMAX)))
         kept_n += tl.sum(alive.to(tl.int32), 0)
     tl.store(sps + 2 * KMAX, tl.where(kept_n <= KMAX, kept_n, -1).to(tl.float32))
     tl.store(sps + 2 * KMAX + 1, 0.0)  # the row is -inf outside the survivors already
@@ -342,7 +344,8 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
     en = en & (tp < 1.0)
     if en:
         m, s, h = _derive(sm, ss, sez, sn)
-        # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf)
+        # bisection for the largest tau with mass(okey(d) < tau) < typical_p, d >= 0 (or +inf);
+        # tau = the least deviation key passes (mass 0 below it), so the row never empties
         lo = tl.full([], -1, tl.int32)
         hi = tl.full([], 0x7F800001, tl.int32)
         cap = tl.full([], 256, tl.int32)
@@ -350,7 +353,8 @@ def _b_typical(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, T
             # Many tokens: a histogram of d in bins of 1/16 gives the largest bin bound with at
             # most KMAX tokens below it; they are compacted. If their exact mass reaches
             # typical_p, every token above the bound has at least typical_p of mass below it
-            # and is removed (but for the top token), so the search runs on them alone.
+            # and is removed (the top token too: typical_p does not add it back), so the
+            # search runs on them alone.
             bins = tl.arange(0, 256)
             hist = _b_mass_hist(o, xin, wr, V, m, s, h, True, TILE)
             below = tl.cumsum(hist, 0) - hist  # tokens in the bins before each bin
@@ -506,11 +510,6 @@ def _b_side(o, xin, wr, tiles, NT, V, CODE: tl.constexpr, side_ptr, cnt_ptr, r, 
 
 
 @triton.jit
-def _prm(prm_ptr, idx: tl.constexpr, row, B):
-    return tl.load(prm_ptr + idx * B + row)
-
-
-@triton.jit
 def _sparse(scr, KMAX: tl.constexpr):
     """The sparse mode's survivors: (count or -1 when not sparse, lane mask, values, token ids)."""
     n = tl.load(scr + 4 * KMAX).to(tl.int32)
@@ -526,12 +525,12 @@ def _bstage(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT, row, 
             seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr, stride_s, stride_c, stride_b, sm, ss, sez, sn, st, am,
             TILE: tl.constexpr, KMAX: tl.constexpr):
     """Stage CODE on the row: in registers on the survivors when the row is sparse (a
-    truncation left at most KMAX tokens: the whole-row stage of ``samplers.kernels.fused`` on them,
+    truncation left at most KMAX tokens: the whole-row stage dispatch ``stage.stage`` on them,
     side inputs gathered at their token ids), else tile by tile (``_bstage_tiles``)."""
     if CODE != 0:
         n, lane, xs, ids = _sparse(scr, KMAX)
         if n >= 0:
-            xs = _stage(CODE, SLOT, xs, lane, ids, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+            xs = stage(CODE, SLOT, xs, lane, ids, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                         key_ptr, scr, stride_s, stride_c, stride_b, KMAX)
             tl.store(scr + 2 * KMAX + tl.arange(0, KMAX), xs, mask=lane)
             tl.debug_barrier()
@@ -550,7 +549,7 @@ def _bstage_tiles(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT,
     if CODE != 0:
         en = tl.load(rmask_ptr + SLOT * B + row) != 0
         if CODE == 1:  # PENALTIES
-            r, f, pr = _prm(prm_ptr, 0, row, B), _prm(prm_ptr, 1, row, B), _prm(prm_ptr, 2, row, B)
+            r, f, pr = prm(prm_ptr, 0, row, B), prm(prm_ptr, 1, row, B), prm(prm_ptr, 2, row, B)
             wr, sm, ss, sez, sn, st, am = _b_side(
                 o, xin, wr, tiles, NT, V, 1, seen_ptr + row * stride_s, cnt_ptr + row * stride_c, r, f, pr,
                 en & ((r != 1.0) | (f != 0.0) | (pr != 0.0)), sm, ss, sez, sn, st, am, TILE)
@@ -558,49 +557,49 @@ def _bstage_tiles(CODE: tl.constexpr, SLOT: tl.constexpr, o, xin, wr, tiles, NT,
             wr, sm, ss, sez, sn, st, am = _b_side(o, xin, wr, tiles, NT, V, 2, ban_ptr + row * stride_b, cnt_ptr,
                                                   1.0, 0.0, 0.0, en, sm, ss, sez, sn, st, am, TILE)
         elif CODE == 3:
-            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 3, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, prm(prm_ptr, 3, row, B), en,
                                                          sm, ss, sez, sn, st, am, TILE)
         elif CODE == 4:  # dynatemp, then static temperature (the pipeline's temperature unit)
-            wr, sm, ss, sez, sn, st, am = _b_dynatemp(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 4, row, B),
-                                                      _prm(prm_ptr, 5, row, B), _prm(prm_ptr, 6, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_dynatemp(o, xin, wr, tiles, NT, V, prm(prm_ptr, 4, row, B),
+                                                      prm(prm_ptr, 5, row, B), prm(prm_ptr, 6, row, B), en,
                                                       sm, ss, sez, sn, st, am, TILE)
-            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 3, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_temperature(o, xin, wr, tiles, NT, V, prm(prm_ptr, 3, row, B), en,
                                                          sm, ss, sez, sn, st, am, TILE)
         elif CODE == 5:
-            wr, sm, ss, sez, sn, st, am = _b_nsigma(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 9, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_nsigma(o, xin, wr, tiles, NT, V, prm(prm_ptr, 9, row, B), en,
                                                     sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 6:
-            wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 10, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_top_k(o, xin, wr, tiles, NT, V, prm(prm_ptr, 10, row, B), en,
                                                    sm, ss, sez, sn, st, am, scr, tl.zeros([256], tl.int32), 0.0,
                                                    0, TILE, KMAX)
         elif CODE == 7:
-            wr, sm, ss, sez, sn, st, am = _b_top_p(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 11, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_top_p(o, xin, wr, tiles, NT, V, prm(prm_ptr, 11, row, B), en,
                                                    sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 8:
-            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 0, _prm(prm_ptr, 12, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 0, prm(prm_ptr, 12, row, B), en,
                                                       sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 9:
-            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 1, _prm(prm_ptr, 13, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 1, prm(prm_ptr, 13, row, B), en,
                                                       sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 10:
-            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 2, _prm(prm_ptr, 14, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 2, prm(prm_ptr, 14, row, B), en,
                                                       sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 11:
-            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 3, _prm(prm_ptr, 15, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_prob_cut(o, xin, wr, tiles, NT, V, 3, prm(prm_ptr, 15, row, B), en,
                                                       sm, ss, sez, sn, st, am, TILE, KMAX)
         elif CODE == 12:
-            wr, sm, ss, sez, sn, st, am = _b_typical(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 16, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_typical(o, xin, wr, tiles, NT, V, prm(prm_ptr, 16, row, B), en,
                                                      sm, ss, sez, sn, st, am, scr, TILE, KMAX)
         elif CODE == 13:
-            wr, sm, ss, sez, sn, st, am = _b_smoothing(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 7, row, B),
-                                                       _prm(prm_ptr, 8, row, B), en, sm, ss, sez, sn, st, am, TILE)
+            wr, sm, ss, sez, sn, st, am = _b_smoothing(o, xin, wr, tiles, NT, V, prm(prm_ptr, 7, row, B),
+                                                       prm(prm_ptr, 8, row, B), en, sm, ss, sez, sn, st, am, TILE)
         elif CODE == 14:
-            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 17, row, B),
-                                                 _prm(prm_ptr, 18, row, B), _prm(prm_ptr, 19, row, B), en,
+            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, prm(prm_ptr, 17, row, B),
+                                                 prm(prm_ptr, 18, row, B), prm(prm_ptr, 19, row, B), en,
                                                  sm, ss, sez, sn, st, am, TILE)
         elif CODE == 15:
-            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, _prm(prm_ptr, 17, row, B),
-                                                 _prm(prm_ptr, 18, row, B), philox_uniform(key_ptr, row, B, 1), en,
+            wr, sm, ss, sez, sn, st, am = _b_xtc(o, xin, wr, tiles, NT, V, prm(prm_ptr, 17, row, B),
+                                                 prm(prm_ptr, 18, row, B), philox_uniform(key_ptr, row, B, 1), en,
                                                  sm, ss, sez, sn, st, am, TILE)
     return wr, sm, ss, sez, sn, st, am
 
@@ -657,8 +656,8 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
         if S0 == 9:
             cand = pre_en & (x > float("-inf")) & (x >= sm + log_a)
             pos = n_pre + tl.cumsum(cand.to(tl.int32), 0) - 1
-            tl.store(sps + pos, x, mask=cand & (pos < KMAX))
-            tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=cand & (pos < KMAX))
+            tl.store(sps + pos, x, mask=lane_mask(cand & (pos < KMAX)))
+            tl.store(sps + KMAX + pos, offs.to(tl.float32), mask=lane_mask(cand & (pos < KMAX)))
             n_pre += tl.sum(cand.to(tl.int32), 0)
     wr = tl.full([], 0, tl.int32)
     pre = pre_en & (n_pre <= KMAX)

@@ -26,8 +26,11 @@ import torch
 import samplers.functional as F
 from samplers.functional.dry import dry_
 from samplers.priority import SamplerID
+from samplers.sampling import ChainOutput
 
-from . import fused as K
+from . import codes as C
+from .draw import sample_tokens
+from .fused import run_chain
 from .penalties import NgramBanMask, apply_sparse_
 
 S = SamplerID
@@ -53,21 +56,21 @@ def _table(batch) -> torch.Tensor:
         "epsilon_cutoff": p("epsilon_cutoff"), "typical_p": p("typical_p"),
         "xtc_threshold": p("xtc_threshold"), "xtc_probability": p("xtc_probability"),
     }
-    return K.param_table(batch.batch_size, batch.device, values)
+    return C.param_table(batch.batch_size, batch.device, values)
 
 
 def _codes(sid: SamplerID, batch) -> list[int]:
     if sid == S.PENALTIES:
-        return [K.PENALTIES]
+        return [C.PENALTIES]
     if sid == S.NO_REPEAT_NGRAM:
-        return [K.NGRAM]
+        return [C.NGRAM]
     if sid == S.TEMPERATURE:
-        return [K.DYNATEMP] if batch.any_dynatemp else [K.TEMPERATURE]
+        return [C.DYNATEMP] if batch.any_dynatemp else [C.TEMPERATURE]
     if sid == S.TOP_P_TOP_K:
-        return ([K.TOP_K] if batch.any_top_k else []) + ([K.TOP_P] if batch.any_top_p else [])
-    return [{S.TOP_NSIGMA: K.NSIGMA, S.TOP_A: K.TOP_A, S.MIN_P: K.MIN_P, S.ETA_CUTOFF: K.ETA,
-             S.EPSILON_CUTOFF: K.EPSILON, S.TYPICAL_P: K.TYPICAL, S.QUADRATIC: K.QUADRATIC,
-             S.XTC: K.XTC_PHILOX}[sid]]
+        return ([C.TOP_K] if batch.any_top_k else []) + ([C.TOP_P] if batch.any_top_p else [])
+    return [{S.TOP_NSIGMA: C.NSIGMA, S.TOP_A: C.TOP_A, S.MIN_P: C.MIN_P, S.ETA_CUTOFF: C.ETA,
+             S.EPSILON_CUTOFF: C.EPSILON, S.TYPICAL_P: C.TYPICAL, S.QUADRATIC: C.QUADRATIC,
+             S.XTC: C.XTC_PHILOX}[sid]]
 
 
 def _dry_multiplier(batch, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -95,7 +98,7 @@ def plan(batch) -> list[tuple[str, object]]:
             steps.append(("torch", (sid, rows)))
             continue
         for code in _codes(sid, batch):
-            if len(pending) == K.NSLOTS:
+            if len(pending) == C.NSLOTS:
                 steps.append(("fused", pending))
                 pending = []
             pending.append((code, rows))
@@ -104,16 +107,18 @@ def plan(batch) -> list[tuple[str, object]]:
     return steps
 
 
-def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, keep_processed: bool = True):
-    """Kernel path of ``SamplerPipeline._process``: [B, V] logits (fp32/fp16/bf16) -> fp32
-    processed logits [B, V]; the input is not modified.
+def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False,
+                   keep_processed: bool = True) -> ChainOutput:
+    """The kernel backend of ``SamplerPipeline`` (the torch backend's twin is
+    ``samplers.pipeline.torch_chain``, same contract): [B, V] logits (fp32/fp16/bf16) ->
+    ``ChainOutput(processed, token_ids, logprobs)``, processed fp32 [B, V]; the input is not
+    modified.
 
-    ``draw``: also draw the rows' tokens (``samplers.kernels.draw.sample_tokens``: uniforms from the
-    rows' Philox stream, the chosen tokens' logprobs) and return (processed, token ids,
-    logprobs). When the chain ends with a kernel launch (no skew, no row-emptying bans after
-    it) the draw runs at the end of that launch, on the row it has just written; then, with
-    ``keep_processed=False``, the processed logits are not returned (None) and rows that end
-    with few survivors are not even written."""
+    ``draw``: also draw the rows' tokens (``samplers.kernels.draw.sample_tokens``: uniforms from
+    the rows' Philox stream, the chosen tokens' logprobs). When the chain ends with a kernel
+    launch (no skew, no row-emptying bans after it) the draw runs at the end of that launch,
+    on the row it has just written; then, with ``keep_processed=False``, the processed logits
+    are not returned (None) and rows that end with few survivors are not even written."""
     x = logits
     owned = False  # x is an fp32 contiguous tensor of ours (never the caller's logits)
     if batch.logit_bias_coo is not None or batch.min_tokens_coo is not None:
@@ -124,21 +129,21 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, kee
         steps = plan(batch)
         codes_all = [c for kind, st in steps if kind == "fused" for c, _ in st]
         table = _table(batch) if codes_all else None
-        rmasks = [K.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused"
+        rmasks = [C.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused"
                   else _dry_multiplier(batch, st[1]) if st[0] == S.DRY else None
                   for kind, st in steps]
-        bans = NgramBanMask(batch.batch_size, batch.vocab_size, batch.device) if K.NGRAM in codes_all else None
+        bans = NgramBanMask(batch.batch_size, batch.vocab_size, batch.device) if C.NGRAM in codes_all else None
         cached = (steps, codes_all, table, rmasks, bans)
         _CACHE[batch] = cached
     steps, codes_all, table, rmasks, bans = cached
     keys = seen = counts = banned = None
-    if K.XTC_PHILOX in codes_all or draw:
+    if C.XTC_PHILOX in codes_all or draw:
         # the XTC coin and the draw's uniform are computed in the kernels from the rows' Philox words
-        keys = K.key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
+        keys = C.key_words(randoms.key_lo, randoms.key_hi, batch.output_lengths, batch.sequence_indices)
     may_empty = getattr(batch, "may_remove_every_token", False)
     fused_draw = draw and bool(steps) and steps[-1][0] == "fused" and not batch.any_skew and not may_empty
     tokens = logprobs = None
-    if K.PENALTIES in codes_all:
+    if C.PENALTIES in codes_all:
         seen, counts = batch.history.seen_mask(), batch.history.output_counts()
     if bans is not None:
         # kept across steps: O(B * len) scatters, no [B, V] mask written per step
@@ -146,13 +151,13 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, kee
     for i, ((kind, st), rmask) in enumerate(zip(steps, rmasks)):
         if kind == "fused":
             last = fused_draw and i == len(steps) - 1
-            x = K.run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
+            x = run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
                             banned=banned, keys=keys, rmask=rmask, draw_greedy=batch.greedy if last else None,
                             store=keep_processed)
             if last:
                 x, tokens, logprobs = x
                 if not keep_processed:
-                    return None, tokens, logprobs
+                    return ChainOutput(None, tokens, logprobs)
         elif st[0] == S.DRY:
             # in place on our fp32 working tensor (one copy if it is still the caller's);
             # rmask: the multipliers, 0 outside the stage's rows (those rows are untouched)
@@ -171,14 +176,10 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False, kee
         x = F.skew(x, batch.param("skew"))
     if may_empty:
         # bans (min_tokens, no_repeat_ngram) may empty a row: it keeps its input argmax,
-        # exactly as the torch path (the pipeline's own helper, a [B]-sized fix-up)
-        from samplers.pipeline import _keep_input_argmax_of_empty_rows
-
-        x = _keep_input_argmax_of_empty_rows(x, logits)
+        # exactly as the torch path (a [B]-sized fix-up)
+        x = F.rescue_empty_rows(x, logits)
     if not draw:
-        return x
+        return ChainOutput(x, None, None)
     if tokens is None:
-        from .draw import sample_tokens
-
         tokens, logprobs = sample_tokens(x, batch.greedy, keys)
-    return x, tokens, logprobs
+    return ChainOutput(x, tokens, logprobs)

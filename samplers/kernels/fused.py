@@ -17,87 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from samplers.sampling import PURPOSE_XTC
-
-from . import _common
+from . import _common, blocked as KB
 from ._common import block_for, on_gpu, philox_uniform, saturate, warps_for
-from .draw import draw_row
-from .penalties import stage_ban, stage_penalties
-from .temperature import stage_dynatemp, stage_smoothing, stage_temperature
-from .truncation import (stage_epsilon, stage_eta, stage_min_p, stage_nsigma, stage_top_a, stage_top_k,
-                         stage_top_p, stage_typical, stage_xtc)
-
-# Stage codes.
-NONE, PENALTIES, NGRAM, TEMPERATURE, DYNATEMP, NSIGMA, TOP_K, TOP_P, TOP_A, MIN_P, ETA, EPSILON, \
-    TYPICAL, QUADRATIC, XTC, XTC_PHILOX = range(16)
-# The XTC_PHILOX stage hard-codes the Philox purpose word of the XTC coin (1):
-assert PURPOSE_XTC == 1, "update _stage's XTC_PHILOX purpose word"
-NSLOTS = 16
-
-# Rows of the per-row parameter table (float32 [NPARAMS, B]).
-PARAMS = (
-    "repetition_penalty", "frequency_penalty", "presence_penalty", "temperature",
-    "dynatemp_min", "dynatemp_max", "dynatemp_exponent", "smoothing_factor", "smoothing_curve",
-    "nsigma", "top_k", "top_p", "top_a", "min_p", "eta_cutoff", "epsilon_cutoff", "typical_p",
-    "xtc_threshold", "xtc_probability", "coin",
-)
-# Value a parameter takes when a caller does not give it (the disabled value).
-_DISABLED = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "typical_p": 1.0,
-             "dynatemp_exponent": 1.0, "smoothing_curve": 1.0}
-
-(P_REP, P_FREQ, P_PRES, P_TEMP, P_DMIN, P_DMAX, P_DEXP, P_SF, P_SC, P_NSIG, P_TOPK, P_TOPP, P_TOPA,
- P_MINP, P_ETA, P_EPS, P_TYP, P_XTHR, P_XPROB, P_COIN) = range(len(PARAMS))
-
-
-@triton.jit
-def _prm(prm_ptr, idx: tl.constexpr, row, B):
-    return tl.load(prm_ptr + idx * B + row)
-
-
-@triton.jit
-def _stage(CODE: tl.constexpr, SLOT: tl.constexpr, x, valid, offs, row, B, V, prm_ptr, rmask_ptr,
-           seen_ptr, cnt_ptr, ban_ptr, key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX: tl.constexpr):
-    if CODE != 0:
-        en = tl.load(rmask_ptr + SLOT * B + row) != 0
-        if CODE == 1:  # PENALTIES
-            seen = tl.load(seen_ptr + row * stride_s + offs, mask=valid, other=0) != 0
-            cnt = tl.load(cnt_ptr + row * stride_c + offs, mask=valid, other=0)
-            x = stage_penalties(x, seen, cnt, _prm(prm_ptr, 0, row, B), _prm(prm_ptr, 1, row, B),
-                                _prm(prm_ptr, 2, row, B), en)
-        elif CODE == 2:  # NGRAM
-            banned = tl.load(ban_ptr + row * stride_b + offs, mask=valid, other=0) != 0
-            x = stage_ban(x, banned, en)
-        elif CODE == 3:  # TEMPERATURE (static)
-            x = stage_temperature(x, _prm(prm_ptr, 3, row, B), en)
-        elif CODE == 4:  # DYNATEMP then static temperature (the pipeline's temperature unit)
-            x = stage_dynatemp(x, _prm(prm_ptr, 4, row, B), _prm(prm_ptr, 5, row, B),
-                               _prm(prm_ptr, 6, row, B), en)
-            x = stage_temperature(x, _prm(prm_ptr, 3, row, B), en)
-        elif CODE == 5:
-            x = stage_nsigma(x, _prm(prm_ptr, 9, row, B), en)
-        elif CODE == 6:
-            x = stage_top_k(x, valid, _prm(prm_ptr, 10, row, B), V, en)
-        elif CODE == 7:
-            x = stage_top_p(x, valid, _prm(prm_ptr, 11, row, B), en, scr_row, KMAX)
-        elif CODE == 8:
-            x = stage_top_a(x, _prm(prm_ptr, 12, row, B), en)
-        elif CODE == 9:
-            x = stage_min_p(x, _prm(prm_ptr, 13, row, B), en)
-        elif CODE == 10:
-            x = stage_eta(x, _prm(prm_ptr, 14, row, B), en)
-        elif CODE == 11:
-            x = stage_epsilon(x, _prm(prm_ptr, 15, row, B), en)
-        elif CODE == 12:
-            x = stage_typical(x, valid, _prm(prm_ptr, 16, row, B), en, scr_row, KMAX)
-        elif CODE == 13:
-            x = stage_smoothing(x, _prm(prm_ptr, 7, row, B), _prm(prm_ptr, 8, row, B), en)
-        elif CODE == 14:
-            x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B),
-                          _prm(prm_ptr, 19, row, B), en)
-        elif CODE == 15:  # XTC with its coin drawn here from the row's Philox stream
-            coin = philox_uniform(key_ptr, row, B, 1)
-            x = stage_xtc(x, valid, _prm(prm_ptr, 17, row, B), _prm(prm_ptr, 18, row, B), coin, en)
-    return x
+from .codes import MAX_VOCAB, NONE, NSLOTS, TOP_P, TYPICAL, XTC_PHILOX, compact_size, param_table, row_masks
+from .draw import _TILES_PER_STEP, draw_row, sample_tokens
+from .stage import stage
 
 
 @triton.jit
@@ -113,37 +37,37 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
     valid = offs < V
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=float("-inf")).to(tl.float32)
     scr_row = scr_ptr + row * (2 * KMAX)
-    x = _stage(S0, 0, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S0, 0, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S1, 1, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S1, 1, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S2, 2, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S2, 2, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S3, 3, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S3, 3, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S4, 4, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S4, 4, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S5, 5, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S5, 5, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S6, 6, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S6, 6, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S7, 7, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S7, 7, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S8, 8, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S8, 8, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S9, 9, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S9, 9, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S10, 10, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S10, 10, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S11, 11, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S11, 11, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S12, 12, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S12, 12, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S13, 13, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S13, 13, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S14, 14, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S14, 14, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
-    x = _stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
+    x = stage(S15, 15, x, valid, offs, row, B, V, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr,
                key_ptr, scr_row, stride_s, stride_c, stride_b, KMAX)
     if STORE:  # (False: only the draw is wanted)
         tl.store(out_ptr + row * stride_o + offs, x, mask=valid)
@@ -167,38 +91,6 @@ def _tuned_kernel(block: int):
         configs = [triton.Config({}, num_warps=w) for w in warps]
         _TUNED[large] = triton.autotune(configs=configs, key=["V", "BLOCK"])(_chain_kernel)
     return _TUNED[large]
-
-
-def param_table(batch_size: int, device: torch.device, values: dict[str, torch.Tensor]) -> torch.Tensor:
-    """float32 [NPARAMS, B]: the given per-row parameters; the others at their disabled value."""
-    cols = []
-    for name in PARAMS:
-        v = values.get(name)
-        if v is None:
-            cols.append(torch.full((batch_size,), _DISABLED.get(name, 0.0), dtype=torch.float32, device=device))
-        else:
-            cols.append(v.to(device=device, dtype=torch.float32).reshape(batch_size))
-    return torch.stack(cols)
-
-
-def compact_size(block: int) -> int:
-    """KMAX of the top_p / typical_p searches: rows with at most this many tokens of p > 0
-    search a compacted copy of them (1024, or BLOCK / 4 for small rows so the tests cover it)."""
-    return max(16, min(1024, block // 4))
-
-
-def row_masks(masks: Sequence[Optional[torch.Tensor]], batch_size: int, device: torch.device) -> torch.Tensor:
-    """int8 [NSLOTS, B]: slot i applies to row b iff rmask[i, b] (None = every row)."""
-    rmask = torch.ones((NSLOTS, batch_size), dtype=torch.int8, device=device)
-    for i, m in enumerate(masks):
-        if m is not None:
-            rmask[i] = m.to(torch.int8)
-    return rmask
-
-
-def key_words(key_lo: torch.Tensor, key_hi: torch.Tensor, step: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-    """int32 [4, B]: the low 32 bits of the Philox key words and counter words of each row."""
-    return (torch.stack([key_lo, key_hi, step, seq]).to(torch.int64) & 0xFFFFFFFF).to(torch.int32)
 
 
 def run_chain(
@@ -240,8 +132,6 @@ def run_chain(
     if B == 0 or V == 0 or not codes:
         out.copy_(x)
         if drawing:
-            from .draw import sample_tokens
-
             return (out, *sample_tokens(out, draw_greedy, keys))
         return out
     if rmask is None:
@@ -273,18 +163,15 @@ def run_chain(
 
     def blocked() -> None:
         # column-blocked variant (kernels.blocked): loops over tiles of _common.TILE lanes
-        from . import draw as KD
-        from .blocked import _blocked_chain_kernel
-
         tile = _common.TILE
         kmax = compact_size(tile)
         nt = triton.cdiv(V, tile)
         # per row: [2 * KMAX] compacted searches, [2 * KMAX + 2] sparse survivors, [2, NT] tile statistics
         scratch = torch.empty((B, 4 * kmax + 2 + 2 * nt), dtype=torch.float32, device=x.device)
-        _blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
+        KB._blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
                                     greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
                                     scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
-                                    NTB=KD._TILES_PER_STEP, STORE=store or not drawing,
+                                    NTB=_TILES_PER_STEP, STORE=store or not drawing,
                                     num_warps=_common.TILE_WARPS)
 
     def whole_row() -> None:
@@ -303,9 +190,6 @@ def run_chain(
     _pick_layout(x, tuple(codes), drawing, whole_row, blocked)()
     return (out, tokens, logprobs) if drawing else out
 
-
-#: Largest vocabulary: the blocked chain keeps the token ids of a sparse row as fp32 (exact to 2**24).
-MAX_VOCAB = 1 << 24
 
 #: The whole-row chain compiles without (or with a few hundred bytes of) spills up to this
 #: block for every stage code (``python -m samplers.kernels.aot``); rows up to it always use it.

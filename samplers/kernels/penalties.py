@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-import samplers.functional as F
 from samplers.history import TokenHistory
 
 
@@ -112,33 +111,3 @@ def apply_sparse_(x32: torch.Tensor, batch) -> torch.Tensor:
         current = x32[rows, ids]
         x32[rows, ids] = torch.where(active, torch.full_like(current, float("-inf")), current)
     return x32
-
-
-def penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,
-              repetition_penalty: torch.Tensor, frequency_penalty: torch.Tensor,
-              presence_penalty: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.penalties`` (same arguments)."""
-    from .fused import PENALTIES, run_single
-
-    return run_single(logits, PENALTIES, repetition_penalty=repetition_penalty,
-                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                      seen=seen_mask, counts=output_counts)
-
-
-def no_repeat_ngram(logits: torch.Tensor, history: TokenHistory, no_repeat_ngram_size: torch.Tensor) -> torch.Tensor:
-    """Kernel path of ``samplers.functional.no_repeat_ngram``: torch match search, in-kernel ban."""
-    from .fused import NGRAM, run_single
-
-    banned = ngram_banned(history, no_repeat_ngram_size, logits.shape[1])
-    if banned is None:
-        return logits.clone()
-    return run_single(logits, NGRAM, banned=banned)
-
-
-def dry(logits: torch.Tensor, history: TokenHistory, dry_multiplier: torch.Tensor, dry_base: torch.Tensor,
-        dry_allowed_length: torch.Tensor, dry_range: torch.Tensor,
-        dry_sequence_breaker_ids: torch.Tensor) -> torch.Tensor:
-    """DRY on the kernel path: the torch reference ``samplers.functional.dry`` (vectorised
-    match search over the history, scatter of the penalties), run on the logits' device."""
-    return F.dry(logits, history, dry_multiplier, dry_base, dry_allowed_length, dry_range,
-                 dry_sequence_breaker_ids)

@@ -1,13 +1,12 @@
 """Temperature family as in-kernel stages: temperature, dynamic temperature, smoothing.
 
 Mirrors ``samplers.functional.temperature``. In the fused chain the row is fp32 throughout
-(as in the pipeline's torch path, where the chain runs on ``logits.float()``); the wrappers
-cast back to the input dtype with the reference's saturating cast.
+(as in the pipeline's torch path, where the chain runs on ``logits.float()``); ``ops``' one-stage
+wrappers cast back to the input dtype with the reference's saturating cast.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -60,27 +59,3 @@ def stage_smoothing(x, f, c, en):
     smoothed = m - k * dd + s * (dd * d)
     out = tl.where(finite, smoothed, x)
     return tl.where(en, out, x)
-
-
-def temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.temperature``."""
-    from .fused import TEMPERATURE, run_single
-
-    return run_single(logits, TEMPERATURE, temperature=temperature)
-
-
-def dynamic_temperature(logits: torch.Tensor, dynatemp_min: torch.Tensor, dynatemp_max: torch.Tensor,
-                        dynatemp_exponent: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.dynamic_temperature`` (entropy computed in the kernel)."""
-    from .fused import DYNATEMP, run_single
-
-    return run_single(logits, DYNATEMP, dynatemp_min=dynatemp_min, dynatemp_max=dynatemp_max,
-                      dynatemp_exponent=dynatemp_exponent)
-
-
-def quadratic_smoothing(logits: torch.Tensor, smoothing_factor: torch.Tensor,
-                        smoothing_curve: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.quadratic_smoothing``."""
-    from .fused import QUADRATIC, run_single
-
-    return run_single(logits, QUADRATIC, smoothing_factor=smoothing_factor, smoothing_curve=smoothing_curve)

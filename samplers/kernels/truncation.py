@@ -3,8 +3,8 @@
 Each ``stage_*`` is a ``@triton.jit`` function on one row held in registers: ``x`` is the
 row in fp32 ([BLOCK], removed tokens and padding lanes -inf), ``valid`` marks the real lanes,
 ``en`` says whether the stage applies to this row (its row mask). They are composed by the
-fused chain kernel (``samplers.kernels.fused``); the Python wrappers below run one stage alone and
-mirror ``samplers.functional.truncation`` function by function.
+chain kernels (``stage.stage``); ``ops`` runs one stage alone, mirroring
+``samplers.functional.truncation`` function by function.
 
 Every rule is a threshold on the row, found without sorting:
 
@@ -13,35 +13,38 @@ Every rule is a threshold on the row, found without sorting:
 - top_p: keep p(t) iff mass(p > p(t)) < top_p: bisection for the smallest probability key
   tau with mass(key > tau) < top_p; keep key >= tau (ties at the boundary all kept).
 - typical_p: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H|: bisection for the
-  largest deviation key tau with mass(key < tau) < typical_p; keep key <= tau, plus the top token.
+  largest deviation key tau with mass(key < tau) < typical_p; keep key <= tau (the top token
+  is not added back: it goes when its deviation is large, as in HF and llama.cpp).
 - min_p, top_a, eta, epsilon: a probability threshold from the row's max / entropy.
 - nsigma: a logit threshold max - n * std (std over finite logits, divisor N - 1).
 - XTC: C = {p >= threshold}; when |C| >= 2 every member above min_C p is removed.
 
 tfs is defined on the sorted second differences of p; it has no exact threshold form here,
-so ``tfs`` calls the torch reference on the (GPU) tensor. See kernels/README.md.
+so ``ops.tfs`` calls the torch reference on the (GPU) tensor. See kernels/README.md.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-import samplers.functional as F
-
-from ._common import entropy_of, finite_std, okey, softmax_stats, top_mask
+from ._common import entropy_of, finite_std, lane_mask, okey, softmax_stats, top_mask
 
 _I32_MAX = 2147483647
 _I32_MIN = -2147483648
 
 
 @triton.jit
-def _finish(x, keep, m_raw, en):
-    """Apply a keep mask (the top token(s) always kept) on enabled rows."""
-    keep = keep | top_mask(x, m_raw)
+def _keep_only(x, keep, en):
+    """Apply a keep mask on enabled rows (nothing added to it)."""
     out = tl.where(keep, x, float("-inf"))
     return tl.where(en, out, x)
+
+
+@triton.jit
+def _finish(x, keep, m_raw, en):
+    """Apply a keep mask (the top token(s) always kept) on enabled rows: the threshold samplers."""
+    return _keep_only(x, keep | top_mask(x, m_raw), en)
 
 
 @triton.jit
@@ -115,10 +118,10 @@ def _compact(values, alive, scr_ptr, KMAX: tl.constexpr):
     them, in token order) and load them back as a [KMAX] tensor (0 past the end)."""
     n = tl.sum(alive.to(tl.int32), 0)
     pos = tl.cumsum(alive.to(tl.int32), 0) - 1
-    tl.store(scr_ptr + pos, values, mask=alive & (n <= KMAX))
+    tl.store(scr_ptr + pos, values, mask=lane_mask(alive & (n <= KMAX)))
     tl.debug_barrier()
     j = tl.arange(0, KMAX)
-    return tl.load(scr_ptr + j, mask=(j < n) & (n <= KMAX), other=0.0)
+    return tl.load(scr_ptr + j, mask=lane_mask((j < n) & (n <= KMAX)), other=0.0)
 
 
 @triton.jit
@@ -190,12 +193,15 @@ def stage_epsilon(x, eps, en):
 
 @triton.jit
 def stage_typical(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
-    """``F.typical_p``: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H|, plus the top token.
+    """``F.typical_p``: keep t iff mass(d < d(t)) < typical_p, d = |-log p - H| (the top
+    token only when the rule keeps it).
 
     Bisection over the bits of d (>= 0); with at most KMAX tokens of p > 0 the (p, d) pairs
-    are compacted first (see ``stage_top_p``)."""
+    are compacted first (see ``stage_top_p``). ``lo`` starts at the row's least deviation
+    key and only grows, so the least-deviation token(s) are always kept: a row with a finite
+    token never empties."""
     en = en & (tp < 1.0)
-    m_raw, p, logp = softmax_stats(x)
+    _, p, logp = softmax_stats(x)
     h = entropy_of(p, logp)
     d = tl.abs(-logp - h)  # +inf for removed tokens and padding
     key = okey(d)
@@ -213,7 +219,7 @@ def stage_typical(x, valid, tp, en, scr_ptr, KMAX: tl.constexpr):
         lo, hi = bisect_mass_below(keyc, pc, lo, hi, tp)
     lo, hi = bisect_mass_below(key, p, lo, hi, tp)
     keep = key <= lo
-    return _finish(x, keep, m_raw, en)
+    return _keep_only(x, keep, en)
 
 
 @triton.jit
@@ -238,80 +244,3 @@ def stage_xtc(x, valid, threshold, probability, coin, en):
     remove = in_c & (p > min_c) & (size >= 2)
     out = tl.where(remove, float("-inf"), x)
     return tl.where(en, out, x)
-
-
-# ---------------------------------------------------------------------------- wrappers
-def _one(logits: torch.Tensor, code: int, **params: torch.Tensor) -> torch.Tensor:
-    from .fused import run_single
-
-    return run_single(logits, code, **params)
-
-
-def top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_k`` (int64 [B] k; ties at the boundary all kept)."""
-    from .fused import TOP_K
-
-    return _one(logits, TOP_K, top_k=top_k)
-
-
-def top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_p`` (threshold search, no sort)."""
-    from .fused import TOP_P
-
-    return _one(logits, TOP_P, top_p=top_p)
-
-
-def top_a(logits: torch.Tensor, top_a: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.top_a``."""
-    from .fused import TOP_A
-
-    return _one(logits, TOP_A, top_a=top_a)
-
-
-def min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.min_p``."""
-    from .fused import MIN_P
-
-    return _one(logits, MIN_P, min_p=min_p)
-
-
-def eta_cutoff(logits: torch.Tensor, eta_cutoff: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.eta_cutoff``."""
-    from .fused import ETA
-
-    return _one(logits, ETA, eta_cutoff=eta_cutoff)
-
-
-def epsilon_cutoff(logits: torch.Tensor, epsilon_cutoff: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.epsilon_cutoff``."""
-    from .fused import EPSILON
-
-    return _one(logits, EPSILON, epsilon_cutoff=epsilon_cutoff)
-
-
-def typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.typical_p`` (threshold search on the deviation, no sort)."""
-    from .fused import TYPICAL
-
-    return _one(logits, TYPICAL, typical_p=typical_p)
-
-
-def nsigma(logits: torch.Tensor, nsigma: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.nsigma``."""
-    from .fused import NSIGMA
-
-    return _one(logits, NSIGMA, nsigma=nsigma)
-
-
-def xtc(logits: torch.Tensor, xtc_threshold: torch.Tensor, xtc_probability: torch.Tensor,
-        coin: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``samplers.functional.xtc`` (``coin``: [B] uniforms, the row's XTC draw)."""
-    from .fused import XTC
-
-    return _one(logits, XTC, xtc_threshold=xtc_threshold, xtc_probability=xtc_probability, coin=coin)
-
-
-def tfs(logits: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
-    """Tail-free sampling: the torch reference ``samplers.functional.tfs`` (sort-defined, no
-    exact threshold form; it runs on the logits' device)."""
-    return F.tfs(logits, tfs)

@@ -1,0 +1,68 @@
+"""What a user installs: one top-level package, ``samplers``, that coexists with Hugging
+Face's ``kernels`` package (a dependency of transformers >= 5.25, imported by
+``from_pretrained``), from the repository root and from any other directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_holds_only_the_samplers_package(tmp_path):
+    pytest.importorskip("setuptools")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("samplers-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"samplers"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "samplers/kernels/fused.py" in names and "samplers/models/tiny/model.safetensors" in names
+
+
+_USER = r"""
+import importlib.util, os, sys
+import torch
+spec = importlib.util.find_spec("kernels")
+print("kernels:", None if spec is None else spec.origin)
+from samplers.models import load_default
+model, tok = load_default()                     # transformers' from_pretrained (hub kernels on)
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+batch = SamplingBatch([SamplingParams(min_p=0.1, seed=1), SamplingParams(top_k=5, temperature=0.7)],
+                      [[1, 2], [3]], [[], []], vocab_size=64, device="cpu")
+logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+got = SamplerPipeline("triton", seed=0).process(logits, batch)
+want = SamplerPipeline("torch", seed=0).process(logits, batch)
+assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("where", ["repository root", "another directory"])
+def test_with_hugging_face_kernels_installed(where, tmp_path):
+    """The embedded model loads through ``from_pretrained``, the demo runs and the Triton
+    backend works (interpreter), with Hugging Face's ``kernels`` importable as ``kernels``."""
+    pytest.importorskip("transformers")
+    cwd = ROOT if where == "repository root" else tmp_path
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", _USER], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
+    origin = r.stdout.split("kernels:", 1)[1].split("\n", 1)[0].strip()
+    if importlib.util.find_spec("kernels") is None:
+        assert origin == "None"
+    else:  # Hugging Face's package is installed here: `kernels` is that one, never a folder of ours
+        assert "site-packages" in Path(origin).parts, f"`kernels` resolves to {origin}"
+    demo = subprocess.run([sys.executable, "-m", "samplers", "demo"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "API full example" in demo.stdout
