@@ -270,6 +270,82 @@ class SamplingBatch:
             history=self.history.select(index),
         )
 
+    def gather(self, index: torch.Tensor, history: TokenHistory) -> "SamplingBatch":
+        """A batch whose row r has the parameters of this batch's row ``index[r]`` and the
+        r-th row of ``history``, without a device sync or a loop over rows.
+
+        index: int64 [R] on the batch's device (repeats allowed), e.g. an engine's row -> slot
+        map. history: R rows (e.g. ``TokenHistory.from_tensors`` over the engine's buffers).
+        Per-row tensors are indexed on the device; the batch-wide facts (which samplers run,
+        the schedule, ``any_*``) stay this batch's, a superset for the rows taken, which gives
+        the same result since a sampler leaves the rows that do not enable it unchanged.
+        ``logit_bias`` / ``min_tokens`` lists are padded per row to the longest (a -0.0 bias,
+        a repeated id), so their COO form can be indexed too. The result has no ``params``
+        (they stay on the host) and cannot be ``select``-ed or ``gather``-ed again.
+        """
+        R = int(index.shape[0])
+        if history.batch_size != R:
+            raise ValueError(f"gather: history has {history.batch_size} rows but index has {R}")
+        if history.vocab_size != self.vocab_size:
+            raise ValueError(f"gather: history vocab_size {history.vocab_size} != {self.vocab_size}")
+        index = index.to(device=self.device, dtype=torch.int64)
+        new = SamplingBatch.__new__(SamplingBatch)
+        new.__dict__.update(self.__dict__)
+        new.params = None
+        new.batch_size = R
+        new.history = history
+        new._sequence_indices = None
+        new._tensors = {name: t.index_select(0, index) for name, t in self._tensors.items()}
+        for name in ("greedy", "key_lo", "key_hi", "seeded", "sequence_indices", "raw_logprobs",
+                     "dry_sequence_breaker_ids"):
+            setattr(new, name, getattr(self, name).index_select(0, index))
+        new.schedule = [(sid, None if rows is None else rows.index_select(0, index))
+                        for sid, rows in self.schedule]
+        pad = self._padded_lists()
+        rows = torch.arange(R, device=self.device)
+        if self.logit_bias_coo is not None:
+            ids, bias = pad["logit_bias"]
+            k = ids.shape[1]
+            new.logit_bias_coo = (rows.repeat_interleave(k), ids.index_select(0, index).reshape(-1),
+                                  bias.index_select(0, index).reshape(-1))
+        if self.min_tokens_coo is not None:
+            ids, min_tokens = pad["min_tokens"]
+            k = ids.shape[1]
+            new.min_tokens_coo = (rows.repeat_interleave(k), ids.index_select(0, index).reshape(-1))
+            new._tensors["min_tokens"] = min_tokens.index_select(0, index)
+        return new
+
+    def _padded_lists(self) -> dict:
+        """The logit_bias and min_tokens lists as [B, K] tables, for ``gather`` (built once)."""
+        cached = self.__dict__.get("_padded")
+        if cached is not None:
+            return cached
+        out: dict = {}
+        if self.logit_bias_coo is not None:
+            lists = [list((p.logit_bias or {}).items()) for p in self.params]
+            k = max(len(entries) for entries in lists)
+            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
+            bias = torch.full((self.batch_size, k), -0.0, dtype=torch.float32)  # x + -0.0 == x, bitwise
+            for b, entries in enumerate(lists):
+                if entries:
+                    ids[b, : len(entries)] = torch.tensor([t for t, _ in entries])
+                    bias[b, : len(entries)] = torch.tensor([v for _, v in entries], dtype=torch.float32)
+            out["logit_bias"] = (ids.to(self.device), bias.to(self.device))
+        if self.min_tokens_coo is not None:
+            lists = [list(dict.fromkeys(self.eos_token_ids + tuple(p.stop_token_ids))) if p.min_tokens else []
+                     for p in self.params]
+            k = max(len(ids) for ids in lists)
+            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
+            for b, row in enumerate(lists):
+                if row:
+                    ids[b] = torch.tensor(row + [row[0]] * (k - len(row)))  # a repeated ban is one ban
+            # A row without a stop id bans nothing: its padding (id 0) must stay inactive.
+            min_tokens = torch.where(torch.tensor([bool(r) for r in lists], device=self.device),
+                                     self._tensors["min_tokens"], 0)
+            out["min_tokens"] = (ids.to(self.device), min_tokens)
+        self._padded = out
+        return out
+
     # ------------------------------------------------------------------ generation steps
     def append(self, token_ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
         """Advance rows by their newly chosen token, in O(B) work.

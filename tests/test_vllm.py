@@ -191,14 +191,26 @@ def expected_logits(logits, slots):
         ours = parse_extra_args(vp.extra_args)
         if ours is None:
             continue
-        if ours.seed is None and vp.seed is not None:
-            ours = SamplingParams(**{**ours.to_dict(), "seed": vp.seed, "max_tokens": None})
-        b = SamplingBatch([ours], [prompt], [list(output)], vocab_size=logits.shape[1])
-        row = SamplerPipeline(backend="torch").process(logits[i:i + 1], b)
-        if ours.is_greedy:
-            row = torch.where(torch.arange(row.shape[1]) == row.argmax(), row, float("-inf"))
-        out[i] = row[0]
+        out[i] = expected_row(logits[i], ours, vp, prompt, output)
     return out
+
+
+def expected_row(logits_row, ours, vp, prompt, history_output):
+    """One request's row: the pipeline on a batch built from scratch; for a greedy request or
+    one seeded under our key, the one-token row of ``SamplerPipeline.sample``'s choice (the
+    seeded stream keyed by (our seed, vLLM's seed as the sequence index))."""
+    own_seed = ours.seed is not None
+    seq = vp.seed % 2**32 if own_seed and vp.seed is not None else 0
+    if not own_seed and vp.seed is not None:
+        ours = SamplingParams(**{**ours.to_dict(), "seed": vp.seed, "max_tokens": None})
+    b = SamplingBatch([ours], [prompt], [list(history_output)], vocab_size=logits_row.shape[0],
+                      sequence_indices=[seq])
+    row = SamplerPipeline(backend="torch").process(logits_row[None], b)[0]
+    if own_seed or ours.is_greedy:
+        token = int(SamplerPipeline(backend="torch").sample(logits_row[None], b).token_ids[0])
+        assert torch.isfinite(row[token])
+        row = torch.where(torch.arange(row.shape[0]) == token, 0.0, float("-inf"))
+    return row
 
 
 BLOCKS = [
