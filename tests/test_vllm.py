@@ -8,6 +8,7 @@ condensing moves and swaps made the way vLLM's persistent batch makes them.
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -419,18 +420,72 @@ def test_a_row_advanced_by_several_tokens_rebuilds():
     assert proc.rebuilds == 3
 
 
-def test_no_active_rows_is_identity_and_out_of_vocab_ids_dropped():
+class VllmLogRecords(logging.Handler):
+    """Records what reaches vLLM's own "vllm" logger (which does not propagate to the root)."""
+
+    def __enter__(self):
+        self.records = []
+        logging.getLogger("vllm").addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc):
+        logging.getLogger("vllm").removeHandler(self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_no_active_rows_is_identity_and_out_of_vocab_ids_logged_as_errors():
     proc, pb = make_processor(vocab_size=V), PersistentBatch()
     pb.add(VllmParams(), [1], [])
     proc.update_state(pb.update())
     logits = torch.randn(1, V)
     assert proc.apply(logits) is logits
     pb.add(vparams({"logit_bias": {"2": 10.0, str(V + 5): 3.0}}), [1], [])
-    proc.update_state(pb.update())
+    with VllmLogRecords() as records:
+        proc.update_state(pb.update())
+    # The engine cannot fail one request: the entry is left out, with an error line.
+    assert [r.levelno for r in records] == [logging.ERROR]
+    assert f"[{V + 5}] are outside the vocabulary [0, {V})" in records[0].getMessage()
     logits = torch.randn(2, V)
     got = proc.apply(logits.clone())
     assert torch.equal(got[0], logits[0])
     assert got[1, 2] == logits[1, 2] + 10.0
+
+
+def test_log_lines_use_vllms_handler_and_format():
+    """Our lines go through vLLM's configured handler (its format, its level), not Python's
+    bare last-resort handler."""
+    import vllm.logger
+    from vllm.logging_utils import NewLineFormatter
+
+    from samplers.integrations import vllm as integration
+
+    # vLLM's engine puts its handler on the "vllm" logger (configure_logging); ours propagates there.
+    vllm_logger = logging.getLogger("vllm")
+    assert integration.logger.parent is vllm_logger and integration.logger.propagate
+    proc, pb = make_processor(), PersistentBatch()
+    bad = VllmParams()
+    bad.extra_args = {EXTRA_ARGS_KEY: {"min_p": 7}}
+    pb.add(bad, [1], [])
+    with VllmLogRecords() as records:
+        proc.update_state(pb.update())
+    assert len(records) == 1
+    record = records[0]
+    record.__dict__.setdefault("vllm_process_name", "EngineCore")  # vLLM's record factory adds it
+    line = NewLineFormatter(vllm.logger._FORMAT, vllm.logger._DATE_FORMAT).format(record)
+    assert " ERROR " in line and "] samplers: request parameters ignored: min_p" in line
+
+
+def test_offline_users_catch_vllm_validation_error():
+    """vLLM re-raises our ValueError as VLLMValidationError, which is not a ValueError."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    with pytest.raises(VLLMValidationError) as info:
+        validate_logits_processors_parameters([FQCN], vparams({"min_p": 2.0}))
+    assert not isinstance(info.value, ValueError)
+    assert isinstance(info.value.__cause__, ValueError) and "min_p" in str(info.value)
 
 
 def test_min_tokens_bans_vllm_stop_ids():
