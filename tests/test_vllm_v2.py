@@ -407,3 +407,20 @@ def test_seeded_rows_are_reproducible_whatever_the_batch(cpu_buffers):
     crowded = tokens_of(random.Random(2), 4, 8)
     n = min(len(alone), len(crowded))
     assert n >= 5 and alone[:n] == crowded[:n]
+
+
+def test_logits_wider_than_the_request_state_vocabulary(cpu_buffers):
+    """Should a model's logits have more columns than req_states.vocab_size, the processor
+    follows the logits instead of failing the engine in the pipeline's shape check."""
+    rng = random.Random(4)
+    runner = Runner(rng, max_num_reqs=2)
+    proc = make_processor(runner.rs)
+    runner.procs.append(proc)
+    req = Req(vparams({"repetition_penalty": 2.0, "logit_bias": {"50": 3.0}}), [1, 2, 3], [4])
+    runner.add(req)
+    ctx, rows = runner.step()
+    logits = torch.randn(1, V + 8)
+    got = proc.apply(logits.clone(), ctx)
+    b = SamplingBatch([SamplingParams(repetition_penalty=2.0, logit_bias={50: 3.0})], [rows[0][1][:3]],
+                      [rows[0][1][3:]], vocab_size=V + 8)
+    assert torch.equal(got, SamplerPipeline(backend="torch").process(logits, b))

@@ -490,6 +490,7 @@ if V2LogitsProcessor is not None:
             n = int(req_states.max_num_reqs)
             self.pipeline = SamplerPipeline(backend=backend)
             self._slot_params: list[Optional[_EngineParams]] = [None] * n
+            self._slot_vparams: list[Any] = [None] * n  # vLLM's params of our slots
             self._ours = np.zeros(n, dtype=bool)  # host: the slot's request uses our parameters
             self._stale = False
             self._table: Optional[SamplingBatch] = None
@@ -507,6 +508,7 @@ if V2LogitsProcessor is not None:
             if ep is not None or self._slot_params[req_idx] is not None:
                 self._stale = True
             self._slot_params[req_idx] = ep
+            self._slot_vparams[req_idx] = sampling_params if ep is not None else None
             self._ours[req_idx] = ep is not None
             self._any_draws[req_idx] = ep is not None and ep.draws
             return ep is not None
@@ -536,6 +538,13 @@ if V2LogitsProcessor is not None:
                 raise TypeError("Model Runner V2's apply(logits, ctx) needs the LogitsContext")
             if self.duplicate or not self._ours[ctx.idx_mapping_np].any():
                 return logits
+            if logits.shape[1] != self.vocab_size:
+                # vLLM hands us [rows, vocab_size] logits; should a model's logits differ,
+                # follow them rather than fail the engine in the pipeline's shape check.
+                self.vocab_size = int(logits.shape[1])
+                for slot in np.flatnonzero(self._ours):
+                    self._slot_params[slot] = _engine_params(self._slot_vparams[slot], self.vocab_size)
+                self._stale = True
             if self._stale:  # add_request without apply_staged_writes (not vLLM's order)
                 self.apply_staged_writes()
             assert self._table is not None
