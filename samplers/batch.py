@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .history import TokenHistory
-from .params import SamplingParams
+from .params import FLOAT32_MAX, SamplingParams, _integer, _token_id, _token_ids
 from .priority import SamplerID
 from .sampling import split_seed
 
@@ -77,6 +78,53 @@ def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[t
     return tuple(result)
 
 
+def normalise_device(device: Union[torch.device, str, None]) -> torch.device:
+    """``device`` as the tensors on it report theirs: "cpu:0" -> cpu, "cuda" -> "cuda:<current>",
+    so that a batch built with ``device="cuda"`` accepts logits on ``cuda:0``."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}: {exc}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.index is None:
+        module = getattr(torch, dev.type, None)
+        try:
+            if module is not None and module.is_available():
+                return torch.device(dev.type, module.current_device())
+        except (AttributeError, RuntimeError):
+            pass
+    return dev
+
+
+def _check_id_rows(name: str, rows: Sequence) -> None:
+    """Every row a sequence of integer token ids (no floats, strings, bools, None or nested lists:
+    numpy would truncate, parse or coerce them silently), each within int64; the vocabulary range is
+    checked by ``TokenHistory``. One pass over the ids' types (a set), no per-id Python work."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (Sequence, torch.Tensor)):
+        raise ValueError(f"{name} must be a list of token id lists (one per row), got {type(rows).__name__}")
+    for b, row in enumerate(rows):
+        if isinstance(row, (torch.Tensor, np.ndarray)):
+            dt = row.dtype
+            if row.ndim != 1 or not (dt in _INT_DTYPES or (isinstance(dt, np.dtype) and dt.kind in "iu")):
+                raise ValueError(f"{name}[{b}] must be a 1-D integer tensor/array of token ids, got "
+                                 f"{tuple(row.shape)} {dt}")
+            continue
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise ValueError(f"{name}[{b}] must be a list of token ids, got {type(row).__name__} {str(row)[:80]}")
+    kinds = {type(t) for row in rows if not isinstance(row, (torch.Tensor, np.ndarray)) for t in row}
+    odd = [k for k in kinds if k is bool or not issubclass(k, (int, np.integer))]
+    if odd:
+        bad = next(t for row in rows if not isinstance(row, (torch.Tensor, np.ndarray))
+                   for t in row if type(t) in odd)
+        raise ValueError(f"{name} must hold integer token ids, got {type(bad).__name__} {str(bad)[:80]}")
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 class SamplingBatch:
     """Per-row parameters and histories for a ``[B, V]`` batch of logits.
 
@@ -123,26 +171,33 @@ class SamplingBatch:
         prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
         output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
         for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+            _check_id_rows(name, ids)
             if len(ids) != B:
                 raise ValueError(f"{name} has {len(ids)} rows but params has {B}")
         if sequence_indices is None:
             sequence_indices = [0] * B
-        if len(sequence_indices) != B or any(int(j) < 0 for j in sequence_indices):
-            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {sequence_indices!r}")
+        if isinstance(sequence_indices, (str, bytes)) or not isinstance(sequence_indices, Sequence) \
+                or len(sequence_indices) != B:
+            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {str(sequence_indices)[:200]}")
+        sequence_indices = [_integer("sequence_indices entries", j, 0, 2**32 - 1) for j in sequence_indices]
         if eos_token_ids is None:
             eos = ()
-        elif isinstance(eos_token_ids, int):
-            eos = (eos_token_ids,)
+        elif isinstance(eos_token_ids, (int, np.integer)) and not isinstance(eos_token_ids, bool):
+            eos = (_token_id("eos_token_ids", int(eos_token_ids)),)
         else:
-            eos = tuple(int(t) for t in eos_token_ids)
+            eos = _token_ids("eos_token_ids", eos_token_ids)
 
         self.params = params
         self.batch_size = B
         self.vocab_size = vocab_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = normalise_device(device)
         self.eos_token_ids = eos
         if history is None:
-            history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+            try:
+                history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+            except OverflowError:  # an id beyond int64 (numpy's conversion)
+                raise ValueError(f"prompt_token_ids / output_token_ids contain a token id outside "
+                                 f"[0, vocab_size={vocab_size})") from None
         elif history.batch_size != B:
             raise ValueError(f"history has {history.batch_size} rows but params has {B}")
         self.history = history
