@@ -7,13 +7,14 @@ by one token in O(B) work (the histories' derived state is updated, not rebuilt)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .history import TokenHistory
-from .params import FLOAT32_MAX, SamplingParams, _integer, _token_id, _token_ids
+from .params import FLOAT32_MAX, GREEDY_TEMPERATURE, SamplingParams, _integer, _token_id, _token_ids
 from .priority import SamplerID
 from .sampling import split_seed
 
@@ -42,18 +43,26 @@ def _schedule(orders: Sequence[tuple[SamplerID, ...]], device: torch.device) -> 
     (a sampler leaves the rows that do not enable it unchanged). Otherwise stages go
     position by position: stage (s, mask) applies s to the rows whose j-th sampler is s.
     """
+    return _schedule_with_rows(orders, device)[0]
+
+
+def _schedule_with_rows(orders: Sequence[tuple[SamplerID, ...]], device: torch.device
+                        ) -> tuple[list[Stage], list[Optional[torch.Tensor]]]:
+    """``_schedule`` and, per stage, its rows as int64 indices (None for an unmasked stage)."""
     distinct = sorted(set(orders), key=len, reverse=True)
     common = _common_supersequence(distinct)
     if common is not None:
-        return [(sid, None) for sid in common]
+        return [(sid, None) for sid in common], [None] * len(common)
     stages: list[Stage] = []
+    indices: list[Optional[torch.Tensor]] = []
     width = max(len(o) for o in distinct)
     for j in range(width):
         at_j = sorted({o[j] for o in distinct if len(o) > j})
         for sid in at_j:
-            mask = torch.tensor([len(o) > j and o[j] == sid for o in orders], dtype=torch.bool)
-            stages.append((sid, mask.to(device)))
-    return stages
+            host = [len(o) > j and o[j] == sid for o in orders]
+            stages.append((sid, torch.tensor(host, dtype=torch.bool).to(device)))
+            indices.append(torch.tensor([b for b, h in enumerate(host) if h], dtype=torch.int64).to(device))
+    return stages, indices
 
 
 def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[tuple[SamplerID, ...]]:
@@ -225,7 +234,17 @@ class SamplingBatch:
 
         self.orders = [p.enabled_order() for p in params]
         self.active: frozenset[SamplerID] = frozenset(s for o in self.orders for s in o)
-        self.schedule: list[Stage] = _schedule(self.orders, self.device)
+        # ``schedule_rows``: the rows of each masked stage as indices (built from host lists, no
+        # device read); the torch backend runs such a stage on those rows only, so a batch whose
+        # rows all differ in order costs about what one order costs (SEMANTICS.md, "Hostile inputs").
+        self.schedule: list[Stage]
+        self.schedule, self.schedule_rows = _schedule_with_rows(self.orders, self.device)
+        # Rows the chain leaves alone: ``process`` returns them bit-identical, whatever their values.
+        identity = [not o and not p.logit_bias and p.min_tokens == 0 and p.skew == 0.0
+                    for o, p in zip(self.orders, params)]
+        self.all_identity = all(identity)
+        self.any_identity = any(identity)
+        self.identity_rows = torch.tensor(identity, dtype=torch.bool, device=self.device)
         self.any_skew = any(p.skew != 0.0 for p in params)
         self.any_top_k = any(p.top_k > 0 for p in params)
         self.any_top_p = any(p.top_p < 1.0 for p in params)
@@ -233,10 +252,12 @@ class SamplingBatch:
         self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
 
         self._build_token_lists()
-        # Bans are the only steps that may remove every token of a row (typical_p and XTC may
-        # remove the top token, but always leave one).
+        # Bans, and a DRY penalty that overflows to inf (a long repeat), are the only steps that
+        # may remove every token of a row (typical_p and XTC may remove the top token, but always
+        # leave one).
         self.may_remove_every_token = (
             self.min_tokens_coo is not None or SamplerID.NO_REPEAT_NGRAM in self.active
+            or SamplerID.DRY in self.active
         )
         self._build_keys(sequence_indices)
         self.max_logprobs = max((p.logprobs or 0) for p in params)
@@ -291,6 +312,33 @@ class SamplingBatch:
         self.all_seeded = all(p.seed is not None for p in self.params)
         self._sequence_indices = [int(j) for j in sequence_indices]
         self.sequence_indices = torch.tensor(self._sequence_indices, dtype=torch.int64, device=self.device)
+
+    def may_overflow(self, absmax: float) -> bool:
+        """Whether a stage's float32 arithmetic could leave the float32 range on logits whose
+        finite values satisfy |l| <= ``absmax`` (a host bound from the parameters: logit_bias,
+        the penalties' factor, the smallest temperature, the smoothing polynomial, nsigma's sums).
+        The pipeline sends such calls to the torch backend, whose stages saturate."""
+        if not math.isfinite(absmax):
+            return True
+        P = self.params
+        m = absmax + 100.0 * (self.logit_bias_coo is not None)
+        gain = 1.0
+        if SamplerID.PENALTIES in self.active:
+            r = [p.repetition_penalty for p in P]
+            gain *= max(max(r), 1.0 / min(r))
+            m += 4.0 * self.history.max_length  # |f|, |presence| <= 2, count <= history length
+        if SamplerID.TEMPERATURE in self.active:
+            temps = [GREEDY_TEMPERATURE if p.dynatemp_enabled else p.temperature
+                     for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
+            gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
+        m *= gain
+        if SamplerID.QUADRATIC in self.active:
+            d = 2.0 * m
+            poly = max(abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) * d * d
+                       + abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) * d * d * d for p in P)
+            m = (m + poly) * gain  # the scaling stages may also come after the smoothing
+        # nsigma's mean and variance sum V values of size up to (2m)**2; a margin of 4 elsewhere
+        return 4.0 * m * m * self.vocab_size > FLOAT32_MAX or 4.0 * m > FLOAT32_MAX
 
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:

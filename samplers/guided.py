@@ -185,7 +185,7 @@ def validate_guided(params: Any) -> None:
         if not gc:
             raise ValueError("guided_choice must list at least one choice")
         if any(c == "" for c in gc):
-            raise ValueError("guided_choice entries must be non-empty strings")
+            raise ValueError("guided_choice: an empty choice \"\" allows only the empty output; choices must be non-empty strings")
     if gr is not None:
         try:
             re.compile(gr)

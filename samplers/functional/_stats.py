@@ -33,6 +33,7 @@ __all__ = [
     "prefix_boundary",
     "apply_keep",
     "cast_saturating",
+    "saturate_finite",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -261,6 +262,14 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
+
+
+def saturate_finite(out32: Tensor, in32: Tensor) -> Tensor:
+    """``out32`` with each result of a finite input clamped to the float32 range: arithmetic on
+    a finite logit (a small temperature, a small repetition penalty) never overflows to
+    ``+-inf``; non-finite inputs keep their results (``-inf`` stays removed)."""
+    fmax = torch.finfo(torch.float32).max
+    return torch.where(torch.isfinite(in32), out32.clamp(-fmax, fmax), out32)
 
 
 def sort_values_desc(x: Tensor) -> Tensor:
