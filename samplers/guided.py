@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -354,9 +356,16 @@ class _Matcher:
     is_terminated: Callable[[], bool]
 
 
+#: Compiled grammars kept per (tokenizer, vocab size, stop ids): a grammar is compiled once per
+#: process, not once per ``generate`` call; at most this many per tokenizer (least recent dropped).
+COMPILED_CACHE_SIZE = 256
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class GuidedDecoder:
     """Grammar compilation for one tokenizer: one library instance per backend, compiled grammars
-    cached by (backend, kind, value, whitespace pattern)."""
+    cached by (backend, kind, value, whitespace pattern). Library instances and compiled grammars
+    are shared by every decoder of the same tokenizer, vocabulary size and stop ids."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
                  default_backend: Optional[str] = None) -> None:
@@ -364,7 +373,12 @@ class GuidedDecoder:
         self.stop_ids = tuple(int(t) for t in stop_token_ids)
         self.default_backend = resolve_backend(default_backend)
         self._libs: dict = {}
-        self._cache: dict = {}
+        self._cache: "OrderedDict" = OrderedDict()
+        try:
+            per_tok = _SHARED.setdefault(tokenizer, {})
+        except TypeError:  # a tokenizer without weak references: this decoder's own caches
+            return
+        self._libs, self._cache = per_tok.setdefault((self.vocab_size, self.stop_ids), ({}, OrderedDict()))
 
     def library(self, name: str) -> Any:
         lib = self._libs.get(name)
@@ -382,7 +396,11 @@ class GuidedDecoder:
 
     def compile(self, spec: GuidedSpec) -> Any:
         key = (spec.backend, spec.kind, spec.value, spec.whitespace_pattern)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            while len(self._cache) >= COMPILED_CACHE_SIZE:
+                self._cache.popitem(last=False)
             field = {"choice": "guided_choice", "regex": "guided_regex", "json": "guided_json"}[spec.kind]
             try:
                 self._cache[key] = self.library(spec.backend).compile(spec)

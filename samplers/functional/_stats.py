@@ -259,6 +259,8 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     largest finite magnitude instead of overflowing to ``+-inf`` (``-inf`` stays ``-inf``)."""
     if dtype == torch.float32 and out32.dtype == torch.float32:
         return out32  # every finite fp32 value is in range; infinities stay as they are
+    if torch.finfo(dtype).max >= torch.finfo(out32.dtype).max:
+        return out32.to(dtype)  # a wider dtype (float64) holds every value
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)

@@ -144,10 +144,11 @@ def quadratic_smoothing(
     smoothed = row_max - k * d2 + s * (d2 * d)
     # Past the float32 range (a logit spread of ~1e19 and more) the terms overflow, and
     # 0 * inf or inf - inf would be NaN: those entries are computed again in float64 (where
-    # nothing in range overflows: |d| < 7e38, |k|, |s| < 1e36) and saturate.
-    bad = finite & ~torch.isfinite(smoothed)
+    # nothing in range overflows: |d| < 7e38, |k|, |s| < 1e36) and saturate. (Removed entries
+    # too: fill_removed's minimum would keep a NaN.)
+    bad = ~torch.isfinite(smoothed)
     if bool(bad.any()):
-        d64 = d.double()
+        d64 = l32.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) - row_max.double()
         exact = row_max.double() - k.double() * d64 * d64 + s.double() * d64 * d64 * d64
         fmax = torch.finfo(_F32).max
         smoothed = torch.where(bad, exact.clamp(-fmax, fmax).float(), smoothed)
