@@ -484,3 +484,30 @@ def test_compiled_grammars_are_shared_between_runs(model_tok):
     first = GuidedDecoder(tok, model.config.vocab_size, [0])
     second = GuidedDecoder(tok, model.config.vocab_size, [0])
     assert first.compile(first.spec(p)) is second.compile(second.spec(p))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@FEW
+@given(data=st.data())
+def test_backends_apply_one_nan_rule(data):
+    """Item 6: NaN / -inf entries among ordinary logits: the kernel backend (which then runs,
+    no overflow being possible) and the torch backend remove the same tokens and draw the same one."""
+    V = data.draw(st.integers(4, 16))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    lg = torch.randn(2, V, generator=g) * 3
+    holes = data.draw(st.lists(st.tuples(st.integers(0, 1), st.integers(1, V - 1), st.sampled_from([NAN, -INF])),
+                               max_size=V))
+    for r, c, v in holes:
+        lg[r, c] = v
+    params = [SamplingParams(temperature=data.draw(st.sampled_from([0.5, 1.0, 1.5])),
+                             min_p=data.draw(st.sampled_from([0.0, 0.05])),
+                             top_k=data.draw(st.sampled_from([0, 3])), seed=b) for b in range(2)]
+    batch = SamplingBatch(params, vocab_size=V)
+    assert not batch.may_overflow(float(lg[torch.isfinite(lg)].abs().max()))
+    a, b = _pipe("torch").process(lg, batch), _pipe("triton").process(lg, batch)
+    assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.allclose(a[torch.isfinite(a)], b[torch.isfinite(b)], rtol=1e-5, atol=1e-5)
+    rows = ~batch.identity_rows  # default rows come back bit-identical, NaN included
+    assert not torch.isnan(a[rows]).any() and (a[rows][torch.isnan(lg[rows])] == -INF).all()
+    ta, tb = _pipe("torch").sample(lg, batch), _pipe("triton").sample(lg, batch)
+    assert torch.equal(ta.token_ids, tb.token_ids)
