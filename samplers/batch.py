@@ -328,7 +328,8 @@ class SamplingBatch:
             gain *= max(max(r), 1.0 / min(r))
             m += 4.0 * self.history.max_length  # |f|, |presence| <= 2, count <= history length
         if SamplerID.TEMPERATURE in self.active:
-            temps = [GREEDY_TEMPERATURE if p.dynatemp_enabled else p.temperature
+            # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
+            temps = [p.dynatemp_min if p.dynatemp_enabled else p.temperature
                      for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
             gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
         m *= gain
@@ -338,7 +339,9 @@ class SamplingBatch:
                        + abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) * d * d * d for p in P)
             m = (m + poly) * gain  # the scaling stages may also come after the smoothing
         # nsigma's mean and variance sum V values of size up to (2m)**2; a margin of 4 elsewhere
-        return 4.0 * m * m * self.vocab_size > FLOAT32_MAX or 4.0 * m > FLOAT32_MAX
+        if SamplerID.TOP_NSIGMA in self.active and 4.0 * m * m * self.vocab_size > FLOAT32_MAX:
+            return True
+        return 4.0 * m > FLOAT32_MAX
 
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:

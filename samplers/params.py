@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 import struct
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ def _integer(name: str, value: Any, lo: int = -INT64_MAX - 1, hi: int = INT64_MA
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
         value = int(value)
     if not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {_show(value)}")

@@ -511,3 +511,17 @@ def test_backends_apply_one_nan_rule(data):
     assert not torch.isnan(a[rows]).any() and (a[rows][torch.isnan(lg[rows])] == -INF).all()
     ta, tb = _pipe("torch").sample(lg, batch), _pipe("triton").sample(lg, batch)
     assert torch.equal(ta.token_ids, tb.token_ids)
+
+
+def test_only_hostile_calls_leave_the_kernel_backend():
+    """The overflow bound that sends a call to the torch backend holds for ordinary inputs
+    (every preset, logits up to 1e3) and trips for hostile magnitudes or parameters."""
+    import test_pipeline as tp
+
+    batch = tp._batch(tp.PRESETS + [SamplingParams(**tp.EVERYTHING)], seed=1)
+    assert not batch.may_overflow(1e3)
+    assert batch.may_overflow(3e38) and batch.may_overflow(INF)
+    tiny_t = SamplingBatch([SamplingParams(temperature=2e-5, nsigma=1.0)], vocab_size=32000)
+    assert not tiny_t.may_overflow(1e3) and tiny_t.may_overflow(1e30)
+    assert SamplingBatch([SamplingParams(repetition_penalty=1e-30)], prompt_token_ids=[[1]],
+                         vocab_size=8).may_overflow(1e10)
