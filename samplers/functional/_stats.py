@@ -33,6 +33,7 @@ __all__ = [
     "prefix_boundary",
     "apply_keep",
     "cast_saturating",
+    "saturate_finite",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -258,9 +259,19 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     largest finite magnitude instead of overflowing to ``+-inf`` (``-inf`` stays ``-inf``)."""
     if dtype == torch.float32 and out32.dtype == torch.float32:
         return out32  # every finite fp32 value is in range; infinities stay as they are
+    if torch.finfo(dtype).max >= torch.finfo(out32.dtype).max:
+        return out32.to(dtype)  # a wider dtype (float64) holds every value
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
+
+
+def saturate_finite(out32: Tensor, in32: Tensor) -> Tensor:
+    """``out32`` with each result of a finite input clamped to the float32 range: arithmetic on
+    a finite logit (a small temperature, a small repetition penalty) never overflows to
+    ``+-inf``; non-finite inputs keep their results (``-inf`` stays removed)."""
+    fmax = torch.finfo(torch.float32).max
+    return torch.where(torch.isfinite(in32), out32.clamp(-fmax, fmax), out32)
 
 
 def sort_values_desc(x: Tensor) -> Tensor:

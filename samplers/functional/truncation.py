@@ -356,6 +356,15 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
     mean = lf.sum(dim=-1, keepdim=True) / count.clamp_min(1)
     sq = lf.sub_(mean).mul_(finite).pow_(2).sum(dim=-1, keepdim=True)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
+    if not bool(torch.isfinite(std).all()):
+        # Sums past the float32 range (logits ~1e37 and more) give inf or NaN: those rows again on
+        # the logits divided by their largest magnitude (std scales; the result may be inf, never NaN).
+        lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        scale = lf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(_F32).tiny)
+        ls = lf / scale
+        mean_s = ls.sum(dim=-1, keepdim=True) / count.clamp_min(1)
+        sq_s = ls.sub_(mean_s).mul_(finite).pow_(2).sum(dim=-1, keepdim=True)
+        std = torch.where(torch.isfinite(std), std, torch.sqrt(sq_s / (count - 1).clamp_min(1)) * scale)
     std = torch.where(count > 1, std, torch.zeros_like(std))
     row_max = l32.amax(dim=-1, keepdim=True)
     threshold = (row_max - n[:, None] * std)[:, 0]
