@@ -7,6 +7,7 @@ by one token in O(B) work (the histories' derived state is updated, not rebuilt)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -313,6 +314,27 @@ class SamplingBatch:
         self._sequence_indices = [int(j) for j in sequence_indices]
         self.sequence_indices = torch.tensor(self._sequence_indices, dtype=torch.int64, device=self.device)
 
+    @functools.cached_property
+    def _overflow_factors(self) -> tuple[float, float, float]:
+        """The parameters' part of ``may_overflow``, computed once per batch (the parameters do
+        not change between steps): the largest gain of the scaling stages (repetition penalty,
+        1 / temperature) and the largest |quadratic| and |cubic| smoothing coefficients."""
+        P = self.params
+        gain = 1.0
+        if SamplerID.PENALTIES in self.active:
+            r = [p.repetition_penalty for p in P]
+            gain *= max(max(r), 1.0 / min(r))
+        if SamplerID.TEMPERATURE in self.active:
+            # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
+            temps = [p.dynatemp_min if p.dynatemp_enabled else p.temperature
+                     for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
+            gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
+        quad = cubic = 0.0
+        if SamplerID.QUADRATIC in self.active:
+            quad = max(abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P)
+            cubic = max(abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P)
+        return gain, quad, cubic
+
     def may_overflow(self, absmax: float) -> bool:
         """Whether a stage's float32 arithmetic could leave the float32 range on logits whose
         finite values satisfy |l| <= ``absmax`` (a host bound from the parameters: logit_bias,
@@ -320,24 +342,14 @@ class SamplingBatch:
         The pipeline sends such calls to the torch backend, whose stages saturate."""
         if not math.isfinite(absmax):
             return True
-        P = self.params
+        gain, quad, cubic = self._overflow_factors
         m = absmax + 100.0 * (self.logit_bias_coo is not None)
-        gain = 1.0
         if SamplerID.PENALTIES in self.active:
-            r = [p.repetition_penalty for p in P]
-            gain *= max(max(r), 1.0 / min(r))
             m += 4.0 * self.history.max_length  # |f|, |presence| <= 2, count <= history length
-        if SamplerID.TEMPERATURE in self.active:
-            # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
-            temps = [p.dynatemp_min if p.dynatemp_enabled else p.temperature
-                     for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
-            gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
         m *= gain
         if SamplerID.QUADRATIC in self.active:
             d = 2.0 * m
-            poly = max(abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) * d * d
-                       + abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) * d * d * d for p in P)
-            m = (m + poly) * gain  # the scaling stages may also come after the smoothing
+            m = (m + quad * d * d + cubic * d * d * d) * gain  # the scaling stages may also come after it
         # nsigma's mean and variance sum V values of size up to (2m)**2; a margin of 4 elsewhere
         if SamplerID.TOP_NSIGMA in self.active and 4.0 * m * m * self.vocab_size > FLOAT32_MAX:
             return True

@@ -276,7 +276,13 @@ class SamplerPipeline:
         the largest finite value of the logits' dtype (float32's for float64 logits, whose
         finite values beyond float32 saturate too); a row left without a finite logit is a
         ValueError naming it. One host read of the logits' min and max; the fix-up pass runs
-        only when they are not finite."""
+        only when they are not finite.
+
+        On an accelerator the logits are not read on the host: a read there is a device sync
+        that stalls every step and cannot be captured in a CUDA graph. The rule is then not
+        enforced and the magnitude bound is 0 (SEMANTICS.md says what that leaves)."""
+        if logits.device.type != "cpu":
+            return logits, 0.0
         lo, hi = torch.stack(torch.aminmax(logits)).float().tolist()
         if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FLOAT32_MAX:
             return logits, max(-lo, hi)

@@ -525,3 +525,19 @@ def test_only_hostile_calls_leave_the_kernel_backend():
     assert not tiny_t.may_overflow(1e3) and tiny_t.may_overflow(1e30)
     assert SamplingBatch([SamplingParams(repetition_penalty=1e-30)], prompt_token_ids=[[1]],
                          vocab_size=8).may_overflow(1e10)
+
+
+def test_input_rule_reads_nothing_on_the_host_off_the_cpu(monkeypatch):
+    """On an accelerator the input rule is skipped: reading the logits' range on the host
+    would be a device sync every step (SEMANTICS.md, "Non-finite logits"). A meta tensor
+    stands in for a device tensor: any host read of it raises."""
+    def no_host_read(*a, **kw):
+        raise AssertionError("host read of the logits")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    logits = torch.empty(2, 8, device="meta")
+    x, absmax = SamplerPipeline._prepare(logits)
+    assert x is logits and absmax == 0.0
+    with pytest.raises(AssertionError, match="host read"):
+        SamplerPipeline._prepare(torch.zeros(2, 8))
