@@ -7,12 +7,15 @@ by one token in O(B) work (the histories' derived state is updated, not rebuilt)
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .history import TokenHistory
-from .params import SamplingParams
+from .params import FLOAT32_MAX, GREEDY_TEMPERATURE, SamplingParams, _integer, _token_id, _token_ids
 from .priority import SamplerID
 from .sampling import split_seed
 
@@ -41,18 +44,26 @@ def _schedule(orders: Sequence[tuple[SamplerID, ...]], device: torch.device) -> 
     (a sampler leaves the rows that do not enable it unchanged). Otherwise stages go
     position by position: stage (s, mask) applies s to the rows whose j-th sampler is s.
     """
+    return _schedule_with_rows(orders, device)[0]
+
+
+def _schedule_with_rows(orders: Sequence[tuple[SamplerID, ...]], device: torch.device
+                        ) -> tuple[list[Stage], list[Optional[torch.Tensor]]]:
+    """``_schedule`` and, per stage, its rows as int64 indices (None for an unmasked stage)."""
     distinct = sorted(set(orders), key=len, reverse=True)
     common = _common_supersequence(distinct)
     if common is not None:
-        return [(sid, None) for sid in common]
+        return [(sid, None) for sid in common], [None] * len(common)
     stages: list[Stage] = []
+    indices: list[Optional[torch.Tensor]] = []
     width = max(len(o) for o in distinct)
     for j in range(width):
         at_j = sorted({o[j] for o in distinct if len(o) > j})
         for sid in at_j:
-            mask = torch.tensor([len(o) > j and o[j] == sid for o in orders], dtype=torch.bool)
-            stages.append((sid, mask.to(device)))
-    return stages
+            host = [len(o) > j and o[j] == sid for o in orders]
+            stages.append((sid, torch.tensor(host, dtype=torch.bool).to(device)))
+            indices.append(torch.tensor([b for b, h in enumerate(host) if h], dtype=torch.int64).to(device))
+    return stages, indices
 
 
 def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[tuple[SamplerID, ...]]:
@@ -75,6 +86,53 @@ def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[t
         result.append(ready[0])
         placed.add(ready[0])
     return tuple(result)
+
+
+def normalise_device(device: Union[torch.device, str, None]) -> torch.device:
+    """``device`` as the tensors on it report theirs: "cpu:0" -> cpu, "cuda" -> "cuda:<current>",
+    so that a batch built with ``device="cuda"`` accepts logits on ``cuda:0``."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}: {exc}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.index is None:
+        module = getattr(torch, dev.type, None)
+        try:
+            if module is not None and module.is_available():
+                return torch.device(dev.type, module.current_device())
+        except (AttributeError, RuntimeError):
+            pass
+    return dev
+
+
+def _check_id_rows(name: str, rows: Sequence) -> None:
+    """Every row a sequence of integer token ids (no floats, strings, bools, None or nested lists:
+    numpy would truncate, parse or coerce them silently), each within int64; the vocabulary range is
+    checked by ``TokenHistory``. One pass over the ids' types (a set), no per-id Python work."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (Sequence, torch.Tensor)):
+        raise ValueError(f"{name} must be a list of token id lists (one per row), got {type(rows).__name__}")
+    for b, row in enumerate(rows):
+        if isinstance(row, (torch.Tensor, np.ndarray)):
+            dt = row.dtype
+            if row.ndim != 1 or not (dt in _INT_DTYPES or (isinstance(dt, np.dtype) and dt.kind in "iu")):
+                raise ValueError(f"{name}[{b}] must be a 1-D integer tensor/array of token ids, got "
+                                 f"{tuple(row.shape)} {dt}")
+            continue
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise ValueError(f"{name}[{b}] must be a list of token ids, got {type(row).__name__} {str(row)[:80]}")
+    kinds = {type(t) for row in rows if not isinstance(row, (torch.Tensor, np.ndarray)) for t in row}
+    odd = [k for k in kinds if k is bool or not issubclass(k, (int, np.integer))]
+    if odd:
+        bad = next(t for row in rows if not isinstance(row, (torch.Tensor, np.ndarray))
+                   for t in row if type(t) in odd)
+        raise ValueError(f"{name} must hold integer token ids, got {type(bad).__name__} {str(bad)[:80]}")
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class SamplingBatch:
@@ -123,26 +181,33 @@ class SamplingBatch:
         prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
         output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
         for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+            _check_id_rows(name, ids)
             if len(ids) != B:
                 raise ValueError(f"{name} has {len(ids)} rows but params has {B}")
         if sequence_indices is None:
             sequence_indices = [0] * B
-        if len(sequence_indices) != B or any(int(j) < 0 for j in sequence_indices):
-            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {sequence_indices!r}")
+        if isinstance(sequence_indices, (str, bytes)) or not isinstance(sequence_indices, Sequence) \
+                or len(sequence_indices) != B:
+            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {str(sequence_indices)[:200]}")
+        sequence_indices = [_integer("sequence_indices entries", j, 0, 2**32 - 1) for j in sequence_indices]
         if eos_token_ids is None:
             eos = ()
-        elif isinstance(eos_token_ids, int):
-            eos = (eos_token_ids,)
+        elif isinstance(eos_token_ids, (int, np.integer)) and not isinstance(eos_token_ids, bool):
+            eos = (_token_id("eos_token_ids", int(eos_token_ids)),)
         else:
-            eos = tuple(int(t) for t in eos_token_ids)
+            eos = _token_ids("eos_token_ids", eos_token_ids)
 
         self.params = params
         self.batch_size = B
         self.vocab_size = vocab_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = normalise_device(device)
         self.eos_token_ids = eos
         if history is None:
-            history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+            try:
+                history = TokenHistory(prompt_token_ids, output_token_ids, vocab_size, self.device)
+            except OverflowError:  # an id beyond int64 (numpy's conversion)
+                raise ValueError(f"prompt_token_ids / output_token_ids contain a token id outside "
+                                 f"[0, vocab_size={vocab_size})") from None
         elif history.batch_size != B:
             raise ValueError(f"history has {history.batch_size} rows but params has {B}")
         self.history = history
@@ -170,7 +235,17 @@ class SamplingBatch:
 
         self.orders = [p.enabled_order() for p in params]
         self.active: frozenset[SamplerID] = frozenset(s for o in self.orders for s in o)
-        self.schedule: list[Stage] = _schedule(self.orders, self.device)
+        # ``schedule_rows``: the rows of each masked stage as indices (built from host lists, no
+        # device read); the torch backend runs such a stage on those rows only, so a batch whose
+        # rows all differ in order costs about what one order costs (SEMANTICS.md, "Hostile inputs").
+        self.schedule: list[Stage]
+        self.schedule, self.schedule_rows = _schedule_with_rows(self.orders, self.device)
+        # Rows the chain leaves alone: ``process`` returns them bit-identical, whatever their values.
+        identity = [not o and not p.logit_bias and p.min_tokens == 0 and p.skew == 0.0
+                    for o, p in zip(self.orders, params)]
+        self.all_identity = all(identity)
+        self.any_identity = any(identity)
+        self.identity_rows = torch.tensor(identity, dtype=torch.bool, device=self.device)
         self.any_skew = any(p.skew != 0.0 for p in params)
         self.any_top_k = any(p.top_k > 0 for p in params)
         self.any_top_p = any(p.top_p < 1.0 for p in params)
@@ -178,10 +253,12 @@ class SamplingBatch:
         self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
 
         self._build_token_lists()
-        # Bans are the only steps that may remove every token of a row (typical_p and XTC may
-        # remove the top token, but always leave one).
+        # Bans, and a DRY penalty that overflows to inf (a long repeat), are the only steps that
+        # may remove every token of a row (typical_p and XTC may remove the top token, but always
+        # leave one).
         self.may_remove_every_token = (
             self.min_tokens_coo is not None or SamplerID.NO_REPEAT_NGRAM in self.active
+            or SamplerID.DRY in self.active
         )
         self._build_keys(sequence_indices)
         self.max_logprobs = max((p.logprobs or 0) for p in params)
@@ -237,6 +314,47 @@ class SamplingBatch:
         self._sequence_indices = [int(j) for j in sequence_indices]
         self.sequence_indices = torch.tensor(self._sequence_indices, dtype=torch.int64, device=self.device)
 
+    @functools.cached_property
+    def _overflow_factors(self) -> tuple[float, float, float]:
+        """The parameters' part of ``may_overflow``, computed once per batch (the parameters do
+        not change between steps): the largest gain of the scaling stages (repetition penalty,
+        1 / temperature) and the largest |quadratic| and |cubic| smoothing coefficients."""
+        P = self.params
+        gain = 1.0
+        if SamplerID.PENALTIES in self.active:
+            r = [p.repetition_penalty for p in P]
+            gain *= max(max(r), 1.0 / min(r))
+        if SamplerID.TEMPERATURE in self.active:
+            # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
+            temps = [p.dynatemp_min if p.dynatemp_enabled else p.temperature
+                     for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
+            gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
+        quad = cubic = 0.0
+        if SamplerID.QUADRATIC in self.active:
+            quad = max(abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P)
+            cubic = max(abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P)
+        return gain, quad, cubic
+
+    def may_overflow(self, absmax: float) -> bool:
+        """Whether a stage's float32 arithmetic could leave the float32 range on logits whose
+        finite values satisfy |l| <= ``absmax`` (a host bound from the parameters: logit_bias,
+        the penalties' factor, the smallest temperature, the smoothing polynomial, nsigma's sums).
+        The pipeline sends such calls to the torch backend, whose stages saturate."""
+        if not math.isfinite(absmax):
+            return True
+        gain, quad, cubic = self._overflow_factors
+        m = absmax + 100.0 * (self.logit_bias_coo is not None)
+        if SamplerID.PENALTIES in self.active:
+            m += 4.0 * self.history.max_length  # |f|, |presence| <= 2, count <= history length
+        m *= gain
+        if SamplerID.QUADRATIC in self.active:
+            d = 2.0 * m
+            m = (m + quad * d * d + cubic * d * d * d) * gain  # the scaling stages may also come after it
+        # nsigma's mean and variance sum V values of size up to (2m)**2; a margin of 4 elsewhere
+        if SamplerID.TOP_NSIGMA in self.active and 4.0 * m * m * self.vocab_size > FLOAT32_MAX:
+            return True
+        return 4.0 * m > FLOAT32_MAX
+
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:
         """The [B] tensor of a per-row parameter (float32 or int64), on the batch's device."""
@@ -269,6 +387,82 @@ class SamplingBatch:
             eos_token_ids=self.eos_token_ids, sequence_indices=[self._sequence_indices[r] for r in host],
             history=self.history.select(index),
         )
+
+    def gather(self, index: torch.Tensor, history: TokenHistory) -> "SamplingBatch":
+        """A batch whose row r has the parameters of this batch's row ``index[r]`` and the
+        r-th row of ``history``, without a device sync or a loop over rows.
+
+        index: int64 [R] on the batch's device (repeats allowed), e.g. an engine's row -> slot
+        map. history: R rows (e.g. ``TokenHistory.from_tensors`` over the engine's buffers).
+        Per-row tensors are indexed on the device; the batch-wide facts (which samplers run,
+        the schedule, ``any_*``) stay this batch's, a superset for the rows taken, which gives
+        the same result since a sampler leaves the rows that do not enable it unchanged.
+        ``logit_bias`` / ``min_tokens`` lists are padded per row to the longest (a -0.0 bias,
+        a repeated id), so their COO form can be indexed too. The result has no ``params``
+        (they stay on the host) and cannot be ``select``-ed or ``gather``-ed again.
+        """
+        R = int(index.shape[0])
+        if history.batch_size != R:
+            raise ValueError(f"gather: history has {history.batch_size} rows but index has {R}")
+        if history.vocab_size != self.vocab_size:
+            raise ValueError(f"gather: history vocab_size {history.vocab_size} != {self.vocab_size}")
+        index = index.to(device=self.device, dtype=torch.int64)
+        new = SamplingBatch.__new__(SamplingBatch)
+        new.__dict__.update(self.__dict__)
+        new.params = None
+        new.batch_size = R
+        new.history = history
+        new._sequence_indices = None
+        new._tensors = {name: t.index_select(0, index) for name, t in self._tensors.items()}
+        for name in ("greedy", "key_lo", "key_hi", "seeded", "sequence_indices", "raw_logprobs",
+                     "dry_sequence_breaker_ids"):
+            setattr(new, name, getattr(self, name).index_select(0, index))
+        new.schedule = [(sid, None if rows is None else rows.index_select(0, index))
+                        for sid, rows in self.schedule]
+        pad = self._padded_lists()
+        rows = torch.arange(R, device=self.device)
+        if self.logit_bias_coo is not None:
+            ids, bias = pad["logit_bias"]
+            k = ids.shape[1]
+            new.logit_bias_coo = (rows.repeat_interleave(k), ids.index_select(0, index).reshape(-1),
+                                  bias.index_select(0, index).reshape(-1))
+        if self.min_tokens_coo is not None:
+            ids, min_tokens = pad["min_tokens"]
+            k = ids.shape[1]
+            new.min_tokens_coo = (rows.repeat_interleave(k), ids.index_select(0, index).reshape(-1))
+            new._tensors["min_tokens"] = min_tokens.index_select(0, index)
+        return new
+
+    def _padded_lists(self) -> dict:
+        """The logit_bias and min_tokens lists as [B, K] tables, for ``gather`` (built once)."""
+        cached = self.__dict__.get("_padded")
+        if cached is not None:
+            return cached
+        out: dict = {}
+        if self.logit_bias_coo is not None:
+            lists = [list((p.logit_bias or {}).items()) for p in self.params]
+            k = max(len(entries) for entries in lists)
+            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
+            bias = torch.full((self.batch_size, k), -0.0, dtype=torch.float32)  # x + -0.0 == x, bitwise
+            for b, entries in enumerate(lists):
+                if entries:
+                    ids[b, : len(entries)] = torch.tensor([t for t, _ in entries])
+                    bias[b, : len(entries)] = torch.tensor([v for _, v in entries], dtype=torch.float32)
+            out["logit_bias"] = (ids.to(self.device), bias.to(self.device))
+        if self.min_tokens_coo is not None:
+            lists = [list(dict.fromkeys(self.eos_token_ids + tuple(p.stop_token_ids))) if p.min_tokens else []
+                     for p in self.params]
+            k = max(len(ids) for ids in lists)
+            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
+            for b, row in enumerate(lists):
+                if row:
+                    ids[b] = torch.tensor(row + [row[0]] * (k - len(row)))  # a repeated ban is one ban
+            # A row without a stop id bans nothing: its padding (id 0) must stay inactive.
+            min_tokens = torch.where(torch.tensor([bool(r) for r in lists], device=self.device),
+                                     self._tensors["min_tokens"], 0)
+            out["min_tokens"] = (ids.to(self.device), min_tokens)
+        self._padded = out
+        return out
 
     # ------------------------------------------------------------------ generation steps
     def append(self, token_ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from .batch import SamplingBatch
 from .integrations.hf import apply_user_processors, eos_ids_of
-from .params import SamplingParams
+from .params import SamplingParams, _token_ids
 from .pipeline import SamplerPipeline
 
 __all__ = ["generate", "CompletionOutput", "RequestOutput", "StreamDelta", "GenerationStream"]
@@ -190,7 +190,10 @@ class _Run:
         self.model, self.tok, self.pipe = model, tokenizer, pipeline
         self.collect_entropy, self.progress, self.stream = collect_entropy, progress, stream
         self.results: Optional[list[RequestOutput]] = None
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+        if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, (str, Sequence)):
+            raise ValueError(f"prompts must be a string, a list of token ids, or a list of either, got "
+                             f"{type(prompts).__name__}")
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, float))):
             prompts = [prompts]
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
@@ -206,9 +209,12 @@ class _Run:
             if isinstance(text, str):
                 ids = list(tokenizer(text)["input_ids"])
                 self.prompt_texts.append(text)
-            else:
-                ids = [int(t) for t in text]
+            elif isinstance(text, Sequence) and not isinstance(text, (bytes, bytearray)):
+                # integers only (no silent truncation of 1.5, no '3' or True)
+                ids = list(_token_ids("prompt token ids", text))
                 self.prompt_texts.append(None)
+            else:
+                raise ValueError(f"each prompt must be a string or a list of token ids, got {type(text).__name__}")
             if p.truncate_prompt_tokens is not None:
                 ids = ids[-p.truncate_prompt_tokens:]
             if not ids:
@@ -220,6 +226,9 @@ class _Run:
         self.max_model_len = int(limit) if limit else 2048
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() \
             is not None else int(cfg.vocab_size)
+        for r, ids in enumerate(self.prompt_ids):
+            if any(t >= self.vocab_size for t in ids):
+                raise ValueError(f"prompt {r} contains token id {max(ids)}, outside [0, vocab_size={self.vocab_size})")
         try:
             fwd = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
@@ -245,6 +254,9 @@ class _Run:
             yield from self._steps()
 
     def _steps(self) -> Iterator[StreamDelta]:
+        if not self.params:  # generate(model, tok, []): no request, no output
+            self.results = []
+            return
         model, tok = self.model, self.tok
         device = next(model.parameters()).device
         # rows: (request, sequence index)

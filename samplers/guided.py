@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,7 +38,7 @@ import torch
 
 __all__ = [
     "DEFAULT_BACKEND", "SUPPORTED_BACKENDS", "BACKEND_ALIASES", "GuidedSpec", "GuidedDecoder", "GuidedRows",
-    "resolve_backend", "guided_spec", "apply_token_bitmask", "apply_token_bitmask_torch", "bitmask_width",
+    "resolve_backend", "guided_spec", "validate_guided", "canonical_schema", "apply_token_bitmask", "apply_token_bitmask_torch", "bitmask_width",
     "unpack_bitmask", "pack_allowed",
 ]
 
@@ -97,9 +99,68 @@ def guided_spec(params: Any, default_backend: Optional[str] = None) -> Optional[
         except re.error as exc:
             raise ValueError(f"guided_regex {gr!r} is not a valid regular expression: {exc}") from None
         return GuidedSpec("regex", gr, backend, ws, ("guided_json",) if gj is not None else ())
-    schema = json.loads(gj) if isinstance(gj, str) else gj
-    _check_schema(schema)
-    return GuidedSpec("json", json.dumps(schema), backend, ws)   # property order kept
+    text = canonical_schema(gj)
+    _check_schema(json.loads(text))
+    return GuidedSpec("json", text, backend, ws)
+
+
+#: Bounds on a ``guided_json`` schema (SEMANTICS.md, "Hostile inputs"). Grammar compilation time
+#: grows fast with the number of optional properties of one object (xgrammar, tiny tokenizer:
+#: 0.08 s at 100, 0.43 s at 250, 1.7 s at 500, 23 s at 1000), so a schema is bounded before any
+#: compilation: nesting depth, properties per object, properties in all, and JSON text size.
+MAX_SCHEMA_DEPTH = 32
+MAX_OBJECT_PROPERTIES = 256
+MAX_TOTAL_PROPERTIES = 1024
+MAX_SCHEMA_CHARS = 1 << 18
+
+
+def _schema_bounds(schema: Any) -> None:
+    """Iteratively (no recursion, so no RecursionError) check depth and property counts."""
+    total = 0
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"guided_json is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                if len(props) > MAX_OBJECT_PROPERTIES:
+                    raise ValueError(f"guided_json: an object has {len(props)} properties; at most "
+                                     f"{MAX_OBJECT_PROPERTIES} per object are allowed (compilation time "
+                                     f"grows steeply with them)")
+                total += len(props)
+                if total > MAX_TOTAL_PROPERTIES:
+                    raise ValueError(f"guided_json has more than {MAX_TOTAL_PROPERTIES} properties in all")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def canonical_schema(gj: Any) -> str:
+    """A ``guided_json`` value (dict or JSON text) -> its JSON text, after the bounds above.
+    Every failure is a ``ValueError`` naming guided_json (never a TypeError / RecursionError)."""
+    if isinstance(gj, str):
+        if len(gj) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"guided_json has {len(gj)} characters; at most {MAX_SCHEMA_CHARS} are allowed")
+        try:
+            schema = json.loads(gj)
+        except RecursionError:
+            raise ValueError(f"guided_json is nested more than {MAX_SCHEMA_DEPTH} levels deep") from None
+        except ValueError as exc:
+            raise ValueError(f"guided_json is not valid JSON: {exc}") from None
+    else:
+        schema = gj
+    if not isinstance(schema, dict):
+        raise ValueError(f"guided_json must be a JSON schema object, got {str(gj)[:200]!r}")
+    _schema_bounds(schema)
+    try:
+        text = json.dumps(schema)  # property order kept
+    except (TypeError, ValueError) as exc:  # a set, bytes, NaN ... inside the schema
+        raise ValueError(f"guided_json must hold only JSON values: {exc}") from None
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"guided_json has {len(text)} characters as JSON; at most {MAX_SCHEMA_CHARS} are allowed")
+    return text
 
 
 def _check_schema(schema: Any) -> None:
@@ -113,6 +174,45 @@ def _check_schema(schema: Any) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise ValueError(f"guided_json is not a valid JSON schema: {exc.message}") from None
+
+
+def validate_guided(params: Any) -> None:
+    """Construction-time check of a request's guided fields (``SamplingParams.__post_init__``):
+    the backend name, every set constraint (not only the one precedence picks), and, with the
+    xgrammar backend, the grammar built from it without a tokenizer (xgrammar's own parser: the
+    fast, tokenizer-free half of compilation). Raises ``ValueError`` naming the field."""
+    backend = resolve_backend(params.guided_decoding_backend)
+    gj, gr, gc = params.guided_json, params.guided_regex, params.guided_choice
+    if gc is not None:
+        if not gc:
+            raise ValueError("guided_choice must list at least one choice")
+        if any(c == "" for c in gc):
+            raise ValueError("guided_choice: an empty choice \"\" allows only the empty output; choices must be non-empty strings")
+    if gr is not None:
+        try:
+            re.compile(gr)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ValueError(f"guided_regex {gr[:200]!r} is not a valid regular expression: {exc}") from None
+    schema_text = None
+    if gj is not None:
+        schema_text = canonical_schema(gj)
+        _check_schema(json.loads(schema_text))
+    if backend != "xgrammar":
+        return
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return
+    for field, build in (("guided_regex", gr is not None and (lambda: xgr.Grammar.from_regex(gr))),
+                         ("guided_json", schema_text is not None and (
+                             lambda: xgr.Grammar.from_json_schema(schema_text)))):
+        if not build:
+            continue
+        try:
+            build()
+        except Exception as exc:  # xgrammar raises RuntimeError with its parser's message
+            msg = " ".join(m.strip() for m in str(exc).strip().splitlines())
+            raise ValueError(f"{field} cannot be compiled by xgrammar: {msg[:500]}") from None
 
 
 # ---------------------------------------------------------------------------- bitmasks
@@ -256,9 +356,16 @@ class _Matcher:
     is_terminated: Callable[[], bool]
 
 
+#: Compiled grammars kept per (tokenizer, vocab size, stop ids): a grammar is compiled once per
+#: process, not once per ``generate`` call; at most this many per tokenizer (least recent dropped).
+COMPILED_CACHE_SIZE = 256
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class GuidedDecoder:
     """Grammar compilation for one tokenizer: one library instance per backend, compiled grammars
-    cached by (backend, kind, value, whitespace pattern)."""
+    cached by (backend, kind, value, whitespace pattern). Library instances and compiled grammars
+    are shared by every decoder of the same tokenizer, vocabulary size and stop ids."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
                  default_backend: Optional[str] = None) -> None:
@@ -266,7 +373,12 @@ class GuidedDecoder:
         self.stop_ids = tuple(int(t) for t in stop_token_ids)
         self.default_backend = resolve_backend(default_backend)
         self._libs: dict = {}
-        self._cache: dict = {}
+        self._cache: "OrderedDict" = OrderedDict()
+        try:
+            per_tok = _SHARED.setdefault(tokenizer, {})
+        except TypeError:  # a tokenizer without weak references: this decoder's own caches
+            return
+        self._libs, self._cache = per_tok.setdefault((self.vocab_size, self.stop_ids), ({}, OrderedDict()))
 
     def library(self, name: str) -> Any:
         lib = self._libs.get(name)
@@ -284,7 +396,11 @@ class GuidedDecoder:
 
     def compile(self, spec: GuidedSpec) -> Any:
         key = (spec.backend, spec.kind, spec.value, spec.whitespace_pattern)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            while len(self._cache) >= COMPILED_CACHE_SIZE:
+                self._cache.popitem(last=False)
             field = {"choice": "guided_choice", "regex": "guided_regex", "json": "guided_json"}[spec.kind]
             try:
                 self._cache[key] = self.library(spec.backend).compile(spec)

@@ -189,6 +189,45 @@ class TokenHistory:
         # CPU only: (rows, cols) of the nonzero entries of _match, row-major (None: not known).
         self._match_nz: tuple[np.ndarray, np.ndarray] | None = None
 
+    @classmethod
+    def from_tensors(
+        cls, tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+        vocab_size: int, max_length: int,
+    ) -> "TokenHistory":
+        """A history over token tensors already on the device (no host copy, no sync).
+
+        tokens: int [B, W], row b's history in tokens[b, :lengths[b]] (ids in [0, V), not
+        checked: checking would need a sync); what lies beyond lengths[b] is ignored.
+        lengths, prompt_lengths: int [B] on the same device. max_length: a host-side upper
+        bound of max(lengths) (W at most); the derived state is built on first use from
+        positions below it. For an engine's device buffers, e.g. vLLM's per-slot token ids.
+        """
+        b, w = tokens.shape
+        if not 0 <= max_length <= w:
+            raise ValueError(f"max_length must be in [0, {w}] (the width of tokens), got {max_length}")
+        device = tokens.device
+        cap = _capacity_for(max_length + 1)
+        ar = torch.arange(min(w, cap), device=device)
+        lengths = lengths.to(torch.int64)
+        body = torch.where(ar[None, :] < lengths[:, None], tokens[:, : ar.numel()].to(torch.int64), -1)
+        padded = torch.full((b, cap), -1, dtype=torch.int64, device=device)
+        padded[:, : ar.numel()] = body
+        new = cls.__new__(cls)
+        new.vocab_size = int(vocab_size)
+        new.device = device
+        new.tokens = padded
+        new.lengths = lengths
+        new.prompt_lengths = prompt_lengths.to(torch.int64)
+        # An upper bound in place of the exact host lengths: every use of it only sizes work.
+        new._host_lengths = np.full(b, max_length, dtype=np.int64)
+        new._max_len = int(max_length)
+        new._steps = 0
+        new._counts = new._seen = new._hashes = new._match = new._match_len = None
+        new._match_steps = 0
+        new._masked_since_match = False
+        new._match_nz = None
+        return new
+
     # ------------------------------------------------------------------ basic properties
     @property
     def batch_size(self) -> int:

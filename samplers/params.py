@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import re
+import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from .priority import SamplerID, parse_sampler_priority, resolve_order
 
@@ -34,28 +37,61 @@ GuidedJson = Union[str, Mapping[str, Any]]
 
 # --- validation helpers: each names the parameter, the value and the allowed range -----------
 
+#: The largest finite float32: per-row parameters are held as float32 tensors, so a value must
+#: be one (SEMANTICS.md, "Hostile inputs").
+FLOAT32_MAX = 3.4028234663852886e38
+#: Largest magnitude of an integer parameter (held as int64): 2**63 - 1.
+INT64_MAX = 2**63 - 1
+#: smoothing_factor and smoothing_curve: the formula's constants f(3 - c)/2 and f(c - 1)/2 stay
+#: finite float32 for any pair in range.
+SMOOTHING_MAX = 1e18
+#: skew: exp(skew) (the exponent of the skew formula) is a positive, finite float32.
+SKEW_MAX = 80.0
+
+
+def _show(value: Any) -> str:
+    """repr of a rejected value, shortened (a 400-digit integer is not a useful message)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"...({len(text)} characters)"
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (what the batch tensors hold)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _real(name: str, value: Any) -> float:
+    """A finite number that float32 can hold (|x| <= 3.4028235e38), as a Python float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite float32 number (|x| <= {FLOAT32_MAX:.8g}), "
+                         f"got {_show(value)}") from None
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite float32 number (|x| <= {FLOAT32_MAX:.8g}), got {value!r}")
     return value
 
 
-def _integer(name: str, value: Any) -> int:
+def _integer(name: str, value: Any, lo: int = -INT64_MAX - 1, hi: int = INT64_MAX) -> int:
+    """An integer (an integral float is accepted) within [lo, hi] (default: int64)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        value = int(value)
     if not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {_show(value)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {_show(value)}")
     return value
 
 
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {_show(value)}")
     return value
 
 
@@ -72,18 +108,38 @@ def _in_range(name: str, value: float, lo: float | None, hi: float | None,
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def _float_param(name: str, value: Any, lo: float | None, hi: float | None = FLOAT32_MAX,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """A float parameter: a finite float32 in the given interval, also after rounding to float32
+    (so an open bound such as ``> 0`` still holds for the tensor value: 1e-50 is rejected)."""
+    v = _real(name, value)
+    _in_range(name, v, lo, hi, lo_open, hi_open)
+    r = _f32(v)
+    if r != v:
+        try:
+            _in_range(name, r, lo, hi, lo_open, hi_open)
+        except ValueError:
+            raise ValueError(f"{name}: {v!r} rounds to {r!r} in float32, outside the allowed range "
+                             f"(see the parameter's interval in SEMANTICS.md)") from None
+    return v
+
+
+def _token_id(name: str, value: Any) -> int:
+    """One token id: a non-negative int64 (no bools, no strings, no non-integral floats)."""
+    if isinstance(value, float):
+        raise ValueError(f"{name} must be integers (token ids), got float {value!r}")
+    tid = _integer(name, value)
+    if tid < 0:
+        raise ValueError(f"{name} must be token ids >= 0, got {tid}")
+    return tid
+
+
 def _token_ids(name: str, values: Any) -> tuple[int, ...]:
     if values is None:
         return ()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a list of token ids, got {values!r}")
-    out = []
-    for v in values:
-        tid = _integer(f"{name} entry", v)
-        if tid < 0:
-            raise ValueError(f"{name} entries must be token ids >= 0, got {tid}")
-        out.append(tid)
-    return tuple(out)
+        raise ValueError(f"{name} must be a list of token ids, got {_show(values)}")
+    return tuple(_token_id(f"{name} entries", v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -162,12 +218,9 @@ class SamplingParams:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
 
         for name, lo, hi in (("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0)):
-            v = _real(name, getattr(self, name))
-            _in_range(name, v, lo, hi)
-            set_(name, v)
-        v = _real("repetition_penalty", self.repetition_penalty)
-        _in_range("repetition_penalty", v, 0.0, None, lo_open=True)
-        set_("repetition_penalty", v)
+            set_(name, _float_param(name, getattr(self, name), lo, hi))
+        set_("repetition_penalty", _float_param("repetition_penalty", self.repetition_penalty, 0.0, None,
+                                                lo_open=True))
 
         set_("logit_bias", self._validated_logit_bias(self.logit_bias))
 
@@ -176,31 +229,23 @@ class SamplingParams:
             _in_range(name, v, 0, None)
             set_(name, v)
 
-        v = _real("dry_multiplier", self.dry_multiplier)
-        _in_range("dry_multiplier", v, 0.0, None)
-        set_("dry_multiplier", v)
-        v = _real("dry_base", self.dry_base)
-        _in_range("dry_base", v, 1.0, None, lo_open=True)
-        set_("dry_base", v)
+        set_("dry_multiplier", _float_param("dry_multiplier", self.dry_multiplier, 0.0, None))
+        set_("dry_base", _float_param("dry_base", self.dry_base, 1.0, None, lo_open=True))
         v = _integer("dry_allowed_length", self.dry_allowed_length)
         _in_range("dry_allowed_length", v, 1, None)
         set_("dry_allowed_length", v)
         set_("dry_sequence_breaker_ids", _token_ids("dry_sequence_breaker_ids", self.dry_sequence_breaker_ids))
 
-        for name in ("temperature", "dynatemp_min", "dynatemp_max", "smoothing_factor"):
-            v = _real(name, getattr(self, name))
-            _in_range(name, v, 0.0, None)
-            set_(name, v)
+        for name in ("temperature", "dynatemp_min", "dynatemp_max"):
+            set_(name, _float_param(name, getattr(self, name), 0.0, None))
+        set_("smoothing_factor", _float_param("smoothing_factor", self.smoothing_factor, 0.0, SMOOTHING_MAX))
         if self.dynatemp_min > self.dynatemp_max:
             raise ValueError(
                 f"dynatemp_min ({self.dynatemp_min!r}) must be <= dynatemp_max ({self.dynatemp_max!r})"
             )
-        v = _real("dynatemp_exponent", self.dynatemp_exponent)
-        _in_range("dynatemp_exponent", v, 0.0, None, lo_open=True)
-        set_("dynatemp_exponent", v)
-        v = _real("smoothing_curve", self.smoothing_curve)
-        _in_range("smoothing_curve", v, 1.0, None)
-        set_("smoothing_curve", v)
+        set_("dynatemp_exponent", _float_param("dynatemp_exponent", self.dynatemp_exponent, 0.0, None,
+                                               lo_open=True))
+        set_("smoothing_curve", _float_param("smoothing_curve", self.smoothing_curve, 1.0, SMOOTHING_MAX))
         set_("temperature_last", _boolean("temperature_last", self.temperature_last))
 
         v = _integer("top_k", self.top_k)
@@ -217,9 +262,7 @@ class SamplingParams:
             ("xtc_threshold", 0.0, 1.0, False, False),
             ("xtc_probability", 0.0, 1.0, False, False),
         ):
-            v = _real(name, getattr(self, name))
-            _in_range(name, v, lo, hi, lo_open, hi_open)
-            set_(name, v)
+            set_(name, _float_param(name, getattr(self, name), lo, hi, lo_open, hi_open))
         for name in ("eta_cutoff", "epsilon_cutoff"):
             v = _real(name, getattr(self, name))
             # The API text says "units of 1e-4"; the engine never scaled them (SEMANTICS.md).
@@ -228,15 +271,14 @@ class SamplingParams:
                     f"{name} must be in [0, 1) (a plain probability, not in units of 1e-4: "
                     f"e.g. 3e-4), got {v!r}"
                 )
-            set_(name, v)
-        set_("skew", _real("skew", self.skew))
+            set_(name, _float_param(name, v, 0.0, 1.0, hi_open=True))
+        # exp(skew) must be a positive finite float32 (the skew formula's exponent)
+        set_("skew", _float_param("skew", self.skew, -SKEW_MAX, SKEW_MAX))
 
         set_("sampler_priority", parse_sampler_priority(self.sampler_priority))
 
         if self.seed is not None:
-            seed = _integer("seed", self.seed)
-            _in_range("seed", seed, -(2**63), 2**64 - 1)
-            set_("seed", seed)
+            set_("seed", _integer("seed", self.seed, -(2**63), 2**64 - 1))
         v = _integer("n", self.n)
         _in_range("n", v, 1, None)
         set_("n", v)
@@ -265,7 +307,11 @@ class SamplingParams:
             v = _integer("truncate_prompt_tokens", self.truncate_prompt_tokens)
             _in_range("truncate_prompt_tokens", v, 1, None)
             set_("truncate_prompt_tokens", v)
-        procs = tuple(self.logits_processors or ())
+        procs = self.logits_processors or ()
+        if callable(procs) or isinstance(procs, (str, bytes, Mapping)) or not isinstance(procs, Iterable):
+            raise ValueError(f"logits_processors must be a list of callables (token_ids, logits) -> logits, "
+                             f"got {_show(procs)}")
+        procs = tuple(procs)
         for p in procs:
             if not callable(p):
                 raise ValueError(
@@ -273,7 +319,7 @@ class SamplingParams:
                 )
         set_("logits_processors", procs)
         self._validate_guided()
-        set_("length_penalty", _real("length_penalty", self.length_penalty))
+        set_("length_penalty", _float_param("length_penalty", self.length_penalty, None, None))
 
         if self.is_greedy and self.n != 1:
             raise ValueError(
@@ -289,14 +335,14 @@ class SamplingParams:
         out: dict[int, float] = {}
         for key, value in bias.items():
             if isinstance(key, str):
-                if not key.strip().lstrip("-").isdigit():
-                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+                # ASCII digits only: str.isdigit() also accepts e.g. '²', which int() rejects
+                if not re.fullmatch(r"\s*-?[0-9]+\s*", key):
+                    raise ValueError(f"logit_bias keys must be token ids, got {_show(key)}")
                 key = int(key)
-            tid = _integer("logit_bias key", key)
-            if tid < 0:
-                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tid}")
-            b = _real(f"logit_bias[{tid}]", value)
-            _in_range(f"logit_bias[{tid}]", b, -100.0, 100.0)
+            elif isinstance(key, float):
+                raise ValueError(f"logit_bias keys must be token ids (integers), got {key!r}")
+            tid = _token_id("logit_bias keys", key)
+            b = _float_param(f"logit_bias[{tid}]", value, -100.0, 100.0)
             out[tid] = b
         return out or None
 
@@ -317,25 +363,21 @@ class SamplingParams:
 
     def _validate_guided(self) -> None:
         gj = self.guided_json
-        if gj is not None:
-            if isinstance(gj, str):
-                try:
-                    parsed = json.loads(gj)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"guided_json is not valid JSON: {exc}") from None
-                if not isinstance(parsed, dict):
-                    raise ValueError(f"guided_json must be a JSON schema object, got {gj!r}")
-            elif not isinstance(gj, Mapping):
-                raise ValueError(f"guided_json must be a JSON schema (dict or JSON string), got {gj!r}")
+        if gj is not None and not isinstance(gj, (str, Mapping)):
+            raise ValueError(f"guided_json must be a JSON schema (dict or JSON string), got {_show(gj)}")
         for name in ("guided_regex", "guided_decoding_backend", "guided_whitespace_pattern"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
-                raise ValueError(f"{name} must be a string, got {v!r}")
+                raise ValueError(f"{name} must be a string, got {_show(v)}")
         gc = self.guided_choice
         if gc is not None:
-            if isinstance(gc, str) or not isinstance(gc, Sequence) or not all(isinstance(c, str) for c in gc):
-                raise ValueError(f"guided_choice must be a list of strings, got {gc!r}")
+            if isinstance(gc, (str, bytes)) or not isinstance(gc, Sequence) or not all(isinstance(c, str) for c in gc):
+                raise ValueError(f"guided_choice must be a list of strings, got {_show(gc)}")
             object.__setattr__(self, "guided_choice", tuple(gc))
+        if self.has_guided_decoding or self.guided_decoding_backend is not None:
+            from .guided import validate_guided  # the grammar layer (imports torch only)
+
+            validate_guided(self)
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -400,6 +442,9 @@ class SamplingParams:
         """
         if not isinstance(body, Mapping):
             raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
+        odd = [k for k in body if not isinstance(k, str)]
+        if odd:
+            raise ValueError(f"request parameter names must be strings, got {', '.join(_show(k) for k in odd)}")
         known = cls.field_names()
         unknown = sorted(k for k in body if k not in known and k not in SERVING_KEYS)
         if unknown:

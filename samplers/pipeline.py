@@ -14,13 +14,16 @@ is the one place that picks between them.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 from . import functional as F
 from . import kernels
-from .batch import SamplingBatch
+from .batch import SamplingBatch, normalise_device
+from .functional._stats import cast_saturating
+from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
     PURPOSE_DRAW,
@@ -33,6 +36,8 @@ from .sampling import (
 )
 
 BACKENDS = ("auto", "torch", "triton")
+#: Logit dtypes the pipeline accepts (the chain computes in float32).
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _RowRandoms:
@@ -58,6 +63,49 @@ class _RowRandoms:
                 self.key_lo, self.key_hi, self.batch.output_lengths, self.batch.sequence_indices, purpose
             )
         return self._cache[purpose]
+
+
+class _SubsetRandoms:
+    """``_RowRandoms`` of some rows (a stage that runs on those rows only)."""
+
+    def __init__(self, randoms: _RowRandoms, rows: torch.Tensor) -> None:
+        self.randoms, self.rows = randoms, rows
+
+    def uniforms(self, purpose: int) -> torch.Tensor:
+        return self.randoms.uniforms(purpose).index_select(0, self.rows)
+
+
+class _RowSubset:
+    """What a unit reads of the batch (``param``, ``history``, breaker ids, the ``any_*`` flags),
+    restricted to some rows: a stage of a batch whose rows differ in order runs on its rows only.
+    The history's derived state is built on the whole batch first (where it is kept up to date
+    step after step) and then indexed."""
+
+    def __init__(self, batch: SamplingBatch, rows: torch.Tensor, sampler: SamplerID) -> None:
+        self.batch, self.rows, self.sampler = batch, rows, sampler
+        self.batch_size = rows.numel()
+        self.vocab_size = batch.vocab_size
+        self.any_dynatemp, self.any_static_temperature = batch.any_dynatemp, batch.any_static_temperature
+        self.any_top_k, self.any_top_p = batch.any_top_k, batch.any_top_p
+        self._history = None
+
+    def param(self, name: str) -> torch.Tensor:
+        return self.batch.param(name).index_select(0, self.rows)
+
+    @property
+    def dry_sequence_breaker_ids(self) -> torch.Tensor:
+        return self.batch.dry_sequence_breaker_ids.index_select(0, self.rows)
+
+    @property
+    def history(self):
+        if self._history is None:
+            h = self.batch.history
+            if self.sampler == SamplerID.PENALTIES:
+                h.seen_mask(), h.output_counts()
+            elif self.sampler in (SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM):
+                h.match_lengths()
+            self._history = h.select(self.rows)
+        return self._history
 
 
 Unit = Callable[[torch.Tensor, SamplingBatch, _RowRandoms], torch.Tensor]
@@ -119,13 +167,25 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     ``samplers.kernels.chain.process_logits``: [B, V] logits -> ``ChainOutput`` with fp32
     processed logits; the input is not modified."""
     x = logits.float()
+    owned = x is not logits
     if batch.logit_bias_coo is not None:
-        x = F.logit_bias(x, *batch.logit_bias_coo)
+        x, owned = F.logit_bias(x, *batch.logit_bias_coo), True
     if batch.min_tokens_coo is not None:
         x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
-    for sampler, rows in batch.schedule:
-        out = UNITS[sampler](x, batch, randoms)
-        x = out if rows is None else torch.where(rows.unsqueeze(-1), out, x)
+        owned = True
+    for (sampler, rows), index in zip(batch.schedule, batch.schedule_rows):
+        if rows is None:
+            x = UNITS[sampler](x, batch, randoms)
+            owned = True
+            continue
+        # a stage of some rows only (rows differ in order): run it on those rows
+        if index.numel() == 0:
+            continue
+        out = UNITS[sampler](x.index_select(0, index), _RowSubset(batch, index, sampler),
+                             _SubsetRandoms(randoms, index))
+        if not owned:
+            x, owned = x.clone(), True
+        x.index_copy_(0, index, out.to(x.dtype))
     if batch.any_skew:
         x = F.skew(x, batch.param("skew"))
     if batch.may_remove_every_token:
@@ -166,7 +226,7 @@ class SamplerPipeline:
 
     def __init__(self, backend: str = "auto", generator: Optional[torch.Generator] = None,
                  seed: Optional[int] = None) -> None:
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and not triton_available():
             raise ValueError(
@@ -174,6 +234,10 @@ class SamplerPipeline:
                 "use 'torch' or 'auto'"
             )
         self.backend = backend
+        if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+            raise ValueError(f"generator must be a CPU torch.Generator, got {type(generator).__name__} {generator!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {str(seed)[:60]}")
         if generator is None:
             generator = torch.Generator()
             if seed is None:
@@ -190,20 +254,53 @@ class SamplerPipeline:
 
     # ------------------------------------------------------------------ processing
     def _check(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-            raise ValueError("logits must be a float tensor of shape [B, V]")
+        if not isinstance(batch, SamplingBatch):
+            raise ValueError(f"batch must be a SamplingBatch, got {type(batch).__name__}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in LOGIT_DTYPES:
+            raise ValueError("logits must be a float tensor (float16, bfloat16, float32 or float64) of "
+                             "shape [B, V]")
         B, V = logits.shape
         if B != batch.batch_size or V != batch.vocab_size:
             raise ValueError(
                 f"logits have shape [{B}, {V}] but the batch has {batch.batch_size} rows and "
                 f"vocab_size {batch.vocab_size}"
             )
-        if logits.device != batch.device:
+        if normalise_device(logits.device) != batch.device:
             raise ValueError(f"logits are on {logits.device} but the batch was built for {batch.device}")
 
-    def _chain(self, logits: torch.Tensor) -> Chain:
-        """The backend's chain for these logits: the one place where the backend is chosen."""
-        if self.backend_for(logits) == "triton":
+    @staticmethod
+    def _prepare(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The logits as the chain reads them, and the largest finite magnitude among them.
+
+        The input rule (SEMANTICS.md, "Hostile inputs"): NaN is a removed token (-inf); +inf is
+        the largest finite value of the logits' dtype (float32's for float64 logits, whose
+        finite values beyond float32 saturate too); a row left without a finite logit is a
+        ValueError naming it. One host read of the logits' min and max; the fix-up pass runs
+        only when they are not finite.
+
+        On an accelerator the logits are not read on the host: a read there is a device sync
+        that stalls every step and cannot be captured in a CUDA graph. The rule is then not
+        enforced and the magnitude bound is 0 (SEMANTICS.md says what that leaves)."""
+        if logits.device.type != "cpu":
+            return logits, 0.0
+        lo, hi = torch.stack(torch.aminmax(logits)).float().tolist()
+        if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FLOAT32_MAX:
+            return logits, max(-lo, hi)
+        top = min(torch.finfo(logits.dtype).max, FLOAT32_MAX)
+        x = logits.nan_to_num(nan=-math.inf, posinf=top, neginf=-math.inf)
+        if logits.dtype == torch.float64:
+            x = torch.where(x == -math.inf, x, x.clamp(-FLOAT32_MAX, FLOAT32_MAX))
+        empty = (x.amax(dim=-1) == -math.inf).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"logits row(s) {empty[:10]} have no candidate token: every logit is -inf or NaN")
+        absmax = float(torch.where(torch.isfinite(x), x.abs(), 0.0).amax())
+        return x, absmax
+
+    def _chain(self, logits: torch.Tensor, batch: Optional[SamplingBatch] = None, absmax: float = 0.0) -> Chain:
+        """The backend's chain for these logits: the one place where the backend is chosen.
+        Calls whose arithmetic could leave the float32 range (``batch.may_overflow``: hostile
+        magnitudes or parameters) take the torch backend, whose stages saturate."""
+        if self.backend_for(logits) == "triton" and (batch is None or not batch.may_overflow(absmax)):
             from .kernels.chain import process_logits
 
             return process_logits
@@ -212,23 +309,34 @@ class SamplerPipeline:
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Processed logits [B, V], same dtype as ``logits``; removed tokens are -inf.
 
-        The input is never modified. Rows whose parameters are all defaults come back
-        bit-identical. XTC's coin comes from the same per-row stream as ``sample``'s draw.
+        The input is never modified (nor tracked by autograd: the result has no grad). Rows
+        whose parameters are all defaults come back bit-identical, whatever their values.
+        Other rows are computed in float32 and cast back saturating (a finite result never
+        becomes +-inf in float16 / bfloat16). XTC's coin comes from the same per-row stream as
+        ``sample``'s draw.
         """
         self._check(logits, batch)
-        x = self._chain(logits)(logits, batch, _RowRandoms(batch, self.generator)).processed
-        return x if x.dtype == logits.dtype else x.to(logits.dtype)
+        logits = logits.detach()
+        x, absmax = self._prepare(logits)
+        if batch.all_identity:
+            return logits.clone()
+        out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator)).processed
+        out = cast_saturating(out, logits.dtype)
+        if batch.any_identity:
+            out = torch.where(batch.identity_rows.unsqueeze(-1), logits, out)
+        return out
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
         self._check(logits, batch)
+        x, absmax = self._prepare(logits.detach())
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
         need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
-        out = self._chain(logits)(logits, batch, _RowRandoms(batch, self.generator), draw=True,
-                                  keep_processed=need_processed)
+        out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
+                                            keep_processed=need_processed)
         if not need_processed:
             return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None)
-        chosen, top = compute_logprobs(out.processed, logits, batch.raw_logprobs, out.token_ids,
+        chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids,
                                        batch.max_logprobs, any_raw=batch.any_raw_logprobs)
         return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top)

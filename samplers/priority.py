@@ -75,19 +75,19 @@ def parse_sampler_id(value: object) -> SamplerID:
             return SamplerID(value)
         except ValueError:
             raise ValueError(
-                f"sampler_priority: unknown sampler id {value}; allowed ids 0..{len(SamplerID) - 1}: "
+                f"sampler_priority: unknown sampler id {str(value)[:60]}; allowed ids 0..{len(SamplerID) - 1}: "
                 f"{_allowed_names()}"
             ) from None
     if isinstance(value, str):
         key = value.strip()
-        if key.isdigit():
+        if key.isascii() and key.isdigit():  # not '²' or other Unicode digits int() rejects
             return parse_sampler_id(int(key))
         upper = key.upper()
         if upper in SamplerID.__members__:
             return SamplerID[upper]
         if key.lower() in _ALIASES:
             return _ALIASES[key.lower()]
-        raise ValueError(f"sampler_priority: unknown sampler name {value!r}; allowed: {_allowed_names()}")
+        raise ValueError(f"sampler_priority: unknown sampler name {value[:100]!r}; allowed: {_allowed_names()}")
     raise ValueError(
         f"sampler_priority: entries must be ints or names, got {type(value).__name__} {value!r}"
     )
@@ -97,8 +97,11 @@ def parse_sampler_priority(values: Iterable[object] | None) -> tuple[SamplerID, 
     """Validate a ``sampler_priority`` list; duplicates are an error."""
     if values is None:
         return ()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"sampler_priority must be a list of sampler ids or names, got {values!r}")
+    # An ordered sequence only: a set's iteration order changes with PYTHONHASHSEED, a dict's
+    # keys are not an order a request would mean.
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"sampler_priority must be a list of sampler ids or names (an ordered "
+                         f"sequence), got {type(values).__name__} {str(values)[:200]}")
     ids = tuple(parse_sampler_id(v) for v in values)
     seen: set[SamplerID] = set()
     for sid in ids:

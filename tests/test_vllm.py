@@ -8,6 +8,7 @@ condensing moves and swaps made the way vLLM's persistent batch makes them.
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -191,14 +192,26 @@ def expected_logits(logits, slots):
         ours = parse_extra_args(vp.extra_args)
         if ours is None:
             continue
-        if ours.seed is None and vp.seed is not None:
-            ours = SamplingParams(**{**ours.to_dict(), "seed": vp.seed, "max_tokens": None})
-        b = SamplingBatch([ours], [prompt], [list(output)], vocab_size=logits.shape[1])
-        row = SamplerPipeline(backend="torch").process(logits[i:i + 1], b)
-        if ours.is_greedy:
-            row = torch.where(torch.arange(row.shape[1]) == row.argmax(), row, float("-inf"))
-        out[i] = row[0]
+        out[i] = expected_row(logits[i], ours, vp, prompt, output)
     return out
+
+
+def expected_row(logits_row, ours, vp, prompt, history_output):
+    """One request's row: the pipeline on a batch built from scratch; for a greedy request or
+    one seeded under our key, the one-token row of ``SamplerPipeline.sample``'s choice (the
+    seeded stream keyed by (our seed, vLLM's seed as the sequence index))."""
+    own_seed = ours.seed is not None
+    seq = vp.seed % 2**32 if own_seed and vp.seed is not None else 0
+    if not own_seed and vp.seed is not None:
+        ours = SamplingParams(**{**ours.to_dict(), "seed": vp.seed, "max_tokens": None})
+    b = SamplingBatch([ours], [prompt], [list(history_output)], vocab_size=logits_row.shape[0],
+                      sequence_indices=[seq])
+    row = SamplerPipeline(backend="torch").process(logits_row[None], b)[0]
+    if own_seed or ours.is_greedy:
+        token = int(SamplerPipeline(backend="torch").sample(logits_row[None], b).token_ids[0])
+        assert torch.isfinite(row[token])
+        row = torch.where(torch.arange(row.shape[0]) == token, 0.0, float("-inf"))
+    return row
 
 
 BLOCKS = [
@@ -407,18 +420,72 @@ def test_a_row_advanced_by_several_tokens_rebuilds():
     assert proc.rebuilds == 3
 
 
-def test_no_active_rows_is_identity_and_out_of_vocab_ids_dropped():
+class VllmLogRecords(logging.Handler):
+    """Records what reaches vLLM's own "vllm" logger (which does not propagate to the root)."""
+
+    def __enter__(self):
+        self.records = []
+        logging.getLogger("vllm").addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc):
+        logging.getLogger("vllm").removeHandler(self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_no_active_rows_is_identity_and_out_of_vocab_ids_logged_as_errors():
     proc, pb = make_processor(vocab_size=V), PersistentBatch()
     pb.add(VllmParams(), [1], [])
     proc.update_state(pb.update())
     logits = torch.randn(1, V)
     assert proc.apply(logits) is logits
     pb.add(vparams({"logit_bias": {"2": 10.0, str(V + 5): 3.0}}), [1], [])
-    proc.update_state(pb.update())
+    with VllmLogRecords() as records:
+        proc.update_state(pb.update())
+    # The engine cannot fail one request: the entry is left out, with an error line.
+    assert [r.levelno for r in records] == [logging.ERROR]
+    assert f"[{V + 5}] are outside the vocabulary [0, {V})" in records[0].getMessage()
     logits = torch.randn(2, V)
     got = proc.apply(logits.clone())
     assert torch.equal(got[0], logits[0])
     assert got[1, 2] == logits[1, 2] + 10.0
+
+
+def test_log_lines_use_vllms_handler_and_format():
+    """Our lines go through vLLM's configured handler (its format, its level), not Python's
+    bare last-resort handler."""
+    import vllm.logger
+    from vllm.logging_utils import NewLineFormatter
+
+    from samplers.integrations import vllm as integration
+
+    # vLLM's engine puts its handler on the "vllm" logger (configure_logging); ours propagates there.
+    vllm_logger = logging.getLogger("vllm")
+    assert integration.logger.parent is vllm_logger and integration.logger.propagate
+    proc, pb = make_processor(), PersistentBatch()
+    bad = VllmParams()
+    bad.extra_args = {EXTRA_ARGS_KEY: {"min_p": 7}}
+    pb.add(bad, [1], [])
+    with VllmLogRecords() as records:
+        proc.update_state(pb.update())
+    assert len(records) == 1
+    record = records[0]
+    record.__dict__.setdefault("vllm_process_name", "EngineCore")  # vLLM's record factory adds it
+    line = NewLineFormatter(vllm.logger._FORMAT, vllm.logger._DATE_FORMAT).format(record)
+    assert " ERROR " in line and "] samplers: request parameters ignored: min_p" in line
+
+
+def test_offline_users_catch_vllm_validation_error():
+    """vLLM re-raises our ValueError as VLLMValidationError, which is not a ValueError."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    with pytest.raises(VLLMValidationError) as info:
+        validate_logits_processors_parameters([FQCN], vparams({"min_p": 2.0}))
+    assert not isinstance(info.value, ValueError)
+    assert isinstance(info.value.__cause__, ValueError) and "min_p" in str(info.value)
 
 
 def test_min_tokens_bans_vllm_stop_ids():

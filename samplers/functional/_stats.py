@@ -35,6 +35,7 @@ __all__ = [
     "prefix_boundary",
     "apply_keep",
     "cast_saturating",
+    "saturate_finite",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -322,6 +323,8 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     largest finite magnitude instead of overflowing to ``+-inf`` (``-inf`` stays ``-inf``)."""
     if dtype == torch.float32 and out32.dtype == torch.float32:
         return out32  # every finite fp32 value is in range; infinities stay as they are
+    if torch.finfo(dtype).max >= torch.finfo(out32.dtype).max:
+        return out32.to(dtype)  # a wider dtype (float64) holds every value
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
@@ -443,6 +446,18 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     packed = np.full(batch * width, -np.inf, dtype=np.float32)
     packed[pos] = xn[flat]
     return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
+
+def saturate_finite(out32: Tensor, in32: Tensor) -> Tensor:
+    """``out32`` with each result of a finite input clamped to the float32 range: arithmetic on
+    a finite logit (a small temperature, a small repetition penalty) never overflows to
+    ``+-inf``; non-finite inputs keep their results (``-inf`` stays removed)."""
+    fmax = torch.finfo(torch.float32).max
+    if _numpy_ok(out32, in32) and out32.shape == in32.shape:
+        if np.array_equal(np.isfinite(out32.numpy()), np.isfinite(in32.numpy())):
+            # No finite input gave a non-finite result (numpy's isfinite, no sync on the
+            # CPU): the clamp and the selection below would return ``out32`` unchanged.
+            return out32
+    return torch.where(torch.isfinite(in32), out32.clamp(-fmax, fmax), out32)
 
 
 def sort_values_desc(x: Tensor) -> Tensor:

@@ -122,7 +122,8 @@ def penalties(
         1. if seen_mask[t]:  l = l / r if l > 0 else l * r
         2. l = l - f * count(t)
         3. l = l - pr * (count(t) > 0)
-    A `-inf` logit stays `-inf`. Returns [B, V] in the input's dtype. A row with
+    A `-inf` logit stays `-inf`; a finite logit whose step 1 overflows saturates at the
+    float32 range (+-3.4028235e38). Returns [B, V] in the input's dtype. A row with
     (r, f, pr) = (1, 0, 0) is bit-identical to the input, whatever the other rows use.
 
     On the CPU step 1 touches only the seen tokens (their flat indices, gathered and
@@ -134,8 +135,12 @@ def penalties(
     f = frequency_penalty.to(torch.float32)
     pr = presence_penalty.to(torch.float32)
     enabled = (repetition_penalty != 1) | (frequency_penalty != 0) | (presence_penalty != 0)
+    fmax = torch.finfo(torch.float32).max
     if logits.device.type != "cpu":
-        out = torch.where(seen_mask, torch.where(x > 0, x / r[:, None], x * r[:, None]), x)
+        # a finite logit saturates rather than overflow (a tiny or huge r): clamp keeps +-inf as is
+        scaled = torch.where(x > 0, x / r[:, None], x * r[:, None])
+        scaled = torch.where(torch.isfinite(x), scaled.clamp(-fmax, fmax), scaled)
+        out = torch.where(seen_mask, scaled, x)
         out = out - f[:, None] * output_counts.to(torch.float32)
         out = out - pr[:, None] * (output_counts > 0).to(torch.float32)
         return torch.where(enabled[:, None], out.to(logits.dtype), logits)
@@ -149,7 +154,10 @@ def penalties(
     if flat.numel():
         v = out.view(-1)[flat]
         r_at = r[flat // seen_mask.shape[1]]
-        out.view(-1).index_copy_(0, flat, torch.where(v > 0, v / r_at, v * r_at))
+        scaled = torch.where(v > 0, v / r_at, v * r_at)
+        # a finite logit saturates rather than overflow (a tiny or huge r); +-inf stay as they are
+        scaled = torch.where(torch.isfinite(v), scaled.clamp(-fmax, fmax), scaled)
+        out.view(-1).index_copy_(0, flat, scaled)
     # 2, 3. Frequency and presence, dense (l - f * count - pr * [count > 0] on every token,
     # as written, so that signed zeros come out alike). A row with f = pr = +0.0 would only
     # subtract +0.0, which changes nothing: skip the passes when that holds for every row.
@@ -166,7 +174,7 @@ def penalties(
 def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Give a row that ends with every token removed back its most likely input token.
 
-    Bans (min_tokens, no_repeat_ngram) can remove every token of a row; such a row keeps
+    Bans (min_tokens, no_repeat_ngram) and a DRY penalty that overflows can remove every token of a row; such a row keeps
     its input argmax, at its input value, so a draw is always possible (DESIGN.md).
 
     Args:

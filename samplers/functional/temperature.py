@@ -27,6 +27,7 @@ from ._stats import (
     fill_removed,
     is_finite,
     row_param,
+    saturate_finite,
     select_rows,
     softmax_and_log_softmax,
     upcast,
@@ -51,7 +52,7 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
     a positive factor would not change anyway.
 
     ``-inf`` stays ``-inf``. Computed in fp32; finite results beyond the output dtype's range
-    saturate at its largest finite value.
+    (float32's included) saturate at its largest finite value.
 
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``.
@@ -60,7 +61,8 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
     t = row_param(temperature, logits, _F32, "temperature")
     enabled = (t != 1.0) & (t >= GREEDY_TEMPERATURE)
     safe_t = torch.where(enabled, t, torch.ones_like(t))
-    out = upcast(logits) / safe_t[:, None]
+    l32 = upcast(logits)
+    out = saturate_finite(l32 / safe_t[:, None], l32)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
 
 
@@ -112,7 +114,7 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
     t = t_min + (t_max - t_min) * ratio.pow(exponent)
     t = torch.where(n <= 1, t_min, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
-    out = l32 / t[:, None]
+    out = saturate_finite(l32 / t[:, None], l32)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
 
 
@@ -160,5 +162,15 @@ def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     d = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sub_(row_max)
     d2 = d * d
     smoothed = row_max - k * d2 + s * (d2 * d)
+    # Past the float32 range (a logit spread of ~1e19 and more) the terms overflow, and
+    # 0 * inf or inf - inf would be NaN: those entries are computed again in float64 (where
+    # nothing in range overflows: |d| < 7e38, |k|, |s| < 1e36) and saturate. (Removed entries
+    # too: fill_removed's minimum would keep a NaN.)
+    bad = ~torch.isfinite(smoothed)
+    if bool(bad.any()):
+        d64 = l32.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) - row_max.double()
+        exact = row_max.double() - k.double() * d64 * d64 + s.double() * d64 * d64 * d64
+        fmax = torch.finfo(_F32).max
+        smoothed = torch.where(bad, exact.clamp(-fmax, fmax).float(), smoothed)
     out = fill_removed(smoothed, finite)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)

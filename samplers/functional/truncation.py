@@ -448,6 +448,15 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         mean = row_sum(lf, sparse) / count.clamp_min(1)
         sq = row_sum(lf.sub_(mean).mul_(finite).pow_(2), sparse)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
+    if not bool(torch.isfinite(std).all()):
+        # Sums past the float32 range (logits ~1e37 and more) give inf or NaN: those rows again on
+        # the logits divided by their largest magnitude (std scales; the result may be inf, never NaN).
+        lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        scale = lf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(_F32).tiny)
+        ls = lf / scale
+        mean_s = row_sum(ls, sparse) / count.clamp_min(1)
+        sq_s = row_sum(ls.sub_(mean_s).mul_(finite).pow_(2), sparse)
+        std = torch.where(torch.isfinite(std), std, torch.sqrt(sq_s / (count - 1).clamp_min(1)) * scale)
     std = torch.where(count > 1, std, torch.zeros_like(std))
     row_max = l32.amax(dim=-1, keepdim=True)
     threshold = (row_max - n[:, None] * std)[:, 0]

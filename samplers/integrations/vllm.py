@@ -1,4 +1,5 @@
-"""vLLM v1 logits processor that runs the samplers pipeline per request.
+"""vLLM logits processor that runs the samplers pipeline per request, under both of vLLM's
+model runners.
 
 Register it with vLLM in any of these ways::
 
@@ -7,10 +8,13 @@ Register it with vLLM in any of these ways::
     vllm serve MODEL --logits-processors samplers.integrations.vllm:SamplersLogitsProcessor
     # or installed through the "vllm.logits_processors" entry point of this package
 
-Name it explicitly even with the entry point installed: under async scheduling (vLLM's
-default) vLLM fills in the output-token lists that the history samplers read only for
-processors named by ``logits_processors`` / ``--logits-processors``. Loaded both ways, the
-second instance for an engine stays idle.
+``SamplersLogitsProcessor`` is a subclass of both processor interfaces of vLLM 0.33:
+``vllm.v1.sample.logits_processor.LogitsProcessor`` (the V1 model runner: a persistent batch
+described by ``update_state``) and ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor``
+(Model Runner V2, vLLM's default on CUDA: per-slot ``add_request`` and ``apply(logits, ctx)``),
+so both runners' loaders accept it. Constructing it with V1's arguments ``(vllm_config, device,
+is_pin_memory)`` gives the V1 implementation, with V2's ``(vllm_config, req_states)`` the V2
+one (``_V1Processor`` / ``_V2Processor``, both subclasses of the public class).
 
 Per-request parameters live in vLLM's ``SamplingParams.extra_args`` under one key,
 ``"samplers"`` (``EXTRA_ARGS_KEY``). Its value is either a dict of our parameter names
@@ -20,9 +24,12 @@ Per-request parameters live in vLLM's ``SamplingParams.extra_args`` under one ke
     vllm.SamplingParams(max_tokens=200, extra_args={"samplers": {"dry_multiplier": 0.8, "min_p": 0.05}})
     client.chat.completions.create(..., extra_body={"vllm_xargs": {"samplers": json.dumps({...})}})
 
-A request without that key is not touched. See docs/vllm.md for the full guide, and
+A request without that key is not touched. Greedy requests (our ``temperature: 0``) and
+requests with a ``seed`` under our key get their token drawn here, with our seeded draw, and
+hand vLLM a row with only that token left (so the text is reproducible whatever vLLM batches
+or schedules); the others leave the draw to vLLM. See docs/vllm.md for the full guide, and
 ``validate_params`` for which keys are accepted and which of vLLM's own fields must stay
-neutral (our pipeline runs before vLLM's penalties, temperature, min_p, top_k and top_p).
+neutral (our pipeline runs before vLLM's temperature, min_p, top_k and top_p).
 """
 
 from __future__ import annotations
@@ -31,16 +38,25 @@ import dataclasses
 import json
 import logging
 import weakref
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+
+try:  # Model Runner V2's interface (vLLM >= 0.32); import-light by vLLM's design
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+except ImportError:  # pragma: no cover - an older vLLM: V1 only
+    V2LogitsProcessor = None  # type: ignore[assignment,misc]
+    LogitsContext = LogitsProcRequestState = None  # type: ignore[assignment,misc]
 
 from ..batch import SamplingBatch
+from ..history import TokenHistory
 from ..params import GREEDY_TEMPERATURE, SamplingParams
 from ..pipeline import SamplerPipeline
+from ..sampling import PURPOSE_DRAW, draw_tokens, row_uniforms
 
 if TYPE_CHECKING:
     from vllm import SamplingParams as VllmSamplingParams
@@ -48,7 +64,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EXTRA_ARGS_KEY", "REQUEST_LEVEL_KEYS", "SamplersLogitsProcessor", "parse_extra_args"]
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's "vllm" logger: our lines go through vLLM's handler and format (and its
+# VLLM_LOGGING_LEVEL), instead of Python's bare last-resort handler.
+logger = logging.getLogger("vllm.samplers")
 
 #: The key of ``SamplingParams.extra_args`` that holds our parameters.
 EXTRA_ARGS_KEY = "samplers"
@@ -112,41 +130,110 @@ def parse_extra_args(extra_args: Optional[dict[str, Any]]) -> Optional[SamplingP
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class _EngineParams:
+    """What the engine needs of one request that uses our parameters."""
+
+    params: SamplingParams  # seed, stop ids and vocabulary checks resolved for this engine
+    draws: bool  # we choose the token (greedy, or seeded under our key): a one-token row
+    sequence_index: int  # keys the seeded stream of one of a request's n sequences
+
+
+def _engine_params(vparams: "VllmSamplingParams", vocab_size: Optional[int]) -> Optional[_EngineParams]:
+    """Our parameters of a request as it reaches the engine; None when it has none (or
+    invalid ones: ``validate_params`` refuses those at admission, see the log line)."""
+    if vparams is None:
+        return None
+    try:
+        params = parse_extra_args(vparams.extra_args)
+    except ValueError as exc:
+        logger.error("samplers: request parameters ignored: %s", exc)
+        return None
+    if params is None:
+        return None
+    changes: dict[str, Any] = {}
+    own_seed = params.seed is not None
+    sequence_index = 0
+    if own_seed and vparams.seed is not None:
+        # vLLM gives each of a request's n sequences its own seed (seed + i): it tells the
+        # sequences apart, so each draws its own stream of our seed.
+        sequence_index = vparams.seed % 2**32
+    elif not own_seed and vparams.seed is not None:
+        # Key our random numbers (XTC's coin) by vLLM's seed; vLLM draws the token.
+        changes["seed"] = vparams.seed
+    if params.min_tokens:
+        # Ban vLLM's stop ids (EOS unless ignore_eos, plus stop_token_ids) below min_tokens.
+        stop_ids = set(getattr(vparams, "all_stop_token_ids", ()) or ()) | set(params.stop_token_ids)
+        changes["stop_token_ids"] = sorted(stop_ids)
+    V = vocab_size
+    if V is not None:
+        if params.logit_bias and any(t >= V for t in params.logit_bias):
+            # validate_params cannot see the model (vLLM passes it the request only), so an
+            # id beyond the vocabulary can reach the engine, which cannot fail one request.
+            bad = sorted(t for t in params.logit_bias if t >= V)
+            logger.error("samplers: logit_bias token ids %s are outside the vocabulary [0, %d): "
+                         "those entries are not applied", bad, V)
+            changes["logit_bias"] = {t: b for t, b in params.logit_bias.items() if t < V} or None
+        ids = changes.get("stop_token_ids", params.stop_token_ids)
+        if any(t >= V for t in ids):
+            changes["stop_token_ids"] = [t for t in ids if t < V]
+    if changes:
+        params = dataclasses.replace(params, max_tokens=None, **changes)
+    return _EngineParams(params, own_seed or params.is_greedy, sequence_index)
+
+
+def _choose(processed: torch.Tensor, batch: SamplingBatch, draws: torch.Tensor) -> torch.Tensor:
+    """Rows where ``draws``: our token (argmax for greedy rows, else the seeded inverse-CDF
+    draw of ``SamplerPipeline.sample``) as the only finite entry, 0.0; other rows as given.
+
+    vLLM's draw then returns our token whatever it does (temperature 1 or greedy, neutral
+    top-k/top-p/min_p, a Gumbel or multinomial draw, a rejection sampler's target)."""
+    u = row_uniforms(batch.key_lo, batch.key_hi, batch.output_lengths, batch.sequence_indices, PURPOSE_DRAW)
+    tokens = draw_tokens(processed, batch.greedy, u)
+    onehot = torch.full_like(processed, float("-inf"))
+    onehot.scatter_(1, tokens[:, None], 0.0)
+    return torch.where(draws[:, None], onehot, processed)
+
+
 # id(vllm_config) -> the processor instance doing the work for that engine.
 _INSTANCES: dict[int, "weakref.ReferenceType[SamplersLogitsProcessor]"] = {}
 
 
-@dataclasses.dataclass(eq=False)
-class _Request:
-    """One request of vLLM's persistent batch that uses our parameters."""
+def _vocab_size_of(vllm_config: Any) -> Optional[int]:
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return None
+    try:
+        return int(model_config.get_vocab_size())
+    except Exception:  # pragma: no cover - config without a vocabulary
+        return None
 
-    params: SamplingParams
-    prompt: list[int]
-    output: list[int]  # vLLM's live list: vLLM appends the request's tokens to it
+
+_BASES: tuple = (V1LogitsProcessor,) if V2LogitsProcessor is None else (V1LogitsProcessor, V2LogitsProcessor)
 
 
-class SamplersLogitsProcessor(LogitsProcessor):
+class SamplersLogitsProcessor(*_BASES):  # type: ignore[misc]
     """Runs ``SamplerPipeline`` on the rows of vLLM's batch whose request carries
     ``extra_args["samplers"]``; other rows are left untouched.
 
-    State: the requests by batch index, kept from ``update_state`` (removed, then added,
-    then moved, vLLM's documented order). The pipeline's ``SamplingBatch`` for the active
-    rows is cached; it is rebuilt only when the active rows change, and in the steady state
-    it is advanced by ``SamplingBatch.append`` with the one token that vLLM appended to each
-    row's live output list since the last step (read in ``apply``, after vLLM has filled in
-    asynchronously scheduled tokens). Rows whose list did not grow (a prompt still being
-    prefilled in chunks) are masked out of that append (``append(ids, rows=mask)``) and keep
-    their state. Anything else (a row that advanced by several tokens, as with speculative
-    decoding, or whose list shrank, or a token vLLM has not filled in yet) rebuilds the batch
-    from the live lists.
+    A subclass of both vLLM logits-processor interfaces; an instance is a ``_V1Processor``
+    or a ``_V2Processor`` according to the constructor's arguments (see the module
+    docstring). Shared by both: ``validate_params`` (request admission, in vLLM's front
+    end), and the duplicate rule: vLLM loads entry-point plugins and then the classes named
+    by ``--logits-processors`` / ``logits_processors=[...]``; with both, the first instance
+    built for an engine config does the work and later ones stay idle (``duplicate``).
     """
 
-    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool,
-                 backend: str = "auto") -> None:
-        self.device = device
-        # vLLM loads entry-point plugins and then the classes named by --logits-processors /
-        # logits_processors=[...]: with both, two instances would process the logits twice.
-        # The first instance built for a given engine config does the work; later ones are idle.
+    def __new__(cls, vllm_config: Any = None, *args: Any, **kwargs: Any) -> "SamplersLogitsProcessor":
+        if cls is SamplersLogitsProcessor:
+            v2 = "req_states" in kwargs or (len(args) == 1 and "device" not in kwargs
+                                            and not isinstance(args[0], (torch.device, str)))
+            if v2 and _V2Processor is None:  # pragma: no cover - V2 arguments on an old vLLM
+                raise TypeError("Model Runner V2 arguments given, but this vLLM has no V2 interface")
+            cls = _V2Processor if v2 else _V1Processor
+        return super().__new__(cls)
+
+    def _register(self, vllm_config: Any) -> None:
         self._vllm_config = vllm_config  # keeps id(vllm_config) unique while we live
         first = _INSTANCES.get(id(vllm_config))
         first = first() if first is not None else None
@@ -155,33 +242,13 @@ class SamplersLogitsProcessor(LogitsProcessor):
             logger.info("samplers: SamplersLogitsProcessor registered twice; the second copy is idle")
         else:
             _INSTANCES[id(vllm_config)] = weakref.ref(self)
-        self._warned_placeholders = False
-        self.vocab_size: Optional[int] = None
-        model_config = getattr(vllm_config, "model_config", None)
-        if model_config is not None:
-            try:
-                self.vocab_size = int(model_config.get_vocab_size())
-            except Exception:  # pragma: no cover - config without a vocabulary
-                self.vocab_size = None
-        self.pipeline = SamplerPipeline(backend=backend)
-        self.requests: dict[int, _Request] = {}
-        # Cached pipeline batch: vLLM rows (ascending), their requests, and the number of
-        # output tokens of each row the batch holds.
-        self._batch: Optional[SamplingBatch] = None
-        self._rows: list[int] = []
-        self._row_index: Optional[torch.Tensor] = None
-        self._batch_requests: list[_Request] = []
-        self._outputs: list[list[int]] = []
-        self._seen = np.zeros(0, dtype=np.int64)
-        self._any_greedy = False
-        self._dirty = False
-        self.rebuilds = 0  # number of full rebuilds (for tests and diagnostics)
 
-    # ------------------------------------------------------------------ vLLM interface
+    # ------------------------------------------------------------------ both interfaces
     @classmethod
     def validate_params(cls, sampling_params: "VllmSamplingParams") -> None:
-        """Check ``extra_args["samplers"]`` (our ValueErrors, which vLLM turns into HTTP 400),
-        and that vLLM's own samplers that run after ours are neutral for such a request."""
+        """Check ``extra_args["samplers"]`` (our ValueErrors, which vLLM re-raises as
+        ``vllm.exceptions.VLLMValidationError``, an HTTP 400 on the server), and that vLLM's
+        own samplers that run after ours are neutral for such a request."""
         params = parse_extra_args(sampling_params.extra_args)
         if params is None:
             return
@@ -199,10 +266,62 @@ class SamplersLogitsProcessor(LogitsProcessor):
                 f"extra_args[{EXTRA_ARGS_KEY!r}] instead (a server applies the model's generation_config "
                 f"defaults unless started with --generation-config vllm)"
             )
+        if params.seed is not None and (sampling_params.n or 1) > 1 and sampling_params.seed is None:
+            raise ValueError(
+                f"seed under extra_args[{EXTRA_ARGS_KEY!r}] with n={sampling_params.n}: also set vLLM's own "
+                f"seed (any value), which vLLM makes distinct per sequence; otherwise all {sampling_params.n} "
+                f"sequences would draw the same tokens"
+            )
 
     def is_argmax_invariant(self) -> bool:
         # Penalties, DRY, logit_bias, no-repeat-ngram, XTC, ... change which token is the argmax.
         return False
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """One request of vLLM's V1 persistent batch that uses our parameters."""
+
+    params: SamplingParams
+    draws: bool
+    sequence_index: int
+    prompt: list[int]
+    output: list[int]  # vLLM's live list: vLLM appends the request's tokens to it
+
+
+class _V1Processor(SamplersLogitsProcessor):
+    """The V1 model runner's interface.
+
+    State: the requests by batch index, kept from ``update_state`` (removed, then added,
+    then moved, vLLM's documented order). The pipeline's ``SamplingBatch`` for the active
+    rows is cached; it is rebuilt only when the active rows change, and in the steady state
+    it is advanced by ``SamplingBatch.append`` with the one token that vLLM appended to each
+    row's live output list since the last step (read in ``apply``, after vLLM has filled in
+    asynchronously scheduled tokens). Rows whose list did not grow (a prompt still being
+    prefilled in chunks) are masked out of that append (``append(ids, rows=mask)``) and keep
+    their state. Anything else (a row that advanced by several tokens, or whose list
+    shrank, or a token vLLM has not filled in yet) rebuilds the batch from the live lists.
+    """
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool,
+                 backend: str = "auto") -> None:
+        self.device = device
+        self._register(vllm_config)
+        self._warned_placeholders = False
+        self.vocab_size: Optional[int] = _vocab_size_of(vllm_config)
+        self.pipeline = SamplerPipeline(backend=backend)
+        self.requests: dict[int, _Request] = {}
+        # Cached pipeline batch: vLLM rows (ascending), their requests, and the number of
+        # output tokens of each row the batch holds.
+        self._batch: Optional[SamplingBatch] = None
+        self._rows: list[int] = []
+        self._row_index: Optional[torch.Tensor] = None
+        self._batch_requests: list[_Request] = []
+        self._outputs: list[list[int]] = []
+        self._seen = np.zeros(0, dtype=np.int64)
+        self._draws: Optional[torch.Tensor] = None  # bool [rows], None when no row draws
+        self._dirty = False
+        self.rebuilds = 0  # number of full rebuilds (for tests and diagnostics)
 
     def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
         if batch_update is None or self.duplicate:
@@ -228,7 +347,7 @@ class SamplersLogitsProcessor(LogitsProcessor):
         if changed:
             self._dirty = True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.duplicate or not self.requests:
             self._batch = None
             return logits
@@ -241,11 +360,8 @@ class SamplersLogitsProcessor(LogitsProcessor):
         full = len(self._rows) == logits.shape[0]  # rows are 0..B-1 in order
         sub = logits if full else logits.index_select(0, self._row_index)
         out = self.pipeline.process(sub, batch)
-        if self._any_greedy:
-            # Our greedy rows: vLLM draws at temperature 1, so leave it only the argmax.
-            keep = torch.zeros_like(out, dtype=torch.bool)
-            keep.scatter_(1, out.argmax(dim=1, keepdim=True), True)
-            out = torch.where(batch.greedy[:, None] & ~keep, float("-inf"), out)
+        if self._draws is not None:
+            out = _choose(out, batch, self._draws)
         if full:
             return out
         logits.index_copy_(0, self._row_index, out.to(logits.dtype))
@@ -254,35 +370,11 @@ class SamplersLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ internals
     def _new_request(self, vparams: "VllmSamplingParams", prompt_ids: Optional[list[int]],
                      output_ids: list[int]) -> Optional[_Request]:
-        if vparams is None:
+        ep = _engine_params(vparams, self.vocab_size)
+        if ep is None:
             return None
-        try:
-            params = parse_extra_args(vparams.extra_args)
-        except ValueError as exc:  # validate_params rejects these before they get here
-            logger.error("samplers: request parameters ignored: %s", exc)
-            return None
-        if params is None:
-            return None
-        changes: dict[str, Any] = {}
-        if params.seed is None and vparams.seed is not None:
-            # Key our random numbers (XTC's coin) by vLLM's seed, which vLLM makes unique per
-            # sequence when n > 1.
-            changes["seed"] = vparams.seed
-        if params.min_tokens:
-            # Ban vLLM's stop ids (EOS unless ignore_eos, plus stop_token_ids) below min_tokens.
-            stop_ids = set(getattr(vparams, "all_stop_token_ids", ()) or ()) | set(params.stop_token_ids)
-            changes["stop_token_ids"] = sorted(stop_ids)
-        V = self.vocab_size
-        if V is not None:
-            if params.logit_bias and any(t >= V for t in params.logit_bias):
-                logger.warning("samplers: logit_bias ids >= vocab size %d ignored", V)
-                changes["logit_bias"] = {t: b for t, b in params.logit_bias.items() if t < V} or None
-            ids = changes.get("stop_token_ids", params.stop_token_ids)
-            if any(t >= V for t in ids):
-                changes["stop_token_ids"] = [t for t in ids if t < V]
-        if changes:
-            params = dataclasses.replace(params, max_tokens=None, **changes)
-        return _Request(params, list(prompt_ids) if prompt_ids else [], output_ids)
+        return _Request(ep.params, ep.draws, ep.sequence_index, list(prompt_ids) if prompt_ids else [],
+                        output_ids)
 
     def _rebuild(self, logits: torch.Tensor) -> None:
         rows = sorted(self.requests)
@@ -307,6 +399,7 @@ class SamplersLogitsProcessor(LogitsProcessor):
         self._batch = SamplingBatch(
             [r.params for r in reqs], [r.prompt for r in reqs], outputs,
             vocab_size=logits.shape[1], device=logits.device,
+            sequence_indices=[r.sequence_index for r in reqs],
         )
         self._seen = np.fromiter(map(len, outputs), dtype=np.int64, count=len(outputs))
         self._set_rows(rows, reqs, logits.device)
@@ -315,7 +408,8 @@ class SamplersLogitsProcessor(LogitsProcessor):
     def _set_rows(self, rows: list[int], reqs: list[_Request], device: torch.device) -> None:
         self._rows, self._batch_requests = rows, reqs
         self._outputs = [r.output for r in reqs]  # the live lists, in batch order
-        self._any_greedy = any(r.params.is_greedy for r in reqs)
+        draws = [r.draws for r in reqs]
+        self._draws = torch.tensor(draws, dtype=torch.bool, device=device) if any(draws) else None
         self._row_index = torch.tensor(rows, dtype=torch.int64, device=device)
         self._dirty = False
 
@@ -357,3 +451,129 @@ def _strip_placeholders(tokens: list[int]) -> list[int]:
     while n and tokens[n - 1] < 0:
         n -= 1
     return tokens[:n] if n != len(tokens) else tokens
+
+
+_V2Processor: Any = None
+
+if V2LogitsProcessor is not None:
+
+    class _V2Processor(SamplersLogitsProcessor):  # type: ignore[no-redef]
+        """Model Runner V2's interface: per-slot state, histories read from vLLM's buffers.
+
+        ``add_request(slot, params)`` records the slot's parameters on the host (a slot may
+        be reused: everything about it is replaced) and marks the parameter table stale;
+        ``apply_staged_writes`` (once per step, before the forward pass) rebuilds it when
+        stale: a ``SamplingBatch`` with one row per slot that holds our parameters, row 0
+        the neutral defaults, and a device map slot -> row (0 for slots we declined).
+
+        ``apply(logits, ctx)``: rows are logits rows (reordered each step; under speculative
+        decoding one per draft token). On the device, with no host sync and no loop over
+        rows: row r of slot s = ctx.expanded_idx_mapping[r] at position p = ctx.pos[r] has
+        the history h[0..p], where positions before its request's first row
+        (p - ctx.expanded_local_pos[r]) are vLLM's committed tokens
+        ``req_states.all_token_ids[s]`` and the positions from there to p are the tokens fed
+        to the request's rows (``ctx.input_ids``: the last committed token, then the draft
+        tokens); the prompt is its first ``req_states.prompt_len[s]`` tokens, so after a
+        preemption (prefill_len > prompt_len) the re-fed output is still output. That gives
+        a ``TokenHistory.from_tensors`` and ``SamplingBatch.gather`` of the parameter table;
+        the pipeline runs on every row; rows of slots we declined are returned unchanged.
+        The derived history state (counts, match tables) is rebuilt from these tensors each
+        step (O(rows * (history + V)) on the device) instead of being carried across steps.
+        """
+
+        def __init__(self, vllm_config: "VllmConfig", req_states: "LogitsProcRequestState",
+                     backend: str = "auto") -> None:
+            self._register(vllm_config)
+            self.req_states = req_states
+            self.device = torch.device(req_states.device)
+            self.vocab_size = int(req_states.vocab_size)
+            n = int(req_states.max_num_reqs)
+            self.pipeline = SamplerPipeline(backend=backend)
+            self._slot_params: list[Optional[_EngineParams]] = [None] * n
+            self._slot_vparams: list[Any] = [None] * n  # vLLM's params of our slots
+            self._ours = np.zeros(n, dtype=bool)  # host: the slot's request uses our parameters
+            self._stale = False
+            self._table: Optional[SamplingBatch] = None
+            self._slot_row = torch.zeros(n, dtype=torch.int64, device=self.device)
+            self._slot_ours = torch.zeros(n, dtype=torch.bool, device=self.device)
+            self._slot_draws = torch.zeros(n, dtype=torch.bool, device=self.device)
+            self._any_draws = np.zeros(n, dtype=bool)
+            self.table_builds = 0  # for tests and diagnostics
+
+        def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
+            pass  # a V1 method; Model Runner V2 calls add_request instead
+
+        def add_request(self, req_idx: int, sampling_params: "VllmSamplingParams") -> bool:
+            ep = None if self.duplicate else _engine_params(sampling_params, self.vocab_size)
+            if ep is not None or self._slot_params[req_idx] is not None:
+                self._stale = True
+            self._slot_params[req_idx] = ep
+            self._slot_vparams[req_idx] = sampling_params if ep is not None else None
+            self._ours[req_idx] = ep is not None
+            self._any_draws[req_idx] = ep is not None and ep.draws
+            return ep is not None
+
+        def apply_staged_writes(self) -> None:
+            if not self._stale:
+                return
+            slots = np.flatnonzero(self._ours)
+            entries = [self._slot_params[int(s)] for s in slots]
+            params = [SamplingParams()] + [e.params for e in entries]
+            self._table = SamplingBatch(params, vocab_size=self.vocab_size, device=self.device,
+                                        sequence_indices=[0] + [e.sequence_index for e in entries])
+            n = len(self._slot_params)
+            row = np.zeros(n, dtype=np.int64)
+            row[slots] = np.arange(1, len(slots) + 1)
+            draws = np.zeros(n, dtype=bool)
+            draws[slots] = [e.draws for e in entries]
+            # Host -> device copies only: nothing waits for the device.
+            self._slot_row = torch.from_numpy(row).to(self.device, non_blocking=True)
+            self._slot_ours = torch.from_numpy(self._ours.copy()).to(self.device, non_blocking=True)
+            self._slot_draws = torch.from_numpy(draws).to(self.device, non_blocking=True)
+            self._stale = False
+            self.table_builds += 1
+
+        def apply(self, logits: torch.Tensor, ctx: "LogitsContext" = None) -> torch.Tensor:  # type: ignore[override]
+            if ctx is None:
+                raise TypeError("Model Runner V2's apply(logits, ctx) needs the LogitsContext")
+            if self.duplicate or not self._ours[ctx.idx_mapping_np].any():
+                return logits
+            if logits.shape[1] != self.vocab_size:
+                # vLLM hands us [rows, vocab_size] logits; should a model's logits differ,
+                # follow them rather than fail the engine in the pipeline's shape check.
+                self.vocab_size = int(logits.shape[1])
+                for slot in np.flatnonzero(self._ours):
+                    self._slot_params[slot] = _engine_params(self._slot_vparams[slot], self.vocab_size)
+                self._stale = True
+            if self._stale:  # add_request without apply_staged_writes (not vLLM's order)
+                self.apply_staged_writes()
+            assert self._table is not None
+            slots = ctx.expanded_idx_mapping.to(torch.int64)
+            history = self._history(slots, ctx, logits.shape[0])
+            batch = self._table.gather(self._slot_row.index_select(0, slots), history)
+            out = self.pipeline.process(logits, batch)
+            if self._any_draws[ctx.idx_mapping_np].any():
+                out = _choose(out, batch, self._slot_draws.index_select(0, slots))
+            return torch.where(self._slot_ours.index_select(0, slots)[:, None], out.to(logits.dtype), logits)
+
+        def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
+            rs = self.req_states
+            committed = rs.all_token_ids.gpu
+            # Host upper bound of every row's pos + 1 (computed + scheduled tokens, drafts too).
+            width = int(ctx.seq_lens_upper_bound_np.max()) if len(ctx.seq_lens_upper_bound_np) else 1
+            width = max(1, min(width, committed.shape[1]))
+            pos = ctx.pos.to(torch.int64)
+            local = ctx.expanded_local_pos.to(torch.int64)
+            lengths = (pos + 1).clamp(max=width)
+            first = pos - local  # position of the request's first row's input token
+            at = torch.arange(width, device=self.device)
+            tokens = committed[:, :width].index_select(0, slots).to(torch.int64)
+            # Position i in [first, pos] is row r - (pos - i)'s input (rows of a request are
+            # consecutive, at consecutive positions).
+            fed = (at[None, :] >= first[:, None]) & (at[None, :] <= pos[:, None])
+            src = (torch.arange(rows, device=self.device)[:, None] - (pos[:, None] - at[None, :]))
+            from_rows = ctx.input_ids.to(torch.int64).index_select(0, src.clamp(0, rows - 1).reshape(-1))
+            tokens = torch.where(fed, from_rows.view(rows, width), tokens)
+            prompt = torch.minimum(rs.prompt_len.gpu.to(self.device).index_select(0, slots).to(torch.int64),
+                                   lengths)
+            return TokenHistory.from_tensors(tokens, lengths, prompt, self.vocab_size, width)

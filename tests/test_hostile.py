@@ -1,0 +1,543 @@
+"""Hostile inputs (issue 14): extreme floats, NaN / inf rows, huge integers, odd types.
+
+Each test names the issue item it checks; the rules are in docs/SEMANTICS.md, "Hostile inputs".
+Property tests draw from strategies that include the values a hostile user would send, so a
+new defect of each kind fails here rather than deep inside torch.
+"""
+
+import dataclasses
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams
+from samplers.batch import FLOAT_FIELDS, normalise_device
+from samplers.params import FLOAT32_MAX
+from samplers.pipeline import triton_available
+
+INF, NAN = math.inf, math.nan
+FMAX = FLOAT32_MAX
+BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+HOSTILE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _f32(v):
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+# ----------------------------------------------------------------------------- strategies
+#: numbers a hostile request may hold: every float (NaN, inf, subnormal, 1e39), huge ints, bools
+hostile_numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e40, max_value=1e40),
+    st.sampled_from([1e39, -1e39, 3.5e38, FMAX, -FMAX, 1e-50, 1e-45, 5e-324, 2e38, 1e18, 1.0000000001]),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.sampled_from([10**400, -(10**400), 2**63, 2**64, True, False]),
+)
+odd_values = st.one_of(
+    st.none(), st.text(max_size=4), st.sampled_from(["²", "3", "1e3", "", "inf"]), st.binary(max_size=3),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.sets(st.integers(0, 13), max_size=3), st.just(object()), hostile_numbers,
+)
+NUMERIC_FIELDS = sorted(
+    f.name for f in dataclasses.fields(SamplingParams)
+    if f.type in ("float", "int", "Optional[int]") and f.name not in ("n",)
+)
+
+
+def _try_params(**kw):
+    """SamplingParams(**kw), or None when it is rejected with a ValueError naming a field of kw."""
+    try:
+        return SamplingParams(**kw)
+    except ValueError as exc:
+        msg = str(exc)
+        assert any(k in msg for k in kw) or "dynatemp_min" in msg or "min_tokens" in msg, msg
+        return None
+
+
+# ----------------------------------------------------------------------------- items 1, 10, 11
+@HOSTILE
+@given(name=st.sampled_from(NUMERIC_FIELDS), value=hostile_numbers)
+def test_numeric_fields_accept_only_what_the_batch_can_hold(name, value):
+    """Items 1, 10, 11: every numeric field either becomes a value the batch's float32 / int64
+    tensors hold exactly in range, or is a ValueError naming it (never OverflowError, never a
+    failure later in SamplingBatch)."""
+    p = _try_params(**{name: value})
+    if p is None:
+        return
+    v = getattr(p, name)
+    if name in FLOAT_FIELDS:
+        assert math.isfinite(v) and abs(v) <= FMAX
+        assert math.isfinite(_f32(v))
+    SamplingBatch([p], vocab_size=8)  # int64 / float32 tensors built without error
+
+
+@HOSTILE
+@given(body=st.dictionaries(st.one_of(st.sampled_from(sorted(SamplingParams.field_names())), st.text(max_size=3),
+                                      st.integers()), odd_values, max_size=4))
+def test_from_dict_fails_only_with_a_named_value_error(body):
+    """Items 10-14: from_dict on odd keys and values: a SamplingParams or a ValueError."""
+    try:
+        SamplingParams.from_dict(body)
+    except ValueError:
+        pass
+
+
+@pytest.mark.parametrize("text", ['{"top_k": 1e20}', '{"temperature": 1e400}', '{"seed": 1e30}',
+                                  '{"no_repeat_ngram_size": 1e19}', '{"dry_range": 99999999999999999999}',
+                                  '{"dry_sequence_breaker_ids": [1e20]}'])
+def test_from_json_overflow_is_a_value_error(text):
+    """Item 11: an integer beyond int64 (or a float beyond float32) from JSON is rejected by name."""
+    name = next(iter(json.loads(text.replace("1e400", "1"))))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams.from_json(text)
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("temperature", 1e39, "float32"), ("repetition_penalty", 1e39, "float32"),
+    ("repetition_penalty", 1e-50, "float32"), ("smoothing_factor", 2e38, "1e+18"),
+    ("dynatemp_max", 1e39, "float32"), ("dry_multiplier", 1e39, "float32"), ("dry_base", 1e39, "float32"),
+    ("dry_base", 1.0000000001, "float32"), ("temperature", 10**400, "float32"), ("skew", 100.0, "[-80, 80]"),
+    ("top_k", 10**30, "top_k"), ("min_tokens", 10**30, "min_tokens"), ("dry_allowed_length", 10**30, "dry"),
+])
+def test_issue_examples_are_rejected_with_range(name, value, fragment):
+    """Items 1, 10, 11: the issue's values, each a ValueError naming parameter and range."""
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{name: value})
+    assert name in str(info.value) and fragment in str(info.value)
+
+
+# ----------------------------------------------------------------------------- items 12-14, 17, 18
+@pytest.mark.parametrize("kw", [
+    {"logits_processors": 5}, {"logits_processors": "f"}, {"logit_bias": {"²": 1}}, {"logit_bias": {1.5: 1}},
+    {"sampler_priority": ["²"]}, {"sampler_priority": {1, 2}}, {"sampler_priority": {1: 2}},
+    {"stop_token_ids": [1.5]}, {"stop_token_ids": ["3"]}, {"stop_token_ids": [True]}, {"stop_token_ids": [None]},
+    {"stop_token_ids": [[1]]}, {"stop_token_ids": [10**30]}, {"dry_sequence_breaker_ids": "12"},
+    {"dry_sequence_breaker_ids": [1.0]},
+])
+def test_odd_types_are_value_errors(kw):
+    """Items 12-14, 17: odd types are ValueErrors naming the field, never TypeError or silent coercion."""
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SamplingParams(**kw)
+
+
+def test_from_dict_with_non_string_keys():
+    """Item 12."""
+    with pytest.raises(ValueError, match="names must be strings"):
+        SamplingParams.from_dict({1: 2, "foo": 3})
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"eos_token_ids": "12"}, "eos_token_ids"), ({"eos_token_ids": [1.5]}, "eos_token_ids"),
+    ({"eos_token_ids": [True]}, "eos_token_ids"), ({"eos_token_ids": 10**30}, "eos_token_ids"),
+    ({"prompt_token_ids": [[1.5]]}, "prompt_token_ids"), ({"prompt_token_ids": [["3"]]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [[True]]}, "prompt_token_ids"), ({"prompt_token_ids": [None]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [[[1]]]}, "prompt_token_ids"), ({"prompt_token_ids": [[10**30]]}, "token id"),
+    ({"output_token_ids": [[2.0]]}, "output_token_ids"), ({"sequence_indices": ["a"]}, "sequence_indices"),
+])
+def test_batch_token_ids_are_checked(kw, name):
+    """Item 17: token ids in the batch are integers in range, else a ValueError."""
+    with pytest.raises(ValueError, match=name):
+        SamplingBatch([SamplingParams()], vocab_size=8, **kw)
+
+
+def test_batch_accepts_integer_arrays_and_tensors():
+    b = SamplingBatch([SamplingParams()] * 2, prompt_token_ids=[np.array([1, 2]), torch.tensor([3])],
+                      vocab_size=8, eos_token_ids=np.int64(2))
+    assert b.history.to_lists() == [[1, 2], [3]] and b.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("kw", [{"seed": "a"}, {"seed": 1.5}, {"seed": 2**70}, {"generator": 5},
+                                {"backend": 3}])
+def test_pipeline_arguments_are_checked(kw):
+    """Item 18: bad pipeline arguments fail at construction with a ValueError naming them."""
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SamplerPipeline(**kw)
+
+
+# ----------------------------------------------------------------------------- items 15, 16, 21
+@pytest.mark.parametrize("kw,name", [
+    ({"guided_choice": []}, "guided_choice"), ({"guided_regex": "("}, "guided_regex"),
+    ({"guided_json": {"type": "foo"}}, "guided_json"), ({"guided_decoding_backend": "foo"}, "guided_decoding_backend"),
+    ({"guided_json": {"type": "object", "properties": {"a": {1, 2}}}}, "guided_json"),
+    ({"guided_json": "[1, 2]"}, "guided_json"), ({"guided_json": "{"}, "guided_json"),
+])
+def test_guided_fields_are_validated_at_construction(kw, name):
+    """Item 15: guided fields fail at SamplingParams / from_dict, not in generate()."""
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kw)
+    body = {k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()}
+    if "a" not in str(body):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams.from_dict(body)
+
+
+def _nested(depth):
+    schema = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_schema_is_a_value_error(depth):
+    """Item 16: nesting beyond the bound (a dict, or JSON text deeper than the parser's stack)."""
+    with pytest.raises(ValueError, match="nested"):
+        SamplingParams(guided_json=_nested(depth))
+    text = '{"a": ' * depth + "1" + "}" * depth
+    with pytest.raises(ValueError, match="guided_json"):
+        SamplingParams(guided_json=text)
+
+
+def test_schema_size_is_bounded_before_compilation():
+    """Item 21: too many properties is a clear error at once (compilation would take minutes)."""
+    from samplers.guided import MAX_OBJECT_PROPERTIES, MAX_TOTAL_PROPERTIES
+
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(MAX_OBJECT_PROPERTIES + 1)}}
+    with pytest.raises(ValueError, match="properties"):
+        SamplingParams(guided_json=many)
+    ok = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(MAX_OBJECT_PROPERTIES)}}
+    SamplingParams(guided_json=ok)
+    wide = {"type": "object", "properties": {
+        f"o{j}": {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(200)}}
+        for j in range(MAX_TOTAL_PROPERTIES // 200 + 1)}}
+    with pytest.raises(ValueError, match="in all"):
+        SamplingParams(guided_json=wide)
+
+
+# ----------------------------------------------------------------------------- pipeline inputs
+def _pipe(backend):
+    return SamplerPipeline(backend, seed=0)
+
+
+def _one(params, logits, backend="torch", dtype=torch.float32, prompt=None):
+    lg = torch.tensor(logits, dtype=dtype)
+    B = lg.shape[0]
+    batch = SamplingBatch([params] * B, prompt_token_ids=prompt, vocab_size=lg.shape[1])
+    pipe = _pipe(backend)
+    return pipe.process(lg, batch), pipe.sample(lg, batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_on_huge_logits_saturates(backend):
+    """Item 3: [[3e38, 0, -1]] at T = 0.5 -> [FMAX, 0, -2]; the top token is drawn, logprob 0."""
+    out, s = _one(SamplingParams(temperature=0.5, seed=1), [[3e38, 0.0, -1.0]], backend)
+    assert out.tolist() == [[_f32(FMAX), 0.0, -2.0]]
+    assert s.token_ids.tolist() == [0] and s.logprobs.tolist() == [0.0]
+    out, s = _one(SamplingParams(dynatemp_min=0.1, dynatemp_max=0.2, seed=1), [[3e38, 0.0, -1.0]], backend)
+    assert torch.isfinite(out).all() and s.token_ids.tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cubic_smoothing_on_a_huge_spread_saturates(backend):
+    """Item 2: f = 1 at the default curve on [[0, -1e20, -1]] -> [0, -FMAX, -1] (no 0 * inf)."""
+    out, s = _one(SamplingParams(smoothing_factor=1.0), [[0.0, -1e20, -1.0]], backend)
+    assert out.tolist() == [[0.0, -_f32(FMAX), -1.0]]
+    out, _ = _one(SamplingParams(smoothing_factor=1e18, smoothing_curve=1e18), [[0.0, -1e20, -1.0, 5.0]], backend)
+    assert not torch.isnan(out).any() and out[0, 3] == 5.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_results_saturate(backend, dtype):
+    """Item 4: T = 1.1e-5 on fp16 [1, 0, -1]: the result saturates at the
+    dtype's max; no finite token becomes -inf."""
+    out, _ = _one(SamplingParams(temperature=1.1e-5), [[1.0, 0.0, -1.0]], backend, dtype=dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if dtype == torch.float16:  # 1 / 1.1e-5 = 90909 > 65504
+        assert out.tolist() == [[65504.0, 0.0, -65504.0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dry_overflow_keeps_the_input_argmax(backend):
+    """Item 5: a repeat long enough that DRY's penalty overflows on every token: the row keeps
+    its input argmax (the rescue), the draw is that token with logprob 0."""
+    s = [1, 0] * 150
+    prompt = [s + [0] + s]  # after the last 0, both 0 and 1 extend repeats of ~300 tokens
+    out, s = _one(SamplingParams(dry_multiplier=1.0, dry_allowed_length=1, seed=3), [[0.5, 1.0]], backend,
+                  prompt=prompt)
+    assert out.tolist() == [[-INF, 1.0]] and s.token_ids.tolist() == [1] and s.logprobs.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_rule(backend):
+    """Item 6: NaN is removed, +inf reads as the dtype's max (so those tokens win), both backends alike."""
+    out, s = _one(SamplingParams(min_p=0.01, seed=0), [[1.0, NAN, INF, 0.0]], backend)
+    assert out[0, 1] == -INF and out[0, 2] == _f32(FMAX)
+    assert s.token_ids.tolist() == [2] and s.logprobs.tolist() == [0.0]
+    out, s = _one(SamplingParams(temperature=0.7, seed=0), [[1.0, NAN, 0.0]], backend)
+    assert out[0, 1] == -INF and s.token_ids.item() in (0, 2) and math.isfinite(s.logprobs.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row", [[-INF, -INF, -INF], [NAN, NAN, NAN], [NAN, -INF, NAN]])
+def test_row_without_a_candidate_is_a_value_error(backend, row):
+    """Item 6: a row with no finite logit cannot be sampled: a ValueError naming the row."""
+    lg = torch.tensor([[0.0, 1.0, 2.0], row])
+    batch = SamplingBatch([SamplingParams(temperature=0.5)] * 2, vocab_size=3)
+    for call in (_pipe(backend).process, _pipe(backend).sample):
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+            call(lg, batch)
+
+
+def test_requires_grad_logits():
+    """Item 7: logits from a forward pass outside no_grad are fine on every sampler."""
+    every = dict(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2, no_repeat_ngram_size=3,
+                 dry_multiplier=0.8, temperature=0.8, smoothing_factor=0.2, top_k=30, top_p=0.9, top_a=0.1,
+                 min_p=0.02, tfs=0.95, eta_cutoff=1e-3, epsilon_cutoff=1e-4, typical_p=0.95, nsigma=2.0,
+                 xtc_threshold=0.05, xtc_probability=0.5, skew=0.3, dynatemp_min=0.5, dynatemp_max=1.5, seed=0,
+                 logprobs=2)
+    lg = torch.randn(2, 64, requires_grad=True)
+    batch = SamplingBatch([SamplingParams(**every), SamplingParams()], prompt_token_ids=[[1, 2, 3, 1, 2], [4]],
+                          vocab_size=64)
+    pipe = _pipe("torch")
+    out = pipe.process(lg, batch)
+    assert not out.requires_grad and torch.isfinite(out[1]).all()
+    s = pipe.sample(lg, batch)
+    assert s.token_ids.shape == (2,)
+
+
+def test_device_names_are_normalised():
+    """Item 8: 'cpu:0' and 'cpu' are one device; 'cuda' means the current CUDA device."""
+    assert normalise_device("cpu:0") == torch.device("cpu") == normalise_device(None)
+    batch = SamplingBatch([SamplingParams(temperature=0.5)], vocab_size=4, device="cpu:0")
+    _pipe("torch").process(torch.zeros(1, 4), batch)
+    if torch.cuda.is_available():
+        assert normalise_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+    with pytest.raises(ValueError, match="device"):
+        SamplingBatch([SamplingParams()], vocab_size=4, device="nonsense")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_default_rows_are_bit_identical(backend):
+    """Item 9: float64 logits: default rows come back bit-identical; others are the float32
+    chain's values, in float64."""
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(2, 32, generator=g, dtype=torch.float64) * 3
+    lg[0, 0] = 1 / 3  # not a float32 value
+    batch = SamplingBatch([SamplingParams(), SamplingParams(temperature=0.5)], vocab_size=32)
+    out = _pipe(backend).process(lg, batch)
+    assert out.dtype == torch.float64 and torch.equal(out[0], lg[0])
+    assert torch.equal(out[1], (lg[1].float() / 0.5).double())
+    huge = lg.clone()
+    huge[1, 3] = 1e300  # beyond float32: saturates
+    out = _pipe(backend).process(huge, batch)
+    assert out[1, 3] == _f32(FMAX) and torch.equal(out[0], huge[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_row_with_inf_next_to_a_sampling_row(backend):
+    """Item 20: a default row keeps +inf / NaN / -inf exactly, whatever its neighbours do."""
+    lg = torch.tensor([[1.0, INF, 0.0, NAN], [1.0, 2.0, 0.0, 3.0]])
+    batch = SamplingBatch([SamplingParams(), SamplingParams(temperature=0.5, top_k=2, nsigma=1.0)], vocab_size=4)
+    out = _pipe(backend).process(lg, batch)
+    assert torch.equal(out[0, :3], lg[0, :3]) and math.isnan(out[0, 3].item())
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@HOSTILE
+@given(data=st.data())
+def test_hostile_logits_and_parameters_never_give_nan(backend, data):
+    """Items 1-6: any logits (NaN, +-inf, huge finite values) with extreme but valid parameters:
+    the processed logits hold no NaN and no +inf, and the drawn token is a finite survivor with a
+    finite log-probability (or the call is a ValueError for a row without a candidate)."""
+    V = data.draw(st.integers(2, 12))
+    B = data.draw(st.integers(1, 3))
+    value = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                      st.sampled_from([3e38, -3e38, 1e20, -1e20, 0.0, -INF, INF, NAN]))
+    lg = torch.tensor(data.draw(st.lists(st.lists(value, min_size=V, max_size=V), min_size=B, max_size=B)),
+                      dtype=torch.float32)
+    params = [data.draw(_extreme_params()) for _ in range(B)]
+    batch = SamplingBatch(params, prompt_token_ids=[[0, 1] * 20 + [0]] * B, vocab_size=V)
+    _check_call(backend, lg, batch)
+
+
+def _check_call(backend, lg, batch):
+    rows_ok = (~torch.isnan(lg) & (lg > -INF)).any(-1).all()
+    pipe = _pipe(backend)
+    if not rows_ok:
+        with pytest.raises(ValueError, match="no candidate"):
+            pipe.process(lg, batch)
+        return
+    out = pipe.process(lg, batch)
+    ident = batch.identity_rows
+    assert not torch.isnan(out[~ident]).any() and not (out[~ident] == INF).any()
+    s = pipe.sample(lg, batch)
+    ref = pipe.process(lg, batch)
+    chosen = ref.gather(1, s.token_ids[:, None])[:, 0]
+    assert torch.isfinite(chosen[~ident]).all(), (out, s)
+    assert not torch.isnan(s.logprobs).any() and (s.logprobs <= 0).all(), s
+
+
+@st.composite
+def _extreme_params(draw):
+    kw = {}
+    pick = st.sampled_from
+    if draw(st.booleans()):
+        kw["temperature"] = draw(pick([0.0, 1e-5, 2e-5, 0.5, 2.0, FMAX]))
+    if draw(st.booleans()):
+        kw["repetition_penalty"] = draw(pick([1.4e-45, 1e-30, 0.5, 2.0, 1e30, FMAX]))
+    if draw(st.booleans()):
+        kw["smoothing_factor"] = draw(pick([1e-3, 1.0, 1e18]))
+        kw["smoothing_curve"] = draw(pick([1.0, 2.5, 3.0, 10.0, 1e18]))
+    if draw(st.booleans()):
+        kw["dynatemp_min"], kw["dynatemp_max"] = draw(pick([(0.0, FMAX), (1e-5, 2e-5), (0.5, 3e38)]))
+        kw["dynatemp_exponent"] = draw(pick([1e-30, 1.0, FMAX]))
+    if draw(st.booleans()):
+        kw["dry_multiplier"] = draw(pick([1e-30, 0.8, FMAX]))
+        kw["dry_base"] = draw(pick([1.0000001, 1.75, FMAX]))
+        kw["dry_allowed_length"] = draw(pick([1, 2, 10**18]))
+    if draw(st.booleans()):
+        kw["nsigma"] = draw(pick([1e-30, 1.0, FMAX]))
+    if draw(st.booleans()):
+        kw["top_a"] = draw(pick([1e-30, 1.0, FMAX]))
+    if draw(st.booleans()):
+        kw["skew"] = draw(pick([-80.0, -1.0, 1.0, 80.0]))
+    if draw(st.booleans()):
+        kw.update(min_p=0.5, top_p=0.5, top_k=draw(pick([1, 2**62])), typical_p=0.5, tfs=0.5)
+    if draw(st.booleans()):
+        kw.update(xtc_threshold=0.0, xtc_probability=1.0, eta_cutoff=0.5, epsilon_cutoff=0.5)
+    if draw(st.booleans()):
+        kw["frequency_penalty"], kw["presence_penalty"] = -2.0, 2.0
+    if draw(st.booleans()):
+        order = draw(st.permutations(list(SamplerID)))
+        kw["sampler_priority"] = order[: draw(st.integers(0, len(order)))]
+    kw["seed"] = draw(st.integers(0, 2**32))
+    if kw.get("temperature", 1.0) < 1e-5:
+        kw.pop("seed")
+    return SamplingParams(**kw)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@FEW
+@given(data=st.data())
+def test_hostile_inputs_on_the_kernel_backend(data):
+    """Items 1-6 on the kernel backend (few examples: the interpreter is slow)."""
+    V = data.draw(st.integers(2, 8))
+    value = st.sampled_from([3e38, -3e38, 1e20, -1e20, 0.0, 1.0, -INF, INF, NAN])
+    lg = torch.tensor([data.draw(st.lists(value, min_size=V, max_size=V))], dtype=torch.float32)
+    batch = SamplingBatch([data.draw(_extreme_params())], prompt_token_ids=[[0, 1] * 20 + [0]], vocab_size=V)
+    _check_call("triton", lg, batch)
+
+
+# ----------------------------------------------------------------------------- item 22
+def test_per_row_orders_run_each_stage_on_its_rows():
+    """Item 22: a batch of rows with different random orders equals each row processed alone,
+    and each masked stage runs on its rows only (index per stage)."""
+    rng = np.random.default_rng(0)
+    every = dict(repetition_penalty=1.3, dry_multiplier=0.8, no_repeat_ngram_size=3, temperature=0.7, nsigma=2.0,
+                 top_k=40, top_p=0.9, top_a=0.05, min_p=0.02, tfs=0.97, eta_cutoff=1e-3, epsilon_cutoff=1e-4,
+                 typical_p=0.97, smoothing_factor=0.3, xtc_threshold=0.05, xtc_probability=0.5)
+    params = [SamplingParams(**every, seed=b, sampler_priority=[int(s) for s in rng.permutation(14)])
+              for b in range(6)]
+    V = 64
+    g = torch.Generator().manual_seed(1)
+    lg = torch.randn(6, V, generator=g) * 3
+    prompts = [rng.integers(0, 8, size=30).tolist() for _ in range(6)]
+    batch = SamplingBatch(params, prompt_token_ids=prompts, vocab_size=V)
+    assert all((idx is None) == (m is None) for (_, m), idx in zip(batch.schedule, batch.schedule_rows))
+    assert sum(int(idx.numel()) for idx in batch.schedule_rows if idx is not None) == sum(
+        len(o) for o in batch.orders)
+    pipe = _pipe("torch")
+    mixed = pipe.process(lg, batch)
+    for b in range(6):
+        alone = pipe.process(lg[b:b + 1], SamplingBatch([params[b]], prompt_token_ids=[prompts[b]], vocab_size=V))
+        assert torch.equal(mixed[b], alone[0]), b
+
+
+# ----------------------------------------------------------------------------- item 19, 21 (generate)
+@pytest.fixture(scope="module")
+def model_tok():
+    from samplers.models import load_default
+
+    return load_default()
+
+
+def test_generate_with_no_prompt_and_bad_prompt_ids(model_tok):
+    """Item 19: generate([]) returns []; float / out-of-vocabulary prompt ids are ValueErrors."""
+    from samplers.generation import generate
+
+    model, tok = model_tok
+    assert generate(model, tok, []) == []
+    assert list(generate(model, tok, [], stream=True)) == []
+    for bad in ([1.5, 2], [[1, 2.5]], [["3"]], [10**30], [[True]]):
+        with pytest.raises(ValueError, match="token id"):
+            generate(model, tok, bad)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, tok, [[model.config.vocab_size + 5]])
+
+
+def test_compiled_grammars_are_shared_between_runs(model_tok):
+    """Item 21: a grammar is compiled once per tokenizer, not once per generate() call."""
+    pytest.importorskip("xgrammar")
+    from samplers.guided import GuidedDecoder
+
+    model, tok = model_tok
+    p = SamplingParams(guided_json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    first = GuidedDecoder(tok, model.config.vocab_size, [0])
+    second = GuidedDecoder(tok, model.config.vocab_size, [0])
+    assert first.compile(first.spec(p)) is second.compile(second.spec(p))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@FEW
+@given(data=st.data())
+def test_backends_apply_one_nan_rule(data):
+    """Item 6: NaN / -inf entries among ordinary logits: the kernel backend (which then runs,
+    no overflow being possible) and the torch backend remove the same tokens and draw the same one."""
+    V = data.draw(st.integers(4, 16))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    lg = torch.randn(2, V, generator=g) * 3
+    holes = data.draw(st.lists(st.tuples(st.integers(0, 1), st.integers(1, V - 1), st.sampled_from([NAN, -INF])),
+                               max_size=V))
+    for r, c, v in holes:
+        lg[r, c] = v
+    params = [SamplingParams(temperature=data.draw(st.sampled_from([0.5, 1.0, 1.5])),
+                             min_p=data.draw(st.sampled_from([0.0, 0.05])),
+                             top_k=data.draw(st.sampled_from([0, 3])), seed=b) for b in range(2)]
+    batch = SamplingBatch(params, vocab_size=V)
+    assert not batch.may_overflow(float(lg[torch.isfinite(lg)].abs().max()))
+    a, b = _pipe("torch").process(lg, batch), _pipe("triton").process(lg, batch)
+    assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.allclose(a[torch.isfinite(a)], b[torch.isfinite(b)], rtol=1e-5, atol=1e-5)
+    rows = ~batch.identity_rows  # default rows come back bit-identical, NaN included
+    assert not torch.isnan(a[rows]).any() and (a[rows][torch.isnan(lg[rows])] == -INF).all()
+    ta, tb = _pipe("torch").sample(lg, batch), _pipe("triton").sample(lg, batch)
+    assert torch.equal(ta.token_ids, tb.token_ids)
+
+
+def test_only_hostile_calls_leave_the_kernel_backend():
+    """The overflow bound that sends a call to the torch backend holds for ordinary inputs
+    (every preset, logits up to 1e3) and trips for hostile magnitudes or parameters."""
+    import test_pipeline as tp
+
+    batch = tp._batch(tp.PRESETS + [SamplingParams(**tp.EVERYTHING)], seed=1)
+    assert not batch.may_overflow(1e3)
+    assert batch.may_overflow(3e38) and batch.may_overflow(INF)
+    tiny_t = SamplingBatch([SamplingParams(temperature=2e-5, nsigma=1.0)], vocab_size=32000)
+    assert not tiny_t.may_overflow(1e3) and tiny_t.may_overflow(1e30)
+    assert SamplingBatch([SamplingParams(repetition_penalty=1e-30)], prompt_token_ids=[[1]],
+                         vocab_size=8).may_overflow(1e10)
+
+
+def test_input_rule_reads_nothing_on_the_host_off_the_cpu(monkeypatch):
+    """On an accelerator the input rule is skipped: reading the logits' range on the host
+    would be a device sync every step (SEMANTICS.md, "Non-finite logits"). A meta tensor
+    stands in for a device tensor: any host read of it raises."""
+    def no_host_read(*a, **kw):
+        raise AssertionError("host read of the logits")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    logits = torch.empty(2, 8, device="meta")
+    x, absmax = SamplerPipeline._prepare(logits)
+    assert x is logits and absmax == 0.0
+    with pytest.raises(AssertionError, match="host read"):
+        SamplerPipeline._prepare(torch.zeros(2, 8))
