@@ -452,6 +452,10 @@ def saturate_finite(out32: Tensor, in32: Tensor) -> Tensor:
     a finite logit (a small temperature, a small repetition penalty) never overflows to
     ``+-inf``; non-finite inputs keep their results (``-inf`` stays removed)."""
     fmax = torch.finfo(torch.float32).max
+    if out32.device.type == "cpu" and out32.numel():
+        lo, hi = torch.aminmax(out32)  # one pass; NaN makes both comparisons False
+        if bool(lo >= -fmax) and bool(hi <= fmax):
+            return out32  # every result finite: nothing to clamp
     if _numpy_ok(out32, in32) and out32.shape == in32.shape:
         if np.array_equal(np.isfinite(out32.numpy()), np.isfinite(in32.numpy())):
             # No finite input gave a non-finite result (numpy's isfinite, no sync on the
