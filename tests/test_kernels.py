@@ -21,6 +21,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import samplers.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
@@ -491,6 +494,65 @@ def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():
     got = kernels.draw_tokens(x, greedy, u)
     assert torch.equal(got, ref_draw(x, greedy, u))
     assert got[1] == 17 and got[2] == 650 and not torch.isneginf(x[torch.arange(B), got]).any()
+
+
+@triton.jit
+def _prefix_dips_on_zero_lanes(p):
+    """A prefix sum with the GPU scan's hazard, exaggerated: on lanes with p = 0 it dips or
+    steps (alternately) by 2 % instead of staying flat."""
+    c = tl.cumsum(p, 0)
+    lane = tl.arange(0, p.shape[0])
+    return tl.where(p == 0, tl.where(lane % 2 == 0, c * 0.98, c * 1.02), c)
+
+
+def _rows_with_zero_lanes(B, V, tile):
+    """Rows with many p = 0 lanes: every third lane removed, whole tiles of ``tile`` lanes
+    removed (tiles 1 and 3), one row with a single token left, one all -inf row."""
+    g = torch.Generator().manual_seed(77)
+    x = torch.randn(B, V, generator=g) * 2
+    x[:, ::3] = NINF
+    x[:, tile:2 * tile] = NINF
+    x[:, 3 * tile:4 * tile] = NINF
+    x[1] = NINF
+    x[1, V - 2] = 0.5
+    x[2] = NINF
+    return x
+
+
+def test_draw_never_picks_a_zero_probability_token_when_the_prefix_sum_is_not_monotone(monkeypatch):
+    """On a GPU ``tl.cumsum`` adds in another order (per thread, then a tree), so the prefix can
+    dip or step on a p = 0 lane; the draw selects only among lanes (and tiles) with p > 0.
+    Emulated here with a prefix that moves on every p = 0 lane: the tokens are still exactly
+    the reference's (the perturbation only touches lanes the draw ignores), never removed,
+    never outside the row. The same perturbation makes the earlier rule (count of lanes with
+    cdf <= target) return removed tokens, so the emulation does reach the hazard."""
+    B, V = 64, 1000
+    x = _rows_with_zero_lanes(B, V, _common.TILE if _common.use_blocked(V) else 128)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    u = torch.rand(B, generator=torch.Generator().manual_seed(78))
+    want = ref_draw(x, greedy, u)
+    # the earlier rule on the perturbed prefix (numpy, float64): removed tokens for some rows
+    p = torch.softmax(x.double(), -1).nan_to_num(0.0).numpy()
+    c = np.cumsum(p, -1)
+    lanes = np.arange(V)
+    c = np.where(p == 0, np.where(lanes % 2 == 0, c * 0.98, c * 1.02), c)
+    target = u.double().numpy()[:, None] * c.max(-1, keepdims=True)
+    old = np.minimum((c <= target).sum(-1), V - 1 - np.argmax((p > 0)[:, ::-1], -1))
+    assert (p[np.arange(B), old] == 0).sum() > 5
+    monkeypatch.setattr(KD, "prefix_sum", _prefix_dips_on_zero_lanes)
+    got = kernels.draw_tokens(x, greedy, u)
+    assert torch.equal(got, want)
+    live = ~torch.isneginf(x).all(-1)
+    assert ((got >= 0) & (got < V)).all() and not torch.isneginf(x[live][torch.arange(int(live.sum())), got[live]]).any()
+    # the in-kernel uniforms (``sample_tokens``) and the draw fused into a chain, too
+    words = torch.tensor([split_seed(s) for s in range(900, 900 + B)], dtype=torch.int64).t()
+    keys = KC.key_words(words[0], words[1], torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
+    want = ref_draw(x, greedy, ref_uniforms(words[0], words[1], torch.zeros(B, dtype=torch.int64),
+                                            torch.zeros(B, dtype=torch.int64), 0))
+    assert torch.equal(kernels.sample_tokens(x, greedy, keys)[0], want)
+    table = KC.param_table(B, x.device, {"temperature": torch.full((B,), 1.0)})
+    _, tokens, _ = K.run_chain(x, [KC.TEMPERATURE], [None], table, keys=keys, draw_greedy=greedy)
+    assert torch.equal(tokens, want)
 
 
 def test_available():
