@@ -3,13 +3,14 @@ statistics and the order-preserving float -> int key used by the threshold searc
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "lane_mask", "okey", "softmax_stats", "entropy_of",
+__all__ = ["INTERPRET", "FP_FUSION", "device_guard", "block_for", "warps_for", "on_gpu", "lane_mask", "okey", "softmax_stats", "entropy_of",
            "top_mask", "finite_std", "saturate", "philox_uniform", "online_softmax"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
@@ -28,6 +29,22 @@ BLOCKED_ABOVE = 65536
 #: every stage code (``python -m samplers.kernels.aot --blocked``).
 TILE = 8192
 TILE_WARPS = 16
+
+
+#: ``enable_fp_fusion`` of every launch. Off: a compiled ``a * b + c`` is two correctly
+#: rounded operations, as in torch's op-by-op reference, not one FMA; with it (Triton's
+#: default) the penalties, smoothing and the sums of squares would differ from the reference
+#: in the last bit (kernels/README.md, "What is promised on a GPU").
+FP_FUSION = False
+
+
+def device_guard(t: torch.Tensor):
+    """Context of a launch on ``t``'s data: its CUDA device made current (Triton launches on
+    the current device, not the tensors'; logits on cuda:1 while cuda:0 is current would
+    fault), a no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def use_blocked(vocab: int) -> bool:

@@ -33,6 +33,22 @@ _BLOCKED_CHAIN_SIG = {**{k: v for k, v in _CHAIN_SIG.items() if k not in ("strid
                       "stride_b": "i32", "stride_scr": "i32"}
 
 
+#: Integer arguments the JIT sees as multiples of 16 in the usual launch (vocabularies of LLMs
+#: are: 32000, 50304, 128256, 151936; row strides are V): the JIT marks those, and every
+#: 16-byte aligned pointer (torch's allocations are), ``tt.divisibility = 16``.
+_ALIGNED_INTS = ("V", "stride_x", "stride_o", "stride_s", "stride_c", "stride_b", "stride_scr")
+
+
+def _hints(sig: dict) -> dict:
+    """The JIT's specialisation attributes for the usual launch: ``tt.divisibility`` 16 on every
+    pointer and on the aligned integer arguments. Without them the compiler cannot vectorise
+    the loads and stores, and its register, spill and shared-memory figures are not those of
+    the kernels the JIT runs (``_compact``'s scatter goes through shared memory only then)."""
+    names = list(sig)
+    return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+            if (t.startswith("*") or k in _ALIGNED_INTS) and t != "constexpr"}
+
+
 def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,8 +58,13 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
     for name in constexprs:
         sig[name] = "constexpr"
     names = list(sig)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=_hints(sig))
+    # enable_fp_fusion as the launches pass it (``_common.FP_FUSION``)
+    from ._common import FP_FUSION
+
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "enable_fp_fusion": FP_FUSION})
 
 
 def _ptxas_path(arch: int) -> str:
@@ -69,8 +90,11 @@ def _ptxas_info(compiled, arch: int) -> str:
         os.unlink(f.name)
     if r.returncode != 0:
         raise RuntimeError(f"{ptxas} failed on the PTX for sm_{arch} (exit {r.returncode}): {r.stderr.strip()}")
-    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+    info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
                      if "registers" in line or "spill" in line)
+    # the shared memory of the launch (Triton's own scratch, what OutOfResources compares with
+    # the device's per-block limit): ptxas' smem line counts only static shared variables
+    return f"{info}; {compiled.metadata.shared} bytes shared"
 
 
 def _chain_constants(codes: Optional[list[int]], size_name: str, size: int) -> dict[str, int]:
@@ -100,6 +124,7 @@ def _draw_signature(dtype: str, blocked: bool = False) -> dict[str, str]:
     sig.update({"B": "i32", "V": "i32", "stride_x": "i32"})
     if blocked:
         sig["NT"] = "i32"
+        sig["stride_scr"] = "i32"
     return sig
 
 

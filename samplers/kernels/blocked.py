@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import lane_mask, okey, online_softmax, philox_uniform
+from .codes import SCRATCH_HEADER as _HEADER
 from .draw import draw_sparse, pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .stage import prm, stage
@@ -39,6 +40,7 @@ from .temperature import dynatemp_of
 from .truncation import bisect_mass_above, bisect_mass_below, radix_select
 
 _NINF = float("-inf")
+SCRATCH_HEADER = tl.constexpr(_HEADER)
 
 
 # --------------------------------------------------------------------------- row access
@@ -109,7 +111,7 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
     4 (typical_p, which does not add the top token back): okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
-    sps = tiles - 2 * KMAX - 2
+    sps = tiles - 2 * KMAX - SCRATCH_HEADER
     kept_n = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
@@ -616,16 +618,17 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
                           STORE: tl.constexpr):
     """The stages S0..S15 on one row in tiles; with DRAW, then the draw (tokens to ``tok_ptr``,
     their log-probabilities to ``lp_ptr``, uniforms from the rows' Philox words ``key_ptr``).
-    ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, [2 * KMAX] the sparse mode's
-    survivors (values, token ids), [1] their count (-1: not sparse), [1] whether the row
-    outside them still has to be set to -inf, [2, NT] tile statistics.
+    ``scr_ptr`` rows (``codes.blocked_scratch_stride``): [2 * KMAX] for the compacted searches,
+    [2 * KMAX] the sparse mode's survivors (values, token ids), [SCRATCH_HEADER]: their count
+    (-1: not sparse), whether the row outside them still has to be set to -inf, padding so
+    that the [2, NT] tile statistics after it start 128-byte aligned.
     ``STORE`` False (only with DRAW): a row that ends sparse is not written (the caller
     wants the tokens only)."""
     row = tl.program_id(0).to(tl.int64)
     o = out_ptr + row * stride_o
     xin = x_ptr + row * stride_x
     scr = scr_ptr + row * stride_scr
-    tiles = scr + 4 * KMAX + 2
+    tiles = scr + 4 * KMAX + SCRATCH_HEADER
     tl.store(scr + 4 * KMAX, -1.0)  # not sparse (yet)
     tl.debug_barrier()  # (the scratch comes from torch.empty: no thread may read it first)
     # statistics of the input row: one read, nothing written yet

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_for, online_softmax, philox_uniform, softmax_stats, warps_for
+from ._common import FP_FUSION, block_for, device_guard, online_softmax, philox_uniform, softmax_stats, warps_for
 
 #: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
 _TILES_PER_STEP = 64
@@ -151,13 +151,13 @@ def pick_from_tiles(xr, tiles, NT, V, m_raw, s, am, greedy, u, TILE: tl.constexp
 
 @triton.jit
 def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
-                         TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
+                         stride_scr, TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
     sum exp, and each tile's (max, sum exp) in the scratch row [2, NT]), then
     ``pick_from_tiles`` (greedy rows read nothing more, the others one tile)."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
-    tiles = scr_ptr + row * (2 * NT)
+    tiles = scr_ptr + row * stride_scr
     sm = tl.full([], float("-inf"), tl.float32)
     ss = tl.full([], 0.0, tl.float32)
     sez = tl.full([], 0.0, tl.float32)
@@ -194,16 +194,19 @@ def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch
     g = greedy.to(torch.int8).contiguous()
     u = out if keyed else uniforms.to(torch.float32).contiguous()  # unused pointer when keyed
     k = keys.contiguous() if keyed else g
-    if _common.use_blocked(V):
-        tile = _common.TILE
-        nt = triton.cdiv(V, tile)
-        scratch = torch.empty((B, 2 * nt), dtype=torch.float32, device=logits.device)
-        _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt, TILE=tile,
-                                   KEYED=keyed, NTB=_TILES_PER_STEP, num_warps=_common.TILE_WARPS)
-    else:
-        block = block_for(V)
-        _draw_kernel[(B,)](logits, g, u, k, out, logp, B, V, logits.stride(0), BLOCK=block, KEYED=keyed,
-                           num_warps=warps_for(block))
+    with device_guard(logits):
+        if _common.use_blocked(V):
+            tile = _common.TILE
+            nt = triton.cdiv(V, tile)
+            # rows padded to 32 words (128-byte aligned)
+            scratch = torch.empty((B, -(-2 * nt // 32) * 32), dtype=torch.float32, device=logits.device)
+            _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt,
+                                       scratch.stride(0), TILE=tile, KEYED=keyed, NTB=_TILES_PER_STEP,
+                                       num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
+        else:
+            block = block_for(V)
+            _draw_kernel[(B,)](logits, g, u, k, out, logp, B, V, logits.stride(0), BLOCK=block, KEYED=keyed,
+                               num_warps=warps_for(block), enable_fp_fusion=FP_FUSION)
     return out, logp
 
 
@@ -246,6 +249,7 @@ def row_uniforms(key_lo: torch.Tensor, key_hi: torch.Tensor, step: torch.Tensor,
     # int64 -> int32 keeps the low 32 bits; the kernel reinterprets them as uint32.
     as32 = lambda t: (t.to(torch.int64) & 0xFFFFFFFF).to(torch.int32).contiguous()  # noqa: E731
     block = 128
-    _uniform_kernel[(triton.cdiv(B, block),)](out, as32(key_lo), as32(key_hi), as32(step),
-                                              as32(sequence_index), int(purpose), B, BLOCK=block)
+    with device_guard(key_lo):
+        _uniform_kernel[(triton.cdiv(B, block),)](out, as32(key_lo), as32(key_hi), as32(step),
+                                                  as32(sequence_index), int(purpose), B, BLOCK=block)
     return out
