@@ -33,6 +33,26 @@ def _spill_stores(stdout: str, name: str) -> int:
     return int(re.search(r"(\d+) bytes spill stores", line).group(1))
 
 
+def _shared(stdout: str, name: str) -> int:
+    """Bytes of shared memory a launch of kernel ``name`` needs (``aot``'s last field)."""
+    line = stdout.split(f"{name}:")[1].splitlines()[0]
+    return int(re.search(r"(\d+) bytes shared", line).group(1))
+
+
+#: Shared memory a block may opt in to, per target (CUDA programming guide): what Triton
+#: compares a kernel's need with before it launches (OutOfResources above it).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _aot(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "samplers.kernels.aot", *args], cwd=_ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_every_kernel_compiles_for_sm90(dtype):
@@ -45,6 +65,39 @@ def test_every_kernel_compiles_for_sm90(dtype):
         assert f"{name}:" in r.stdout
     # small rows stay in registers
     assert _spill_stores(r.stdout, "chain") == 0
+    from samplers.kernels import fused
+
+    assert _shared(r.stdout, "chain") <= fused.WHOLE_ROW_SHARED_PER_LANE * 2048
+
+
+_NEEDS_NVIDIA = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                                   reason="no NVIDIA backend in triton")
+
+
+@_NEEDS_NVIDIA
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_layouts_fit_the_shared_memory_of_every_target(arch):
+    """With the JIT's alignment hints, top_p / typical_p's compaction and a bf16 row's upcast
+    go through shared memory (8 bytes a lane). Per target (sm_80, sm_86, sm_89, sm_90): the
+    largest whole-row chain the layout rule runs (``fused.WHOLE_ROW_MAX_GPU`` lanes, a chain of
+    the compacting stages with the draw, bf16) needs at most
+    ``fused.WHOLE_ROW_SHARED_PER_LANE`` bytes a lane and fits the target's per-block limit, as
+    ``fused.whole_row_limit`` assumes; so does the column-blocked chain with every stage code
+    at the production tile. (Above WHOLE_ROW_MAX_GPU the whole-row chain needed up to 128 KB:
+    OutOfResources on sm_86 / sm_89.)"""
+    from samplers.kernels import _common, codes as C, fused
+
+    block = fused.WHOLE_ROW_MAX_GPU
+    out = _aot("--arch", str(arch), "--block", str(block), "--warps", str(_common.warps_for(block)),
+               "--dtype", "bf16", "--chain-only", "--codes", f"{C.TOP_K},{C.TOP_P},{C.TYPICAL}")
+    limit = SHARED_LIMIT[arch]
+    assert _shared(out, "chain") <= fused.WHOLE_ROW_SHARED_PER_LANE * block <= limit, out
+    # the rule itself, with this target's limit
+    assert block * fused.WHOLE_ROW_SHARED_PER_LANE <= limit
+    out = _aot("--arch", str(arch), "--blocked", "--dtype", "bf16", "--tile", str(_common.TILE),
+               "--warps", str(_common.TILE_WARPS))
+    assert _shared(out, "blocked_chain") <= 8 * _common.TILE <= limit, out
+    assert _shared(out, "blocked_draw") <= limit, out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")

@@ -2,12 +2,17 @@
 
 The interpreter (the CPU tests) does not type-check kernels the way the GPU compiler does;
 compiling them to PTX / cubin for an NVIDIA target catches what would only fail on a GPU,
-and ``ptxas -v`` reports registers and spills per configuration.
+and ``ptxas -v`` reports registers and spills per configuration, plus the shared memory a
+launch needs (what Triton compares with the device's per-block limit). Compiled as the JIT
+compiles the usual launch: pointers and the row strides / V marked 16-divisible (the
+JIT's ``tt.divisibility`` hints; without them the figures are not those of the real
+kernels), ``enable_fp_fusion`` as the launches pass it.
 
     python -m samplers.kernels.aot                    # sm_90, BLOCK 4096, every kernel
     python -m samplers.kernels.aot --block 131072 --warps 32 --codes 6,7
     python -m samplers.kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
     python -m samplers.kernels.aot --blocked --codes 6,7 --draw      # top_k + top_p with the draw fused
+    python -m samplers.kernels.aot --arch 86 --block 8192 --chain-only --dtype bf16  # shared memory on sm_86
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions, which cannot be compiled).
@@ -129,9 +134,10 @@ def _draw_signature(dtype: str, blocked: bool = False) -> dict[str, str]:
 
 
 def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
-                dtype: str = "fp32") -> dict[str, str]:
+                dtype: str = "fp32", chain_only: bool = False) -> dict[str, str]:
     """Compile the chain kernel (``codes``, default every stage code), the draw, Philox and
-    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary."""
+    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary
+    and the shared memory of the launch. ``chain_only``: the chain kernel alone."""
     cx = _chain_constants(codes, "BLOCK", block)
     from . import draw as D
     from . import fused as K
@@ -140,6 +146,8 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     cx["DRAW"], cx["STORE"] = True, True  # with the token draw at the end (``SamplerPipeline.sample``): the larger kernel
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
+    if chain_only:
+        return out
     out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block, "KEYED": True},
                                            arch, warps),
                               arch)
@@ -179,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--blocked", action="store_true", help="the column-blocked chain and draw instead")
     p.add_argument("--tile", type=int, default=8192, help="tile of the blocked kernels")
     p.add_argument("--draw", action="store_true", help="--blocked: the chain with the draw fused at its end")
+    p.add_argument("--chain-only", action="store_true", help="whole-row: compile the chain kernel alone")
     a = p.parse_args(argv)
     codes = [int(c) for c in a.codes.split(",")] if a.codes else None
     import time
@@ -187,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.blocked:
         result = compile_blocked(a.arch, a.tile, a.warps or 16, codes, a.dtype, draw=a.draw)
     else:
-        result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype)
+        result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype, chain_only=a.chain_only)
     for name, info in result.items():
         print(f"{name}: {info}")
     print(f"compile time: {time.perf_counter() - t0:.1f} s")
