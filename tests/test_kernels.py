@@ -577,6 +577,22 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
     assert set(state["guarded"]) == {x.device}
 
 
+def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():
+    """u just below 1 on rows whose mass ends early: never a removed token, never past V."""
+    B, V = 6, 700
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(B, V, generator=g)
+    x[:, 400:] = NINF
+    x[1, :] = NINF
+    x[1, 17] = 0.0
+    x[2, 650] = 1.0
+    u = torch.full((B,), 0.99999994)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    got = kernels.draw_tokens(x, greedy, u)
+    assert torch.equal(got, ref_draw(x, greedy, u))
+    assert got[1] == 17 and got[2] == 650 and not torch.isneginf(x[torch.arange(B), got]).any()
+
+
 @triton.jit
 def _prefix_dips_on_zero_lanes(p):
     """A prefix sum with the GPU scan's hazard, exaggerated: on lanes with p = 0 it dips or
