@@ -249,19 +249,28 @@ _SYNCS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
 
 
 def _under_a_cpu_branch(filename: str, lineno: int) -> bool:
-    """Whether the line sits in a block entered only for CPU tensors (an enclosing
-    ``if ... device.type == "cpu"``): such a read costs nothing and CUDA never takes it."""
+    """Whether the line is reached only for CPU tensors: inside an enclosing
+    ``if ... .type == "cpu"``, or after an ``if ... .type != "cpu": return`` earlier in its
+    function. Such a read costs nothing and CUDA never takes it."""
     import linecache
 
     line = linecache.getline(filename, lineno)
     indent = len(line) - len(line.lstrip())
-    for n in range(lineno - 1, max(lineno - 60, 0), -1):
+    call_indent = indent
+    for n in range(lineno - 1, max(lineno - 80, 0), -1):
         text = linecache.getline(filename, n)
         if not text.strip():
             continue
         ind = len(text) - len(text.lstrip())
+        stripped = text.lstrip()
+        if stripped.startswith("def "):
+            break
+        if stripped.startswith("if ") and '.type != "cpu"' in text and ind <= call_indent:
+            nxt = next(linecache.getline(filename, k) for k in range(n + 1, lineno) if linecache.getline(filename, k).strip())
+            if nxt.lstrip().startswith("return"):
+                return True
         if ind < indent:
-            if text.lstrip().startswith("if ") and '.type == "cpu"' in text:
+            if stripped.startswith("if ") and '.type == "cpu"' in text:
                 return True
             indent = ind
             if ind == 0:
