@@ -407,6 +407,7 @@ class SamplingBatch:
         if history.vocab_size != self.vocab_size:
             raise ValueError(f"gather: history vocab_size {history.vocab_size} != {self.vocab_size}")
         index = index.to(device=self.device, dtype=torch.int64)
+        self._overflow_factors  # from the parameters, a bound for any rows taken: kept by the copy
         new = SamplingBatch.__new__(SamplingBatch)
         new.__dict__.update(self.__dict__)
         new.params = None
@@ -419,6 +420,9 @@ class SamplingBatch:
             setattr(new, name, getattr(self, name).index_select(0, index))
         new.schedule = [(sid, None if rows is None else rows.index_select(0, index))
                         for sid, rows in self.schedule]
+        # masked stages keep their device masks (row indices would need a device sync)
+        new.schedule_rows = [None] * len(new.schedule)
+        new.identity_rows = self.identity_rows.index_select(0, index)
         pad = self._padded_lists()
         rows = torch.arange(R, device=self.device)
         if self.logit_bias_coo is not None:

@@ -178,6 +178,10 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
             x = UNITS[sampler](x, batch, randoms)
             owned = True
             continue
+        if index is None:
+            # the rows are known only as a device mask (a gathered batch): the masked form
+            x, owned = torch.where(rows.unsqueeze(-1), UNITS[sampler](x, batch, randoms), x), True
+            continue
         # a stage of some rows only (rows differ in order): run it on those rows
         if index.numel() == 0:
             continue

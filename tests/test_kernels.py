@@ -21,6 +21,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import samplers.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from samplers.history import TokenHistory  # noqa: E402
@@ -450,31 +453,128 @@ def test_chain_with_the_draw_fused_equals_chain_then_draw(dtype):
     assert torch.equal(out, x.float()) and torch.equal(tokens, kernels.sample_tokens(x.float(), greedy, keys)[0])
 
 
-@pytest.mark.parametrize("faster", ["whole_row", "blocked"])
-def test_layout_between_whole_row_and_blocked_is_timed_once_and_kept(monkeypatch, faster):
-    """Rows between WHOLE_ROW_ALWAYS and BLOCKED_ABOVE lanes: on a GPU both chain layouts are
-    timed on the first launch of a stage tuple and the faster one is kept (here with a fake
-    clock; the results are the same either way)."""
-    monkeypatch.setattr(K, "WHOLE_ROW_ALWAYS", 64)
-    monkeypatch.setattr(K, "_LAYOUT", {})
-    monkeypatch.setattr(K, "_tunes_layout", lambda x: True)
+def test_layout_is_a_static_function_of_the_vocabulary_and_the_device(monkeypatch):
+    """Whole-row or blocked is decided by V and the device's limits alone (no timing): a
+    seeded row's result cannot depend on what else is batched. On a GPU the whole-row chain
+    runs up to WHOLE_ROW_MAX_GPU lanes, less where 8 bytes of shared memory per lane exceed
+    the device's per-block limit; under the interpreter up to BLOCKED_ABOVE."""
+    from types import SimpleNamespace
+
+    cpu = torch.device("cpu")
+    assert K.whole_row_limit(cpu) == _common.BLOCKED_ABOVE
+    for B in (1, 7, 300):
+        assert K.pick_layout(torch.empty(B, 32000)) == "whole"
+        assert K.pick_layout(SimpleNamespace(shape=(B, 128256), device=cpu)) == "blocked"
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    gpu = torch.device("cuda", 1)
+    asked = []
+
+    def limit_of(kib):
+        return lambda dev: asked.append(dev) or kib * 1024
+
+    # sm_90 (227 KB), sm_80 (163 KB), sm_86 / sm_89 / sm_120 (99 KB), sm_75 (64 KB), 48 KB, 16 KB
+    for kib, want in ((227, 8192), (163, 8192), (99, 8192), (64, 8192), (48, 4096), (16, 2048)):
+        monkeypatch.setattr(K, "max_shared_memory", limit_of(kib))
+        assert K.whole_row_limit(gpu) == want, kib
+        assert want * K.WHOLE_ROW_SHARED_PER_LANE <= kib * 1024
+    assert asked[-1] == gpu  # the limits of the tensors' device, not the current one
+    monkeypatch.setattr(K, "max_shared_memory", limit_of(99))
+    layouts = {V: K.pick_layout(SimpleNamespace(shape=(4, V), device=gpu)) for V in (1000, 8192, 8193, 32000, 151936)}
+    assert layouts == {1000: "whole", 8192: "whole", 8193: "blocked", 32000: "blocked", 151936: "blocked"}
+    assert not hasattr(K, "_time_launch") and not hasattr(K, "_tuned_kernel")
+
+
+def test_a_whole_row_chain_the_device_cannot_load_falls_back_to_the_blocked_chain(monkeypatch):
+    """Triton raises OutOfResources when it loads a kernel that needs more shared memory (or
+    registers) than the device has, before anything runs: the chain then runs blocked, and
+    that (a property of the compiled kernel and the device) is remembered."""
+    from triton.runtime.errors import OutOfResources
+
     monkeypatch.setattr(_common, "TILE", 128)
-    timed = []
+    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
+    tried = []
 
-    def fake_time(fn):
-        timed.append(fn.__name__)
-        return 1.0 if fn.__name__ == faster else 2.0
+    class TooLarge:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                tried.append(k["BLOCK"])
+                raise OutOfResources(k["BLOCK"] * 8, 101376, "shared memory")
+            return launch
 
-    monkeypatch.setattr(K, "_time_launch", fake_time)
+    monkeypatch.setattr(K, "_chain_kernel", TooLarge())
     B, V = 3, 333
     x = _logits(B, V, torch.float32, seed=42)
     table = KC.param_table(B, x.device, {"top_k": torch.full((B,), 20.0), "top_p": torch.full((B,), 0.8)})
-    first = K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table)
-    assert sorted(timed) == ["blocked", "whole_row"]
-    assert list(K._LAYOUT.values()) == ["whole" if faster == "whole_row" else "blocked"]
-    again = K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table)
-    assert len(timed) == 2 and torch.equal(first, again)
-    _assert_same(first, F.top_p(F.top_k(x, torch.full((B,), 20)), torch.full((B,), 0.8)), torch.float32)
+    want = F.top_p(F.top_k(x, torch.full((B,), 20)), torch.full((B,), 0.8))
+    _assert_same(K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table), want, torch.float32)
+    _assert_same(K.run_chain(x, [KC.TOP_K, KC.TOP_P], [None, None], table), want, torch.float32)
+    assert tried == [512]
+    # another stage tuple is tried on its own
+    K.run_chain(x, [KC.TOP_K], [None], table)
+    assert tried == [512, 512]
+
+
+def test_device_guard_makes_the_tensors_device_current():
+    """Triton launches on the current CUDA device: every launch runs inside
+    ``device_guard(tensor)``, which is ``torch.cuda.device(tensor.device)`` for CUDA tensors."""
+    from types import SimpleNamespace
+
+    g = _common.device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    with _common.device_guard(torch.empty(1)):  # CPU: nothing to switch
+        pass
+
+
+def test_every_launch_runs_inside_the_device_guard(monkeypatch):
+    """Each module's launches (chain, both layouts; draw, both; Philox; row statistics; the
+    grammar bitmask) happen inside ``device_guard`` of their input (a fake guard records it)."""
+    import contextlib
+
+    from samplers.kernels import blocked as KB, guided as KG
+
+    state = {"inside": 0, "guarded": [], "launched": []}
+
+    @contextlib.contextmanager
+    def guard(t):
+        state["guarded"].append(t.device)
+        state["inside"] += 1
+        try:
+            yield
+        finally:
+            state["inside"] -= 1
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            assert state["inside"] == 1, f"{self.name} launched outside the device guard"
+            state["launched"].append(self.name)
+            return self.kernel[grid]
+
+    for mod in (K, KD, KR, KG):
+        monkeypatch.setattr(mod, "device_guard", guard)
+    for mod, name in ((K, "_chain_kernel"), (KB, "_blocked_chain_kernel"), (KD, "_draw_kernel"),
+                      (KD, "_blocked_draw_kernel"), (KD, "_uniform_kernel"), (KR, "_row_stats_kernel"),
+                      (KG, "_apply_bitmask_kernel")):
+        monkeypatch.setattr(mod, name, Spy(getattr(mod, name), name))
+    B, V = 2, 300
+    x = _logits(B, V, torch.float32)
+    table = KC.param_table(B, x.device, {"min_p": torch.full((B,), 0.1)})
+    keys = KC.key_words(*(torch.arange(B, dtype=torch.int64),) * 4)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    K.run_chain(x, [KC.MIN_P], [None], table, keys=keys, draw_greedy=greedy)
+    kernels.sample_tokens(x, greedy, keys)
+    KD.row_uniforms(*(torch.arange(B, dtype=torch.int64),) * 4, 0)
+    KR.row_stats(x)
+    KG.apply_token_bitmask(x, torch.full((B, (V + 31) // 32), -1, dtype=torch.int32))
+    monkeypatch.setattr(_common, "TILE", 128)
+    monkeypatch.setattr(_common, "BLOCKED_ABOVE", 8)
+    K.run_chain(x, [KC.MIN_P], [None], table)
+    kernels.sample_tokens(x, greedy, keys)
+    assert state["launched"] == ["_chain_kernel", "_draw_kernel", "_uniform_kernel", "_row_stats_kernel",
+                                 "_apply_bitmask_kernel", "_blocked_chain_kernel", "_blocked_draw_kernel"]
+    assert set(state["guarded"]) == {x.device}
 
 
 def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():
@@ -491,6 +591,65 @@ def test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token():
     got = kernels.draw_tokens(x, greedy, u)
     assert torch.equal(got, ref_draw(x, greedy, u))
     assert got[1] == 17 and got[2] == 650 and not torch.isneginf(x[torch.arange(B), got]).any()
+
+
+@triton.jit
+def _prefix_dips_on_zero_lanes(p):
+    """A prefix sum with the GPU scan's hazard, exaggerated: on lanes with p = 0 it dips or
+    steps (alternately) by 2 % instead of staying flat."""
+    c = tl.cumsum(p, 0)
+    lane = tl.arange(0, p.shape[0])
+    return tl.where(p == 0, tl.where(lane % 2 == 0, c * 0.98, c * 1.02), c)
+
+
+def _rows_with_zero_lanes(B, V, tile):
+    """Rows with many p = 0 lanes: every third lane removed, whole tiles of ``tile`` lanes
+    removed (tiles 1 and 3), one row with a single token left, one all -inf row."""
+    g = torch.Generator().manual_seed(77)
+    x = torch.randn(B, V, generator=g) * 2
+    x[:, ::3] = NINF
+    x[:, tile:2 * tile] = NINF
+    x[:, 3 * tile:4 * tile] = NINF
+    x[1] = NINF
+    x[1, V - 2] = 0.5
+    x[2] = NINF
+    return x
+
+
+def test_draw_never_picks_a_zero_probability_token_when_the_prefix_sum_is_not_monotone(monkeypatch):
+    """On a GPU ``tl.cumsum`` adds in another order (per thread, then a tree), so the prefix can
+    dip or step on a p = 0 lane; the draw selects only among lanes (and tiles) with p > 0.
+    Emulated here with a prefix that moves on every p = 0 lane: the tokens are still exactly
+    the reference's (the perturbation only touches lanes the draw ignores), never removed,
+    never outside the row. The same perturbation makes the earlier rule (count of lanes with
+    cdf <= target) return removed tokens, so the emulation does reach the hazard."""
+    B, V = 64, 1000
+    x = _rows_with_zero_lanes(B, V, _common.TILE if _common.use_blocked(V) else 128)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    u = torch.rand(B, generator=torch.Generator().manual_seed(78))
+    want = ref_draw(x, greedy, u)
+    # the earlier rule on the perturbed prefix (numpy, float64): removed tokens for some rows
+    p = torch.softmax(x.double(), -1).nan_to_num(0.0).numpy()
+    c = np.cumsum(p, -1)
+    lanes = np.arange(V)
+    c = np.where(p == 0, np.where(lanes % 2 == 0, c * 0.98, c * 1.02), c)
+    target = u.double().numpy()[:, None] * c.max(-1, keepdims=True)
+    old = np.minimum((c <= target).sum(-1), V - 1 - np.argmax((p > 0)[:, ::-1], -1))
+    assert (p[np.arange(B), old] == 0).sum() > 5
+    monkeypatch.setattr(KD, "prefix_sum", _prefix_dips_on_zero_lanes)
+    got = kernels.draw_tokens(x, greedy, u)
+    assert torch.equal(got, want)
+    live = ~torch.isneginf(x).all(-1)
+    assert ((got >= 0) & (got < V)).all() and not torch.isneginf(x[live][torch.arange(int(live.sum())), got[live]]).any()
+    # the in-kernel uniforms (``sample_tokens``) and the draw fused into a chain, too
+    words = torch.tensor([split_seed(s) for s in range(900, 900 + B)], dtype=torch.int64).t()
+    keys = KC.key_words(words[0], words[1], torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
+    want = ref_draw(x, greedy, ref_uniforms(words[0], words[1], torch.zeros(B, dtype=torch.int64),
+                                            torch.zeros(B, dtype=torch.int64), 0))
+    assert torch.equal(kernels.sample_tokens(x, greedy, keys)[0], want)
+    table = KC.param_table(B, x.device, {"temperature": torch.full((B,), 1.0)})
+    _, tokens, _ = K.run_chain(x, [KC.TEMPERATURE], [None], table, keys=keys, draw_greedy=greedy)
+    assert torch.equal(tokens, want)
 
 
 def test_available():

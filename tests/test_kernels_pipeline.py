@@ -242,3 +242,92 @@ def test_auto_uses_the_kernels_for_large_vocabularies(monkeypatch):
     for vocab in (32000, 65536, 128256, 151936, 262144):
         assert pipe.backend_for(FakeCudaLogits(vocab)) == "triton"
     assert not _common.use_blocked(32000) and _common.use_blocked(128256) and _common.use_blocked(151936)
+
+
+# ---------------------------------------------------------------------------- device syncs
+_SYNCS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
+
+
+def _under_a_cpu_branch(filename: str, lineno: int) -> bool:
+    """Whether the line is reached only for CPU tensors: inside an enclosing
+    ``if ... .type == "cpu"``, or after an ``if ... .type != "cpu": return`` earlier in its
+    function. Such a read costs nothing and CUDA never takes it."""
+    import linecache
+
+    line = linecache.getline(filename, lineno)
+    indent = len(line) - len(line.lstrip())
+    call_indent = indent
+    for n in range(lineno - 1, max(lineno - 80, 0), -1):
+        text = linecache.getline(filename, n)
+        if not text.strip():
+            continue
+        ind = len(text) - len(text.lstrip())
+        stripped = text.lstrip()
+        if stripped.startswith("def "):
+            break
+        if stripped.startswith("if ") and '.type != "cpu"' in text and ind <= call_indent:
+            nxt = next(linecache.getline(filename, k) for k in range(n + 1, lineno) if linecache.getline(filename, k).strip())
+            if nxt.lstrip().startswith("return"):
+                return True
+        if ind < indent:
+            if stripped.startswith("if ") and '.type == "cpu"' in text:
+                return True
+            indent = ind
+            if ind == 0:
+                break
+    return False
+
+
+def _count_syncs(monkeypatch, calls):
+    """Record the Tensor methods that read a device value on the host (a device sync on CUDA)
+    when ``samplers`` code calls them outside its CPU-only branches (the interpreter's own
+    calls are not the library's)."""
+    import sys
+
+    for name in _SYNCS:
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            f = sys._getframe(1)
+            where = f.f_code.co_filename.replace("\\", "/")
+            if "/samplers/" in where and not _under_a_cpu_branch(f.f_code.co_filename, f.f_lineno):
+                calls.append(f"{_name} <- {'/'.join(where.rsplit('/', 2)[-2:])}:{f.f_lineno}")
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+
+@pytest.mark.parametrize("which", ["everything", "top_k_top_p"])
+def test_steady_state_sample_steps_read_nothing_back_from_the_device(monkeypatch, which):
+    """After a warm-up step (first use of the histories' match lengths and hashes), a
+    ``SamplerPipeline("triton").sample`` step calls no ``.item()`` / ``.tolist()`` /
+    ``nonzero`` / ``bool(tensor)`` ...: nothing that would wait for the GPU, so a step can be
+    captured in a CUDA graph. Seeded rows (an unseeded row's fresh key is drawn on the host,
+    see the report of issue 13). CUDA-only branches are taken where they exist: DRY's
+    candidate selection runs its dense form (``sync_free``, what CUDA tensors get). Every
+    in-kernel stage, DRY, no_repeat_ngram, penalties, logit_bias and the draw."""
+    import samplers.kernels.chain as KCH
+
+    dry = KCH.dry_
+    monkeypatch.setattr(KCH, "dry_", lambda *a, **k: dry(*a, **{**k, "sync_free": True}))
+    # tfs and skew run the torch reference between launches (functional/, with CPU-only fast
+    # paths that read values back, and skew's top-token ``nonzero`` on every device)
+    everything = {k: v for k, v in tp.EVERYTHING.items() if k not in ("tfs", "skew")}
+    kw = everything if which == "everything" else dict(top_k=20, top_p=0.9, seed=3)
+    params = [SamplingParams(**{**kw, "seed": 100 + i}) for i in range(3)] + [SamplingParams(seed=9)]
+    prompts, outputs = tp._histories(len(params), seed=5)
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=tp.V)
+    pipe = SamplerPipeline("triton", seed=0)
+    out = pipe.sample(tp._logits(len(params), seed=40), batch)
+    batch.append(out.token_ids)
+    calls: list[str] = []
+    _count_syncs(monkeypatch, calls)
+    for step in range(3):
+        out = pipe.sample(tp._logits(len(params), seed=41 + step), batch)
+        batch.append(out.token_ids)
+    assert calls == [], calls
+    # the spy does see such calls (the test can fail): skew's top-token ``nonzero``
+    import samplers.functional as F
+
+    F.skew(tp._logits(2), torch.full((2,), 0.1))
+    assert any(c.startswith("nonzero <- functional/skew.py") for c in calls), calls

@@ -3,13 +3,14 @@ statistics and the order-preserving float -> int key used by the threshold searc
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "block_for", "warps_for", "on_gpu", "lane_mask", "okey", "softmax_stats", "entropy_of",
+__all__ = ["INTERPRET", "FP_FUSION", "device_guard", "block_for", "warps_for", "lane_mask", "okey", "softmax_stats", "entropy_of",
            "top_mask", "finite_std", "saturate", "philox_uniform", "online_softmax"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
@@ -30,14 +31,30 @@ TILE = 8192
 TILE_WARPS = 16
 
 
+#: ``enable_fp_fusion`` of every launch. Off: a compiled ``a * b + c`` is two correctly
+#: rounded operations, as in torch's op-by-op reference, not one FMA; with it (Triton's
+#: default) the penalties, smoothing and the sums of squares would differ from the reference
+#: in the last bit (kernels/README.md, "What is promised on a GPU").
+FP_FUSION = False
+
+#: The relative tolerance near a threshold that a GPU run may decide differently from the
+#: torch reference (``tl.exp`` is ``ex2.approx``, ``/`` ``div.full``, sums in another order:
+#: a probability or a mass is within ~1e-6 of the reference's). kernels/README.md.
+THRESHOLD_RTOL = 1e-5
+
+
+def device_guard(t: torch.Tensor):
+    """Context of a launch on ``t``'s data: its CUDA device made current (Triton launches on
+    the current device, not the tensors'; logits on cuda:1 while cuda:0 is current would
+    fault), a no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def use_blocked(vocab: int) -> bool:
     """Whether rows of ``vocab`` tokens go to the column-blocked kernels."""
     return triton.next_power_of_2(max(int(vocab), 16)) > BLOCKED_ABOVE
-
-
-def on_gpu(t: torch.Tensor) -> bool:
-    """A real CUDA launch (not the interpreter): autotuning and timing only make sense then."""
-    return t.is_cuda and not INTERPRET
 
 
 def block_for(vocab: int) -> int:

@@ -2,12 +2,17 @@
 
 The interpreter (the CPU tests) does not type-check kernels the way the GPU compiler does;
 compiling them to PTX / cubin for an NVIDIA target catches what would only fail on a GPU,
-and ``ptxas -v`` reports registers and spills per configuration.
+and ``ptxas -v`` reports registers and spills per configuration, plus the shared memory a
+launch needs (what Triton compares with the device's per-block limit). Compiled as the JIT
+compiles the usual launch: pointers and the row strides / V marked 16-divisible (the
+JIT's ``tt.divisibility`` hints; without them the figures are not those of the real
+kernels), ``enable_fp_fusion`` as the launches pass it.
 
     python -m samplers.kernels.aot                    # sm_90, BLOCK 4096, every kernel
     python -m samplers.kernels.aot --block 131072 --warps 32 --codes 6,7
     python -m samplers.kernels.aot --blocked --tile 8192 --warps 16  # the column-blocked chain + draw (any V)
     python -m samplers.kernels.aot --blocked --codes 6,7 --draw      # top_k + top_p with the draw fused
+    python -m samplers.kernels.aot --arch 86 --block 8192 --chain-only --dtype bf16  # shared memory on sm_86
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions, which cannot be compiled).
@@ -33,6 +38,22 @@ _BLOCKED_CHAIN_SIG = {**{k: v for k, v in _CHAIN_SIG.items() if k not in ("strid
                       "stride_b": "i32", "stride_scr": "i32"}
 
 
+#: Integer arguments the JIT sees as multiples of 16 in the usual launch (vocabularies of LLMs
+#: are: 32000, 50304, 128256, 151936; row strides are V): the JIT marks those, and every
+#: 16-byte aligned pointer (torch's allocations are), ``tt.divisibility = 16``.
+_ALIGNED_INTS = ("V", "stride_x", "stride_o", "stride_s", "stride_c", "stride_b", "stride_scr")
+
+
+def _hints(sig: dict) -> dict:
+    """The JIT's specialisation attributes for the usual launch: ``tt.divisibility`` 16 on every
+    pointer and on the aligned integer arguments. Without them the compiler cannot vectorise
+    the loads and stores, and its register, spill and shared-memory figures are not those of
+    the kernels the JIT runs (``_compact``'s scatter goes through shared memory only then)."""
+    names = list(sig)
+    return {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+            if (t.startswith("*") or k in _ALIGNED_INTS) and t != "constexpr"}
+
+
 def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,8 +63,13 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, warps: int):
     for name in constexprs:
         sig[name] = "constexpr"
     names = list(sig)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=_hints(sig))
+    # enable_fp_fusion as the launches pass it (``_common.FP_FUSION``)
+    from ._common import FP_FUSION
+
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "enable_fp_fusion": FP_FUSION})
 
 
 def _ptxas_path(arch: int) -> str:
@@ -69,8 +95,11 @@ def _ptxas_info(compiled, arch: int) -> str:
         os.unlink(f.name)
     if r.returncode != 0:
         raise RuntimeError(f"{ptxas} failed on the PTX for sm_{arch} (exit {r.returncode}): {r.stderr.strip()}")
-    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+    info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
                      if "registers" in line or "spill" in line)
+    # the shared memory of the launch (Triton's own scratch, what OutOfResources compares with
+    # the device's per-block limit): ptxas' smem line counts only static shared variables
+    return f"{info}; {compiled.metadata.shared} bytes shared"
 
 
 def _chain_constants(codes: Optional[list[int]], size_name: str, size: int) -> dict[str, int]:
@@ -100,13 +129,15 @@ def _draw_signature(dtype: str, blocked: bool = False) -> dict[str, str]:
     sig.update({"B": "i32", "V": "i32", "stride_x": "i32"})
     if blocked:
         sig["NT"] = "i32"
+        sig["stride_scr"] = "i32"
     return sig
 
 
 def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Optional[list[int]] = None,
-                dtype: str = "fp32") -> dict[str, str]:
+                dtype: str = "fp32", chain_only: bool = False) -> dict[str, str]:
     """Compile the chain kernel (``codes``, default every stage code), the draw, Philox and
-    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary."""
+    row-statistics kernels for ``sm_<arch>``; returns name -> ptxas register / spill summary
+    and the shared memory of the launch. ``chain_only``: the chain kernel alone."""
     cx = _chain_constants(codes, "BLOCK", block)
     from . import draw as D
     from . import fused as K
@@ -115,6 +146,8 @@ def compile_all(arch: int = 90, block: int = 4096, warps: int = 8, codes: Option
     sig = dict(_CHAIN_SIG, x_ptr=f"*{dtype}")
     cx["DRAW"], cx["STORE"] = True, True  # with the token draw at the end (``SamplerPipeline.sample``): the larger kernel
     out = {"chain": _ptxas_info(_compile(K._chain_kernel, sig, cx, arch, warps), arch)}
+    if chain_only:
+        return out
     out["draw"] = _ptxas_info(_compile(D._draw_kernel, _draw_signature(dtype), {"BLOCK": block, "KEYED": True},
                                            arch, warps),
                               arch)
@@ -154,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--blocked", action="store_true", help="the column-blocked chain and draw instead")
     p.add_argument("--tile", type=int, default=8192, help="tile of the blocked kernels")
     p.add_argument("--draw", action="store_true", help="--blocked: the chain with the draw fused at its end")
+    p.add_argument("--chain-only", action="store_true", help="whole-row: compile the chain kernel alone")
     a = p.parse_args(argv)
     codes = [int(c) for c in a.codes.split(",")] if a.codes else None
     import time
@@ -162,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.blocked:
         result = compile_blocked(a.arch, a.tile, a.warps or 16, codes, a.dtype, draw=a.draw)
     else:
-        result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype)
+        result = compile_all(a.arch, a.block, a.warps or 8, codes, a.dtype, chain_only=a.chain_only)
     for name, info in result.items():
         print(f"{name}: {info}")
     print(f"compile time: {time.perf_counter() - t0:.1f} s")

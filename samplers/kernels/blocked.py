@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import lane_mask, okey, online_softmax, philox_uniform
+from .codes import SCRATCH_HEADER as _HEADER
 from .draw import draw_sparse, pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .stage import prm, stage
@@ -39,6 +40,7 @@ from .temperature import dynatemp_of
 from .truncation import bisect_mass_above, bisect_mass_below, radix_select
 
 _NINF = float("-inf")
+SCRATCH_HEADER = tl.constexpr(_HEADER)
 
 
 # --------------------------------------------------------------------------- row access
@@ -109,7 +111,7 @@ def _apply_keep(o, xin, wr, tiles, NT, V, MODE: tl.constexpr, thr, m_raw, m, s, 
     MODE 0: p >= thr; 1: x >= thr; 2: ukey(x) >= thr; 3: bits(p) >= thr;
     4 (typical_p, which does not add the top token back): okey(|-log p - H|) <= thr."""
     sm, ss, sez, sn, st, am = _fresh()
-    sps = tiles - 2 * KMAX - 2
+    sps = tiles - 2 * KMAX - SCRATCH_HEADER
     kept_n = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs, valid, x = _ld(o, xin, wr, start, V, TILE)
@@ -279,6 +281,27 @@ def _b_mass_beyond(o, xin, wr, V, m, s, h, mid, OF_D: tl.constexpr, TILE: tl.con
     return mass
 
 
+#: Thresholds top_p's row search tests per pass over a flat row (``_b_mass_above_many``).
+TOP_P_PROBES = tl.constexpr(16)
+
+
+@triton.jit
+def _b_mass_above_many(o, xin, wr, V, m, s, mids, TILE: tl.constexpr, NQ: tl.constexpr):
+    """top_p's row search, several steps in one pass: for each of the NQ thresholds
+    ``mids`` [NQ], the mass of the tokens with bits(p) > mids[q] (each summed per tile, in
+    the order of ``_b_mass_beyond``)."""
+    q = tl.arange(0, NQ)
+    mass = tl.zeros([NQ], tl.float32)
+    for start in range(0, V, TILE):
+        offs, valid, x = _ld(o, xin, wr, start, V, TILE)
+        p = _p_of(x, m, s)
+        key = p.to(tl.int32, bitcast=True)
+        for i in range(NQ):  # not unrolled: 16 unrolled reductions spill the blocked chain
+            mid = tl.sum(tl.where(q == i, mids, 0), 0)
+            mass += tl.where(q == i, tl.sum(tl.where(key > mid, p, 0.0), 0), 0.0)
+    return mass
+
+
 @triton.jit
 def _b_compact(o, xin, wr, V, m, s, h, scr, floor, dcap, WITH_D: tl.constexpr, KMAX: tl.constexpr,
                TILE: tl.constexpr):
@@ -329,11 +352,16 @@ def _b_top_p(o, xin, wr, tiles, NT, V, tp, en, sm, ss, sez, sn, st, am, scr, TIL
             lo = floor - 1
             lo, hi = bisect_mass_above(pc.to(tl.int32, bitcast=True), pc, lo, hi, tp)
         else:
+            # a flat row: NQ thresholds evenly inside (lo, hi) per pass over the row, so ~8
+            # passes instead of ~31 halvings; the predicate is monotone in the threshold (sums
+            # of p >= 0 in a fixed order), so the bound found is the bisection's
+            q = tl.arange(0, TOP_P_PROBES)
             while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                good = _b_mass_beyond(o, xin, wr, V, m, s, h, mid, False, TILE) < tp
-                hi = tl.where(good, mid, hi)
-                lo = tl.where(good, lo, mid)
+                span = (hi - lo).to(tl.int64)
+                mids = (lo + span * (q + 1).to(tl.int64) // (TOP_P_PROBES + 1)).to(tl.int32)
+                good = _b_mass_above_many(o, xin, wr, V, m, s, mids, TILE, TOP_P_PROBES) < tp
+                hi = tl.minimum(hi, tl.min(tl.where(good, mids, hi), 0))
+                lo = tl.maximum(lo, tl.max(tl.where(good, lo, mids), 0))
         wr, sm, ss, sez, sn, st, am = _apply_keep(o, xin, wr, tiles, NT, V, 3, hi, sm, m, s, h, TILE, KMAX)
     return wr, sm, ss, sez, sn, st, am
 
@@ -616,16 +644,17 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
                           STORE: tl.constexpr):
     """The stages S0..S15 on one row in tiles; with DRAW, then the draw (tokens to ``tok_ptr``,
     their log-probabilities to ``lp_ptr``, uniforms from the rows' Philox words ``key_ptr``).
-    ``scr_ptr`` rows: [2 * KMAX] for the compacted searches, [2 * KMAX] the sparse mode's
-    survivors (values, token ids), [1] their count (-1: not sparse), [1] whether the row
-    outside them still has to be set to -inf, [2, NT] tile statistics.
+    ``scr_ptr`` rows (``codes.blocked_scratch_stride``): [2 * KMAX] for the compacted searches,
+    [2 * KMAX] the sparse mode's survivors (values, token ids), [SCRATCH_HEADER]: their count
+    (-1: not sparse), whether the row outside them still has to be set to -inf, padding so
+    that the [2, NT] tile statistics after it start 128-byte aligned.
     ``STORE`` False (only with DRAW): a row that ends sparse is not written (the caller
     wants the tokens only)."""
     row = tl.program_id(0).to(tl.int64)
     o = out_ptr + row * stride_o
     xin = x_ptr + row * stride_x
     scr = scr_ptr + row * stride_scr
-    tiles = scr + 4 * KMAX + 2
+    tiles = scr + 4 * KMAX + SCRATCH_HEADER
     tl.store(scr + 4 * KMAX, -1.0)  # not sparse (yet)
     tl.debug_barrier()  # (the scratch comes from torch.empty: no thread may read it first)
     # statistics of the input row: one read, nothing written yet

@@ -57,6 +57,21 @@ def compact_size(block: int) -> int:
     return max(16, min(1024, block // 4))
 
 
+#: fp32 words between the blocked chain's sparse survivors and its tile statistics: the
+#: survivors' count and fill flag, then padding to 128 bytes.
+SCRATCH_HEADER = 32
+
+
+def blocked_scratch_stride(kmax: int, n_tiles: int) -> int:
+    """fp32 words per row of the column-blocked chain's scratch: [2 KMAX] compacted searches,
+    [2 KMAX] sparse survivors, ``SCRATCH_HEADER``, [2, n_tiles] tile statistics, padded to a
+    multiple of 32 words so that every row and region starts 128-byte aligned (aligned,
+    vectorised scratch accesses). Bounded: 4 KMAX + 32 + 2 n_tiles + 31 words, i.e. 16.6 KB
+    per row at KMAX 1024 and V = 151936 (19 tiles of 8192)."""
+    need = 4 * kmax + SCRATCH_HEADER + 2 * n_tiles
+    return -(-need // 32) * 32
+
+
 def row_masks(masks: Sequence[Optional[torch.Tensor]], batch_size: int, device: torch.device) -> torch.Tensor:
     """int8 [NSLOTS, B]: slot i applies to row b iff rmask[i, b] (None = every row)."""
     rmask = torch.ones((NSLOTS, batch_size), dtype=torch.int8, device=device)

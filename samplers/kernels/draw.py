@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_for, online_softmax, philox_uniform, softmax_stats, warps_for
+from ._common import FP_FUSION, block_for, device_guard, online_softmax, philox_uniform, softmax_stats, warps_for
 
 #: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
 _TILES_PER_STEP = 64
@@ -34,19 +34,34 @@ def _row_uniform(u_ptr, key_ptr, row, B, KEYED: tl.constexpr):
 
 
 @triton.jit
+def prefix_sum(p):
+    """Inclusive prefix sum of ``p`` [N] in token-id order. On a GPU the scan adds in another
+    order than token order (per thread, then a tree across threads), so the result can dip or
+    step by an ulp on lanes with p = 0: the draw below never relies on it being
+    non-decreasing. (A function of its own so that the tests can give it such rounding.)"""
+    return tl.cumsum(p, 0)
+
+
+@triton.jit
 def draw_row(x, offs, valid, V, greedy, u):
     """The draw of a row held in registers (``x`` [BLOCK] fp32, -inf = removed or padding):
     argmax (lowest id on ties) for greedy rows, else the inverse CDF of softmax(x) in token-id
-    order at ``u * total``, never a removed token. Returns (token id, its log-probability)."""
+    order at ``u * total``, never a removed token. Returns (token id, its log-probability).
+
+    The inverse CDF takes the first token *with p > 0* whose cumulative probability exceeds
+    the target (with an exact, non-decreasing prefix sum that is the first token whose
+    cumulative probability exceeds it, the reference's rule); if none does (rounding put the
+    target at or past the total) the last token with p > 0; a row without one gives V - 1,
+    as the reference. So whatever the rounding of the prefix sum, the token has p > 0."""
     am = tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
     m_raw, p, logp = softmax_stats(x)
-    cdf = tl.cumsum(p, 0)
-    total = tl.max(cdf, 0)
+    pos = valid & (p > 0)
+    cdf = prefix_sum(p)
+    total = tl.max(tl.where(pos, cdf, 0.0), 0)
     target = u * total
-    idx = tl.sum((valid & (cdf <= target)).to(tl.int64), 0)
-    last_pos = tl.max(tl.where(p > 0, offs, -1), 0).to(tl.int64)
-    last_pos = tl.where(last_pos >= 0, last_pos, V - 1)
-    idx = tl.minimum(idx, last_pos)
+    first = tl.min(tl.where(pos & (cdf > target), offs, 2147483647), 0)
+    last_pos = tl.max(tl.where(pos, offs, -1), 0)
+    idx = tl.where(first < 2147483647, first, tl.where(last_pos >= 0, last_pos, V - 1)).to(tl.int64)
     tok = tl.where(greedy, am, idx)
     return tok, tl.sum(tl.where(offs == tok, logp, 0.0), 0)
 
@@ -84,8 +99,9 @@ def pick_from_tiles(xr, tiles, NT, V, m_raw, s, am, greedy, u, TILE: tl.constexp
 
     Greedy rows take ``am``. Otherwise the tile whose cumulative mass first exceeds ``u * s``
     is found from the NT pairs (NTB at a time) and only that tile of ``xr`` is read: the
-    inverse CDF in token-id order, carrying the mass of the tiles before it. Rounding can
-    leave the target at or past the total: then the last token with p > 0, as the reference.
+    inverse CDF in token-id order, carrying the mass of the tiles before it. Only tiles and
+    lanes with mass are candidates (``draw_row``); rounding can leave the target at or past
+    the total: then the last token with p > 0, as the reference. The token is always in the row.
     Returns (token id, its log-probability x - m - log s)."""
     m = tl.where(m_raw > float("-inf"), m_raw, 0.0)
     log_s = tl.log(tl.where(s > 0, s, 1.0))
@@ -102,38 +118,46 @@ def pick_from_tiles(xr, tiles, NT, V, m_raw, s, am, greedy, u, TILE: tl.constexp
             tmx = tl.load(tiles + j, mask=inside, other=float("-inf"))
             mass = tl.where(tmx > float("-inf"), tl.load(tiles + NT + j, mask=inside, other=0.0) * tl.exp(tmx - m),
                             0.0)
-            cum = carry + tl.cumsum(mass, 0)
-            first = tl.min(tl.where(inside & (cum > target), j, 2147483647), 0)
+            cum = carry + prefix_sum(mass)
+            # only a tile with mass can hold the token (see ``prefix_sum``: no monotone prefix assumed)
+            first = tl.min(tl.where(inside & (mass > 0) & (cum > target), j, 2147483647), 0)
             found = (hit < 0) & (first < 2147483647)
-            # mass before ``first``: the cumulative sum of its predecessor (<= target)
-            before = tl.where(found, tl.max(tl.where(inside & (j < first), cum, carry), 0), before)
+            # mass before ``first``: the cumulative sum of its last predecessor with mass (the
+            # prefix is read on tiles with mass only; it may move on the others)
+            with_mass = inside & (mass > 0)
+            before = tl.where(found, tl.max(tl.where(with_mass & (j < first), cum, carry), 0), before)
             hit = tl.where(found, first, hit)
-            last_t = tl.maximum(last_t, tl.max(tl.where(inside & (mass > 0), j, -1), 0))
-            carry = tl.max(tl.where(inside, cum, carry), 0)
+            last_t = tl.maximum(last_t, tl.max(tl.where(with_mass, j, -1), 0))
+            carry = tl.max(tl.where(with_mass, cum, carry), 0)
         t = tl.where(hit >= 0, hit, last_t)
         tok = tl.full([], 0, tl.int64) + V - 1
         if t >= 0:
             offs = t.to(tl.int64) * TILE + tl.arange(0, TILE)
             valid = offs < V
             e = tl.exp(tl.load(xr + offs, mask=valid, other=float("-inf")).to(tl.float32) - m)
-            cdf = before + tl.cumsum(e, 0)
-            below = tl.sum((valid & (cdf <= target)).to(tl.int32), 0)
-            last_in = tl.max(tl.where(valid & (e > 0), offs, -1), 0)
-            crossed = (hit >= 0) & (below < tl.sum(valid.to(tl.int32), 0))
-            tok = tl.where(crossed, t.to(tl.int64) * TILE + below, last_in)
+            pos = valid & (e > 0)
+            cdf = before + prefix_sum(e)
+            # as ``draw_row``: the first lane with mass past the target, else the tile's last
+            # lane with mass, else (a tile whose mass this read does not see) the argmax
+            first_in = tl.min(tl.where(pos & (cdf > target), offs, V), 0)
+            last_in = tl.max(tl.where(pos, offs, -1), 0)
+            last_in = tl.where(last_in >= 0, last_in, am)
+            tok = tl.where((hit >= 0) & (first_in < V), first_in, last_in)
+        # never an index outside the row, whatever the rounding above
+        tok = tl.where((tok >= 0) & (tok < V), tok, am)
     x_tok = tl.load(xr + tok).to(tl.float32)
     return tok, x_tok - m - log_s
 
 
 @triton.jit
 def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
-                         TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
+                         stride_scr, TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
     sum exp, and each tile's (max, sum exp) in the scratch row [2, NT]), then
     ``pick_from_tiles`` (greedy rows read nothing more, the others one tile)."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
-    tiles = scr_ptr + row * (2 * NT)
+    tiles = scr_ptr + row * stride_scr
     sm = tl.full([], float("-inf"), tl.float32)
     ss = tl.full([], 0.0, tl.float32)
     sez = tl.full([], 0.0, tl.float32)
@@ -170,16 +194,19 @@ def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch
     g = greedy.to(torch.int8).contiguous()
     u = out if keyed else uniforms.to(torch.float32).contiguous()  # unused pointer when keyed
     k = keys.contiguous() if keyed else g
-    if _common.use_blocked(V):
-        tile = _common.TILE
-        nt = triton.cdiv(V, tile)
-        scratch = torch.empty((B, 2 * nt), dtype=torch.float32, device=logits.device)
-        _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt, TILE=tile,
-                                   KEYED=keyed, NTB=_TILES_PER_STEP, num_warps=_common.TILE_WARPS)
-    else:
-        block = block_for(V)
-        _draw_kernel[(B,)](logits, g, u, k, out, logp, B, V, logits.stride(0), BLOCK=block, KEYED=keyed,
-                           num_warps=warps_for(block))
+    with device_guard(logits):
+        if _common.use_blocked(V):
+            tile = _common.TILE
+            nt = triton.cdiv(V, tile)
+            # rows padded to 32 words (128-byte aligned)
+            scratch = torch.empty((B, -(-2 * nt // 32) * 32), dtype=torch.float32, device=logits.device)
+            _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt,
+                                       scratch.stride(0), TILE=tile, KEYED=keyed, NTB=_TILES_PER_STEP,
+                                       num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
+        else:
+            block = block_for(V)
+            _draw_kernel[(B,)](logits, g, u, k, out, logp, B, V, logits.stride(0), BLOCK=block, KEYED=keyed,
+                               num_warps=warps_for(block), enable_fp_fusion=FP_FUSION)
     return out, logp
 
 
@@ -222,6 +249,7 @@ def row_uniforms(key_lo: torch.Tensor, key_hi: torch.Tensor, step: torch.Tensor,
     # int64 -> int32 keeps the low 32 bits; the kernel reinterprets them as uint32.
     as32 = lambda t: (t.to(torch.int64) & 0xFFFFFFFF).to(torch.int32).contiguous()  # noqa: E731
     block = 128
-    _uniform_kernel[(triton.cdiv(B, block),)](out, as32(key_lo), as32(key_hi), as32(step),
-                                              as32(sequence_index), int(purpose), B, BLOCK=block)
+    with device_guard(key_lo):
+        _uniform_kernel[(triton.cdiv(B, block),)](out, as32(key_lo), as32(key_hi), as32(step),
+                                                  as32(sequence_index), int(purpose), B, BLOCK=block)
     return out

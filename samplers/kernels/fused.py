@@ -11,15 +11,17 @@ of codes and dispatches with no branching over disabled samplers.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from . import _common, blocked as KB
-from ._common import block_for, on_gpu, philox_uniform, saturate, warps_for
-from .codes import MAX_VOCAB, NONE, NSLOTS, TOP_P, TYPICAL, XTC_PHILOX, compact_size, param_table, row_masks
+from ._common import FP_FUSION, block_for, device_guard, philox_uniform, saturate, warps_for
+from .codes import (MAX_VOCAB, NONE, NSLOTS, TOP_P, TYPICAL, XTC_PHILOX, blocked_scratch_stride, compact_size,
+                    param_table, row_masks)
 from .draw import _TILES_PER_STEP, draw_row, sample_tokens
 from .stage import stage
 
@@ -76,21 +78,6 @@ def _chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr, ban_ptr
         tok, lp = draw_row(x, offs, valid, V, greedy, philox_uniform(key_ptr, row, B, 0))
         tl.store(tok_ptr + row, tok)
         tl.store(lp_ptr + row, lp)
-
-
-_TUNED: dict[bool, object] = {}
-
-
-def _tuned_kernel(block: int):
-    """The chain kernel autotuned over num_warps, only on a real GPU (autotune and do_bench
-    need one). Rows of 32768+ use 32 warps only: compiling one whole-row chain at such
-    blocks takes minutes, so each stage tuple compiles a single variant there."""
-    large = block >= 32768
-    if large not in _TUNED:
-        warps = (32,) if large else (4, 8, 16)
-        configs = [triton.Config({}, num_warps=w) for w in warps]
-        _TUNED[large] = triton.autotune(configs=configs, key=["V", "BLOCK"])(_chain_kernel)
-    return _TUNED[large]
 
 
 def run_chain(
@@ -166,78 +153,83 @@ def run_chain(
         tile = _common.TILE
         kmax = compact_size(tile)
         nt = triton.cdiv(V, tile)
-        # per row: [2 * KMAX] compacted searches, [2 * KMAX + 2] sparse survivors, [2, NT] tile statistics
-        scratch = torch.empty((B, 4 * kmax + 2 + 2 * nt), dtype=torch.float32, device=x.device)
+        scratch = torch.empty((B, blocked_scratch_stride(kmax, nt)), dtype=torch.float32, device=x.device)
         KB._blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
-                                    greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
-                                    scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
-                                    NTB=_TILES_PER_STEP, STORE=store or not drawing,
-                                    num_warps=_common.TILE_WARPS)
+                                       greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
+                                       scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
+                                       NTB=_TILES_PER_STEP, STORE=store or not drawing,
+                                       num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
 
     def whole_row() -> None:
         block = block_for(V)
         kmax = compact_size(block)
         needs_scratch = TOP_P in codes or TYPICAL in codes
         scratch = torch.empty((B, 2 * kmax) if needs_scratch else (1,), dtype=torch.float32, device=x.device)
-        args = (x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch, greedy_t, tokens, logprobs,
-                B, V, x.stride(0), out.stride(0), ss, sc, sb)
-        cx = dict(BLOCK=block, KMAX=kmax, DRAW=drawing, STORE=store or not drawing)
-        if on_gpu(x):
-            _tuned_kernel(block)[(B,)](*args, **kwargs, **cx)
-        else:
-            _chain_kernel[(B,)](*args, **kwargs, **cx, num_warps=warps_for(block))
+        _chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch, greedy_t, tokens, logprobs,
+                            B, V, x.stride(0), out.stride(0), ss, sc, sb, **kwargs, BLOCK=block, KMAX=kmax,
+                            DRAW=drawing, STORE=store or not drawing, num_warps=warps_for(block),
+                            enable_fp_fusion=FP_FUSION)
 
-    _pick_layout(x, tuple(codes), drawing, whole_row, blocked)()
+    key = (x.device, tuple(codes), x.dtype, drawing, store)
+    with device_guard(x):
+        if pick_layout(x) == "whole" and key not in _OUT_OF_RESOURCES:
+            try:
+                whole_row()
+            except OutOfResources:
+                # raised when the compiled kernel is loaded, before it runs (nothing written):
+                # a property of the compiled kernel and the device, so remembered
+                _OUT_OF_RESOURCES.add(key)
+                blocked()
+        else:
+            blocked()
     return (out, tokens, logprobs) if drawing else out
 
 
-#: The whole-row chain compiles without (or with a few hundred bytes of) spills up to this
-#: block for every stage code (``python -m samplers.kernels.aot``); rows up to it always use it.
-WHOLE_ROW_ALWAYS = 8192
+#: Largest whole-row block on a GPU. Above it the whole-row chain spills to local memory
+#: (1-3 KB per thread at BLOCK 16384-32768 for top_k + top_p, ``python -m samplers.kernels.aot``)
+#: and needs up to 128 KB of shared memory, more than sm_86 / sm_89 / sm_120 allow per block;
+#: the column-blocked chain does neither.
+WHOLE_ROW_MAX_GPU = 8192
 
-# (codes, block, dtype, draw, next_pow2(B)) -> "whole" | "blocked", measured once per process
-_LAYOUT: dict[tuple, str] = {}
+#: Shared memory per lane of the whole-row chain, an upper bound over every stage tuple and
+#: input dtype (``aot`` with the JIT's alignment hints: top_p / typical_p's compaction and a
+#: 16-bit input's upcast go through shared memory, at most 8 bytes a lane;
+#: ``tests/test_kernels_compile.py`` checks it).
+WHOLE_ROW_SHARED_PER_LANE = 8
 
-
-def _tunes_layout(x: torch.Tensor) -> bool:
-    return on_gpu(x) and not torch.cuda.is_current_stream_capturing()
-
-
-def _time_launch(fn: Callable[[], None], reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+# (device, codes, dtype, draw, store) whose whole-row chain the device could not load
+_OUT_OF_RESOURCES: set = set()
 
 
-def _pick_layout(x: torch.Tensor, codes: tuple, drawing: bool, whole_row: Callable[[], None],
-                 blocked: Callable[[], None]) -> Callable[[], None]:
-    """Whole-row or column-blocked chain for this launch.
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (bytes): the opt-in limit, which Triton's
+    launch compares a kernel's need with (99 KB on sm_86 / sm_89 / sm_120, 163 KB on sm_80,
+    227 KB on sm_90)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
-    Rows above ``_common.BLOCKED_ABOVE`` lanes are blocked (too large for one program's
-    registers), rows up to ``WHOLE_ROW_ALWAYS`` whole-row. In between, the whole-row chain
-    of a register-hungry stage tuple spills to local memory (e.g. top_k + top_p at BLOCK
-    32768: a 3 KB stack frame per thread) while the blocked one does not but makes more
-    passes; which is faster depends on the GPU, so on a GPU both are timed on the first
-    launch of each (stage tuple, block, dtype, draw, batch bucket) and the faster is kept.
-    Elsewhere (the interpreter) the whole-row chain runs."""
+
+def whole_row_limit(device: torch.device) -> int:
+    """The largest block the whole-row chain runs with on ``device``: a static rule of the
+    device's limits (never a timing, so a seeded row's result does not depend on what else is
+    batched). GPU: ``WHOLE_ROW_MAX_GPU``, halved while its shared memory would exceed the
+    device's per-block limit. The interpreter (no registers, no shared memory): up to
+    ``_common.BLOCKED_ABOVE``; both layouts are tested there."""
+    if device.type != "cuda" or _common.INTERPRET:
+        return _common.BLOCKED_ABOVE
+    block, limit = WHOLE_ROW_MAX_GPU, max_shared_memory(device)
+    while block > 16 and block * WHOLE_ROW_SHARED_PER_LANE > limit:
+        block //= 2
+    return block
+
+
+def pick_layout(x: torch.Tensor) -> str:
+    """"whole" (the row in one program's registers) or "blocked" (``samplers.kernels.blocked``)
+    for the rows of ``x``: a function of V and the device only."""
     V = x.shape[1]
-    if _common.use_blocked(V):
-        return blocked
-    block = block_for(V)
-    if block <= WHOLE_ROW_ALWAYS or not _tunes_layout(x):
-        return whole_row
-    key = (codes, block, x.dtype, drawing, triton.next_power_of_2(x.shape[0]))
-    if key not in _LAYOUT:
-        _LAYOUT[key] = "whole" if _time_launch(whole_row) <= _time_launch(blocked) else "blocked"
-    return whole_row if _LAYOUT[key] == "whole" else blocked
+    if _common.use_blocked(V) or block_for(V) > whole_row_limit(x.device):
+        return "blocked"
+    return "whole"
 
 
 def run_single(logits: torch.Tensor, code: int, seen=None, counts=None, banned=None,

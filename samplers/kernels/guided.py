@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import device_guard
+
 BLOCK = 1024
 
 
@@ -58,8 +60,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
             raise ValueError(f"bitmask has {K} rows for {out.shape[0]} logits rows; pass rows=")
         rows_t = bm  # unused (HAS_ROWS=False)
     grid = (K, triton.cdiv(V, BLOCK))
-    _apply_bitmask_kernel[grid](out, bm, rows_t, V, bm.shape[1], out.stride(0), bm.stride(0),
-                                HAS_ROWS=rows is not None, BLOCK=BLOCK, num_warps=4)
+    with device_guard(out):
+        _apply_bitmask_kernel[grid](out, bm, rows_t, V, bm.shape[1], out.stride(0), bm.stride(0),
+                                    HAS_ROWS=rows is not None, BLOCK=BLOCK, num_warps=4)
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_for, entropy_of, finite_std, softmax_stats, warps_for
+from ._common import FP_FUSION, block_for, device_guard, entropy_of, finite_std, softmax_stats, warps_for
 
 
 @triton.jit
@@ -44,5 +44,7 @@ def row_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = logits.contiguous()
     out = torch.empty((B, 5), dtype=torch.float32, device=logits.device)
     block = block_for(V)
-    _row_stats_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=warps_for(block))
+    with device_guard(logits):
+        _row_stats_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=warps_for(block),
+                                enable_fp_fusion=FP_FUSION)
     return {name: out[:, i] for i, name in enumerate(("max", "logsumexp", "entropy", "std", "count"))}
