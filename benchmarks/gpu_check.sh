@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU (issue 15):
 #   benchmarks/gpu_check.sh OUTDIR
+# 0. tests/test_cuda.py (what only a GPU run confirms: compiled kernels, TRITON_INTERPRET=0),
 # 1. the kernel suites against the torch reference on the GPU (pytest, SAMPLERS_TEST_DEVICE=cuda),
 # 2. a host-sync check of the triton sampling step (torch.cuda.set_sync_debug_mode),
 # 3. benchmarks/gpu_bench.py at the shapes of benchmarks/RESULTS.md's GPU table,
@@ -9,7 +10,7 @@
 # is stopped and the summary says so. On a machine without a CUDA GPU it says so, runs
 # `gpu_bench.py --dry-run` (the checks at tiny shapes under Triton's interpreter) and exits 0.
 # PYTHON (default: python) picks the interpreter; the budgets can be overridden with
-# TESTS_BUDGET, SYNC_BUDGET and BENCH_BUDGET (seconds).
+# CUDA_TESTS_BUDGET, TESTS_BUDGET, SYNC_BUDGET and BENCH_BUDGET (seconds).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 PY=${PYTHON:-python}
@@ -18,9 +19,10 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 SUMMARY="$OUT/summary.md"
 
-TESTS_BUDGET=${TESTS_BUDGET:-150}
-SYNC_BUDGET=${SYNC_BUDGET:-60}
-BENCH_BUDGET=${BENCH_BUDGET:-210}
+CUDA_TESTS_BUDGET=${CUDA_TESTS_BUDGET:-60}
+TESTS_BUDGET=${TESTS_BUDGET:-120}
+SYNC_BUDGET=${SYNC_BUDGET:-50}
+BENCH_BUDGET=${BENCH_BUDGET:-190}
 
 # status NAME RC BUDGET: one summary line for a part (124/137: stopped by timeout).
 status() {
@@ -46,6 +48,12 @@ unset TRITON_INTERPRET
 GPU=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 echo "gpu_check: $GPU; results under $OUT"
 printf '# gpu_check on %s (%s)\n\nStarted %s.\n\n' "$GPU" "$(hostname)" "$(date -u '+%Y-%m-%d %H:%M UTC')" > "$SUMMARY"
+
+# 0. the GPU-only checks (compiled kernels)
+TRITON_INTERPRET=0 timeout "$CUDA_TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    --junitxml="$OUT/cuda_tests.xml" > "$OUT/cuda_tests.txt" 2>&1
+status "tests/test_cuda.py (cuda_tests.txt / .xml)" $? "$CUDA_TESTS_BUDGET"
+tail -n 3 "$OUT/cuda_tests.txt" | sed 's/^/    /' >> "$SUMMARY"
 
 # 1. kernel suites on the GPU
 SAMPLERS_TEST_DEVICE=cuda timeout "$TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider \
