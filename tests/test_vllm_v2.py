@@ -37,6 +37,8 @@ from samplers.integrations.vllm import (  # noqa: E402
     parse_extra_args,
 )
 
+import test_vllm as tv1  # noqa: E402  (the V1 tests' reference row)
+
 FQCN = "samplers.integrations.vllm:SamplersLogitsProcessor"
 V = 48
 MAX_LEN = 96
@@ -253,27 +255,16 @@ class Runner:
 
 
 def expected_row(logits_row, vp, history, prompt_len):
+    """The V1 tests' reference row (``test_vllm.expected_row``) for a history split at the
+    request's prompt length, with vLLM's stop ids as the min_tokens ban list."""
     ours = parse_extra_args(vp.extra_args)
     if ours is None:
         return logits_row
     prompt_len = min(prompt_len, len(history))
-    own_seed = ours.seed is not None
-    seq = vp.seed % 2**32 if own_seed and vp.seed is not None else 0
-    changes = {}
-    if not own_seed and vp.seed is not None:
-        changes["seed"] = vp.seed
     if ours.min_tokens:
-        changes["stop_token_ids"] = sorted(set(vp.all_stop_token_ids) | set(ours.stop_token_ids))
-    if changes:
-        ours = dataclasses.replace(ours, max_tokens=None, **changes)
-    b = SamplingBatch([ours], [history[:prompt_len]], [history[prompt_len:]], vocab_size=V,
-                      sequence_indices=[seq])
-    row = SamplerPipeline(backend="torch").process(logits_row[None], b)[0]
-    if own_seed or ours.is_greedy:
-        token = int(SamplerPipeline(backend="torch").sample(logits_row[None], b).token_ids[0])
-        row = torch.where(torch.arange(V) == token, 0.0, float("-inf"))
-    return row
-
+        stops = sorted(set(vp.all_stop_token_ids) | set(ours.stop_token_ids))
+        ours = dataclasses.replace(ours, max_tokens=None, stop_token_ids=stops)
+    return tv1.expected_row(logits_row, ours, vp, history[:prompt_len], history[prompt_len:])
 
 BLOCKS = [
     {"dry_multiplier": 0.8, "dry_allowed_length": 2, "repetition_penalty": 1.3},
