@@ -22,7 +22,7 @@ import torch
 from . import functional as F
 from . import kernels
 from .batch import SamplingBatch, normalise_device
-from .functional._stats import cast_saturating
+from .functional._stats import cast_saturating, finite_absmax_bound, no_overflow
 from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
@@ -44,18 +44,35 @@ class _RowRandoms:
     """Per-row keys of one call: the seed for seeded rows, a fresh key for the others."""
 
     def __init__(self, batch: SamplingBatch, generator: torch.Generator) -> None:
-        self.batch = batch
-        if batch.all_seeded:
-            self.key_lo, self.key_hi = batch.key_lo, batch.key_hi
-        else:
-            # One fresh 64-bit draw per call on the host; row b's key is (lo + b, hi), made on
-            # the device: distinct keys (independent Philox streams) without a host-to-device
-            # copy per step.
-            lo, hi = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64).tolist()
-            rows = torch.arange(batch.batch_size, dtype=torch.int64, device=batch.device)
-            self.key_lo = torch.where(batch.seeded, batch.key_lo, (rows + lo) & 0xFFFFFFFF)
-            self.key_hi = torch.where(batch.seeded, batch.key_hi, hi)
+        self.batch, self.generator = batch, generator
+        self._keys: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._cache: dict[int, torch.Tensor] = {}
+
+    def _make_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made on first use: a call that needs no random number (no draw, no XTC) costs
+        # nothing here and leaves the generator where it was.
+        batch = self.batch
+        if batch.all_seeded:
+            return batch.key_lo, batch.key_hi
+        # One fresh 64-bit draw per call on the host; row b's key is (lo + b, hi), made on the
+        # device: distinct keys (independent Philox streams) without a host-to-device copy
+        # per step.
+        lo, hi = torch.randint(0, 2**32, (2,), generator=self.generator, dtype=torch.int64).tolist()
+        rows = torch.arange(batch.batch_size, dtype=torch.int64, device=batch.device)
+        return (torch.where(batch.seeded, batch.key_lo, (rows + lo) & 0xFFFFFFFF),
+                torch.where(batch.seeded, batch.key_hi, hi))
+
+    @property
+    def key_lo(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self._make_keys()
+        return self._keys[0]
+
+    @property
+    def key_hi(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self._make_keys()
+        return self._keys[1]
 
     def uniforms(self, purpose: int) -> torch.Tensor:
         if purpose not in self._cache:
@@ -210,6 +227,25 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
 Chain = Callable[..., ChainOutput]
 
 
+def _torch_chain_no_overflow(*args, **kwargs) -> ChainOutput:
+    """``torch_chain`` on a call that ``SamplingBatch.may_overflow`` has cleared."""
+    with no_overflow():
+        return torch_chain(*args, **kwargs)
+
+
+def _may_overflow(batch: SamplingBatch, logits: torch.Tensor, absmax: float) -> bool:
+    """``batch.may_overflow`` for these logits. ``absmax`` may be a loose upper bound (the
+    sum-of-squares bound of ``SamplerPipeline._prepare``); when that bound alone cannot rule
+    overflow out, the exact largest finite magnitude decides (one more pass, on the CPU
+    only: elsewhere ``absmax`` is what the caller knows)."""
+    if not batch.may_overflow(absmax):
+        return False
+    if logits.device.type != "cpu" or logits.numel() == 0:
+        return True
+    exact = float(torch.where(torch.isfinite(logits), logits.abs(), 0.0).amax())
+    return batch.may_overflow(exact)
+
+
 def triton_available(device: Optional[torch.device] = None) -> bool:
     """True when the Triton kernels can run on ``device`` (CUDA with triton importable, or
     any device under ``TRITON_INTERPRET=1``, which is how the tests run them on a CPU)."""
@@ -274,7 +310,8 @@ class SamplerPipeline:
 
     @staticmethod
     def _prepare(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The logits as the chain reads them, and the largest finite magnitude among them.
+        """The logits as the chain reads them, and a bound on the largest finite magnitude
+        among them (the exact value, or on the CPU a cheaper upper bound; ``_exact_absmax``).
 
         The input rule (SEMANTICS.md, "Hostile inputs"): NaN is a removed token (-inf); +inf is
         the largest finite value of the logits' dtype (float32's for float64 logits, whose
@@ -287,6 +324,9 @@ class SamplerPipeline:
         enforced and the magnitude bound is 0 (SEMANTICS.md says what that leaves)."""
         if logits.device.type != "cpu":
             return logits, 0.0
+        bound = finite_absmax_bound(logits)  # proves every logit finite, 3x faster than aminmax
+        if bound is not None:
+            return logits, bound
         lo, hi = torch.stack(torch.aminmax(logits)).float().tolist()
         if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FLOAT32_MAX:
             return logits, max(-lo, hi)
@@ -300,15 +340,20 @@ class SamplerPipeline:
         absmax = float(torch.where(torch.isfinite(x), x.abs(), 0.0).amax())
         return x, absmax
 
-    def _chain(self, logits: torch.Tensor, batch: Optional[SamplingBatch] = None, absmax: float = 0.0) -> Chain:
+    def _chain(self, logits: torch.Tensor, batch: SamplingBatch, absmax: float) -> Chain:
         """The backend's chain for these logits: the one place where the backend is chosen.
         Calls whose arithmetic could leave the float32 range (``batch.may_overflow``: hostile
-        magnitudes or parameters) take the torch backend, whose stages saturate."""
-        if self.backend_for(logits) == "triton" and (batch is None or not batch.may_overflow(absmax)):
+        magnitudes or parameters) take the torch backend, whose stages saturate. On the CPU,
+        where ``absmax`` is a real bound, the torch backend's other calls skip the stages'
+        saturation checks (``no_overflow``)."""
+        overflow = _may_overflow(batch, logits, absmax)
+        if self.backend_for(logits) == "triton" and not overflow:
             from .kernels.chain import process_logits
 
             return process_logits
-        return torch_chain
+        if overflow or logits.device.type != "cpu":
+            return torch_chain
+        return _torch_chain_no_overflow
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Processed logits [B, V], same dtype as ``logits``; removed tokens are -inf.

@@ -536,8 +536,89 @@ def test_input_rule_reads_nothing_on_the_host_off_the_cpu(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
     monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_host_read)
     logits = torch.empty(2, 8, device="meta")
     x, absmax = SamplerPipeline._prepare(logits)
     assert x is logits and absmax == 0.0
     with pytest.raises(AssertionError, match="host read"):
         SamplerPipeline._prepare(torch.zeros(2, 8))
+
+
+# ----------------------------------------------------------------------------- the cheap bound
+#: float32 magnitudes across the whole range: subnormal, tiny, ordinary, squares near and past
+#: float32's limit (1.8e19), huge
+_any_f32 = st.one_of(
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -0.0, 1e-45, 1e-39, 1e-20, 1.1e-19, 1.0, 1e19, 1.8e19, 2e19, 1e30, FMAX, -FMAX]),
+)
+
+
+@HOSTILE
+@given(st.data())
+def test_finite_absmax_bound_is_an_upper_bound_or_none(data):
+    """``finite_absmax_bound`` (the pipeline's input check): None whenever an entry is NaN or
+    +-inf; otherwise, when it gives a number, at least the exact largest magnitude; and it
+    gives one whenever the squares cannot overflow (checked in float64)."""
+    from samplers.functional._stats import finite_absmax_bound
+
+    B = data.draw(st.integers(1, 4))
+    V = data.draw(st.integers(1, 40))
+    values = data.draw(st.lists(_any_f32, min_size=B * V, max_size=B * V))
+    x = torch.tensor(values, dtype=torch.float32).view(B, V)
+    if data.draw(st.booleans()):
+        bad = data.draw(st.sampled_from([NAN, INF, -INF]))
+        x[data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, V - 1))] = bad
+    bound = finite_absmax_bound(x)
+    exact = float(x.double().abs().max())
+    if not torch.isfinite(x).all():
+        assert bound is None
+        return
+    squares = (x.double() ** 2).sum(-1).max().item()
+    if squares * 1.01 < FMAX:
+        assert bound is not None
+    if bound is not None:
+        assert bound >= exact
+
+
+def test_finite_absmax_bound_rejects_what_it_cannot_bound():
+    """Layouts and dtypes outside its fast path, and rows too long for the error bound, get
+    None (the caller's exact path), never a wrong number."""
+    from samplers.functional._stats import finite_absmax_bound
+
+    x = torch.full((3, 8), 2.0)
+    assert finite_absmax_bound(x) is not None and finite_absmax_bound(x) >= 2.0
+    assert finite_absmax_bound(x.t()) is None  # not contiguous
+    assert finite_absmax_bound(x.half()) is None and finite_absmax_bound(x.double()) is None
+    assert finite_absmax_bound(torch.ones(1, 2**22 + 1)) is None
+    assert finite_absmax_bound(torch.zeros(0, 5)) == 0.0
+
+
+def test_a_loose_bound_is_checked_against_the_exact_magnitude():
+    """The pipeline's input check bounds |logit| by sqrt(2 * sum of squares), which can exceed
+    the largest logit V-fold: when that loose bound alone would send a call to the torch
+    backend, the exact magnitude decides, so the backend chosen is the one the exact bound
+    gives. T = 2e-5 with nsigma overflows from |logit| ~ 1e12 on (V = 32000)."""
+    from samplers.pipeline import _may_overflow, _torch_chain_no_overflow, torch_chain
+
+    batch = SamplingBatch([SamplingParams(temperature=2e-5, nsigma=1.0)], vocab_size=32000)
+    logits = torch.full((1, 32000), 5e11)
+    x, bound = SamplerPipeline._prepare(logits)
+    assert bound > 1e14 and batch.may_overflow(bound)  # the loose bound alone says "may overflow"
+    assert not _may_overflow(batch, x, bound)  # the exact 5e11 does not
+    assert SamplerPipeline("torch")._chain(x, batch, bound) is _torch_chain_no_overflow
+    huge = torch.full((1, 32000), 5e12)
+    x, bound = SamplerPipeline._prepare(huge)
+    assert _may_overflow(batch, x, bound)
+    assert SamplerPipeline("torch")._chain(x, batch, bound) is torch_chain
+
+
+def test_processing_without_random_numbers_leaves_the_generator_alone():
+    """Keys for unseeded rows are drawn on first use: ``process`` of a chain without XTC uses
+    no random number and does not advance the pipeline's generator; with XTC it does."""
+    pipe = SamplerPipeline("torch", seed=3)
+    logits = torch.randn(2, 50)
+    state = pipe.generator.get_state()
+    pipe.process(logits, SamplingBatch([SamplingParams(temperature=0.7, top_k=5)] * 2, vocab_size=50))
+    assert torch.equal(pipe.generator.get_state(), state)
+    pipe.process(logits, SamplingBatch([SamplingParams(xtc_threshold=0.1, xtc_probability=0.5)] * 2, vocab_size=50))
+    assert not torch.equal(pipe.generator.get_state(), state)

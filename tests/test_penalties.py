@@ -198,3 +198,26 @@ def test_penalties_no_nan_from_inf():
     out = penalties(logits, th.seen_mask(), th.output_counts(), t([1.5]), t([-2.0]), t([2.0]))
     assert not torch.isnan(out).any() and torch.isneginf(out).all()
     assert math.isinf(out[0, 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_penalties_cpu_path_matches_the_dense_formula_on_extreme_values(data):
+    """The CPU path (numpy on the seen tokens) against the dense torch formula (the branch other
+    devices and autograd inputs take), bit for bit, on values that overflow, saturate or are
+    not finite: +-inf, NaN, +-3e38, signed zeros, and penalties from 1e-30 to 1e30."""
+    B, V = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    special = st.sampled_from([INF, -INF, math.nan, 3e38, -3e38, 1e-38, 0.0, -0.0, 1.5, -2.5])
+    logits = t(data.draw(st.lists(special, min_size=B * V, max_size=B * V))).view(B, V)
+    prompts = [data.draw(st.lists(st.integers(0, V - 1), max_size=6)) for _ in range(B)]
+    outputs = [data.draw(st.lists(st.integers(0, V - 1), max_size=6)) for _ in range(B)]
+    th = TokenHistory(prompts, outputs, vocab_size=V)
+    r = t([data.draw(st.sampled_from([1.0, 1e-30, 1e30, 1.2, 0.5])) for _ in range(B)])
+    f = t([data.draw(st.sampled_from([0.0, -0.0, 2.0, -1.5])) for _ in range(B)])
+    pr = t([data.draw(st.sampled_from([0.0, -0.0, 2.0, -2.0])) for _ in range(B)])
+    got = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr)
+    dense = penalties(logits.clone().requires_grad_(True), th.seen_mask(), th.output_counts(), r, f, pr).detach()
+    assert torch.equal(torch.isnan(got), torch.isnan(dense))
+    keep = ~torch.isnan(got)
+    assert torch.equal(got[keep], dense[keep])
+    assert torch.equal(torch.signbit(got[keep]), torch.signbit(dense[keep]))

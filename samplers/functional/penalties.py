@@ -134,40 +134,49 @@ def penalties(
     r = repetition_penalty.to(torch.float32)
     f = frequency_penalty.to(torch.float32)
     pr = presence_penalty.to(torch.float32)
-    enabled = (repetition_penalty != 1) | (frequency_penalty != 0) | (presence_penalty != 0)
     fmax = torch.finfo(torch.float32).max
-    if logits.device.type != "cpu":
+    if logits.device.type != "cpu" or logits.requires_grad:
         # a finite logit saturates rather than overflow (a tiny or huge r): clamp keeps +-inf as is
+        enabled = (r != 1) | (f != 0) | (pr != 0)
         scaled = torch.where(x > 0, x / r[:, None], x * r[:, None])
         scaled = torch.where(torch.isfinite(x), scaled.clamp(-fmax, fmax), scaled)
         out = torch.where(seen_mask, scaled, x)
         out = out - f[:, None] * output_counts.to(torch.float32)
         out = out - pr[:, None] * (output_counts > 0).to(torch.float32)
         return torch.where(enabled[:, None], out.to(logits.dtype), logits)
-    # CPU: the same arithmetic, without full-width selects. Host reads cost no device sync here.
-    if not bool(enabled.any()):
+    # CPU: the same arithmetic without full-width selects, the per-token work in numpy (its
+    # float32 division, multiplication and clamp round like torch's; a fraction of torch's
+    # per-op cost on the few seen tokens of a row).
+    rn, fn, pn = r.numpy(), f.numpy(), pr.numpy()
+    enabled = (rn != 1) | (fn != 0) | (pn != 0)
+    if not enabled.any():
         return logits.clone()
     # A contiguous float32 tensor of our own.
     out = x.clone(memory_format=torch.contiguous_format) if x is logits else x.contiguous()
     # 1. Repetition: only the seen tokens change (x / 1 == x * 1 == x on rows with r = 1).
-    flat = torch.from_numpy(np.flatnonzero(seen_mask.contiguous().numpy()))
-    if flat.numel():
-        v = out.view(-1)[flat]
-        r_at = r[flat // seen_mask.shape[1]]
-        scaled = torch.where(v > 0, v / r_at, v * r_at)
+    flat = np.flatnonzero(seen_mask.contiguous().numpy())
+    if flat.size:
+        on = out.numpy().reshape(-1)
+        v = on[flat]
+        r_at = rn[flat // seen_mask.shape[1]]
+        with np.errstate(over="ignore"):  # (overflow saturates just below)
+            scaled = np.where(v > 0, v / r_at, v * r_at)
         # a finite logit saturates rather than overflow (a tiny or huge r); +-inf stay as they are
-        scaled = torch.where(torch.isfinite(v), scaled.clamp(-fmax, fmax), scaled)
-        out.view(-1).index_copy_(0, flat, scaled)
+        infinite = ~np.isfinite(v)
+        np.clip(scaled, -fmax, fmax, out=scaled)
+        if infinite.any():
+            scaled[infinite] = v[infinite]
+        on[flat] = scaled
     # 2, 3. Frequency and presence, dense (l - f * count - pr * [count > 0] on every token,
     # as written, so that signed zeros come out alike). A row with f = pr = +0.0 would only
     # subtract +0.0, which changes nothing: skip the passes when that holds for every row.
-    if bool(((f != 0) | torch.signbit(f) | (pr != 0) | torch.signbit(pr)).any()):
+    if ((fn != 0) | np.signbit(fn) | (pn != 0) | np.signbit(pn)).any():
         out.sub_(output_counts.to(torch.float32).mul_(f[:, None]))
         out.sub_((output_counts > 0).to(torch.float32).mul_(pr[:, None]))
     out = out.to(logits.dtype)
-    if bool(enabled.all()):
+    if enabled.all():
         return out
-    off = (~enabled).nonzero().squeeze(1)
+    off = torch.from_numpy(np.flatnonzero(~enabled))
     return out.index_copy_(0, off, logits.index_select(0, off))
 
 
