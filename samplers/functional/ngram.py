@@ -41,16 +41,20 @@ def no_repeat_ngram(
     if w == 0 or b == 0:
         return logits.clone()
     n = no_repeat_ngram_size.to(torch.int64)[:, None]
-    if logits.device.type == "cpu" and bool(((n == 0) | (n >= 2)).all()):
-        # Every banned position has match >= n - 1 >= 1: a nonzero entry, which the history
-        # keeps listed (no pass over the histories).
-        rows, cols, match = history.match_entries()
-        n_at = n[:, 0].index_select(0, rows)
-        sel = (n_at >= 1) & (match >= n_at - 1)
-        rows, cols = rows[sel], cols[sel]
-        out = logits.clone(memory_format=torch.contiguous_format)
-        out.view(-1)[rows * v + history.tokens[rows, cols]] = float("-inf")
-        return out
+    if logits.device.type == "cpu":
+        n_np = n[:, 0].numpy()
+        if ((n_np == 0) | (n_np >= 2)).all():
+            # Every banned position has match >= n - 1 >= 1: a nonzero entry, which the
+            # history keeps listed (no pass over the histories). Index arithmetic in numpy
+            # (a fraction of torch's per-op cost on these short lists).
+            rows, cols, match = (a.numpy() for a in history.match_entries())
+            n_at = n_np[rows]
+            sel = (n_at >= 1) & (match >= n_at - 1)
+            rows, cols = rows[sel], cols[sel]
+            out = logits.clone(memory_format=torch.contiguous_format)
+            flat = rows * v + history.tokens.numpy()[rows, cols]
+            out.view(-1)[torch.from_numpy(flat)] = float("-inf")
+            return out
     match = history.match_lengths()[:, :w]
     tok = history.tokens[:, :w]
     pos = torch.arange(w, device=logits.device)
