@@ -395,10 +395,19 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     """
     check_logits(logits)
     tp = row_param(typical_p, logits, _F32, "typical_p")
+    # After a truncation: the deviations of the tokens still in are sorted and summed on the
+    # packed rows (removed tokens have p = 0 and d = inf: they sort last and add nothing).
+    sparse = compact_rows(logits)
+    if sparse is not None:
+        return sparse.expand(_typical_p(sparse.logits, tp, sparse))
+    return _typical_p(logits, tp)
+
+
+def _typical_p(logits: Tensor, tp: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = tp < 1.0
     l32 = upcast(logits)
-    p, logp = softmax_and_log_softmax(l32)
-    h = entropy(p, logp)
+    p, logp = softmax_and_log_softmax(l32, sparse=sparse)
+    h = entropy(p, logp, sparse=sparse)
     dev = logp.neg_().sub_(h[:, None]).abs_()  # |-log p - H| in place; +inf for removed tokens
     dev_sorted, order = sort_nonneg(dev)
     n_kept = _count_mass_before_below(p.gather(-1, order).cumsum_(dim=-1), tp)
