@@ -385,6 +385,17 @@ class SparseRows:
         out[self._flat] = packed.contiguous().numpy().reshape(-1)[self._pos]
         return torch.from_numpy(out).view(self._shape)
 
+    def expand_truncated(self, packed: Tensor) -> Tensor:
+        """``expand(packed)`` for a truncation sampler's packed output: also notes which of
+        its entries are not ``-inf`` (O(kept tokens)), so that a ``compact_rows`` of the
+        result (the next sampler of a chain) starts from them instead of searching the
+        ``[B, V]`` rows for them (see ``_live_hint``)."""
+        values = packed.contiguous().numpy().reshape(-1)[self._pos]
+        out = np.full(self._shape[0] * self._shape[1], -np.inf, dtype=np.float32)
+        out[self._flat] = values
+        _scratch.live_hint = (self._shape, self._flat[values != -np.inf])
+        return torch.from_numpy(out).view(self._shape)
+
 
 _scratch = threading.local()
 
@@ -409,6 +420,29 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
         view[flat] = 0.0
 
 
+def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int) -> Optional[np.ndarray]:
+    """``np.flatnonzero(xn != -inf)`` (``xn``: the flat ``[B, V]`` float32 rows) from the
+    entries that the last ``SparseRows.expand_truncated`` of this thread left not ``-inf``,
+    when they are still exactly the entries of ``xn`` that are not ``-inf``; else None.
+    ``sample_live``: how many of ``xn[::61]`` are not ``-inf``.
+
+    Nothing is trusted: the hint is only a candidate (it may be from another tensor, or the
+    tensor may have been written since), and it is taken only when every hinted entry is
+    not ``-inf`` and ``xn`` has no other such entry (equal counts). That costs one
+    comparison pass and a count, a fraction of ``flatnonzero``'s time on the full rows and
+    of the bookkeeping that follows it. A hint that disagrees with the strided sample is
+    dropped before that pass."""
+    hint = getattr(_scratch, "live_hint", None)
+    if hint is None or hint[0] != shape:
+        return None
+    flat = hint[1]
+    if np.count_nonzero(flat % 61 == 0) != sample_live or not bool((xn[flat] != -np.inf).all()):
+        return None
+    if np.count_nonzero(xn != -np.inf) != flat.size:
+        return None
+    return flat
+
+
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
     """``SparseRows`` of ``logits`` when most of every row is ``-inf`` (after a truncation:
     then a sampler's work on the packed rows is a fraction of the full width's), else None.
@@ -430,12 +464,17 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     # A strided sample first (1/61 of the entries): rows that are mostly kept, the common
     # case before any truncation, are turned away without a full pass.
     sample = xn[::61]
-    if np.count_nonzero(sample != -np.inf) * min(4, _SPARSE_FRACTION) > sample.size:
+    sample_live = np.count_nonzero(sample != -np.inf)
+    if sample_live * min(4, _SPARSE_FRACTION) > sample.size:
         return None
-    live = xn != -np.inf
-    if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
+    flat = _live_hint(xn, (batch, vocab), sample_live)
+    if flat is None:
+        live = xn != -np.inf
+        if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
+            return None
+        flat = np.flatnonzero(live)
+    elif flat.size * _SPARSE_FRACTION > xn.size:
         return None
-    flat = np.flatnonzero(live)
     rows = flat // vocab
     counts = np.bincount(rows, minlength=batch)
     width = min(vocab, max(int(counts.max()) + pad, min_width))

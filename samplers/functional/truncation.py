@@ -89,7 +89,7 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     # tokens there, as it keeps every finite token of the full row.
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_top_k(sparse.logits, k))
+        return sparse.expand_truncated(_top_k(sparse.logits, k))
     return _top_k(logits, k)
 
 
@@ -172,7 +172,7 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
     tp = row_param(top_p, logits, _F32, "top_p")
     sparse = compact_rows(logits)
     if sparse is not None:  # after a truncation: sort only the tokens still in
-        return sparse.expand(_top_p(sparse.logits, tp, sparse))
+        return sparse.expand_truncated(_top_p(sparse.logits, tp, sparse))
     return _top_p(logits, tp)
 
 
@@ -236,7 +236,7 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
     mp = row_param(min_p, logits, _F32, "min_p")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_min_p(sparse.logits, mp, sparse))
+        return sparse.expand_truncated(_min_p(sparse.logits, mp, sparse))
     return _min_p(logits, mp)
 
 
@@ -329,7 +329,7 @@ def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
     eta = row_param(eta_cutoff, logits, _F32, "eta_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_eta_cutoff(sparse.logits, eta, sparse))
+        return sparse.expand_truncated(_eta_cutoff(sparse.logits, eta, sparse))
     return _eta_cutoff(logits, eta)
 
 
@@ -359,7 +359,7 @@ def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
     eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_epsilon_cutoff(sparse.logits, eps, sparse))
+        return sparse.expand_truncated(_epsilon_cutoff(sparse.logits, eps, sparse))
     return _epsilon_cutoff(logits, eps)
 
 
@@ -399,7 +399,7 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     # packed rows (removed tokens have p = 0 and d = inf: they sort last and add nothing).
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_typical_p(sparse.logits, tp, sparse))
+        return sparse.expand_truncated(_typical_p(sparse.logits, tp, sparse))
     return _typical_p(logits, tp)
 
 
