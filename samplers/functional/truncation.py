@@ -38,6 +38,7 @@ from ._stats import (
     fill_removed,
     is_finite,
     keep_at_least,
+    note_live_hint,
     prefix_boundary,
     row_param,
     row_sum,
@@ -99,15 +100,47 @@ def _top_k(logits: Tensor, k: Tensor) -> Tensor:
     k_row = torch.where(enabled, k, torch.ones_like(k))
     k_max = int(k_row.max())
     l32 = upcast(logits)
-    kth = _kth_largest(l32, k_row, enabled, k_max)
+    kth, largest = _kth_largest(l32, k_row, enabled, k_max)
     # keep l >= kth; kth <= the row max, so the top token(s) are kept. Disabled rows: -inf.
     kth = torch.where(enabled, kth, torch.full_like(kth, float("-inf")))
+    if (l32 is logits and logits.device.type == "cpu" and logits.is_contiguous() and not logits.requires_grad
+            and k_max * _TOP_K_SPARSE_FRACTION <= vocab and bool(enabled.all())
+            and bool(np.isfinite(largest.numpy()).all())):
+        return _keep_at_least_sparse(logits, kth)
     return keep_at_least(logits, l32, kth)
 
 
-def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Tensor:
+#: top_k writes its result entry by entry (``_keep_at_least_sparse``) when it keeps at most
+#: ``1 / _TOP_K_SPARSE_FRACTION`` of each row (and the next sampler packs it from the same entries).
+_TOP_K_SPARSE_FRACTION = 8
+
+
+def _keep_at_least_sparse(logits: Tensor, kth: Tensor) -> Tensor:
+    """``keep_at_least(logits, logits, kth)`` for float32 CPU rows without NaN or ``+inf``
+    among their largest entries (so none at all) where the kept entries are few: the result
+    is ``-inf`` except at the entries ``>= kth`` (their values copied), which are noted for
+    the next ``compact_rows`` (``note_live_hint``).
+
+    The same values: ``keep_at_least`` keeps ``l`` iff ``l - kth >= +0.0``, i.e. iff
+    ``l >= kth`` for finite ``l`` (``kth`` is finite or ``-inf``); an ``l = -inf`` comes out
+    ``-inf`` either way. NaN and ``+inf`` entries (where the two could differ, through the
+    sign of a NaN difference or the NaN that ``minimum`` returns) are excluded by the caller:
+    they would be among the row's largest values."""
+    batch, vocab = logits.shape
+    xn = logits.numpy()
+    flat = np.flatnonzero(xn >= kth.numpy()[:, None])
+    out = np.full(batch * vocab, -np.inf, dtype=np.float32)
+    out[flat] = xn.reshape(-1)[flat]
+    note_live_hint((batch, vocab), flat)
+    return torch.from_numpy(out).view(batch, vocab)
+
+
+def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
     """``[B]``: the ``k_row``-th largest value of each row (duplicates counted); rows not
-    ``enabled`` get an arbitrary value. On the CPU, when the enabled rows use a few
+    ``enabled`` get an arbitrary value. Also ``[B, k]`` values among which are the ``k``
+    largest of each row (NaN counting as the largest), ``k >=`` every enabled ``k_row``.
+
+    On the CPU, when the enabled rows use a few
     distinct ``k`` and no entry is ``-inf`` (introselect slows down a lot on long runs of
     equal values: at most an eighth of the entries may be) and torch runs one thread (the
     partition does not use more), one numpy partition (O(V)) finds them; otherwise
@@ -119,13 +152,14 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Ten
     if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
             and torch.get_num_threads() == 1
             and np.count_nonzero(l32.numpy() == -np.inf) * 8 <= l32.numel()):
-        ks = torch.unique(k_row[enabled]).tolist()
+        ks = np.unique(k_row.numpy()[enabled.numpy()]).tolist()  # (torch.unique: ~10x slower)
         if 0 < len(ks) <= 4:
             part = np.partition(l32.contiguous().numpy(), [vocab - k for k in ks], axis=-1)
             pos = (vocab - k_row).clamp(0, vocab - 1)
-            return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0]
+            # (numpy's partition orders NaN after every number, as its sort does)
+            return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0], torch.from_numpy(part[:, vocab - ks[-1]:])
     largest = torch.topk(l32, k_max, dim=-1, largest=True, sorted=True).values
-    return largest.gather(-1, (k_row - 1)[:, None])[:, 0]
+    return largest.gather(-1, (k_row - 1)[:, None])[:, 0], largest
 
 
 def _count_mass_before_below(cum: Tensor, bound: Tensor) -> Tensor:
