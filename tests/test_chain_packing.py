@@ -208,20 +208,20 @@ def test_a_hint_of_dense_rows_does_not_pack_them():
 def _top_k_cases(g: torch.Generator):
     V = 4096
     x = torch.randn(6, V, generator=g)
-    yield x, torch.tensor([1, 5, 50, 200, 500, 512])
+    yield x, torch.tensor([1, 5, 50, 200, 500, 512]), True
     r = torch.round(torch.randn(5, V, generator=g) * 2) / 2  # large tie groups at the k-th value
-    yield r, torch.tensor([1, 7, 100, 300, 400])
+    yield r, torch.tensor([1, 7, 100, 300, 400]), True
     some_inf = torch.randn(3, V, generator=g)
     some_inf[:, torch.randperm(V, generator=g)[: V // 10]] = NINF  # few enough for the partition
-    yield some_inf, torch.tensor([20, 20, 300])
+    yield some_inf, torch.tensor([20, 20, 300]), True
     one = torch.full((2, V), NINF)
     one[:, 0] = 0.0
     one[1, 1:] = torch.randn(V - 1, generator=g)  # row 0: one token and -inf, in the topk branch
-    yield one, torch.tensor([3, 3])
+    yield one, torch.tensor([3, 3]), False  # row 0 keeps its 4096 entries (-inf ones too)
     signed = torch.randn(2, V, generator=g)
     signed[0, :100] = -0.0
     signed[0, 100:200] = 0.0
-    yield signed, torch.tensor([150, 60])
+    yield signed, torch.tensor([150, 60]), True
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -229,8 +229,9 @@ def test_top_k_sparse_result_equals_keep_at_least(threads, plain, monkeypatch):
     # threads=2: torch.topk finds the k-th values (the partition needs one torch thread)
     g = torch.Generator().manual_seed(threads)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    for x, k in _top_k_cases(g):
+    for x, k, noted in _top_k_cases(g):
         calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+        _stats._scratch.live_hint = None
         fast = F.top_k(x, k)
         assert calls, "the sparse path was not taken"
         hint = _stats._scratch.live_hint
@@ -238,9 +239,12 @@ def test_top_k_sparse_result_equals_keep_at_least(threads, plain, monkeypatch):
         ref = F.top_k(x, k)
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         assert torch.equal(_bits(fast), _bits(ref))
-        # the noted entries: every kept one (and -inf ones of rows with fewer than k finite tokens)
-        assert np.all(np.diff(hint[1]) > 0)
-        assert np.isin(np.flatnonzero(ref.numpy().reshape(-1) != -np.inf), hint[1]).all()
+        # the noted entries: every kept one (and -inf ones of rows with fewer than k finite
+        # tokens: those rows keep all, and are noted only when the result is still sparse)
+        live = np.flatnonzero(ref.numpy().reshape(-1) != -np.inf)
+        assert (hint is not None) == noted
+        if noted:
+            assert np.all(np.diff(hint[1]) > 0) and np.isin(live, hint[1]).all()
         monkeypatch.undo()
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
 

@@ -131,7 +131,8 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor) -> Tensor:
     flat = np.flatnonzero(xn >= kth.numpy()[:, None])
     out = np.full(batch * vocab, -np.inf, dtype=np.float32)
     out[flat] = xn.reshape(-1)[flat]
-    note_live_hint((batch, vocab), flat)
+    if flat.size * _TOP_K_SPARSE_FRACTION <= out.size:  # (not rows with fewer than k finite logits)
+        note_live_hint((batch, vocab), flat)
     return torch.from_numpy(out).view(batch, vocab)
 
 
@@ -151,7 +152,7 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     batch, vocab = l32.shape
     if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
             and torch.get_num_threads() == 1
-            and np.count_nonzero(l32.numpy() == -np.inf) * 8 <= l32.numel()):
+            and _few_neg_inf(l32.numpy().reshape(-1))):
         ks = np.unique(k_row.numpy()[enabled.numpy()]).tolist()  # (torch.unique: ~10x slower)
         if 0 < len(ks) <= 4:
             part = np.partition(l32.contiguous().numpy(), [vocab - k for k in ks], axis=-1)
@@ -160,6 +161,16 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
             return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0], torch.from_numpy(part[:, vocab - ks[-1]:])
     largest = torch.topk(l32, k_max, dim=-1, largest=True, sorted=True).values
     return largest.gather(-1, (k_row - 1)[:, None])[:, 0], largest
+
+
+def _few_neg_inf(xn: np.ndarray) -> bool:
+    """Whether at most about an eighth of ``xn``'s entries are ``-inf`` (only chooses a path:
+    both give the same values). Rows of more than ``2**16`` entries are judged from every
+    61st entry (over a thousand of them), which spares a full pass over cold rows."""
+    if xn.size > 2**16:
+        sample = xn[::61]
+        return np.count_nonzero(sample == -np.inf) * 8 <= sample.size
+    return np.count_nonzero(xn == -np.inf) * 8 <= xn.size
 
 
 def _count_mass_before_below(cum: Tensor, bound: Tensor) -> Tensor:
