@@ -45,6 +45,7 @@ __all__ = [
     "keep_at_least",
     "SparseRows",
     "compact_rows",
+    "note_live_hint",
     "count_true",
     "sum_scattered",
 ]
@@ -484,7 +485,8 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
         flat = np.flatnonzero(live)
     else:
         flat, pos, width = hint
-        if pos is not None and pad == 0 and min_width <= width:
+        if (pos is not None and pad == 0 and min_width <= width < vocab
+                and width * _SPARSE_FRACTION <= vocab):
             # The hint's layout holds every entry that is not -inf (and maybe some -inf
             # ones, removed tokens like those of the full rows): packed as it is.
             packed = np.full(batch * width, -np.inf, dtype=np.float32)
