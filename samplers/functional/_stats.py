@@ -49,6 +49,7 @@ __all__ = [
     "keep_at_least",
     "SparseRows",
     "compact_rows",
+    "note_live_hint",
     "count_true",
     "sum_scattered",
 ]
@@ -345,7 +346,9 @@ _SPARSE_MIN_VOCAB = 1024
 class SparseRows:
     """The entries of a ``[B, V]`` float32 CPU tensor that are not ``-inf``, packed to the left
     of a ``[B, K]`` tensor (``K`` = the most such entries in a row, plus ``pad``), padded with
-    ``-inf``, each row's entries in column order.
+    ``-inf``, each row's entries in column order. (A layout taken over from a previous
+    sampler's packed rows, see ``note_live_hint``, may also hold some ``-inf`` entries among
+    them, and be wider: removed tokens, as the full rows have.)
 
     Every sampler that compacts is a row-wise function of the multiset of a row's values
     (nothing depends on token ids, ``-inf`` entries are removed tokens that stay ``-inf``),
@@ -389,6 +392,24 @@ class SparseRows:
         out[self._flat] = packed.contiguous().numpy().reshape(-1)[self._pos]
         return torch.from_numpy(out).view(self._shape)
 
+    def expand_truncated(self, packed: Tensor) -> Tensor:
+        """``expand(packed)`` for a truncation sampler's packed output, whose entries that are
+        not ``-inf`` all sit at packed positions: also notes this layout as a hint for the
+        next ``compact_rows`` (the next sampler of a chain), which then packs the result into
+        the same positions instead of searching the ``[B, V]`` rows (see ``_live_hint``)."""
+        out = self.expand(packed)
+        note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1])
+        return out
+
+
+def note_live_hint(shape: tuple[int, int], flat: np.ndarray, pos: Optional[np.ndarray] = None,
+                   width: int = 0) -> None:
+    """Note, for this thread's next ``compact_rows``, that the ``shape`` rows it will likely
+    be given have every entry that is not ``-inf`` among the flat indices ``flat``
+    (increasing), which ``pos`` (when given) places in rows of ``width`` columns like
+    ``SparseRows``. A hint only: ``compact_rows`` checks it before using it."""
+    _scratch.live_hint = (shape, flat, pos, width)
+
 
 _scratch = threading.local()
 
@@ -413,6 +434,29 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
         view[flat] = 0.0
 
 
+def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
+               ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int]]:
+    """The hint of ``note_live_hint`` (``(flat, pos, width)``) when every entry of ``xn`` (the
+    flat ``[B, V]`` float32 rows) that is not ``-inf`` is at one of its flat indices; else
+    None. ``sample_live``: how many entries of ``xn[::61]`` are not ``-inf``.
+
+    Nothing is trusted: the hint may be from another tensor, or the tensor may have been
+    written since. It is taken only when ``xn`` has as many entries that are not ``-inf``
+    as it has at the hinted indices: one comparison pass and a count, a fraction of the
+    cost of ``flatnonzero`` on the full rows and of the bookkeeping that follows it. A hint
+    that disagrees with the strided sample is dropped before that pass."""
+    hint = getattr(_scratch, "live_hint", None)
+    if hint is None or hint[0] != shape:
+        return None
+    _, flat, pos, width = hint
+    at_hint = xn[flat] != -np.inf
+    if np.count_nonzero(at_hint[flat % 61 == 0]) != sample_live:
+        return None
+    if np.count_nonzero(xn != -np.inf) != np.count_nonzero(at_hint):
+        return None
+    return flat, pos, width
+
+
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
     """``SparseRows`` of ``logits`` when most of every row is ``-inf`` (after a truncation:
     then a sampler's work on the packed rows is a fraction of the full width's), else None.
@@ -434,12 +478,27 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     # A strided sample first (1/61 of the entries): rows that are mostly kept, the common
     # case before any truncation, are turned away without a full pass.
     sample = xn[::61]
-    if np.count_nonzero(sample != -np.inf) * min(4, _SPARSE_FRACTION) > sample.size:
+    sample_live = np.count_nonzero(sample != -np.inf)
+    if sample_live * min(4, _SPARSE_FRACTION) > sample.size:
         return None
-    live = xn != -np.inf
-    if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
-        return None
-    flat = np.flatnonzero(live)
+    hint = _live_hint(xn, (batch, vocab), sample_live)
+    if hint is None:
+        live = xn != -np.inf
+        if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
+            return None
+        flat = np.flatnonzero(live)
+    else:
+        flat, pos, width = hint
+        if (pos is not None and pad == 0 and min_width <= width < vocab
+                and width * _SPARSE_FRACTION <= vocab):
+            # The hint's layout holds every entry that is not -inf (and maybe some -inf
+            # ones, removed tokens like those of the full rows): packed as it is.
+            packed = np.full(batch * width, -np.inf, dtype=np.float32)
+            packed[pos] = xn[flat]
+            return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
+        flat = flat[xn[flat] != -np.inf]
+        if flat.size * _SPARSE_FRACTION > xn.size:
+            return None
     rows = flat // vocab
     counts = np.bincount(rows, minlength=batch)
     width = min(vocab, max(int(counts.max()) + pad, min_width))

@@ -38,6 +38,7 @@ from ._stats import (
     fill_removed,
     is_finite,
     keep_at_least,
+    note_live_hint,
     prefix_boundary,
     row_param,
     row_sum,
@@ -89,7 +90,7 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     # tokens there, as it keeps every finite token of the full row.
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_top_k(sparse.logits, k))
+        return sparse.expand_truncated(_top_k(sparse.logits, k))
     return _top_k(logits, k)
 
 
@@ -99,15 +100,48 @@ def _top_k(logits: Tensor, k: Tensor) -> Tensor:
     k_row = torch.where(enabled, k, torch.ones_like(k))
     k_max = int(k_row.max())
     l32 = upcast(logits)
-    kth = _kth_largest(l32, k_row, enabled, k_max)
+    kth, largest = _kth_largest(l32, k_row, enabled, k_max)
     # keep l >= kth; kth <= the row max, so the top token(s) are kept. Disabled rows: -inf.
     kth = torch.where(enabled, kth, torch.full_like(kth, float("-inf")))
+    if (l32 is logits and logits.device.type == "cpu" and logits.is_contiguous() and not logits.requires_grad
+            and k_max * _TOP_K_SPARSE_FRACTION <= vocab and bool(enabled.all())
+            and bool((largest.numpy() < np.inf).all())):  # no NaN, no +inf
+        return _keep_at_least_sparse(logits, kth)
     return keep_at_least(logits, l32, kth)
 
 
-def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Tensor:
+#: top_k writes its result entry by entry (``_keep_at_least_sparse``) when it keeps at most
+#: ``1 / _TOP_K_SPARSE_FRACTION`` of each row (and the next sampler packs it from the same entries).
+_TOP_K_SPARSE_FRACTION = 8
+
+
+def _keep_at_least_sparse(logits: Tensor, kth: Tensor) -> Tensor:
+    """``keep_at_least(logits, logits, kth)`` for float32 CPU rows without NaN or ``+inf``
+    among their largest entries (so none at all) where the kept entries are few: the result
+    is ``-inf`` except at the entries ``>= kth`` (their values copied), which are noted for
+    the next ``compact_rows`` (``note_live_hint``).
+
+    The same values: ``keep_at_least`` keeps ``l`` iff ``l - kth >= +0.0``, i.e. iff
+    ``l >= kth`` for finite ``l`` (``kth`` is finite or ``-inf``); an ``l = -inf`` comes out
+    ``-inf`` either way. NaN and ``+inf`` entries (where the two could differ, through the
+    sign of a NaN difference or the NaN that ``minimum`` returns) are excluded by the caller:
+    they would be among the row's largest values."""
+    batch, vocab = logits.shape
+    xn = logits.numpy()
+    flat = np.flatnonzero(xn >= kth.numpy()[:, None])
+    out = np.full(batch * vocab, -np.inf, dtype=np.float32)
+    out[flat] = xn.reshape(-1)[flat]
+    if flat.size * _TOP_K_SPARSE_FRACTION <= out.size:  # (not rows with fewer than k finite logits)
+        note_live_hint((batch, vocab), flat)
+    return torch.from_numpy(out).view(batch, vocab)
+
+
+def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
     """``[B]``: the ``k_row``-th largest value of each row (duplicates counted); rows not
-    ``enabled`` get an arbitrary value. On the CPU, when the enabled rows use a few
+    ``enabled`` get an arbitrary value. Also ``[B, k]`` values among which are the ``k``
+    largest of each row (NaN counting as the largest), ``k >=`` every enabled ``k_row``.
+
+    On the CPU, when the enabled rows use a few
     distinct ``k`` and no entry is ``-inf`` (introselect slows down a lot on long runs of
     equal values: at most an eighth of the entries may be) and torch runs one thread (the
     partition does not use more), one numpy partition (O(V)) finds them; otherwise
@@ -118,14 +152,25 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> Ten
     batch, vocab = l32.shape
     if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
             and torch.get_num_threads() == 1
-            and np.count_nonzero(l32.numpy() == -np.inf) * 8 <= l32.numel()):
-        ks = torch.unique(k_row[enabled]).tolist()
+            and _few_neg_inf(l32.numpy().reshape(-1))):
+        ks = np.unique(k_row.numpy()[enabled.numpy()]).tolist()  # (torch.unique: ~10x slower)
         if 0 < len(ks) <= 4:
             part = np.partition(l32.contiguous().numpy(), [vocab - k for k in ks], axis=-1)
             pos = (vocab - k_row).clamp(0, vocab - 1)
-            return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0]
+            # (numpy's partition orders NaN after every number, as its sort does)
+            return torch.from_numpy(part).gather(-1, pos[:, None])[:, 0], torch.from_numpy(part[:, vocab - ks[-1]:])
     largest = torch.topk(l32, k_max, dim=-1, largest=True, sorted=True).values
-    return largest.gather(-1, (k_row - 1)[:, None])[:, 0]
+    return largest.gather(-1, (k_row - 1)[:, None])[:, 0], largest
+
+
+def _few_neg_inf(xn: np.ndarray) -> bool:
+    """Whether at most about an eighth of ``xn``'s entries are ``-inf`` (only chooses a path:
+    both give the same values). Rows of more than ``2**16`` entries are judged from every
+    61st entry (over a thousand of them), which spares a full pass over cold rows."""
+    if xn.size > 2**16:
+        sample = xn[::61]
+        return np.count_nonzero(sample == -np.inf) * 8 <= sample.size
+    return np.count_nonzero(xn == -np.inf) * 8 <= xn.size
 
 
 def _count_mass_before_below(cum: Tensor, bound: Tensor) -> Tensor:
@@ -172,7 +217,7 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
     tp = row_param(top_p, logits, _F32, "top_p")
     sparse = compact_rows(logits)
     if sparse is not None:  # after a truncation: sort only the tokens still in
-        return sparse.expand(_top_p(sparse.logits, tp, sparse))
+        return sparse.expand_truncated(_top_p(sparse.logits, tp, sparse))
     return _top_p(logits, tp)
 
 
@@ -236,7 +281,7 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
     mp = row_param(min_p, logits, _F32, "min_p")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_min_p(sparse.logits, mp, sparse))
+        return sparse.expand_truncated(_min_p(sparse.logits, mp, sparse))
     return _min_p(logits, mp)
 
 
@@ -329,7 +374,7 @@ def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
     eta = row_param(eta_cutoff, logits, _F32, "eta_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_eta_cutoff(sparse.logits, eta, sparse))
+        return sparse.expand_truncated(_eta_cutoff(sparse.logits, eta, sparse))
     return _eta_cutoff(logits, eta)
 
 
@@ -359,7 +404,7 @@ def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
     eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_epsilon_cutoff(sparse.logits, eps, sparse))
+        return sparse.expand_truncated(_epsilon_cutoff(sparse.logits, eps, sparse))
     return _epsilon_cutoff(logits, eps)
 
 
@@ -395,10 +440,19 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     """
     check_logits(logits)
     tp = row_param(typical_p, logits, _F32, "typical_p")
+    # After a truncation: the deviations of the tokens still in are sorted and summed on the
+    # packed rows (removed tokens have p = 0 and d = inf: they sort last and add nothing).
+    sparse = compact_rows(logits)
+    if sparse is not None:
+        return sparse.expand_truncated(_typical_p(sparse.logits, tp, sparse))
+    return _typical_p(logits, tp)
+
+
+def _typical_p(logits: Tensor, tp: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = tp < 1.0
     l32 = upcast(logits)
-    p, logp = softmax_and_log_softmax(l32)
-    h = entropy(p, logp)
+    p, logp = softmax_and_log_softmax(l32, sparse=sparse)
+    h = entropy(p, logp, sparse=sparse)
     dev = logp.neg_().sub_(h[:, None]).abs_()  # |-log p - H| in place; +inf for removed tokens
     dev_sorted, order = sort_nonneg(dev)
     n_kept = _count_mass_before_below(p.gather(-1, order).cumsum_(dim=-1), tp)

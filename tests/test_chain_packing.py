@@ -1,0 +1,320 @@
+"""The speed paths of a chain of truncations give the plain paths' results, bit for bit.
+
+- typical_p runs on packed rows after a truncation (``compact_rows``), like the other samplers;
+- a truncation's packed layout is noted (``note_live_hint``) and taken over by the next
+  ``compact_rows`` only when it still holds every entry that is not ``-inf``;
+- top_k writes a sparse result entry by entry (``_keep_at_least_sparse``) instead of
+  ``keep_at_least``'s full-width passes.
+
+Each is compared with the plain computation (packing switched off through the module's
+thresholds, the sparse top_k through its own) on inputs that take the path, and each test
+checks that the path was taken: ties, rows of one token, rows without any, disabled rows,
+fp16 / bf16 (whose plain path is compared with the fp32 fast path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import samplers.functional as F
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+from samplers.functional import _stats
+from samplers.functional import truncation as T
+
+NINF = float("-inf")
+
+CHAIN7 = dict(temperature=0.9, top_k=200, top_p=0.95, min_p=0.02, typical_p=0.98, eta_cutoff=3e-4,
+              epsilon_cutoff=3e-4)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """plain(): from here on, no packing, no layout hints, no sparse top_k (the reference)."""
+
+    def switch_off() -> None:
+        monkeypatch.setattr(_stats, "_SPARSE_FRACTION", 8)
+        monkeypatch.setattr(_stats, "_SPARSE_MIN_VOCAB", 10**12)
+        monkeypatch.setattr(T, "_TOP_K_SPARSE_FRACTION", 10**12)
+
+    return switch_off
+
+
+@pytest.fixture(autouse=True)
+def no_hint_left():
+    _stats._scratch.live_hint = None
+    yield
+    _stats._scratch.live_hint = None
+
+
+def _truncated(g: torch.Generator, B: int, V: int, rounded: bool, max_kept: int = 300) -> torch.Tensor:
+    """Rows as a truncation leaves them: a few tokens (one, sometimes), some rows without any."""
+    x = torch.randn(B, V, generator=g) * (0.5 + 4 * torch.rand(1, generator=g).item())
+    if rounded:
+        x = torch.round(x * 2) / 2  # ties everywhere (in p, and in typical_p's deviations)
+    for b in range(B):
+        r = torch.rand(1, generator=g).item()
+        kept = 1 if r < 0.15 else int(torch.randint(2, max_kept, (1,), generator=g))
+        x[b, torch.randperm(V, generator=g)[kept:]] = NINF
+        if 0.15 <= r < 0.25:
+            x[b] = NINF
+    return x
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_typical_p_on_packed_rows_equals_the_full_rows(rounded, plain, monkeypatch):
+    g = torch.Generator().manual_seed(int(rounded))
+    packs = _spy(monkeypatch, T, "compact_rows")
+    for trial in range(10):
+        B, V = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(4096, 9000, (1,), generator=g))
+        x = _truncated(g, B, V, rounded)
+        tp = torch.rand(B, generator=g) * 1.05  # some rows disabled (>= 1)
+        tp[0] = 0.98
+        packs.clear()
+        h_fast = _spy(monkeypatch, T, "entropy")
+        fast = F.typical_p(x, tp)
+        assert packs and packs[0] is not None, "typical_p did not pack its rows"
+        monkeypatch.undo()
+        plain()
+        h_ref = _spy(monkeypatch, T, "entropy")
+        ref = F.typical_p(x, tp)
+        monkeypatch.undo()
+        packs = _spy(monkeypatch, T, "compact_rows")
+        assert torch.equal(_bits(fast), _bits(ref)), (trial, B, V)
+        # The entropy too (summed as over the full rows): a last-bit difference in H changes
+        # the order of deviations only near ties, which random rows rarely have.
+        assert torch.equal(_bits(h_fast[0]), _bits(h_ref[0])), (trial, B, V)
+
+
+def test_typical_p_in_fp16_and_bf16_equals_the_packed_fp32_path():
+    # Only float32 rows are packed: the half-precision (full-width) results must be the fp32
+    # fast path's, cast (kept entries keep their values, statistics are fp32 in both).
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.bfloat16):
+        for trial in range(4):
+            x = _truncated(g, 4, 4096, rounded=trial % 2 == 0).to(dtype)
+            tp = torch.tensor([0.5, 0.9, 0.98, 1.0])
+            assert _stats.compact_rows(x.float()) is not None
+            assert torch.equal(_bits(F.typical_p(x, tp)), _bits(F.typical_p(x.float(), tp).to(dtype)))
+
+
+def _layout(live: np.ndarray, B: int, V: int, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """A SparseRows-like layout of the flat indices ``live | extra`` (sorted, row-major)."""
+    flat = np.union1d(live, extra)
+    rows = flat // V
+    counts = np.bincount(rows, minlength=B)
+    width = int(counts.max()) + 3
+    starts = np.cumsum(counts) - counts
+    pos = rows * width + (np.arange(flat.size) - starts[rows])
+    return flat, pos, width
+
+
+PACKED = ["top_k", "top_p", "top_a", "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "nsigma", "xtc",
+          "dynamic_temperature", "quadratic_smoothing", "skew", "typical_p"]
+
+
+def _params(name: str, B: int, g: torch.Generator):
+    r = lambda: torch.rand(B, generator=g)  # noqa: E731
+    return {
+        "top_k": (torch.randint(-1, 80, (B,), generator=g),),
+        "top_p": (r() * 1.1,),
+        "top_a": (r() * 0.5,),
+        "min_p": (r() * 0.3,),
+        "tfs": (r() * 1.1,),
+        "eta_cutoff": (r() * 0.01,),
+        "epsilon_cutoff": (r() * 0.01,),
+        "nsigma": (r() * 3,),
+        "xtc": (r() * 0.3, r(), r()),
+        "dynamic_temperature": (r() * 0.5, 0.5 + r(), r() + 0.5),
+        "quadratic_smoothing": (r(), 1 + 2 * r()),
+        "skew": (torch.randn(B, generator=g),),
+        "typical_p": (r() * 1.1,),
+    }[name]
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_a_hinted_layout_with_removed_entries_gives_the_full_rows_results(name, plain, monkeypatch):
+    # The layout taken over from the previous sampler holds the entries still in plus some
+    # that it removed (-inf), anywhere in the rows, and is wider than needed.
+    g = torch.Generator().manual_seed(100 + PACKED.index(name))
+    fn = getattr(F, name)
+    for trial in range(6):
+        B, V = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(2048, 6000, (1,), generator=g))
+        x = _truncated(g, B, V, rounded=trial % 2 == 1, max_kept=200)
+        live = np.flatnonzero(x.numpy().reshape(-1) != -np.inf)
+        extra = torch.randint(0, B * V, (B * 40,), generator=g).numpy()
+        flat, pos, width = _layout(live, B, V, extra)
+        args = _params(name, B, g)
+        _stats.note_live_hint((B, V), flat, pos, width)
+        packed = _stats.compact_rows(x)
+        assert packed is not None and packed.logits.shape == (B, width)  # the hint's layout was taken
+        _stats.note_live_hint((B, V), flat, pos, width)
+        fast = fn(x, *args)
+        plain()
+        ref = fn(x, *args)
+        monkeypatch.undo()
+        assert torch.equal(_bits(fast), _bits(ref)), (name, trial, B, V)
+
+
+def test_a_hint_missing_an_entry_is_not_taken():
+    g = torch.Generator().manual_seed(7)
+    B, V = 3, 4096
+    x = _truncated(g, B, V, rounded=False, max_kept=100)
+    x[0, :5] = torch.randn(5, generator=g)  # flat indices 0..4 live in row 0
+    fresh = _stats.compact_rows(x)
+    live = np.flatnonzero(x.numpy().reshape(-1) != -np.inf)
+    for missing in (0, 1, live[-1]):  # on the strided sample (0), off it (1), the last one
+        flat, pos, width = _layout(live[live != missing], B, V, np.array([], dtype=np.int64))
+        for hint in ((flat, pos, width), (flat, None, 0)):
+            _stats.note_live_hint((B, V), *hint)
+            got = _stats.compact_rows(x)
+            assert got.logits.shape == fresh.logits.shape
+            assert torch.equal(got.expand(got.logits), x)
+            assert np.array_equal(got._flat, fresh._flat)
+    # a hint for other rows' shape is ignored
+    _stats.note_live_hint((B, V + 1), live, None, 0)
+    assert torch.equal(_stats.compact_rows(x).expand(_stats.compact_rows(x).logits), x)
+
+
+def test_a_hint_of_dense_rows_does_not_pack_them():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4096, generator=g)
+    x[:, 300:] = NINF
+    _stats.note_live_hint((2, 4096), np.arange(2 * 4096), None, 0)  # covers everything
+    assert _stats.compact_rows(x) is not None  # checked against the rows: they are sparse
+    y = torch.randn(2, 4096, generator=g)
+    _stats.note_live_hint((2, 4096), np.arange(2 * 4096), None, 0)
+    assert _stats.compact_rows(y) is None
+
+
+def _top_k_cases(g: torch.Generator):
+    V = 4096
+    x = torch.randn(6, V, generator=g)
+    yield x, torch.tensor([1, 5, 50, 200, 500, 512]), True
+    r = torch.round(torch.randn(5, V, generator=g) * 2) / 2  # large tie groups at the k-th value
+    yield r, torch.tensor([1, 7, 100, 300, 400]), True
+    some_inf = torch.randn(3, V, generator=g)
+    some_inf[:, torch.randperm(V, generator=g)[: V // 10]] = NINF  # few enough for the partition
+    yield some_inf, torch.tensor([20, 20, 300]), True
+    one = torch.full((2, V), NINF)
+    one[:, 0] = 0.0
+    one[1, 1:] = torch.randn(V - 1, generator=g)  # row 0: one token and -inf, in the topk branch
+    yield one, torch.tensor([3, 3]), False  # row 0 keeps its 4096 entries (-inf ones too)
+    signed = torch.randn(2, V, generator=g)
+    signed[0, :100] = -0.0
+    signed[0, 100:200] = 0.0
+    yield signed, torch.tensor([150, 60]), True
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_k_sparse_result_equals_keep_at_least(threads, plain, monkeypatch):
+    # threads=2: torch.topk finds the k-th values (the partition needs one torch thread)
+    g = torch.Generator().manual_seed(threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for x, k, noted in _top_k_cases(g):
+        calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+        _stats._scratch.live_hint = None
+        fast = F.top_k(x, k)
+        assert calls, "the sparse path was not taken"
+        hint = _stats._scratch.live_hint
+        plain()
+        ref = F.top_k(x, k)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        assert torch.equal(_bits(fast), _bits(ref))
+        # the noted entries: every kept one (and -inf ones of rows with fewer than k finite
+        # tokens: those rows keep all, and are noted only when the result is still sparse)
+        live = np.flatnonzero(ref.numpy().reshape(-1) != -np.inf)
+        assert (hint is not None) == noted
+        if noted:
+            assert np.all(np.diff(hint[1]) > 0) and np.isin(live, hint[1]).all()
+        monkeypatch.undo()
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+
+def test_top_k_leaves_nan_inf_and_disabled_rows_to_keep_at_least(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    V = 4096
+    calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+    for poison in (float("nan"), float("inf")):
+        x = torch.randn(3, V, generator=g)
+        x[1, 17] = poison
+        out = F.top_k(x, torch.tensor([10, 10, 10]))
+        assert not calls
+        ref = _stats.keep_at_least(x, x, T._kth_largest(x, torch.tensor([10] * 3), torch.ones(3, dtype=torch.bool),
+                                                          10)[0])
+        assert torch.equal(_bits(out), _bits(ref))
+    x = torch.randn(2, V, generator=g)
+    F.top_k(x, torch.tensor([10, 0]))  # a disabled row keeps everything: not sparse
+    assert not calls
+
+
+def test_top_k_in_fp16_and_bf16_equals_the_sparse_fp32_path(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(4, 4096, generator=g) * 3).to(dtype)  # half precision: many ties
+        k = torch.tensor([1, 40, 200, 300])
+        calls.clear()
+        ref = F.top_k(x.float(), k)
+        assert calls
+        assert torch.equal(_bits(F.top_k(x, k)), _bits(ref.to(dtype)))
+
+
+def _chain(x: torch.Tensor) -> list[torch.Tensor]:
+    B = x.shape[0]
+    full = lambda v: torch.full((B,), v)  # noqa: E731
+    outs = [F.temperature(x, full(0.9))]
+    outs.append(F.top_k(outs[-1], torch.full((B,), 200)))
+    for name, v in [("top_p", 0.95), ("min_p", 0.02), ("eta_cutoff", 3e-4), ("epsilon_cutoff", 3e-4),
+                    ("typical_p", 0.98), ("top_p", 0.5), ("typical_p", 0.5)]:
+        outs.append(getattr(F, name)(outs[-1], full(v)))
+    return outs
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_the_chain_of_truncations_equals_the_plain_chain_stage_by_stage(rounded, plain, monkeypatch):
+    g = torch.Generator().manual_seed(10 + int(rounded))
+    x = torch.randn(8, 8192, generator=g) * 3
+    if rounded:
+        x = torch.round(x)
+    x[3, 500:] = NINF  # a row with few tokens from the start
+    x[5, 1:] = NINF  # a row of one token
+    hints = _spy(monkeypatch, _stats, "_live_hint")
+    fast = _chain(x)
+    assert sum(h is not None for h in hints) >= 5, "the layouts were not carried over"
+    monkeypatch.undo()
+    plain()
+    ref = _chain(x)
+    for stage, (a, b) in enumerate(zip(fast, ref)):
+        assert torch.equal(_bits(a), _bits(b)), stage
+
+
+@pytest.mark.parametrize("B,V", [(1, 4096), (5, 8192)])
+def test_pipeline_chain7_equals_the_plain_chain(B, V, plain):
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, V, generator=g) * 3
+    empty = [[] for _ in range(B)]
+    batch = SamplingBatch(SamplingParams(**CHAIN7), empty, empty, vocab_size=V)
+    fast = SamplerPipeline("torch", seed=0).process(x, batch)
+    fast2 = SamplerPipeline("torch", seed=0).process(x, batch)  # a hint left by the last call
+    plain()
+    ref = SamplerPipeline("torch", seed=0).process(x, batch)
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(_bits(fast2), _bits(ref))
