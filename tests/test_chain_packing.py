@@ -297,8 +297,10 @@ def test_the_chain_of_truncations_equals_the_plain_chain_stage_by_stage(rounded,
         x = torch.round(x)
     x[3, 500:] = NINF  # a row with few tokens from the start
     x[5, 1:] = NINF  # a row of one token
-    hints = _spy(monkeypatch, _stats, "_live_hint")
+    hints = _spy(monkeypatch, _stats, "_live_hint") + [None]
+    made = _spy(monkeypatch, _stats, "_made_hint")
     fast = _chain(x)
+    hints += made
     assert sum(h is not None for h in hints) >= 5, "the layouts were not carried over"
     monkeypatch.undo()
     plain()
@@ -318,3 +320,50 @@ def test_pipeline_chain7_equals_the_plain_chain(B, V, plain):
     plain()
     ref = SamplerPipeline("torch", seed=0).process(x, batch)
     assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(_bits(fast2), _bits(ref))
+
+
+def test_a_layout_is_taken_without_a_pass_only_from_the_unwritten_tensor_it_describes(monkeypatch):
+    """``expand_truncated`` notes its result; the next ``compact_rows`` of that very tensor
+    takes the layout without reading the rows. Any write to the tensor (in place, or through
+    a view) bumps its version and the layout is checked again by the counting path; another
+    tensor with the same values is checked too; inference-mode tensors (no version counter)
+    always take the checked path. Every result equals the plain path's."""
+    g = torch.Generator().manual_seed(5)
+    x = _truncated(g, 4, 4096, rounded=False, max_kept=200)
+    x[:, :3] = torch.randn(4, 3, generator=g)  # every row keeps something
+    made = _spy(monkeypatch, _stats, "_made_hint")
+    checked = _spy(monkeypatch, _stats, "_live_hint")
+    tp = torch.full((4,), 0.9)
+
+    def fresh():
+        out = F.top_p(x, tp)
+        assert _stats._scratch.live_hint is not None and _stats._scratch.live_hint[4] is not None
+        return out
+
+    y = fresh()
+    sparse = _stats.compact_rows(y)
+    assert made[-1] is not None and sparse is not None
+    assert torch.equal(sparse.expand(sparse.logits), y)
+
+    y = fresh()
+    y[0, 4095] = 1.0  # a new live entry outside the layout
+    made.clear(), checked.clear()
+    sparse = _stats.compact_rows(y)
+    assert made == [None] and checked == [None]  # not taken: the count disagrees
+    assert torch.equal(sparse.expand(sparse.logits), y)
+
+    y = fresh()
+    y.view(-1)[5] = 2.0  # through a view
+    made.clear()
+    assert _stats.compact_rows(y) is not None and made == [None]
+
+    y = fresh()
+    made.clear()
+    assert _stats.compact_rows(y.clone()) is not None and made == [None]
+
+    with torch.inference_mode():
+        xi = x.clone()
+        y = F.top_p(xi, tp)
+        made.clear()
+        sparse = _stats.compact_rows(y)
+        assert made == [None] and torch.equal(sparse.expand(sparse.logits), y)

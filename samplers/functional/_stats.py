@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import math
 import threading
+import weakref
 from typing import Iterator, Optional, Union
 
 import numpy as np
@@ -398,17 +399,32 @@ class SparseRows:
         next ``compact_rows`` (the next sampler of a chain), which then packs the result into
         the same positions instead of searching the ``[B, V]`` rows (see ``_live_hint``)."""
         out = self.expand(packed)
-        note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1])
+        note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1], tensor=out)
         return out
 
 
 def note_live_hint(shape: tuple[int, int], flat: np.ndarray, pos: Optional[np.ndarray] = None,
-                   width: int = 0) -> None:
+                   width: int = 0, tensor: Optional[Tensor] = None) -> None:
     """Note, for this thread's next ``compact_rows``, that the ``shape`` rows it will likely
     be given have every entry that is not ``-inf`` among the flat indices ``flat``
     (increasing), which ``pos`` (when given) places in rows of ``width`` columns like
-    ``SparseRows``. A hint only: ``compact_rows`` checks it before using it."""
-    _scratch.live_hint = (shape, flat, pos, width)
+    ``SparseRows``. A hint only: ``compact_rows`` checks it before using it.
+
+    ``tensor``: the tensor the hint describes, when the caller made it (its entries outside
+    ``flat`` are ``-inf`` by construction). If ``compact_rows`` is given that very tensor,
+    unwritten since (its version counter, which every in-place write and every write
+    through a view bumps, is unchanged), the hint holds without a pass over the rows."""
+    version = None if tensor is None else _version_of(tensor)
+    made = None if version is None else (weakref.ref(tensor), version)
+    _scratch.live_hint = (shape, flat, pos, width, made)
+
+
+def _version_of(t: Tensor) -> Optional[int]:
+    """``t``'s version counter; None for inference-mode tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 _scratch = threading.local()
@@ -448,13 +464,25 @@ def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
     hint = getattr(_scratch, "live_hint", None)
     if hint is None or hint[0] != shape:
         return None
-    _, flat, pos, width = hint
+    _, flat, pos, width, _ = hint
     at_hint = xn[flat] != -np.inf
     if np.count_nonzero(at_hint[flat % 61 == 0]) != sample_live:
         return None
     if np.count_nonzero(xn != -np.inf) != np.count_nonzero(at_hint):
         return None
     return flat, pos, width
+
+
+def _made_hint(logits: Tensor) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int]]:
+    """The hint of ``note_live_hint`` when it was noted with ``tensor=logits`` and ``logits``
+    has not been written since (the hint then holds by construction), else None."""
+    hint = getattr(_scratch, "live_hint", None)
+    if hint is None or hint[4] is None or hint[0] != tuple(logits.shape):
+        return None
+    ref, version = hint[4]
+    if ref() is not logits or _version_of(logits) != version:
+        return None
+    return hint[1], hint[2], hint[3]
 
 
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
@@ -475,13 +503,15 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     if vocab < _SPARSE_MIN_VOCAB or batch == 0:
         return None
     xn = logits.contiguous().numpy().reshape(-1)
-    # A strided sample first (1/61 of the entries): rows that are mostly kept, the common
-    # case before any truncation, are turned away without a full pass.
-    sample = xn[::61]
-    sample_live = np.count_nonzero(sample != -np.inf)
-    if sample_live * min(4, _SPARSE_FRACTION) > sample.size:
-        return None
-    hint = _live_hint(xn, (batch, vocab), sample_live)
+    hint = _made_hint(logits)
+    if hint is None:
+        # A strided sample first (1/61 of the entries): rows that are mostly kept, the
+        # common case before any truncation, are turned away without a full pass.
+        sample = xn[::61]
+        sample_live = np.count_nonzero(sample != -np.inf)
+        if sample_live * min(4, _SPARSE_FRACTION) > sample.size:
+            return None
+        hint = _live_hint(xn, (batch, vocab), sample_live)
     if hint is None:
         live = xn != -np.inf
         if np.count_nonzero(live) * _SPARSE_FRACTION > xn.size:  # too dense on average
