@@ -191,3 +191,14 @@ def test_nsigma_rows_with_and_without_removed_tokens_match_rows_alone():
         thr = fin.max() - float(n[b]) * fin.std(ddof=1)
         assert np.abs(fin - thr).min() > 1e-4  # no token within rounding of the threshold
         assert np.array_equal(torch.isfinite(out[b]).numpy(), row >= thr), b
+
+
+def test_xtc_without_a_processed_row_returns_a_copy():
+    x = make_logits(np.random.default_rng(5), 3, 2000, ninf=0.95)
+    x = x * 4  # peaked rows: several tokens above the threshold
+    thr, prob = torch.full((3,), 0.05), torch.tensor([0.5, 0.0, 1.0])
+    out = F.xtc(x, thr, prob, torch.tensor([0.5, 0.0, 1.0]))  # coin >= probability everywhere
+    assert torch.equal(bits(out), bits(x)) and out.data_ptr() != x.data_ptr()
+    processed = F.xtc(x, thr, prob, torch.tensor([0.4, 0.0, 0.5]))  # row 0's coin comes up
+    assert torch.isneginf(processed[0]).sum() > torch.isneginf(x[0]).sum()
+    assert torch.equal(bits(processed[1:]), bits(x[1:]))

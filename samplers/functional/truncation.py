@@ -560,6 +560,8 @@ def xtc(
     threshold = row_param(xtc_threshold, logits, _F32, "xtc_threshold")
     probability = row_param(xtc_probability, logits, _F32, "xtc_probability")
     u = row_param(coin, logits, _F32, "coin")
+    if logits.device.type == "cpu" and not bool(((probability > 0) & (u < probability)).any()):
+        return logits.clone()  # no row's coin came up (no sync on the CPU): nothing to compute
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand(_xtc(sparse.logits, threshold, probability, u, sparse))
