@@ -113,11 +113,11 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
         # each row's statistics depend on that row alone).
         rows = enabled.nonzero().squeeze(1)
         stats = l32.index_select(0, rows)
-    h = entropy_of_logits(stats, sparse)
     if cpu and sparse is None and bool(((lo > float("-inf")) & (hi < float("inf"))).all()):
-        n = torch.full(h.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
+        n = torch.full(stats.shape[:1], l32.shape[1], dtype=torch.int64)  # every logit finite
     else:
         n = count_true(is_finite(stats))
+    h = entropy_of_logits(stats, sparse, overwrite=rows is not None)  # (the selected rows are a copy)
     pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
     t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))

@@ -500,7 +500,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # Untruncated rows: the zeroing below would change nothing.
         count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
         mean = row_sum(l32, sparse) / count.clamp_min(1)
-        sq = row_sum((l32 - mean).pow_(2), sparse)
+        scratch = (l32 - mean).pow_(2)
+        sq = row_sum(scratch, sparse)
         finite = None
     else:
         finite = is_finite(l32).to(_F32)  # 1.0 / 0.0
@@ -508,7 +509,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # Non-finite logits read as 0 in the sum and contribute 0 to the squares.
         lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         mean = row_sum(lf, sparse) / count.clamp_min(1)
-        sq = row_sum(lf.sub_(mean).mul_(finite).pow_(2), sparse)
+        scratch = lf.sub_(mean).mul_(finite).pow_(2)
+        sq = row_sum(scratch, sparse)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
     if not bool(torch.isfinite(std).all()):
         # Sums past the float32 range (logits ~1e37 and more) give inf or NaN: those rows again on
@@ -525,9 +527,9 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
-        return keep_logits_at_least(logits, l32, thr)
+        return keep_logits_at_least(logits, l32, thr, scratch)  # the squares' buffer becomes the output
     keep = l32 >= threshold[:, None]
-    return apply_keep(logits, l32, keep, enabled, row_max=row_max)
+    return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
 
 def xtc(
