@@ -106,18 +106,20 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
     cpu = l32.device.type == "cpu"
-    lo, hi = l32.amin(dim=-1), l32.amax(dim=-1)  # NaN in a row makes both NaN
-    stats, rows = l32, None
+    hi = l32.amax(dim=-1)  # NaN for a row holding a NaN
+    stats, rows, hi_s = l32, None, hi
     if cpu and sparse is None and not bool(enabled.all()):
-        # The entropy of the enabled rows only (on the CPU reading ``enabled`` is no sync;
+        # The statistics of the enabled rows only (on the CPU reading ``enabled`` is no sync;
         # each row's statistics depend on that row alone).
         rows = enabled.nonzero().squeeze(1)
-        stats = l32.index_select(0, rows)
-    if cpu and sparse is None and bool(((lo > float("-inf")) & (hi < float("inf"))).all()):
-        n = torch.full(stats.shape[:1], l32.shape[1], dtype=torch.int64)  # every logit finite
+        stats, hi_s = l32.index_select(0, rows), hi.index_select(0, rows)
+    lo_s = stats.amin(dim=-1)
+    if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
+        n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
     else:
         n = count_true(is_finite(stats))
-    h = entropy_of_logits(stats, sparse, overwrite=rows is not None)  # (the selected rows are a copy)
+    # (the selected rows are a copy: their buffer is reused)
+    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s)
     pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
     t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))
@@ -125,16 +127,17 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
     t = t_lo + (pick(t_max) - t_lo) * ratio.pow(pick(exponent))
     t = torch.where(n <= 1, t_lo, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
+    # |l| <= max(|lo|, |hi|) and correctly rounded division is monotone: when that bound
+    # divided by T is finite, no result overflowed and saturate_finite would change nothing
+    # (disabled rows divide by 1).
+    in_range = cpu and bool((torch.maximum(lo_s.abs(), hi_s.abs()) / t <= torch.finfo(_F32).max).all())
     if rows is not None:
         t = torch.ones_like(t_min).index_copy_(0, rows, t)  # disabled rows: l / 1 = l
     out = l32 / t[:, None]
-    # |l| <= max(|lo|, |hi|) and correctly rounded division is monotone: when that bound
-    # divided by T is finite, no result overflowed and saturate_finite would change nothing.
-    bound = torch.maximum(lo.abs(), hi.abs()) / t
-    if not cpu or not bool((bound <= torch.finfo(_F32).max).all()):
+    if not in_range:
         out = saturate_finite(out, l32)
     out = cast_saturating(out, logits.dtype)
-    if cpu and bool((enabled | ~torch.isnan(lo)).all()):
+    if cpu and bool((enabled | ~torch.isnan(hi)).all()):
         # x / 1 and the round trip through fp32 are exact for every value but NaN (whose
         # bits they may change): copy back the disabled rows only where one holds a NaN.
         return out
