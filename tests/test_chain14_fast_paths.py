@@ -61,6 +61,12 @@ def test_entropy_of_logits_matches_float64_and_the_two_pass_entropy():
     torch.testing.assert_close(h, two_pass, rtol=2e-6, atol=2e-6)
     assert h[6].item() == 0.0 and h[8].item() == 0.0
     assert abs(h[7].item() - np.log(300)) < 2e-6
+    # the caller's row max and buffer: the same bits (and the buffer then holds l - max)
+    scratch = x.clone()
+    again = _stats.entropy_of_logits(scratch, overwrite=True, row_max=x.amax(dim=-1))
+    assert torch.equal(bits(again), bits(h))
+    m = torch.where(torch.isfinite(x.amax(dim=-1)), x.amax(dim=-1), torch.zeros(x.shape[0]))
+    assert torch.equal(bits(scratch), bits(x - m[:, None]))
 
 
 def _ref_dynatemp(row: np.ndarray, lo: float, hi: float, ex: float) -> np.ndarray:
