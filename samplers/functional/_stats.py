@@ -193,9 +193,12 @@ def entropy_of_logits(l32: Tensor, sparse: Optional["SparseRows"] = None,
     e = exp_(z.clone())
     s = row_sum(e, sparse)
     terms = e.mul_(z)  # e * z; NaN only for 0 * -inf (a removed token), which adds nothing
-    ez = row_sum(terms, sparse)
-    if bool(torch.isnan(ez).any()):
-        ez = row_sum(terms.nan_to_num_(nan=0.0), sparse)
+    if terms.device.type != "cpu":
+        ez = row_sum(terms.nan_to_num_(nan=0.0), sparse)  # (no host read of the sums: no sync)
+    else:
+        ez = row_sum(terms, sparse)
+        if bool(torch.isnan(ez).any()):  # a row with a removed token: zero its terms and sum again
+            ez = row_sum(terms.nan_to_num_(nan=0.0), sparse)
     s = torch.where(s > 0, s, torch.ones_like(s))
     return (torch.log(s) - ez / s)[:, 0]
 
