@@ -484,8 +484,9 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
 
 
 def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
-               ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int]]:
-    """The hint of ``note_live_hint`` (``(flat, pos, width)``) when every entry of ``xn`` (the
+               ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int, np.ndarray]]:
+    """The hint of ``note_live_hint`` (``(flat, pos, width)``, and which of the hinted entries
+    are not ``-inf``) when every entry of ``xn`` (the
     flat ``[B, V]`` float32 rows) that is not ``-inf`` is at one of its flat indices; else
     None. ``sample_live``: how many entries of ``xn[::61]`` are not ``-inf``.
 
@@ -503,7 +504,7 @@ def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
         return None
     if np.count_nonzero(xn != -np.inf) != np.count_nonzero(at_hint):
         return None
-    return flat, pos, width
+    return flat, pos, width, at_hint
 
 
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
@@ -537,15 +538,19 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
             return None
         flat = np.flatnonzero(live)
     else:
-        flat, pos, width = hint
+        flat, pos, width, at_hint = hint
         if (pos is not None and pad == 0 and min_width <= width < vocab
-                and width * _SPARSE_FRACTION <= vocab):
+                and width * _SPARSE_FRACTION <= vocab and 2 * np.count_nonzero(at_hint) >= flat.size):
             # The hint's layout holds every entry that is not -inf (and maybe some -inf
-            # ones, removed tokens like those of the full rows): packed as it is.
+            # ones, removed tokens like those of the full rows): packed as it is, while at
+            # least half of it is still kept. (A layout that has mostly emptied, e.g. the
+            # packed rows of a wide truncation that top_k then cut to k, would make every
+            # later sampler work on that width: it is packed again, below, from the hinted
+            # entries alone.)
             packed = np.full(batch * width, -np.inf, dtype=np.float32)
             packed[pos] = xn[flat]
             return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
-        flat = flat[xn[flat] != -np.inf]
+        flat = flat[at_hint]
         if flat.size * _SPARSE_FRACTION > xn.size:
             return None
     rows = flat // vocab

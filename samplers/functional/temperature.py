@@ -97,7 +97,8 @@ def dynamic_temperature(
     exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
     sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
     if sparse is not None:
-        return sparse.expand(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
+        # (the removed set is the input's: the packed layout carries over to the next sampler)
+        return sparse.expand_truncated(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
     return _dynamic_temperature(logits, t_min, t_max, exponent)
 
 
@@ -170,7 +171,8 @@ def quadratic_smoothing(
     c = row_param(smoothing_curve, logits, _F32, "smoothing_curve")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_quadratic_smoothing(sparse.logits, f, c))
+        # (finite logits stay finite: the packed layout carries over to the next sampler)
+        return sparse.expand_truncated(_quadratic_smoothing(sparse.logits, f, c))
     return _quadratic_smoothing(logits, f, c)
 
 

@@ -253,7 +253,7 @@ def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
     a = row_param(top_a, logits, _F32, "top_a")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_top_a(sparse.logits, a, sparse))
+        return sparse.expand_truncated(_top_a(sparse.logits, a, sparse))
     return _top_a(logits, a)
 
 
@@ -325,7 +325,7 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
     # the second differences at the end of each row's sorted probabilities are the same.
     sparse = compact_rows(logits, pad=2, min_width=3)
     if sparse is not None:
-        return sparse.expand(_tfs(sparse.logits, z, sparse))
+        return sparse.expand_truncated(_tfs(sparse.logits, z, sparse))
     return _tfs(logits, z)
 
 
@@ -482,7 +482,7 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
     n = row_param(nsigma, logits, _F32, "nsigma")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_nsigma(sparse.logits, n, sparse))
+        return sparse.expand_truncated(_nsigma(sparse.logits, n, sparse))
     return _nsigma(logits, n)
 
 
@@ -566,7 +566,7 @@ def xtc(
         return logits.clone()  # no row's coin came up (no sync on the CPU): nothing to compute
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_xtc(sparse.logits, threshold, probability, u, sparse))
+        return sparse.expand_truncated(_xtc(sparse.logits, threshold, probability, u, sparse))
     return _xtc(logits, threshold, probability, u)
 
 
