@@ -160,18 +160,41 @@ def test_a_hinted_layout_with_removed_entries_gives_the_full_rows_results(name, 
         B, V = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(2048, 6000, (1,), generator=g))
         x = _truncated(g, B, V, rounded=trial % 2 == 1, max_kept=200)
         live = np.flatnonzero(x.numpy().reshape(-1) != -np.inf)
-        extra = torch.randint(0, B * V, (B * 40,), generator=g).numpy()
+        # (compact_rows takes a layout as it is while at least half of its entries are in)
+        extra = torch.randint(0, B * V, (max(1, live.size // 2),), generator=g).numpy()
         flat, pos, width = _layout(live, B, V, extra)
         args = _params(name, B, g)
         _stats.note_live_hint((B, V), flat, pos, width)
         packed = _stats.compact_rows(x)
-        assert packed is not None and packed.logits.shape == (B, width)  # the hint's layout was taken
+        taken = 2 * live.size >= flat.size
+        assert packed is not None and (packed.logits.shape == (B, width)) == taken  # the hint's layout
         _stats.note_live_hint((B, V), flat, pos, width)
         fast = fn(x, *args)
         plain()
         ref = fn(x, *args)
         monkeypatch.undo()
         assert torch.equal(_bits(fast), _bits(ref)), (name, trial, B, V)
+
+
+def test_a_mostly_emptied_layout_is_packed_again_tightly():
+    # top_k packs the wide rows nsigma leaves, then keeps k of them: the next samplers must
+    # not go on working on the wide layout (still a valid hint: it holds every kept entry).
+    g = torch.Generator().manual_seed(9)
+    B, V = 4, 8192
+    x = _truncated(g, B, V, rounded=False, max_kept=1000)
+    wide = _stats.compact_rows(x)
+    cut = F.top_k(x, torch.tensor([3, 5, 1, 4]))  # notes its (wide) layout
+    packed = _stats.compact_rows(cut)
+    kept = np.count_nonzero(cut.numpy() != -np.inf, axis=-1)
+    assert 2 * kept.sum() < wide._flat.size  # the layout has mostly emptied
+    assert packed is not None and packed.logits.shape == (B, int(kept.max()))
+    assert torch.equal(_bits(packed.expand(packed.logits)), _bits(cut))
+    for name in ("top_a", "tfs", "xtc", "quadratic_smoothing", "min_p"):
+        args = _params(name, B, g)
+        _stats.note_live_hint((B, V), wide._flat, wide._pos, wide.logits.shape[1])
+        fast = getattr(F, name)(cut, *args)
+        _stats._scratch.live_hint = None
+        assert torch.equal(_bits(fast), _bits(getattr(F, name)(cut, *args))), name
 
 
 def test_a_hint_missing_an_entry_is_not_taken():

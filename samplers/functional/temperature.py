@@ -23,13 +23,12 @@ from ._stats import (
     check_logits,
     compact_rows,
     count_true,
-    entropy,
+    entropy_of_logits,
     fill_removed,
     is_finite,
     row_param,
     saturate_finite,
     select_rows,
-    softmax_and_log_softmax,
     upcast,
 )
 
@@ -98,7 +97,8 @@ def dynamic_temperature(
     exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
     sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
     if sparse is not None:
-        return sparse.expand(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
+        # (the removed set is the input's: the packed layout carries over to the next sampler)
+        return sparse.expand_truncated(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
     return _dynamic_temperature(logits, t_min, t_max, exponent)
 
 
@@ -106,16 +106,43 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
                          sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
-    p, logp = softmax_and_log_softmax(l32, sparse=sparse)
-    h = entropy(p, logp, overwrite_logp=True, sparse=sparse)  # logp is not used again
-    n = count_true(is_finite(l32))
+    cpu = l32.device.type == "cpu"
+    hi = l32.amax(dim=-1)  # NaN for a row holding a NaN
+    stats, rows, hi_s = l32, None, hi
+    if cpu and sparse is None and not bool(enabled.all()):
+        # The statistics of the enabled rows only (on the CPU reading ``enabled`` is no sync;
+        # each row's statistics depend on that row alone).
+        rows = enabled.nonzero().squeeze(1)
+        stats, hi_s = l32.index_select(0, rows), hi.index_select(0, rows)
+    lo_s = stats.amin(dim=-1)
+    if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
+        n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
+    else:
+        n = count_true(is_finite(stats))
+    # (the selected rows are a copy: their buffer is reused)
+    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s)
+    pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
+    t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
-    t = t_min + (t_max - t_min) * ratio.pow(exponent)
-    t = torch.where(n <= 1, t_min, t)
+    t = t_lo + (pick(t_max) - t_lo) * ratio.pow(pick(exponent))
+    t = torch.where(n <= 1, t_lo, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
-    out = saturate_finite(l32 / t[:, None], l32)
-    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+    # |l| <= max(|lo|, |hi|) and correctly rounded division is monotone: when that bound
+    # divided by T is finite, no result overflowed and saturate_finite would change nothing
+    # (disabled rows divide by 1).
+    in_range = cpu and bool((torch.maximum(lo_s.abs(), hi_s.abs()) / t <= torch.finfo(_F32).max).all())
+    if rows is not None:
+        t = torch.ones_like(t_min).index_copy_(0, rows, t)  # disabled rows: l / 1 = l
+    out = l32 / t[:, None]
+    if not in_range:
+        out = saturate_finite(out, l32)
+    out = cast_saturating(out, logits.dtype)
+    if cpu and bool((enabled | ~torch.isnan(hi)).all()):
+        # x / 1 and the round trip through fp32 are exact for every value but NaN (whose
+        # bits they may change): copy back the disabled rows only where one holds a NaN.
+        return out
+    return select_rows(enabled, out, logits)
 
 
 def quadratic_smoothing(
@@ -144,7 +171,8 @@ def quadratic_smoothing(
     c = row_param(smoothing_curve, logits, _F32, "smoothing_curve")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_quadratic_smoothing(sparse.logits, f, c))
+        # (finite logits stay finite: the packed layout carries over to the next sampler)
+        return sparse.expand_truncated(_quadratic_smoothing(sparse.logits, f, c))
     return _quadratic_smoothing(logits, f, c)
 
 

@@ -38,6 +38,7 @@ from ._stats import (
     fill_removed,
     is_finite,
     keep_at_least,
+    keep_logits_at_least,
     note_live_hint,
     prefix_boundary,
     row_param,
@@ -252,7 +253,7 @@ def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
     a = row_param(top_a, logits, _F32, "top_a")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_top_a(sparse.logits, a, sparse))
+        return sparse.expand_truncated(_top_a(sparse.logits, a, sparse))
     return _top_a(logits, a)
 
 
@@ -324,7 +325,7 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
     # the second differences at the end of each row's sorted probabilities are the same.
     sparse = compact_rows(logits, pad=2, min_width=3)
     if sparse is not None:
-        return sparse.expand(_tfs(sparse.logits, z, sparse))
+        return sparse.expand_truncated(_tfs(sparse.logits, z, sparse))
     return _tfs(logits, z)
 
 
@@ -481,26 +482,35 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
     n = row_param(nsigma, logits, _F32, "nsigma")
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_nsigma(sparse.logits, n, sparse))
+        return sparse.expand_truncated(_nsigma(sparse.logits, n, sparse))
     return _nsigma(logits, n)
 
 
 def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = n > 0
     l32 = upcast(logits)
-    finite = is_finite(l32)
-    if finite.device.type == "cpu" and bool(finite.all()):
-        # Every logit finite (untruncated rows): the zeroing below would change nothing.
+    row_max = l32.amax(dim=-1, keepdim=True)
+    if l32.device.type == "cpu":
+        # min and max finite in every row (NaN fails both tests): every logit is finite,
+        # two cheap reductions instead of a [B, V] mask.
+        all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
+    else:
+        all_finite = False
+    if all_finite:
+        # Untruncated rows: the zeroing below would change nothing.
         count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
         mean = row_sum(l32, sparse) / count.clamp_min(1)
-        sq = row_sum((l32 - mean).pow_(2), sparse)
+        scratch = (l32 - mean).pow_(2)
+        sq = row_sum(scratch, sparse)
+        finite = None
     else:
-        finite = finite.to(_F32)  # 1.0 / 0.0
+        finite = is_finite(l32).to(_F32)  # 1.0 / 0.0
         count = finite.sum(dim=-1, keepdim=True)  # exact in fp32 (V < 2**24)
         # Non-finite logits read as 0 in the sum and contribute 0 to the squares.
         lf = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         mean = row_sum(lf, sparse) / count.clamp_min(1)
-        sq = row_sum(lf.sub_(mean).mul_(finite).pow_(2), sparse)
+        scratch = lf.sub_(mean).mul_(finite).pow_(2)
+        sq = row_sum(scratch, sparse)
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
     if not bool(torch.isfinite(std).all()):
         # Sums past the float32 range (logits ~1e37 and more) give inf or NaN: those rows again on
@@ -509,17 +519,17 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         scale = lf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(_F32).tiny)
         ls = lf / scale
         mean_s = row_sum(ls, sparse) / count.clamp_min(1)
-        sq_s = row_sum(ls.sub_(mean_s).mul_(finite).pow_(2), sparse)
+        dev_s = ls.sub_(mean_s) if finite is None else ls.sub_(mean_s).mul_(finite)
+        sq_s = row_sum(dev_s.pow_(2), sparse)
         std = torch.where(torch.isfinite(std), std, torch.sqrt(sq_s / (count - 1).clamp_min(1)) * scale)
     std = torch.where(count > 1, std, torch.zeros_like(std))
-    row_max = l32.amax(dim=-1, keepdim=True)
     threshold = (row_max - n[:, None] * std)[:, 0]
     if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
-        # The top token(s) pass l >= threshold: no boolean mask needed.
+        # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
-        return keep_at_least(logits, l32, thr)
+        return keep_logits_at_least(logits, l32, thr, scratch)  # the squares' buffer becomes the output
     keep = l32 >= threshold[:, None]
-    return apply_keep(logits, l32, keep, enabled, row_max=row_max)
+    return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
 
 def xtc(
@@ -552,9 +562,11 @@ def xtc(
     threshold = row_param(xtc_threshold, logits, _F32, "xtc_threshold")
     probability = row_param(xtc_probability, logits, _F32, "xtc_probability")
     u = row_param(coin, logits, _F32, "coin")
+    if logits.device.type == "cpu" and not bool(((probability > 0) & (u < probability)).any()):
+        return logits.clone()  # no row's coin came up (no sync on the CPU): nothing to compute
     sparse = compact_rows(logits)
     if sparse is not None:
-        return sparse.expand(_xtc(sparse.logits, threshold, probability, u, sparse))
+        return sparse.expand_truncated(_xtc(sparse.logits, threshold, probability, u, sparse))
     return _xtc(logits, threshold, probability, u)
 
 
