@@ -523,16 +523,18 @@ def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
     return flat, pos, width, at_hint
 
 
-def _made_hint(logits: Tensor) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int]]:
-    """The hint of ``note_live_hint`` when it was noted with ``tensor=logits`` and ``logits``
-    has not been written since (the hint then holds by construction), else None."""
+def _made_hint(logits: Tensor) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int, np.ndarray]]:
+    """``_live_hint``'s result, when the hint was noted with ``tensor=logits`` and ``logits``
+    has not been written since (the hint then holds by construction: only the hinted
+    entries are read), else None."""
     hint = getattr(_scratch, "live_hint", None)
     if hint is None or hint[4] is None or hint[0] != tuple(logits.shape):
         return None
     ref, version = hint[4]
     if ref() is not logits or _version_of(logits) != version:
         return None
-    return hint[1], hint[2], hint[3]
+    flat = hint[1]
+    return flat, hint[2], hint[3], logits.numpy().reshape(-1)[flat] != -np.inf
 
 
 def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[SparseRows]:
