@@ -781,3 +781,37 @@ def test_param_shape_error():
         min_p(torch.zeros(3, 4), torch.zeros(2))
     with pytest.raises(ValueError, match="logits"):
         min_p(torch.zeros(4), torch.zeros(1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kth_largest_on_rows_mostly_minus_inf_matches_topk(seed):
+    """top_k's negated numpy partition (taken at one torch thread when more than an eighth of
+    the entries are -inf and none is NaN) gives torch.topk's k-th largest values, and a block
+    holding the k largest: ties, +-0.0, +inf, rows with fewer than k finite entries; a NaN
+    anywhere sends the call to topk (NaN counts as the largest there)."""
+    from samplers.functional import truncation as T
+
+    g = torch.Generator().manual_seed(seed)
+    B, V = 5, 3000
+    x = torch.round(torch.randn(B, V, generator=g) * 4) / 2  # many ties
+    x[torch.rand(B, V, generator=g) < 0.87] = float("-inf")
+    x[0, :3] = torch.tensor([0.0, -0.0, float("inf")])
+    x[1, 10:] = float("-inf")  # fewer finite entries than k
+    if seed % 3 == 2:
+        x[2, 7] = float("nan")
+    k = torch.tensor([1, 50, 7, 50, 200])[:B]
+    enabled = torch.ones(B, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kth, block = T._kth_largest(x, k, enabled, int(k.max()))
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.topk(x, int(k.max()), dim=-1).values
+    expected = ref.gather(-1, (k - 1)[:, None])[:, 0]
+    assert torch.equal(kth.isnan(), expected.isnan())
+    assert torch.equal(kth[~kth.isnan()], expected[~expected.isnan()])
+    for b in range(B):  # the block holds the row's k largest (as a multiset)
+        top = ref[b, : int(k[b])]
+        got = torch.sort(block[b], descending=True).values[: int(k[b])]
+        assert torch.equal(got.isnan(), top.isnan()) and torch.equal(got[~got.isnan()], top[~top.isnan()])
