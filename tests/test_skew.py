@@ -231,12 +231,12 @@ def routes(monkeypatch):
             changed = {k for k in calls if calls[k] != before[k]}
             assert changed == (set() if expect == "skipped" else {expect}), (expect, calls, before)
             return out
-        monkeypatch.setattr(_skew_module, "_numpy_path_ok", lambda p: False)
+        ok = _skew_module._numpy_path_ok
+        _skew_module._numpy_path_ok = lambda p: False
         try:
             return skew(x, sk)
         finally:
-            monkeypatch.undo()
-            monkeypatch.setattr(_skew_module, "_skew_numpy", counting)
+            _skew_module._numpy_path_ok = ok
 
     return run
 
@@ -261,11 +261,14 @@ def _hard_rows(rng: np.random.Generator, batch: int, vocab: int) -> torch.Tensor
 SKEWS = [0.0, -0.0, 1e-3, -1e-3, 0.05, -0.05, 0.5, -0.5, 2.0, -2.0, 5.0, 20.0, -120.0, 80.0]
 
 
+@pytest.mark.parametrize("ties", ["few", "many"])
 @pytest.mark.parametrize("vocab", [1, 2, 3, 17, 400, 1500, 5000])
-def test_numpy_route_matches_torch_route(vocab, routes):
+def test_numpy_route_matches_torch_route(vocab, ties, routes, monkeypatch):
     """Bit for bit, the numpy route (sorted-order passes, one scatter) and the torch route
-    (sort_nonneg, scatter, token-order passes) on tie-heavy rows; widths from 1024 on also
-    go through the packed rows when mostly -inf."""
+    (sort_nonneg, scatter, token-order passes) on tie-heavy rows, with the tie groups
+    described either way (``_sorted_tie_groups``: tied positions only, or every position);
+    widths from 1024 on also go through the packed rows when mostly -inf."""
+    monkeypatch.setattr(_skew_module, "_MANY_TIES", 0 if ties == "few" else 10**12)
     rng = np.random.default_rng(vocab)
     for trial in range(6):
         batch = int(rng.integers(1, 7))
@@ -363,3 +366,13 @@ def test_numpy_route_scratch_is_per_thread():
             got = list(pool.map(lambda a: skew(*a), inputs * 2))
             for g, e in zip(got, expected * 2):
                 assert torch.equal(bits(g), bits(e))
+
+
+def test_numpy_route_without_kept_scratch(monkeypatch):
+    """Calls above the kept-scratch size (fresh arrays) give the same bits."""
+    rng = np.random.default_rng(4)
+    x = make_logits(rng, 3, 5000, ninf=0.1)
+    sk = f32(0.5, -0.5, 1.5)
+    kept = skew(x, sk)
+    monkeypatch.setattr(_skew_module, "_SCRATCH_KEEP_MAX", 100)
+    assert torch.equal(bits(skew(x, sk)), bits(kept))

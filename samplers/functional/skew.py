@@ -73,13 +73,15 @@ def _skew(logits: Tensor, sk: Tensor, sparse: Optional[SparseRows] = None) -> Te
     l32 = upcast(logits)
     p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
     power = torch.exp(sk)[:, None]
-    out = None
     if _numpy_path_ok(p) and bool(torch.isfinite(power).all()):
         out = _skew_numpy(l32, p, power, sparse is not None)
-        if out is None:  # (rare: non-finite logits or an extreme skew; p was overwritten)
-            p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
-    if out is None:
-        out = _skew_torch(l32, p, power, sparse is not None)
+        if out is not None:
+            # (its values are -inf or logs of normal or subnormal floats no larger than a
+            # finite fp32: magnitudes below 104, which every float dtype holds: a plain cast
+            # is cast_saturating's result)
+            return select_rows(enabled, out.to(logits.dtype), logits)
+        p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)  # (p was overwritten)
+    out = _skew_torch(l32, p, power, sparse is not None)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
 
 
@@ -123,12 +125,13 @@ def _cumsum_pow(p_sorted: Tensor, power: Tensor, packed: bool, in_place: bool = 
 
 
 def _numpy_path_ok(p: Tensor) -> bool:
+    """Whether ``_skew_numpy`` may try ``p`` (its keys hold flat indices in int32 halves)."""
     return (p.device.type == "cpu" and p.dtype == _F32 and p.dim() == 2 and p.is_contiguous()
             and not p.requires_grad and 0 < p.numel() < 2**31 and sys.byteorder == "little")
 
 
-#: Row-wise sorted probabilities whose largest key half is below this have p >= 2, NaN, or a
-#: sign bit: only non-finite logits produce those (the torch route handles them).
+#: A row whose first sorted key has a high half below this holds a probability >= 2, NaN or
+#: with its sign bit set: only non-finite logits produce those (the torch route takes them).
 _KEY_SANE_MIN = 0x40000000
 
 
@@ -148,7 +151,7 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
     Fresh ``[B, V]`` buffers cost page faults comparable to the passes over them, so there is
     none: ``p``'s buffer holds the sorted probabilities, then their skewed cumulative sums,
     then the result; p', the keys and the masks live in per-thread scratch buffers
-    (``_scratch_array``; 13 bytes per entry of ``p``, kept between calls).
+    (``_scratch_array``: 13 bytes per entry of ``p``, kept between calls up to a size).
     """
     batch, width = p.shape
     n = batch * width
@@ -175,9 +178,6 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
     if not bool(np.isfinite(c[:, -1]).all()):  # (c grows along the row: its last is its largest)
         return None
     d = _scratch_array("d", n, np.float32).reshape(batch, width)  # p' in sorted order
-    np.subtract(c[:, 1:], c[:, :-1], out=d[:, 1:])
-    d[:, 0] = c[:, 0]
-    np.maximum(d, 0.0, out=d)
     first, last = _apply_tie_rule(c, d, groups)
     _clamp_top_sorted(l32, halves, d, first, last)
     if positive is not None:
@@ -195,10 +195,16 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
 
 _scratch = threading.local()
 
+#: Scratch arrays are kept between calls up to this many entries (13 bytes each: at most
+#: ~52 MiB per thread); larger calls allocate theirs afresh.
+_SCRATCH_KEEP_MAX = 1 << 22
+
 
 def _scratch_array(name: str, size: int, dtype: type) -> np.ndarray:
-    """A per-thread 1-D array of ``size`` elements (contents undefined), kept between calls
-    and grown when too small."""
+    """A 1-D array of ``size`` elements (contents undefined): a per-thread one kept between
+    calls (and grown when too small) up to ``_SCRATCH_KEEP_MAX`` entries, a fresh one above."""
+    if size > _SCRATCH_KEEP_MAX:
+        return np.empty(size, dtype=dtype)
     buf = getattr(_scratch, name, None)
     if buf is None or buf.size < size:
         buf = np.empty(size, dtype=dtype)
@@ -207,10 +213,12 @@ def _scratch_array(name: str, size: int, dtype: type) -> np.ndarray:
 
 
 def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Optional[tuple]:
-    """The groups of equal positive values in the rows of ``ps`` (``[B, W]``, sorted): None
-    when there are none, else ``(pos, starts)``: the flat positions (``[B * W]`` numbering)
-    of every member but each group's first, ascending, and which of them open a group.
-    ``mask``: scratch, at least ``B * W`` bools."""
+    """The groups of equal positive values in the rows of ``ps`` (``[B, W]``, sorted), as
+    ``_apply_tie_rule`` takes them: None when there are none; ``("few", pos, starts)``: the
+    flat positions (``[B * W]`` numbering) of every member but each group's first,
+    ascending, and which of them open a group; ``("many", firsts, group)`` when most
+    positions are tied (low-precision logits): every group's first flat position, singletons
+    included, and each position's group. ``mask``: scratch, at least ``B * W`` bools."""
     batch, width = ps.shape
     if width < 2:
         return None
@@ -218,35 +226,56 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
     np.equal(ps[:, 1:], ps[:, :-1], out=tie)  # position k + 1 ties position k
     if has_zero_p:
         tie &= ps[:, 1:] > 0
-    later = np.flatnonzero(tie)
-    if later.size == 0:
+    n_tied = np.count_nonzero(tie)
+    if n_tied == 0:
         return None
+    if n_tied * _MANY_TIES > ps.size:
+        starts = np.ones((batch, width), dtype=np.bool_)
+        np.logical_not(tie, out=starts[:, 1:])
+        starts = starts.reshape(-1)
+        return "many", np.flatnonzero(starts), np.cumsum(starts, dtype=np.int64) - 1
+    later = np.flatnonzero(tie)
     rows, cols = np.divmod(later, width - 1)
     pos = rows * width + cols + 1
     starts = np.ones(pos.size, dtype=np.bool_)
     starts[1:] = pos[1:] != pos[:-1] + 1
-    return pos, starts
+    return "few", pos, starts
+
+
+#: ``_sorted_tie_groups`` describes the groups position by position when more than 1 / this
+#: of the positions are tied (index arrays over the tied positions cost more then).
+_MANY_TIES = 4
 
 
 def _apply_tie_rule(c: np.ndarray, d: np.ndarray, groups: Optional[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """The tie rule on sorted rows, in place on ``d`` (``[B, W]``): a group of ``n`` equal
-    positive probabilities at sorted positions ``i .. j`` of a row gets
-    ``max(c[j] - c[i-1], 0) / n`` at each position (``c[i-1]`` = 0 at ``i = 0``).
-    ``groups``: ``_sorted_tie_groups``'s. Returns the groups' first and last flat positions."""
+    """p' in sorted order into ``d`` (``[B, W]``): ``max(c[k] - c[k-1], 0)`` (``c[-1]`` = 0),
+    except that a group of ``n`` equal positive probabilities at positions ``i .. j`` of a
+    row gets ``max(c[j] - c[i-1], 0) / n`` at each (the tie rule). ``groups``:
+    ``_sorted_tie_groups``'. Returns the groups' first and last flat positions."""
+    batch, width = d.shape
+    if groups is None or groups[0] == "few":
+        np.subtract(c[:, 1:], c[:, :-1], out=d[:, 1:])
+        d[:, 0] = c[:, 0]
+        np.maximum(d, 0.0, out=d)
     if groups is None:
         return _EMPTY, _EMPTY
-    pos, starts = groups
-    width = d.shape[1]
-    ends = np.append(starts[1:], True)
-    first, last = pos[starts] - 1, pos[ends]
+    kind, pos, marks = groups
+    if kind == "few":
+        first, last = pos[marks] - 1, pos[np.append(marks[1:], True)]
+    else:
+        first = pos
+        last = np.append(first[1:] - 1, batch * width - 1)
     # (c: packed rows' are a view of wider rows, see _pow_packed: indexed by row and column)
     prev = np.maximum(first - 1, 0)
     before = np.where(first % width > 0, c[prev // width, prev % width], np.float32(0.0))
     size = (last - first + 1).astype(np.float32)
     value = np.maximum(c[last // width, last % width] - before, np.float32(0.0)) / size
     df = d.reshape(-1)
-    df[first] = value
-    df[pos] = value[np.cumsum(starts) - 1]
+    if kind == "few":
+        df[first] = value
+        df[pos] = value[np.cumsum(marks) - 1]
+    else:  # (singletons too: x / 1 is x)
+        np.take(value, marks, out=df)
     return first, last
 
 
