@@ -182,12 +182,16 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
     _clamp_top_sorted(l32, halves, d, first, last)
     if positive is not None:
         d *= positive
-    # log(p') with log(0) = -inf; log(0) is slow on the CPU: zeros are replaced by 1 first
+    # log(p') with log(0) = -inf, p' clamped at 0; log(0) is slow on the CPU: the zeros (and
+    # any negative p') are replaced by 1 first, then their logs (0) by -inf
     zero = mask.reshape(batch, width)
-    np.equal(d, 0, out=zero)
-    d += zero
+    np.less_equal(d, 0, out=zero)
+    np.maximum(d, zero, out=d)
     torch.from_numpy(d).log_()
-    np.copyto(d, -np.inf, where=zero)  # (fast: the zeros are mostly in runs, at the rows' ends)
+    # log(1) = +0.0: OR-ing in -inf's bits gives -inf (a masked copy mispredicts its branches)
+    or_bits = buf.view(np.int32)  # (c is no longer needed)
+    np.multiply(zero, np.int32(_NEG_INF_BITS), out=or_bits)
+    np.bitwise_or(d.view(np.int32), or_bits, out=d.view(np.int32))
     np.bitwise_and(key, 0xFFFFFFFF, out=key)  # back to token order
     buf.reshape(-1)[key] = d.reshape(-1)
     return p
@@ -226,15 +230,14 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
     np.equal(ps[:, 1:], ps[:, :-1], out=tie)  # position k + 1 ties position k
     if has_zero_p:
         tie &= ps[:, 1:] > 0
-    n_tied = np.count_nonzero(tie)
-    if n_tied == 0:
+    later = np.flatnonzero(tie)
+    if later.size == 0:
         return None
-    if n_tied * _MANY_TIES > ps.size:
+    if later.size * _MANY_TIES > ps.size:
         starts = np.ones((batch, width), dtype=np.bool_)
         np.logical_not(tie, out=starts[:, 1:])
         starts = starts.reshape(-1)
         return "many", np.flatnonzero(starts), np.cumsum(starts, dtype=np.int64) - 1
-    later = np.flatnonzero(tie)
     rows, cols = np.divmod(later, width - 1)
     pos = rows * width + cols + 1
     starts = np.ones(pos.size, dtype=np.bool_)
@@ -248,15 +251,15 @@ _MANY_TIES = 4
 
 
 def _apply_tie_rule(c: np.ndarray, d: np.ndarray, groups: Optional[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """p' in sorted order into ``d`` (``[B, W]``): ``max(c[k] - c[k-1], 0)`` (``c[-1]`` = 0),
+    """p' in sorted order into ``d`` (``[B, W]``): ``c[k] - c[k-1]`` (``c[-1]`` = 0; negative
+    values, which the caller counts as 0, are possible only if ``pow`` is not monotone),
     except that a group of ``n`` equal positive probabilities at positions ``i .. j`` of a
     row gets ``max(c[j] - c[i-1], 0) / n`` at each (the tie rule). ``groups``:
     ``_sorted_tie_groups``'. Returns the groups' first and last flat positions."""
     batch, width = d.shape
-    if groups is None or groups[0] == "few":
+    if groups is None or groups[0] == "few":  # (the clamp at 0 is left to the caller)
         np.subtract(c[:, 1:], c[:, :-1], out=d[:, 1:])
         d[:, 0] = c[:, 0]
-        np.maximum(d, 0.0, out=d)
     if groups is None:
         return _EMPTY, _EMPTY
     kind, pos, marks = groups
@@ -308,6 +311,7 @@ def _clamp_top_sorted(l32: Tensor, halves: np.ndarray, d: np.ndarray,
 
 
 _TINY = np.float32(torch.finfo(_F32).tiny)
+_NEG_INF_BITS = int(np.float32(-np.inf).view(np.int32))
 
 
 #: Packed rows are raised to the power on a width that is a multiple of this (see _pow_packed).
