@@ -138,8 +138,9 @@ _KEY_SANE_MIN = 0x40000000
 def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional[Tensor]:
     """``_skew_torch``'s values on a contiguous CPU float32 ``p`` (a fresh tensor of the
     caller's, which this overwrites, also when it returns None), or None where NaN or
-    infinite probabilities (non-finite logits) or skewed sums (``exp(skew)`` beyond about 1e38) would turn up: those go the torch route, bit for
-    bit (NaN's sign and payload included).
+    infinite probabilities (non-finite logits) or skewed sums (a finite ``exp(skew)`` near
+    1e38 on sums rounded above 1) would turn up: those go the torch route, whose results,
+    NaN's sign and payload included, are then the answer.
 
     Everything after the sort happens in sorted order, where a row is contiguous (the tie
     groups, the top token(s), the zeros and the log, which torch computes the same way in
