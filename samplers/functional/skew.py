@@ -223,7 +223,7 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
     flat positions (``[B * W]`` numbering) of every member but each group's first,
     ascending, and which of them open a group; ``("many", firsts, group)`` when most
     positions are tied (low-precision logits): every group's first flat position, singletons
-    included, and each position's group. ``mask``: scratch, at least ``B * W`` bools."""
+    included, and each position's group number, counted from 1. ``mask``: scratch, at least ``B * W`` bools."""
     batch, width = ps.shape
     if width < 2:
         return None
@@ -231,14 +231,17 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
     np.equal(ps[:, 1:], ps[:, :-1], out=tie)  # position k + 1 ties position k
     if has_zero_p:
         tie &= ps[:, 1:] > 0
-    later = np.flatnonzero(tie)
-    if later.size == 0:
+    n_tied = np.count_nonzero(tie)
+    if n_tied == 0:
         return None
-    if later.size * _MANY_TIES > ps.size:
+    if n_tied * _MANY_TIES > ps.size:
         starts = np.ones((batch, width), dtype=np.bool_)
         np.logical_not(tie, out=starts[:, 1:])
         starts = starts.reshape(-1)
-        return "many", np.flatnonzero(starts), np.cumsum(starts, dtype=np.int64) - 1
+        # (each position's group, counted from 1; int32: numpy's cumsum of bools into int64
+        # is several times slower)
+        return "many", np.flatnonzero(starts), np.cumsum(starts, dtype=np.int32)
+    later = np.flatnonzero(tie)
     rows, cols = np.divmod(later, width - 1)
     pos = rows * width + cols + 1
     starts = np.ones(pos.size, dtype=np.bool_)
@@ -279,7 +282,7 @@ def _apply_tie_rule(c: np.ndarray, d: np.ndarray, groups: Optional[tuple]) -> tu
         df[first] = value
         df[pos] = value[np.cumsum(marks) - 1]
     else:  # (singletons too: x / 1 is x)
-        np.take(value, marks, out=df)
+        np.take(np.concatenate([value[:1], value]), marks, out=df)  # (groups counted from 1)
     return first, last
 
 
