@@ -5,12 +5,16 @@
    batches with -inf entries and ties;
 3. hypothesis properties: skew 0 -> bit-identical, batch independence, -inf stays -inf,
    the top token keeps a positive probability, mass conservation, direction of the effect;
-4. fp16 / bf16 inputs keep their dtype.
+4. fp16 / bf16 inputs keep their dtype;
+5. the CPU's numpy route: bit for bit the torch route's results (ties, -inf, one-token rows,
+   extreme skews, low precision), declining non-finite cases, and against the reference.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from samplers.functional._stats import softmax_and_log_softmax
 from samplers.functional.skew import skew
 
 from logit_helpers import bits, make_logits
@@ -197,3 +202,177 @@ def test_low_precision_dtypes(dtype):
     assert out.dtype == dtype and out.shape == l.shape
     assert torch.equal(bits(out[1]), bits(l[1]))
     assert torch.equal(out, skew(l.float(), sk).to(dtype))
+
+
+# ------------------------------------------- 5. the CPU's numpy route against the torch route
+
+_skew_module = importlib.import_module("samplers.functional.skew")
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """``routes(x, sk, numpy=True)``: skew with the CPU's numpy route, asserting that it was
+    ``expect``-ed: "taken" (it gave the result), "declined" (it returned None) or "skipped"
+    (not tried: a non-finite exp(skew)); ``numpy=False``: the torch route only."""
+    calls = {"taken": 0, "declined": 0}
+    real = _skew_module._skew_numpy
+
+    def counting(*args):
+        out = real(*args)
+        calls["taken" if out is not None else "declined"] += 1
+        return out
+
+    monkeypatch.setattr(_skew_module, "_skew_numpy", counting)
+
+    def run(x, sk, numpy: bool, expect: str = "taken"):
+        if numpy:
+            before = dict(calls)
+            out = skew(x, sk)
+            changed = {k for k in calls if calls[k] != before[k]}
+            assert changed == (set() if expect == "skipped" else {expect}), (expect, calls, before)
+            return out
+        ok = _skew_module._numpy_path_ok
+        _skew_module._numpy_path_ok = lambda p: False
+        try:
+            return skew(x, sk)
+        finally:
+            _skew_module._numpy_path_ok = ok
+
+    return run
+
+
+def _hard_rows(rng: np.random.Generator, batch: int, vocab: int) -> torch.Tensor:
+    """Rows full of ties (bf16 rounding, small integers, ties at the max), -inf entries, an
+    all -inf row and a row with one finite token."""
+    kind = rng.integers(0, 4)
+    x = make_logits(rng, batch, vocab, scale=float(rng.choice([0.5, 3.0, 12.0])),
+                    ninf=float(rng.choice([0.0, 0.3, 0.95])), ties_at_max=True)
+    if kind == 1:
+        x = x.bfloat16().float()
+    elif kind == 2:
+        x = torch.round(x)
+    if batch > 2:
+        x[1] = NEG_INF
+        x[2] = NEG_INF
+        x[2, int(rng.integers(0, vocab))] = float(rng.normal())
+    return x
+
+
+SKEWS = [0.0, -0.0, 1e-3, -1e-3, 0.05, -0.05, 0.5, -0.5, 2.0, -2.0, 5.0, 20.0, -120.0, 80.0]
+
+
+@pytest.mark.parametrize("ties", ["few", "many"])
+@pytest.mark.parametrize("vocab", [1, 2, 3, 17, 400, 1500, 5000])
+def test_numpy_route_matches_torch_route(vocab, ties, routes, monkeypatch):
+    """Bit for bit, the numpy route (sorted-order passes, one scatter) and the torch route
+    (sort_nonneg, scatter, token-order passes) on tie-heavy rows, with the tie groups
+    described either way (``_sorted_tie_groups``: tied positions only, or every position);
+    widths from 1024 on also go through the packed rows when mostly -inf."""
+    monkeypatch.setattr(_skew_module, "_MANY_TIES", 0 if ties == "few" else 10**12)
+    rng = np.random.default_rng(vocab)
+    for trial in range(6):
+        batch = int(rng.integers(1, 7))
+        x = _hard_rows(rng, batch, vocab)
+        sk = torch.from_numpy(rng.choice(SKEWS, batch).astype(np.float32))
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            xd = x.to(dtype)
+            assert torch.equal(bits(routes(xd, sk, numpy=True)), bits(routes(xd, sk, numpy=False))), \
+                (vocab, trial, dtype)
+
+
+@pytest.mark.parametrize("case", ["nan_logit", "inf_logit", "nan_skew", "inf_skew", "huge_skew"])
+def test_numpy_route_declines_non_finite_cases(case, routes):
+    """NaN / +inf logits (NaN probabilities), a NaN or infinite exp(skew), and skewed sums that
+    overflow go the torch route: the results are its, bit for bit."""
+    rng = np.random.default_rng(7)
+    x = make_logits(rng, 3, 300, ninf=0.2)
+    sk = f32(0.5, -0.5, 2.0)
+    if case == "nan_logit":
+        x[0, 5] = float("nan")
+    elif case == "inf_logit":
+        x[1, 7] = float("inf")
+    elif case == "nan_skew":
+        sk[2] = float("nan")
+    elif case == "inf_skew":
+        sk[0] = float("inf")
+    else:  # exp(88) = 1.65e38 (finite) raises a row's sum, here rounded above 1, to inf
+        sk[:] = 88.0
+        x = torch.randn(1, 300, generator=torch.Generator().manual_seed(9)).expand(3, 300).contiguous()
+        p, _ = softmax_and_log_softmax(x, with_log=False)  # (the probabilities skew sorts)
+        assert torch.cumsum(torch.sort(p, descending=True).values, -1)[0, -1] > 1.0
+    expect = "skipped" if case in ("nan_skew", "inf_skew") else "declined"
+    via_numpy = routes(x, sk, numpy=True, expect=expect)
+    assert torch.equal(bits(via_numpy), bits(routes(x, sk, numpy=False)))
+
+
+def test_numpy_route_against_numpy_reference_with_ties(routes):
+    """The numpy route against the independent float64 reference on tie-heavy rows whose tie
+    groups carry much of the mass (where splitting a group by sort position would be off by
+    far more than the tolerance), plus the exact property that equal probabilities give
+    equal bits. (Permuting a row's tokens need not permute the result bit for bit: the
+    softmax's fp32 sum depends on the order of its terms.)"""
+    rng = np.random.default_rng(5)
+    for vocab in (5, 60, 2000):
+        for trial in range(4):
+            batch = 4
+            x = torch.round(torch.from_numpy(rng.standard_normal((batch, vocab)).astype(np.float32))
+                            * float(rng.choice([0.6, 2.0])))
+            if trial % 2:
+                x[torch.from_numpy(rng.random((batch, vocab)) < 0.5)] = NEG_INF
+                x[:, 0] = 3.0
+            sk = f32(*rng.choice([-1.5, -0.3, 0.3, 1.5], batch))
+            out = routes(x, sk, numpy=True)
+            rows = x.double().numpy()
+            for b in range(batch):
+                ref = ref_skew_probs(rows[b], float(sk[b]))
+                np.testing.assert_allclose(out[b].double().exp().numpy(), ref, rtol=1e-3, atol=2e-6)
+                p = torch.softmax(x[b], -1)
+                for v in torch.unique(p):
+                    members = out[b][p == v]
+                    assert torch.equal(bits(members), bits(members[:1].expand_as(members)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_numpy_route_low_precision_against_reference(dtype, routes):
+    """fp16 / bf16 logits: against the reference on the same (rounded) logits, in probability
+    space: fp32 rounding (``atol``, as above) plus the rounding of ``log p'`` to ``dtype``
+    (a relative error of up to ``eps * |log p'|`` in ``p'``)."""
+    rng = np.random.default_rng(9)
+    x = make_logits(rng, 4, 3000, scale=2.0, ninf=0.3).to(dtype)
+    sk = f32(0.7, -0.7, 2.5, -2.5)
+    out = routes(x, sk, numpy=True)
+    assert out.dtype == dtype
+    rows = x.double().numpy()
+    eps = torch.finfo(dtype).eps
+    for b in range(4):
+        ref = ref_skew_probs(rows[b], float(sk[b]))
+        got = out[b].double().numpy()
+        assert np.all(np.isneginf(got[~np.isfinite(rows[b])]))
+        with np.errstate(divide="ignore"):
+            rtol = 1e-3 + eps * np.abs(np.log(ref))
+        rtol[ref == 0] = 0.0
+        assert np.all(np.abs(np.exp(got) - ref) <= 2e-6 + rtol * ref)
+
+
+def test_numpy_route_scratch_is_per_thread():
+    """The numpy route's scratch buffers are per thread: concurrent calls of different shapes
+    give the results of sequential ones."""
+    rng = np.random.default_rng(3)
+    inputs = [(make_logits(rng, b, v, ninf=0.1), torch.full((b,), s))
+              for b, v, s in [(3, 5000, 0.5), (5, 3001, -0.5), (2, 8000, 1.5), (4, 4000, -1.0)]]
+    expected = [skew(x, s) for x, s in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda a: skew(*a), inputs * 2))
+            for g, e in zip(got, expected * 2):
+                assert torch.equal(bits(g), bits(e))
+
+
+def test_numpy_route_without_kept_scratch(monkeypatch):
+    """Calls above the kept-scratch size (fresh arrays) give the same bits."""
+    rng = np.random.default_rng(4)
+    x = make_logits(rng, 3, 5000, ninf=0.1)
+    sk = f32(0.5, -0.5, 1.5)
+    kept = skew(x, sk)
+    monkeypatch.setattr(_skew_module, "_SCRATCH_KEEP_MAX", 100)
+    assert torch.equal(bits(skew(x, sk)), bits(kept))
