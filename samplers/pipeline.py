@@ -139,12 +139,14 @@ def _penalties(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tenso
 
 
 def _temperature(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+    t = b.param("static_temperature")  # 1.0 on dynatemp and greedy rows
     if b.any_dynatemp:
-        x = F.dynamic_temperature(x, b.param("dynatemp_min_active"), b.param("dynatemp_max_active"),
-                                  b.param("dynatemp_exponent"))
-    if b.any_static_temperature:
-        x = F.temperature(x, b.param("static_temperature"))
-    return x
+        # one division for both kinds of rows: each row's factor is its own T times 1.0 (exact)
+        t = t * F.dynamic_temperature_values(x, b.param("dynatemp_min_active"), b.param("dynatemp_max_active"),
+                                             b.param("dynatemp_exponent"))
+    elif not b.any_static_temperature:
+        return x
+    return F.temperature(x, t)
 
 
 def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:

@@ -208,3 +208,29 @@ def test_xtc_without_a_processed_row_returns_a_copy():
     processed = F.xtc(x, thr, prob, torch.tensor([0.4, 0.0, 0.5]))  # row 0's coin comes up
     assert torch.isneginf(processed[0]).sum() > torch.isneginf(x[0]).sum()
     assert torch.equal(bits(processed[1:]), bits(x[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pipeline_divides_once_as_dynatemp_then_temperature_would(dtype):
+    """The pipeline's temperature stage divides each row once, by its dynamic temperature
+    (``F.dynamic_temperature_values``) times its static one: the same bits as applying
+    ``F.dynamic_temperature`` and then ``F.temperature`` (the two-pass composition), on a
+    batch mixing dynatemp, static, greedy and default rows, with removed tokens."""
+    from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+
+    g = torch.Generator().manual_seed(3)
+    V = 3000
+    rows = [SamplingParams(dynatemp_min=0.5, dynatemp_max=1.5), SamplingParams(temperature=0.7),
+            SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(dynatemp_min=0.0, dynatemp_max=2.0,
+                                                                             dynatemp_exponent=2.0),
+            SamplingParams(temperature=1.3)]
+    x = (torch.randn(len(rows), V, generator=g) * 3).to(dtype)
+    x[0, 5:] = float("-inf")
+    batch = SamplingBatch(rows, vocab_size=V)
+    got = SamplerPipeline("torch", seed=0).process(x, batch)
+    ref = F.dynamic_temperature(x.float(), batch.param("dynatemp_min_active"), batch.param("dynatemp_max_active"),
+                                batch.param("dynatemp_exponent"))
+    ref = F.temperature(ref, batch.param("static_temperature")).to(dtype)
+    assert torch.equal(got.float().view(torch.int32) if dtype == torch.float32 else got.view(torch.int16),
+                       ref.float().view(torch.int32) if dtype == torch.float32 else ref.view(torch.int16))
+    assert not torch.equal(got[0], x[0]) and not torch.equal(got[1], x[1]) and torch.equal(got[3], x[3])

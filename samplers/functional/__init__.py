@@ -12,7 +12,7 @@ from .dry import dry
 from .ngram import no_repeat_ngram
 from .penalties import ban_tokens, logit_bias, min_tokens, penalties, rescue_empty_rows
 from .skew import skew
-from .temperature import dynamic_temperature, quadratic_smoothing, temperature
+from .temperature import dynamic_temperature, dynamic_temperature_values, quadratic_smoothing, temperature
 from .truncation import (
     epsilon_cutoff,
     eta_cutoff,
@@ -27,8 +27,7 @@ from .truncation import (
 )
 
 __all__ = [
-    "ban_tokens", "dry", "dynamic_temperature", "epsilon_cutoff", "eta_cutoff", "logit_bias",
-    "min_p", "min_tokens", "no_repeat_ngram", "nsigma", "penalties", "quadratic_smoothing", "rescue_empty_rows",
-    "skew",
-    "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p", "xtc",
+    "ban_tokens", "dry", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
+    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "nsigma", "penalties", "quadratic_smoothing",
+    "rescue_empty_rows", "skew", "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p", "xtc",
 ]

@@ -32,7 +32,8 @@ from ._stats import (
     upcast,
 )
 
-__all__ = ["temperature", "dynamic_temperature", "quadratic_smoothing", "GREEDY_TEMPERATURE"]
+__all__ = ["temperature", "dynamic_temperature", "dynamic_temperature_values", "quadratic_smoothing",
+           "GREEDY_TEMPERATURE"]
 
 _F32 = torch.float32
 
@@ -92,28 +93,41 @@ def dynamic_temperature(
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
+    return temperature(logits, dynamic_temperature_values(logits, dynatemp_min, dynatemp_max, dynatemp_exponent))
+
+
+def dynamic_temperature_values(
+    logits: Tensor,
+    dynatemp_min: ParamLike,
+    dynatemp_max: ParamLike,
+    dynatemp_exponent: ParamLike,
+) -> Tensor:
+    """``[B]`` float32: the temperature ``T`` by which ``dynamic_temperature`` divides each
+    row (its formula; at least ``1e-5``), and ``1.0`` on disabled rows. Dividing by it
+    (``temperature(logits, T)``) is ``dynamic_temperature``; a caller that also scales other
+    rows by a static temperature can divide once by the two combined."""
+    check_logits(logits)
     t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min")
     t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max")
     exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
     sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
     if sparse is not None:
-        # (the removed set is the input's: the packed layout carries over to the next sampler)
-        return sparse.expand_truncated(_dynamic_temperature(sparse.logits, t_min, t_max, exponent, sparse))
-    return _dynamic_temperature(logits, t_min, t_max, exponent)
+        return _dynamic_temperature_values(sparse.logits, t_min, t_max, exponent, sparse)
+    return _dynamic_temperature_values(logits, t_min, t_max, exponent)
 
 
-def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent: Tensor,
-                         sparse: Optional[SparseRows] = None) -> Tensor:
+def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent: Tensor,
+                                sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = (t_min != 0) | (t_max != 0)
     l32 = upcast(logits)
     cpu = l32.device.type == "cpu"
-    hi = l32.amax(dim=-1)  # NaN for a row holding a NaN
-    stats, rows, hi_s = l32, None, hi
+    stats, rows = l32, None
     if cpu and sparse is None and not bool(enabled.all()):
         # The statistics of the enabled rows only (on the CPU reading ``enabled`` is no sync;
         # each row's statistics depend on that row alone).
         rows = enabled.nonzero().squeeze(1)
-        stats, hi_s = l32.index_select(0, rows), hi.index_select(0, rows)
+        stats = l32.index_select(0, rows)
+    hi_s = stats.amax(dim=-1)
     lo_s = stats.amin(dim=-1)
     if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
         n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
@@ -128,21 +142,9 @@ def _dynamic_temperature(logits: Tensor, t_min: Tensor, t_max: Tensor, exponent:
     t = t_lo + (pick(t_max) - t_lo) * ratio.pow(pick(exponent))
     t = torch.where(n <= 1, t_lo, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
-    # |l| <= max(|lo|, |hi|) and correctly rounded division is monotone: when that bound
-    # divided by T is finite, no result overflowed and saturate_finite would change nothing
-    # (disabled rows divide by 1).
-    in_range = cpu and bool((torch.maximum(lo_s.abs(), hi_s.abs()) / t <= torch.finfo(_F32).max).all())
     if rows is not None:
-        t = torch.ones_like(t_min).index_copy_(0, rows, t)  # disabled rows: l / 1 = l
-    out = l32 / t[:, None]
-    if not in_range:
-        out = saturate_finite(out, l32)
-    out = cast_saturating(out, logits.dtype)
-    if cpu and bool((enabled | ~torch.isnan(hi)).all()):
-        # x / 1 and the round trip through fp32 are exact for every value but NaN (whose
-        # bits they may change): copy back the disabled rows only where one holds a NaN.
-        return out
-    return select_rows(enabled, out, logits)
+        return torch.ones_like(t_min).index_copy_(0, rows, t)
+    return torch.where(enabled, t, torch.ones_like(t))
 
 
 def quadratic_smoothing(
