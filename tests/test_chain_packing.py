@@ -22,6 +22,7 @@ import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import _stats
 from samplers.functional import truncation as T
+from test_packed_rows import PACKED, _params  # the samplers that pack, random parameters for each
 
 NINF = float("-inf")
 
@@ -125,29 +126,6 @@ def _layout(live: np.ndarray, B: int, V: int, extra: np.ndarray) -> tuple[np.nda
     starts = np.cumsum(counts) - counts
     pos = rows * width + (np.arange(flat.size) - starts[rows])
     return flat, pos, width
-
-
-PACKED = ["top_k", "top_p", "top_a", "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "nsigma", "xtc",
-          "dynamic_temperature", "quadratic_smoothing", "skew", "typical_p"]
-
-
-def _params(name: str, B: int, g: torch.Generator):
-    r = lambda: torch.rand(B, generator=g)  # noqa: E731
-    return {
-        "top_k": (torch.randint(-1, 80, (B,), generator=g),),
-        "top_p": (r() * 1.1,),
-        "top_a": (r() * 0.5,),
-        "min_p": (r() * 0.3,),
-        "tfs": (r() * 1.1,),
-        "eta_cutoff": (r() * 0.01,),
-        "epsilon_cutoff": (r() * 0.01,),
-        "nsigma": (r() * 3,),
-        "xtc": (r() * 0.3, r(), r()),
-        "dynamic_temperature": (r() * 0.5, 0.5 + r(), r() + 0.5),
-        "quadratic_smoothing": (r(), 1 + 2 * r()),
-        "skew": (torch.randn(B, generator=g),),
-        "typical_p": (r() * 1.1,),
-    }[name]
 
 
 @pytest.mark.parametrize("name", PACKED)
