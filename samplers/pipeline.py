@@ -14,6 +14,7 @@ is the one place that picks between them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -45,10 +46,10 @@ class _RowRandoms:
 
     def __init__(self, batch: SamplingBatch, generator: torch.Generator) -> None:
         self.batch, self.generator = batch, generator
-        self._keys: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._cache: dict[int, torch.Tensor] = {}
 
-    def _make_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @functools.cached_property
+    def _keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Made on first use: a call that needs no random number (no draw, no XTC) costs
         # nothing here and leaves the generator where it was.
         batch = self.batch
@@ -64,14 +65,10 @@ class _RowRandoms:
 
     @property
     def key_lo(self) -> torch.Tensor:
-        if self._keys is None:
-            self._keys = self._make_keys()
         return self._keys[0]
 
     @property
     def key_hi(self) -> torch.Tensor:
-        if self._keys is None:
-            self._keys = self._make_keys()
         return self._keys[1]
 
     def uniforms(self, purpose: int) -> torch.Tensor:
@@ -244,8 +241,12 @@ def _may_overflow(batch: SamplingBatch, logits: torch.Tensor, absmax: float) -> 
         return False
     if logits.device.type != "cpu" or logits.numel() == 0:
         return True
-    exact = float(torch.where(torch.isfinite(logits), logits.abs(), 0.0).amax())
-    return batch.may_overflow(exact)
+    return batch.may_overflow(_finite_absmax(logits))
+
+
+def _finite_absmax(x: torch.Tensor) -> float:
+    """The largest magnitude among the finite entries of ``x`` (0.0 when there are none)."""
+    return float(torch.where(torch.isfinite(x), x.abs(), 0.0).amax())
 
 
 def triton_available(device: Optional[torch.device] = None) -> bool:
@@ -313,7 +314,7 @@ class SamplerPipeline:
     @staticmethod
     def _prepare(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The logits as the chain reads them, and a bound on the largest finite magnitude
-        among them (the exact value, or on the CPU a cheaper upper bound; ``_exact_absmax``).
+        among them (the exact value, or on the CPU a cheaper upper bound, which ``_may_overflow`` refines).
 
         The input rule (SEMANTICS.md, "Hostile inputs"): NaN is a removed token (-inf); +inf is
         the largest finite value of the logits' dtype (float32's for float64 logits, whose
@@ -339,8 +340,7 @@ class SamplerPipeline:
         empty = (x.amax(dim=-1) == -math.inf).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"logits row(s) {empty[:10]} have no candidate token: every logit is -inf or NaN")
-        absmax = float(torch.where(torch.isfinite(x), x.abs(), 0.0).amax())
-        return x, absmax
+        return x, _finite_absmax(x)
 
     def _chain(self, logits: torch.Tensor, batch: SamplingBatch, absmax: float) -> Chain:
         """The backend's chain for these logits: the one place where the backend is chosen.

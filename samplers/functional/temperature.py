@@ -92,7 +92,6 @@ def dynamic_temperature(
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
-    check_logits(logits)
     return temperature(logits, dynamic_temperature_values(logits, dynatemp_min, dynatemp_max, dynatemp_exponent))
 
 
