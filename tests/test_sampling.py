@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from samplers import sampling
 from samplers.sampling import (
     compute_logprobs,
     draw_tokens,
@@ -31,9 +32,47 @@ def _t(*values):
         ),
     ],
 )
-def test_philox_known_answers(counter, key, expected):
-    out = philox4x32(*_t(*counter), *_t(*key))
+@pytest.mark.parametrize("route", ["public", "torch"])
+def test_philox_known_answers(counter, key, expected, route):
+    fn = philox4x32 if route == "public" else sampling._philox4x32_torch  # (public: numpy on the CPU)
+    out = fn(*_t(*counter), *_t(*key))
     assert tuple(int(o) for o in out) == expected
+
+
+_EDGE_WORDS = [0, 1, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
+
+
+def _words(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """n uint32 words in int64: random ones and the edges of 16- and 32-bit arithmetic."""
+    w = rng.integers(0, 2**32, n, dtype=np.int64)
+    edges = rng.permutation(_EDGE_WORDS)[:n]
+    w[: edges.size] = edges
+    return torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("n,rounds", [(1, 10), (8, 10), (1000, 10), (64, 7), (5, 0)])
+def test_philox_numpy_route_matches_torch_route(n, rounds):
+    rng = np.random.default_rng(n + rounds)
+    words = [_words(rng, n) for _ in range(6)]
+    got = philox4x32(*words, rounds=rounds)
+    want = sampling._philox4x32_torch(*words, rounds=rounds)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.int64 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("n", [1, 3, 257])
+@pytest.mark.parametrize("purpose", [0, 1, 7])
+def test_row_uniforms_numpy_route_matches_torch_route(n, purpose):
+    """On the CPU row_uniforms is numpy from start to end; the torch route is what other
+    devices run. Steps beyond 32 bits and negative ones are masked alike."""
+    rng = np.random.default_rng(n * 10 + purpose)
+    key_lo, key_hi = _words(rng, n), _words(rng, n)
+    step = torch.from_numpy(rng.integers(-(2**40), 2**40, n, dtype=np.int64))
+    seq = torch.from_numpy(rng.integers(0, 4, n, dtype=np.int64)).to(torch.int32)
+    got = row_uniforms(key_lo, key_hi, step, seq, purpose)
+    want = sampling._row_uniforms_torch(key_lo, key_hi, step, seq, purpose)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.equal(got, want)
 
 
 def _numpy_uniform(word: int) -> np.float32:
