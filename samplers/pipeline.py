@@ -23,7 +23,7 @@ import torch
 from . import functional as F
 from . import kernels
 from .batch import SamplingBatch, normalise_device
-from .functional._stats import cast_saturating, finite_absmax_bound, no_overflow
+from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow, packed_chain
 from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
@@ -176,6 +176,10 @@ UNITS: dict[SamplerID, Unit] = {
 }
 
 
+#: Units that read token ids (histories): they run on the full rows, never on packed ones.
+_READS_TOKEN_IDS = frozenset({SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM})
+
+
 def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
                 keep_processed: bool = True) -> ChainOutput:
     """The reference backend: logit_bias, min_tokens, the batch's schedule of ``UNITS``, skew,
@@ -189,7 +193,18 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     if batch.min_tokens_coo is not None:
         x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
         owned = True
+    # Truncated rows stay packed from one unit to the next (PackedChain); x is then the
+    # chain's [B, K] packed rows, expanded where a step needs the full rows.
+    chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     for (sampler, rows), index in zip(batch.schedule, batch.schedule_rows):
+        if rows is None and chain is not None and sampler not in _READS_TOKEN_IDS:
+            x = chain.hand_over(x)
+            with packed_chain(chain):
+                x = chain.take_back(UNITS[sampler](x, batch, randoms))
+            owned = True
+            continue
+        if chain is not None:
+            x = chain.expand(x)
         if rows is None:
             x = UNITS[sampler](x, batch, randoms)
             owned = True
@@ -206,8 +221,14 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         if not owned:
             x, owned = x.clone(), True
         x.index_copy_(0, index, out.to(x.dtype))
-    if batch.any_skew:
+    if batch.any_skew and chain is not None:
+        x = chain.hand_over(x)
+        with packed_chain(chain):
+            x = chain.take_back(F.skew(x, batch.param("skew")))
+    elif batch.any_skew:
         x = F.skew(x, batch.param("skew"))
+    if chain is not None:
+        x = chain.expand(x)
     if batch.may_remove_every_token:
         x = F.rescue_empty_rows(x, logits)
     if not draw:

@@ -52,6 +52,8 @@ __all__ = [
     "keep_logits_at_least",
     "SparseRows",
     "compact_rows",
+    "PackedChain",
+    "packed_chain",
     "note_live_hint",
     "count_true",
     "sum_scattered",
@@ -447,9 +449,27 @@ class SparseRows:
         not ``-inf`` all sit at packed positions: also notes this layout as a hint for the
         next ``compact_rows`` (the next sampler of a chain), which then packs the result into
         the same positions instead of searching the ``[B, V]`` rows (see ``_live_hint``)."""
+        chain = _CHAIN.get()
+        if chain is not None:
+            return chain.adopt(self, packed)
         out = self.expand(packed)
         note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1], tensor=out)
         return out
+
+    def packed_values(self, packed: Tensor) -> np.ndarray:
+        """``packed``'s entries (``[B, K]`` float32, this layout) at the packed positions,
+        in ``flat``'s order."""
+        return packed.contiguous().numpy().reshape(-1)[self._pos]
+
+    def with_pad(self, pad: int, min_width: int) -> "SparseRows":
+        """This layout if it has ``pad`` free columns after every row's entries (only
+        ``pad = 0`` is known to) and at least ``min_width`` columns; else the rows packed
+        again from their entries that are not ``-inf``, with that padding."""
+        if pad == 0 and self.logits.shape[1] >= min_width:
+            return self
+        values = self.packed_values(self.logits)
+        live = values != -np.inf
+        return _pack(self._flat[live], values[live], self._shape, pad, min_width, force=True)
 
 
 def note_live_hint(shape: tuple[int, int], flat: np.ndarray, pos: Optional[np.ndarray] = None,
@@ -547,7 +567,15 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     kept after the widest row's entries and the width is at least ``min_width`` (both capped
     at ``V``): samplers whose rule looks at removed tokens next to kept ones (tfs's second
     differences) ask for them. NaN entries count as kept entries (they are not ``-inf``).
+
+    Inside ``packed_chain``, a sampler's first call on the chain's packed rows returns their
+    layout (with the padding asked for), whatever their width: see ``PackedChain``.
     """
+    chain = _CHAIN.get()
+    if chain is not None and chain.armed:
+        chain.armed = False
+        if chain.is_packed(logits):
+            return chain.rows.with_pad(pad, min_width)
     if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
             or logits.requires_grad):
         return None
@@ -585,16 +613,119 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
         flat = flat[at_hint]
         if flat.size * _SPARSE_FRACTION > xn.size:
             return None
+    return _pack(flat, xn[flat], (batch, vocab), pad, min_width)
+
+
+def _pack(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0, min_width: int = 1,
+          force: bool = False) -> Optional[SparseRows]:
+    """``SparseRows`` of the ``shape`` rows that are ``-inf`` except ``values`` at the flat
+    indices ``flat`` (increasing): each row's entries to the left, ``pad`` free columns after
+    the widest, at least ``min_width`` columns (both capped at ``V``). None when the packed
+    rows would not be narrow enough to pay (see ``_SPARSE_FRACTION``), unless ``force``."""
+    batch, vocab = shape
     rows = flat // vocab
     counts = np.bincount(rows, minlength=batch)
-    width = min(vocab, max(int(counts.max()) + pad, min_width))
-    if width * _SPARSE_FRACTION > vocab or width == vocab:  # (packed rows do not shrink again)
+    width = min(vocab, max(int(counts.max(initial=0)) + pad, min_width))
+    if not force and (width * _SPARSE_FRACTION > vocab or width == vocab):  # (packed rows do not shrink again)
         return None
     starts = np.cumsum(counts) - counts
     pos = rows * width + (np.arange(flat.size) - starts[rows])
     packed = np.full(batch * width, -np.inf, dtype=np.float32)
-    packed[pos] = xn[flat]
-    return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
+    packed[pos] = values
+    return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, shape)
+
+
+class PackedChain:
+    """A chain of samplers that hands packed rows from one sampler to the next (a caller
+    that runs a chain, ``SamplerPipeline``, keeps one per call; see ``packed_chain``).
+
+    Each truncation sampler packs rows that are mostly ``-inf`` (``compact_rows``), works on
+    the packed rows and expands its result back to ``[B, V]`` (``SparseRows.expand_truncated``),
+    which the next sampler packs again. Inside ``packed_chain(chain)`` the result stays
+    packed instead: ``expand_truncated`` returns it as ``rows.logits`` (``adopt``), the caller
+    hands that tensor to the next sampler, and that sampler's first ``compact_rows`` returns
+    ``rows`` for it. The samplers' values do not change: they are row-wise functions of the
+    multiset of a row's values, computed on packed rows whatever layout holds them (see
+    ``SparseRows``). What is saved is a ``[B, V]`` fill and scatter per sampler.
+
+    Only samplers that pack their input first may be given ``rows.logits`` (every
+    truncation sampler, skew, dynatemp and quadratic smoothing do; temperature is
+    elementwise): samplers that read token ids need the full rows (``expand``).
+    """
+
+    __slots__ = ("rows", "armed")
+
+    def __init__(self) -> None:
+        self.rows: Optional[SparseRows] = None
+        #: whether the next ``compact_rows`` is a sampler's first look at ``rows.logits``
+        #: (set when it is handed over; any ``compact_rows`` call clears it, so the calls a
+        #: sampler makes on its packed rows inside, e.g. in ``fill_removed``, are untouched)
+        self.armed = False
+
+    def is_packed(self, x: Tensor) -> bool:
+        """Whether ``x`` is the packed rows of this chain (``rows.logits``)."""
+        return self.rows is not None and x is self.rows.logits
+
+    def hand_over(self, x: Tensor) -> Tensor:
+        """``x`` as the next sampler gets it (the caller calls the sampler inside
+        ``packed_chain(self)`` right after)."""
+        self.armed = self.is_packed(x)
+        return x
+
+    def take_back(self, out: Tensor) -> Tensor:
+        """The sampler's result: packed rows (``rows.logits``, or a ``[B, K]`` result in the
+        layout it was given: elementwise samplers, rows it left unchanged) or ``[B, V]``."""
+        self.armed = False
+        if self.rows is not None and out is not self.rows.logits:
+            if out.shape == self.rows.logits.shape:
+                self.rows = SparseRows(out, self.rows._flat, self.rows._pos, self.rows.shape)
+            else:
+                self.rows = None
+        return out
+
+    def adopt(self, layout: SparseRows, packed: Tensor) -> Tensor:
+        """``layout.expand_truncated(packed)`` inside the chain: ``packed`` (a truncation
+        sampler's result on ``layout``'s rows) becomes the chain's rows, as the next
+        ``compact_rows`` would have packed its expansion: the same positions while at least
+        half of them are still kept, else packed again from the kept entries alone."""
+        values = layout.packed_values(packed)
+        live = values != -np.inf
+        width = layout.logits.shape[1]
+        if 2 * np.count_nonzero(live) >= values.size:
+            batch = layout.shape[0]
+            clean = np.full(batch * width, -np.inf, dtype=np.float32)  # (nothing outside the positions)
+            clean[layout._pos] = values
+            self.rows = SparseRows(torch.from_numpy(clean).view(batch, width), layout._flat, layout._pos,
+                                   layout.shape)
+        else:
+            self.rows = _pack(layout._flat[live], values[live], layout.shape, force=True)
+        self.armed = True  # (a unit may run a second sampler on it: top_k then top_p)
+        return self.rows.logits
+
+    def expand(self, x: Tensor) -> Tensor:
+        """``x`` as ``[B, V]`` rows: packed rows are expanded (and noted for the next
+        ``compact_rows``, see ``note_live_hint``); other tensors come back as they are."""
+        if not self.is_packed(x):
+            return x
+        rows, self.rows = self.rows, None
+        out = rows.expand(x)
+        note_live_hint(rows.shape, rows._flat, rows._pos, x.shape[1], tensor=out)
+        return out
+
+
+_CHAIN: contextvars.ContextVar[Optional[PackedChain]] = contextvars.ContextVar("samplers_packed_chain",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def packed_chain(chain: PackedChain) -> Iterator[None]:
+    """Within this context truncation samplers leave their results packed in ``chain`` (see
+    ``PackedChain``); the caller hands those packed rows on and expands them at the end."""
+    token = _CHAIN.set(chain)
+    try:
+        yield
+    finally:
+        _CHAIN.reset(token)
 
 #: Rows wider than this get no sum-of-squares bound (``finite_absmax_bound``): the float32
 #: sum's relative error bound, ``V * 2**-24 / (1 - V * 2**-24)``, must stay below 1/2.

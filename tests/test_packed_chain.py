@@ -1,0 +1,158 @@
+"""The pipeline keeps truncated rows packed from one unit to the next (``PackedChain``): its
+results are the unpacked chain's, bit for bit, whatever the order of the samplers, the rows'
+orders, the histories and the dtypes; and the packed hand-over is really taken."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+from samplers import pipeline as P
+from samplers.functional import _stats
+from samplers.priority import DEFAULT_ORDER, SamplerID
+
+V = 2048
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _row_params(rng: np.random.Generator, order: list[SamplerID] | None) -> SamplingParams:
+    """One row's parameters: most samplers on, at values that keep a few hundred tokens or fewer."""
+    on = lambda p: rng.random() < p  # noqa: E731
+    kw = dict(
+        temperature=float(rng.uniform(0.3, 1.5)) if on(0.8) else 1.0,
+        top_k=int(rng.integers(1, 400)) if on(0.7) else 0,
+        top_p=float(rng.uniform(0.5, 1.0)) if on(0.6) else 1.0,
+        min_p=float(rng.uniform(0.0, 0.2)) if on(0.5) else 0.0,
+        top_a=float(rng.uniform(0.0, 0.3)) if on(0.4) else 0.0,
+        tfs=float(rng.uniform(0.5, 1.0)) if on(0.4) else 1.0,
+        typical_p=float(rng.uniform(0.5, 1.0)) if on(0.4) else 1.0,
+        eta_cutoff=float(rng.uniform(0.0, 0.01)) if on(0.4) else 0.0,
+        epsilon_cutoff=float(rng.uniform(0.0, 0.01)) if on(0.4) else 0.0,
+        nsigma=float(rng.uniform(0.5, 3.0)) if on(0.3) else 0.0,
+        xtc_threshold=float(rng.uniform(0.0, 0.3)), xtc_probability=float(rng.random()) if on(0.4) else 0.0,
+        smoothing_factor=float(rng.uniform(0.0, 1.0)) if on(0.3) else 0.0,
+        skew=float(rng.normal()) if on(0.3) else 0.0,
+        repetition_penalty=float(rng.uniform(1.0, 1.5)) if on(0.4) else 1.0,
+        frequency_penalty=float(rng.uniform(0.0, 0.5)) if on(0.3) else 0.0,
+        no_repeat_ngram_size=int(rng.integers(2, 4)) if on(0.3) else 0,
+        dry_multiplier=float(rng.uniform(0.0, 1.0)) if on(0.3) else 0.0,
+        seed=int(rng.integers(0, 2**31)),
+    )
+    if on(0.4):
+        kw.update(dynatemp_min=float(rng.uniform(0.1, 0.8)), dynatemp_max=float(rng.uniform(0.8, 2.0)))
+    if order is not None:
+        kw["sampler_priority"] = order
+    return SamplingParams(**kw)
+
+
+def _orders(rng: np.random.Generator) -> list[SamplerID]:
+    """A random order of every sampler: token-id readers may come after truncations."""
+    return [DEFAULT_ORDER[i] for i in rng.permutation(len(DEFAULT_ORDER))]
+
+
+def _case(seed: int, B: int, mixed_orders: bool):
+    rng = np.random.default_rng(seed)
+    shared = _orders(rng) if rng.random() < 0.5 else None
+    params = [_row_params(rng, _orders(rng) if mixed_orders else shared) for _ in range(B)]
+    hist = [rng.integers(0, 300, int(rng.integers(0, 40))).tolist() for _ in range(B)]
+    prompts = [h[: len(h) // 2] for h in hist]
+    outputs = [h[len(h) // 2:] for h in hist]
+    batch = SamplingBatch(params, prompts, outputs, vocab_size=V)
+    scale = float(rng.uniform(0.5, 4.0))
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * scale)
+    if rng.random() < 0.3:
+        x = torch.round(x * 2) / 2  # ties
+    if rng.random() < 0.3:
+        x[:, rng.integers(0, V, V // 3)] = float("-inf")  # removed before the chain (a bias, a ban)
+    return x, batch
+
+
+def _run_both(monkeypatch, x: torch.Tensor, batch: SamplingBatch):
+    adopted = []
+    real_adopt = _stats.PackedChain.adopt
+
+    def spy(self, layout, packed):
+        adopted.append(packed.shape)
+        return real_adopt(self, layout, packed)
+
+    with monkeypatch.context() as m:
+        m.setattr(_stats.PackedChain, "adopt", spy)
+        fast = SamplerPipeline("torch", seed=3).process(x, batch)
+        fast_draw = SamplerPipeline("torch", seed=3).sample(x, batch).token_ids
+    with monkeypatch.context() as m:
+        m.setattr(P, "PackedChain", lambda: None)  # the unpacked chain: every unit gets [B, V] rows
+        ref = SamplerPipeline("torch", seed=3).process(x, batch)
+        ref_draw = SamplerPipeline("torch", seed=3).sample(x, batch).token_ids
+    return fast, ref, fast_draw, ref_draw, adopted
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_packed_chain_equals_the_unpacked_chain(seed, monkeypatch):
+    B = 1 + seed % 6
+    x, batch = _case(seed, B, mixed_orders=seed % 3 == 2)
+    fast, ref, fast_draw, ref_draw, _ = _run_both(monkeypatch, x, batch)
+    assert fast.shape == ref.shape == x.shape and fast.dtype == ref.dtype
+    assert torch.equal(_bits(fast), _bits(ref))
+    assert torch.equal(fast_draw, ref_draw)
+
+
+def test_the_packed_hand_over_is_taken_and_token_id_units_get_full_rows(monkeypatch):
+    """top_k first, then penalties, DRY, no_repeat_ngram between truncations: the chain packs
+    after top_k, expands for the token-id units, packs again after the next truncation."""
+    order = [SamplerID.TOP_P_TOP_K, SamplerID.PENALTIES, SamplerID.MIN_P, SamplerID.DRY, SamplerID.TFS,
+             SamplerID.NO_REPEAT_NGRAM, SamplerID.TYPICAL_P, SamplerID.TEMPERATURE, SamplerID.XTC]
+    params = SamplingParams(top_k=100, top_p=0.9, min_p=0.01, tfs=0.95, typical_p=0.95, temperature=0.8,
+                            repetition_penalty=1.3, dry_multiplier=0.8, no_repeat_ngram_size=2,
+                            xtc_threshold=0.05, xtc_probability=1.0, skew=0.5, sampler_priority=order)
+    B = 4
+    rng = np.random.default_rng(0)
+    hist = [rng.integers(0, 50, 30).tolist() for _ in range(B)]
+    batch = SamplingBatch(params, hist, [[] for _ in range(B)], vocab_size=V)
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 3)
+    x[:, :50] += 4  # the history's tokens are among the kept ones
+    seen_shapes = []
+    real = {s: P.UNITS[s] for s in (SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM)}
+    for s, fn in real.items():
+        monkeypatch.setitem(P.UNITS, s, lambda x, b, r, fn=fn: (seen_shapes.append(tuple(x.shape)), fn(x, b, r))[1])
+    fast, ref, fast_draw, ref_draw, adopted = _run_both(monkeypatch, x, batch)
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(fast_draw, ref_draw)
+    assert seen_shapes and all(s == (B, V) for s in seen_shapes)
+    assert len(adopted) >= 4 and all(s[1] < V for s in adopted)
+
+
+def test_half_precision_logits_and_rows_that_differ_in_order(monkeypatch):
+    for dtype in (torch.float16, torch.bfloat16):
+        for seed in range(4):
+            x, batch = _case(100 + seed, 5, mixed_orders=True)
+            fast, ref, fast_draw, ref_draw, _ = _run_both(monkeypatch, x.to(dtype), batch)
+            assert fast.dtype == dtype and torch.equal(_bits(fast), _bits(ref))
+            assert torch.equal(fast_draw, ref_draw)
+
+
+def test_the_chain_is_off_outside_the_pipeline():
+    """A sampler called on its own expands its result (no chain is active)."""
+    import samplers.functional as F
+
+    x = torch.randn(3, V)
+    out = F.top_p(F.top_k(x, torch.full((3,), 20)), torch.full((3,), 0.9))
+    assert out.shape == (3, V) and _stats._CHAIN.get() is None
+
+
+def test_most_random_cases_take_the_packed_path(monkeypatch):
+    """(so that the equality above is about the packed chain)"""
+    taken = 0
+    for seed in range(24):
+        x, batch = _case(seed, 1 + seed % 6, mixed_orders=seed % 3 == 2)
+        adopted = []
+        real_adopt = _stats.PackedChain.adopt
+        with monkeypatch.context() as m:
+            m.setattr(_stats.PackedChain, "adopt",
+                      lambda self, layout, packed: (adopted.append(1), real_adopt(self, layout, packed))[1])
+            SamplerPipeline("torch", seed=3).process(x, batch)
+        taken += bool(adopted)
+    assert taken >= 12
