@@ -55,6 +55,7 @@ __all__ = [
     "PackedChain",
     "packed_chain",
     "note_live_hint",
+    "pack_entries",
     "count_true",
     "sum_scattered",
 ]
@@ -469,7 +470,7 @@ class SparseRows:
             return self
         values = self.packed_values(self.logits)
         live = values != -np.inf
-        return _pack(self._flat[live], values[live], self._shape, pad, min_width, force=True)
+        return pack_entries(self._flat[live], values[live], self._shape, pad, min_width, force=True)
 
 
 def note_live_hint(shape: tuple[int, int], flat: np.ndarray, pos: Optional[np.ndarray] = None,
@@ -613,10 +614,10 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
         flat = flat[at_hint]
         if flat.size * _SPARSE_FRACTION > xn.size:
             return None
-    return _pack(flat, xn[flat], (batch, vocab), pad, min_width)
+    return pack_entries(flat, xn[flat], (batch, vocab), pad, min_width)
 
 
-def _pack(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0, min_width: int = 1,
+def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0, min_width: int = 1,
           force: bool = False) -> Optional[SparseRows]:
     """``SparseRows`` of the ``shape`` rows that are ``-inf`` except ``values`` at the flat
     indices ``flat`` (increasing): each row's entries to the left, ``pad`` free columns after
@@ -698,7 +699,7 @@ class PackedChain:
             self.rows = SparseRows(torch.from_numpy(clean).view(batch, width), layout._flat, layout._pos,
                                    layout.shape)
         else:
-            self.rows = _pack(layout._flat[live], values[live], layout.shape, force=True)
+            self.rows = pack_entries(layout._flat[live], values[live], layout.shape, force=True)
         self.armed = True  # (a unit may run a second sampler on it: top_k then top_p)
         return self.rows.logits
 

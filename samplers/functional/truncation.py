@@ -40,6 +40,7 @@ from ._stats import (
     keep_at_least,
     keep_logits_at_least,
     note_live_hint,
+    pack_entries,
     prefix_boundary,
     row_param,
     row_sum,
@@ -92,10 +93,10 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_top_k(sparse.logits, k))
-    return _top_k(logits, k)
+    return _top_k(logits, k, top_level=True)
 
 
-def _top_k(logits: Tensor, k: Tensor) -> Tensor:
+def _top_k(logits: Tensor, k: Tensor, top_level: bool = False) -> Tensor:
     vocab = logits.shape[1]
     enabled = (k > 0) & (k < vocab)
     k_row = torch.where(enabled, k, torch.ones_like(k))
@@ -107,7 +108,7 @@ def _top_k(logits: Tensor, k: Tensor) -> Tensor:
     if (l32 is logits and logits.device.type == "cpu" and logits.is_contiguous() and not logits.requires_grad
             and k_max * _TOP_K_SPARSE_FRACTION <= vocab and bool(enabled.all())
             and bool((largest.numpy() < np.inf).all())):  # no NaN, no +inf
-        return _keep_at_least_sparse(logits, kth)
+        return _keep_at_least_sparse(logits, kth, top_level)
     return keep_at_least(logits, l32, kth)
 
 
@@ -116,11 +117,14 @@ def _top_k(logits: Tensor, k: Tensor) -> Tensor:
 _TOP_K_SPARSE_FRACTION = 8
 
 
-def _keep_at_least_sparse(logits: Tensor, kth: Tensor) -> Tensor:
+def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) -> Tensor:
     """``keep_at_least(logits, logits, kth)`` for float32 CPU rows without NaN or ``+inf``
     among their largest entries (so none at all) where the kept entries are few: the result
-    is ``-inf`` except at the entries ``>= kth`` (their values copied), which are noted for
-    the next ``compact_rows`` (``note_live_hint``).
+    is ``-inf`` except at the entries ``>= kth`` (their values copied). ``top_level``: the
+    result is top_k's own (not that of packed rows, which top_k expands): it is then made
+    as packed rows (``pack_entries``) and expanded as a truncation's result
+    (``SparseRows.expand_truncated``), so the next sampler takes the layout without a pass
+    over the rows, and inside a ``packed_chain`` it is never expanded.
 
     The same values: ``keep_at_least`` keeps ``l`` iff ``l - kth >= +0.0``, i.e. iff
     ``l >= kth`` for finite ``l`` (``kth`` is finite or ``-inf``); an ``l = -inf`` comes out
@@ -130,8 +134,13 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor) -> Tensor:
     batch, vocab = logits.shape
     xn = logits.numpy()
     flat = np.flatnonzero(xn >= kth.numpy()[:, None])
+    values = xn.reshape(-1)[flat]
+    if top_level and flat.size * _TOP_K_SPARSE_FRACTION <= xn.size:
+        rows = pack_entries(flat, values, (batch, vocab))
+        if rows is not None:
+            return rows.expand_truncated(rows.logits)
     out = np.full(batch * vocab, -np.inf, dtype=np.float32)
-    out[flat] = xn.reshape(-1)[flat]
+    out[flat] = values
     if flat.size * _TOP_K_SPARSE_FRACTION <= out.size:  # (not rows with fewer than k finite logits)
         note_live_hint((batch, vocab), flat)
     return torch.from_numpy(out).view(batch, vocab)
