@@ -815,3 +815,26 @@ def test_kth_largest_on_rows_mostly_minus_inf_matches_topk(seed):
         top = ref[b, : int(k[b])]
         got = torch.sort(block[b], descending=True).values[: int(k[b])]
         assert torch.equal(got.isnan(), top.isnan()) and torch.equal(got[~got.isnan()], top[~top.isnan()])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_kth_largest_of_one_row_partitions_with_several_threads(dense, monkeypatch):
+    """One row: the numpy partition whatever torch's thread count (topk cannot split a row),
+    with topk's values."""
+    from samplers.functional import truncation as T
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.round(torch.randn(1, 5000, generator=g) * 4) / 2
+    if not dense:
+        x[torch.rand(1, 5000, generator=g) < 0.9] = float("-inf")
+    k = torch.tensor([37])
+    expected = torch.topk(x, 37, dim=-1).values
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "topk", lambda *a, **kw: pytest.fail("topk on one row"))
+    torch.set_num_threads(2)
+    try:
+        kth, block = T._kth_largest(x, k, torch.ones(1, dtype=torch.bool), 37)
+    finally:
+        torch.set_num_threads(threads)
+    assert float(kth[0]) == float(expected[0, -1])
+    assert torch.equal(torch.sort(block[0], descending=True).values[:37], expected[0])

@@ -152,8 +152,9 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     largest of each row (NaN counting as the largest), ``k >=`` every enabled ``k_row``.
 
     On the CPU, when the enabled rows use a few distinct ``k`` and torch runs one thread (the
-    partition does not use more), one numpy partition (O(V)) finds them; otherwise
-    ``torch.topk`` with the largest ``k``. Measured at k = 50 on a 2-core AVX-512 machine
+    partition does not use more) or there is one row (``topk`` splits rows, not a row, over
+    its threads: 0.12 ms against the partition's 0.07 at [1, 128256] with two), one numpy
+    partition (O(V)) finds them; otherwise ``torch.topk`` with the largest ``k``. Measured at k = 50 on a 2-core AVX-512 machine
     with one thread: the partition takes 1.4 ms at [64, 32000] where ``topk`` takes
     2.5-10 ms, 0.6 vs 0.8 ms at [8, 128256]. With two threads ``topk`` (split over rows)
     wins at [8, 128256]. Introselect slows down a lot on a long run of equal values below
@@ -163,7 +164,7 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     (1.35 ms on the 87% case); ``-(-x)`` is ``x`` exactly."""
     batch, vocab = l32.shape
     if (l32.device.type == "cpu" and l32.dtype == torch.float32 and l32.is_contiguous()
-            and torch.get_num_threads() == 1):
+            and (torch.get_num_threads() == 1 or batch == 1)):
         xn = l32.numpy()
         ks = np.unique(k_row.numpy()[enabled.numpy()]).tolist()  # (torch.unique: ~10x slower)
         if 0 < len(ks) <= 4:
