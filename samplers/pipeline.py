@@ -23,7 +23,7 @@ import torch
 from . import functional as F
 from . import kernels
 from .batch import SamplingBatch, normalise_device
-from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow, packed_chain
+from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow
 from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
@@ -198,10 +198,7 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     for (sampler, rows), index in zip(batch.schedule, batch.schedule_rows):
         if rows is None and chain is not None and sampler not in _READS_TOKEN_IDS:
-            x = chain.hand_over(x)
-            with packed_chain(chain):
-                x = chain.take_back(UNITS[sampler](x, batch, randoms))
-            owned = True
+            x, owned = chain.run(lambda t: UNITS[sampler](t, batch, randoms), x), True
             continue
         if chain is not None:
             x = chain.expand(x)
@@ -221,12 +218,9 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         if not owned:
             x, owned = x.clone(), True
         x.index_copy_(0, index, out.to(x.dtype))
-    if batch.any_skew and chain is not None:
-        x = chain.hand_over(x)
-        with packed_chain(chain):
-            x = chain.take_back(F.skew(x, batch.param("skew")))
-    elif batch.any_skew:
-        x = F.skew(x, batch.param("skew"))
+    if batch.any_skew:
+        skew = lambda t: F.skew(t, batch.param("skew"))  # noqa: E731
+        x = skew(x) if chain is None else chain.run(skew, x)
     if chain is not None:
         x = chain.expand(x)
     if batch.may_remove_every_token:

@@ -20,7 +20,7 @@ import contextvars
 import math
 import threading
 import weakref
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -663,17 +663,25 @@ class PackedChain:
         #: sampler makes on its packed rows inside, e.g. in ``fill_removed``, are untouched)
         self.armed = False
 
+    def run(self, sampler: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``sampler(x)`` as a step of this chain: ``x`` (``[B, V]`` rows, or this chain's
+        packed rows) is handed over, the result taken back; either may be packed rows (see
+        ``is_packed``). ``sampler`` must pack its input first, or be elementwise."""
+        x = self._hand_over(x)
+        with packed_chain(self):
+            return self._take_back(sampler(x))
+
     def is_packed(self, x: Tensor) -> bool:
         """Whether ``x`` is the packed rows of this chain (``rows.logits``)."""
         return self.rows is not None and x is self.rows.logits
 
-    def hand_over(self, x: Tensor) -> Tensor:
+    def _hand_over(self, x: Tensor) -> Tensor:
         """``x`` as the next sampler gets it (the caller calls the sampler inside
         ``packed_chain(self)`` right after)."""
         self.armed = self.is_packed(x)
         return x
 
-    def take_back(self, out: Tensor) -> Tensor:
+    def _take_back(self, out: Tensor) -> Tensor:
         """The sampler's result: packed rows (``rows.logits``, or a ``[B, K]`` result in the
         layout it was given: elementwise samplers, rows it left unchanged) or ``[B, V]``."""
         self.armed = False
