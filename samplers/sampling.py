@@ -151,15 +151,31 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
         greedy: [B] bool; greedy rows take the argmax (ties: the lowest id).
         uniforms: [B] float32 in [0, 1); random rows take the inverse CDF of
             softmax(logits) in token-id order: the first token whose cumulative probability
-            exceeds ``u * total``.
+            exceeds ``u * total``. (Rounding can put ``u * total`` at or past the last
+            cumulative value: the row's last token with a non-zero probability is taken
+            then; a row without one gives ``V - 1``.)
     Returns:
         [B] int64 token ids. A removed (-inf) token is never chosen.
     """
     work = logits.float()
+    if work.device.type == "cpu" and work.dim() == 2 and work.numel() > 0:
+        return _draw_tokens_cpu(work, greedy, uniforms)
+    return _draw_tokens_dense(work, greedy, uniforms)
+
+
+#: ``_draw_tokens_cpu`` packs the rows when fewer than 1 / this of their probabilities are > 0.
+_PACKED_DRAW_FRACTION = 8
+
+
+def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
+                       probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``draw_tokens`` on float32 ``work`` with full-width passes (any device); ``probs``:
+    ``softmax(work)`` when the caller has it."""
     argmax = work.argmax(dim=-1)
     if bool(greedy.all()):
         return argmax
-    probs = torch.softmax(work, dim=-1)
+    if probs is None:
+        probs = torch.softmax(work, dim=-1)
     cdf = probs.cumsum(dim=-1)
     target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -169,6 +185,43 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     last_positive = (positive.shape[-1] - 1) - positive.flip(-1).to(torch.int8).argmax(dim=-1)
     idx = torch.minimum(idx, last_positive)
     return torch.where(greedy, argmax, idx)
+
+
+def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``_draw_tokens_dense``'s tokens on the CPU, where rows after truncation are mostly
+    removed: the cumulative sums and the search run over each row's tokens with ``p > 0``
+    only, packed to the left (zeros after them). The values are those of the full rows:
+    ``p`` is the full rows' softmax, and a cumulative sum is a running sum, to which the
+    zeros in between add nothing. The first position whose sum exceeds the target is one
+    with ``p > 0`` in both; past the row's last one (rounding) both take that last one. The
+    argmax is computed only when some row is greedy (no device sync on the CPU)."""
+    batch, vocab = work.shape
+    any_greedy = bool(greedy.any())
+    if any_greedy and bool(greedy.all()):
+        return work.argmax(dim=-1)
+    probs_t = torch.softmax(work, dim=-1)
+    probs = probs_t.numpy()
+    # Rows mostly kept (no truncation): the full-width passes are cheaper than the packing.
+    # (A strided sample decides, as in compact_rows; both routes give the same tokens.)
+    sample = probs.reshape(-1)[::61]
+    if np.count_nonzero(sample > 0) * _PACKED_DRAW_FRACTION > sample.size:
+        return _draw_tokens_dense(work, greedy, uniforms, probs_t)
+    flat = np.flatnonzero(probs > 0)  # row by row, each row's in token order
+    rows = flat // vocab
+    counts = np.bincount(rows, minlength=batch)
+    width = max(int(counts.max()), 1)
+    starts = np.cumsum(counts) - counts
+    packed = np.zeros(batch * width, dtype=np.float32)
+    packed[rows * width + (np.arange(flat.size) - starts[rows])] = probs.reshape(-1)[flat]
+    cdf = torch.from_numpy(packed).view(batch, width).cumsum(dim=-1)
+    target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
+    j = torch.searchsorted(cdf, target, right=True).squeeze(-1).numpy()
+    some = counts > 0
+    tokens = np.full(batch, vocab - 1, dtype=np.int64)  # (a row without p > 0)
+    # (past its last p > 0, where rounding can put the target: that last one)
+    tokens[some] = flat[starts[some] + np.minimum(j[some], counts[some] - 1)] % vocab
+    tokens = torch.from_numpy(tokens)
+    return torch.where(greedy, work.argmax(dim=-1), tokens) if any_greedy else tokens
 
 
 @dataclass

@@ -165,6 +165,72 @@ def test_draw_never_returns_a_removed_token():
     assert tokens.tolist() == [1, 1]
 
 
+def test_draw_on_a_truncated_row_hand_computed():
+    """Rows mostly removed take the packed route (_draw_tokens_cpu): ids and fallbacks."""
+    V = 1000
+    ninf = float("-inf")
+    x = torch.full((6, V), ninf)
+    x[:, [17, 400, 901]] = torch.log(torch.tensor([0.2, 0.3, 0.5]))  # cumulative 0.2, 0.5, 1.0
+    x[5] = ninf  # a row without any token: V - 1, as the dense route
+    u = torch.tensor([0.1, 0.25, 0.6, 0.999, 1.0, 0.5])  # (1.0: past the total, the last token)
+    greedy = torch.tensor([False, False, False, False, False, False])
+    assert draw_tokens(x, greedy, u).tolist() == [17, 400, 901, 901, 901, V - 1]
+    greedy[1] = True
+    assert draw_tokens(x, greedy, u).tolist() == [17, 901, 901, 901, 901, V - 1]
+
+
+def _draw_case(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, V = int(rng.integers(1, 7)), int(rng.integers(64, 700))
+    x = rng.standard_normal((B, V)).astype(np.float32) * rng.uniform(0.1, 60)
+    x[rng.random((B, V)) < rng.uniform(0.9, 1.0)] = -np.inf  # truncated rows
+    if rng.random() < 0.3:
+        x = np.round(x)  # ties
+    if rng.random() < 0.15:
+        x[0] = -np.inf
+    if rng.random() < 0.05:
+        x[-1, 3] = np.nan
+    if rng.random() < 0.05:
+        x[-1, 5] = np.inf
+    logits = torch.from_numpy(x)
+    if rng.random() < 0.2:
+        logits = logits.to(torch.float16)
+    greedy = torch.from_numpy(rng.random(B) < 0.25)
+    u = torch.from_numpy(rng.random(B).astype(np.float32))
+    if rng.random() < 0.2:
+        u[:] = 1.0  # at the total: the fallback to the last token with p > 0
+    elif rng.random() < 0.2:
+        u[:] = 0.0
+    return logits, greedy, u
+
+
+def test_draw_on_truncated_rows_equals_the_dense_route(monkeypatch):
+    """The packed route of the CPU draws the dense route's tokens, rows of ties, huge logit
+    ranges (finite logits whose p is 0), rows without tokens, NaN / +inf rows, fp16, greedy
+    rows, u at 0 and at the total; and it is the route taken."""
+    rng = np.random.default_rng(5)
+    dense_calls = []
+    real = sampling._draw_tokens_dense
+    monkeypatch.setattr(sampling, "_draw_tokens_dense", lambda *a, **k: (dense_calls.append(1), real(*a, **k))[1])
+    packed = 0
+    for _ in range(400):
+        logits, greedy, u = _draw_case(rng)
+        n = len(dense_calls)
+        got = draw_tokens(logits, greedy, u)
+        packed += len(dense_calls) == n and not bool(greedy.all())
+        assert torch.equal(got, real(logits.float(), greedy, u))
+    assert packed > 250
+
+
+def test_draw_on_dense_rows_takes_the_dense_route(monkeypatch):
+    calls = []
+    real = sampling._draw_tokens_dense
+    monkeypatch.setattr(sampling, "_draw_tokens_dense", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    x = torch.randn(3, 5000)
+    u = torch.tensor([0.1, 0.5, 0.9])
+    got = draw_tokens(x, torch.zeros(3, dtype=torch.bool), u)
+    assert calls and torch.equal(got, real(x, torch.zeros(3, dtype=torch.bool), u))
+
+
 def test_logprobs_processed_and_raw():
     raw = torch.tensor([[0.0, 1.0, 2.0]])
     processed = torch.tensor([[float("-inf"), 1.0, 2.0]])
