@@ -17,6 +17,9 @@ Cases, at every shape of ``--shapes`` and every thread setting of ``--threads``:
   against HF's ``LogitsProcessorList`` of the same warpers. Target: <= 0.2.
 - ``chain14``: those plus dynatemp (half the rows; the row when B = 1), top_a, tfs, nsigma, xtc, smoothing and
   skew, against our ``chain7``. Target: <= 1.5.
+- ``sample7``: a whole step as a generation loop runs it: chain7 then one token per row
+  (``SamplerPipeline.sample``, seeded rows) against HF's list + softmax + ``torch.multinomial``.
+  Not one of issue 15's targets; chain7's 0.2 is applied to it.
 - ``skew``: ``F.skew`` against a plain softmax + cumsum over the same rows (the faster of
   ``torch.softmax(x, -1).cumsum(-1)`` and a hand-written ``exp(x - max) / sum`` + cumsum: at
   [64, 32000] ``torch.softmax`` takes a slow path on this torch, ~20x its time at other
@@ -94,7 +97,8 @@ CHAIN7 = dict(temperature=0.9, top_k=200, top_p=0.95, min_p=0.02, typical_p=0.98
 CHAIN14_EXTRA = dict(top_a=0.05, tfs=0.98, nsigma=3.0, xtc_threshold=0.1, xtc_probability=0.5,
                      smoothing_factor=0.2, skew=0.2)
 
-TARGETS = {"sampler": 1.0, "chain7": 0.2, "chain14": 1.5, "skew": 2.0, "dry_step_ms": 3.0}
+TARGETS = {"sampler": 1.0, "chain7": 0.2, "chain14": 1.5, "skew": 2.0, "dry_step_ms": 3.0,
+           "sample7": 0.2}  # (sample7: not one of issue 15's; chain7's target applied to a whole step)
 
 
 def _full(x: torch.Tensor, value, dtype=torch.float32) -> torch.Tensor:
@@ -167,7 +171,7 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
             "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe) if needs_hist else None),
             "functional": (lambda o=ours, h=h: o(logits, h), _stepper(b_fn) if needs_hist else None),
         }, "pipeline/hf"))
-    if not only or "chain7" in only or "chain14" in only:
+    if not only or {"chain7", "chain14", "sample7"} & only:
         procs = hf.LogitsProcessorList([
             hf.TemperatureLogitsWarper(CHAIN7["temperature"]), hf.TopKLogitsWarper(CHAIN7["top_k"]),
             hf.TopPLogitsWarper(CHAIN7["top_p"]), hf.MinPLogitsWarper(CHAIN7["min_p"]),
@@ -189,6 +193,17 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
         if not only or "chain14" in only:
             out.append(("chain14", {"chain7": (_pipe_call(b7, logits), None),
                                     "chain14": (_pipe_call(b14, logits), None)}, "chain14/chain7"))
+        if not only or "sample7" in only:
+            # A whole step as a generation loop runs it: chain7, then one token drawn per row.
+            b7s = SamplingBatch(SamplingParams(**CHAIN7, seed=0), empty, empty, vocab_size=V)
+            pipe = SamplerPipeline("torch", seed=0)
+            g = torch.Generator().manual_seed(0)
+
+            def hf_step():
+                return torch.multinomial(torch.softmax(procs(ids, logits), dim=-1), 1, generator=g)
+
+            out.append(("sample7", {"hf": (hf_step, None), "ours": (lambda: pipe.sample(logits, b7s), None)},
+                        "ours/hf"))
     if not only or "skew" in only:
         sk = _full(logits, 0.2)
 
@@ -273,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
                        cpu_medians_ms=cpu_med, times_ms=times, cpu_times_ms=cpu_times, reps=reps,
                        ratio_spec=spec, ratio=ratio, cpu_ratio=cpu_ratio, target=target, target_kind=kind,
                        met=bool(met), cpu_met=bool(cpu_met), loadavg=os.getloadavg()[0])
-            if case not in ("chain7", "chain14", "skew", "dry_step"):
+            if case not in ("chain7", "chain14", "sample7", "skew", "dry_step"):
                 row["functional_over_hf"] = med["functional"] / med["hf"]
                 row["cpu_functional_over_hf"] = cpu_med["functional"] / cpu_med["hf"]
             results.append(row)
@@ -354,7 +369,8 @@ def markdown(data: dict) -> str:
             num, den = r["ratio_spec"].split("/")
             ref = min(v for k, v in med.items() if k.startswith(den[4:-1])) if den.startswith("min(") else med[den]
             what = {"chain7": "chain7 vs HF's list", "chain14": "chain14 vs our chain7",
-                    "skew": "skew vs softmax + cumsum"}.get(r["case"], r["case"])
+                    "skew": "skew vs softmax + cumsum",
+                    "sample7": "sample7 (chain7 + draw) vs HF's list + softmax + multinomial"}.get(r["case"], r["case"])
             lines.append(f"| {what} | {r['shape']} | {med[num]:.2f} | {ref:.2f} | {r['ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | <= {r['target']}: {verdict(r)} |")
         for r in dry:
