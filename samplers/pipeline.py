@@ -9,7 +9,9 @@ A unit runs only when some row of the batch enables it.
 The chain has two backends with one interface (``Chain``: logits, batch, randoms, draw,
 keep_processed -> ``ChainOutput``): ``torch_chain`` below, the reference, and
 ``samplers.kernels.chain.process_logits``, the Triton kernels. ``SamplerPipeline._chain``
-is the one place that picks between them.
+is the one place that picks between them. On the CPU the torch backend hands truncated rows
+from one unit to the next packed (``PackedChain``: the rows' few remaining tokens, not
+``[B, V]``), with the same results.
 """
 
 from __future__ import annotations
