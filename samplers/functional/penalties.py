@@ -126,7 +126,8 @@ def penalties(
         presence_penalty: float32 [B], pr in [-2, 2]; disabled 0.0.
         seen_ids: optional int64 [N] on the CPU, the flat indices b * V + t of seen_mask's
             True entries, each once, in any order (`TokenHistory.seen_ids()`): the CPU path
-            then reads them instead of scanning seen_mask. Ignored on other devices.
+            then reads them instead of scanning seen_mask. The dense path (other devices,
+            inputs that require grad) reads seen_mask and ignores them.
 
     Formula, in float32, for each token t:
         1. if seen_mask[t]:  l = l / r if l > 0 else l * r
