@@ -169,9 +169,9 @@ def penalties(
     n_enabled = np.count_nonzero(enabled)
     if not n_enabled:
         return logits.clone()
-    # A contiguous float32 tensor of our own. With one torch thread numpy's copy is 10-25%
-    # faster than torch's clone (measured at [1, 128256] to [64, 32000]); with more, torch's
-    # copy runs in parallel and wins on large inputs.
+    # A contiguous float32 tensor of our own. With one torch thread numpy's copy is as fast as
+    # torch's clone or up to ~25% faster (measured at [1, 128256] to [64, 32000]); with more,
+    # torch's copy runs in parallel and wins on large inputs.
     if logits.dtype != torch.float32:
         out = logits.to(torch.float32).contiguous()
     elif torch.get_num_threads() == 1:
