@@ -186,6 +186,7 @@ class TokenHistory:
         # CPU only: the flat indices of _seen's True entries in _seen_buf[:_seen_n] (None: not built).
         self._seen_buf: np.ndarray | None = None
         self._seen_n = 0
+        self._seen_view: torch.Tensor | None = None  # seen_ids()'s tensor (None: made on next call)
         self._hashes: torch.Tensor | None = None
         self._match: torch.Tensor | None = None
         self._match_steps = 0  # value of _steps when _match was last up to date
@@ -229,7 +230,7 @@ class TokenHistory:
         new._max_len = int(max_length)
         new._steps = 0
         new._counts = new._seen = new._hashes = new._match = new._match_len = None
-        new._seen_buf, new._seen_n = None, 0
+        new._seen_buf, new._seen_n, new._seen_view = None, 0, None
         new._match_steps = 0
         new._masked_since_match = False
         new._match_nz = None
@@ -404,6 +405,7 @@ class TokenHistory:
             self._seen_buf = buf = grown
         buf[n : n + new.size] = new
         self._seen_n = n + new.size
+        self._seen_view = None
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
         """A new TokenHistory holding the given rows (in that order; repeats allowed).
@@ -424,6 +426,7 @@ class TokenHistory:
         new._seen = self._seen[idx] if self._seen is not None else None
         new._seen_buf = self._select_seen_ids(idx)
         new._seen_n = new._seen_buf.size if new._seen_buf is not None else 0
+        new._seen_view = None
         new._hashes = self._hashes[:, idx] if self._hashes is not None else None
         new._match = self._match[idx] if self._match is not None else None
         new._match_steps = self._match_steps
@@ -483,7 +486,10 @@ class TokenHistory:
         if self._seen_buf is None:
             self._seen_buf = np.flatnonzero(self.seen_mask().numpy())
             self._seen_n = self._seen_buf.size
-        return torch.from_numpy(self._seen_buf[: self._seen_n])
+            self._seen_view = None
+        if self._seen_view is None:  # kept between calls: a step without a new pair reuses it
+            self._seen_view = torch.from_numpy(self._seen_buf[: self._seen_n])
+        return self._seen_view
 
     def _select_seen_ids(self, idx: torch.Tensor) -> np.ndarray | None:
         """`seen_ids` of `select(idx)` from this history's list (the selected rows' entries,
