@@ -85,7 +85,7 @@ SAMPLERS: dict[str, tuple] = {
                        lambda x, h: F.epsilon_cutoff(x, _full(x, 3e-4)), dict(epsilon_cutoff=3e-4), False),
     "repetition_penalty": (lambda hf: hf.RepetitionPenaltyLogitsProcessor(1.2),
                            lambda x, h: F.penalties(x, h.seen_mask(), h.output_counts(), _full(x, 1.2),
-                                                    _full(x, 0.0), _full(x, 0.0)),
+                                                    _full(x, 0.0), _full(x, 0.0), seen_ids=h.seen_ids()),
                            dict(repetition_penalty=1.2), True),
     "no_repeat_ngram": (lambda hf: hf.NoRepeatNGramLogitsProcessor(3),
                         lambda x, h: F.no_repeat_ngram(x, h, _full(x, 3, torch.int64)),

@@ -12,6 +12,9 @@ from then on:
   presence penalties). Maintained by `append` in O(B).
 - `seen_mask()`      bool [B, V]: whether each token occurs in prompt or output (repetition
   penalty). Maintained by `append` in O(B).
+- `seen_ids()`       int64 [N] (CPU only): the flat indices b * V + t of `seen_mask`'s True
+  entries, listed, so that the repetition penalty touches the seen tokens without scanning
+  the [B, V] mask. Maintained by `append` in O(B) (amortised over capacity doubling).
 - `prefix_hashes()`  int64 [2, B, capacity + 1]: polynomial prefix hashes modulo two primes,
   for O(1) substring comparison. Maintained by `append` in O(B).
 - `match_lengths()`  int32 [B, capacity]: for each position j of a row's history h,
@@ -135,7 +138,7 @@ class TokenHistory:
         output_lengths: int64 [B] (property), lengths - prompt_lengths.
         vocab_size, device, batch_size, capacity, max_length (Python int, max(lengths)).
 
-    Derived state (`output_counts`, `seen_mask`, `prefix_hashes`, `match_lengths`) is built
+    Derived state (`output_counts`, `seen_mask`, `seen_ids`, `prefix_hashes`, `match_lengths`) is built
     on first use and kept up to date by `append`; see the module docstring.
     """
 
@@ -180,6 +183,10 @@ class TokenHistory:
         self._steps = 0  # number of append() calls so far
         self._counts: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
+        # CPU only: the flat indices of _seen's True entries in _seen_buf[:_seen_n] (None: not built).
+        self._seen_buf: np.ndarray | None = None
+        self._seen_n = 0
+        self._seen_view: torch.Tensor | None = None  # seen_ids()'s tensor (None: made on next call)
         self._hashes: torch.Tensor | None = None
         self._match: torch.Tensor | None = None
         self._match_steps = 0  # value of _steps when _match was last up to date
@@ -223,6 +230,7 @@ class TokenHistory:
         new._max_len = int(max_length)
         new._steps = 0
         new._counts = new._seen = new._hashes = new._match = new._match_len = None
+        new._seen_buf, new._seen_n, new._seen_view = None, 0, None
         new._match_steps = 0
         new._masked_since_match = False
         new._match_nz = None
@@ -335,6 +343,8 @@ class TokenHistory:
                 )
         if mask_host is not None and not mask_host.any():
             return  # no row advances: nothing changes
+        if self._seen_buf is not None:
+            self._list_new_seen(tok, mask_host)  # reads _seen before it is updated below
         self._grow(self._max_len + 1)
         ar = torch.arange(b, device=self.device)
         pos = self.lengths  # each row's next position (< capacity after _grow)
@@ -375,6 +385,28 @@ class TokenHistory:
             self._masked_since_match = True
         self._steps += 1
 
+    def _list_new_seen(self, tok: torch.Tensor, mask_host: np.ndarray | None) -> None:
+        """Add to `seen_ids` the (row, token) pairs this append sees for the first time (CPU;
+        ``tok`` holds every row's id, ``mask_host`` the rows that advance or None for all).
+        One token per row, so the new flat indices are distinct."""
+        b = self.batch_size
+        tk = tok.numpy()
+        rows = np.arange(b)
+        fresh = ~self._seen.numpy()[rows, np.where(mask_host, tk, 0) if mask_host is not None else tk]
+        if mask_host is not None:
+            fresh &= mask_host
+        new = (rows * self.vocab_size + tk)[fresh]
+        if not new.size:
+            return
+        n, buf = self._seen_n, self._seen_buf
+        if n + new.size > buf.size:
+            grown = np.empty(max(2 * buf.size, n + new.size, _MIN_CAPACITY), dtype=np.int64)
+            grown[:n] = buf[:n]
+            self._seen_buf = buf = grown
+        buf[n : n + new.size] = new
+        self._seen_n = n + new.size
+        self._seen_view = None
+
     def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
         """A new TokenHistory holding the given rows (in that order; repeats allowed).
 
@@ -392,6 +424,9 @@ class TokenHistory:
         new._steps = self._steps
         new._counts = self._counts[idx] if self._counts is not None else None
         new._seen = self._seen[idx] if self._seen is not None else None
+        new._seen_buf = self._select_seen_ids(idx)
+        new._seen_n = new._seen_buf.size if new._seen_buf is not None else 0
+        new._seen_view = None
         new._hashes = self._hashes[:, idx] if self._hashes is not None else None
         new._match = self._match[idx] if self._match is not None else None
         new._match_steps = self._match_steps
@@ -435,6 +470,45 @@ class TokenHistory:
             hits.scatter_add_(1, torch.where(valid, tok, 0), valid.to(torch.int32))
             self._seen = hits > 0
         return self._seen
+
+    def seen_ids(self) -> torch.Tensor | None:
+        """int64 [N]: the flat indices b * V + t of the True entries of `seen_mask` (every
+        (row, token) seen in the row's prompt or output), each once. Row-major when built
+        (``np.flatnonzero(seen_mask)``), then each pair an `append` sees for the first time is
+        added at the end, so the order is not specified. CPU only: None on other devices
+        (where the dense mask is what the penalty reads; listing it would need a sync).
+
+        Built on first call (with `seen_mask`), then maintained by `append` in O(B). The
+        returned tensor shares this history's state: do not modify it.
+        """
+        if self.device.type != "cpu":
+            return None
+        if self._seen_buf is None:
+            self._seen_buf = np.flatnonzero(self.seen_mask().numpy())
+            self._seen_n = self._seen_buf.size
+            self._seen_view = None
+        if self._seen_view is None:  # kept between calls: a step without a new pair reuses it
+            self._seen_view = torch.from_numpy(self._seen_buf[: self._seen_n])
+        return self._seen_view
+
+    def _select_seen_ids(self, idx: torch.Tensor) -> np.ndarray | None:
+        """`seen_ids` of `select(idx)` from this history's list (the selected rows' entries,
+        renumbered, in their order), or None (left to be built again on first use) when there
+        is no list or ``idx`` repeats a row."""
+        if self._seen_buf is None:
+            return None
+        b = self.batch_size
+        sel = idx.cpu().numpy()
+        new_row = np.full(b, -1, dtype=np.int64)
+        new_row[sel] = np.arange(sel.size)
+        if sel.size and (new_row >= 0).sum() != sel.size:
+            return None  # a repeated row: its entries would be listed twice
+        ids = self._seen_buf[: self._seen_n]
+        v = self.vocab_size
+        row = ids // v
+        to = new_row[row]
+        keep = to >= 0
+        return ids[keep] + (to[keep] - row[keep]) * v
 
     def _compute_hashes(self) -> torch.Tensor:
         cap = self.capacity

@@ -117,7 +117,7 @@ class _RowSubset:
         if self._history is None:
             h = self.batch.history
             if self.sampler == SamplerID.PENALTIES:
-                h.seen_mask(), h.output_counts()
+                h.seen_mask(), h.output_counts(), h.seen_ids()
             elif self.sampler in (SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM):
                 h.match_lengths()
             self._history = h.select(self.rows)
@@ -134,6 +134,7 @@ def _penalties(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tenso
         h.seen_mask(),
         h.output_counts(),
         b.param("repetition_penalty"), b.param("frequency_penalty"), b.param("presence_penalty"),
+        seen_ids=h.seen_ids(),
     )
 
 

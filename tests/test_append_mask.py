@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.history import HASH_BASES, HASH_MODULI, TokenHistory
-from test_history import ref_match_lengths, ref_prefix_hash  # the plain-list references
+from test_history import assert_seen_ids_listed, ref_match_lengths, ref_prefix_hash  # the plain-list references
 
 V = 16
 
@@ -34,6 +34,7 @@ def assert_same_state(th: TokenHistory, prompts: list[list[int]], outputs: list[
     assert (th.tokens[:, th.max_length:] == -1).all()
     assert torch.equal(th.output_counts(), fresh.output_counts())
     assert torch.equal(th.seen_mask(), fresh.seen_mask())
+    assert_seen_ids_listed(th)
     w = th.max_length
     assert torch.equal(th.match_lengths()[:, :w], fresh.match_lengths()[:, :w])
     assert (th.match_lengths()[:, w:] == 0).all()
@@ -79,7 +80,7 @@ def test_history_masked_appends_equal_a_fresh_build(seed):
         if q < 0.1:
             th.output_counts()
         elif q < 0.2:
-            th.seen_mask()
+            th.seen_mask(), th.seen_ids()
         elif q < 0.3:
             th.prefix_hashes()
         elif q < 0.5:
@@ -101,7 +102,7 @@ def test_history_skipped_rows_keep_every_structure():
     prompts, outputs = [[1, 2, 1, 2, 1], [3] * 14], [[2], []]
     th = TokenHistory(prompts, outputs, V)
     assert th.capacity == 16
-    th.output_counts(), th.seen_mask(), th.prefix_hashes(), th.match_lengths()
+    th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
     before = [t.clone() for t in (th.output_counts()[0], th.seen_mask()[0], th.prefix_hashes()[:, 0, :7],
                                   th.match_lengths()[0])]
     for _ in range(5):  # row 1 grows past the capacity (16), row 0 never advances
@@ -154,7 +155,7 @@ def test_history_masked_appends_property(prompts, steps):
         if query == 0:
             th.match_lengths()
         elif query == 1:
-            th.output_counts(), th.seen_mask()
+            th.output_counts(), th.seen_mask(), th.seen_ids()
     assert_same_state(th, [list(p) for p in prompts], outputs)
 
 

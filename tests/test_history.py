@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -35,6 +36,13 @@ def ref_prefix_hash(h: list[int], mod: int, base: int) -> list[int]:
     return out
 
 
+def assert_seen_ids_listed(th: TokenHistory) -> None:
+    """`seen_ids` lists each True entry of `seen_mask` once, by its flat index (any order)."""
+    ids = th.seen_ids().numpy()
+    assert ids.dtype == np.int64
+    assert np.array_equal(np.sort(ids), np.flatnonzero(th.seen_mask().numpy()))  # sorted: no duplicate
+
+
 def check_against_reference(th: TokenHistory, hists: list[list[int]], prompts: list[list[int]]) -> None:
     """Every structure of `th` equals the one computed from the plain lists."""
     v = th.vocab_size
@@ -58,6 +66,7 @@ def check_against_reference(th: TokenHistory, hists: list[list[int]], prompts: l
         assert (th.tokens[b, len(h) :] == -1).all()
         for k in range(2):
             assert hashes[k, b, : len(h) + 1].tolist() == ref_prefix_hash(h, HASH_MODULI[k], HASH_BASES[k])
+    assert_seen_ids_listed(th)
 
 
 # ----------------------------------------------------------------------------- hand-computed
@@ -160,7 +169,7 @@ def test_append_grows_capacity_and_keeps_contents():
     th = TokenHistory([[1, 2, 3]], [[]], vocab_size=10)
     cap0 = th.capacity
     h = [1, 2, 3]
-    th.output_counts(), th.seen_mask(), th.prefix_hashes(), th.match_lengths()
+    th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
     for i in range(3 * cap0):
         t = (i * 7) % 10
         th.append(torch.tensor([t]))
@@ -207,7 +216,7 @@ def test_incremental_append_equals_full_build(data):
     if query[0]:
         th.output_counts(), th.match_lengths()
     if query[1]:
-        th.seen_mask(), th.prefix_hashes()
+        th.seen_mask(), th.seen_ids(), th.prefix_hashes()
     hists = [p + o for p, o in zip(prompts, outputs)]
     for i, toks in enumerate(steps):
         toks = [t % alpha for t in toks]
@@ -232,7 +241,7 @@ def test_select_carries_state(data, draw):
     outputs = [[t % alpha for t in o] for o in outputs]
     b = len(prompts)
     th = TokenHistory(prompts, outputs, vocab_size=6)
-    th.output_counts(), th.seen_mask(), th.prefix_hashes(), th.match_lengths()
+    th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
     hists = [p + o for p, o in zip(prompts, outputs)]
     for toks in steps[:3]:  # some steps not yet folded into match_lengths
         toks = [t % alpha for t in toks]
@@ -242,6 +251,8 @@ def test_select_carries_state(data, draw):
     rows = draw.draw(st.lists(st.integers(0, b - 1), max_size=5))
     sub = th.select(torch.tensor(rows, dtype=torch.int64))
     assert sub._counts is not None and sub._match is not None  # carried, not rebuilt
+    # the seen-id list is carried too, unless a row is repeated (then built again on first use)
+    assert (sub._seen_buf is not None) == (len(set(rows)) == len(rows))
     sel_h = [list(hists[r]) for r in rows]
     sel_p = [prompts[r] for r in rows]
     check_against_reference(sub, sel_h, sel_p)

@@ -10,8 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import samplers.functional as F
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+from samplers.functional._stats import no_overflow
 from samplers.functional.penalties import ban_tokens, logit_bias, min_tokens, penalties
 from samplers.history import TokenHistory
+from samplers.priority import SamplerID
 
 INF = float("inf")
 I64 = torch.int64
@@ -221,3 +225,147 @@ def test_penalties_cpu_path_matches_the_dense_formula_on_extreme_values(data):
     keep = ~torch.isnan(got)
     assert torch.equal(got[keep], dense[keep])
     assert torch.equal(torch.signbit(got[keep]), torch.signbit(dense[keep]))
+    # the listed seen ids, in any order, give the same bits as the scan of the mask
+    ids = th.seen_ids()[torch.from_numpy(np.random.default_rng(B * V).permutation(th.seen_ids().numel()))]
+    listed = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr, seen_ids=ids)
+    assert torch.equal(listed.view(torch.int32), got.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_penalties_no_overflow_path_matches_the_dense_formula(data):
+    """Inside ``no_overflow()`` (the pipeline's calls that ``may_overflow`` clears: finite or
+    -inf logits, |l| * max(r, 1 / r) within the float32 range) the CPU path skips its clamp:
+    the same bits as the dense formula, signed zeros and -inf included."""
+    B, V = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 16))
+    value = st.one_of(st.sampled_from([-INF, 0.0, -0.0, 1e-38, -1e-45, 3e30, -3e30]),
+                      st.floats(-1e6, 1e6, width=32))
+    logits = t(data.draw(st.lists(value, min_size=B * V, max_size=B * V))).view(B, V)
+    prompts = [data.draw(st.lists(st.integers(0, V - 1), max_size=6)) for _ in range(B)]
+    outputs = [data.draw(st.lists(st.integers(0, V - 1), max_size=6)) for _ in range(B)]
+    th = TokenHistory(prompts, outputs, vocab_size=V)
+    same = data.draw(st.booleans())  # one factor for every row, or one per row
+    factors = st.sampled_from([1.0, 1.2, 0.5, 1e-5, 2.0, 1e5])
+    r = t([data.draw(factors)] * B if same else [data.draw(factors) for _ in range(B)])
+    f = t([data.draw(st.sampled_from([0.0, -0.0, 2.0, -1.5])) for _ in range(B)])
+    pr = t([data.draw(st.sampled_from([0.0, -0.0, 2.0, -2.0])) for _ in range(B)])
+    dense = penalties(logits.clone().requires_grad_(True), th.seen_mask(), th.output_counts(), r, f, pr).detach()
+    with no_overflow():
+        got = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr, seen_ids=th.seen_ids())
+        scanned = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr)
+    assert torch.equal(got.view(torch.int32), dense.view(torch.int32))
+    assert torch.equal(scanned.view(torch.int32), dense.view(torch.int32))
+
+
+def test_branch_free_select_is_np_where_bit_for_bit():
+    """The repetition step's selection (integer masks instead of np.where) on random float32
+    bit patterns: NaNs with payloads, infinities, signed zeros, subnormals, and per-token or
+    one factor."""
+    import importlib
+
+    pen = importlib.import_module("samplers.functional.penalties")
+    rng = np.random.default_rng(5)
+    v = rng.integers(-(2**31), 2**31, 5000, dtype=np.int64).astype(np.int32).view(np.float32)
+    v[:8] = [0.0, -0.0, INF, -INF, np.nan, 1e-45, -1e-45, 3e38]
+    for r in (np.float32(1.3), np.float32(1e-30), rng.choice(np.float32([0.5, 2.0, 1e30]), v.size)):
+        with np.errstate(all="ignore"):
+            want = np.where(v > 0, v / r, v * r)
+            got = pen._divide_positive_multiply_rest(v, r)
+        assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+# ----------------------------------------------------------------------------- seen_ids
+
+
+def test_seen_ids_hand_computed():
+    # V = 5; row 0 = [3, 1] + [1]: seen {1, 3} -> flat 1, 3; row 1 = [0]: seen {0} -> 5 + 0
+    th = TokenHistory([[3, 1], [0]], [[1], []], vocab_size=5)
+    assert th.seen_ids().tolist() == [1, 3, 5]  # row-major when built
+    th.append(torch.tensor([2, 0]))  # row 0 sees 2 first (flat 2); row 1's 0 is not new
+    assert th.seen_ids().tolist() == [1, 3, 5, 2]
+    th.append(torch.tensor([4, 4]), rows=torch.tensor([False, True]))  # only row 1: 5 + 4
+    assert th.seen_ids().tolist() == [1, 3, 5, 2, 9]
+    # rows swapped: row 1's entries become row 0's (5 -> 0, 9 -> 4), row 0's row 1's (+5);
+    # the order of the list is kept
+    assert th.select([1, 0]).seen_ids().tolist() == [6, 8, 0, 7, 4]
+    assert th.select([1]).seen_ids().tolist() == [0, 4]
+    assert th.select(torch.tensor([], dtype=torch.int64)).seen_ids().tolist() == []
+    # a repeated row: listed again from the mask, row-major
+    rep = th.select([0, 0])
+    assert rep._seen_buf is None and rep.seen_ids().tolist() == [1, 2, 3, 6, 7, 8]
+    # the original is unchanged by the selections
+    assert th.seen_ids().tolist() == [1, 3, 5, 2, 9]
+
+
+def test_seen_ids_grow_past_their_capacity_and_stay_per_history():
+    th = TokenHistory([[0]], [[]], vocab_size=300)
+    assert th.seen_ids().tolist() == [0]
+    sub = th.select([0])
+    for tok in range(1, 200):  # a new token every step: the list grows many times
+        th.append(torch.tensor([tok]))
+    assert th.seen_ids().tolist() == list(range(200))
+    assert sub.seen_ids().tolist() == [0]  # a selection has its own list
+    sub.append(torch.tensor([299]))
+    assert sub.seen_ids().tolist() == [0, 299] and th.seen_ids().numel() == 200
+
+
+def test_seen_ids_of_a_history_over_tensors():
+    tokens = torch.tensor([[4, 1, 4, 7, 7], [2, 9, 9, 9, 9]])  # row 1 is 2 tokens long
+    th = TokenHistory.from_tensors(tokens, torch.tensor([5, 2]), torch.tensor([2, 1]), vocab_size=10,
+                                   max_length=5)
+    assert th.seen_ids().tolist() == [1, 4, 7, 12, 19]
+    th.append(torch.tensor([3, 2]))
+    assert th.seen_ids().tolist() == [1, 4, 7, 12, 19, 3]
+    fresh = TokenHistory([[4, 1], [2]], [[4, 7, 7, 3], [9, 2]], vocab_size=10)
+    assert torch.equal(th.seen_mask(), fresh.seen_mask())
+    assert sorted(th.seen_ids().tolist()) == fresh.seen_ids().tolist()
+
+
+def test_seen_ids_only_on_the_cpu():
+    # elsewhere the dense mask is what the penalty reads: no list, no device sync to make one
+    th = TokenHistory([[1, 2]], [[3]], vocab_size=5, device="meta")
+    assert th.seen_ids() is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pipeline_penalties_step_by_step_against_the_dense_formula(seed):
+    """Through the pipeline, over many appended steps (the seen ids listed incrementally),
+    with rows whose sampler orders differ (so the penalty runs on a selection of the rows,
+    whose listed ids are carried by select): each row equals the dense formula applied in the
+    row's own order."""
+    rng = np.random.default_rng(seed)
+    min_p_first = [SamplerID.MIN_P, SamplerID.PENALTIES]
+    rows = [  # (params, the row's stages in order)
+        (SamplingParams(repetition_penalty=1.3, min_p=0.1), "penalties, min_p"),
+        (SamplingParams(repetition_penalty=0.8, min_p=0.1, sampler_priority=min_p_first), "min_p, penalties"),
+        (SamplingParams(repetition_penalty=1.3), "penalties"),
+        (SamplingParams(min_p=0.1), "min_p"),
+        (SamplingParams(repetition_penalty=2.0, min_p=0.1, sampler_priority=min_p_first), "min_p, penalties"),
+    ]
+    B, V = len(rows), 40
+    prompts = [rng.integers(0, 8, rng.integers(0, 10)).tolist() for _ in range(B)]
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    batch = SamplingBatch([p for p, _ in rows], prompts, outputs, vocab_size=V)
+    pipe = SamplerPipeline("torch", seed=seed)
+    for step in range(30):
+        logits = torch.from_numpy(rng.normal(0, 3, (B, V)).astype(np.float32))
+        logits[0, 3] = -INF
+        got = pipe.process(logits, batch)
+        fresh = TokenHistory(prompts, outputs, vocab_size=V)
+        for b, (p, order) in enumerate(rows):
+            want, sub = logits[b : b + 1], fresh.select([b])
+            for stage in order.split(", "):
+                if stage == "min_p":
+                    want = F.min_p(want, t([p.min_p]))
+                else:
+                    zero = t([0.0])
+                    want = penalties(want.clone().requires_grad_(True), sub.seen_mask(), sub.output_counts(),
+                                     t([p.repetition_penalty]), zero, zero).detach()
+            assert torch.equal(got[b].view(torch.int32), want[0].view(torch.int32)), (step, b)
+        mask = rng.random(B) < 0.7
+        ids = torch.from_numpy(rng.integers(0, 12, B))  # a small alphabet: tokens repeat
+        batch.append(ids, rows=torch.from_numpy(mask))
+        for b in range(B):
+            if mask[b]:
+                outputs[b].append(int(ids[b]))
+    assert batch.history._seen_buf is not None  # the listed ids were used, not rebuilt

@@ -762,7 +762,10 @@ def finite_absmax_bound(x: Tensor) -> Optional[float]:
         return 0.0
     xn = x.numpy()
     with np.errstate(over="ignore", invalid="ignore"):  # overflow, inf - inf: s is not finite
-        s = float(np.matmul(xn[:, None, :], xn[:, :, None]).max())
+        if xn.shape[0] == 1:  # one row: a plain dot product, 1-4 us less than the batched matmul
+            s = float(np.dot(xn[0], xn[0]))
+        else:
+            s = float(np.matmul(xn[:, None, :], xn[:, :, None]).max())
     if not math.isfinite(s):
         return None
     return math.sqrt(2.0 * s) + _SQUARES_UNDERFLOW
