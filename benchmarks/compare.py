@@ -120,15 +120,21 @@ def _stepper(batch: SamplingBatch) -> Callable[[], None]:
 def interleaved(contenders: dict[str, tuple[Callable[[], object], Optional[Callable[[], None]]]],
                 reps: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per contender: ``reps`` wall-clock times and ``reps`` process CPU times, in ms. Each
-    repetition runs every contender once, in turn (untimed ``setup`` first when given).
+    repetition runs every contender once, in turn (untimed ``setup`` first when given), in
+    an order that rotates by one each repetition.
 
     The CPU time (``time.process_time``: all threads of the process) leaves out the time the
     process spent descheduled, so on a loaded machine it is the steadier measure of the
     work; with one torch thread it is the call's time minus the preemptions."""
     wall: dict[str, list[float]] = {name: [] for name in contenders}
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
     for r in range(warmup + reps):
-        for name, (fn, setup) in contenders.items():
+        # The order rotates from one repetition to the next: whoever runs right after a
+        # contender that frees large buffers (returned to the OS) pays page faults for its
+        # own, so no contender should always sit in that slot.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, setup = contenders[name]
             if setup is not None:
                 setup()
             c0, t0 = time.process_time(), time.perf_counter()
