@@ -138,9 +138,12 @@ def penalties(
     (r, f, pr) = (1, 0, 0) is bit-identical to the input, whatever the other rows use.
 
     On the CPU step 1 touches only the seen tokens (their flat indices, gathered and
-    written back), and is skipped when every row has r = 1; steps 2-3 are skipped when
-    every row has f = pr = +0.0 (they would subtract +0.0); the values are those of the
-    dense formula.
+    written back), and is skipped when every row has r = 1; steps 2-3 touch only the
+    output's tokens (and the ``-0.0`` logits of rows whose f or pr has its sign bit set, see
+    ``_shift_output_tokens``), and are skipped when every row has f = pr = +0.0 (they would
+    subtract +0.0); the values are those of the dense formula. With ``seen_ids``, the
+    output's tokens are found among them (every token with a count is seen, as in a
+    `TokenHistory`); without, from ``output_counts``.
     """
     if logits.device.type != "cpu" or logits.requires_grad:
         x = logits.to(torch.float32)
@@ -178,6 +181,8 @@ def penalties(
         out = torch.from_numpy(logits.numpy().copy())
     else:
         out = logits.clone(memory_format=torch.contiguous_format)
+    on = out.numpy().reshape(-1)
+    vocab = logits.shape[1]
     # 1. Repetition: only the seen tokens change (x / 1 == x * 1 == x on rows with r = 1).
     if not shift or np.count_nonzero(repeat):  # (without shift, enabled rows are repeat rows)
         if seen_ids is None:
@@ -185,13 +190,17 @@ def penalties(
         else:
             flat = seen_ids.numpy()
         if flat.size:
-            _repeat_seen(out.numpy().reshape(-1), flat, rn, logits.shape[1])
-    # 2, 3. Frequency and presence, dense (l - f * count - pr * [count > 0] on every token,
-    # as written, so that signed zeros come out alike). A row with f = pr = +0.0 would only
-    # subtract +0.0, which changes nothing: skip the passes when that holds for every row.
+            _repeat_seen(on, flat, rn, vocab)
+    # 2, 3. Frequency and presence. A row with f = pr = +0.0 would only subtract +0.0, which
+    # changes nothing: skipped when that holds for every row.
     if shift:
-        out.sub_(output_counts.to(torch.float32).mul_(torch.from_numpy(fn)[:, None]))
-        out.sub_((output_counts > 0).to(torch.float32).mul_(torch.from_numpy(pn)[:, None]))
+        counts = output_counts.contiguous().numpy().reshape(-1)
+        if seen_ids is None:
+            in_output = np.flatnonzero(counts)
+        else:  # (the output's tokens are among the history's seen ones)
+            seen = seen_ids.numpy()
+            in_output = seen[counts[seen] > 0]
+        _shift_output_tokens(on, in_output, counts[in_output], fn, pn, vocab)
     if logits.dtype != torch.float32:
         out = out.to(logits.dtype)
     if n_enabled == enabled.size:
@@ -225,6 +234,27 @@ def _repeat_seen(on: np.ndarray, flat: np.ndarray, rn: np.ndarray, vocab: int) -
         if infinite.any():
             scaled[infinite] = v[infinite]
     on[flat] = scaled
+
+
+def _shift_output_tokens(on: np.ndarray, flat: np.ndarray, counts: np.ndarray, fn: np.ndarray,
+                         pn: np.ndarray, vocab: int) -> None:
+    """Steps 2-3 of `penalties` in place on the flat float32 logits ``on``: ``flat`` (distinct)
+    are the flat indices of the tokens with ``count > 0``, ``counts`` their counts.
+
+    Those get ``l - f * count - pr`` (the dense formula's ``pr * [count > 0]`` is ``pr * 1``,
+    exact). Every other token gets ``l - f * 0 - pr * 0``, which is ``l`` except for ``-0.0``:
+    where ``f`` or ``pr`` has its sign bit set, ``0 * f`` (or ``0 * pr``) is ``-0.0`` and
+    ``-0.0 - -0.0`` is ``+0.0``. Those rows get ``+ 0.0`` on every token (``l + 0.0`` is ``l``
+    but for ``-0.0``, which becomes ``+0.0``), before the output tokens are written."""
+    values = on[flat]
+    rows = flat // vocab
+    flips = np.flatnonzero(np.signbit(fn) | np.signbit(pn))
+    if flips.size:
+        rows2d = on.reshape(-1, vocab)
+        rows2d[flips] = rows2d[flips] + np.float32(0.0)
+    values -= counts.astype(np.float32) * fn[rows]
+    values -= pn[rows]
+    on[flat] = values
 
 
 def _divide_positive_multiply_rest(v: np.ndarray, r: np.ndarray | np.float32) -> np.ndarray:
