@@ -395,6 +395,11 @@ def test_keep_by_sign_equals_keep_at_least_on_hostile_rows_and_thresholds():
         assert torch.equal(bits(_stats.keep_logits_at_least(x, x, thr)), bits(want))
         scratch = torch.empty_like(x)
         assert _stats._keep_by_sign(x, thr[:, None].contiguous(), scratch) is scratch
+        # all-finite rows: the d * inf cap and fmin
+        fin = torch.isfinite(x).all(dim=-1)
+        xf, tf = x[fin], thr[fin][:, None].contiguous()
+        assert torch.equal(bits(_stats._keep_by_sign(xf, tf, finite=True)), bits(want[fin])), thr[:4]
+        assert torch.equal(bits(_stats.keep_logits_at_least(xf, xf, thr[fin], finite=True)), bits(want[fin]))
     # a +inf threshold takes the boolean route (the sign of inf - inf is not defined)
     thr = torch.full((B,), INF)
     assert torch.equal(bits(_stats.keep_logits_at_least(x, x, thr)), bits(_stats.fill_removed(x, x >= INF)))

@@ -384,7 +384,7 @@ def keep_at_least(logits: Tensor, values: Tensor, threshold: Tensor, values_is_s
 
 
 def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor,
-                         scratch: Optional[Tensor] = None) -> Tensor:
+                         scratch: Optional[Tensor] = None, finite: bool = False) -> Tensor:
     """``logits`` where ``l32 >= threshold[:, None]``, ``-inf`` elsewhere (a new tensor): the
     values of ``keep_at_least(logits, l32, threshold)`` (``l32``: the logits in fp32;
     ``threshold``: fp32 ``[B]``, ``-inf`` keeps the row bit-identical; NaN stays NaN).
@@ -394,18 +394,19 @@ def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor,
     the next route at [64, 32000] with one thread) unless most of each row is ``-inf``; otherwise the comparison is numpy's (no
     ``-0.0`` fix-up needed: ``-0.0 >= +0.0``) and ``fill_removed`` applies it. Elsewhere
     ``keep_at_least``. ``scratch``: a temporary of the caller's that may become the output
-    (see ``fill_removed``)."""
+    (see ``fill_removed``). ``finite``: the caller knows every entry of ``l32`` finite (one
+    pass fewer, see ``_keep_by_sign``)."""
     t = threshold.to(torch.float32)[:, None].contiguous()
     if _numpy_ok(l32, t):
         # (rows that fill_removed would pack go its way: the same NaN bits as before, which
         # depend on where in a vector an entry sits)
         if logits is l32 and bool((t < float("inf")).all()) and compact_rows(l32) is None:
-            return _keep_by_sign(l32, t, scratch)  # (a NaN threshold fails the test too)
+            return _keep_by_sign(l32, t, scratch, finite)  # (a NaN threshold fails the test too)
         return fill_removed(logits, torch.from_numpy(np.greater_equal(l32.numpy(), t.numpy())), scratch)
     return keep_at_least(logits, l32, threshold)
 
 
-def _keep_by_sign(l32: Tensor, t: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+def _keep_by_sign(l32: Tensor, t: Tensor, scratch: Optional[Tensor] = None, finite: bool = False) -> Tensor:
     """``l32`` where ``l32 >= t``, ``-inf`` elsewhere, for contiguous float32 CPU ``l32``
     (``[B, V]``) and ``t`` (``[B, 1]``, each ``< +inf``), in a new tensor (``scratch``'s buffer
     when it fits).
@@ -416,13 +417,23 @@ def _keep_by_sign(l32: Tensor, t: Tensor, scratch: Optional[Tensor] = None) -> T
     overflow). ``d``'s sign bit set into the bits of ``+inf`` makes a cap, ``+inf`` where
     kept and ``-inf`` elsewhere, and ``minimum(l, cap)`` is ``l`` (its bits) or ``-inf``
     (``keep_at_least``'s last step). ``l = -inf``: ``-inf`` whatever ``d`` is (NaN when
-    ``t = -inf``); ``l = +inf``: ``d = +inf``, kept; ``l = NaN``: ``minimum`` gives NaN."""
-    t = torch.where(t == 0, torch.full_like(t, -0.0), t)
+    ``t = -inf``); ``l = +inf``: ``d = +inf``, kept; ``l = NaN``: ``minimum`` gives NaN.
+
+    ``finite`` (every ``l`` finite): the cap is ``d * inf`` instead (``+inf``, ``-inf``, or
+    NaN for ``d = +-0.0``, i.e. ``l = t``, kept) and numpy's ``fmin``, which returns ``l``
+    against NaN, applies it: no bit operations, no zero fix-up (``d = -0.0`` only for
+    ``l = -0.0``, ``t = +0.0``: kept too), one pass fewer. (A NaN ``l`` would come out as
+    the cap there.)"""
     if scratch is not None and scratch.dtype == torch.float32 and scratch.shape == l32.shape \
             and scratch.is_contiguous():
         out = scratch
     else:
         out = torch.empty(l32.shape, dtype=torch.float32)
+    if finite:
+        torch.sub(l32, t, out=out).mul_(float("inf"))
+        np.fmin(l32.numpy(), out.numpy(), out=out.numpy())
+        return out
+    t = torch.where(t == 0, torch.full_like(t, -0.0), t)
     torch.sub(l32, t, out=out)
     out.view(torch.int32).bitwise_and_(-(2**31)).bitwise_or_(0x7F800000)  # sign bit | +inf
     return torch.minimum(l32, out, out=out)

@@ -553,7 +553,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
-        return keep_logits_at_least(logits, l32, thr, scratch)  # the squares' buffer becomes the output
+        # (the squares' buffer becomes the output)
+        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite)
     keep = l32 >= threshold[:, None]
     return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
