@@ -28,7 +28,6 @@ from ._stats import (
     is_finite,
     row_param,
     saturate_finite,
-    scratch_f32,
     select_rows,
     upcast,
 )
@@ -124,18 +123,16 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
     stats, rows = l32, None
     if cpu and sparse is None and not bool(enabled.all()):
         # The statistics of the enabled rows only (on the CPU reading ``enabled`` is no sync;
-        # each row's statistics depend on that row alone), copied into a kept buffer (no page
-        # faults), which entropy_of_logits then overwrites.
+        # each row's statistics depend on that row alone).
         rows = enabled.nonzero().squeeze(1)
-        shape = (rows.numel(), l32.shape[1])
-        stats = l32.index_select(0, rows) if l32.requires_grad else torch.index_select(
-            l32, 0, rows, out=scratch_f32("z", shape, avoid=(l32,)))
+        stats = l32.index_select(0, rows)
     hi_s = stats.amax(dim=-1)
     lo_s = stats.amin(dim=-1)
     if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
         n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
     else:
         n = count_true(is_finite(stats))
+    # (the selected rows are a copy: their buffer is reused)
     h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s, row_min=lo_s)
     pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
     t_lo = pick(t_min)
