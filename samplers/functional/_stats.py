@@ -343,7 +343,8 @@ def keep_at_least(logits: Tensor, values: Tensor, threshold: Tensor, values_is_s
 
 
 def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor,
-                         scratch: Optional[Tensor] = None, finite: bool = False) -> Tensor:
+                         scratch: Optional[Tensor] = None, finite: bool = False,
+                         not_packable: bool = False) -> Tensor:
     """``logits`` where ``l32 >= threshold[:, None]``, ``-inf`` elsewhere (a new tensor): the
     values of ``keep_at_least(logits, l32, threshold)`` (``l32``: the logits in fp32;
     ``threshold``: fp32 ``[B]``, ``-inf`` keeps the row bit-identical; NaN stays NaN).
@@ -355,12 +356,13 @@ def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor,
     ``-0.0`` fix-up needed: ``-0.0 >= +0.0``) and ``fill_removed`` applies it; off the CPU
     ``keep_at_least``. ``scratch``: a temporary of the caller's that may become the output
     (see ``fill_removed``). ``finite``: the caller knows every entry of ``l32`` finite (one
-    pass fewer, see ``_keep_by_sign``)."""
+    pass fewer, see ``_keep_by_sign``); ``not_packable``: it has just seen
+    ``compact_rows(l32)`` return None (no second look)."""
     t = threshold.to(torch.float32)[:, None].contiguous()
     if _numpy_ok(l32, t):
         # (rows that fill_removed would pack go its way: the same NaN bits as before, which
         # depend on where in a vector an entry sits)
-        if logits is l32 and bool((t < float("inf")).all()) and compact_rows(l32) is None:
+        if logits is l32 and bool((t < float("inf")).all()) and (not_packable or compact_rows(l32) is None):
             return _keep_by_sign(l32, t, scratch, finite)  # (a NaN threshold fails the test too)
         return fill_removed(logits, torch.from_numpy(np.greater_equal(l32.numpy(), t.numpy())), scratch)
     return keep_at_least(logits, l32, threshold)

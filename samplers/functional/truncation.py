@@ -554,7 +554,7 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
         # (the squares' buffer becomes the output)
-        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite)
+        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite, not_packable=sparse is None)
     keep = l32 >= threshold[:, None]
     return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
