@@ -234,3 +234,193 @@ def test_pipeline_divides_once_as_dynatemp_then_temperature_would(dtype):
     assert torch.equal(got.float().view(torch.int32) if dtype == torch.float32 else got.view(torch.int16),
                        ref.float().view(torch.int32) if dtype == torch.float32 else ref.view(torch.int16))
     assert not torch.equal(got[0], x[0]) and not torch.equal(got[1], x[1]) and torch.equal(got[3], x[3])
+
+
+# --- full-row fast paths (exp at once with the row min, the sign keep, nsigma's finiteness by sums) ---
+
+
+def _hostile_rows(rng: np.random.Generator, vocab: int) -> torch.Tensor:
+    """Rows for the fast-path-vs-general-path checks: ties (at the max too), -inf entries,
+    all but one removed, +-0.0 and subnormals, a flat row, magnitudes whose sums or squares
+    overflow float32, tiny magnitudes, a row spanning more than exp's normal range."""
+    x = make_logits(rng, 12, vocab, ninf=0.0, ties=0.4, ties_at_max=True)
+    x[1, : vocab // 3] = NINF
+    x[2, :-1] = NINF  # one token left
+    x[3, :4] = torch.tensor([-0.0, 0.0, 1e-45, -1e-45])
+    x[4] = 1.25  # flat: std 0, H = log V
+    x[5] *= 1e37  # squares and sums overflow
+    x[5, 0], x[5, 1] = 3e38, -3e38
+    x[6] *= 1e-30  # tiny
+    x[7, 0] = -200.0  # z below exp's normal range
+    x[8] = torch.round(x[8] * 2) / 2  # many exact ties, +-0.0 among them
+    x[9, 3] = -0.0
+    x[10, ::7] = NINF
+    x[11] *= 60.0
+    return x
+
+
+@pytest.fixture
+def general_path(monkeypatch):
+    """Call it to send dynatemp's statistics down the general torch path: no numpy routes
+    (``_numpy_ok`` false: torch's masks and counts) and no known row minimum in
+    ``entropy_of_logits`` (``exp_`` on a copy of ``z``, after its own pass for the minimum)."""
+    def switch():
+        monkeypatch.setattr(_stats, "_numpy_ok", lambda *tensors: False)
+        plain = _stats.entropy_of_logits
+        monkeypatch.setattr(_stats, "entropy_of_logits",
+                            lambda l32, sparse=None, overwrite=False, row_max=None, row_min=None:
+                            plain(l32, sparse, overwrite, row_max))
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("samplers.functional.temperature"), "entropy_of_logits",
+                            _stats.entropy_of_logits)
+
+    return switch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dynatemp_fast_path_equals_general_path_on_hostile_rows(dtype, general_path):
+    rng = np.random.default_rng(21)
+    cases = []
+    for vocab in (300, 2048):
+        x = _hostile_rows(rng, vocab).to(dtype)
+        B = x.shape[0]
+        for enabled in (torch.ones(B, dtype=torch.bool), torch.arange(B) % 3 != 1, torch.arange(B) == 5):
+            params = (torch.where(enabled, 0.3, 0.0), torch.where(enabled, 2.0, 0.0), torch.where(enabled, 0.7, 1.0))
+            fast = F.dynamic_temperature_values(x, *params)
+            out = F.dynamic_temperature(x, *params)
+            for b in range(B):  # each row alone (all rows enabled: no selection)
+                alone = F.dynamic_temperature_values(x[b:b + 1].clone(), *(p[b:b + 1] for p in params))
+                assert torch.equal(bits(alone), bits(fast[b:b + 1])), (vocab, b)
+            assert torch.all(fast[~enabled] == 1.0)
+            cases.append((x, params, fast, out))
+    general_path()
+    for x, params, fast, out in cases:
+        assert torch.equal(bits(F.dynamic_temperature_values(x, *params)), bits(fast))
+        assert torch.equal(bits(F.dynamic_temperature(x, *params)), bits(out))
+
+
+def test_entropy_of_logits_with_the_row_min_equals_the_general_path(general_path):
+    rng = np.random.default_rng(22)
+    x = _hostile_rows(rng, 1500)
+    y = x[[0, 3, 4, 6, 8, 9]]  # no -inf, narrower than exp's normal range: exp at once
+    assert torch.isfinite(y).all() and bool((y.amin(-1) - y.amax(-1) > -87).all())
+    m, lo = x.amax(dim=-1), x.amin(dim=-1)
+    runs = {}
+    for label, rows in (("x", x), ("y", y)):
+        m, lo = rows.amax(dim=-1), rows.amin(dim=-1)
+        for i, kw in enumerate(({}, {"row_max": m}, {"row_max": m, "row_min": lo})):
+            runs[label, i, False] = (rows, kw, _stats.entropy_of_logits(rows, **kw))
+            scratch = rows.clone()
+            runs[label, i, True] = (rows, kw, _stats.entropy_of_logits(scratch, overwrite=True, **kw))
+            assert torch.equal(bits(scratch), bits(rows - torch.where(torch.isfinite(m), m, 0)[:, None]))
+    general_path()  # clone + exp_ (its band path for the row reaching -200)
+    for (label, i, overwrite), (rows, kw, got) in runs.items():
+        want = _stats.entropy_of_logits(rows.clone(), overwrite=overwrite, **kw)
+        assert torch.equal(bits(got), bits(want)), (label, i, overwrite)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nsigma_fast_path_equals_masked_path_on_hostile_rows(dtype):
+    """All-finite rows (finiteness read from the row sums; (l - mean)**2 by mse_loss; the keep
+    by sign) against the masked path, which a -inf in another row of the batch forces."""
+    rng = np.random.default_rng(25)
+    for vocab in (300, 2048):
+        x = _hostile_rows(rng, vocab)
+        finite_rows = [b for b in range(x.shape[0]) if bool(torch.isfinite(x[b]).all())]
+        assert len(finite_rows) >= 8
+        for n_value in (0.5, 1.0, 3.0, 1e30):
+            n = torch.full((x.shape[0],), n_value)
+            n[4] = 0.0  # a disabled row
+            masked = F.nsigma(x.to(dtype), n)  # rows 1, 2 and 10 have -inf: the masked path
+            for b in finite_rows:
+                alone = F.nsigma(x[b:b + 1].to(dtype).clone(), n[b:b + 1])
+                assert torch.equal(bits(alone[0]), bits(masked[b])), (vocab, n_value, b)
+            assert torch.equal(bits(masked[4]), bits(x[4].to(dtype)))
+
+
+def test_mse_loss_squares_are_the_sub_and_pow_bits():
+    """nsigma's one-pass squares: ``mse_loss(l, mean, reduction="none")`` equals
+    ``(l - mean).pow_(2)`` bit for bit on finite rows (overflow to inf included)."""
+    x = _hostile_rows(np.random.default_rng(27), 2048)
+    x[1] = x[0] * 1e30  # squares overflow, the sum does not
+    mean = x.sum(dim=-1, keepdim=True) / x.shape[1]
+    x = x[torch.isfinite(mean[:, 0])]  # (as on nsigma's path: the row sums are finite)
+    mean = mean[torch.isfinite(mean[:, 0])]
+    mean[0] = -0.0
+    got = torch.nn.functional.mse_loss(x, mean.expand_as(x), reduction="none")
+    assert torch.equal(bits(got), bits((x - mean).pow_(2)))
+    assert torch.isinf(got[1]).any() and x.shape[0] >= 8
+
+
+def test_keep_by_sign_equals_keep_at_least_on_hostile_rows_and_thresholds():
+    rng = np.random.default_rng(26)
+    x = _hostile_rows(rng, 1500)
+    x[0, 5] = INF  # +inf: kept by any threshold below +inf
+    x[3, 9] = float("nan")
+    B = x.shape[0]
+    rows = torch.arange(B)
+    for thr in (torch.full((B,), NINF), torch.zeros(B), torch.full((B,), -0.0), torch.full((B,), 3e38),
+                torch.full((B,), -3e38), torch.full((B,), 1e-45), x[rows, torch.argmax(x, dim=-1)],
+                x[rows, 7], torch.from_numpy(rng.standard_normal(B).astype(np.float32))):
+        thr = torch.where(torch.isfinite(thr) | (thr == NINF), thr, torch.zeros_like(thr))  # (x[:, 7] may be -inf)
+        want = _stats.fill_removed(x, x >= thr[:, None])
+        got = _stats._keep_by_sign(x, thr[:, None].contiguous())
+        assert torch.equal(bits(got), bits(want)), thr[:4]
+        assert torch.equal(bits(_stats.keep_logits_at_least(x, x, thr)), bits(want))
+        scratch = torch.empty_like(x)
+        assert _stats._keep_by_sign(x, thr[:, None].contiguous(), scratch) is scratch
+        # all-finite rows: the d * inf cap and fmin
+        fin = torch.isfinite(x).all(dim=-1)
+        xf, tf = x[fin], thr[fin][:, None].contiguous()
+        assert torch.equal(bits(_stats._keep_by_sign(xf, tf, finite=True)), bits(want[fin])), thr[:4]
+        assert torch.equal(bits(_stats.keep_logits_at_least(xf, xf, thr[fin], finite=True)), bits(want[fin]))
+    # a +inf threshold takes the boolean route (the sign of inf - inf is not defined)
+    thr = torch.full((B,), INF)
+    assert torch.equal(bits(_stats.keep_logits_at_least(x, x, thr)), bits(_stats.fill_removed(x, x >= INF)))
+
+
+def _nsigma_threshold_f32(row: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """SEMANTICS.md's nsigma threshold of an all-finite float32 row, step by step in float32:
+    ``max - n * sqrt(sum((l - mean)**2) / (N - 1))`` with ``mean = sum(l) / N``."""
+    N = float(row.shape[-1])
+    mean = row.sum(dim=-1, keepdim=True) / N
+    std = torch.sqrt(((row - mean) ** 2).sum(dim=-1, keepdim=True) / (N - 1))
+    return row.amax(dim=-1, keepdim=True) - n * std
+
+
+def test_nsigma_fast_path_threshold_at_a_token_is_exact():
+    """Per row an ``n`` (found by search) that puts the float32 threshold exactly on a token
+    of the row: the fast path (sum finiteness, one-pass squares, keep by sign) keeps that
+    token and removes the next lower one, as the step-by-step float32 threshold says; an
+    ulp off in the mean, the squares or the sum of squares would move the threshold."""
+    rng = np.random.default_rng(28)
+    x = make_logits(rng, 16, 3000, ninf=0.0, ties=0.0) * torch.tensor([3.0, 1e-3, 1e3, 17.0] * 4)[:, None]
+    x[3, 10] = -0.0
+    ns, hits = [], 0
+    for b in range(x.shape[0]):
+        row = x[b:b + 1]
+        values = torch.sort(row[0], descending=True).values
+        best = torch.tensor([1.0])
+        for k in (30, 100, 400):
+            target = values[k]
+            std = _nsigma_threshold_f32(row, torch.zeros(1, 1)) - _nsigma_threshold_f32(row, torch.ones(1, 1))
+            n0 = ((values[0] - target) / std[0, 0]).reshape(1)
+            for step in range(-8, 9):  # n0 and its float32 neighbours, up to 8 ulps away
+                cand = n0
+                for _ in range(abs(step)):
+                    cand = torch.nextafter(cand, torch.tensor([np.inf if step > 0 else -np.inf]))
+                if _nsigma_threshold_f32(row, cand[:, None])[0, 0] == target:
+                    best, hits = cand, hits + 1
+                    break
+            else:
+                continue
+            break
+        ns.append(best)
+    assert hits >= 12
+    n = torch.cat(ns)
+    got = F.nsigma(x, n)
+    thr = _nsigma_threshold_f32(x, n[:, None])
+    assert torch.equal(torch.isfinite(got), x >= thr)
+    assert torch.equal(bits(got[torch.isfinite(got)]), bits(x[torch.isfinite(got)]))
+    assert int((x == thr).sum()) >= 12  # tokens exactly at the threshold, kept

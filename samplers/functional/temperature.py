@@ -133,7 +133,7 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
     else:
         n = count_true(is_finite(stats))
     # (the selected rows are a copy: their buffer is reused)
-    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s)
+    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s, row_min=lo_s)
     pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
     t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))

@@ -509,17 +509,24 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     enabled = n > 0
     l32 = upcast(logits)
     row_max = l32.amax(dim=-1, keepdim=True)
-    if l32.device.type == "cpu":
-        # min and max finite in every row (NaN fails both tests): every logit is finite,
-        # two cheap reductions instead of a [B, V] mask.
-        all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
-    else:
+    total = None
+    if l32.device.type != "cpu":
         all_finite = False
+    elif sparse is None:
+        # Every row sum finite: every logit is (an inf or NaN term makes its sum inf or NaN;
+        # a sum that overflows takes the masked path, which gives the same values then).
+        total = row_sum(l32)
+        all_finite = bool(torch.isfinite(total).all())
+    else:
+        # (packed rows: min and max finite, two cheap reductions instead of a [B, K] mask)
+        all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
     if all_finite:
         # Untruncated rows: the zeroing below would change nothing.
         count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
-        mean = row_sum(l32, sparse) / count.clamp_min(1)
-        scratch = (l32 - mean).pow_(2)
+        mean = (row_sum(l32, sparse) if total is None else total) / count.clamp_min(1)
+        # (l - mean)**2 in one pass (mse_loss's elementwise kernel: d = a - b, d * d, the bits
+        # of the sub and pow(2) passes); its buffer becomes the result's below
+        scratch = torch.nn.functional.mse_loss(l32, mean.expand_as(l32), reduction="none")
         sq = row_sum(scratch, sparse)
         finite = None
     else:
@@ -546,7 +553,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
-        return keep_logits_at_least(logits, l32, thr, scratch)  # the squares' buffer becomes the output
+        # (the squares' buffer becomes the output)
+        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite, not_packable=sparse is None)
     keep = l32 >= threshold[:, None]
     return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
