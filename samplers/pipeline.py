@@ -199,9 +199,12 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     # Truncated rows stay packed from one unit to the next (PackedChain); x is then the
     # chain's [B, K] packed rows, expanded where a step needs the full rows.
     chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    for (sampler, rows), index in zip(batch.schedule, batch.schedule_rows):
-        if rows is None and chain is not None and sampler not in _READS_TOKEN_IDS:
-            x, owned = chain.run(lambda t: UNITS[sampler](t, batch, randoms), x), True
+    packable = [rows is None and sampler not in _READS_TOKEN_IDS for sampler, rows in batch.schedule]
+    for i, ((sampler, rows), index) in enumerate(zip(batch.schedule, batch.schedule_rows)):
+        if chain is not None and packable[i]:
+            # (the last packed step before the full rows are needed expands its result at once)
+            last = not packable[i + 1] if i + 1 < len(packable) else not batch.any_skew
+            x, owned = chain.run(lambda t: UNITS[sampler](t, batch, randoms), x, last), True
             continue
         if chain is not None:
             x = chain.expand(x)
@@ -223,7 +226,7 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         x.index_copy_(0, index, out.to(x.dtype))
     if batch.any_skew:
         skew = lambda t: F.skew(t, batch.param("skew"))  # noqa: E731
-        x = skew(x) if chain is None else chain.run(skew, x)
+        x = skew(x) if chain is None else chain.run(skew, x, last=True)
     if chain is not None:
         x = chain.expand(x)
     if batch.may_remove_every_token:

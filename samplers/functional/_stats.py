@@ -54,6 +54,7 @@ __all__ = [
     "compact_rows",
     "PackedChain",
     "packed_chain",
+    "packed_result_wanted",
     "note_live_hint",
     "pack_entries",
     "count_true",
@@ -504,7 +505,7 @@ class SparseRows:
         next ``compact_rows`` (the next sampler of a chain), which then packs the result into
         the same positions instead of searching the ``[B, V]`` rows (see ``_live_hint``)."""
         chain = _CHAIN.get()
-        if chain is not None:
+        if chain is not None and chain.keeps_packed:
             return chain.adopt(self, packed)
         out = self.expand(packed)
         note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1], tensor=out)
@@ -707,7 +708,7 @@ class PackedChain:
     elementwise): samplers that read token ids need the full rows (``expand``).
     """
 
-    __slots__ = ("rows", "armed")
+    __slots__ = ("rows", "armed", "keeps_packed")
 
     def __init__(self) -> None:
         self.rows: Optional[SparseRows] = None
@@ -715,12 +716,18 @@ class PackedChain:
         #: (set when it is handed over; any ``compact_rows`` call clears it, so the calls a
         #: sampler makes on its packed rows inside, e.g. in ``fill_removed``, are untouched)
         self.armed = False
+        #: whether the step being run hands its result on packed (False on the step after
+        #: which the caller needs the full rows: its result is expanded at once, as outside
+        #: a chain, instead of packed and then expanded)
+        self.keeps_packed = True
 
-    def run(self, sampler: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    def run(self, sampler: Callable[[Tensor], Tensor], x: Tensor, last: bool = False) -> Tensor:
         """``sampler(x)`` as a step of this chain: ``x`` (``[B, V]`` rows, or this chain's
         packed rows) is handed over, the result taken back; either may be packed rows (see
-        ``is_packed``). ``sampler`` must pack its input first, or be elementwise."""
+        ``is_packed``), unless ``last`` (the caller will need the full rows next). ``sampler``
+        must pack its input first, or be elementwise."""
         x = self._hand_over(x)
+        self.keeps_packed = not last
         with packed_chain(self):
             return self._take_back(sampler(x))
 
@@ -750,6 +757,9 @@ class PackedChain:
         sampler's result on ``layout``'s rows) becomes the chain's rows, as the next
         ``compact_rows`` would have packed its expansion: the same positions while at least
         half of them are still kept, else packed again from the kept entries alone."""
+        if packed is layout.logits:  # (the layout's own rows, as made: nothing outside its positions)
+            self.rows, self.armed = layout, True
+            return packed
         values = layout.packed_values(packed)
         live = values != -np.inf
         width = layout.logits.shape[1]
@@ -777,6 +787,14 @@ class PackedChain:
 
 _CHAIN: contextvars.ContextVar[Optional[PackedChain]] = contextvars.ContextVar("samplers_packed_chain",
                                                                                 default=None)
+
+
+def packed_result_wanted() -> bool:
+    """Whether a truncation sampler's result will be handed on packed (inside a
+    ``packed_chain`` step that keeps it so): a sampler that could make its result either
+    way (top_k) then makes it packed."""
+    chain = _CHAIN.get()
+    return chain is not None and chain.keeps_packed
 
 
 @contextlib.contextmanager

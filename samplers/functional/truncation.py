@@ -41,6 +41,7 @@ from ._stats import (
     keep_logits_at_least,
     note_live_hint,
     pack_entries,
+    packed_result_wanted,
     prefix_boundary,
     row_param,
     row_sum,
@@ -121,10 +122,10 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     """``keep_at_least(logits, logits, kth)`` for float32 CPU rows without NaN or ``+inf``
     among their largest entries (so none at all) where the kept entries are few: the result
     is ``-inf`` except at the entries ``>= kth`` (their values copied). ``top_level``: the
-    result is top_k's own (not that of packed rows, which top_k expands): it is then made
-    as packed rows (``pack_entries``) and expanded as a truncation's result
-    (``SparseRows.expand_truncated``), so the next sampler takes the layout without a pass
-    over the rows, and inside a ``packed_chain`` it is never expanded.
+    result is top_k's own (not that of packed rows, which top_k expands): inside a
+    ``packed_chain`` step that hands its result on packed it is made as packed rows
+    (``pack_entries``) and never expanded; otherwise the ``[B, V]`` result is noted for the
+    next ``compact_rows``.
 
     The same values: ``keep_at_least`` keeps ``l`` iff ``l - kth >= +0.0``, i.e. iff
     ``l >= kth`` for finite ``l`` (``kth`` is finite or ``-inf``); an ``l = -inf`` comes out
@@ -135,7 +136,7 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     xn = logits.numpy()
     flat = np.flatnonzero(xn >= kth.numpy()[:, None])
     values = xn.reshape(-1)[flat]
-    if top_level and flat.size * _TOP_K_SPARSE_FRACTION <= xn.size:
+    if top_level and packed_result_wanted() and flat.size * _TOP_K_SPARSE_FRACTION <= xn.size:
         rows = pack_entries(flat, values, (batch, vocab))
         if rows is not None:
             return rows.expand_truncated(rows.logits)
