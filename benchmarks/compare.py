@@ -376,7 +376,7 @@ def markdown(data: dict) -> str:
             ref = min(v for k, v in med.items() if k.startswith(den[4:-1])) if den.startswith("min(") else med[den]
             what = {"chain7": "chain7 vs HF's list", "chain14": "chain14 vs our chain7",
                     "skew": "skew vs softmax + cumsum",
-                    "sample7": "sample7 (chain7 + draw) vs HF's list + softmax + multinomial"}.get(r["case"], r["case"])
+                    "sample7": "sample7 vs HF's list + multinomial"}.get(r["case"], r["case"])
             lines.append(f"| {what} | {r['shape']} | {med[num]:.2f} | {ref:.2f} | {r['ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | <= {r['target']}: {verdict(r)} |")
         for r in dry:
