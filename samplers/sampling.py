@@ -159,7 +159,7 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     """
     work = logits.float()
     if work.device.type == "cpu" and work.dim() == 2 and work.numel() > 0:
-        return _draw_tokens_cpu(work, greedy, uniforms)
+        return _draw_tokens_cpu(work.detach(), greedy, uniforms)  # (a token has no gradient)
     return _draw_tokens_dense(work, greedy, uniforms)
 
 

@@ -221,6 +221,15 @@ def test_draw_on_truncated_rows_equals_the_dense_route(monkeypatch):
     assert packed > 250
 
 
+def test_draw_accepts_logits_that_require_grad():
+    x = torch.full((2, 3000), float("-inf"))
+    x[:, [5, 70]] = torch.tensor([0.0, 1.0])
+    x.requires_grad_(True)
+    u = torch.tensor([0.1, 0.9])
+    got = draw_tokens(x, torch.zeros(2, dtype=torch.bool), u)
+    assert torch.equal(got, sampling._draw_tokens_dense(x.detach(), torch.zeros(2, dtype=torch.bool), u))
+
+
 def test_draw_on_dense_rows_takes_the_dense_route(monkeypatch):
     calls = []
     real = sampling._draw_tokens_dense
