@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from .functional._stats import packed_columns
+
 PURPOSE_DRAW = 0
 PURPOSE_XTC = 1
 
@@ -207,12 +209,10 @@ def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.T
     if np.count_nonzero(sample > 0) * _PACKED_DRAW_FRACTION > sample.size:
         return _draw_tokens_dense(work, greedy, uniforms, probs_t)
     flat = np.flatnonzero(probs > 0)  # row by row, each row's in token order
-    rows = flat // vocab
-    counts = np.bincount(rows, minlength=batch)
+    rows, counts, starts, cols = packed_columns(flat, (batch, vocab))
     width = max(int(counts.max()), 1)
-    starts = np.cumsum(counts) - counts
-    packed = np.zeros(batch * width, dtype=np.float32)
-    packed[rows * width + (np.arange(flat.size) - starts[rows])] = probs.reshape(-1)[flat]
+    packed = np.zeros(batch * width, dtype=np.float32)  # (zeros after each row's: its sums stay)
+    packed[rows * width + cols] = probs.reshape(-1)[flat]
     cdf = torch.from_numpy(packed).view(batch, width).cumsum(dim=-1)
     target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
     j = torch.searchsorted(cdf, target, right=True).squeeze(-1).numpy()

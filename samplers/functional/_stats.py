@@ -57,6 +57,7 @@ __all__ = [
     "packed_result_wanted",
     "note_live_hint",
     "pack_entries",
+    "packed_columns",
     "count_true",
     "sum_scattered",
 ]
@@ -483,8 +484,7 @@ class SparseRows:
     def row_sum(self, packed: Tensor) -> Tensor:
         """``[B, 1]``: the sums of the full rows whose entries are ``packed``'s (``[B, K]``
         float32, a function of ``logits`` entry by entry) at their columns and 0 elsewhere."""
-        values = packed.contiguous().numpy().reshape(-1)[self._pos]
-        return sum_scattered(values, self._flat, self._shape)
+        return sum_scattered(self.packed_values(packed), self._flat, self._shape)
 
     def __init__(self, logits: Tensor, flat: np.ndarray, pos: np.ndarray, shape: tuple[int, int]) -> None:
         self.logits = logits
@@ -496,7 +496,7 @@ class SparseRows:
         """``[B, V]`` float32: ``packed``'s entries (``[B, K]``, float32, e.g. a sampler's
         output on ``logits``) back at their columns, ``fill`` everywhere else."""
         out = np.full(self._shape[0] * self._shape[1], fill, dtype=np.float32)
-        out[self._flat] = packed.contiguous().numpy().reshape(-1)[self._pos]
+        out[self._flat] = self.packed_values(packed)
         return torch.from_numpy(out).view(self._shape)
 
     def expand_truncated(self, packed: Tensor) -> Tensor:
@@ -507,9 +507,23 @@ class SparseRows:
         chain = _CHAIN.get()
         if chain is not None and chain.keeps_packed:
             return chain.adopt(self, packed)
+        return self.expand_and_note(packed)
+
+    def expand_and_note(self, packed: Tensor) -> Tensor:
+        """``expand(packed)``, noted as the next ``compact_rows``'s layout (``note_live_hint``
+        with the result: taken without a pass over the rows while it is unwritten)."""
         out = self.expand(packed)
-        note_live_hint(self._shape, self._flat, self._pos, self.logits.shape[1], tensor=out)
+        note_live_hint(self._shape, self._flat, self._pos, packed.shape[1], tensor=out)
         return out
+
+    @staticmethod
+    def holding(values: np.ndarray, flat: np.ndarray, pos: np.ndarray, shape: tuple[int, int],
+                width: int) -> "SparseRows":
+        """The layout ``(flat, pos)`` in rows of ``width`` columns holding ``values`` (in
+        ``flat``'s order) at its positions and ``-inf`` everywhere else."""
+        packed = np.full(shape[0] * width, -np.inf, dtype=np.float32)
+        packed[pos] = values
+        return SparseRows(torch.from_numpy(packed).view(shape[0], width), flat, pos, shape)
 
     def packed_values(self, packed: Tensor) -> np.ndarray:
         """``packed``'s entries (``[B, K]`` float32, this layout) at the packed positions,
@@ -662,32 +676,36 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
             # packed rows of a wide truncation that top_k then cut to k, would make every
             # later sampler work on that width: it is packed again, below, from the hinted
             # entries alone.)
-            packed = np.full(batch * width, -np.inf, dtype=np.float32)
-            packed[pos] = xn[flat]
-            return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, (batch, vocab))
+            return SparseRows.holding(xn[flat], flat, pos, (batch, vocab), width)
         flat = flat[at_hint]
         if flat.size * _SPARSE_FRACTION > xn.size:
             return None
     return pack_entries(flat, xn[flat], (batch, vocab), pad, min_width)
 
 
-def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0, min_width: int = 1,
-          force: bool = False) -> Optional[SparseRows]:
+def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0,
+                 min_width: int = 1, force: bool = False) -> Optional[SparseRows]:
     """``SparseRows`` of the ``shape`` rows that are ``-inf`` except ``values`` at the flat
     indices ``flat`` (increasing): each row's entries to the left, ``pad`` free columns after
     the widest, at least ``min_width`` columns (both capped at ``V``). None when the packed
     rows would not be narrow enough to pay (see ``_SPARSE_FRACTION``), unless ``force``."""
     batch, vocab = shape
-    rows = flat // vocab
-    counts = np.bincount(rows, minlength=batch)
+    rows, counts, _, cols = packed_columns(flat, shape)
     width = min(vocab, max(int(counts.max(initial=0)) + pad, min_width))
     if not force and (width * _SPARSE_FRACTION > vocab or width == vocab):  # (packed rows do not shrink again)
         return None
+    return SparseRows.holding(values, flat, rows * width + cols, shape, width)
+
+
+def packed_columns(flat: np.ndarray, shape: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where the entries at the flat indices ``flat`` (increasing) of ``shape`` rows go when
+    each row's are packed to the left: their rows, each row's count, the index in ``flat`` of
+    each row's first, and each entry's column in the packed rows."""
+    rows = flat // shape[1]
+    counts = np.bincount(rows, minlength=shape[0])
     starts = np.cumsum(counts) - counts
-    pos = rows * width + (np.arange(flat.size) - starts[rows])
-    packed = np.full(batch * width, -np.inf, dtype=np.float32)
-    packed[pos] = values
-    return SparseRows(torch.from_numpy(packed).view(batch, width), flat, pos, shape)
+    return rows, counts, starts, np.arange(flat.size) - starts[rows]
 
 
 class PackedChain:
@@ -763,12 +781,8 @@ class PackedChain:
         values = layout.packed_values(packed)
         live = values != -np.inf
         width = layout.logits.shape[1]
-        if 2 * np.count_nonzero(live) >= values.size:
-            batch = layout.shape[0]
-            clean = np.full(batch * width, -np.inf, dtype=np.float32)  # (nothing outside the positions)
-            clean[layout._pos] = values
-            self.rows = SparseRows(torch.from_numpy(clean).view(batch, width), layout._flat, layout._pos,
-                                   layout.shape)
+        if 2 * np.count_nonzero(live) >= values.size:  # (a copy: nothing outside the positions)
+            self.rows = SparseRows.holding(values, layout._flat, layout._pos, layout.shape, width)
         else:
             self.rows = pack_entries(layout._flat[live], values[live], layout.shape, force=True)
         self.armed = True  # (a unit may run a second sampler on it: top_k then top_p)
@@ -780,9 +794,7 @@ class PackedChain:
         if not self.is_packed(x):
             return x
         rows, self.rows = self.rows, None
-        out = rows.expand(x)
-        note_live_hint(rows.shape, rows._flat, rows._pos, x.shape[1], tensor=out)
-        return out
+        return rows.expand_and_note(x)
 
 
 _CHAIN: contextvars.ContextVar[Optional[PackedChain]] = contextvars.ContextVar("samplers_packed_chain",
@@ -806,6 +818,7 @@ def packed_chain(chain: PackedChain) -> Iterator[None]:
         yield
     finally:
         _CHAIN.reset(token)
+
 
 #: Rows wider than this get no sum-of-squares bound (``finite_absmax_bound``): the float32
 #: sum's relative error bound, ``V * 2**-24 / (1 - V * 2**-24)``, must stay below 1/2.
