@@ -692,8 +692,8 @@ def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], p
     batch, vocab = shape
     rows, counts, _, cols = packed_columns(flat, shape)
     width = min(vocab, max(int(counts.max(initial=0)) + pad, min_width))
-    if not force and (width * _SPARSE_FRACTION > vocab or width == vocab):  # (packed rows do not shrink again)
-        return None
+    if not force and (width * _SPARSE_FRACTION > vocab or width == vocab):
+        return None  # (packed rows would not be narrow enough to pay)
     return SparseRows.holding(values, flat, rows * width + cols, shape, width)
 
 

@@ -155,10 +155,10 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     On the CPU, when the enabled rows use a few distinct ``k`` and torch runs one thread (the
     partition does not use more) or there is one row (``topk`` splits rows, not a row, over
     its threads: 0.12 ms against the partition's 0.07 at [1, 128256] with two), one numpy
-    partition (O(V)) finds them; otherwise ``torch.topk`` with the largest ``k``. Measured at k = 50 on a 2-core AVX-512 machine
-    with one thread: the partition takes 1.4 ms at [64, 32000] where ``topk`` takes
-    2.5-10 ms, 0.6 vs 0.8 ms at [8, 128256]. With two threads ``topk`` (split over rows)
-    wins at [8, 128256]. Introselect slows down a lot on a long run of equal values below
+    partition (O(V)) finds them; otherwise ``torch.topk`` with the largest ``k``. Measured at
+    k = 50 on a 2-core AVX-512 machine with one thread: the partition takes 1.4 ms at
+    [64, 32000] where ``topk`` takes 2.5-10 ms, 0.6 vs 0.8 ms at [8, 128256]. With two
+    threads ``topk`` (split over rows) wins at [8, 128256]. Introselect slows down a lot on a long run of equal values below
     the selected position (half the entries -inf: 10 ms; 87% -inf, as nsigma leaves rows:
     31 ms, ``topk`` 4.5 ms): rows with more than an eighth of their entries -inf and no NaN
     are partitioned negated instead, where that run lies beyond the selected position
