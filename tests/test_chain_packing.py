@@ -3,8 +3,9 @@
 - typical_p runs on packed rows after a truncation (``compact_rows``), like the other samplers;
 - a truncation's packed layout is noted (``note_live_hint``) and taken over by the next
   ``compact_rows`` only when it still holds every entry that is not ``-inf``;
-- top_k writes a sparse result entry by entry (``_keep_at_least_sparse``) instead of
-  ``keep_at_least``'s full-width passes.
+- top_k writes a sparse result entry by entry (``_sparse_result``) instead of
+  ``keep_at_least``'s full-width passes, its k-th values found among candidates above a
+  sampled threshold (``_top_k_from_candidates``) or by a selection over the rows.
 
 Each is compared with the plain computation (packing switched off through the module's
 thresholds, the sparse top_k through its own) on inputs that take the path, and each test
@@ -225,16 +226,31 @@ def _top_k_cases(g: torch.Generator):
     yield signed, torch.tensor([150, 60]), True
 
 
+def _selection_only(monkeypatch) -> None:
+    """top_k without the candidates: its k-th values from the selection over the rows."""
+    monkeypatch.setattr(T, "_TOP_K_SAMPLE", 10**12)
+
+
+@pytest.mark.parametrize("route", ["candidates", "selection"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_top_k_sparse_result_equals_keep_at_least(threads, plain, monkeypatch):
+def test_top_k_sparse_result_equals_keep_at_least(threads, route, plain, monkeypatch):
     # threads=2: torch.topk finds the k-th values (the partition needs one torch thread)
     g = torch.Generator().manual_seed(threads)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+    def setup():
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        if route == "selection":
+            _selection_only(monkeypatch)
+
+    setup()
+    found = []
     for x, k, noted in _top_k_cases(g):
-        calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+        calls = _spy(monkeypatch, T, "_sparse_result")
+        candidates = _spy(monkeypatch, T, "_top_k_from_candidates")
         _stats._scratch.live_hint = None
         fast = F.top_k(x, k)
         assert calls, "the sparse path was not taken"
+        found += [r is not None for r in candidates]
         hint = _stats._scratch.live_hint
         plain()
         ref = F.top_k(x, k)
@@ -247,13 +263,80 @@ def test_top_k_sparse_result_equals_keep_at_least(threads, plain, monkeypatch):
         if noted:
             assert np.all(np.diff(hint[1]) > 0) and np.isin(live, hint[1]).all()
         monkeypatch.undo()
-        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        setup()
+    assert any(found) == (route == "candidates")
+
+
+def _numpy_top_k(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """top_k's rule re-implemented: keep l >= the k-th largest of the row (a full sort)."""
+    kth = np.sort(x, axis=-1)[np.arange(x.shape[0]), x.shape[1] - k]
+    return np.where(x >= kth[:, None], x, np.float32(-np.inf))
+
+
+def _candidate_rows(rng: np.random.Generator, B: int, V: int, kind: str) -> np.ndarray:
+    x = (rng.standard_normal((B, V)) * rng.uniform(0.5, 5.0)).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x * 2) / 2  # large tie groups at the threshold and at the k-th value
+    elif kind == "truncated":  # mostly -inf, as nsigma leaves rows
+        x[rng.random((B, V)) < 0.88] = -np.inf
+    elif kind == "off_grid":  # the largest values where the strided sample never looks
+        step = V // T._TOP_K_SAMPLE
+        off = np.arange(V) % step != 0
+        x[:, off] += np.where(rng.random((B, int(off.sum()))) < 0.02, np.float32(20.0), np.float32(0.0))
+    elif kind == "trend":  # logits that grow along the vocabulary (ids ordered by frequency)
+        x += np.linspace(-6.0, 6.0, V, dtype=np.float32)
+    elif kind == "signed_zero":  # the largest values: a tie group of +0.0 and -0.0
+        x = -np.abs(x)
+        x[:, : V // 64] = np.where(rng.random((B, V // 64)) < 0.5, np.float32(-0.0), np.float32(0.0))
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "truncated", "off_grid", "trend", "signed_zero"])
+def test_top_k_candidates_equal_a_full_sort_and_the_selection(kind, monkeypatch):
+    """The candidates' kept entries, bit for bit: against a full sort in numpy and against the
+    selection path, for rows whose threshold lands in ties, rows mostly -inf, rows whose
+    largest values the sample misses (then the candidates are refused: too few or too many)
+    and k that differ per row (up to four distinct values, and more)."""
+    rng = np.random.default_rng(["normal", "ties", "truncated", "off_grid", "trend", "signed_zero"].index(kind))
+    taken = _spy(monkeypatch, T, "_top_k_from_candidates")
+    results = []
+    for B, V in [(1, 4096), (6, 8192), (3, 20000)]:
+        x = _candidate_rows(rng, B, V, kind)
+        for k in (np.full(B, 1), np.full(B, 50), rng.integers(1, V // 16, B), rng.choice([7, 300], B)):
+            xt, kt = torch.from_numpy(x), torch.from_numpy(k.astype(np.int64))
+            fast = F.top_k(xt, kt)
+            results.append(taken[-1])
+            assert torch.equal(_bits(fast), _bits(torch.from_numpy(_numpy_top_k(x, k)))), (B, V, k)
+            with monkeypatch.context() as m:
+                _selection_only(m)
+                assert torch.equal(_bits(fast), _bits(F.top_k(xt, kt)))
+    used = sum(r is not None for r in results)
+    if kind == "off_grid":
+        assert used < len(results)  # the sample missed them: some calls fell back
+    else:
+        assert used >= len(results) // 2, (used, len(results))
+
+
+def test_top_k_candidates_refuse_nan_and_inf_rows(monkeypatch):
+    """A NaN counts as the largest value (torch.topk's order); NaN and +inf rows go to the
+    selection, which keeps that rule: the candidates never decide them."""
+    taken = _spy(monkeypatch, T, "_top_k_from_candidates")
+    g = torch.Generator().manual_seed(9)
+    for poison in (float("nan"), float("inf")):
+        x = torch.randn(2, 8192, generator=g)
+        x[1, 4097] = poison
+        out = F.top_k(x, torch.tensor([20, 20]))
+        assert taken[-1] is None
+        assert not torch.isfinite(out[1, 4097]) and int(torch.isfinite(out[1]).sum()) == 19  # kept, 19 more
+        with monkeypatch.context() as m:
+            _selection_only(m)
+            assert torch.equal(_bits(out), _bits(F.top_k(x, torch.tensor([20, 20]))))
 
 
 def test_top_k_leaves_nan_inf_and_disabled_rows_to_keep_at_least(monkeypatch):
     g = torch.Generator().manual_seed(3)
     V = 4096
-    calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+    calls = _spy(monkeypatch, T, "_sparse_result")
     for poison in (float("nan"), float("inf")):
         x = torch.randn(3, V, generator=g)
         x[1, 17] = poison
@@ -269,7 +352,7 @@ def test_top_k_leaves_nan_inf_and_disabled_rows_to_keep_at_least(monkeypatch):
 
 def test_top_k_in_fp16_and_bf16_equals_the_sparse_fp32_path(monkeypatch):
     g = torch.Generator().manual_seed(4)
-    calls = _spy(monkeypatch, T, "_keep_at_least_sparse")
+    calls = _spy(monkeypatch, T, "_sparse_result")
     for dtype in (torch.float16, torch.bfloat16):
         x = (torch.randn(4, 4096, generator=g) * 3).to(dtype)  # half precision: many ties
         k = torch.tensor([1, 40, 200, 300])

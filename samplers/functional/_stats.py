@@ -537,7 +537,7 @@ class SparseRows:
         if pad == 0 and self.logits.shape[1] >= min_width:
             return self
         values = self.packed_values(self.logits)
-        live = values != -np.inf
+        live = np.flatnonzero(values != -np.inf)  # (indices: several times faster than a boolean mask)
         return pack_entries(self._flat[live], values[live], self._shape, pad, min_width, force=True)
 
 
@@ -779,9 +779,9 @@ class PackedChain:
             self.rows, self.armed = layout, True
             return packed
         values = layout.packed_values(packed)
-        live = values != -np.inf
+        live = np.flatnonzero(values != -np.inf)  # (indices: several times faster than a boolean mask)
         width = layout.logits.shape[1]
-        if 2 * np.count_nonzero(live) >= values.size:  # (a copy: nothing outside the positions)
+        if 2 * live.size >= values.size:  # (a copy: nothing outside the positions)
             self.rows = SparseRows.holding(values, layout._flat, layout._pos, layout.shape, width)
         else:
             self.rows = pack_entries(layout._flat[live], values[live], layout.shape, force=True)
@@ -799,6 +799,13 @@ class PackedChain:
 
 _CHAIN: contextvars.ContextVar[Optional[PackedChain]] = contextvars.ContextVar("samplers_packed_chain",
                                                                                 default=None)
+
+
+def is_chain_rows(x: Tensor) -> bool:
+    """Whether ``x`` is the packed rows a ``packed_chain`` step hands to a sampler (its first
+    ``compact_rows`` on them returns their layout at no cost)."""
+    chain = _CHAIN.get()
+    return chain is not None and chain.armed and chain.is_packed(x)
 
 
 def packed_result_wanted() -> bool:

@@ -36,11 +36,13 @@ from ._stats import (
     count_true,
     entropy,
     fill_removed,
+    is_chain_rows,
     is_finite,
     keep_at_least,
     keep_logits_at_least,
     note_live_hint,
     pack_entries,
+    packed_columns,
     packed_result_wanted,
     prefix_boundary,
     row_param,
@@ -89,6 +91,12 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     k = row_param(top_k, logits, torch.int64, "top_k")
     if batch == 0 or vocab == 0:
         return logits.clone()
+    if not is_chain_rows(logits):
+        # Full rows: the candidates' one pass finds the kept entries for less than packing
+        # the rows (after a truncation) or selecting over them would cost.
+        kept = _top_k_by_candidates(logits, k)
+        if kept is not None:
+            return _sparse_result(*kept, logits.shape, top_level=True)
     # Rows already truncated: a k that reaches past a packed row's width keeps all of its
     # tokens there, as it keeps every finite token of the full row.
     sparse = compact_rows(logits)
@@ -106,11 +114,26 @@ def _top_k(logits: Tensor, k: Tensor, top_level: bool = False) -> Tensor:
     kth, largest = _kth_largest(l32, k_row, enabled, k_max)
     # keep l >= kth; kth <= the row max, so the top token(s) are kept. Disabled rows: -inf.
     kth = torch.where(enabled, kth, torch.full_like(kth, float("-inf")))
-    if (l32 is logits and logits.device.type == "cpu" and logits.is_contiguous() and not logits.requires_grad
-            and k_max * _TOP_K_SPARSE_FRACTION <= vocab and bool(enabled.all())
+    if (_sparse_ok(logits, k_max, enabled) and l32 is logits
             and bool((largest.numpy() < np.inf).all())):  # no NaN, no +inf
         return _keep_at_least_sparse(logits, kth, top_level)
     return keep_at_least(logits, l32, kth)
+
+
+def _sparse_ok(logits: Tensor, k_max: int, enabled: Tensor) -> bool:
+    """Whether top_k's result on ``logits`` may be written entry by entry (float32 CPU rows,
+    every row enabled, at most ``1 / _TOP_K_SPARSE_FRACTION`` of each kept)."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and not logits.requires_grad and k_max * _TOP_K_SPARSE_FRACTION <= logits.shape[1]
+            and bool(enabled.all()))
+
+
+def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``_top_k_from_candidates`` on ``logits`` where top_k's result may be sparse, else None."""
+    enabled = (k > 0) & (k < logits.shape[1])
+    if not bool(enabled.all()) or not _sparse_ok(logits, int(k.max()), enabled):
+        return None
+    return _top_k_from_candidates(logits.numpy(), k.numpy())
 
 
 #: top_k writes its result entry by entry (``_keep_at_least_sparse``) when it keeps at most
@@ -132,11 +155,16 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     ``-inf`` either way. NaN and ``+inf`` entries (where the two could differ, through the
     sign of a NaN difference or the NaN that ``minimum`` returns) are excluded by the caller:
     they would be among the row's largest values."""
-    batch, vocab = logits.shape
     xn = logits.numpy()
     flat = np.flatnonzero(xn >= kth.numpy()[:, None])
-    values = xn.reshape(-1)[flat]
-    if top_level and packed_result_wanted() and flat.size * _TOP_K_SPARSE_FRACTION <= xn.size:
+    return _sparse_result(flat, xn.reshape(-1)[flat], logits.shape, top_level)
+
+
+def _sparse_result(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], top_level: bool) -> Tensor:
+    """top_k's result when it keeps ``values`` at the flat indices ``flat`` (increasing) of the
+    ``shape`` rows and ``-inf`` elsewhere: packed rows or ``[B, V]`` (see ``_keep_at_least_sparse``)."""
+    batch, vocab = shape
+    if top_level and packed_result_wanted() and flat.size * _TOP_K_SPARSE_FRACTION <= batch * vocab:
         rows = pack_entries(flat, values, (batch, vocab))
         if rows is not None:
             return rows.expand_truncated(rows.logits)
@@ -145,6 +173,59 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     if flat.size * _TOP_K_SPARSE_FRACTION <= out.size:  # (not rows with fewer than k finite logits)
         note_live_hint((batch, vocab), flat)
     return torch.from_numpy(out).view(batch, vocab)
+
+
+#: Entries per row that ``_top_k_from_candidates`` samples to place its threshold.
+_TOP_K_SAMPLE = 1024
+
+
+def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The entries top_k keeps of the float32 rows ``xn`` (``[B, V]``, contiguous; ``k``:
+    int64 ``[B]``, ``1 <= k`` and ``8 k <= V``), as flat indices (increasing) and values, found
+    without a selection over the full rows; None when this way does not apply (the caller's
+    selection then decides).
+
+    A threshold ``t`` below each row's ``k``-th largest value is read from a strided sample
+    of the row (its ``j``-th largest, ``j`` a few standard deviations above the ``k V / s``
+    sample entries expected to pass the ``k``-th value). The candidates, the entries not
+    below ``t``, then hold every entry ``>= kth`` once a row has at least ``k`` of them
+    (checked: ``kth >= t`` then); the ``k``-th largest is selected among them alone (a few
+    hundred to a few thousand entries, against a copy and a partition of the whole row) and
+    the kept entries are the candidates ``>= kth``: the selection's values, whatever the
+    sample. Rows with NaN or ``+inf`` candidates, with fewer than ``k``, or with too many
+    (``t`` in a large run of ties, a row mostly ``-inf``) return None."""
+    batch, vocab = xn.shape
+    step = vocab // _TOP_K_SAMPLE
+    if step < 4 or batch == 0:
+        return None  # (short rows: the full selection is cheap)
+    sample = xn[:, ::step]
+    s = sample.shape[1]
+    expected = k * (s / vocab)
+    j = np.ceil(1.5 * expected + 3.0 * np.sqrt(expected) + 2.0).astype(np.int64)
+    js = np.unique(j)
+    if js.size > 4 or 4 * int(js[-1]) > s:
+        return None
+    # (negated: the run of -inf of a truncated row lies beyond the selected positions, where
+    # it costs introselect little)
+    part = np.partition(np.negative(sample), (js - 1).tolist(), axis=-1)
+    t = -part[np.arange(batch), j - 1]
+    below = np.less(xn, t[:, None])
+    flat = np.flatnonzero(np.logical_not(below, out=below))  # (NaN entries too: refused below)
+    rows, counts, _, cols = packed_columns(flat, xn.shape)
+    if (counts < k).any() or int(counts.max()) * _TOP_K_SPARSE_FRACTION > vocab:
+        return None
+    values = xn.reshape(-1)[flat]
+    if not np.isfinite(values).all():
+        return None
+    # the k-th largest of each row's candidates: packed negated, +inf after each row's own
+    # (beyond the selected position, where a long run of equal values costs introselect little)
+    packed = np.full((batch, int(counts.max())), np.inf, dtype=np.float32)
+    packed[rows, cols] = -values
+    ks = np.unique(k)
+    packed.partition((ks - 1).tolist(), axis=-1)
+    kth = -packed[np.arange(batch), k - 1]
+    keep = np.flatnonzero(values >= kth[rows])  # (indices: ~5x faster than a boolean mask here)
+    return flat[keep], values[keep]
 
 
 def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
