@@ -209,6 +209,8 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.n
     # it costs introselect little)
     part = np.partition(np.negative(sample), (js - 1).tolist(), axis=-1)
     t = -part[np.arange(batch), j - 1]
+    if not (t > -np.inf).all():  # (a row mostly -inf, or NaN in the sample: no pass over the rows)
+        return None
     below = np.less(xn, t[:, None])
     flat = np.flatnonzero(np.logical_not(below, out=below))  # (NaN entries too: refused below)
     rows, counts, _, cols = packed_columns(flat, xn.shape)
