@@ -369,3 +369,32 @@ def test_pipeline_penalties_step_by_step_against_the_dense_formula(seed):
             if mask[b]:
                 outputs[b].append(int(ids[b]))
     assert batch.history._seen_buf is not None  # the listed ids were used, not rebuilt
+
+
+def _numpy_rescue(processed: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The rescue rule re-implemented: an all -inf row gets its input argmax (lowest id) back."""
+    out = processed.copy()
+    for r in np.flatnonzero(np.all(processed == -np.inf, axis=-1)):
+        c = int(np.argmax(logits[r]))
+        out[r, c] = logits[r, c]
+    return out
+
+
+@pytest.mark.parametrize("width", [3, 64, 65, 300])
+def test_rescue_empty_rows_probe_and_full_read(width):
+    """Rows finite in their first columns (the probe settles them), finite only past the
+    probe, empty, and NaN rows (never empty): the values of the rule, whichever read decides."""
+    g = np.random.default_rng(width)
+    logits = g.standard_normal((6, width)).astype(np.float32)
+    processed = logits.copy()
+    processed[1, : width - 1] = -np.inf  # finite only in its last column
+    processed[2] = -np.inf  # empty
+    processed[3, :] = -np.inf
+    processed[3, width // 2] = np.nan  # NaN: not empty
+    processed[5] = -np.inf  # empty
+    out = F.rescue_empty_rows(torch.from_numpy(processed), torch.from_numpy(logits))
+    ref = _numpy_rescue(processed, logits)
+    assert np.array_equal(out.numpy(), ref, equal_nan=True)
+    # every row settled by the probe: the very tensor comes back
+    full = torch.from_numpy(logits.copy())
+    assert F.rescue_empty_rows(full, torch.from_numpy(logits)) is full

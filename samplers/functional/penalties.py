@@ -272,6 +272,10 @@ def _divide_positive_multiply_rest(v: np.ndarray, r: np.ndarray | np.float32) ->
     return b
 
 
+#: Columns that ``rescue_empty_rows`` looks at first for a finite entry in each row.
+_RESCUE_PROBE = 64
+
+
 def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Give a row that ends with every token removed back its most likely input token.
 
@@ -285,9 +289,14 @@ def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Te
         ``processed`` itself when no row is empty on the CPU, else a new fp32 [B, V] tensor.
         Ties for the argmax: the lowest token id.
     """
-    empty = processed.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction
     if processed.device.type == "cpu":
-        # No device sync on the CPU: touch only the (rare) empty rows.
+        # No device sync on the CPU: touch only the (rare) empty rows. A finite entry among a
+        # row's first columns proves it is not empty (bans leave most of a full row): the
+        # whole rows are read only when some row has none there (after a truncation).
+        if processed.dim() == 2 and processed.shape[1] > _RESCUE_PROBE and \
+                bool((processed[:, :_RESCUE_PROBE].amax(dim=-1) > float("-inf")).all()):
+            return processed
+        empty = processed.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction
         if not bool(empty.any()):
             return processed
         rows = empty.nonzero().squeeze(1)
@@ -295,5 +304,6 @@ def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Te
         processed = processed.clone()
         processed[rows, cols] = logits[rows, cols].float()
         return processed
+    empty = processed.amax(dim=-1) == float("-inf")
     top = torch.zeros_like(processed, dtype=torch.bool).scatter_(1, logits.argmax(dim=-1, keepdim=True), True)
     return torch.where(empty[:, None] & top, logits.float(), processed)
