@@ -81,7 +81,9 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     Rule: keep token ``t`` iff ``l(t) >= kth`` where ``kth`` is the ``k``-th largest logit
     of the row (counting duplicates). Ties at the boundary are all kept, so more than ``k``
     tokens may survive. Uses ``torch.topk`` with the largest enabled ``k`` of the batch (no
-    full sort); reading that ``k`` is one device-to-host sync.
+    full sort); reading that ``k`` is one device-to-host sync. On the CPU the ``k``-th values
+    are selected among the entries above a threshold sampled from each row (a few per kept
+    token; ``_top_k_from_candidates``) or by a partition of the rows: the same values.
 
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
