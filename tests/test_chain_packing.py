@@ -317,6 +317,21 @@ def test_top_k_candidates_equal_a_full_sort_and_the_selection(kind, monkeypatch)
         assert used >= len(results) // 2, (used, len(results))
 
 
+@pytest.mark.parametrize("threads,B,taken", [(8, 6, False), (8, 2, True), (1, 6, True), (3, 3, False)])
+def test_top_k_candidates_leave_many_threads_to_topk(threads, B, taken, monkeypatch):
+    """With more than two threads and rows to split over them, torch.topk's row split takes
+    over; the values are the same either way."""
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 8192, generator=g)
+    k = torch.full((B,), 40)
+    ref = F.top_k(x, k)
+    calls = _spy(monkeypatch, T, "_top_k_from_candidates")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    out = F.top_k(x, k)
+    assert bool(calls) == taken
+    assert torch.equal(_bits(out), _bits(ref))
+
+
 def test_top_k_candidates_refuse_nan_and_inf_rows(monkeypatch):
     """A NaN counts as the largest value (torch.topk's order); NaN and +inf rows go to the
     selection, which keeps that rule: the candidates never decide them."""

@@ -130,9 +130,18 @@ def _sparse_ok(logits: Tensor, k_max: int, enabled: Tensor) -> bool:
             and bool(enabled.all()))
 
 
+#: The candidates (numpy, one thread) are taken while ``torch.topk`` could split the rows over
+#: at most this many threads: measured faster than ``topk`` on two (0.6-0.7 of HF's warper, which
+#: is ``topk``, at [64, 32000] and [8, 128256]); with more, ``topk``'s row split takes over.
+_CANDIDATES_MAX_THREADS = 2
+
+
 def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """``_top_k_from_candidates`` on ``logits`` where top_k's result may be sparse, else None."""
+    """``_top_k_from_candidates`` on ``logits`` where top_k's result may be sparse and the
+    rows would not be split over more threads than ``_CANDIDATES_MAX_THREADS``, else None."""
     enabled = (k > 0) & (k < logits.shape[1])
+    if min(logits.shape[0], torch.get_num_threads()) > _CANDIDATES_MAX_THREADS:
+        return None
     if not bool(enabled.all()) or not _sparse_ok(logits, int(k.max()), enabled):
         return None
     return _top_k_from_candidates(logits.numpy(), k.numpy())
