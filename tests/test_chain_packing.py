@@ -298,6 +298,7 @@ def test_top_k_candidates_equal_a_full_sort_and_the_selection(kind, monkeypatch)
     largest values the sample misses (then the candidates are refused: too few or too many)
     and k that differ per row (up to four distinct values, and more)."""
     rng = np.random.default_rng(["normal", "ties", "truncated", "off_grid", "trend", "signed_zero"].index(kind))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # (the candidates' condition, on any machine)
     taken = _spy(monkeypatch, T, "_top_k_from_candidates")
     results = []
     for B, V in [(1, 4096), (6, 8192), (3, 20000)]:
@@ -315,6 +316,19 @@ def test_top_k_candidates_equal_a_full_sort_and_the_selection(kind, monkeypatch)
         assert used < len(results)  # the sample missed them: some calls fell back
     else:
         assert used >= len(results) // 2, (used, len(results))
+
+
+def test_top_k_candidates_take_a_different_k_on_every_row(monkeypatch):
+    """A serving batch: every row its own k (here 16 distinct values, rounded logits with ties):
+    one sort of the samples and of the candidates serves them all, with a full sort's values."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    taken = _spy(monkeypatch, T, "_top_k_from_candidates")
+    g = np.random.default_rng(16)
+    x = np.round(g.standard_normal((16, 16384)).astype(np.float32) * 6) / 2
+    k = np.arange(1, 17) * 37
+    out = F.top_k(torch.from_numpy(x), torch.from_numpy(k))
+    assert taken and taken[-1] is not None
+    assert torch.equal(_bits(out), _bits(torch.from_numpy(_numpy_top_k(x, k))))
 
 
 @pytest.mark.parametrize("threads,B,taken", [(8, 6, False), (8, 2, True), (1, 6, True), (3, 3, False)])
