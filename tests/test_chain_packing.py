@@ -331,6 +331,32 @@ def test_top_k_candidates_take_a_different_k_on_every_row(monkeypatch):
     assert torch.equal(_bits(out), _bits(torch.from_numpy(_numpy_top_k(x, k))))
 
 
+def test_top_k_candidates_with_disabled_rows_mixed_in(monkeypatch):
+    """Rows with k = 0, -1 or k >= V (disabled) among enabled ones: the disabled rows come back
+    bit for bit (NaN, +-inf and -0.0 included), the others with a full sort's values; the
+    selection path gives the same tensor (its NaN may carry other bits: keep_at_least's
+    ``minimum`` makes its own NaN)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    taken = _spy(monkeypatch, T, "_top_k_from_candidates")
+    g = np.random.default_rng(21)
+    V = 8192
+    x = (g.standard_normal((6, V)) * 3).astype(np.float32)
+    x[1, :5] = [np.nan, np.inf, -np.inf, -0.0, 0.0]  # a disabled row with every special value
+    k = np.array([50, 0, 7, -1, V, 300])
+    out = F.top_k(torch.from_numpy(x), torch.from_numpy(k))
+    assert taken and taken[-1] is not None
+    on = (k > 0) & (k < V)
+    ref = x.copy()
+    ref[on] = _numpy_top_k(x[on], k[on])
+    assert torch.equal(_bits(out), _bits(torch.from_numpy(ref)))
+    with monkeypatch.context() as m:
+        _selection_only(m)
+        sel = F.top_k(torch.from_numpy(x), torch.from_numpy(k))
+    nan = torch.isnan(out)
+    assert torch.equal(nan, torch.isnan(sel)) and int(nan.sum()) == 1
+    assert torch.equal(_bits(out)[~nan], _bits(sel)[~nan])
+
+
 @pytest.mark.parametrize("threads,B,taken", [(8, 6, False), (8, 2, True), (1, 6, True), (3, 3, False)])
 def test_top_k_candidates_leave_many_threads_to_topk(threads, B, taken, monkeypatch):
     """With more than two threads and rows to split over them, torch.topk's row split takes

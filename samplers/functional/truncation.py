@@ -96,9 +96,9 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
     if not is_chain_rows(logits):
         # Full rows: the candidates' one pass finds the kept entries for less than packing
         # the rows (after a truncation) or selecting over them would cost.
-        kept = _top_k_by_candidates(logits, k)
-        if kept is not None:
-            return _sparse_result(*kept, logits.shape, top_level=True)
+        out = _top_k_by_candidates(logits, k)
+        if out is not None:
+            return out
     # Rows already truncated: a k that reaches past a packed row's width keeps all of its
     # tokens there, as it keeps every finite token of the full row.
     sparse = compact_rows(logits)
@@ -136,15 +136,35 @@ def _sparse_ok(logits: Tensor, k_max: int, enabled: Tensor) -> bool:
 _CANDIDATES_MAX_THREADS = 2
 
 
-def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """``_top_k_from_candidates`` on ``logits`` where top_k's result may be sparse and the
-    rows would not be split over more threads than ``_CANDIDATES_MAX_THREADS``, else None."""
-    enabled = (k > 0) & (k < logits.shape[1])
-    if min(logits.shape[0], torch.get_num_threads()) > _CANDIDATES_MAX_THREADS:
+def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
+    """top_k's result on full rows through ``_top_k_from_candidates``, or None where that does
+    not apply: not float32 CPU rows, an enabled ``k`` past ``1 / _TOP_K_SPARSE_FRACTION`` of the
+    row, rows that ``torch.topk`` could split over more than ``_CANDIDATES_MAX_THREADS``
+    threads, or the candidates refused. Disabled rows (a serving batch mixes them in) come back
+    as they are, the others from their candidates."""
+    batch, vocab = logits.shape
+    if min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS:
         return None
-    if not bool(enabled.all()) or not _sparse_ok(logits, int(k.max()), enabled):
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
+            or logits.requires_grad):
         return None
-    return _top_k_from_candidates(logits.numpy(), k.numpy())
+    on = ((k > 0) & (k < vocab)).numpy()
+    if not on.any() or int(k.numpy()[on].max()) * _TOP_K_SPARSE_FRACTION > vocab:
+        return None
+    xn, kn = logits.numpy(), k.numpy()
+    if on.all():
+        kept = _top_k_from_candidates(xn, kn)
+        return None if kept is None else _sparse_result(*kept, (batch, vocab), top_level=True)
+    rows = np.flatnonzero(on)
+    kept = _top_k_from_candidates(xn[rows], kn[rows])
+    if kept is None:
+        return None
+    flat, values = kept
+    out = np.full((batch, vocab), -np.inf, dtype=np.float32)
+    out.reshape(-1)[rows[flat // vocab] * vocab + flat % vocab] = values
+    off = np.flatnonzero(~on)
+    out[off] = xn[off]  # (a disabled row keeps every entry, bit for bit)
+    return torch.from_numpy(out)
 
 
 #: top_k writes its result entry by entry (``_keep_at_least_sparse``) when it keeps at most
