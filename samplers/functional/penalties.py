@@ -293,7 +293,7 @@ def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Te
         # No device sync on the CPU: touch only the (rare) empty rows. A finite entry among a
         # row's first columns proves it is not empty (bans leave most of a full row): the
         # whole rows are read only when some row has none there (after a truncation).
-        if processed.dim() == 2 and processed.shape[1] > _RESCUE_PROBE and \
+        if processed.shape[1] > _RESCUE_PROBE and \
                 bool((processed[:, :_RESCUE_PROBE].amax(dim=-1) > float("-inf")).all()):
             return processed
         empty = processed.amax(dim=-1) == float("-inf")  # == isneginf(x).all(-1), in one reduction

@@ -122,11 +122,17 @@ def _top_k(logits: Tensor, k: Tensor, top_level: bool = False) -> Tensor:
     return keep_at_least(logits, l32, kth)
 
 
+def _numpy_rows(logits: Tensor) -> bool:
+    """Whether top_k may work on ``logits`` through numpy: contiguous float32 CPU rows without
+    autograd."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and not logits.requires_grad)
+
+
 def _sparse_ok(logits: Tensor, k_max: int, enabled: Tensor) -> bool:
     """Whether top_k's result on ``logits`` may be written entry by entry (float32 CPU rows,
     every row enabled, at most ``1 / _TOP_K_SPARSE_FRACTION`` of each kept)."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
-            and not logits.requires_grad and k_max * _TOP_K_SPARSE_FRACTION <= logits.shape[1]
+    return (_numpy_rows(logits) and k_max * _TOP_K_SPARSE_FRACTION <= logits.shape[1]
             and bool(enabled.all()))
 
 
@@ -143,15 +149,13 @@ def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     threads, or the candidates refused. Disabled rows (a serving batch mixes them in) come back
     as they are, the others from their candidates."""
     batch, vocab = logits.shape
-    if min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS:
+    if min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS or not _numpy_rows(logits):
         return None
-    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
-            or logits.requires_grad):
+    kn = k.numpy()
+    on = (kn > 0) & (kn < vocab)
+    if not on.any() or int(kn[on].max()) * _TOP_K_SPARSE_FRACTION > vocab:
         return None
-    on = ((k > 0) & (k < vocab)).numpy()
-    if not on.any() or int(k.numpy()[on].max()) * _TOP_K_SPARSE_FRACTION > vocab:
-        return None
-    xn, kn = logits.numpy(), k.numpy()
+    xn = logits.numpy()
     if on.all():
         kept = _top_k_from_candidates(xn, kn)
         return None if kept is None else _sparse_result(*kept, (batch, vocab), top_level=True)
