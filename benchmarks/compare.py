@@ -20,6 +20,13 @@ Cases, at every shape of ``--shapes`` and every thread setting of ``--threads``:
 - ``sample7``: a whole step as a generation loop runs it: chain7 then one token per row
   (``SamplerPipeline.sample``, seeded rows) against HF's list + softmax + ``torch.multinomial``.
   Not one of issue 15's targets; chain7's 0.2 is applied to it.
+- ``common3``: the most common request, temperature + top_p + min_p without top_k, in one
+  pipeline call against HF's list of the same three warpers (top_p then works on full rows).
+  Not one of issue 15's targets; chain7's 0.2 is applied to it.
+- ``mixed7``: a serving batch: chain7 on the even rows, chain7 without top_k on the odd ones,
+  in one pipeline call, against HF's lists run as a server with HF would, one per group of
+  rows with the same parameters (the rows selected, processed, put back). Not one of issue
+  15's targets; chain7's 0.2 is applied to it.
 - ``skew``: ``F.skew`` against a plain softmax + cumsum over the same rows (the faster of
   ``torch.softmax(x, -1).cumsum(-1)`` and a hand-written ``exp(x - max) / sum`` + cumsum: at
   [64, 32000] ``torch.softmax`` takes a slow path on this torch, ~20x its time at other
@@ -98,7 +105,9 @@ CHAIN14_EXTRA = dict(top_a=0.05, tfs=0.98, nsigma=3.0, xtc_threshold=0.1, xtc_pr
                      smoothing_factor=0.2, skew=0.2)
 
 TARGETS = {"sampler": 1.0, "chain7": 0.2, "chain14": 1.5, "skew": 2.0, "dry_step_ms": 3.0,
-           "sample7": 0.2}  # (sample7: not one of issue 15's; chain7's target applied to a whole step)
+           # (not issue 15's: chain7's target applied to a whole step, the common request, a mixed batch)
+           "sample7": 0.2, "common3": 0.2, "mixed7": 0.2}
+COMMON3 = dict(temperature=0.8, top_p=0.9, min_p=0.05)
 
 
 def _full(x: torch.Tensor, value, dtype=torch.float32) -> torch.Tensor:
@@ -177,13 +186,17 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
             "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe) if needs_hist else None),
             "functional": (lambda o=ours, h=h: o(logits, h), _stepper(b_fn) if needs_hist else None),
         }, "pipeline/hf"))
-    if not only or {"chain7", "chain14", "sample7"} & only:
-        procs = hf.LogitsProcessorList([
-            hf.TemperatureLogitsWarper(CHAIN7["temperature"]), hf.TopKLogitsWarper(CHAIN7["top_k"]),
-            hf.TopPLogitsWarper(CHAIN7["top_p"]), hf.MinPLogitsWarper(CHAIN7["min_p"]),
-            hf.EtaLogitsWarper(CHAIN7["eta_cutoff"]), hf.EpsilonLogitsWarper(CHAIN7["epsilon_cutoff"]),
-            hf.TypicalLogitsWarper(mass=CHAIN7["typical_p"]),
-        ])
+    if not only or {"chain7", "chain14", "sample7", "mixed7"} & only:
+        def chain7_list(top_k: bool):
+            return hf.LogitsProcessorList([
+                hf.TemperatureLogitsWarper(CHAIN7["temperature"]),
+                *([hf.TopKLogitsWarper(CHAIN7["top_k"])] if top_k else []),
+                hf.TopPLogitsWarper(CHAIN7["top_p"]), hf.MinPLogitsWarper(CHAIN7["min_p"]),
+                hf.EtaLogitsWarper(CHAIN7["eta_cutoff"]), hf.EpsilonLogitsWarper(CHAIN7["epsilon_cutoff"]),
+                hf.TypicalLogitsWarper(mass=CHAIN7["typical_p"]),
+            ])
+
+        procs = chain7_list(top_k=True)
         ids = torch.zeros(B, 1, dtype=torch.int64)
         empty = [[] for _ in range(B)]
         b7 = SamplingBatch(SamplingParams(**CHAIN7), empty, empty, vocab_size=V)
@@ -210,6 +223,24 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
 
             out.append(("sample7", {"hf": (hf_step, None), "ours": (lambda: pipe.sample(logits, b7s), None)},
                         "ours/hf"))
+        if (not only or "mixed7" in only) and B > 1:
+            groups = [(torch.arange(0, B, 2), procs), (torch.arange(1, B, 2), chain7_list(top_k=False))]
+            bm = SamplingBatch([SamplingParams(**{**CHAIN7, "top_k": CHAIN7["top_k"] if r % 2 == 0 else 0})
+                                for r in range(B)], empty, empty, vocab_size=V)
+
+            def hf_groups():
+                out = torch.empty_like(logits)
+                for rows_of, lst in groups:
+                    out[rows_of] = lst(ids[rows_of], logits[rows_of])
+                return out
+
+            out.append(("mixed7", {"hf": (hf_groups, None), "ours": (_pipe_call(bm, logits), None)}, "ours/hf"))
+    if not only or "common3" in only:
+        common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
+                                         hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
+        ids1 = torch.zeros(B, 1, dtype=torch.int64)
+        out.append(("common3", {"hf": (lambda: common(ids1, logits), None),
+                                "ours": (_pipe_call(_batch(B, V, None, **COMMON3), logits), None)}, "ours/hf"))
     if not only or "skew" in only:
         sk = _full(logits, 0.2)
 
@@ -294,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
                        cpu_medians_ms=cpu_med, times_ms=times, cpu_times_ms=cpu_times, reps=reps,
                        ratio_spec=spec, ratio=ratio, cpu_ratio=cpu_ratio, target=target, target_kind=kind,
                        met=bool(met), cpu_met=bool(cpu_met), loadavg=os.getloadavg()[0])
-            if case not in ("chain7", "chain14", "sample7", "skew", "dry_step"):
+            if case not in ("chain7", "chain14", "sample7", "common3", "mixed7", "skew", "dry_step"):
                 row["functional_over_hf"] = med["functional"] / med["hf"]
                 row["cpu_functional_over_hf"] = cpu_med["functional"] / cpu_med["hf"]
             results.append(row)
@@ -376,7 +407,9 @@ def markdown(data: dict) -> str:
             ref = min(v for k, v in med.items() if k.startswith(den[4:-1])) if den.startswith("min(") else med[den]
             what = {"chain7": "chain7 vs HF's list", "chain14": "chain14 vs our chain7",
                     "skew": "skew vs softmax + cumsum",
-                    "sample7": "sample7 vs HF's list + multinomial"}.get(r["case"], r["case"])
+                    "sample7": "sample7 vs HF's list + multinomial",
+                    "common3": "common3 (temperature, top_p, min_p) vs HF's list",
+                    "mixed7": "mixed7 (top_k on half the rows) vs HF's list per group"}.get(r["case"], r["case"])
             lines.append(f"| {what} | {r['shape']} | {med[num]:.2f} | {ref:.2f} | {r['ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | <= {r['target']}: {verdict(r)} |")
         for r in dry:

@@ -228,7 +228,7 @@ def _top_k_cases(g: torch.Generator):
 
 def _selection_only(monkeypatch) -> None:
     """top_k without the candidates: its k-th values from the selection over the rows."""
-    monkeypatch.setattr(T, "_TOP_K_SAMPLE", 10**12)
+    monkeypatch.setattr(T, "_CANDIDATE_SAMPLE", 10**12)
 
 
 @pytest.mark.parametrize("route", ["candidates", "selection"])
@@ -280,7 +280,7 @@ def _candidate_rows(rng: np.random.Generator, B: int, V: int, kind: str) -> np.n
     elif kind == "truncated":  # mostly -inf, as nsigma leaves rows
         x[rng.random((B, V)) < 0.88] = -np.inf
     elif kind == "off_grid":  # the largest values where the strided sample never looks
-        step = V // T._TOP_K_SAMPLE
+        step = V // T._CANDIDATE_SAMPLE
         off = np.arange(V) % step != 0
         x[:, off] += np.where(rng.random((B, int(off.sum()))) < 0.02, np.float32(20.0), np.float32(0.0))
     elif kind == "trend":  # logits that grow along the vocabulary (ids ordered by frequency)

@@ -121,19 +121,34 @@ def softmax_and_log_softmax(l32: Tensor, with_log: bool = True,
         if packed is not None:
             p, logp = softmax_and_log_softmax(packed.logits, with_log, packed)
             return packed.expand(p, fill=0.0), (None if logp is None else packed.expand(logp))
-    m = l32.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    z = l32 - m
     if not with_log:
-        e = exp_(z)  # z is not needed afterwards: one [B, V] buffer instead of two
-        s = row_sum(e, sparse)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        e, s = softmax_terms(l32, sparse)
         return e.div_(s), None
+    z = l32 - _finite_row_max(l32)
     e = exp_(z.clone())
-    s = row_sum(e, sparse)
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = _denominator(e, sparse)
     # In place on temporaries: the same values as ``e / s`` and ``z - log(s)``.
     return e.div_(s), z.sub_(torch.log(s))
+
+
+def softmax_terms(l32: Tensor, sparse: Optional["SparseRows"] = None) -> tuple[Tensor, Tensor]:
+    """``softmax(l32) = e / s`` as its terms: ``e = exp(l - max(l))`` (``[B, V]``, a new
+    tensor) and ``s`` (``[B, 1]``) the row sum of ``e`` (1 for a row of zeros); a row whose
+    max is not finite is shifted by 0. ``sparse``: as in ``softmax_and_log_softmax`` (no
+    packing is done here). A caller that needs a few probabilities divides those alone:
+    the values of ``softmax_and_log_softmax``'s (an IEEE division either way)."""
+    e = exp_(l32 - _finite_row_max(l32))
+    return e, _denominator(e, sparse)
+
+
+def _finite_row_max(l32: Tensor) -> Tensor:
+    m = l32.amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _denominator(e: Tensor, sparse: Optional["SparseRows"]) -> Tensor:
+    s = row_sum(e, sparse)
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 #: ``exp`` of fp32 values below this is subnormal or 0; torch's CPU kernel takes a slow
@@ -702,15 +717,48 @@ def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], p
     return SparseRows.holding(values, flat, rows * width + cols, shape, width)
 
 
+def flat_not_below(xn: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(~(xn < t[:, None]))`` for ``[B, V]`` rows ``xn`` and ``[B]``
+    thresholds ``t``: the flat indices (increasing) of the entries not below their row's
+    threshold (NaN entries included).
+
+    numpy finds the indices of a boolean array with a ``memchr`` scan when at most a tenth of
+    it is True, and branch-free above: the scan mispredicts on scattered entries and takes
+    2.3 ms at 8% of [64, 32000] where the branch-free loop takes 0.7. Such masks are written
+    into a per-thread buffer whose tail (an eighth of the mask's size) is True, which sends
+    numpy to the branch-free loop; the tail's indices, the last ones, are dropped."""
+    n = xn.size
+    tail = n // 8 + 1
+    buf = getattr(_scratch, "mask_tail", None)
+    if buf is None or buf.size < n + tail:
+        buf = _scratch.mask_tail = np.empty(n + tail, dtype=np.bool_)
+    head = buf[:n].reshape(xn.shape)
+    np.less(xn, t[:, None], out=head)
+    np.logical_not(head, out=head)
+    count = np.count_nonzero(head)
+    if count * 40 <= n:  # (sparse enough for the scan to win)
+        return np.flatnonzero(head)
+    buf[n:n + tail] = True
+    return np.flatnonzero(buf[:n + tail])[:count]
+
+
 def packed_columns(flat: np.ndarray, shape: tuple[int, int]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Where the entries at the flat indices ``flat`` (increasing) of ``shape`` rows go when
     each row's are packed to the left: their rows, each row's count, the index in ``flat`` of
     each row's first, and each entry's column in the packed rows."""
-    rows = flat // shape[1]
-    counts = np.bincount(rows, minlength=shape[0])
-    starts = np.cumsum(counts) - counts
-    return rows, counts, starts, np.arange(flat.size) - starts[rows]
+    batch, vocab = shape
+    if flat.size <= 4096:  # (few entries: one division is the cheaper)
+        rows = flat // vocab
+        counts = np.bincount(rows, minlength=batch)
+        starts = np.cumsum(counts) - counts
+        return rows, counts, starts, np.arange(flat.size) - starts[rows]
+    # Many: each row's end by binary search, then repeats (0.12 ms against 0.37 for a
+    # division, a bincount and a gather of 160k entries)
+    ends = np.searchsorted(flat, np.arange(1, batch + 1, dtype=np.int64) * vocab)
+    counts = np.diff(ends, prepend=0)
+    starts = ends - counts
+    return np.repeat(np.arange(batch), counts), counts, starts, np.arange(flat.size) - np.repeat(starts, counts)
 
 
 class PackedChain:

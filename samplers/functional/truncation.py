@@ -36,6 +36,7 @@ from ._stats import (
     count_true,
     entropy,
     fill_removed,
+    flat_not_below,
     is_chain_rows,
     is_finite,
     keep_at_least,
@@ -48,6 +49,7 @@ from ._stats import (
     row_param,
     row_sum,
     softmax_and_log_softmax,
+    softmax_terms,
     sort_nonneg,
     sum_scattered,
     sort_values_desc,
@@ -156,17 +158,22 @@ def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     if not on.any() or int(kn[on].max()) * _TOP_K_SPARSE_FRACTION > vocab:
         return None
     xn = logits.numpy()
-    if on.all():
-        kept = _top_k_from_candidates(xn, kn)
-        return None if kept is None else _sparse_result(*kept, (batch, vocab), top_level=True)
-    rows = np.flatnonzero(on)
-    kept = _top_k_from_candidates(xn[rows], kn[rows])
-    if kept is None:
-        return None
-    flat, values = kept
+    rows = None if on.all() else np.flatnonzero(on)
+    kept = _top_k_from_candidates(xn if rows is None else xn[rows], kn if rows is None else kn[rows])
+    return None if kept is None else _rows_result(xn, rows, kept)
+
+
+def _rows_result(xn: np.ndarray, rows: Optional[np.ndarray], kept: np.ndarray) -> Tensor:
+    """A truncation's result on the float32 rows ``xn`` (``[B, V]``) that keeps, of the rows
+    ``rows`` (all rows when None), the entries at the flat indices ``kept`` (increasing) of
+    ``xn[rows]``, and leaves the other rows as they are (bit for bit)."""
+    batch, vocab = xn.shape
+    if rows is None:
+        return _sparse_result(kept, xn.reshape(-1)[kept], (batch, vocab), top_level=True)
+    flat = rows[kept // vocab] * vocab + kept % vocab
     out = np.full((batch, vocab), -np.inf, dtype=np.float32)
-    out.reshape(-1)[rows[flat // vocab] * vocab + flat % vocab] = values
-    off = np.flatnonzero(~on)
+    out.reshape(-1)[flat] = xn.reshape(-1)[flat]
+    off = np.setdiff1d(np.arange(batch), rows, assume_unique=True)
     out[off] = xn[off]  # (a disabled row keeps every entry, bit for bit)
     return torch.from_numpy(out)
 
@@ -210,13 +217,14 @@ def _sparse_result(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int],
     return torch.from_numpy(out).view(batch, vocab)
 
 
-#: Entries per row that ``_top_k_from_candidates`` samples to place its threshold.
-_TOP_K_SAMPLE = 1024
+#: Entries per row that the candidates (``_top_k_from_candidates``, ``_top_p_by_candidates``)
+#: sample to place their threshold.
+_CANDIDATE_SAMPLE = 1024
 
 
-def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray]:
     """The entries top_k keeps of the float32 rows ``xn`` (``[B, V]``, contiguous; ``k``:
-    int64 ``[B]``, ``1 <= k`` and ``8 k <= V``), as flat indices (increasing) and values, found
+    int64 ``[B]``, ``1 <= k`` and ``8 k <= V``), as flat indices (increasing), found
     without a selection over the full rows; None when this way does not apply (the caller's
     selection then decides).
 
@@ -230,7 +238,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.n
     sample. Rows with NaN or ``+inf`` candidates, with fewer than ``k``, or with too many
     (``t`` in a large run of ties, a row mostly ``-inf``) return None."""
     batch, vocab = xn.shape
-    step = vocab // _TOP_K_SAMPLE
+    step = vocab // _CANDIDATE_SAMPLE
     if step < 4 or batch == 0:
         return None  # (short rows: the full selection is cheap)
     sample = xn[:, ::step]
@@ -244,8 +252,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.n
     t = -np.sort(np.negative(sample), axis=-1)[np.arange(batch), j - 1]
     if not (t > -np.inf).all():  # (a row mostly -inf, or NaN in the sample: no pass over the rows)
         return None
-    below = np.less(xn, t[:, None])
-    flat = np.flatnonzero(np.logical_not(below, out=below))  # (NaN entries too: refused below)
+    flat = flat_not_below(xn, t)  # (NaN entries too: refused below)
     rows, counts, _, cols = packed_columns(flat, xn.shape)
     if (counts < k).any() or int(counts.max()) * _TOP_K_SPARSE_FRACTION > vocab:
         return None
@@ -257,8 +264,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[tuple[np.n
     packed[rows, cols] = -values
     packed.sort(axis=-1)
     kth = -packed[np.arange(batch), k - 1]
-    keep = np.flatnonzero(values >= kth[rows])  # (indices: ~5x faster than a boolean mask here)
-    return flat[keep], values[keep]
+    return flat[np.flatnonzero(values >= kth[rows])]  # (indices: ~5x faster than a boolean mask here)
 
 
 def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
@@ -345,6 +351,10 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
     smallest prefix of the descending order whose sum is ``>= top_p``; tokens tied with the
     last token of that prefix are all kept. The top token is always kept.
 
+    On the CPU, float32 rows that are not mostly removed find the prefix among their most
+    likely tokens when it lies there (``_top_p_by_candidates``, checked row by row) instead of
+    sorting every token: the same values.
+
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
@@ -359,14 +369,109 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
 def _top_p(logits: Tensor, tp: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = tp < 1.0
     l32 = upcast(logits)
-    p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
-    p_sorted = sort_values_desc(p)
-    n_kept = _count_mass_before_below(torch.cumsum(p_sorted, dim=-1), tp)
-    threshold = prefix_boundary(p_sorted, n_kept)[:, 0]
+    if sparse is None and _numpy_rows(logits) and bool(enabled.any()):
+        # Full rows: the nucleus is found among the few most likely tokens when it lies there
+        # (checked), without sorting the whole rows.
+        e, s = softmax_terms(l32)
+        out = _top_p_by_candidates(logits, e, s, tp, enabled)
+        if out is not None:
+            return out
+        p = e.div_(s)
+    else:
+        p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
+    threshold = _top_p_threshold(p, tp)
     # The threshold is a probability of the row (<= p_max): the top token(s) pass it, and
     # the mask-free keep_at_least applies (disabled rows: threshold -inf).
     threshold = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
     return keep_at_least(logits, p, threshold, values_is_scratch=True, values_not_negative_zero=True)
+
+
+def _top_p_threshold(p: Tensor, tp: Tensor) -> Tensor:
+    """``[B]``: top_p's boundary probability of each row of ``p`` (``[B, V]``, float32):
+    every token with ``p >= threshold`` is kept (tokens tied with the last one of the prefix
+    included)."""
+    p_sorted = sort_values_desc(p)
+    n_kept = _count_mass_before_below(torch.cumsum(p_sorted, dim=-1), tp)
+    return prefix_boundary(p_sorted, n_kept)[:, 0]
+
+
+def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabled: Tensor) -> Optional[Tensor]:
+    """top_p's result on full float32 CPU rows from softmax's terms (``e``, ``s``: see
+    ``softmax_terms``), found among each enabled row's most likely tokens; None where that
+    does not apply to any row (the caller sorts the full rows). Disabled rows come back as
+    they are.
+
+    A threshold ``tau`` on ``e`` is read from a strided sample of each row: the largest
+    sampled value below which the sampled mass, scaled to the row, stays under half of
+    ``1 - top_p`` (rows whose sample is mostly 0, i.e. mostly ``-inf`` logits, take every
+    token of nonzero probability). The candidates (``e >= tau``) are every token at least as
+    likely as the least likely of them (``e`` grows with the logit); their probabilities
+    sorted descending are the first positions of the full row's sorted order, and their
+    cumulative sums the same values (a prefix sum reads only its prefix). So once a row's
+    candidates reach ``top_p`` (checked) the count before the boundary, the boundary and the
+    kept tokens are those of the full row, provided the boundary is above the least likely
+    candidate (checked: a token outside could tie with it otherwise). Rows that fail a check,
+    or whose candidates would be more than ``1 / _TOP_K_SPARSE_FRACTION`` of the row (a wide
+    nucleus), are sorted in full (``_top_p_threshold``). None when an enabled row has NaN or
+    ``+inf`` (a NaN ``e``, or a sum that is not finite), or when no row is decided."""
+    batch, vocab = logits.shape
+    step = vocab // _CANDIDATE_SAMPLE
+    if step < 4:
+        return None  # (short rows: the full sort is cheap)
+    on = enabled.numpy()
+    rows = None if on.all() else np.flatnonzero(on)
+    en, sn, tpn = e.numpy(), s.numpy()[:, 0], tp.numpy()
+    if rows is not None:
+        en, sn, tpn = en[rows], sn[rows], tpn[rows]
+    if not np.isfinite(sn).all():
+        return None
+    n_on = en.shape[0]
+    every = np.arange(n_on)
+    sample = np.sort(en[:, ::step], axis=-1)
+    n_sample = sample.shape[1]
+    tail = np.cumsum(sample, axis=-1, dtype=np.float64)
+    limit = (0.5 / step) * (1.0 - tpn.astype(np.float64)) * sn
+    j = np.minimum(np.count_nonzero(tail <= limit[:, None], axis=-1), n_sample - 1)
+    # (at least the smallest positive float: a token of probability 0 is never a candidate)
+    tau = np.maximum(sample[every, j], np.finfo(np.float32).smallest_subnormal)
+    few_left = np.count_nonzero(sample, axis=-1) * step * _TOP_K_SPARSE_FRACTION <= vocab
+    tau[few_left] = np.finfo(np.float32).smallest_subnormal
+    wide = ~few_left & ((n_sample - j) * step * _TOP_K_SPARSE_FRACTION > vocab)
+    if wide.all():
+        return None
+    tau[wide] = np.inf  # (no candidates: sorted in full below)
+    flat = flat_not_below(en, tau)
+    values = en.reshape(-1)[flat]
+    if np.isnan(values).any():  # (a NaN logit, which is never below tau; its row's s reads 1)
+        return None
+    cand_rows, counts, _, cols = packed_columns(flat, en.shape)
+    if (counts * _TOP_K_SPARSE_FRACTION > vocab).any():  # (the sample misled: those rows in full)
+        wide |= counts * _TOP_K_SPARSE_FRACTION > vocab
+        inside = np.flatnonzero(~wide[cand_rows])
+        counts[wide] = 0
+        flat, values, cand_rows, cols = flat[inside], values[inside], cand_rows[inside], cols[inside]
+    p = values / np.repeat(sn, counts)  # (IEEE division: softmax's e / s at these tokens)
+    # sorted descending: packed negated, -0.0 after each row's own (which negate to +0.0)
+    width = max(int(counts.max()), 1)
+    packed = np.full(n_on * width, -0.0, dtype=np.float32)
+    packed[cand_rows * width + cols] = -p
+    packed = packed.reshape(n_on, width)
+    packed.sort(axis=-1)
+    p_sorted = np.negative(packed, out=packed)
+    cum = torch.cumsum(torch.from_numpy(p_sorted), dim=-1).numpy()  # (torch's: the same bits)
+    n_before = np.count_nonzero(cum < tpn[:, None], axis=-1)  # (the count_below of the full row)
+    threshold = p_sorted[every, np.minimum(n_before, width - 1)]
+    decided = (n_before < counts) & (threshold > p_sorted[every, np.maximum(counts - 1, 0)])
+    if not decided.any():
+        return None
+    kept = flat[np.flatnonzero((p >= threshold[cand_rows]) & decided[cand_rows])]
+    if not decided.all():
+        rest = np.flatnonzero(~decided)
+        p_rest = torch.from_numpy(en[rest] / sn[rest, None])
+        t_rest = _top_p_threshold(p_rest, torch.from_numpy(tpn[rest])).numpy()
+        found = np.flatnonzero(p_rest.numpy() >= t_rest[:, None])
+        kept = np.sort(np.concatenate([kept, rest[found // vocab] * vocab + found % vocab]))
+    return _rows_result(logits.numpy(), rows, kept)
 
 
 def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
