@@ -506,3 +506,40 @@ def test_a_layout_is_taken_without_a_pass_only_from_the_unwritten_tensor_it_desc
         made.clear()
         sparse = _stats.compact_rows(y)
         assert made == [None] and torch.equal(sparse.expand(sparse.logits), y)
+
+
+def test_sum_scattered_remembers_only_equal_sums(monkeypatch):
+    """The remembered sums: returned for the same entries (bits), columns, shape and thread
+    count, and recomputed when any differs; a caller writing to a returned sum does not change
+    what is remembered. Each result equals torch's sum of the full rows."""
+    rng = np.random.default_rng(5)
+    shape = (3, 5000)
+    flat = np.sort(rng.choice(shape[0] * shape[1], 300, replace=False))
+    values = rng.standard_normal(300).astype(np.float32)
+
+    def full_sum(v, f):
+        dense = np.zeros(shape[0] * shape[1], dtype=np.float32)
+        dense[f] = v
+        return torch.from_numpy(dense).view(shape).sum(dim=-1, keepdim=True)
+
+    sums = _spy(monkeypatch, torch.Tensor, "sum")
+    first = _stats.sum_scattered(values, flat, shape)
+    assert torch.equal(_bits(first), _bits(full_sum(values, flat)))
+    first.add_(1.0)  # (the caller's tensor, not the remembered one)
+    n = len(sums)
+    again = _stats.sum_scattered(values.copy(), flat.copy(), shape)
+    assert len(sums) == n and torch.equal(_bits(again), _bits(full_sum(values, flat)))
+    signed = values.copy()
+    signed[0] = -signed[0]
+    other_flat = flat.copy()
+    other_flat[-1] = shape[0] * shape[1] - 1 if flat[-1] != shape[0] * shape[1] - 1 else flat[-1] - 1
+    for v, f, s in [(signed, flat, shape), (values, other_flat, shape), (values, flat, (1, 15000))]:
+        n = len(sums)
+        out = _stats.sum_scattered(v, f, s)
+        assert len(sums) == n + 1  # computed, not remembered
+        if s == shape:
+            assert torch.equal(_bits(out), _bits(full_sum(v, f)))
+    n = len(sums)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # (one row's sum is split over threads)
+    _stats.sum_scattered(values, flat, shape)
+    assert len(sums) == n + 1
