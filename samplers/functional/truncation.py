@@ -163,15 +163,18 @@ def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     return None if kept is None else _rows_result(xn, rows, kept)
 
 
-def _rows_result(xn: np.ndarray, rows: Optional[np.ndarray], kept: np.ndarray) -> Tensor:
+def _rows_result(xn: np.ndarray, rows: Optional[np.ndarray], kept: np.ndarray,
+                 scratch: Optional[Tensor] = None) -> Tensor:
     """A truncation's result on the float32 rows ``xn`` (``[B, V]``) that keeps, of the rows
     ``rows`` (all rows when None), the entries at the flat indices ``kept`` (increasing) of
-    ``xn[rows]``, and leaves the other rows as they are (bit for bit)."""
+    ``xn[rows]``, and leaves the other rows as they are (bit for bit). ``scratch``: a
+    contiguous float32 ``[B, V]`` temporary of the caller's, no longer needed, that becomes the
+    result (see ``_sparse_result``)."""
     batch, vocab = xn.shape
     if rows is None:
-        return _sparse_result(kept, xn.reshape(-1)[kept], (batch, vocab), top_level=True)
+        return _sparse_result(kept, xn.reshape(-1)[kept], (batch, vocab), top_level=True, scratch=scratch)
     flat = rows[kept // vocab] * vocab + kept % vocab
-    out = np.full((batch, vocab), -np.inf, dtype=np.float32)
+    out = _filled(batch * vocab, scratch).reshape(batch, vocab)
     out.reshape(-1)[flat] = xn.reshape(-1)[flat]
     off = np.setdiff1d(np.arange(batch), rows, assume_unique=True)
     out[off] = xn[off]  # (a disabled row keeps every entry, bit for bit)
@@ -202,19 +205,32 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     return _sparse_result(flat, xn.reshape(-1)[flat], logits.shape, top_level)
 
 
-def _sparse_result(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], top_level: bool) -> Tensor:
-    """top_k's result when it keeps ``values`` at the flat indices ``flat`` (increasing) of the
-    ``shape`` rows and ``-inf`` elsewhere: packed rows or ``[B, V]`` (see ``_keep_at_least_sparse``)."""
+def _sparse_result(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], top_level: bool,
+                   scratch: Optional[Tensor] = None) -> Tensor:
+    """A truncation's result when it keeps ``values`` at the flat indices ``flat`` (increasing)
+    of the ``shape`` rows and ``-inf`` elsewhere: packed rows or ``[B, V]`` (see
+    ``_keep_at_least_sparse``), the latter in ``scratch``'s buffer when given (one [B, V]
+    allocation fewer: with two alive at once glibc returned the freed one to the system, and
+    each call paid ~3000 page faults, +4 ms, at [64, 32000])."""
     batch, vocab = shape
     if top_level and packed_result_wanted() and flat.size * _TOP_K_SPARSE_FRACTION <= batch * vocab:
         rows = pack_entries(flat, values, (batch, vocab))
         if rows is not None:
             return rows.expand_truncated(rows.logits)
-    out = np.full(batch * vocab, -np.inf, dtype=np.float32)
+    out = _filled(batch * vocab, scratch)
     out[flat] = values
     if flat.size * _TOP_K_SPARSE_FRACTION <= out.size:  # (not rows with fewer than k finite logits)
         note_live_hint((batch, vocab), flat)
     return torch.from_numpy(out).view(batch, vocab)
+
+
+def _filled(n: int, scratch: Optional[Tensor]) -> np.ndarray:
+    """``n`` float32 ``-inf`` (flat), in ``scratch``'s buffer when given."""
+    if scratch is None:
+        return np.full(n, -np.inf, dtype=np.float32)
+    out = scratch.numpy().reshape(-1)
+    out.fill(-np.inf)
+    return out
 
 
 #: Entries per row that the candidates (``_top_k_from_candidates``, ``_top_p_by_candidates``)
@@ -397,9 +413,9 @@ def _top_p_threshold(p: Tensor, tp: Tensor) -> Tensor:
 
 def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabled: Tensor) -> Optional[Tensor]:
     """top_p's result on full float32 CPU rows from softmax's terms (``e``, ``s``: see
-    ``softmax_terms``), found among each enabled row's most likely tokens; None where that
-    does not apply to any row (the caller sorts the full rows). Disabled rows come back as
-    they are.
+    ``softmax_terms``), found among each enabled row's most likely tokens, in ``e``'s buffer;
+    None where that does not apply to any row (the caller sorts the full rows; ``e`` is then
+    untouched). Disabled rows come back as they are.
 
     A threshold ``tau`` on ``e`` is read from a strided sample of each row: the largest
     sampled value below which the sampled mass, scaled to the row, stays under half of
@@ -418,13 +434,10 @@ def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabl
     step = vocab // _CANDIDATE_SAMPLE
     if step < 4:
         return None  # (short rows: the full sort is cheap)
-    on = enabled.numpy()
-    rows = None if on.all() else np.flatnonzero(on)
-    en, sn, tpn = e.numpy(), s.numpy()[:, 0], tp.numpy()
-    if rows is not None:
-        en, sn, tpn = en[rows], sn[rows], tpn[rows]
-    if not np.isfinite(sn).all():
+    terms = _enabled_terms(e, s, tp, enabled)
+    if terms is None:
         return None
+    rows, en, sn, tpn = terms
     n_on = en.shape[0]
     every = np.arange(n_on)
     sample = np.sort(en[:, ::step], axis=-1)
@@ -440,11 +453,10 @@ def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabl
     if wide.all():
         return None
     tau[wide] = np.inf  # (no candidates: sorted in full below)
-    flat = flat_not_below(en, tau)
-    values = en.reshape(-1)[flat]
-    if np.isnan(values).any():  # (a NaN logit, which is never below tau; its row's s reads 1)
+    candidates = _likely_tokens(en, tau)
+    if candidates is None:
         return None
-    cand_rows, counts, _, cols = packed_columns(flat, en.shape)
+    flat, values, cand_rows, counts, cols = candidates
     if (counts * _TOP_K_SPARSE_FRACTION > vocab).any():  # (the sample misled: those rows in full)
         wide |= counts * _TOP_K_SPARSE_FRACTION > vocab
         inside = np.flatnonzero(~wide[cand_rows])
@@ -471,7 +483,36 @@ def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabl
         t_rest = _top_p_threshold(p_rest, torch.from_numpy(tpn[rest])).numpy()
         found = np.flatnonzero(p_rest.numpy() >= t_rest[:, None])
         kept = np.sort(np.concatenate([kept, rest[found // vocab] * vocab + found % vocab]))
-    return _rows_result(logits.numpy(), rows, kept)
+    return _rows_result(logits.numpy(), rows, kept, scratch=e)
+
+
+def _enabled_terms(e: Tensor, s: Tensor, param: Tensor, enabled: Tensor
+                   ) -> Optional[tuple[Optional[np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+    """The enabled rows (None: all) of softmax's terms ``e`` (``[B, V]``) and ``s`` (``[B, 1]``,
+    as ``[n]``) and of a sampler's parameter, as numpy arrays; None when one of those rows
+    holds ``+inf`` (its sum is not finite)."""
+    on = enabled.numpy()
+    rows = None if on.all() else np.flatnonzero(on)
+    en, sn, pn = e.numpy(), s.numpy()[:, 0], param.numpy()
+    if rows is not None:
+        en, sn, pn = en[rows], sn[rows], pn[rows]
+    if not np.isfinite(sn).all():
+        return None
+    return rows, en, sn, pn
+
+
+def _likely_tokens(en: np.ndarray, tau: np.ndarray
+                   ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The entries of softmax's numerators ``en`` (``[n, V]``) not below their row's ``tau``:
+    flat indices (increasing), values, rows, each row's count and columns when packed (see
+    ``packed_columns``); None when one is NaN (a NaN logit, never below ``tau``; its row's sum
+    was read as 1)."""
+    flat = flat_not_below(en, tau)
+    values = en.reshape(-1)[flat]
+    if np.isnan(values).any():
+        return None
+    rows, counts, _, cols = packed_columns(flat, en.shape)
+    return flat, values, rows, counts, cols
 
 
 def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
@@ -512,7 +553,8 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
         min_p: ``[B]`` float32 in ``[0, 1]``; ``0.0`` disables the row.
 
     ``p = softmax(l)`` in fp32. Inclusive threshold (tied tokens are treated alike); the
-    top token always survives.
+    top token always survives. On the CPU, full float32 rows divide and compare only the
+    tokens likely enough to pass (``_min_p_by_candidates``): the same values.
 
     Returns:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
@@ -528,9 +570,71 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
 def _min_p(logits: Tensor, mp: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = mp > 0
     l32 = upcast(logits)
+    if sparse is None and _numpy_rows(logits) and bool(enabled.any()):
+        # Full rows: the tokens near the threshold are found on the logits, without the
+        # softmax of the rows in most calls.
+        out = _min_p_by_candidates(logits, mp, enabled)
+        if out is not None:
+            return out
     p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
     p_max = p.amax(dim=-1)
     return _keep_probability_at_least(logits, l32, p, mp * p_max, enabled, p_max)
+
+
+#: min_p's candidates decide a token from ``e = exp(l - max)`` alone when ``e`` is farther than
+#: this (relative) from ``min_p``: the roundings of ``e / s``, ``1 / s`` and ``min_p * (1 / s)``
+#: (three of ``2**-24``) cannot carry ``p`` across the threshold then.
+_MIN_P_MARGIN = 2.0**-20
+#: The candidates are the logits at least ``max + log(min_p) -`` this: the others have
+#: ``e < min_p (1 - _MIN_P_MARGIN)`` whatever the roundings of ``l - max`` and of ``exp``.
+_MIN_P_LOG_MARGIN = 1e-3
+#: Below this ``min_p`` the probabilities compared may be subnormal (no relative bound): the
+#: full passes decide.
+_MIN_P_SMALLEST = 1e-28
+
+
+def _min_p_by_candidates(logits: Tensor, mp: Tensor, enabled: Tensor) -> Optional[Tensor]:
+    """min_p's result on full float32 CPU rows, or None where this way does not apply (the
+    caller's softmax then decides). Disabled rows come back as they are.
+
+    The full path keeps ``t`` iff ``e / s >= min_p * (1 / s)`` (each side rounded; ``e = exp(l
+    - max)``, ``s`` its row sum, the top token's ``e`` is 1, so ``1 / s`` is ``p_max``): that is
+    ``e >= min_p`` up to those roundings. Only logits within ``log(min_p)`` of the row's max
+    (and ``_MIN_P_LOG_MARGIN``) can pass; their ``e`` (torch's ``exp`` of the same
+    differences, the same bits) decides them outright when it is farther than
+    ``_MIN_P_MARGIN`` from ``min_p``. The rare token that is not gets the full path's exact
+    test, after the softmax terms of the rows (``softmax_terms``, as the full path computes
+    them). None for rows whose max is not finite (NaN, ``+inf``, no token), ``min_p`` below
+    ``_MIN_P_SMALLEST``, or candidates past ``1 / _TOP_K_SPARSE_FRACTION`` of the rows."""
+    on = enabled.numpy()
+    rows = None if on.all() else np.flatnonzero(on)
+    xn = logits.numpy()
+    x_on = xn if rows is None else xn[rows]
+    mpn = (mp.numpy() if rows is None else mp.numpy()[rows]).astype(np.float64)
+    if not (mpn >= _MIN_P_SMALLEST).all():
+        return None
+    m = x_on.max(axis=-1)  # (NaN propagates: refused)
+    if not np.isfinite(m).all():
+        return None
+    bound = m.astype(np.float64) + np.log(mpn) - _MIN_P_LOG_MARGIN
+    with np.errstate(over="ignore"):  # (logits near the float32 range: a bound past it is +-inf)
+        tau = bound.astype(np.float32)
+        tau = np.where(tau > bound, np.nextafter(tau, np.float32(-np.inf)), tau)  # (rounded down: more candidates)
+    flat = flat_not_below(x_on, tau)
+    if flat.size * _TOP_K_SPARSE_FRACTION > x_on.size:
+        return None
+    cand_rows = packed_columns(flat, x_on.shape)[0]
+    e = torch.exp(torch.from_numpy(x_on.reshape(-1)[flat] - m[cand_rows])).numpy().astype(np.float64)
+    limit = mpn[cand_rows]
+    keep = e >= limit * (1.0 + _MIN_P_MARGIN)
+    unsure = np.flatnonzero(~keep & (e >= limit * (1.0 - _MIN_P_MARGIN)))
+    if unsure.size:
+        _, s = softmax_terms(upcast(logits))
+        sn = s.numpy()[:, 0] if rows is None else s.numpy()[rows, 0]
+        threshold = mpn.astype(np.float32) * (np.float32(1.0) / sn)  # (float32: mp * p_max)
+        r = cand_rows[unsure]
+        keep[unsure] = e[unsure].astype(np.float32) / sn[r] >= threshold[r]
+    return _rows_result(xn, rows, flat[np.flatnonzero(keep)])
 
 
 def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
