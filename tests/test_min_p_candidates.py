@@ -18,7 +18,7 @@ from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import _stats
 from samplers.functional import truncation as T
 from logit_helpers import bits
-from test_top_p_candidates import KINDS, _rows, _spy
+from test_top_p_candidates import KINDS, _spy, run_cases
 
 
 def _full_path(monkeypatch, x: torch.Tensor, mp: torch.Tensor) -> torch.Tensor:
@@ -48,21 +48,10 @@ def _borderline(rng: np.random.Generator, B: int, V: int, mp: float) -> np.ndarr
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_min_p_candidates_equal_the_full_path(kind, monkeypatch):
-    rng = np.random.default_rng(100 + KINDS.index(kind))
-    calls = _spy(monkeypatch, T, "_min_p_by_candidates")
-    used = []
-    for B, V in [(1, 4096), (5, 8192), (3, 20000)]:
-        x = _rows(rng, B, V, kind)
-        for mp in (np.full(B, 0.05), rng.uniform(1e-4, 1.0, B), rng.choice([0.0, 0.1, 1.0], B),
-                   np.full(B, 1e-30)):
-            xt, mt = torch.from_numpy(x), torch.from_numpy(mp.astype(np.float32))
-            calls.clear()
-            fast = F.min_p(xt, mt)
-            used.append(bool(calls) and calls[-1][1] is not None)
-            assert torch.equal(bits(fast), bits(_full_path(monkeypatch, xt, mt))), (kind, B, V, mp)
-            keep, close = _numpy_min_p(x, mp.astype(np.float32).astype(np.float64))
-            got = fast.numpy() > -np.inf
-            assert not ((got != (keep & (x > -np.inf))) & ~close).any(), (kind, B, V, mp)
+    used = run_cases(monkeypatch, np.random.default_rng(100 + KINDS.index(kind)), kind, F.min_p,
+                     "_min_p_by_candidates", _full_path, _numpy_min_p,
+                     lambda rng, B: (np.full(B, 0.05), rng.uniform(1e-4, 1.0, B),
+                                     rng.choice([0.0, 0.1, 1.0], B), np.full(B, 1e-30)))
     if kind == "truncated":
         assert not any(used)  # rows mostly -inf are packed (compact_rows) first
     elif kind != "flat":  # (flat rows: many candidates at a small min_p, the full path)

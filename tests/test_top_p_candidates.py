@@ -91,24 +91,34 @@ def _numpy_top_p(x: np.ndarray, tp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return keep, close
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_top_p_candidates_equal_the_full_sort(kind, monkeypatch):
-    rng = np.random.default_rng(KINDS.index(kind))
-    calls = _spy(monkeypatch, T, "_top_p_by_candidates")
-    decided = []
+def run_cases(monkeypatch, rng: np.random.Generator, kind: str, sampler, route: str, full, rule, params) -> list[bool]:
+    """For rows of ``kind`` at three shapes and every parameter set of ``params(rng, B)``:
+    ``sampler`` equals ``full`` bit for bit, and its kept set is ``rule``'s wherever ``rule``
+    is not close to its threshold. Returns, call by call, whether the candidates (``route``,
+    a function of the truncation module) decided it."""
+    calls = _spy(monkeypatch, T, route)
+    used = []
     for B, V in [(1, 4096), (5, 8192), (3, 20000)]:
         x = _rows(rng, B, V, kind)
-        for tp in (np.full(B, 0.95), rng.uniform(0.05, 0.999, B), rng.choice([0.5, 0.9, 1.0], B),
-                   np.full(B, 0.01)):
-            xt, tt = torch.from_numpy(x), torch.from_numpy(tp.astype(np.float32))
+        for p in params(rng, B):
+            xt, pt = torch.from_numpy(x), torch.from_numpy(p.astype(np.float32))
             calls.clear()
-            fast = F.top_p(xt, tt)
-            decided.append(bool(calls) and calls[-1][1] is not None)
-            assert torch.equal(bits(fast), bits(_full_sort(monkeypatch, xt, tt))), (kind, B, V, tp)
-            keep, close = _numpy_top_p(x, tp.astype(np.float32).astype(np.float64))
+            fast = sampler(xt, pt)
+            used.append(bool(calls) and calls[-1][1] is not None)
+            assert torch.equal(bits(fast), bits(full(monkeypatch, xt, pt))), (kind, B, V, p)
+            keep, close = rule(x, p.astype(np.float32).astype(np.float64))
             got = fast.numpy() > -np.inf
             # (-inf logits are never kept: probability 0)
-            assert not ((got != (keep & (x > -np.inf))) & ~close).any(), (kind, B, V, tp)
+            assert not ((got != (keep & (x > -np.inf))) & ~close).any(), (kind, B, V, p)
+    return used
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_p_candidates_equal_the_full_sort(kind, monkeypatch):
+    decided = run_cases(monkeypatch, np.random.default_rng(KINDS.index(kind)), kind, F.top_p,
+                        "_top_p_by_candidates", _full_sort, _numpy_top_p,
+                        lambda rng, B: (np.full(B, 0.95), rng.uniform(0.05, 0.999, B),
+                                        rng.choice([0.5, 0.9, 1.0], B), np.full(B, 0.01)))
     if kind == "flat":
         assert not all(decided)  # wide nuclei: sorted in full
     elif kind == "truncated":
