@@ -543,3 +543,21 @@ def test_sum_scattered_remembers_only_equal_sums(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # (one row's sum is split over threads)
     _stats.sum_scattered(values, flat, shape)
     assert len(sums) == n + 1
+
+
+@pytest.mark.parametrize("shape", [(64, 2000), (3, 50000), (1, 9000)])
+def test_exp_fast_route_equals_torch_exp(shape):
+    """``_stats.exp_``'s route for rows with entries far below 0 (-inf, the subnormal band
+    (-110, -87) computed on its own, values around both edges): torch's ``exp`` bit for bit."""
+    rng = np.random.default_rng(shape[1])
+    z = (rng.standard_normal(shape) * 40 - 60).astype(np.float32)
+    z[rng.random(shape) < 0.3] = -np.inf
+    edges = np.array([-87.0, -110.0, np.nextafter(np.float32(-87.0), np.float32(0)),
+                      np.nextafter(np.float32(-87.0), np.float32(-200)), -103.97, -0.0, 0.0], dtype=np.float32)
+    z.reshape(-1)[: edges.size] = edges
+    t = torch.from_numpy(z)
+    assert bool(t.amin() < _stats._EXP_NORMAL_MIN) and t.numel() > _stats._EXP_PLAIN_MAX  # (the fast route)
+    out = _stats.exp_(t.clone())
+    ref = t.clone().exp_()
+    assert torch.equal(_bits(out), _bits(ref))
+    assert int((out > 0).logical_and(out < torch.finfo(torch.float32).tiny).sum()) > 0  # subnormals were made

@@ -164,22 +164,25 @@ _EXP_PLAIN_MAX = 8192
 
 def exp_(z: Tensor) -> Tensor:
     """``z.exp_()`` with the same values, fast on the CPU when ``z`` has entries far below 0
-    (removed tokens, ``-inf``): those are computed as ``exp(max(z, -87))`` times 0, except
-    the few in ``(-110, -87)`` (subnormal results), which are computed exactly on their own.
-    (A NaN entry makes ``amin`` NaN: such a ``z`` takes ``z.exp_()``, NaN stays NaN.)"""
+    (removed tokens, ``-inf``): those are computed as ``exp(max(z, -87))`` and then set to
+    0, except the few in ``(-110, -87)`` (subnormal results), which are computed exactly on
+    their own. (A NaN entry makes ``amin`` NaN: such a ``z`` takes ``z.exp_()``, NaN stays
+    NaN.) The entries to zero are a boolean mask, not a float32 one to multiply by: a second
+    [B, V] float32 temporary made glibc fault ~4000 pages a call at [64, 32000] (10.7 against
+    2.4 ms on rows half removed)."""
     if (z.device.type != "cpu" or z.dtype != torch.float32 or z.numel() <= _EXP_PLAIN_MAX
             or not z.is_contiguous()):
         return z.exp_()
     if not bool(z.amin() < _EXP_NORMAL_MIN):
         return z.exp_()
-    flat = z.view(-1)
-    zn = flat.numpy()
-    band = np.flatnonzero((zn < _EXP_NORMAL_MIN) & (zn > _EXP_ZERO_BELOW))
-    exact = torch.exp(flat[torch.from_numpy(band)]) if band.size else None
-    normal = (z >= _EXP_NORMAL_MIN).to(torch.float32)
-    z.clamp_min_(_EXP_NORMAL_MIN).exp_().mul_(normal)
+    zn = z.view(-1).numpy()
+    low = zn < _EXP_NORMAL_MIN
+    band = np.flatnonzero(low & (zn > _EXP_ZERO_BELOW))
+    exact = torch.exp(torch.from_numpy(zn[band])).numpy() if band.size else None
+    z.clamp_min_(_EXP_NORMAL_MIN).exp_()
+    np.copyto(zn, np.float32(0.0), where=low)
     if exact is not None:
-        flat[torch.from_numpy(band)] = exact
+        zn[band] = exact
     return z
 
 
