@@ -106,6 +106,30 @@ def test_rows_are_packed_only_when_mostly_removed():
 
 
 @pytest.mark.parametrize("descending", [False, True])
+def test_sort_nonneg_dense_is_a_stable_sort(descending):
+    """The dense path (keys as two int32 halves): numpy's stable argsort of the values (ties by
+    column), the values read back from the keys bit for bit (+0.0, +inf, ties, subnormals);
+    a NaN with its sign bit, which would overflow the high half when descending, gives the
+    int64 keys' order and values."""
+    rng = np.random.default_rng(int(descending))
+    x = np.abs(rng.standard_normal((5, 3000))).astype(np.float32)
+    x[0, :300] = 0.0
+    x[1, 7] = np.inf
+    x[2] = np.round(x[2] * 4) / 4
+    x[3, :10] = np.float32(1e-42)
+    values, order = _stats.sort_nonneg(torch.from_numpy(x), descending)
+    ref = np.argsort(-x if descending else x, axis=-1, kind="stable")
+    assert order.dtype == torch.int64 and np.array_equal(order.numpy(), ref)
+    assert np.array_equal(values.numpy().view(np.int32), np.take_along_axis(x, ref, -1).view(np.int32))
+    y = x.copy()
+    y[4, 3] = -np.float32(np.nan)
+    values, order = _stats.sort_nonneg(torch.from_numpy(y), descending)
+    assert torch.equal(torch.sort(order, dim=-1).values, torch.arange(3000).expand(5, 3000))
+    assert np.array_equal(values.numpy().view(np.int32), np.take_along_axis(y, order.numpy(), -1).view(np.int32))
+    assert np.array_equal(order.numpy()[:4], ref[:4])
+
+
+@pytest.mark.parametrize("descending", [False, True])
 def test_sort_nonneg_of_mostly_last_values_matches_the_dense_sort(descending, monkeypatch):
     g = torch.Generator().manual_seed(int(descending))
     last = 0.0 if descending else float("inf")
