@@ -1055,23 +1055,20 @@ def _sort_nonneg_sparse(x: Tensor, descending: bool) -> Optional[tuple[Tensor, T
     if n_live * _SPARSE_FRACTION > xn.size or (not descending and np.isnan(xn).any()):
         return None  # (ascending, NaN sorts after +inf: keep the dense path's order)
     flat = np.flatnonzero(live)
-    rows, cols = np.divmod(flat, vocab)
-    counts = np.bincount(rows, minlength=batch)
+    rows, counts, _, rank = packed_columns(flat, (batch, vocab))
+    cols = flat - rows * vocab
     width = int(counts.max())
     key = xn.reshape(-1)[flat].view(np.int32).astype(np.int64)
     if descending:
         np.subtract(0x7FFFFFFF, key, out=key)
     key = (key << 32) | cols
-    starts = np.cumsum(counts) - counts
-    rank = np.arange(flat.size) - starts[rows]
     packed = np.full((batch, width), np.iinfo(np.int64).max, dtype=np.int64)
     packed[rows, rank] = key
     packed.sort(axis=-1)
     front_cols = packed[rows, rank] & 0xFFFFFFFF  # row b's sorted live columns, row-major
     order = np.broadcast_to(np.arange(vocab, dtype=np.int64), (batch, vocab)).copy()
     back = cols >= counts[rows]  # live entries outside their row's front
-    front_rows = np.repeat(np.arange(batch), counts)
-    front_idx = front_rows * vocab + rank  # every front position, row-major
+    front_idx = rows * vocab + rank  # every front position, row-major (rows: a row's count each)
     dead_front = front_idx[~live.reshape(-1)[front_idx]]  # last-sorting entries in the front
     order_flat = order.reshape(-1)
     order_flat[flat[back]] = dead_front % vocab  # same rows, same counts, both row-major
