@@ -312,7 +312,9 @@ class _Run:
         active_list = list(range(R))
         tracked = [(i, g) for i, g in enumerate(active_list) if track[g]]   # (batch row, global row)
         wants_lp = any(p.logprobs is not None for p in row_params)
-        top_k_max = max([p.logprobs or 0 for p in row_params] + [0])
+        # (a row asks for at most the whole vocabulary: the recorded width never exceeds it, so
+        # logprobs=10**9 costs what logprobs=vocab_size does instead of a 10**9-wide pad)
+        top_k_max = min(max([p.logprobs or 0 for p in row_params] + [0]), self.vocab_size)
         rec_rows, rec_tok, rec_lp, rec_top_ids, rec_top_vals = [], [], [], [], []
         entropy_sum = torch.zeros(R, dtype=torch.float64, device=device)
         has_user_procs = any(p.logits_processors for p in row_params)

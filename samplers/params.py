@@ -47,6 +47,9 @@ INT64_MAX = 2**63 - 1
 SMOOTHING_MAX = 1e18
 #: skew: exp(skew) (the exponent of the skew formula) is a positive, finite float32.
 SKEW_MAX = 80.0
+#: n: sequences per request, as the OpenAI API bounds it. The generation loop runs one batch row
+#: per sequence, so an unbounded n is a request for unbounded memory.
+MAX_N = 128
 
 
 def _show(value: Any) -> str:
@@ -280,7 +283,7 @@ class SamplingParams:
         if self.seed is not None:
             set_("seed", _integer("seed", self.seed, -(2**63), 2**64 - 1))
         v = _integer("n", self.n)
-        _in_range("n", v, 1, None)
+        _in_range("n", v, 1, MAX_N)
         set_("n", v)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:

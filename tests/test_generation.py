@@ -137,6 +137,19 @@ def test_logprobs(tiny):
     assert len(raw.logprobs[0]) == 1
 
 
+def test_logprobs_beyond_the_vocabulary(tiny):
+    """logprobs past the vocabulary size give every token's logprob, as logprobs=V does, at the
+    cost of logprobs=V (the loop once padded each step to the asked width: 10**12 was 8 TB)."""
+    model, tok = tiny
+    V = model.get_output_embeddings().weight.shape[0]
+    kw = dict(seed=7, temperature=0.8, max_tokens=2, ignore_eos=True)
+    whole = generate(model, tok, PROMPTS[0], SamplingParams(logprobs=V, **kw))[0].outputs[0]
+    huge = generate(model, tok, PROMPTS[0], SamplingParams(logprobs=10**12, **kw))[0].outputs[0]
+    assert huge.token_ids == whole.token_ids
+    assert huge.logprobs == whole.logprobs
+    assert [len(e) for e in huge.logprobs] == [V, V]
+
+
 def test_prompt_logprobs_and_truncation(tiny):
     model, tok = tiny
     ids = tok(PROMPTS[1])["input_ids"]
