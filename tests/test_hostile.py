@@ -8,6 +8,7 @@ new defect of each kind fails here rather than deep inside torch.
 import dataclasses
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -591,6 +592,53 @@ def test_finite_absmax_bound_rejects_what_it_cannot_bound():
     assert finite_absmax_bound(x.half()) is None and finite_absmax_bound(x.double()) is None
     assert finite_absmax_bound(torch.ones(1, 2**22 + 1)) is None
     assert finite_absmax_bound(torch.zeros(0, 5)) == 0.0
+
+
+def _input_rule_numpy(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The input rule (SEMANTICS.md, "Non-finite logits") in float64 numpy: NaN -> -inf,
+    +inf -> the dtype's largest finite value (float32's for float64), finite float64 values
+    saturated at float32's range."""
+    top = min(float(torch.finfo(dtype).max), FMAX)
+    out = np.where(np.isnan(values), -INF, values)
+    out = np.where(out == INF, top, out)
+    return np.where(np.isfinite(out), np.clip(out, -FMAX, FMAX), out)
+
+
+@HOSTILE
+@given(st.data())
+def test_input_rule_on_rows_with_removed_tokens(data):
+    """``_prepare`` on logits whose rows hold ``-inf`` (removed tokens: a grammar's mask, a
+    banned EOS), and sometimes NaN or ``+inf``: the logits the rule gives (against a numpy
+    re-implementation), the input itself (no copy) when ``-inf`` is the only non-finite value,
+    a bound that is the exact largest finite magnitude, and a ValueError naming the rows left
+    without a finite logit."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+    B, V = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 24))
+    big = float(torch.finfo(dtype).max) if dtype != torch.float64 else 1e300
+    finite = st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, -0.0, 65504.0, -big, big, 3e38, -3e38]))
+    # (NaN and +inf in some calls only: the path for rows whose only non-finite value is -inf
+    # needs calls without them)
+    kinds = st.sampled_from(["finite"] * 4 + ["-inf"] * 3 + (["nan", "+inf"] if data.draw(st.booleans()) else []))
+    values = np.empty((B, V))
+    for i in range(B * V):
+        kind = data.draw(kinds)
+        values.flat[i] = {"-inf": -INF, "nan": NAN, "+inf": INF}.get(kind, None) or data.draw(finite)
+    logits = torch.tensor(values).to(dtype)
+    as_given = logits.double().numpy()
+    expected = _input_rule_numpy(as_given, dtype)
+    empty = [r for r in range(B) if not np.isfinite(expected[r]).any()]
+    if empty:
+        with pytest.raises(ValueError, match=re.escape(f"row(s) {empty[:10]}")):
+            SamplerPipeline._prepare(logits)
+        return
+    x, absmax = SamplerPipeline._prepare(logits)
+    got = x.double().numpy()
+    assert x.dtype == dtype and np.array_equal(got, expected.astype(np.float64))
+    if not np.isnan(as_given).any() and not (as_given == INF).any() and np.abs(as_given[np.isfinite(as_given)]).max() <= FMAX:
+        assert x is logits
+    assert absmax >= np.abs(got[np.isfinite(got)]).max()
+    if x is logits and not np.isfinite(as_given).all():
+        assert absmax == np.abs(got[np.isfinite(got)]).max()  # the removed-only path is exact
 
 
 def test_a_loose_bound_is_checked_against_the_exact_magnitude():
