@@ -339,6 +339,35 @@ def test_nsigma_fast_path_equals_masked_path_on_hostile_rows(dtype):
             assert torch.equal(bits(masked[4]), bits(x[4].to(dtype)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nsigma_removed_only_path_equals_masked_path(dtype, monkeypatch):
+    """Rows whose only non-finite logits are -inf (a grammar's mask, a banned EOS; told by row
+    sums that are finite or -inf) take the path that masks the squares once. Against the
+    masked path, which a NaN row appended to the batch forces, bit for bit, with the row
+    sums' overflow row left out (its sum may be +inf)."""
+    import importlib
+
+    truncation = importlib.import_module("samplers.functional.truncation")
+    rng = np.random.default_rng(29)
+    for vocab in (300, 2048):
+        x = _hostile_rows(rng, vocab)
+        x = torch.cat([x[:5], x[6:]])  # (row 5's sums overflow)
+        x[0, 1::3] = NINF
+        x[3, -1] = NINF
+        poisoned = torch.cat([x, torch.full((1, vocab), float("nan"))]).to(dtype)
+        for n_value in (0.5, 1.0, 3.0, 1e30):
+            n = torch.full((x.shape[0] + 1,), n_value)
+            n[4] = 0.0  # a disabled row
+            masked = F.nsigma(poisoned, n)[:-1]
+            with monkeypatch.context() as m:
+                def no_mask(*a, **kw):
+                    raise AssertionError("the masked path")
+                m.setattr(truncation, "is_finite", no_mask)
+                fast = F.nsigma(x.to(dtype), n[:-1])
+            assert torch.equal(bits(fast), bits(masked)), (vocab, n_value)
+            assert torch.equal(bits(fast[4]), bits(x[4].to(dtype)))
+
+
 def test_mse_loss_squares_are_the_sub_and_pow_bits():
     """nsigma's one-pass squares: ``mse_loss(l, mean, reduction="none")`` equals
     ``(l - mean).pow_(2)`` bit for bit on finite rows (overflow to inf included)."""
@@ -370,8 +399,9 @@ def test_keep_by_sign_equals_keep_at_least_on_hostile_rows_and_thresholds():
         assert torch.equal(bits(_stats.keep_logits_at_least(x, x, thr)), bits(want))
         scratch = torch.empty_like(x)
         assert _stats._keep_by_sign(x, thr[:, None].contiguous(), scratch) is scratch
-        # all-finite rows: the d * inf cap and fmin
-        fin = torch.isfinite(x).all(dim=-1)
+        # rows without NaN or +inf (-inf allowed: removed tokens): the d * inf cap and fmin
+        fin = ((x > NINF) | (x == NINF)).all(dim=-1) & (x < INF).all(dim=-1)
+        assert bool((x[fin] == NINF).any()) and bool(torch.isfinite(x[fin]).all(dim=-1).any())
         xf, tf = x[fin], thr[fin][:, None].contiguous()
         assert torch.equal(bits(_stats._keep_by_sign(xf, tf, finite=True)), bits(want[fin])), thr[:4]
         assert torch.equal(bits(_stats.keep_logits_at_least(xf, xf, thr[fin], finite=True)), bits(want[fin]))

@@ -380,8 +380,8 @@ def keep_logits_at_least(logits: Tensor, l32: Tensor, threshold: Tensor,
     ``finite``, against 0.71 ms for the next route). Otherwise the comparison is numpy's (no
     ``-0.0`` fix-up needed: ``-0.0 >= +0.0``) and ``fill_removed`` applies it; off the CPU
     ``keep_at_least``. ``scratch``: a temporary of the caller's that may become the output
-    (see ``fill_removed``). ``finite``: the caller knows every entry of ``l32`` finite (one
-    pass fewer, see ``_keep_by_sign``); ``not_packable``: it has just seen
+    (see ``fill_removed``). ``finite``: the caller knows no entry of ``l32`` is NaN or ``+inf``
+    (``-inf`` may be; one pass fewer, see ``_keep_by_sign``); ``not_packable``: it has just seen
     ``compact_rows(l32)`` return None (no second look)."""
     t = threshold.to(torch.float32)[:, None].contiguous()
     if _numpy_ok(l32, t):
@@ -406,8 +406,9 @@ def _keep_by_sign(l32: Tensor, t: Tensor, scratch: Optional[Tensor] = None, fini
     (``keep_at_least``'s last step). ``l = -inf``: ``-inf`` whatever ``d`` is (NaN when
     ``t = -inf``); ``l = +inf``: ``d = +inf``, kept; ``l = NaN``: ``minimum`` gives NaN.
 
-    ``finite`` (every ``l`` finite): the cap is ``d * inf`` instead (``+inf``, ``-inf``, or
-    NaN for ``d = +-0.0``, i.e. ``l = t``, kept; ``t = -inf``: NaN, kept) and numpy's
+    ``finite`` (no ``l`` is NaN or ``+inf``): the cap is ``d * inf`` instead (``+inf``,
+    ``-inf``, or NaN for ``d = +-0.0``, i.e. ``l = t``, kept; ``t = -inf``: NaN, kept;
+    ``l = -inf``: ``-inf``, or NaN when ``t = -inf``, and ``-inf`` either way) and numpy's
     ``fmin``, which returns ``l`` against NaN, applies it: no bit operations, no zero fix-up,
     two passes instead of four. (A NaN ``l`` would come out as the cap there.)"""
     if scratch is not None and scratch.dtype == torch.float32 and scratch.shape == l32.shape \
@@ -743,24 +744,50 @@ def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], p
 def flat_not_below(xn: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``np.flatnonzero(~(xn < t[:, None]))`` for ``[B, V]`` rows ``xn`` and ``[B]``
     thresholds ``t``: the flat indices (increasing) of the entries not below their row's
-    threshold (NaN entries included).
+    threshold (NaN entries included)."""
+    buf, head = _mask_buffer(xn.shape)
+    np.less(xn, t[:, None], out=head)
+    np.logical_not(head, out=head)
+    return _flat_true(buf, xn.size)
+
+
+def flat_removed(xn: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(xn == -inf)`` for ``[B, V]`` float32 rows ``xn``: the flat indices
+    (increasing) of the removed tokens."""
+    buf, head = _mask_buffer(xn.shape)
+    np.equal(xn, -np.inf, out=head)
+    return _flat_true(buf, xn.size)
+
+
+def removed_flat(l32: Tensor) -> Tensor:
+    """The flat indices (int64, increasing, row-major) of the ``-inf`` entries of the
+    ``[B, V]`` float32 ``l32``: the removed tokens."""
+    if _numpy_ok(l32):
+        return torch.from_numpy(flat_removed(l32.numpy()))
+    return (l32 == float("-inf")).view(-1).nonzero()[:, 0]
+
+
+def _mask_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A boolean buffer for a mask of ``shape`` and a tail an eighth of its size (for
+    ``_flat_true``), and the mask's part of it, shaped. (A fresh buffer per call: a per-thread
+    one, kept, made glibc fault in the [B, V] temporaries of the samplers before top_k in a
+    chain, 1.9 -> 4.8 ms for dynatemp at [64, 32000].)"""
+    n = int(np.prod(shape))
+    buf = np.empty(n + n // 8 + 1, dtype=np.bool_)
+    return buf, buf[:n].reshape(shape)
+
+
+def _flat_true(buf: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the True entries among the first ``n`` of ``buf`` (``_mask_buffer``'s).
 
     numpy finds the indices of a boolean array with a ``memchr`` scan when at most a tenth of
     it is True, and branch-free above: the scan mispredicts on scattered entries and takes
-    2.3 ms at 8% of [64, 32000] where the branch-free loop takes 0.7. The mask is written
-    into a buffer with a True tail (an eighth of the mask's size), which sends numpy to the
-    branch-free loop; the tail's indices, the last ones, are dropped. (A fresh buffer per
-    call: a per-thread one, kept, made glibc fault in the [B, V] temporaries of the samplers
-    before top_k in a chain, 1.9 -> 4.8 ms for dynatemp at [64, 32000].)"""
-    n = xn.size
-    tail = n // 8 + 1
-    buf = np.empty(n + tail, dtype=np.bool_)
-    head = buf[:n].reshape(xn.shape)
-    np.less(xn, t[:, None], out=head)
-    np.logical_not(head, out=head)
+    2.3 ms at 8% of [64, 32000] where the branch-free loop takes 0.7. A True tail sends numpy
+    to the branch-free loop; the tail's indices, the last ones, are dropped."""
+    head = buf[:n]
     # (sparse enough for the scan to win, judged from every 61st entry: a count of them all
     # would be a pass more)
-    if np.count_nonzero(buf[:n:61]) * 61 * 40 <= n:
+    if np.count_nonzero(head[::61]) * 61 * 40 <= n:
         return np.flatnonzero(head)
     count = np.count_nonzero(head)
     buf[n:] = True

@@ -46,6 +46,7 @@ from ._stats import (
     packed_columns,
     packed_result_wanted,
     prefix_boundary,
+    removed_flat,
     row_param,
     row_sum,
     softmax_and_log_softmax,
@@ -834,16 +835,20 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     l32 = upcast(logits)
     row_max = l32.amax(dim=-1, keepdim=True)
     total = None
+    removed_only = False
     if l32.device.type != "cpu":
         all_finite = False
     elif sparse is None:
         # Every row sum finite: every logit is (an inf or NaN term makes its sum inf or NaN;
         # a sum that overflows takes the masked path, which gives the same values then).
+        # Every sum finite or -inf: no logit is NaN or +inf (either makes its sum NaN or +inf).
         total = row_sum(l32)
         all_finite = bool(torch.isfinite(total).all())
+        removed_only = not all_finite and bool((total < float("inf")).all())
     else:
         # (packed rows: min and max finite, two cheap reductions instead of a [B, K] mask)
         all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
+    finite = removed = None
     if all_finite:
         # Untruncated rows: the zeroing below would change nothing.
         count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
@@ -852,7 +857,18 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # of the sub and pow(2) passes); its buffer becomes the result's below
         scratch = torch.nn.functional.mse_loss(l32, mean.expand_as(l32), reduction="none")
         sq = row_sum(scratch, sparse)
-        finite = None
+    elif removed_only:
+        # Rows with removed tokens (-inf) and nothing else non-finite, as a grammar's mask or an
+        # earlier sampler leaves them: the masked path's values, with the mask applied once to
+        # the squares instead of converting it to float and multiplying every deviation by it.
+        removed = removed_flat(l32)
+        V = l32.shape[1]
+        count = (V - torch.bincount(removed // V, minlength=l32.shape[0])).to(_F32)[:, None]
+        lf = l32.nan_to_num(neginf=0.0)
+        mean = row_sum(lf) / count.clamp_min(1)
+        scratch = torch.nn.functional.mse_loss(lf, mean.expand_as(lf), reduction="none")
+        scratch.view(-1)[removed] = 0.0  # (the masked path's (0 - mean) * 0, squared)
+        sq = row_sum(scratch)
     else:
         finite = is_finite(l32).to(_F32)  # 1.0 / 0.0
         count = finite.sum(dim=-1, keepdim=True)  # exact in fp32 (V < 2**24)
@@ -869,6 +885,9 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         scale = lf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(_F32).tiny)
         ls = lf / scale
         mean_s = row_sum(ls, sparse) / count.clamp_min(1)
+        if removed is not None:
+            finite = torch.ones_like(l32)
+            finite.view(-1)[removed] = 0.0
         dev_s = ls.sub_(mean_s) if finite is None else ls.sub_(mean_s).mul_(finite)
         sq_s = row_sum(dev_s.pow_(2), sparse)
         std = torch.where(torch.isfinite(std), std, torch.sqrt(sq_s / (count - 1).clamp_min(1)) * scale)
@@ -878,7 +897,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
         # (the squares' buffer becomes the output)
-        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite, not_packable=sparse is None)
+        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite or removed_only,
+                                    not_packable=sparse is None)
     keep = l32 >= threshold[:, None]
     return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
