@@ -268,7 +268,7 @@ def general_path(monkeypatch):
         monkeypatch.setattr(_stats, "_numpy_ok", lambda *tensors: False)
         plain = _stats.entropy_of_logits
         monkeypatch.setattr(_stats, "entropy_of_logits",
-                            lambda l32, sparse=None, overwrite=False, row_max=None, row_min=None:
+                            lambda l32, sparse=None, overwrite=False, row_max=None, row_min=None, removed=None:
                             plain(l32, sparse, overwrite, row_max))
         import importlib
 

@@ -545,6 +545,26 @@ def test_sum_scattered_remembers_only_equal_sums(monkeypatch):
     assert len(sums) == n + 1
 
 
+@pytest.mark.parametrize("share", [0.0, 0.005, 0.2, 0.6, 1.0])
+def test_exp_either_route_equals_torch_exp(share):
+    """``exp_`` (in place) and ``exp_of`` (a new tensor) at every share of slow entries (-inf,
+    the subnormal band, far below it), on both sides of the masked route's share: torch's
+    ``exp`` bit for bit, NaN kept."""
+    rng = np.random.default_rng(int(share * 1000))
+    z = (rng.standard_normal((16, 4096)) * 3 - 8).astype(np.float32)
+    slow = rng.random(z.shape) < share
+    z[slow] = rng.choice(np.array([-np.inf, -95.0, -104.5, -300.0, -1e30], dtype=np.float32), size=int(slow.sum()))
+    z[0, 0] = np.nan
+    t = torch.from_numpy(z)
+    before = t.clone()
+    ref = torch.exp(t)
+    got = _stats.exp_of(t)
+    assert got is not t and torch.equal(_bits(got), _bits(ref))
+    assert torch.equal(_bits(t), _bits(before))  # (the input is left alone)
+    inplace = t.clone()
+    assert _stats.exp_(inplace) is inplace and torch.equal(_bits(inplace), _bits(ref))
+
+
 @pytest.mark.parametrize("shape", [(64, 2000), (3, 50000), (1, 9000)])
 def test_exp_fast_route_equals_torch_exp(shape):
     """``_stats.exp_``'s route for rows with entries far below 0 (-inf, the subnormal band
@@ -556,8 +576,11 @@ def test_exp_fast_route_equals_torch_exp(shape):
                       np.nextafter(np.float32(-87.0), np.float32(-200)), -103.97, -0.0, 0.0], dtype=np.float32)
     z.reshape(-1)[: edges.size] = edges
     t = torch.from_numpy(z)
-    assert bool(t.amin() < _stats._EXP_NORMAL_MIN) and t.numel() > _stats._EXP_PLAIN_MAX  # (the fast route)
+    sample = z.reshape(-1)[::61]
+    share = np.count_nonzero(sample < _stats._EXP_NORMAL_MIN) / sample.size
+    assert share >= _stats._EXP_MASKED_SHARE and t.numel() > _stats._EXP_PLAIN_MAX  # (the masked route)
     out = _stats.exp_(t.clone())
     ref = t.clone().exp_()
     assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(_stats.exp_of(t)), _bits(ref))
     assert int((out > 0).logical_and(out < torch.finfo(torch.float32).tiny).sum()) > 0  # subnormals were made

@@ -26,6 +26,7 @@ from ._stats import (
     entropy_of_logits,
     fill_removed,
     is_finite,
+    removed_flat,
     row_param,
     saturate_finite,
     select_rows,
@@ -128,12 +129,20 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
         stats = l32.index_select(0, rows)
     hi_s = stats.amax(dim=-1)
     lo_s = stats.amin(dim=-1)
+    removed = None
     if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
         n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
+    elif cpu and sparse is None and stats.numel() and bool((hi_s < float("inf")).all()):
+        # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf
+        # (a grammar's mask, a banned EOS), found and counted once.
+        removed = removed_flat(stats)
+        V = stats.shape[1]
+        n = V - torch.bincount(removed // V, minlength=stats.shape[0])
     else:
         n = count_true(is_finite(stats))
     # (the selected rows are a copy: their buffer is reused)
-    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s, row_min=lo_s)
+    h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s, row_min=lo_s,
+                          removed=removed)
     pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
     t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))
