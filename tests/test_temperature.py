@@ -215,6 +215,41 @@ def test_smoothing_matches_reference():
             assert_rows_close(out[b], ref, rtol=1e-5, atol=1e-3)
 
 
+def _smoothing_as_written(l32: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """SEMANTICS.md's smoothing in float32, each operation as the formula writes it
+    (``max - k * d**2 + s * d**3``, d**3 as ``d**2 * d``), on finite logits; -inf stays."""
+    k = (f * (3.0 - c) / 2.0)[:, None]
+    s = (f * (c - 1.0) / 2.0)[:, None]
+    m = torch.where(torch.isfinite(l32), l32, torch.tensor(float("-inf"))).amax(dim=-1, keepdim=True)
+    d = torch.where(torch.isfinite(l32), l32, torch.zeros(())) - m
+    d2 = d * d
+    out = m - k * d2 + s * (d2 * d)
+    out = torch.where(torch.isfinite(l32), out, torch.tensor(float("-inf")))
+    return torch.where((f != 0)[:, None], out, l32)
+
+
+@pytest.mark.parametrize("with_removed", [False, True])
+def test_smoothing_bits_are_the_formula_as_written(with_removed):
+    """The in-place evaluation (two buffers, products and sums reordered only where IEEE
+    arithmetic commutes) gives the bits of the formula evaluated as written, signed zeros
+    included, on all-finite rows and on rows with removed tokens."""
+    rng = np.random.default_rng(44 + with_removed)
+    l = make_logits(rng, 12, 3000, scale=4.0, ninf=0.0)
+    l[0] = torch.round(l[0])  # exact ties and zeros
+    l[1, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.0])
+    l[1, 5:] = -torch.rand(l.shape[1] - 5)  # max +0.0
+    l[2, :] = -0.0  # a row of -0.0: the max is -0.0, d = +0.0 everywhere
+    l[3] *= 1e5  # large d**3
+    if with_removed:
+        l[4:, ::7] = float("-inf")
+        l[5, 1:] = float("-inf")  # one token left
+    f = torch.tensor([0.3, 1.0, 0.5, 2.0, 0.0, 0.7, 0.25, 3.0, 0.1, 0.6, 1.5, 0.2])
+    c = torch.tensor([1.0, 1.0, 2.0, 1.5, 1.0, 4.0, 2.5, 1.0, 3.0, 1.0, 2.0, 1.2])
+    got = quadratic_smoothing(l, f, c)
+    assert torch.isfinite(got[~torch.isinf(l)]).all()
+    assert torch.equal(bits(got), bits(_smoothing_as_written(l, f, c)))
+
+
 # ---------------------------------------------------------------- 3. hypothesis properties
 
 _fl = lambda lo, hi: st.floats(float(np.float32(lo)), float(np.float32(hi)), width=32)  # noqa: E731

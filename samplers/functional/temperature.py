@@ -191,24 +191,33 @@ def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     l32 = upcast(logits)
     k = (f * (3.0 - c) / 2.0)[:, None]
     s = (f * (c - 1.0) / 2.0)[:, None]
-    row_max = l32.amax(dim=-1, keepdim=True)
+    hi = l32.amax(dim=-1, keepdim=True)
     # Rows without a finite logit: any finite stand-in (every entry stays -inf below).
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    finite = is_finite(l32)
-    # Non-finite logits are read as 0 (so no inf * 0 = NaN; finite ones are unchanged) and
-    # set back to -inf at the end.
-    d = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sub_(row_max)
+    row_max = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    cpu = l32.device.type == "cpu"
+    finite = None
+    if cpu and bool(((l32.amin(dim=-1, keepdim=True) > float("-inf")) & (hi < float("inf"))).all()):
+        d = l32 - row_max  # every logit finite: nothing to read as 0, nothing to put back
+    else:
+        finite = is_finite(l32)
+        # Non-finite logits are read as 0 (so no inf * 0 = NaN; finite ones are unchanged) and
+        # set back to -inf at the end.
+        d = l32.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).sub_(row_max)
+    # row_max - k * d**2 + s * d**3, each product and sum rounded as written, in two buffers
+    # (IEEE products and sums commute; x - y is -y + x, signed zeros included)
     d2 = d * d
-    smoothed = row_max - k * d2 + s * (d2 * d)
+    cube = d.mul_(d2).mul_(s)  # s * (d2 * d)
+    smoothed = torch.sub(row_max, d2.mul_(k), out=d2).add_(cube)
     # Past the float32 range (a logit spread of ~1e19 and more) the terms overflow, and
     # 0 * inf or inf - inf would be NaN: those entries are computed again in float64 (where
     # nothing in range overflows: |d| < 7e38, |k|, |s| < 1e36) and saturate. (Removed entries
-    # too: fill_removed's minimum would keep a NaN.)
-    bad = ~torch.isfinite(smoothed)
-    if bool(bad.any()):
-        d64 = l32.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) - row_max.double()
-        exact = row_max.double() - k.double() * d64 * d64 + s.double() * d64 * d64 * d64
-        fmax = torch.finfo(_F32).max
-        smoothed = torch.where(bad, exact.clamp(-fmax, fmax).float(), smoothed)
-    out = fill_removed(smoothed, finite)
+    # too: fill_removed's minimum would keep a NaN.) Finite row sums: every entry is finite.
+    if not cpu or not bool(torch.isfinite(smoothed.sum(dim=-1)).all()):
+        bad = ~torch.isfinite(smoothed)
+        if bool(bad.any()):
+            d64 = l32.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) - row_max.double()
+            exact = row_max.double() - k.double() * d64 * d64 + s.double() * d64 * d64 * d64
+            fmax = torch.finfo(_F32).max
+            smoothed = torch.where(bad, exact.clamp(-fmax, fmax).float(), smoothed)
+    out = smoothed if finite is None else fill_removed(smoothed, finite)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
