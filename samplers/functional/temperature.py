@@ -195,9 +195,15 @@ def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     # Rows without a finite logit: any finite stand-in (every entry stays -inf below).
     row_max = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
     cpu = l32.device.type == "cpu"
-    finite = None
+    finite = removed = None
     if cpu and bool(((l32.amin(dim=-1, keepdim=True) > float("-inf")) & (hi < float("inf"))).all()):
         d = l32 - row_max  # every logit finite: nothing to read as 0, nothing to put back
+    elif cpu and bool((hi < float("inf")).all()):
+        # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf,
+        # found once; their d is any finite value (0) and their result -inf, set back below.
+        removed = removed_flat(l32)
+        d = l32 - row_max
+        d.view(-1)[removed] = 0.0
     else:
         finite = is_finite(l32)
         # Non-finite logits are read as 0 (so no inf * 0 = NaN; finite ones are unchanged) and
@@ -219,5 +225,7 @@ def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
             exact = row_max.double() - k.double() * d64 * d64 + s.double() * d64 * d64 * d64
             fmax = torch.finfo(_F32).max
             smoothed = torch.where(bad, exact.clamp(-fmax, fmax).float(), smoothed)
+    if removed is not None:
+        smoothed.view(-1)[removed] = float("-inf")
     out = smoothed if finite is None else fill_removed(smoothed, finite)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
