@@ -23,6 +23,10 @@ Cases, at every shape of ``--shapes`` and every thread setting of ``--threads``:
 - ``common3``: the most common request, temperature + top_p + min_p without top_k, in one
   pipeline call against HF's list of the same three warpers (top_p then works on full rows).
   Not one of issue 15's targets; chain7's 0.2 is applied to it.
+- ``common3_bans``: common3 on rows with removed tokens (every 997th logit ``-inf``, as a ban
+  list, a ``min_tokens`` EOS ban or a grammar's few bans leave the rows a loop feeds the
+  pipeline; the benchmark's other rows are all finite), against HF's list on the same rows.
+  Not one of issue 15's targets; chain7's 0.2 is applied to it.
 - ``mixed7``: a serving batch: chain7 on the even rows, chain7 without top_k on the odd ones,
   in one pipeline call, against HF's lists run as a server with HF would, one per group of
   rows with the same parameters (the rows selected, processed, put back). Not one of issue
@@ -106,7 +110,7 @@ CHAIN14_EXTRA = dict(top_a=0.05, tfs=0.98, nsigma=3.0, xtc_threshold=0.1, xtc_pr
 
 TARGETS = {"sampler": 1.0, "chain7": 0.2, "chain14": 1.5, "skew": 2.0, "dry_step_ms": 3.0,
            # (not issue 15's: chain7's target applied to a whole step, the common request, a mixed batch)
-           "sample7": 0.2, "common3": 0.2, "mixed7": 0.2}
+           "sample7": 0.2, "common3": 0.2, "common3_bans": 0.2, "mixed7": 0.2}
 COMMON3 = dict(temperature=0.8, top_p=0.9, min_p=0.05)
 
 
@@ -235,12 +239,15 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
                 return out
 
             out.append(("mixed7", {"hf": (hf_groups, None), "ours": (_pipe_call(bm, logits), None)}, "ours/hf"))
-    if not only or "common3" in only:
-        common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
-                                         hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
-        ids1 = torch.zeros(B, 1, dtype=torch.int64)
-        out.append(("common3", {"hf": (lambda: common(ids1, logits), None),
-                                "ours": (_pipe_call(_batch(B, V, None, **COMMON3), logits), None)}, "ours/hf"))
+    common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
+                                     hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
+    ids1 = torch.zeros(B, 1, dtype=torch.int64)
+    banned = logits.clone()
+    banned[:, 7::997] = float("-inf")
+    for case, x in (("common3", logits), ("common3_bans", banned)):
+        if not only or case in only:
+            out.append((case, {"hf": (lambda x=x: common(ids1, x), None),
+                               "ours": (_pipe_call(_batch(B, V, None, **COMMON3), x), None)}, "ours/hf"))
     if not only or "skew" in only:
         sk = _full(logits, 0.2)
 
@@ -325,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
                        cpu_medians_ms=cpu_med, times_ms=times, cpu_times_ms=cpu_times, reps=reps,
                        ratio_spec=spec, ratio=ratio, cpu_ratio=cpu_ratio, target=target, target_kind=kind,
                        met=bool(met), cpu_met=bool(cpu_met), loadavg=os.getloadavg()[0])
-            if case not in ("chain7", "chain14", "sample7", "common3", "mixed7", "skew", "dry_step"):
+            if case not in ("chain7", "chain14", "sample7", "common3", "common3_bans", "mixed7", "skew", "dry_step"):
                 row["functional_over_hf"] = med["functional"] / med["hf"]
                 row["cpu_functional_over_hf"] = cpu_med["functional"] / cpu_med["hf"]
             results.append(row)
@@ -409,6 +416,7 @@ def markdown(data: dict) -> str:
                     "skew": "skew vs softmax + cumsum",
                     "sample7": "sample7 vs HF's list + multinomial",
                     "common3": "common3 (temperature, top_p, min_p) vs HF's list",
+                    "common3_bans": "common3 on rows with removed tokens vs HF's list",
                     "mixed7": "mixed7 (top_k on half the rows) vs HF's list per group"}.get(r["case"], r["case"])
             lines.append(f"| {what} | {r['shape']} | {med[num]:.2f} | {ref:.2f} | {r['ratio']:.2f} | "
                          f"{r['cpu_ratio']:.2f} | {r['loadavg']:.1f} | <= {r['target']}: {verdict(r)} |")
