@@ -206,6 +206,25 @@ def test_flat_not_below_is_flatnonzero(density):
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.03, 0.3, 1.0])
+def test_removed_tokens_are_the_minus_inf_entries(density):
+    """``flat_removed`` (both of ``flat_not_below``'s ways) and ``removed_tokens`` (its flat
+    indices and per-row counts, on the numpy route and on a non-contiguous tensor's torch
+    route): the ``-inf`` entries, not NaN, +inf or the most negative finite value."""
+    rng = np.random.default_rng(int(density * 1000) + 3)
+    for B, V in [(64, 2000), (3, 20000), (1, 5)]:
+        x = rng.standard_normal((B, V)).astype(np.float32)
+        x[rng.random((B, V)) < density] = -np.inf
+        x[rng.random((B, V)) < 0.01] = rng.choice(np.array([np.nan, np.inf, -3.4028235e38], dtype=np.float32))
+        expected = np.flatnonzero(x == -np.inf)
+        got = _stats.flat_removed(x)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        counts = np.count_nonzero(x == -np.inf, axis=-1)
+        for t in (torch.from_numpy(x), torch.from_numpy(np.asfortranarray(x))):
+            flat, n = _stats.removed_tokens(t)
+            assert np.array_equal(flat.numpy(), expected) and np.array_equal(n.numpy(), counts)
+
+
 @pytest.mark.parametrize("n", [0, 100, 4096, 4097, 50000])
 def test_packed_columns_both_ways(n):
     """Division and bincount (few entries) or binary search and repeats (many): the rows, counts,

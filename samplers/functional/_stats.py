@@ -793,12 +793,14 @@ def flat_removed(xn: np.ndarray) -> np.ndarray:
     return _flat_true(buf, xn.size)
 
 
-def removed_flat(l32: Tensor) -> Tensor:
-    """The flat indices (int64, increasing, row-major) of the ``-inf`` entries of the
-    ``[B, V]`` float32 ``l32``: the removed tokens."""
+def removed_tokens(l32: Tensor) -> tuple[Tensor, Tensor]:
+    """The removed tokens of the ``[B, V]`` float32 ``l32`` (its ``-inf`` entries): their flat
+    indices (int64, increasing, row-major) and how many each row has (int64 ``[B]``)."""
     if _numpy_ok(l32):
-        return torch.from_numpy(flat_removed(l32.numpy()))
-    return (l32 == float("-inf")).view(-1).nonzero()[:, 0]
+        flat = torch.from_numpy(flat_removed(l32.numpy()))
+    else:
+        flat = (l32 == float("-inf")).reshape(-1).nonzero()[:, 0]
+    return flat, torch.bincount(flat // max(l32.shape[1], 1), minlength=l32.shape[0])
 
 
 def _mask_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

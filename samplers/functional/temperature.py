@@ -26,7 +26,7 @@ from ._stats import (
     entropy_of_logits,
     fill_removed,
     is_finite,
-    removed_flat,
+    removed_tokens,
     row_param,
     saturate_finite,
     select_rows,
@@ -132,12 +132,11 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
     removed = None
     if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
         n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
-    elif cpu and sparse is None and stats.numel() and bool((hi_s < float("inf")).all()):
+    elif cpu and sparse is None and stats.numel() and stats.is_contiguous() and bool((hi_s < float("inf")).all()):
         # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf
         # (a grammar's mask, a banned EOS), found and counted once.
-        removed = removed_flat(stats)
-        V = stats.shape[1]
-        n = V - torch.bincount(removed // V, minlength=stats.shape[0])
+        removed, n_removed = removed_tokens(stats)
+        n = stats.shape[1] - n_removed
     else:
         n = count_true(is_finite(stats))
     # (the selected rows are a copy: their buffer is reused)
@@ -198,10 +197,10 @@ def _quadratic_smoothing(logits: Tensor, f: Tensor, c: Tensor) -> Tensor:
     finite = removed = None
     if cpu and bool(((l32.amin(dim=-1, keepdim=True) > float("-inf")) & (hi < float("inf"))).all()):
         d = l32 - row_max  # every logit finite: nothing to read as 0, nothing to put back
-    elif cpu and bool((hi < float("inf")).all()):
+    elif cpu and l32.is_contiguous() and bool((hi < float("inf")).all()):
         # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf,
         # found once; their d is any finite value (0) and their result -inf, set back below.
-        removed = removed_flat(l32)
+        removed = removed_tokens(l32)[0]
         d = l32 - row_max
         d.view(-1)[removed] = 0.0
     else:

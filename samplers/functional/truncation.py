@@ -46,7 +46,7 @@ from ._stats import (
     packed_columns,
     packed_result_wanted,
     prefix_boundary,
-    removed_flat,
+    removed_tokens,
     row_param,
     row_sum,
     softmax_and_log_softmax,
@@ -844,7 +844,7 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # Every sum finite or -inf: no logit is NaN or +inf (either makes its sum NaN or +inf).
         total = row_sum(l32)
         all_finite = bool(torch.isfinite(total).all())
-        removed_only = not all_finite and bool((total < float("inf")).all())
+        removed_only = not all_finite and l32.is_contiguous() and bool((total < float("inf")).all())
     else:
         # (packed rows: min and max finite, two cheap reductions instead of a [B, K] mask)
         all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
@@ -861,9 +861,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # Rows with removed tokens (-inf) and nothing else non-finite, as a grammar's mask or an
         # earlier sampler leaves them: the masked path's values, with the mask applied once to
         # the squares instead of converting it to float and multiplying every deviation by it.
-        removed = removed_flat(l32)
-        V = l32.shape[1]
-        count = (V - torch.bincount(removed // V, minlength=l32.shape[0])).to(_F32)[:, None]
+        removed, n_removed = removed_tokens(l32)
+        count = (l32.shape[1] - n_removed).to(_F32)[:, None]
         lf = l32.nan_to_num(neginf=0.0)
         mean = row_sum(lf) / count.clamp_min(1)
         scratch = torch.nn.functional.mse_loss(lf, mean.expand_as(lf), reduction="none")
