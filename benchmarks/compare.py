@@ -239,15 +239,16 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
                 return out
 
             out.append(("mixed7", {"hf": (hf_groups, None), "ours": (_pipe_call(bm, logits), None)}, "ours/hf"))
-    common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
-                                     hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
-    ids1 = torch.zeros(B, 1, dtype=torch.int64)
-    banned = logits.clone()
-    banned[:, 7::997] = float("-inf")
-    for case, x in (("common3", logits), ("common3_bans", banned)):
-        if not only or case in only:
-            out.append((case, {"hf": (lambda x=x: common(ids1, x), None),
-                               "ours": (_pipe_call(_batch(B, V, None, **COMMON3), x), None)}, "ours/hf"))
+    if not only or {"common3", "common3_bans"} & only:
+        common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
+                                         hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
+        ids1 = torch.zeros(B, 1, dtype=torch.int64)
+        banned = logits.clone()
+        banned[:, 7::997] = float("-inf")
+        for case, x in (("common3", logits), ("common3_bans", banned)):
+            if not only or case in only:
+                out.append((case, {"hf": (lambda x=x: common(ids1, x), None),
+                                   "ours": (_pipe_call(_batch(B, V, None, **COMMON3), x), None)}, "ours/hf"))
     if not only or "skew" in only:
         sk = _full(logits, 0.2)
 
