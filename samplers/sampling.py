@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .functional._stats import packed_columns
+from .functional._stats import flat_not_below, packed_columns
 
 PURPOSE_DRAW = 0
 PURPOSE_XTC = 1
@@ -277,6 +277,57 @@ def compute_logprobs(
     chosen = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     top = None
     if num_top > 0:
-        values, ids = logp.topk(min(num_top, logp.shape[-1]), dim=-1)
-        top = (ids, values)
+        k = min(num_top, logp.shape[-1])
+        top = _top_of_packed(logp, k)
+        if top is None:
+            values, ids = logp.topk(k, dim=-1)
+            top = (ids, values)
     return chosen, top
+
+
+#: ``_top_of_packed`` selects among the finite entries when at most 1 / this of them are finite.
+_PACKED_TOP_FRACTION = 8
+
+
+def _top_of_packed(logp: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``logp.topk(k)``'s ``(ids, values)`` for float32 CPU rows that are mostly ``-inf`` (the
+    processed logits after a truncation), selected among each row's finite entries alone, or
+    None when the rows are not such rows.
+
+    Where a row's answer could depend on how ``topk`` orders equal values, ``topk`` gives that
+    row's answer (a row's is independent of the others'): a row with fewer than ``k`` finite
+    entries (``-inf`` ones would be among its answer), NaN, or two equal values among its
+    ``k + 1`` largest (a tie at or above the ``k``-th place). In every other row the ``k``
+    largest values are distinct and above every other entry, so any exact selection gives
+    them, in the same order: ``topk``'s result without its pass over the ``-inf`` entries
+    (~1 ms at [64, 32000], k = 5)."""
+    if (logp.device.type != "cpu" or logp.dtype != torch.float32 or logp.dim() != 2
+            or not logp.is_contiguous() or logp.requires_grad or logp.numel() == 0):
+        return None
+    batch, vocab = logp.shape
+    if k * _PACKED_TOP_FRACTION > vocab:
+        return None
+    xn = logp.numpy()
+    sample = xn.reshape(-1)[::61]  # (mostly -inf? judged from every 61st entry before a full pass)
+    if np.count_nonzero(sample > -np.inf) * _PACKED_TOP_FRACTION > sample.size:
+        return None
+    flat = flat_not_below(xn, np.full(batch, np.finfo(np.float32).min))  # (the finite ones and NaN)
+    rows, counts, starts, cols = packed_columns(flat, (batch, vocab))
+    width = int(counts.max())
+    if width < k or width * _PACKED_TOP_FRACTION > vocab:  # (every row short of k: topk alone)
+        return None
+    packed = np.full((batch, max(width, k + 1)), np.inf, dtype=np.float32)
+    values = xn.reshape(-1)[flat]
+    packed[rows, cols] = np.negative(values)  # (negated: ascending puts the largest first)
+    order = np.argsort(packed, axis=-1, kind="stable")[:, :k + 1]
+    head = -np.take_along_axis(packed, order, axis=-1)  # (past a row's entries: -inf)
+    # (a row with exactly k entries has -inf at place k + 1)
+    exact = (counts >= k) & (head[:, :-1] > head[:, 1:]).all(axis=-1)
+    exact[rows[np.isnan(values)]] = False  # (topk counts NaN as the largest; argsort, the smallest)
+    ids = flat[np.minimum(starts[:, None] + order[:, :k], flat.size - 1)] % vocab  # (clipped: rows refused below)
+    ids_t, values_t = torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(head[:, :k]))
+    if not exact.all():
+        redo = torch.from_numpy(np.flatnonzero(~exact))
+        redo_values, redo_ids = logp.index_select(0, redo).topk(k, dim=-1)
+        ids_t[redo], values_t[redo] = redo_ids, redo_values
+    return ids_t, values_t

@@ -250,3 +250,62 @@ def test_logprobs_processed_and_raw():
     assert top[0].tolist() == [[2, 1]]
     chosen_raw, _ = compute_logprobs(processed, raw, torch.tensor([True]), tok, 0)
     assert chosen_raw.item() == pytest.approx(1.0 - np.log(1 + np.exp(1.0) + np.exp(2.0)), abs=1e-6)
+
+
+def _mostly_removed_rows(rng, batch, vocab, ties):
+    """float32 [batch, vocab] rows of -inf with a few finite entries each (some rows with
+    fewer than a handful), quarter-step values when ``ties``."""
+    x = np.full((batch, vocab), -np.inf, dtype=np.float32)
+    for r in range(batch):
+        n = int(rng.integers(1, vocab // 10))
+        values = rng.standard_normal(n).astype(np.float32) * 3
+        x[r, rng.choice(vocab, n, replace=False)] = np.round(values * 4) / 4 if ties else values
+    return x
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("vocab", [200, 4096])
+def test_top_logprobs_on_truncated_rows_are_topks(ties, vocab):
+    """The top alternatives on mostly removed rows, selected among the finite entries, are
+    torch.topk's (ids and value bits): rows with fewer than k entries, ties at the k-th place
+    and NaN take topk itself, whose order among equal values is its own."""
+    rng = np.random.default_rng(vocab + ties)
+    packed_rows = 0
+    for trial in range(40):
+        x = torch.from_numpy(_mostly_removed_rows(rng, 6, vocab, ties))
+        if trial % 7 == 3:
+            x[2, int(rng.integers(vocab))] = float("nan")
+        # (log_softmax turns a NaN row to NaN throughout: the rows themselves carry the lone NaN)
+        for rows in (torch.log_softmax(x, dim=-1), x):
+            for k in (1, 3, 8):
+                got = sampling._top_of_packed(rows, k)
+                if got is None:
+                    continue
+                values, ids = rows.topk(k, dim=-1)
+                assert torch.equal(got[0], ids)
+                assert torch.equal(got[1].view(torch.int32), values.view(torch.int32))
+                packed_rows += int((torch.isfinite(rows).sum(-1) >= k).sum())
+    assert packed_rows > 100  # (the packed selection did run)
+
+
+def test_top_logprobs_leave_full_rows_to_topk(monkeypatch):
+    """Rows mostly kept, and CUDA-like layouts (non-contiguous), take topk: the packed route says so."""
+    x = torch.randn(4, 4096)
+    assert sampling._top_of_packed(torch.log_softmax(x, -1), 5) is None
+    y = torch.full((4, 4096), float("-inf"))
+    y[:, :8] = torch.randn(4, 8)
+    assert sampling._top_of_packed(torch.log_softmax(y, -1).t().contiguous().t(), 5) is None
+    assert sampling._top_of_packed(torch.log_softmax(y, -1), 5) is not None
+
+
+def test_top_logprobs_through_compute_logprobs_hand_computed():
+    """Two rows after a truncation, one with a tie at the 2nd place: ids most likely first."""
+    x = torch.full((2, 64), float("-inf"))
+    x[0, [7, 40, 3]] = torch.tensor([1.0, 3.0, 2.0])
+    x[1, [9, 11, 30]] = torch.tensor([2.0, 1.0, 1.0])
+    chosen, (ids, values) = compute_logprobs(x, x, torch.tensor([False, False]), torch.tensor([40, 9]), 2)
+    assert ids[0].tolist() == [40, 3]
+    assert ids[1, 0].item() == 9 and ids[1, 1].item() in (11, 30)
+    log_z0 = np.log(np.exp(1.0) + np.exp(2.0) + np.exp(3.0))
+    assert values[0].tolist() == pytest.approx([3.0 - log_z0, 2.0 - log_z0], abs=1e-6)
+    assert chosen.tolist() == pytest.approx([3.0 - log_z0, 2.0 - np.log(np.exp(2.0) + 2 * np.exp(1.0))], abs=1e-6)
