@@ -94,8 +94,13 @@ def row_param(value: ParamLike, logits: Tensor, dtype: torch.dtype, name: str) -
 
 
 def upcast(logits: Tensor) -> Tensor:
-    """The logits as fp32 (the input itself when already fp32: callers never write to it)."""
-    return logits if logits.dtype == torch.float32 else logits.to(torch.float32)
+    """The logits as contiguous fp32 rows (the input itself when it is that already: callers
+    never write to it). Contiguous because a row's sum depends on the layout: torch adds a
+    strided row's terms in another order, so a sampler summing a transposed tensor's rows
+    would round its statistics differently from the same rows stored contiguously."""
+    if logits.dtype == torch.float32:
+        return logits.contiguous()
+    return logits.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def row_sum(x: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
