@@ -24,6 +24,7 @@ import torch
 
 from . import functional as F
 from . import kernels
+from ._allocator import raise_malloc_thresholds
 from .batch import SamplingBatch, normalise_device
 from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow
 from .params import FLOAT32_MAX
@@ -370,6 +371,7 @@ class SamplerPipeline:
         enforced and the magnitude bound is 0 (SEMANTICS.md says what that leaves)."""
         if logits.device.type != "cpu":
             return logits, 0.0
+        raise_malloc_thresholds()  # (once per process: the step's [B, V] temporaries stay mapped)
         bound = finite_absmax_bound(logits)  # proves every logit finite, 3x faster than aminmax
         if bound is not None:
             return logits, bound
