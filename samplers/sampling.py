@@ -178,15 +178,34 @@ def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch
         return argmax
     if probs is None:
         probs = torch.softmax(work, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # Rounding can put the target at or past the last cumulative value: fall back to the
-    # last token with non-zero probability, so a removed token is never returned.
-    positive = probs > 0
-    last_positive = (positive.shape[-1] - 1) - positive.flip(-1).to(torch.int8).argmax(dim=-1)
-    idx = torch.minimum(idx, last_positive)
+    # (torch's CPU cumsum is a running sum: non-decreasing on p >= 0)
+    idx = _inverse_cdf(probs, probs.cumsum(dim=-1), uniforms, monotone=work.device.type == "cpu")
     return torch.where(greedy, argmax, idx)
+
+
+def _inverse_cdf(probs: torch.Tensor, cdf: torch.Tensor, uniforms: torch.Tensor, monotone: bool) -> torch.Tensor:
+    """[B] int64: each row's first token *with p > 0* whose cumulative probability exceeds
+    ``u * total`` (``total``: the largest cumulative value at a token with p > 0); when none
+    does (rounding put the target at or past the total) the row's last token with p > 0, and
+    ``V - 1`` for a row without one. Never a token with p = 0.
+
+    ``cdf`` is ``probs.cumsum(-1)``. A GPU's parallel scan may round it up or down by an ulp at
+    a token with p = 0, so that it is not non-decreasing and a binary search over it could stop
+    at a removed token; the rule above reads the sums at tokens with p > 0 only (one more
+    full-width pass). With ``monotone`` (a running sum, as torch's CPU cumsum: a token with p = 0
+    repeats its predecessor's sum) the first token past the target has p > 0 anyway, and the
+    last sum is the total: a binary search gives the same token."""
+    positive = probs > 0
+    vocab = probs.shape[-1]
+    last_positive = (vocab - 1) - positive.flip(-1).to(torch.int8).argmax(dim=-1)
+    if monotone:
+        target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        return torch.minimum(idx, last_positive)
+    total = torch.where(positive, cdf, torch.zeros_like(cdf)).amax(dim=-1)
+    past = positive & (cdf > (uniforms.to(torch.float32) * total).unsqueeze(-1))
+    first = past.to(torch.int8).argmax(dim=-1)  # (0 when none: replaced below)
+    return torch.where(past.any(dim=-1), first, last_positive)
 
 
 def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

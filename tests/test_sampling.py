@@ -221,6 +221,35 @@ def test_draw_on_truncated_rows_equals_the_dense_route(monkeypatch):
     assert packed > 250
 
 
+def test_inverse_cdf_skips_removed_tokens_when_the_sums_are_not_monotone():
+    """A parallel scan (a GPU's cumsum) may round a sum up at a token with p = 0: a binary
+    search then stops there. The general rule reads the sums at tokens with p > 0 only."""
+    probs = torch.tensor([[0.25, 0.25, 0.0, 0.5]])
+    cdf = torch.tensor([[0.25, 0.5, 0.50000006, 1.0]])  # one ulp up at the removed token 2
+    u = torch.tensor([0.5])  # target 0.5: past token 1's sum, below "token 2's"
+    assert sampling._inverse_cdf(probs, cdf, u, monotone=True).tolist() == [2]  # (the hazard)
+    assert sampling._inverse_cdf(probs, cdf, u, monotone=False).tolist() == [3]
+    # a sum rounded down at a removed token past the target: still the next token with p > 0
+    cdf = torch.tensor([[0.25, 0.5, 0.49999997, 1.0]])
+    assert sampling._inverse_cdf(probs, cdf, torch.tensor([0.3]), monotone=False).tolist() == [1]
+    # the total is the largest sum at a token with p > 0, not the last sum
+    probs = torch.tensor([[0.5, 0.5, 0.0]])
+    cdf = torch.tensor([[0.5, 1.0, 0.99999994]])
+    assert sampling._inverse_cdf(probs, cdf, torch.tensor([0.5]), monotone=False).tolist() == [1]  # (token 0 with 0.99999994)
+
+
+def test_inverse_cdf_rules_agree_on_running_sums():
+    """On a running sum (torch's CPU cumsum) both rules give every row the same token: rows of
+    zeros, ties, u at 0 and at the total, rows without a token."""
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        logits, _, u = _draw_case(rng)
+        probs = torch.softmax(logits.float().nan_to_num(nan=float("-inf")), dim=-1).nan_to_num(nan=0.0)
+        cdf = probs.cumsum(dim=-1)
+        assert torch.equal(sampling._inverse_cdf(probs, cdf, u, monotone=True),
+                           sampling._inverse_cdf(probs, cdf, u, monotone=False))
+
+
 def test_draw_accepts_logits_that_require_grad():
     x = torch.full((2, 3000), float("-inf"))
     x[:, [5, 70]] = torch.tensor([0.0, 1.0])
