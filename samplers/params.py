@@ -8,6 +8,7 @@ Instances are immutable; use ``dataclasses.replace`` (which validates again) to 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -50,6 +51,8 @@ SKEW_MAX = 80.0
 #: n: sequences per request, as the OpenAI API bounds it. The generation loop runs one batch row
 #: per sequence, so an unbounded n is a request for unbounded memory.
 MAX_N = 128
+#: max_tokens when not given (vLLM's and OpenAI's completions default); None: no limit.
+_MAX_TOKENS_DEFAULT = 16
 
 
 def _show(value: Any) -> str:
@@ -77,8 +80,10 @@ def _real(name: str, value: Any) -> float:
     return value
 
 
-def _integer(name: str, value: Any, lo: int = -INT64_MAX - 1, hi: int = INT64_MAX) -> int:
-    """An integer (an integral float is accepted) within [lo, hi] (default: int64)."""
+def _integer(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int] = None, hint: str = "",
+             what: str = "an integer") -> int:
+    """An integer (an integral float is accepted) within the parameter's interval [lo, hi]
+    (None: int64's bound, which the batch tensors hold). The error states that interval."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
@@ -87,15 +92,28 @@ def _integer(name: str, value: Any, lo: int = -INT64_MAX - 1, hi: int = INT64_MA
         value = int(value)
     if not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {_show(value)}")
+    lo = -INT64_MAX - 1 if lo is None else lo
+    hi = INT64_MAX if hi is None else hi
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {_show(value)}")
+        raise ValueError(f"{name} must be {what} in [{_bound(lo)}, {_bound(hi)}]{hint}, got {_show(value)}")
     return value
+
+
+def _bound(n: int) -> str:
+    """An integer bound as a reader takes it in: int64's and uint64's limits as powers of two."""
+    return {INT64_MAX: "2**63 - 1", -INT64_MAX - 1: "-2**63", 2**64 - 1: "2**64 - 1"}.get(n, str(n))
 
 
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {_show(value)}")
     return value
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
+    left = "-inf" if lo is None else f"{lo:g}"
+    right = "inf" if hi is None else f"{hi:g}"
+    return f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
 
 
 def _in_range(name: str, value: float, lo: float | None, hi: float | None,
@@ -105,10 +123,7 @@ def _in_range(name: str, value: float, lo: float | None, hi: float | None,
         or (hi is not None and (value >= hi if hi_open else value > hi))
     )
     if bad:
-        left = "-inf" if lo is None else f"{lo:g}"
-        right = "inf" if hi is None else f"{hi:g}"
-        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value!r}")
 
 
 def _float_param(name: str, value: Any, lo: float | None, hi: float | None = FLOAT32_MAX,
@@ -122,8 +137,8 @@ def _float_param(name: str, value: Any, lo: float | None, hi: float | None = FLO
         try:
             _in_range(name, r, lo, hi, lo_open, hi_open)
         except ValueError:
-            raise ValueError(f"{name}: {v!r} rounds to {r!r} in float32, outside the allowed range "
-                             f"(see the parameter's interval in SEMANTICS.md)") from None
+            raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)} also as a float32: "
+                             f"{v!r} rounds to {r!r}") from None
     return v
 
 
@@ -131,10 +146,7 @@ def _token_id(name: str, value: Any) -> int:
     """One token id: a non-negative int64 (no bools, no strings, no non-integral floats)."""
     if isinstance(value, float):
         raise ValueError(f"{name} must be integers (token ids), got float {value!r}")
-    tid = _integer(name, value)
-    if tid < 0:
-        raise ValueError(f"{name} must be token ids >= 0, got {tid}")
-    return tid
+    return _integer(name, value, 0, what="token ids")
 
 
 def _token_ids(name: str, values: Any) -> tuple[int, ...]:
@@ -196,7 +208,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     logprobs_mode: str = "processed"
     # request-level (the generation loop's)
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[int] = _MAX_TOKENS_DEFAULT
     stop: Optional[Union[str, Sequence[str]]] = None
     stop_token_ids: Sequence[int] = ()
     include_stop_str_in_output: bool = False
@@ -228,15 +240,11 @@ class SamplingParams:
         set_("logit_bias", self._validated_logit_bias(self.logit_bias))
 
         for name in ("no_repeat_ngram_size", "min_tokens", "dry_range"):
-            v = _integer(name, getattr(self, name))
-            _in_range(name, v, 0, None)
-            set_(name, v)
+            set_(name, _integer(name, getattr(self, name), 0))
 
         set_("dry_multiplier", _float_param("dry_multiplier", self.dry_multiplier, 0.0, None))
         set_("dry_base", _float_param("dry_base", self.dry_base, 1.0, None, lo_open=True))
-        v = _integer("dry_allowed_length", self.dry_allowed_length)
-        _in_range("dry_allowed_length", v, 1, None)
-        set_("dry_allowed_length", v)
+        set_("dry_allowed_length", _integer("dry_allowed_length", self.dry_allowed_length, 1))
         set_("dry_sequence_breaker_ids", _token_ids("dry_sequence_breaker_ids", self.dry_sequence_breaker_ids))
 
         for name in ("temperature", "dynatemp_min", "dynatemp_max"):
@@ -251,9 +259,7 @@ class SamplingParams:
         set_("smoothing_curve", _float_param("smoothing_curve", self.smoothing_curve, 1.0, SMOOTHING_MAX))
         set_("temperature_last", _boolean("temperature_last", self.temperature_last))
 
-        v = _integer("top_k", self.top_k)
-        if v < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {v}")
+        v = _integer("top_k", self.top_k, -1, hint=" (-1 or 0: off)")
         set_("top_k", 0 if v == -1 else v)
         for name, lo, hi, lo_open, hi_open in (
             ("top_p", 0.0, 1.0, True, False),
@@ -282,34 +288,29 @@ class SamplingParams:
 
         if self.seed is not None:
             set_("seed", _integer("seed", self.seed, -(2**63), 2**64 - 1))
-        v = _integer("n", self.n)
-        _in_range("n", v, 1, MAX_N)
-        set_("n", v)
+        set_("n", _integer("n", self.n, 1, MAX_N))
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                v = _integer(name, getattr(self, name))
-                _in_range(name, v, 0, None)
-                set_(name, v)
+                set_(name, _integer(name, getattr(self, name), 0))
         mode = self.logprobs_mode
         if not isinstance(mode, str) or mode.lower() not in _LOGPROBS_MODE_ALIASES:
             raise ValueError(f"logprobs_mode must be one of {sorted(_LOGPROBS_MODE_ALIASES)}, got {mode!r}")
         set_("logprobs_mode", _LOGPROBS_MODE_ALIASES[mode.lower()])
 
         if self.max_tokens is not None:
-            v = _integer("max_tokens", self.max_tokens)
-            _in_range("max_tokens", v, 1, None)
+            v = _integer("max_tokens", self.max_tokens, 1)
             set_("max_tokens", v)
             if self.min_tokens > v:
-                raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({v})")
+                default = (f"; max_tokens defaults to {_MAX_TOKENS_DEFAULT}, max_tokens=None is no limit"
+                           if v == _MAX_TOKENS_DEFAULT else "")
+                raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({v}){default}")
         set_("stop", self._validated_stop(self.stop))
         set_("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
         for name in ("include_stop_str_in_output", "ignore_eos", "detokenize", "skip_special_tokens",
                      "spaces_between_special_tokens", "early_stopping"):
             set_(name, _boolean(name, getattr(self, name)))
         if self.truncate_prompt_tokens is not None:
-            v = _integer("truncate_prompt_tokens", self.truncate_prompt_tokens)
-            _in_range("truncate_prompt_tokens", v, 1, None)
-            set_("truncate_prompt_tokens", v)
+            set_("truncate_prompt_tokens", _integer("truncate_prompt_tokens", self.truncate_prompt_tokens, 1))
         procs = self.logits_processors or ()
         if callable(procs) or isinstance(procs, (str, bytes, Mapping)) or not isinstance(procs, Iterable):
             raise ValueError(f"logits_processors must be a list of callables (token_ids, logits) -> logits, "
@@ -440,8 +441,11 @@ class SamplingParams:
         """Build from an Arli/OpenAI-style request body.
 
         Serving-level keys (model, messages, prompt, stream, multi_models, multiplier) are
-        accepted and ignored; ``null`` values mean "use the default"; any other unknown key is
-        a ``ValueError`` naming it.
+        accepted and ignored; ``null`` values mean "use the default", except ``max_tokens``,
+        whose ``null`` is "no limit" as in the OpenAI API and vLLM (so ``to_dict`` round-trips);
+        any other key is a ``ValueError`` naming it (and the closest known name, for a typo).
+        Other OpenAI request fields (``user``, ``top_logprobs``, ``response_format``, ...) are
+        such keys: this is the Arli request body, not every OpenAI one.
         """
         if not isinstance(body, Mapping):
             raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
@@ -451,11 +455,10 @@ class SamplingParams:
         known = cls.field_names()
         unknown = sorted(k for k in body if k not in known and k not in SERVING_KEYS)
         if unknown:
-            raise ValueError(
-                f"unknown request parameter(s): {', '.join(map(repr, unknown))}; "
-                f"see SamplingParams for the supported names"
-            )
-        kwargs = {k: v for k, v in body.items() if k in known and v is not None}
+            hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+            named = ", ".join(repr(k) + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in unknown)
+            raise ValueError(f"unknown request parameter(s): {named}; see SamplingParams for the supported names")
+        kwargs = {k: v for k, v in body.items() if k in known and (v is not None or k == "max_tokens")}
         if "sampler_priority" in body and body["sampler_priority"] is None:
             kwargs.pop("sampler_priority", None)
         return cls(**kwargs)

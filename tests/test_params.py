@@ -30,15 +30,15 @@ REJECTED = [
     ("frequency_penalty", -2.01, "[-2, 2]"),
     ("presence_penalty", 3, "[-2, 2]"),
     ("presence_penalty", -2.5, "[-2, 2]"),
-    ("no_repeat_ngram_size", -1, "[0, inf)"),
+    ("no_repeat_ngram_size", -1, "[0, 2**63 - 1]"),
     ("no_repeat_ngram_size", 1.5, "integer"),
-    ("min_tokens", -1, "[0, inf)"),
+    ("min_tokens", -1, "[0, 2**63 - 1]"),
     ("dry_multiplier", -0.1, "[0, inf)"),
     ("dry_base", 1.0, "(1, inf)"),
     ("dry_base", 0.5, "(1, inf)"),
-    ("dry_allowed_length", 0, "[1, inf)"),
-    ("dry_range", -5, "[0, inf)"),
-    ("dry_sequence_breaker_ids", [1, -2], ">= 0"),
+    ("dry_allowed_length", 0, "[1, 2**63 - 1]"),
+    ("dry_range", -5, "[0, 2**63 - 1]"),
+    ("dry_sequence_breaker_ids", [1, -2], "token ids in [0, 2**63 - 1]"),
     ("dry_sequence_breaker_ids", "abc", "list of token ids"),
     ("temperature", -0.1, "[0, inf)"),
     ("dynatemp_min", -1.0, "[0, inf)"),
@@ -46,7 +46,7 @@ REJECTED = [
     ("dynatemp_exponent", 0.0, "(0, inf)"),
     ("smoothing_factor", -1.0, "[0, 1e+18]"),
     ("smoothing_curve", 0.5, "[1, 1e+18]"),
-    ("top_k", -2, "-1 or 0"),
+    ("top_k", -2, "[-1, 2**63 - 1] (-1 or 0: off)"),
     ("top_k", 2.5, "integer"),
     ("top_p", 0.0, "(0, 1]"),
     ("top_p", 1.01, "(0, 1]"),
@@ -77,19 +77,26 @@ REJECTED = [
     ("n", 0, "[1, 128]"),
     ("n", 129, "[1, 128]"),
     ("n", 10**18, "[1, 128]"),
-    ("logprobs", -1, "[0, inf)"),
-    ("prompt_logprobs", -1, "[0, inf)"),
+    ("logprobs", -1, "[0, 2**63 - 1]"),
+    ("prompt_logprobs", -1, "[0, 2**63 - 1]"),
     ("logprobs_mode", "sideways", "logprobs_mode"),
-    ("max_tokens", 0, "[1, inf)"),
+    ("max_tokens", 0, "[1, 2**63 - 1]"),
     ("stop", [""], "empty string"),
     ("stop", [3], "strings"),
-    ("stop_token_ids", [-1], ">= 0"),
+    ("stop_token_ids", [-1], "token ids in [0, 2**63 - 1]"),
     ("ignore_eos", "yes", "true or false"),
     ("include_stop_str_in_output", 1, "true or false"),
-    ("truncate_prompt_tokens", 0, "[1, inf)"),
+    ("truncate_prompt_tokens", 0, "[1, 2**63 - 1]"),
     ("logits_processors", ["not callable"], "callables"),
     ("logit_bias", {5: 150.0}, "[-100, 100]"),
-    ("logit_bias", {-3: 1.0}, ">= 0"),
+    ("logit_bias", {-3: 1.0}, "token ids in [0, 2**63 - 1]"),
+    # beyond int64: the parameter's own interval, not int64's
+    ("logit_bias", {2**70: 1.0}, "token ids in [0, 2**63 - 1]"),
+    ("top_k", 2**70, "[-1, 2**63 - 1] (-1 or 0: off)"),
+    ("max_tokens", 10**30, "[1, 2**63 - 1]"),
+    ("no_repeat_ngram_size", -(2**70), "[0, 2**63 - 1]"),
+    # a value that rounds out of its interval in float32: the interval is stated
+    ("repetition_penalty", 1e-50, "(0, inf) also as a float32: 1e-50 rounds to 0.0"),
     ("logit_bias", {"abc": 1.0}, "token ids"),
     ("logit_bias", [1, 2], "mapping"),
     ("guided_json", "{not json", "guided_json"),
@@ -177,6 +184,25 @@ def test_from_dict_rejects_unknown_keys_by_name():
     # serving-level keys are ignored, null means default
     p = SamplingParams.from_dict({"model": "x", "stream": True, "messages": [], "top_p": None})
     assert p == SamplingParams()
+    # a typo names the closest known parameter; an OpenAI-only field is unknown here
+    with pytest.raises(ValueError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
+        SamplingParams.from_dict({"temprature": 0.7})
+    with pytest.raises(ValueError, match="'user'"):
+        SamplingParams.from_dict({"user": "x"})
+
+
+def test_max_tokens_null_is_no_limit_and_round_trips():
+    """OpenAI's and vLLM's null max_tokens is "no limit", not the default of 16: a min_tokens
+    above 16 is then valid, and to_dict / from_dict round-trips max_tokens=None."""
+    p = SamplingParams.from_dict({"max_tokens": None, "min_tokens": 20})
+    assert p.max_tokens is None and p.min_tokens == 20
+    assert SamplingParams.from_dict(p.to_dict()) == p
+    assert SamplingParams.from_dict({}).max_tokens == 16
+    with pytest.raises(ValueError, match=r"min_tokens \(20\) must be <= max_tokens \(16\); max_tokens defaults "
+                                         r"to 16, max_tokens=None is no limit"):
+        SamplingParams(min_tokens=20)
+    with pytest.raises(ValueError, match=r"min_tokens \(20\) must be <= max_tokens \(17\)$"):
+        SamplingParams(min_tokens=20, max_tokens=17)
 
 
 def test_enabled_samplers_each():
