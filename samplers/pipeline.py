@@ -238,7 +238,7 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         uniforms = torch.zeros(batch.batch_size, device=batch.device)
     else:
         uniforms = randoms.uniforms(PURPOSE_DRAW)
-    tokens = draw_tokens(x, batch.greedy, uniforms)
+    tokens = draw_tokens(x, batch.greedy, uniforms, all_greedy=batch.all_greedy)
     if keep_processed:
         return ChainOutput(x, tokens)
     chosen, _ = compute_logprobs(x, logits, batch.raw_logprobs, tokens, 0, any_raw=False)

@@ -145,7 +145,8 @@ def _row_uniforms_torch(
     return uint32_to_uniform(out)
 
 
-def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
+                all_greedy: Optional[bool] = None) -> torch.Tensor:
     """Choose one token per row.
 
     Args:
@@ -156,13 +157,16 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
             exceeds ``u * total``. (Rounding can put ``u * total`` at or past the last
             cumulative value: the row's last token with a non-zero probability is taken
             then; a row without one gives ``V - 1``.)
+        all_greedy: whether every row is greedy, when the caller knows it on the host (it
+            then skips the random rows' work); None: read from ``greedy`` on the CPU, taken as
+            False elsewhere, where reading a device tensor would be a sync.
     Returns:
         [B] int64 token ids. A removed (-inf) token is never chosen.
     """
     work = logits.float()
     if work.device.type == "cpu" and work.dim() == 2 and work.numel() > 0:
         return _draw_tokens_cpu(work.detach(), greedy, uniforms)  # (a token has no gradient)
-    return _draw_tokens_dense(work, greedy, uniforms)
+    return _draw_tokens_dense(work, greedy, uniforms, all_greedy=all_greedy)
 
 
 #: ``_draw_tokens_cpu`` packs the rows when fewer than 1 / this of their probabilities are > 0.
@@ -170,16 +174,25 @@ _PACKED_DRAW_FRACTION = 8
 
 
 def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
-                       probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       probs: Optional[torch.Tensor] = None, all_greedy: Optional[bool] = None) -> torch.Tensor:
     """``draw_tokens`` on float32 ``work`` with full-width passes (any device); ``probs``:
     ``softmax(work)`` when the caller has it."""
     argmax = work.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all_greedy is None:
+        all_greedy = work.device.type == "cpu" and bool(greedy.all())
+    if all_greedy:
         return argmax
     if probs is None:
         probs = torch.softmax(work, dim=-1)
-    # (torch's CPU cumsum is a running sum: non-decreasing on p >= 0)
-    idx = _inverse_cdf(probs, probs.cumsum(dim=-1), uniforms, monotone=work.device.type == "cpu")
+    if work.device.type == "cpu":  # (torch's CPU cumsum is a running sum: non-decreasing on p >= 0)
+        idx = _inverse_cdf(probs, probs.cumsum(dim=-1), uniforms, monotone=True)
+    else:
+        # A GPU's cumsum groups its additions by the tensor's shape (a batch of 1 takes another
+        # scan than a batch of 8, whose chunk width depends on the row count): in float32 the
+        # same row's sums differ by ulps from one batch to another, and a seeded row's token
+        # with them (~0.2% of draws at V = 32000). In float64 the groupings differ by ~1e-16,
+        # which a target lands within about never.
+        idx = _inverse_cdf(probs, probs.double().cumsum(dim=-1), uniforms, monotone=False)
     return torch.where(greedy, argmax, idx)
 
 
@@ -189,7 +202,7 @@ def _inverse_cdf(probs: torch.Tensor, cdf: torch.Tensor, uniforms: torch.Tensor,
     does (rounding put the target at or past the total) the row's last token with p > 0, and
     ``V - 1`` for a row without one. Never a token with p = 0.
 
-    ``cdf`` is ``probs.cumsum(-1)``. A GPU's parallel scan may round it up or down by an ulp at
+    ``cdf`` is ``probs.cumsum(-1)``, float32 or float64 (the target is taken in its dtype). A GPU's parallel scan may round it up or down by an ulp at
     a token with p = 0, so that it is not non-decreasing and a binary search over it could stop
     at a removed token; the rule above reads the sums at tokens with p > 0 only (one more
     full-width pass). With ``monotone`` (a running sum, as torch's CPU cumsum: a token with p = 0
@@ -203,7 +216,7 @@ def _inverse_cdf(probs: torch.Tensor, cdf: torch.Tensor, uniforms: torch.Tensor,
         idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
         return torch.minimum(idx, last_positive)
     total = torch.where(positive, cdf, torch.zeros_like(cdf)).amax(dim=-1)
-    past = positive & (cdf > (uniforms.to(torch.float32) * total).unsqueeze(-1))
+    past = positive & (cdf > (uniforms.to(cdf.dtype) * total).unsqueeze(-1))
     first = past.to(torch.int8).argmax(dim=-1)  # (0 when none: replaced below)
     return torch.where(past.any(dim=-1), first, last_positive)
 

@@ -150,6 +150,25 @@ def test_a_seeded_row_does_not_depend_on_what_else_is_batched():
         assert torch.equal(processed, results[0][0]) and token == results[0][1]
 
 
+def test_the_reference_draw_does_not_depend_on_the_batch_size():
+    """The torch backend's draw (and the vLLM integration's, on any backend) scans in float64
+    on a GPU: the same rows alone, in a batch of 8 and in one of 300 (other cumsum groupings,
+    which move float32 sums by ulps) draw the same tokens with the same uniforms. Flat rows,
+    no truncation: where float32 sums would flip ~0.2% of draws."""
+    V, n = 32000, 64
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(n, V, generator=g)
+    u = torch.rand(n, generator=g)
+    no = torch.zeros(n, dtype=torch.bool)
+    alone = [int(ref_draw(rows[i:i + 1].cuda(), no[:1].cuda(), u[i:i + 1].cuda())) for i in range(n)]
+    for B in (8, 300):
+        filler = torch.randn(B - 1, V, generator=g)
+        for i in range(n):
+            x = torch.cat([rows[i:i + 1], filler]).cuda()
+            uu = torch.cat([u[i:i + 1], torch.rand(B - 1, generator=g)]).cuda()
+            assert int(ref_draw(x, torch.zeros(B, dtype=torch.bool, device="cuda"), uu)[0]) == alone[i]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launches_follow_the_tensors_device():
     """Logits on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 (no fault) and

@@ -250,6 +250,32 @@ def test_inverse_cdf_rules_agree_on_running_sums():
                            sampling._inverse_cdf(probs, cdf, u, monotone=False))
 
 
+def _scan_in_chunks(p: np.ndarray, width: int) -> np.ndarray:
+    """``p``'s cumulative sums along the rows grouped as a blocked parallel scan groups them:
+    each chunk of ``width`` summed on its own, the chunks' running totals added after (in
+    ``p``'s dtype, as a GPU's float32 scan accumulates in float32)."""
+    B, V = p.shape
+    local = np.cumsum(p.reshape(B, V // width, width), axis=-1)
+    totals = local[:, :, -1]
+    return (local + (np.cumsum(totals, axis=-1) - totals)[:, :, None]).reshape(B, V)
+
+
+def test_draw_off_the_cpu_does_not_see_the_scan_grouping():
+    """Off the CPU the draw scans in float64: a running sum and a blocked scan (a GPU's cumsum
+    picks its grouping from the batch's shape) draw the same tokens, where float32 sums draw
+    different ones for some of the same uniforms (checked here, so the test can fail)."""
+    g = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(256, 32768, generator=g), dim=-1)  # (flat: p ~ 3e-5)
+    u = torch.rand(256, generator=g)
+    tokens = {}
+    for dtype in (np.float32, np.float64):
+        p = probs.numpy().astype(dtype)
+        tokens[dtype] = [sampling._inverse_cdf(probs, torch.from_numpy(cdf), u, monotone=False)
+                         for cdf in (np.cumsum(p, axis=-1), _scan_in_chunks(p, 1024))]
+    assert torch.equal(*tokens[np.float64])
+    assert not torch.equal(*tokens[np.float32])
+
+
 def test_draw_accepts_logits_that_require_grad():
     x = torch.full((2, 3000), float("-inf"))
     x[:, [5, 70]] = torch.tensor([0.0, 1.0])

@@ -838,3 +838,24 @@ def test_kth_largest_of_one_row_partitions_with_several_threads(dense, monkeypat
         torch.set_num_threads(threads)
     assert float(kth[0]) == float(expected[0, -1])
     assert torch.equal(torch.sort(block[0], descending=True).values[:37], expected[0])
+
+
+def test_count_below_counts_rows_that_dip():
+    """A GPU's cumsum can dip by an ulp; the count rule counts the entries below the bound
+    whatever the row's order, where a binary search stops at some crossing. On running sums
+    both rules agree."""
+    from samplers.functional._stats import count_below
+
+    dipping = torch.tensor([[0.1, 0.5, 0.49999997, 0.5, 0.9, 1.0]])
+    bound = torch.tensor([0.5])
+    assert count_below(dipping, bound, monotone=False).tolist() == [2]  # 0.1, 0.49999997
+    assert count_below(dipping, bound, inclusive=True, monotone=False).tolist() == [4]
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        p = rng.random((4, int(rng.integers(1, 300)))).astype(np.float32)
+        p[rng.random(p.shape) < 0.5] = 0.0
+        cum = torch.from_numpy(p).cumsum(dim=-1)
+        b = torch.from_numpy(rng.random(4).astype(np.float32)) * cum[:, -1]
+        for inclusive in (False, True):
+            assert torch.equal(count_below(cum, b, inclusive, monotone=True),
+                               count_below(cum, b, inclusive, monotone=False))

@@ -1146,9 +1146,18 @@ def _sort_nonneg_sparse(x: Tensor, descending: bool) -> Optional[tuple[Tensor, T
     return torch.from_numpy(values).view(batch, vocab), torch.from_numpy(order)
 
 
-def count_below(sorted_rows: Tensor, bound: Tensor, inclusive: bool = False) -> Tensor:
-    """Per row, how many entries of the non-decreasing row are ``< bound`` (``<= bound``
-    with ``inclusive``): ``((sorted_rows < bound[:, None]).sum(-1))`` by binary search.
-    ``bound``: ``[B]``. Returns int64 ``[B]``."""
-    q = bound.to(sorted_rows.dtype).reshape(-1, 1).contiguous()
-    return torch.searchsorted(sorted_rows.contiguous(), q, right=inclusive).squeeze(1)
+def count_below(sorted_rows: Tensor, bound: Tensor, inclusive: bool = False,
+                monotone: Optional[bool] = None) -> Tensor:
+    """Per row, how many entries of the row are ``< bound`` (``<= bound`` with
+    ``inclusive``): ``((sorted_rows < bound[:, None]).sum(-1))``. ``bound``: ``[B]``.
+    Returns int64 ``[B]``.
+
+    The rows are sorted values or cumulative sums of non-negative values. On the CPU they are
+    non-decreasing (torch's cumsum there is a running sum) and a binary search counts. A GPU's
+    cumsum is a parallel scan that can dip by an ulp (a batch of one row takes CUB's scan),
+    and a binary search over a dip stops at some crossing, not the count: there the
+    comparisons are counted. ``monotone`` overrides the device's rule."""
+    q = bound.to(sorted_rows.dtype).reshape(-1, 1)
+    if not (sorted_rows.device.type == "cpu" if monotone is None else monotone):
+        return ((sorted_rows <= q) if inclusive else (sorted_rows < q)).sum(dim=-1)
+    return torch.searchsorted(sorted_rows.contiguous(), q.contiguous(), right=inclusive).squeeze(1)

@@ -98,9 +98,14 @@ def _skew_torch(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Tensor:
         p_new_sorted = _skew_sorted_dense(p_sorted, c, c_prev)
     p_new = torch.empty_like(p_new_sorted).scatter_(-1, order, p_new_sorted)
 
-    # The top token(s) keep at least the smallest normal probability (few entries: indexed).
-    top = top_token_mask(l32).nonzero(as_tuple=True)
-    p_new[top] = p_new[top].clamp_min(torch.finfo(_F32).tiny)
+    # The top token(s) keep at least the smallest normal probability (few entries: indexed on
+    # the CPU; elsewhere a masked pass, as the indices would be a device read).
+    top_mask = top_token_mask(l32)
+    if l32.device.type == "cpu":
+        top = top_mask.nonzero(as_tuple=True)
+        p_new[top] = p_new[top].clamp_min(torch.finfo(_F32).tiny)
+    else:
+        p_new = torch.where(top_mask, p_new.clamp_min(torch.finfo(_F32).tiny), p_new)
     # log(p') where p > 0, -inf elsewhere (and where p' = 0). log(0) is slow on the CPU, so
     # zeros are replaced by 1 before the log and set to -inf after it (x * 1, x + 0 exact).
     if p.device.type == "cpu" and p.is_contiguous() and p_new.is_contiguous():

@@ -684,7 +684,7 @@ def _tfs(logits: Tensor, z: Tensor, sparse: Optional[SparseRows] = None) -> Tens
     cdf = torch.cumsum(d2 / torch.where(total > 0, total, torch.ones_like(total)), dim=-1)
     # Sorted positions 1 .. V-1 read cdf[0 .. V-3], and the last position reads cdf[V-3] again.
     cdf_per_position = torch.cat([cdf, cdf[:, -1:]], dim=-1)
-    n_kept = 1 + count_below(cdf_per_position, z, inclusive=True)  # cdf is non-decreasing
+    n_kept = 1 + count_below(cdf_per_position, z, inclusive=True)
     n_kept = torch.where(total[:, 0] > 0, n_kept, torch.full_like(n_kept, vocab))
     threshold = prefix_boundary(p_sorted, n_kept)[:, 0]
     # A probability of the row (<= p_max): the mask-free keep_at_least applies (see top_p).

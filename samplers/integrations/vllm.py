@@ -189,7 +189,7 @@ def _choose(processed: torch.Tensor, batch: SamplingBatch, draws: torch.Tensor) 
     vLLM's draw then returns our token whatever it does (temperature 1 or greedy, neutral
     top-k/top-p/min_p, a Gumbel or multinomial draw, a rejection sampler's target)."""
     u = row_uniforms(batch.key_lo, batch.key_hi, batch.output_lengths, batch.sequence_indices, PURPOSE_DRAW)
-    tokens = draw_tokens(processed, batch.greedy, u)
+    tokens = draw_tokens(processed, batch.greedy, u, all_greedy=batch.all_greedy)  # (no device read)
     onehot = torch.full_like(processed, float("-inf"))
     onehot.scatter_(1, tokens[:, None], 0.0)
     return torch.where(draws[:, None], onehot, processed)
