@@ -58,7 +58,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str              # "stop" (EOS, stop token id or stop string) or "length"
     stop_reason: Union[int, str, None] = None   # the stop string or stop token id; None for EOS / length
-    logprobs: Optional[list[dict[int, float]]] = None   # per token: {chosen: lp, then the top alternatives}
+    logprobs: Optional[list[dict[int, float]]] = None   # per token: {chosen: lp, then the top alternatives still in}
     cumulative_logprob: Optional[float] = None
     mean_entropy: Optional[float] = None       # of the processed distribution (collect_entropy=True)
 
@@ -347,10 +347,12 @@ class _Run:
                 if pending is None:
                     pending = grows.bitmask(active_list)[:2]
                 logits = self._apply_guided(logits, pending, active_list)
-            sampled = self.pipe.sample(logits, batch)
+            sampled = self.pipe.sample(logits, batch, return_processed=self.collect_entropy)
             tokens = sampled.token_ids
             if self.collect_entropy:
-                processed = self.pipe.process(logits, batch).double()
+                # (the distribution the tokens were drawn from: a second ``process`` call would
+                # toss other XTC coins for unseeded rows)
+                processed = sampled.processed.double()
                 logp = torch.log_softmax(processed, -1)
                 ent = -(torch.where(logp > -math.inf, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)
                 entropy_sum.index_add_(0, active, ent)
@@ -560,7 +562,8 @@ class _Run:
                     e = {tid: v}
                     if top_i is not None:
                         for i, val in zip(top_i[t], top_v[t]):
-                            e.setdefault(i, val)
+                            if val > -math.inf:  # (a removed token fills a short row's last places)
+                                e.setdefault(i, val)
                     entries.append(e)
                 c.logprobs = entries
                 c.cumulative_logprob = float(sum(chosen))

@@ -417,8 +417,11 @@ class SamplerPipeline:
         The input is never modified (nor tracked by autograd: the result has no grad). Rows
         whose parameters are all defaults come back bit-identical, whatever their values.
         Other rows are computed in float32 and cast back saturating (a finite result never
-        becomes +-inf in float16 / bfloat16). XTC's coin comes from the same per-row stream as
-        ``sample``'s draw.
+        becomes +-inf in float16 / bfloat16). XTC's coin comes from the row's random stream:
+        a seeded row's is the one ``sample`` uses at the same step; an unseeded row takes a
+        fresh key on every call, so a ``process`` and a ``sample`` call may toss different
+        coins for it: ``sample(..., return_processed=True)`` gives the logits its tokens were
+        drawn from.
         """
         self._check(logits, batch)
         logits = logits.detach()
@@ -426,22 +429,33 @@ class SamplerPipeline:
         if batch.all_identity:
             return logits.clone()
         out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator)).processed
-        out = cast_saturating(out, logits.dtype)
-        if batch.any_identity:
-            out = torch.where(batch.identity_rows.unsqueeze(-1), logits, out)
-        return out
+        return _as_returned(out, logits, batch)
 
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """Process, then draw one token per row (greedy rows: argmax) with log-probabilities."""
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, return_processed: bool = False) -> SamplerOutput:
+        """Process, then draw one token per row (greedy rows: argmax) with log-probabilities;
+        with ``return_processed`` also the processed logits the tokens were drawn from (what
+        ``process`` would return with the same random keys), at no extra chain run."""
         self._check(logits, batch)
-        x, absmax = self._prepare(logits.detach())
+        logits = logits.detach()
+        x, absmax = self._prepare(logits)
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
-        need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
+        need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs or return_processed
         out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
                                             keep_processed=need_processed)
-        if not need_processed:
-            return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None)
+        processed = _as_returned(out.processed, logits, batch) if return_processed else None
+        if batch.max_logprobs == 0 and not batch.any_raw_logprobs:
+            return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,
+                                 processed=processed)
         chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids,
                                        batch.max_logprobs, any_raw=batch.any_raw_logprobs)
-        return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top)
+        return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top, processed=processed)
+
+
+def _as_returned(processed: torch.Tensor, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The chain's fp32 ``processed`` as ``process`` returns it: in the logits' dtype (cast
+    saturating), default rows exactly as given."""
+    out = cast_saturating(processed, logits.dtype)
+    if batch.any_identity:
+        out = torch.where(batch.identity_rows.unsqueeze(-1), logits, out)
+    return out

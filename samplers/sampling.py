@@ -266,12 +266,18 @@ class SamplerOutput:
                   ``logprobs_mode`` is "raw")
     top_logprobs: (ids [B, K] int64, values [B, K] float32), K = the largest ``logprobs`` of
                   the batch, most likely first; None when no row asks for alternatives.
-                  Row b's first ``params[b].logprobs`` columns are its answer.
+                  Row b's first ``params[b].logprobs`` columns are its answer. A row left
+                  with fewer than K tokens fills its last columns with removed tokens:
+                  value ``-inf``, ids unspecified (``samplers.generate`` leaves them out).
+    processed:    [B, V] the processed logits the tokens were drawn from, as ``process``
+                  returns them (the logits' dtype; default rows as given), when asked for
+                  with ``sample(..., return_processed=True)``; else None.
     """
 
     token_ids: torch.Tensor
     logprobs: torch.Tensor
     top_logprobs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    processed: Optional[torch.Tensor] = None
 
 
 class ChainOutput(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import samplers  # noqa: E402
-from samplers import SamplingParams  # noqa: E402
+from samplers import SamplerPipeline, SamplingParams  # noqa: E402
 from samplers.generation import generate  # noqa: E402
 
 
@@ -249,3 +250,28 @@ def test_detokenize_false_and_token_prompts(tiny):
     assert a.prompt is None and a.prompt_token_ids == ids and a.outputs[0].text == ""
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert b.outputs[0].text == tok.decode(b.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_logprob_alternatives_are_tokens_still_in(tiny):
+    """A row left with fewer tokens than ``logprobs`` lists only those: the ``-inf`` places
+    that fill ``SamplerOutput.top_logprobs`` are left out, so the entries are plain JSON."""
+    model, tok = tiny
+    p = SamplingParams(top_k=2, logprobs=4, seed=0, max_tokens=3, ignore_eos=True)
+    out = generate(model, tok, PROMPTS[0], p)[0].outputs[0]
+    assert [len(e) for e in out.logprobs] == [2, 2, 2]
+    assert all(math.isfinite(v) for e in out.logprobs for v in e.values())
+    json.dumps(out.logprobs, allow_nan=False)
+
+
+def test_entropy_is_measured_on_the_distribution_drawn_from(tiny, monkeypatch):
+    """``collect_entropy`` takes the logits ``sample`` drew from: no second ``process`` call,
+    which would toss other XTC coins for an unseeded request."""
+    model, tok = tiny
+
+    def no_second_call(*args, **kwargs):
+        raise AssertionError("process called")
+
+    monkeypatch.setattr(SamplerPipeline, "process", no_second_call)
+    p = SamplingParams(xtc_threshold=0.05, xtc_probability=0.5, max_tokens=4, ignore_eos=True)
+    out = generate(model, tok, PROMPTS[0], p, collect_entropy=True)[0].outputs[0]
+    assert out.mean_entropy is not None and out.mean_entropy >= 0

@@ -395,3 +395,33 @@ def test_select_keeps_rows_and_their_history_state():
         pipe.sample(logits[[2, 0]], expected).token_ids.tolist()
     with pytest.raises(ValueError, match="select"):
         batch.select([3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_returns_the_logits_its_tokens_were_drawn_from(dtype):
+    """``sample(..., return_processed=True)``: what ``process`` returns for seeded rows (bit for
+    bit, the logits' dtype, a default row as given, NaN included); for unseeded XTC rows, whose
+    coin is new on every call, the tokens are always among the returned logits' tokens (a
+    separate ``process`` call removed the drawn token in ~15% of such calls)."""
+    V = 100
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, V, generator=g) * 3).to(dtype)
+    x[2, 5] = float("nan")  # a default row comes back as given
+    params = [SamplingParams(seed=4, xtc_threshold=0.05, xtc_probability=0.5, top_k=30, logprobs=2),
+              SamplingParams(seed=5, min_p=0.1, temperature=0.7), SamplingParams()]
+    batch = SamplingBatch(params, [[1, 2]] * 3, None, vocab_size=V)
+    pipe = SamplerPipeline("torch", seed=0)
+    out = pipe.sample(x, batch, return_processed=True)
+    want = pipe.process(x, batch)
+    assert out.processed.dtype == dtype and torch.equal(out.processed[:2], want[:2])
+    assert torch.equal(out.processed[2].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       x[2].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert pipe.sample(x, batch).processed is None
+    unseeded = SamplingBatch([SamplingParams(xtc_threshold=0.05, xtc_probability=0.5)], [[1]], None, vocab_size=V)
+    removed = 0
+    for _ in range(60):
+        row = torch.randn(1, V, generator=g) * 3
+        got = pipe.sample(row, unseeded, return_processed=True)
+        assert torch.isfinite(got.processed[0, got.token_ids[0]])
+        removed += int(~torch.isfinite(pipe.process(row, unseeded)[0, got.token_ids[0]]))
+    assert removed > 0  # (the mismatch that return_processed avoids)
