@@ -97,8 +97,8 @@ def run_demo(out=None) -> list[dict]:
                           eos_token_ids=[0])
     stacked = logits.repeat(len(params), 1)
     start = time.perf_counter()
-    processed = pipe.process(stacked, batch)
-    drawn = pipe.sample(stacked, batch)
+    drawn = pipe.sample(stacked, batch, return_processed=True)
+    processed = drawn.processed
     elapsed = time.perf_counter() - start
     print(f"samplers demo: {len(params)} presets in one heterogeneous batch, V={VOCAB}, "
           f"history {len(prompt)}+{len(output)} tokens (the phrase 5 9 13 -> 17 repeats)", file=out)
@@ -110,14 +110,14 @@ def run_demo(out=None) -> list[dict]:
         row = processed[b]
         probs = torch.softmax(row.double(), -1)
         kept = int(torch.isfinite(row).sum())
-        top = probs.topk(3)
+        top = probs.topk(min(3, kept))  # (the tokens still in only)
         top_text = ", ".join(f"{int(i)} ({float(v):.2f})" for v, i in zip(top.values, top.indices))
         info = dict(preset=name, kept=kept, entropy=_entropy(row), p_repeat=float(probs[17]),
                     token=int(drawn.token_ids[b]))
         rows.append(info)
         print(f"{name:<30} {kept:>6} {info['entropy']:>8.3f} {info['p_repeat']:>7.3f}  {top_text:<40} "
               f"{info['token']:>6}", file=out)
-    print(f"\nprocess + sample for the whole batch: {elapsed * 1e3:.1f} ms on {logits.device}", file=out)
+    print(f"\nsample (with the processed logits) for the whole batch: {elapsed * 1e3:.1f} ms on {logits.device}", file=out)
     return rows
 
 

@@ -440,11 +440,11 @@ class SamplerPipeline:
         x, absmax = self._prepare(logits)
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
-        need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs or return_processed
+        need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
         out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
-                                            keep_processed=need_processed)
+                                            keep_processed=need_processed or return_processed)
         processed = _as_returned(out.processed, logits, batch) if return_processed else None
-        if batch.max_logprobs == 0 and not batch.any_raw_logprobs:
+        if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)
             return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,
                                  processed=processed)
         chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids,

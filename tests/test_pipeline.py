@@ -417,6 +417,12 @@ def test_sample_returns_the_logits_its_tokens_were_drawn_from(dtype):
     assert torch.equal(out.processed[2].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        x[2].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert pipe.sample(x, batch).processed is None
+    # without logprobs asked for: the same chosen log-probabilities either way
+    plain = SamplingBatch([SamplingParams(seed=4, top_k=30), SamplingParams(seed=5)], [[1]] * 2, None, vocab_size=V)
+    with_processed = pipe.sample(x[:2], plain, return_processed=True)
+    without = pipe.sample(x[:2], plain)
+    assert torch.equal(with_processed.token_ids, without.token_ids)
+    assert torch.equal(with_processed.logprobs, without.logprobs) and with_processed.top_logprobs is None
     unseeded = SamplingBatch([SamplingParams(xtc_threshold=0.05, xtc_probability=0.5)], [[1]], None, vocab_size=V)
     removed = 0
     for _ in range(60):

@@ -4,7 +4,7 @@ Every row statistic that more than one sampler needs (fp32 softmax, log-softmax,
 the top-token mask, exclusive cumulative sums, the boundary of a kept prefix) is written
 here once, so no formula exists twice in ``samplers/functional``.
 
-Conventions used throughout (see ``conventions.md`` / ``SEMANTICS.md``):
+Conventions used throughout (``SEMANTICS.md`` states them for the samplers):
 
 - ``logits`` is a ``[B, V]`` float tensor (fp32, fp16 or bf16); statistics are computed in
   fp32 on an upcast copy; the input is never modified.

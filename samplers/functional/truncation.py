@@ -5,7 +5,7 @@ parameters ``[B]`` (float32, or int64 for ``top_k``) and returns a NEW tensor of
 dtype and shape in which removed tokens are ``-inf`` and kept tokens keep their exact input
 value. Statistics (probabilities, entropy, ...) are computed in fp32 (see ``_stats``).
 
-Shared rules (SEMANTICS.md, conventions.md):
+Shared rules (SEMANTICS.md, "Truncation samplers"):
 
 - A row whose parameter has the disabled value comes out bit-identical.
 - Tokens that are already ``-inf`` have probability 0 and stay ``-inf``.
@@ -363,7 +363,7 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
         logits: ``[B, V]`` float tensor.
         top_p: ``[B]`` float32 in ``(0, 1]``; ``1.0`` (or more) disables the row.
 
-    Rule (tie rule of conventions.md): with ``p = softmax(l)``, keep ``t`` iff
+    Rule (a threshold, as every sort-defined rule here): with ``p = softmax(l)``, keep ``t`` iff
     ``sum(p(s) for s with p(s) > p(t)) < top_p``. For distinct probabilities this is the
     smallest prefix of the descending order whose sum is ``>= top_p``; tokens tied with the
     last token of that prefix are all kept. The top token is always kept.
@@ -771,7 +771,7 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
     ``d(t) = abs(-log p(t) - H)``, order tokens by ``d`` ascending and keep the shortest
     prefix whose probability sums to ``>= typical_p`` (paper / HF / llama.cpp definition).
 
-    Tie rule (conventions.md): keep ``t`` iff
+    Tie rule (a threshold, as every sort-defined rule here): keep ``t`` iff
     ``sum(p(s) for s with d(s) < d(t)) < typical_p``; tokens tied in ``d`` with the last kept
     one are all kept. Removed tokens (``p = 0``, ``d = inf``) stay ``-inf``.
 
