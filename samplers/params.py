@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+from .functional._stats import SKEW_MAX, SMOOTHING_MAX
 from .priority import SamplerID, parse_sampler_priority, resolve_order
 
 #: Below this temperature a row is greedy (argmax), as in Aphrodite and vLLM.
@@ -43,11 +44,6 @@ GuidedJson = Union[str, Mapping[str, Any]]
 FLOAT32_MAX = 3.4028234663852886e38
 #: Largest magnitude of an integer parameter (held as int64): 2**63 - 1.
 INT64_MAX = 2**63 - 1
-#: smoothing_factor and smoothing_curve: the formula's constants f(3 - c)/2 and f(c - 1)/2 stay
-#: finite float32 for any pair in range.
-SMOOTHING_MAX = 1e18
-#: skew: exp(skew) (the exponent of the skew formula) is a positive, finite float32.
-SKEW_MAX = 80.0
 #: n: sequences per request, as the OpenAI API bounds it. The generation loop runs one batch row
 #: per sequence, so an unbounded n is a request for unbounded memory.
 MAX_N = 128

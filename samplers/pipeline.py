@@ -26,7 +26,7 @@ from . import functional as F
 from . import kernels
 from ._allocator import raise_malloc_thresholds
 from .batch import SamplingBatch, normalise_device
-from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow
+from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow, trusted_params
 from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
@@ -428,7 +428,8 @@ class SamplerPipeline:
         x, absmax = self._prepare(logits)
         if batch.all_identity:
             return logits.clone()
-        out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator)).processed
+        with trusted_params():  # (checked when the SamplingParams were built)
+            out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator)).processed
         return _as_returned(out, logits, batch)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, return_processed: bool = False) -> SamplerOutput:
@@ -441,8 +442,9 @@ class SamplerPipeline:
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
         need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
-        out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
-                                            keep_processed=need_processed or return_processed)
+        with trusted_params():
+            out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
+                                                keep_processed=need_processed or return_processed)
         processed = _as_returned(out.processed, logits, batch) if return_processed else None
         if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)
             return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,

@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers.functional._stats import softmax_and_log_softmax
+from samplers.functional._stats import softmax_and_log_softmax, trusted_params
 from samplers.functional.skew import skew
 
 from logit_helpers import bits, make_logits
@@ -107,7 +107,10 @@ def test_skew_zero_and_neighbours():
 
 def test_extreme_skew_keeps_top_token():
     l = torch.tensor([logits_of([0.5, 0.3, 0.2, 0.0])] * 2 + [[0.0] * 4])
-    out = skew(l, f32(20.0, -120.0, 30.0))
+    with pytest.raises(ValueError, match=r"skew must be in \[-80, 80\], got -120.0"):
+        skew(l, f32(20.0, -120.0, 30.0))
+    with trusted_params():  # (past the interval: what the formula does with it anyway)
+        out = skew(l, f32(20.0, -120.0, 30.0))
     # skew 20: exp(20) = 4.85e8, .5 ** 4.85e8 underflows to 0: the top token would get p' = 0;
     # it is kept at the smallest normal fp32 probability instead (log = -87.34)
     assert torch.isfinite(out[:, 0]).all()
@@ -225,6 +228,10 @@ def routes(monkeypatch):
     monkeypatch.setattr(_skew_module, "_skew_numpy", counting)
 
     def run(x, sk, numpy: bool, expect: str = "taken"):
+        with trusted_params():  # (the routes' own handling of skews past the interval, NaN included)
+            return run_trusted(x, sk, numpy, expect)
+
+    def run_trusted(x, sk, numpy: bool, expect: str):
         if numpy:
             before = dict(calls)
             out = skew(x, sk)

@@ -42,6 +42,7 @@ __all__ = [
     "saturate_finite",
     "finite_absmax_bound",
     "no_overflow",
+    "trusted_params",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -64,6 +65,11 @@ __all__ = [
 
 #: Temperatures below this value mean "greedy" (SEMANTICS.md, temperature).
 GREEDY_TEMPERATURE: float = 1e-5
+#: smoothing_factor and smoothing_curve: the formula's constants f(3 - c)/2 and f(c - 1)/2 stay
+#: finite float32 for any pair up to this.
+SMOOTHING_MAX = 1e18
+#: skew: exp(skew) (the exponent of the skew formula) is a positive, finite float32.
+SKEW_MAX = 80.0
 
 ParamLike = Union[Tensor, float, int]
 
@@ -78,19 +84,61 @@ def check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits: expected a floating-point dtype, got {logits.dtype}")
 
 
-def row_param(value: ParamLike, logits: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+def row_param(value: ParamLike, logits: Tensor, dtype: torch.dtype, name: str,
+              lo: Optional[float] = None, hi: Optional[float] = None,
+              lo_open: bool = False, hi_open: bool = False) -> Tensor:
     """Return ``value`` as a ``[B]`` tensor of ``dtype`` on ``logits.device``.
 
     A tensor already of that dtype and device is returned as is (no copy). A Python number
-    or a 0-d tensor is broadcast to every row. Any other shape is a ``ValueError``.
+    or a 0-d tensor is broadcast to every row. Any other shape is a ``ValueError``, and so
+    is a value outside the parameter's interval (``lo`` / ``hi``, open or closed; None: no
+    bound) or a non-finite float: the message names the parameter, the value and the
+    interval. Inside ``trusted_params()`` (the pipeline, whose ``SamplingParams`` were checked
+    when they were built) the interval is not checked again.
     """
     batch = logits.shape[0]
+    check = (lo is not None or hi is not None) and not _TRUSTED_PARAMS.get()
+    if check and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_interval(torch.tensor([value], dtype=torch.float64), name, lo, hi, lo_open, hi_open)
+        check = False  # (the number, not its rounding: 1.0000001 is outside [0, 1] too)
     t = torch.as_tensor(value, dtype=dtype, device=logits.device)
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected a tensor of shape [{batch}], got {tuple(t.shape)}")
+    if check:
+        _check_interval(t, name, lo, hi, lo_open, hi_open)
     return t
+
+
+_TRUSTED_PARAMS: contextvars.ContextVar[bool] = contextvars.ContextVar("samplers_trusted_params", default=False)
+
+
+@contextlib.contextmanager
+def trusted_params() -> Iterator[None]:
+    """Within this context ``row_param`` skips its interval checks: the caller's parameters
+    are known to be in range (``SamplerPipeline``: they come from validated
+    ``SamplingParams``), and a check reads every parameter tensor (a device sync off the CPU)."""
+    token = _TRUSTED_PARAMS.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED_PARAMS.reset(token)
+
+
+def _check_interval(t: Tensor, name: str, lo: Optional[float], hi: Optional[float],
+                    lo_open: bool, hi_open: bool) -> None:
+    ok = torch.isfinite(t) if t.is_floating_point() else torch.ones_like(t, dtype=torch.bool)
+    if lo is not None:
+        ok &= (t > lo) if lo_open else (t >= lo)
+    if hi is not None:
+        ok &= (t < hi) if hi_open else (t <= hi)
+    if not bool(ok.all()):
+        bad = t[~ok][0].item()
+        left = "-inf" if lo is None else f"{lo:g}"
+        right = "inf" if hi is None else f"{hi:g}"
+        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {bad!r}")
 
 
 def upcast(logits: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..history import TokenHistory
+from ._stats import ParamLike, row_param
 
 __all__ = ["dry", "dry_"]
 
@@ -14,10 +15,10 @@ __all__ = ["dry", "dry_"]
 def dry(
     logits: torch.Tensor,
     history: TokenHistory,
-    dry_multiplier: torch.Tensor,
-    dry_base: torch.Tensor,
-    dry_allowed_length: torch.Tensor,
-    dry_range: torch.Tensor,
+    dry_multiplier: ParamLike,
+    dry_base: ParamLike,
+    dry_allowed_length: ParamLike,
+    dry_range: ParamLike,
     dry_sequence_breaker_ids: torch.Tensor,
 ) -> torch.Tensor:
     """DRY penalty, the exact definition of SEMANTICS.md (text-generation-webui / llama.cpp).
@@ -25,10 +26,11 @@ def dry(
     Args:
         logits: [B, V] float (float32 / float16 / bfloat16).
         history: the rows' histories (prompt + output), same rows and device.
-        dry_multiplier: float32 [B], >= 0; 0 disables the row.
-        dry_base: float32 [B], > 1.
-        dry_allowed_length: int64 [B], >= 1 (a value < 1 is treated as 1).
-        dry_range: int64 [B], >= 0; 0 = the whole history, else only its last dry_range tokens.
+        dry_multiplier: float32 [B] (or a number for every row), >= 0; 0 disables the row.
+        dry_base: float32 [B] (or a number), > 1.
+        dry_allowed_length: int64 [B] (or a number), >= 1.
+        dry_range: int64 [B] (or a number), >= 0; 0 = the whole history, else only its last
+            dry_range tokens.
         dry_sequence_breaker_ids: int64 [B, K], each row's breaker token ids padded with -1
             (K may be 0; ids outside [0, V) are ignored).
 
@@ -84,10 +86,10 @@ def _breaker_mask(tok: torch.Tensor, breaker_ids: torch.Tensor, search: Optional
 def dry_(
     x: torch.Tensor,
     history: TokenHistory,
-    dry_multiplier: torch.Tensor,
-    dry_base: torch.Tensor,
-    dry_allowed_length: torch.Tensor,
-    dry_range: torch.Tensor,
+    dry_multiplier: ParamLike,
+    dry_base: ParamLike,
+    dry_allowed_length: ParamLike,
+    dry_range: ParamLike,
     dry_sequence_breaker_ids: torch.Tensor,
     *,
     sync_free: Optional[bool] = None,
@@ -128,6 +130,10 @@ def dry_(
     b, v = x.shape
     if history.vocab_size > v:
         raise ValueError(f"dry: history vocab_size {history.vocab_size} exceeds the logits' {v} columns")
+    dry_multiplier = row_param(dry_multiplier, x, torch.float32, "dry_multiplier", 0.0)
+    dry_base = row_param(dry_base, x, torch.float32, "dry_base", 1.0, lo_open=True)
+    dry_allowed_length = row_param(dry_allowed_length, x, torch.int64, "dry_allowed_length", 1)
+    dry_range = row_param(dry_range, x, torch.int64, "dry_range", 0)
     w = history.max_length
     if w < 2 or b == 0:
         return x
@@ -208,10 +214,10 @@ _POW_ALIGN = 64
 def _dry_from_entries(
     x: torch.Tensor,
     history: TokenHistory,
-    dry_multiplier: torch.Tensor,
-    dry_base: torch.Tensor,
-    dry_allowed_length: torch.Tensor,
-    dry_range: torch.Tensor,
+    dry_multiplier: ParamLike,
+    dry_base: ParamLike,
+    dry_allowed_length: ParamLike,
+    dry_range: ParamLike,
     dry_sequence_breaker_ids: torch.Tensor,
 ) -> torch.Tensor:
     """`dry_` on the CPU from the history's nonzero match lengths (`match_entries`, kept by

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..history import TokenHistory
+from ._stats import ParamLike, row_param
 
 __all__ = ["no_repeat_ngram"]
 
@@ -12,14 +13,14 @@ __all__ = ["no_repeat_ngram"]
 def no_repeat_ngram(
     logits: torch.Tensor,
     history: TokenHistory,
-    no_repeat_ngram_size: torch.Tensor,
+    no_repeat_ngram_size: ParamLike,
 ) -> torch.Tensor:
     """Remove every token that would repeat an n-gram of the row's history.
 
     Args:
         logits: [B, V] float (float32 / float16 / bfloat16).
         history: the rows' histories h = prompt + output (same rows, same device).
-        no_repeat_ngram_size: int64 [B], n >= 0; 0 disables.
+        no_repeat_ngram_size: int64 [B] (or a number for every row), n >= 0; 0 disables.
 
     Definition (SEMANTICS.md), per row with len = len(h): if len >= n - 1, remove every
     token t such that (h[len-n+1:], t) occurs as an n-gram of h, i.e. remove h[j] for every
@@ -37,10 +38,10 @@ def no_repeat_ngram(
         raise ValueError(
             f"no_repeat_ngram: history vocab_size {history.vocab_size} exceeds the logits' {v} columns"
         )
+    n = row_param(no_repeat_ngram_size, logits, torch.int64, "no_repeat_ngram_size", 0)[:, None]
     w = history.max_length
     if w == 0 or b == 0:
         return logits.clone()
-    n = no_repeat_ngram_size.to(torch.int64)[:, None]
     if logits.device.type == "cpu":
         n_np = n[:, 0].numpy()
         if ((n_np == 0) | (n_np >= 2)).all():

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._stats import _NO_OVERFLOW
+from ._stats import _NO_OVERFLOW, ParamLike, row_param
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties"]
 
@@ -108,9 +108,9 @@ def penalties(
     logits: torch.Tensor,
     seen_mask: torch.Tensor,
     output_counts: torch.Tensor,
-    repetition_penalty: torch.Tensor,
-    frequency_penalty: torch.Tensor,
-    presence_penalty: torch.Tensor,
+    repetition_penalty: ParamLike,
+    frequency_penalty: ParamLike,
+    presence_penalty: ParamLike,
     seen_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Repetition, frequency and presence penalties (SEMANTICS.md), in that order.
@@ -121,9 +121,9 @@ def penalties(
             (`TokenHistory.seen_mask()`).
         output_counts: integer [B, V], occurrences of the token in the row's output only
             (`TokenHistory.output_counts()`).
-        repetition_penalty: float32 [B], r > 0; disabled 1.0.
-        frequency_penalty: float32 [B], f in [-2, 2]; disabled 0.0.
-        presence_penalty: float32 [B], pr in [-2, 2]; disabled 0.0.
+        repetition_penalty: float32 [B] (or a number for every row), r > 0; disabled 1.0.
+        frequency_penalty: float32 [B] (or a number), f in [-2, 2]; disabled 0.0.
+        presence_penalty: float32 [B] (or a number), pr in [-2, 2]; disabled 0.0.
         seen_ids: optional int64 [N] on the CPU, the flat indices b * V + t of seen_mask's
             True entries, each once, in any order (`TokenHistory.seen_ids()`): the CPU path
             then reads them instead of scanning seen_mask. The dense path (other devices,
@@ -145,11 +145,13 @@ def penalties(
     output's tokens are found among them (every token with a count is seen, as in a
     `TokenHistory`); without, from ``output_counts``.
     """
+    repetition_penalty = row_param(repetition_penalty, logits, torch.float32, "repetition_penalty", 0.0,
+                                   lo_open=True)
+    frequency_penalty = row_param(frequency_penalty, logits, torch.float32, "frequency_penalty", -2.0, 2.0)
+    presence_penalty = row_param(presence_penalty, logits, torch.float32, "presence_penalty", -2.0, 2.0)
     if logits.device.type != "cpu" or logits.requires_grad:
         x = logits.to(torch.float32)
-        r = repetition_penalty.to(torch.float32)
-        f = frequency_penalty.to(torch.float32)
-        pr = presence_penalty.to(torch.float32)
+        r, f, pr = repetition_penalty, frequency_penalty, presence_penalty
         # a finite logit saturates rather than overflow (a tiny or huge r): clamp keeps +-inf as is
         enabled = (r != 1) | (f != 0) | (pr != 0)
         scaled = torch.where(x > 0, x / r[:, None], x * r[:, None])

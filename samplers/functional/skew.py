@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._stats import (
+    SKEW_MAX,
     ParamLike,
     SparseRows,
     cast_saturating,
@@ -34,7 +35,8 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
 
     Args:
         logits: ``[B, V]`` float tensor.
-        skew: ``[B]`` float32, any value; ``0.0`` disables the row (bit-identical).
+        skew: ``[B]`` float32 in ``[-80, 80]`` (``exp(skew)`` a finite float32); ``0.0`` disables
+            the row (bit-identical).
 
     Formula (SEMANTICS.md): ``p = softmax(l)`` in fp32, sorted descending;
     ``c = cumsum(p_sorted) ** exp(skew)``; ``p'_sorted = diff(c, prepend=0)`` (clamped at 0
@@ -57,7 +59,7 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    sk = row_param(skew, logits, _F32, "skew")
+    sk = row_param(skew, logits, _F32, "skew", -SKEW_MAX, SKEW_MAX)
     if logits.shape[1] == 0:
         return logits.clone()
     # After a truncation: sort only the tokens still in (the cumulative sums of the sorted

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._stats import (
+    SMOOTHING_MAX,
     GREEDY_TEMPERATURE,
     ParamLike,
     SparseRows,
@@ -59,7 +60,7 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    t = row_param(temperature, logits, _F32, "temperature")
+    t = row_param(temperature, logits, _F32, "temperature", 0.0)
     enabled = (t != 1.0) & (t >= GREEDY_TEMPERATURE)
     safe_t = torch.where(enabled, t, torch.ones_like(t))
     l32 = upcast(logits)
@@ -107,9 +108,9 @@ def dynamic_temperature_values(
     (``temperature(logits, T)``) is ``dynamic_temperature``; a caller that also scales other
     rows by a static temperature can divide once by the two combined."""
     check_logits(logits)
-    t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min")
-    t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max")
-    exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent")
+    t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min", 0.0)
+    t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max", 0.0)
+    exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent", 0.0, lo_open=True)
     sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
     if sparse is not None:
         return _dynamic_temperature_values(sparse.logits, t_min, t_max, exponent, sparse)
@@ -163,8 +164,8 @@ def quadratic_smoothing(
 
     Args:
         logits: ``[B, V]`` float tensor.
-        smoothing_factor: ``[B]`` float32 ``f >= 0``; ``0.0`` disables the row (bit-identical).
-        smoothing_curve: ``[B]`` float32 ``c >= 1`` (``1.0`` = purely quadratic).
+        smoothing_factor: ``[B]`` float32 ``f`` in ``[0, 1e18]``; ``0.0`` disables the row (bit-identical).
+        smoothing_curve: ``[B]`` float32 ``c`` in ``[1, 1e18]`` (``1.0`` = purely quadratic).
 
     Formula: ``k = f * (3 - c) / 2``, ``s = f * (c - 1) / 2`` and, for each finite logit,
     ``d = l - max(l) <= 0``: ``l_new = max(l) - k * d**2 + s * d**3``. With ``c = 1`` this
@@ -176,8 +177,8 @@ def quadratic_smoothing(
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    f = row_param(smoothing_factor, logits, _F32, "smoothing_factor")
-    c = row_param(smoothing_curve, logits, _F32, "smoothing_curve")
+    f = row_param(smoothing_factor, logits, _F32, "smoothing_factor", 0.0, SMOOTHING_MAX)
+    c = row_param(smoothing_curve, logits, _F32, "smoothing_curve", 1.0, SMOOTHING_MAX)
     sparse = compact_rows(logits)
     if sparse is not None:
         # (finite logits stay finite: the packed layout carries over to the next sampler)

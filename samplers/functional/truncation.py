@@ -376,7 +376,7 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    tp = row_param(top_p, logits, _F32, "top_p")
+    tp = row_param(top_p, logits, _F32, "top_p", 0.0, lo_open=True)
     sparse = compact_rows(logits)
     if sparse is not None:  # after a truncation: sort only the tokens still in
         return sparse.expand_truncated(_top_p(sparse.logits, tp, sparse))
@@ -531,7 +531,7 @@ def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    a = row_param(top_a, logits, _F32, "top_a")
+    a = row_param(top_a, logits, _F32, "top_a", 0.0)
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_top_a(sparse.logits, a, sparse))
@@ -561,7 +561,7 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    mp = row_param(min_p, logits, _F32, "min_p")
+    mp = row_param(min_p, logits, _F32, "min_p", 0.0, 1.0)
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_min_p(sparse.logits, mp, sparse))
@@ -662,7 +662,7 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    z = row_param(tfs, logits, _F32, "tfs")
+    z = row_param(tfs, logits, _F32, "tfs", 0.0, lo_open=True)
     if logits.shape[1] < 3:  # no second differences: every token is kept
         return logits.clone()
     # Packed rows keep two removed tokens (probability 0) after the widest row's tokens, so
@@ -716,7 +716,7 @@ def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    eta = row_param(eta_cutoff, logits, _F32, "eta_cutoff")
+    eta = row_param(eta_cutoff, logits, _F32, "eta_cutoff", 0.0, 1.0, hi_open=True)
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_eta_cutoff(sparse.logits, eta, sparse))
@@ -746,7 +746,7 @@ def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff")
+    eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff", 0.0, 1.0, hi_open=True)
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_epsilon_cutoff(sparse.logits, eps, sparse))
@@ -784,7 +784,7 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    tp = row_param(typical_p, logits, _F32, "typical_p")
+    tp = row_param(typical_p, logits, _F32, "typical_p", 0.0, lo_open=True)
     # After a truncation: the deviations of the tokens still in are sorted and summed on the
     # packed rows (removed tokens have p = 0 and d = inf: they sort last and add nothing).
     sparse = compact_rows(logits)
@@ -823,7 +823,7 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    n = row_param(nsigma, logits, _F32, "nsigma")
+    n = row_param(nsigma, logits, _F32, "nsigma", 0.0)
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_nsigma(sparse.logits, n, sparse))
@@ -914,7 +914,7 @@ def xtc(
         logits: ``[B, V]`` float tensor.
         xtc_threshold: ``[B]`` float32 in ``[0, 1]``.
         xtc_probability: ``[B]`` float32 in ``[0, 1]``; ``0.0`` disables the row.
-        coin: ``[B]`` float32, uniform in ``[0, 1)``, one draw per row per step from the
+        coin: ``[B]`` float32 in ``[0, 1]``, uniform in ``[0, 1)``, one draw per row per step from the
             row's random stream (the caller draws it).
 
     A row is processed iff ``xtc_probability > 0`` and ``coin < xtc_probability``; other
@@ -929,9 +929,9 @@ def xtc(
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    threshold = row_param(xtc_threshold, logits, _F32, "xtc_threshold")
-    probability = row_param(xtc_probability, logits, _F32, "xtc_probability")
-    u = row_param(coin, logits, _F32, "coin")
+    threshold = row_param(xtc_threshold, logits, _F32, "xtc_threshold", 0.0, 1.0)
+    probability = row_param(xtc_probability, logits, _F32, "xtc_probability", 0.0, 1.0)
+    u = row_param(coin, logits, _F32, "coin", 0.0, 1.0)
     if logits.device.type == "cpu" and not bool(((probability > 0) & (u < probability)).any()):
         return logits.clone()  # no row's coin came up (no sync on the CPU): nothing to compute
     sparse = compact_rows(logits)
