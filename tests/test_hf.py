@@ -90,6 +90,60 @@ def test_num_return_sequences_and_min_tokens(tiny):
     assert all(tok.eos_token_id not in row for row in theirs)
 
 
+def test_one_params_with_n_equals_our_loop(tiny):
+    """One seeded SamplingParams with n=k and num_return_sequences=k: each prompt's k rows are
+    its sequences 0..k-1, the same as samplers.generate (not k copies of sequence 0)."""
+    model, tok = tiny
+    p = SamplingParams(seed=5, n=3, max_tokens=8)
+    ours = generate(model, tok, PROMPTS, p)
+    theirs, _ = _hf_generate(model, tok, PROMPTS, p, 8, num_return_sequences=3)
+    want = [o.token_ids for r in ours for o in r.outputs]
+    assert [_strip(row, tok.eos_token_id) for row in theirs] == want
+    assert len({tuple(w) for w in want}) == 6  # the case is not trivial: six different sequences
+
+
+def test_one_params_expansion_rule():
+    from samplers.integrations.hf import expand_params
+
+    p = SamplingParams(seed=1, n=2)
+    rows, idx = expand_params(p, 6)
+    assert rows == [p] * 6 and idx == [0, 1, 0, 1, 0, 1]
+    assert expand_params(SamplingParams(), 3)[1] == [0, 0, 0]
+    assert expand_params([p], 3)[1] == [0, 1, 2]  # a list: k from the row count
+
+
+def _call(params, ids, V=64):
+    proc = SamplersLogitsProcessor(params)
+    return proc(torch.tensor(ids), torch.randn(len(ids), V))
+
+
+def test_one_params_refuses_a_layout_that_repeats_sequences():
+    a, b = [5, 6, 7], [8, 9, 10]
+    with pytest.raises(ValueError, match=r"n=3.*4 rows.*num_return_sequences=3"):
+        _call(SamplingParams(seed=1, n=3), [a] * 4)
+    # n=2 but num_return_sequences=1 over two prompts: the rows are not copies of one prompt
+    with pytest.raises(ValueError, match=r"n=2.*not 2 copies.*num_return_sequences must equal n"):
+        _call(SamplingParams(n=2), [a, b])
+    # seeded n=1 with num_return_sequences=3: three rows of sequence 0, identical
+    with pytest.raises(ValueError, match=r"seed=1 with n=1: rows 0 and 1 hold the same prompt"):
+        _call(SamplingParams(seed=1), [a] * 3)
+    # seeded n=2 with num_return_sequences=4: sequences 0, 1, 0, 1
+    with pytest.raises(ValueError, match=r"seed=1 with n=2: rows 0 and 2"):
+        _call(SamplingParams(seed=1, n=2), [a] * 4)
+    with pytest.raises(ValueError, match=r"greedy"):
+        _call(SamplingParams(temperature=0), [a, a])
+    # allowed: distinct prompts; unseeded copies (the pipeline's generator tells them apart);
+    # the same prompt twice on purpose, given as a list
+    _call(SamplingParams(seed=1), [a, b, a])
+    _call(SamplingParams(seed=1, n=2), [a, a, b, b])
+    _call(SamplingParams(), [a] * 3)
+    _call([SamplingParams(seed=1)] * 2, [a, a])
+    # mode "process": generate draws, so seeded copies differ; only the n layout is checked
+    SamplersLogitsProcessor(SamplingParams(seed=1), mode="process")(torch.tensor([a] * 3), torch.randn(3, 64))
+    with pytest.raises(ValueError, match="not 2 copies"):
+        SamplersLogitsProcessor(SamplingParams(n=2), mode="process")(torch.tensor([a, b]), torch.randn(2, 64))
+
+
 def test_processor_mode_process_returns_processed_logits(tiny):
     model, tok = tiny
     proc = SamplersLogitsProcessor(SamplingParams(min_p=0.2), mode="process")

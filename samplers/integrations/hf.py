@@ -6,7 +6,8 @@ returns a **one-hot mask**: 0.0 for the chosen token, ``-inf`` everywhere else. 
 ``generate`` does next then picks our token: its greedy ``argmax`` (``do_sample=False``) and
 its multinomial draw (``do_sample=True``: softmax of a one-hot is probability 1 on our token,
 and temperature / top-k / top-p / min-p keep the single finite token). So the tokens, the
-seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested), and
+seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested; pass
+``num_return_sequences=n``, see :func:`expand_params` for how rows map to sequences), and
 each step's logprobs are in ``processor.outputs``. Left-padded prompts: pass the
 ``attention_mask`` to the processor so padding stays out of the history.
 
@@ -127,22 +128,74 @@ def eos_ids_of(tokenizer: Any = None, model: Any = None) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows: int
+def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows: int,
+                  input_ids: Optional[torch.Tensor] = None, *, our_draw: bool = True
                   ) -> tuple[list[SamplingParams], list[int]]:
     """Per-row params and sequence indices for ``rows`` rows.
 
-    One SamplingParams: every row. A list of P: rows must be P (one each) or P * k (each
-    request's k rows consecutive, as ``num_return_sequences=k`` lays them out: sequence
-    index j = 0..k-1 keys row j's seeded stream, as ``n`` does in :func:`samplers.generate`).
+    ``generate`` lays out ``num_return_sequences=k`` as each prompt's k rows consecutive
+    (``repeat_interleave``); sequence index j = 0..k-1 keys row j's seeded stream, as ``n``
+    does in :func:`samplers.generate`.
+
+    * A list of P SamplingParams: rows must be P (one each) or P * k (one per prompt, k rows
+      each, sequence indices 0..k-1; k comes from the row count).
+    * One SamplingParams ``p``: it applies to every prompt, and each prompt has ``p.n`` rows
+      (pass ``num_return_sequences=p.n``): row r is sequence ``r % p.n`` of its prompt, so the
+      rows are exactly those of ``samplers.generate(prompts, p)`` (for one prompt, the same as
+      ``[p]``). ``rows`` must be a multiple of ``p.n``.
+
+    With ``input_ids`` (the prompts as ``generate`` passes them, one row per sequence), the
+    layout of one SamplingParams is checked, because nothing else tells the processor what
+    ``num_return_sequences`` is: a ``ValueError`` if a prompt's ``p.n`` rows are not copies of
+    one prompt (``num_return_sequences`` != n), or if ``p`` is seeded (or greedy), ``our_draw``
+    (the processor's "choose" mode: our draw picks the tokens) and two consecutive prompts
+    are the same (``num_return_sequences`` larger than n, e.g. n=1 with k > 1): their rows
+    would draw the same tokens, k identical sequences. This is the rule vLLM's adapter
+    applies to a seed with n > 1 (``validate_params``). To give the same prompt twice on
+    purpose, pass a list of SamplingParams.
     """
     if isinstance(params, SamplingParams):
-        return [params] * rows, [0] * rows
+        n = params.n
+        if rows % n:
+            raise ValueError(f"n={n}, but generate() passed {rows} rows, not a multiple of n: each prompt "
+                             f"needs n rows, pass num_return_sequences={n}")
+        if input_ids is not None:
+            _check_copies(params, input_ids, our_draw)
+        return [params] * rows, [r % n for r in range(rows)]
     params = list(params)
     if not params or rows % len(params):
         raise ValueError(f"got {len(params)} SamplingParams for {rows} rows: give one, one per row, "
                          f"or one per prompt with num_return_sequences rows each")
     k = rows // len(params)
     return [p for p in params for _ in range(k)], [j for _ in params for j in range(k)]
+
+
+def _check_copies(params: SamplingParams, input_ids: torch.Tensor, our_draw: bool) -> None:
+    """The layout check of :func:`expand_params` for one SamplingParams (vectorised: one
+    compare of the prompt tensor, on the first call only)."""
+    n = params.n
+    rows = input_ids.shape[0]
+    groups = input_ids.reshape(rows // n, n, -1)
+    if n > 1:
+        differs = (groups != groups[:, :1]).flatten(1).any(1)
+        if bool(differs.any()):
+            g = int(differs.nonzero()[0])
+            raise ValueError(
+                f"n={n}, but rows {g * n}..{g * n + n - 1} that generate() passed are not {n} copies of one "
+                f"prompt: num_return_sequences must equal n (each prompt's n rows are its n sequences)")
+    # Only our draw is deterministic per (seed, sequence index); generate's own draw (mode
+    # "process") tells copies apart.
+    if our_draw and (params.seed is not None or params.is_greedy) and groups.shape[0] > 1:
+        heads = groups[:, 0]
+        same = (heads[1:] == heads[:-1]).all(1)
+        if bool(same.any()):
+            g = int(same.nonzero()[0])
+            why = f"seed={params.seed}" if params.seed is not None else "greedy sampling (temperature 0)"
+            raise ValueError(
+                f"{why} with n={n}: rows {g * n} and {(g + 1) * n} hold the same prompt with the same sequence "
+                f"indices, so they would draw the same tokens (num_return_sequences larger than n?). Set "
+                f"n=num_return_sequences (sequence j draws the stream (seed, j)), or pass a list of "
+                f"SamplingParams (one per prompt, or one per row) to give a prompt twice on purpose")
 
 
 def apply_user_processors(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -165,8 +218,10 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     """Runs our sampler pipeline as a ``transformers`` logits processor.
 
     Args:
-        params: one SamplingParams for every row, or one per row (or one per prompt, with
-            ``num_return_sequences`` rows each; see :func:`expand_params`).
+        params: one SamplingParams for every prompt (each with ``n`` rows: pass
+            ``num_return_sequences=n``), or a list: one per row, or one per prompt with
+            ``num_return_sequences`` rows each. See :func:`expand_params` for the sequence
+            indices and the ValueErrors of a layout that would repeat a seeded sequence.
         eos_token_ids: the model's EOS id(s), banned while a row is below ``min_tokens``.
         attention_mask: the prompt's attention mask, when prompts are left-padded: padding
             is then left out of each row's history (DRY, penalties, n-grams read it).
@@ -210,11 +265,14 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     # -------------------------------------------------------------- state
     def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
         rows = input_ids.shape[0]
-        self.row_params, seq_idx = expand_params(self.params, rows)
+        self.row_params, seq_idx = expand_params(self.params, rows, input_ids, our_draw=self.mode == "choose")
         prompts = input_ids.tolist()
         mask = self.attention_mask
         if mask is not None:
             if mask.shape[0] != rows:  # one mask row per prompt, rows expanded by n
+                if rows % mask.shape[0]:
+                    raise ValueError(f"attention_mask has {mask.shape[0]} rows, but generate() passed {rows} "
+                                     f"rows, not a multiple: give the mask of the prompts passed to generate()")
                 mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
             keep = mask.bool().tolist()
             prompts = [[t for t, k in zip(row, m) if k] for row, m in zip(prompts, keep)]
