@@ -165,6 +165,69 @@ def test_processor_restarts_on_a_new_generation(tiny):
     assert again[0, enc["input_ids"].shape[1]:].tolist() == first[0]
 
 
+def test_processor_reused_on_a_new_prompt_of_the_next_length(tiny):
+    """A new prompt exactly one token longer than the previous call is a new generation, not
+    a continuation: the reused processor gives the tokens of a fresh one."""
+    model, tok = tiny
+    p = SamplingParams(seed=11, dry_multiplier=1.0)
+    proc = SamplersLogitsProcessor(p)
+    e1 = tok(["x = 1"], return_tensors="pt")
+    assert e1["input_ids"].shape[1] == 3
+    model.generate(**e1, logits_processor=[proc], **neutral_generate_kwargs(model, max_new_tokens=5))
+    # the last call saw 3 + 4 tokens: an unrelated prompt of 8 tokens has the continuation's length
+    ids2 = tok(["def f(a, b, c):\n    return"], return_tensors="pt")["input_ids"][:, :8]
+    assert ids2.shape[1] == 8
+
+    def run(proc):
+        out = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), logits_processor=[proc],
+                             **neutral_generate_kwargs(model, max_new_tokens=6))
+        return out[0, 8:].tolist()
+
+    assert run(proc) == run(SamplersLogitsProcessor(p))
+    assert proc.prompt_length == 8
+
+
+def test_processor_continuation_is_exact():
+    V = 64
+    proc = SamplersLogitsProcessor(SamplingParams(seed=3))
+    proc(torch.tensor([[5, 6, 7]]), torch.randn(1, V))
+    proc(torch.tensor([[5, 6, 7, 8]]), torch.randn(1, V))
+    assert proc.prompt_length == 3 and proc.batch.output_lengths.tolist() == [1]
+    # one column longer, but another prefix: a new generation
+    proc(torch.tensor([[5, 9, 7, 8, 1]]), torch.randn(1, V))
+    assert proc.prompt_length == 5 and proc.batch.output_lengths.tolist() == [0]
+    # a caller that rewrites its buffer in place between calls: what was seen is a copy
+    buf = torch.tensor([[1, 2, 3, 4]])
+    proc(buf[:, :3], torch.randn(1, V))
+    buf[0, 1] = 9
+    proc(buf, torch.randn(1, V))
+    assert proc.prompt_length == 4
+    # a long continuation outgrows the first buffer (2 + 200 columns) and stays one generation
+    ids = torch.tensor([[1, 2], [3, 4]])
+    for step in range(200):
+        proc(ids, torch.randn(2, V))
+        assert proc.prompt_length == 2 and proc.batch.output_lengths.tolist() == [step, step]
+        ids = torch.cat([ids, torch.tensor([[step % V], [(step + 1) % V]])], 1)
+
+
+def test_generate_on_the_previous_output_continues(tiny):
+    """generate(input_ids=previous output) with the same processor is its continuation (the
+    documented rule): the tokens of one longer generate."""
+    model, tok = tiny
+    p = SamplingParams(seed=8, dry_multiplier=0.8, min_tokens=12)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    width = enc["input_ids"].shape[1]
+    kw = dict(pad_token_id=tok.pad_token_id)
+    whole = model.generate(**enc, logits_processor=[SamplersLogitsProcessor(p, eos_token_ids=tok.eos_token_id)],
+                           **neutral_generate_kwargs(model, max_new_tokens=12, **kw))
+    proc = SamplersLogitsProcessor(p, eos_token_ids=tok.eos_token_id)
+    first = model.generate(**enc, logits_processor=[proc], **neutral_generate_kwargs(model, max_new_tokens=5, **kw))
+    second = model.generate(input_ids=first, attention_mask=torch.ones_like(first), logits_processor=[proc],
+                            **neutral_generate_kwargs(model, max_new_tokens=7, **kw))
+    assert proc.prompt_length == width
+    assert second.tolist() == whole.tolist()
+
+
 _PROBE = r"""
 import json, sys
 order = sys.argv[1]

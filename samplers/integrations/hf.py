@@ -230,10 +230,14 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
             do_sample False or True); "process" returns the processed logits and lets
             generate draw (its own unseeded multinomial, so only the distribution matches).
 
-    The first call fixes the prompt: ``input_ids`` then holds the prompts, and each later
-    call must be exactly one token longer (its last column is the token chosen last step).
-    A call that does not continue the previous one starts a new generation (so one processor
-    can serve several ``generate`` calls one after the other). After each step,
+    The first call fixes the prompt: ``input_ids`` then holds the prompts. A later call
+    continues the generation exactly when its ``input_ids`` are the previous call's plus one
+    column (the token chosen last step); any other call (another batch size or length, or a
+    different prefix, such as a new prompt that happens to be one token longer) starts a new
+    generation, so one processor can serve several ``generate`` calls one after the other.
+    By that rule, ``generate(input_ids=previous_output)`` continues the previous generation
+    (history, ``min_tokens`` and seeded step count go on, as one longer ``generate`` would);
+    call :meth:`reset` first to start afresh from it. After each step,
     ``last_output`` holds the SamplerOutput (tokens, logprobs, top logprobs) and
     ``logprobs`` the per-step list of them.
     """
@@ -259,6 +263,9 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         self.row_params: list[SamplingParams] = []
         self.prompt_length = 0
         self._seen_length = 0
+        # the input_ids seen so far ([rows, capacity], the first _seen_length columns valid):
+        # a call continues only if its prefix equals them
+        self._ids: Optional[torch.Tensor] = None
         self.last_output = None
         self.outputs: list = []
 
@@ -278,26 +285,50 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
             prompts = [[t for t, k in zip(row, m) if k] for row, m in zip(prompts, keep)]
         self.batch = SamplingBatch(self.row_params, prompts, None, vocab_size=vocab_size, device=device,
                                    eos_token_ids=self.eos_token_ids, sequence_indices=seq_idx)
-        self.prompt_length = input_ids.shape[1]
-        self._seen_length = input_ids.shape[1]
+        L = input_ids.shape[1]
+        self.prompt_length = L
+        self._seen_length = L
+        # a copy, not a reference: a caller may reuse its buffer for the next prompt
+        self._ids = input_ids.new_empty((rows, max(2 * L, L + 64)))
+        self._ids[:, :L] = input_ids
         self._outputs: list[list[int]] = [[] for _ in range(rows)]
         self.outputs = []
 
     def reset(self) -> None:
         """Forget the current generation; the next call starts a new one."""
         self.batch = None
+        self._ids = None
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` are the previous call's plus one column (one B x L compare
+        on the ids' device; no per-row or per-token Python work)."""
+        seen = self._ids
+        if self.batch is None or seen is None:
+            return False
+        B, L = input_ids.shape
+        if B != seen.shape[0] or L != self._seen_length + 1 or input_ids.device != seen.device:
+            return False
+        return torch.equal(input_ids[:, :-1].to(seen.dtype), seen[:, :L - 1])
+
+    def _record_column(self, input_ids: torch.Tensor) -> None:
+        """Store the new last column, doubling the buffer when full (amortised O(B) per step)."""
+        L = input_ids.shape[1]
+        if L > self._ids.shape[1]:
+            grown = self._ids.new_empty((self._ids.shape[0], 2 * self._ids.shape[1]))
+            grown[:, :L - 1] = self._ids[:, :L - 1]
+            self._ids = grown
+        self._ids[:, L - 1] = input_ids[:, -1]
 
     # -------------------------------------------------------------- the hook
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, V = scores.shape
         length = input_ids.shape[1]
-        continues = (self.batch is not None and self.batch.batch_size == B
-                     and length == self._seen_length + 1)
-        if not continues:
+        if not self._continues(input_ids):
             self._start(input_ids, V, scores.device)
         else:
             new = input_ids[:, -1]
             self.batch.append(new)
+            self._record_column(input_ids)
             self._seen_length = length
             if any(p.logits_processors for p in self.row_params):
                 for b, t in enumerate(new.tolist()):
