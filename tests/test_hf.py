@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -71,6 +72,71 @@ def test_neutral_kwargs_override_checkpoint_defaults(tiny):
             assert _strip(theirs[0], tok.eos_token_id) == ours
     finally:
         model.generation_config = saved
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _generate_warnings(model, fn) -> list[str]:
+    """What ``fn()`` logs at WARNING through transformers' loggers (which do not propagate to
+    the root logger) plus what it warns through ``warnings``."""
+    import warnings
+
+    records = _Records()
+    lib = logging.getLogger("transformers")
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # whatever TRANSFORMERS_VERBOSITY says
+    lib.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        lib.removeHandler(records)
+        transformers.logging.set_verbosity(before)
+    return records.messages + [str(w.message) for w in caught]
+
+
+# (the checkpoint's min_length with no model given is left out: the helper then sets
+# min_new_tokens, and transformers' warning is due)
+@pytest.mark.parametrize("checkpoint, pass_model", [({}, True), ({}, False), ({"min_length": 10}, True),
+                                                    ({"min_new_tokens": 5}, True), ({"min_new_tokens": 5}, False)])
+def test_neutral_kwargs_no_warning_and_no_min_length(tiny, checkpoint, pass_model):
+    """generate() with neutral_generate_kwargs logs nothing (no "Both `min_new_tokens` and
+    `min_length` seem to have been set") and applies no minimum length of its own: a row that
+    wants EOS first gets it, also when the checkpoint sets min_length or min_new_tokens."""
+    model, tok = tiny
+    saved = model.generation_config
+    cfg = transformers.GenerationConfig(**saved.to_dict())
+    cfg.update(**checkpoint)
+    model.generation_config = cfg
+    try:
+        eos = tok.eos_token_id
+        proc = SamplersLogitsProcessor(SamplingParams(temperature=0, logit_bias={eos: 100.0}))
+        enc = tok(PROMPTS[:1], return_tensors="pt")
+        kwargs = neutral_generate_kwargs(model if pass_model else None, max_new_tokens=4, pad_token_id=eos)
+        out = []
+        said = _generate_warnings(model, lambda: out.append(model.generate(**enc, logits_processor=[proc], **kwargs)))
+        assert said == []
+        assert out[0][0, enc["input_ids"].shape[1]].item() == eos
+    finally:
+        model.generation_config = saved
+
+
+def test_neutral_kwargs_set_one_minimum_length_field(tiny):
+    model, _ = tiny
+    kw = neutral_generate_kwargs(model)
+    assert kw["min_length"] == 0 and "min_new_tokens" not in kw
+    kw = neutral_generate_kwargs(None)
+    assert kw["min_new_tokens"] == 0 and "min_length" not in kw
+    kw = neutral_generate_kwargs(model, min_new_tokens=3)   # the caller's own, alone
+    assert kw["min_new_tokens"] == 3 and "min_length" not in kw
 
 
 def test_greedy_params_equal_hf_greedy(tiny):

@@ -32,9 +32,10 @@ list (``_merge_criteria_processor_list``), warpers after it. Two groups can run 
 A field left ``None`` is refilled from the checkpoint, so the way to switch one off is an
 explicit "off" value: :func:`neutral_generate_kwargs` returns them all (``do_sample=False,
 temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0,
-no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, epsilon_cutoff=0.0,
-eta_cutoff=0.0, ...``; the warpers' values only with ``do_sample=True``, where
-``top_k=0`` matters most); pass them with the processor::
+no_repeat_ngram_size=0, min_length=0, epsilon_cutoff=0.0, eta_cutoff=0.0, ...``; the
+warpers' values only with ``do_sample=True``, where ``top_k=0`` matters most; one of
+``min_length=0`` / ``min_new_tokens=0``, never both, see the function); pass them with the
+processor::
 
     proc = SamplersLogitsProcessor(SamplingParams(temperature=0.8, min_p=0.05, seed=1),
                                    eos_token_ids=tokenizer.eos_token_id)
@@ -71,7 +72,7 @@ __all__ = ["SamplersLogitsProcessor", "neutral_generate_kwargs", "expand_params"
 #: generation_config.json nor transformers' global defaults (top_k=50) apply.
 _NEUTRAL = dict(
     do_sample=False, num_beams=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
     remove_invalid_values=False, renormalize_logits=False,
 )
 #: The warpers: only applied with do_sample=True (then top_k must be 0: the default is 50).
@@ -89,7 +90,15 @@ def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
     warper of its own, so ours is the only sampler. ``overrides`` are added (e.g.
     ``max_new_tokens=64``). With ``model``, fields its ``generation_config`` sets whose off
     value is None are neutralised too where a no-op value exists (min_p=0, empty
-    suppress lists); the rest (bad_words_ids, forced BOS/EOS, ...) raise a warning."""
+    suppress lists); the rest (bad_words_ids, forced BOS/EOS, ...) raise a warning.
+
+    The minimum length is switched off by one field, chosen so that ``generate`` logs no
+    "Both `min_new_tokens` and `min_length` seem to have been set" warning (it logs it when
+    ``min_new_tokens`` is set and ``min_length`` comes from the call or the checkpoint):
+    ``min_length=0`` when ``model``'s generation_config leaves ``min_new_tokens`` unset,
+    else (a checkpoint that sets it, or no ``model`` given) ``min_new_tokens=0``, which
+    overrides any ``min_length`` with the prompt length, a no-op; a checkpoint that sets
+    both gets transformers' warning. Neither is added when ``overrides`` gives one."""
     kwargs = dict(_NEUTRAL)
     # num_return_sequences > 1 needs do_sample=True in generate(): fine, our one-hot mask
     # survives the warpers, which are switched off anyway.
@@ -99,6 +108,12 @@ def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
     if sampling:
         kwargs.update(_WARPERS_OFF)
     cfg = getattr(model, "generation_config", None)
+    if "min_length" not in overrides and "min_new_tokens" not in overrides:
+        # Both at 0 would be neutral too, but generate() warns about it on every call.
+        if cfg is not None and getattr(cfg, "min_new_tokens", None) is None:
+            kwargs["min_length"] = 0
+        else:
+            kwargs["min_new_tokens"] = 0
     if cfg is not None:
         for name, value in _NOOP_WHEN_SET.items():
             if getattr(cfg, name, None) is not None and (sampling or name != "min_p"):
