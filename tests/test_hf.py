@@ -30,8 +30,7 @@ def tiny():
 
 
 def _hf_generate(model, tok, prompts, params, new_tokens, **extra):
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True)  # the embedded tokenizer pads on the left
     proc = SamplersLogitsProcessor(params, eos_token_ids=tok.eos_token_id, attention_mask=enc["attention_mask"])
     kwargs = neutral_generate_kwargs(model, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, **extra)
     out = model.generate(**enc, logits_processor=[proc], **kwargs)
@@ -54,6 +53,26 @@ def test_processor_equals_our_loop(tiny, do_sample):
     for r, row in zip(ours, theirs):
         assert _strip(row, tok.eos_token_id) == r.outputs[0].token_ids
     assert len(proc.outputs) >= 1 and proc.last_output.token_ids.shape == (2,)
+
+
+def test_embedded_tokenizer_pads_on_the_left(tmp_path):
+    """The embedded model is decoder-only: batched, padded prompts given to HF's own generate
+    continue as each prompt alone does, which needs left padding."""
+    from samplers.models import TINY_DIR, load_default, load_tokenizer
+
+    model, tok = load_default()  # fresh: the module fixture's tokenizer is shared
+    assert tok.padding_side == "left" and load_tokenizer().padding_side == "left"
+    assert transformers.AutoTokenizer.from_pretrained(str(TINY_DIR), local_files_only=True).padding_side == "left"
+    kw = neutral_generate_kwargs(model, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    alone = []
+    for prompt in PROMPTS:
+        enc = tok([prompt], return_tensors="pt")
+        alone.append(model.generate(**enc, **kw)[0, enc["input_ids"].shape[1]:].tolist())
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1]  # one prompt is padded
+    batched = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:].tolist()
+    assert batched == alone
 
 
 def test_neutral_kwargs_override_checkpoint_defaults(tiny):
