@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,8 +30,7 @@ def tiny():
 
 
 def _hf_generate(model, tok, prompts, params, new_tokens, **extra):
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True)  # the embedded tokenizer pads on the left
     proc = SamplersLogitsProcessor(params, eos_token_ids=tok.eos_token_id, attention_mask=enc["attention_mask"])
     kwargs = neutral_generate_kwargs(model, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, **extra)
     out = model.generate(**enc, logits_processor=[proc], **kwargs)
@@ -55,6 +55,26 @@ def test_processor_equals_our_loop(tiny, do_sample):
     assert len(proc.outputs) >= 1 and proc.last_output.token_ids.shape == (2,)
 
 
+def test_embedded_tokenizer_pads_on_the_left(tmp_path):
+    """The embedded model is decoder-only: batched, padded prompts given to HF's own generate
+    continue as each prompt alone does, which needs left padding."""
+    from samplers.models import TINY_DIR, load_default, load_tokenizer
+
+    model, tok = load_default()  # fresh: the module fixture's tokenizer is shared
+    assert tok.padding_side == "left" and load_tokenizer().padding_side == "left"
+    assert transformers.AutoTokenizer.from_pretrained(str(TINY_DIR), local_files_only=True).padding_side == "left"
+    kw = neutral_generate_kwargs(model, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    alone = []
+    for prompt in PROMPTS:
+        enc = tok([prompt], return_tensors="pt")
+        alone.append(model.generate(**enc, **kw)[0, enc["input_ids"].shape[1]:].tolist())
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1]  # one prompt is padded
+    batched = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:].tolist()
+    assert batched == alone
+
+
 def test_neutral_kwargs_override_checkpoint_defaults(tiny):
     """A checkpoint whose generation_config sets sampling defaults changes nothing."""
     model, tok = tiny
@@ -73,6 +93,71 @@ def test_neutral_kwargs_override_checkpoint_defaults(tiny):
         model.generation_config = saved
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _generate_warnings(model, fn) -> list[str]:
+    """What ``fn()`` logs at WARNING through transformers' loggers (which do not propagate to
+    the root logger) plus what it warns through ``warnings``."""
+    import warnings
+
+    records = _Records()
+    lib = logging.getLogger("transformers")
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # whatever TRANSFORMERS_VERBOSITY says
+    lib.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        lib.removeHandler(records)
+        transformers.logging.set_verbosity(before)
+    return records.messages + [str(w.message) for w in caught]
+
+
+# (the checkpoint's min_length with no model given is left out: the helper then sets
+# min_new_tokens, and transformers' warning is due)
+@pytest.mark.parametrize("checkpoint, pass_model", [({}, True), ({}, False), ({"min_length": 10}, True),
+                                                    ({"min_new_tokens": 5}, True), ({"min_new_tokens": 5}, False)])
+def test_neutral_kwargs_no_warning_and_no_min_length(tiny, checkpoint, pass_model):
+    """generate() with neutral_generate_kwargs logs nothing (no "Both `min_new_tokens` and
+    `min_length` seem to have been set") and applies no minimum length of its own: a row that
+    wants EOS first gets it, also when the checkpoint sets min_length or min_new_tokens."""
+    model, tok = tiny
+    saved = model.generation_config
+    cfg = transformers.GenerationConfig(**saved.to_dict())
+    cfg.update(**checkpoint)
+    model.generation_config = cfg
+    try:
+        eos = tok.eos_token_id
+        proc = SamplersLogitsProcessor(SamplingParams(temperature=0, logit_bias={eos: 100.0}))
+        enc = tok(PROMPTS[:1], return_tensors="pt")
+        kwargs = neutral_generate_kwargs(model if pass_model else None, max_new_tokens=4, pad_token_id=eos)
+        out = []
+        said = _generate_warnings(model, lambda: out.append(model.generate(**enc, logits_processor=[proc], **kwargs)))
+        assert said == []
+        assert out[0][0, enc["input_ids"].shape[1]].item() == eos
+    finally:
+        model.generation_config = saved
+
+
+def test_neutral_kwargs_set_one_minimum_length_field(tiny):
+    model, _ = tiny
+    kw = neutral_generate_kwargs(model)
+    assert kw["min_length"] == 0 and "min_new_tokens" not in kw
+    kw = neutral_generate_kwargs(None)
+    assert kw["min_new_tokens"] == 0 and "min_length" not in kw
+    kw = neutral_generate_kwargs(model, min_new_tokens=3)   # the caller's own, alone
+    assert kw["min_new_tokens"] == 3 and "min_length" not in kw
+
+
 def test_greedy_params_equal_hf_greedy(tiny):
     model, tok = tiny
     enc = tok(PROMPTS[:1], return_tensors="pt")
@@ -88,6 +173,60 @@ def test_num_return_sequences_and_min_tokens(tiny):
     theirs, proc = _hf_generate(model, tok, PROMPTS[:1], [p], 6, num_return_sequences=3)
     assert theirs == [o.token_ids for o in ours.outputs]
     assert all(tok.eos_token_id not in row for row in theirs)
+
+
+def test_one_params_with_n_equals_our_loop(tiny):
+    """One seeded SamplingParams with n=k and num_return_sequences=k: each prompt's k rows are
+    its sequences 0..k-1, the same as samplers.generate (not k copies of sequence 0)."""
+    model, tok = tiny
+    p = SamplingParams(seed=5, n=3, max_tokens=8)
+    ours = generate(model, tok, PROMPTS, p)
+    theirs, _ = _hf_generate(model, tok, PROMPTS, p, 8, num_return_sequences=3)
+    want = [o.token_ids for r in ours for o in r.outputs]
+    assert [_strip(row, tok.eos_token_id) for row in theirs] == want
+    assert len({tuple(w) for w in want}) == 6  # the case is not trivial: six different sequences
+
+
+def test_one_params_expansion_rule():
+    from samplers.integrations.hf import expand_params
+
+    p = SamplingParams(seed=1, n=2)
+    rows, idx = expand_params(p, 6)
+    assert rows == [p] * 6 and idx == [0, 1, 0, 1, 0, 1]
+    assert expand_params(SamplingParams(), 3)[1] == [0, 0, 0]
+    assert expand_params([p], 3)[1] == [0, 1, 2]  # a list: k from the row count
+
+
+def _call(params, ids, V=64):
+    proc = SamplersLogitsProcessor(params)
+    return proc(torch.tensor(ids), torch.randn(len(ids), V))
+
+
+def test_one_params_refuses_a_layout_that_repeats_sequences():
+    a, b = [5, 6, 7], [8, 9, 10]
+    with pytest.raises(ValueError, match=r"n=3.*4 rows.*num_return_sequences=3"):
+        _call(SamplingParams(seed=1, n=3), [a] * 4)
+    # n=2 but num_return_sequences=1 over two prompts: the rows are not copies of one prompt
+    with pytest.raises(ValueError, match=r"n=2.*not 2 copies.*num_return_sequences must equal n"):
+        _call(SamplingParams(n=2), [a, b])
+    # seeded n=1 with num_return_sequences=3: three rows of sequence 0, identical
+    with pytest.raises(ValueError, match=r"seed=1 with n=1: rows 0 and 1 hold the same prompt"):
+        _call(SamplingParams(seed=1), [a] * 3)
+    # seeded n=2 with num_return_sequences=4: sequences 0, 1, 0, 1
+    with pytest.raises(ValueError, match=r"seed=1 with n=2: rows 0 and 2"):
+        _call(SamplingParams(seed=1, n=2), [a] * 4)
+    with pytest.raises(ValueError, match=r"greedy"):
+        _call(SamplingParams(temperature=0), [a, a])
+    # allowed: distinct prompts; unseeded copies (the pipeline's generator tells them apart);
+    # the same prompt twice on purpose, given as a list
+    _call(SamplingParams(seed=1), [a, b, a])
+    _call(SamplingParams(seed=1, n=2), [a, a, b, b])
+    _call(SamplingParams(), [a] * 3)
+    _call([SamplingParams(seed=1)] * 2, [a, a])
+    # mode "process": generate draws, so seeded copies differ; only the n layout is checked
+    SamplersLogitsProcessor(SamplingParams(seed=1), mode="process")(torch.tensor([a] * 3), torch.randn(3, 64))
+    with pytest.raises(ValueError, match="not 2 copies"):
+        SamplersLogitsProcessor(SamplingParams(n=2), mode="process")(torch.tensor([a, b]), torch.randn(2, 64))
 
 
 def test_processor_mode_process_returns_processed_logits(tiny):
@@ -109,6 +248,69 @@ def test_processor_restarts_on_a_new_generation(tiny):
     again = model.generate(**enc, logits_processor=[proc],
                            **neutral_generate_kwargs(model, max_new_tokens=5, pad_token_id=0))
     assert again[0, enc["input_ids"].shape[1]:].tolist() == first[0]
+
+
+def test_processor_reused_on_a_new_prompt_of_the_next_length(tiny):
+    """A new prompt exactly one token longer than the previous call is a new generation, not
+    a continuation: the reused processor gives the tokens of a fresh one."""
+    model, tok = tiny
+    p = SamplingParams(seed=11, dry_multiplier=1.0)
+    proc = SamplersLogitsProcessor(p)
+    e1 = tok(["x = 1"], return_tensors="pt")
+    assert e1["input_ids"].shape[1] == 3
+    model.generate(**e1, logits_processor=[proc], **neutral_generate_kwargs(model, max_new_tokens=5))
+    # the last call saw 3 + 4 tokens: an unrelated prompt of 8 tokens has the continuation's length
+    ids2 = tok(["def f(a, b, c):\n    return"], return_tensors="pt")["input_ids"][:, :8]
+    assert ids2.shape[1] == 8
+
+    def run(proc):
+        out = model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), logits_processor=[proc],
+                             **neutral_generate_kwargs(model, max_new_tokens=6))
+        return out[0, 8:].tolist()
+
+    assert run(proc) == run(SamplersLogitsProcessor(p))
+    assert proc.prompt_length == 8
+
+
+def test_processor_continuation_is_exact():
+    V = 64
+    proc = SamplersLogitsProcessor(SamplingParams(seed=3))
+    proc(torch.tensor([[5, 6, 7]]), torch.randn(1, V))
+    proc(torch.tensor([[5, 6, 7, 8]]), torch.randn(1, V))
+    assert proc.prompt_length == 3 and proc.batch.output_lengths.tolist() == [1]
+    # one column longer, but another prefix: a new generation
+    proc(torch.tensor([[5, 9, 7, 8, 1]]), torch.randn(1, V))
+    assert proc.prompt_length == 5 and proc.batch.output_lengths.tolist() == [0]
+    # a caller that rewrites its buffer in place between calls: what was seen is a copy
+    buf = torch.tensor([[1, 2, 3, 4]])
+    proc(buf[:, :3], torch.randn(1, V))
+    buf[0, 1] = 9
+    proc(buf, torch.randn(1, V))
+    assert proc.prompt_length == 4
+    # a long continuation outgrows the first buffer (2 + 200 columns) and stays one generation
+    ids = torch.tensor([[1, 2], [3, 4]])
+    for step in range(200):
+        proc(ids, torch.randn(2, V))
+        assert proc.prompt_length == 2 and proc.batch.output_lengths.tolist() == [step, step]
+        ids = torch.cat([ids, torch.tensor([[step % V], [(step + 1) % V]])], 1)
+
+
+def test_generate_on_the_previous_output_continues(tiny):
+    """generate(input_ids=previous output) with the same processor is its continuation (the
+    documented rule): the tokens of one longer generate."""
+    model, tok = tiny
+    p = SamplingParams(seed=8, dry_multiplier=0.8, min_tokens=12)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    width = enc["input_ids"].shape[1]
+    kw = dict(pad_token_id=tok.pad_token_id)
+    whole = model.generate(**enc, logits_processor=[SamplersLogitsProcessor(p, eos_token_ids=tok.eos_token_id)],
+                           **neutral_generate_kwargs(model, max_new_tokens=12, **kw))
+    proc = SamplersLogitsProcessor(p, eos_token_ids=tok.eos_token_id)
+    first = model.generate(**enc, logits_processor=[proc], **neutral_generate_kwargs(model, max_new_tokens=5, **kw))
+    second = model.generate(input_ids=first, attention_mask=torch.ones_like(first), logits_processor=[proc],
+                            **neutral_generate_kwargs(model, max_new_tokens=7, **kw))
+    assert proc.prompt_length == width
+    assert second.tolist() == whole.tolist()
 
 
 _PROBE = r"""

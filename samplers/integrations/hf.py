@@ -6,7 +6,8 @@ returns a **one-hot mask**: 0.0 for the chosen token, ``-inf`` everywhere else. 
 ``generate`` does next then picks our token: its greedy ``argmax`` (``do_sample=False``) and
 its multinomial draw (``do_sample=True``: softmax of a one-hot is probability 1 on our token,
 and temperature / top-k / top-p / min-p keep the single finite token). So the tokens, the
-seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested), and
+seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested; pass
+``num_return_sequences=n``, see :func:`expand_params` for how rows map to sequences), and
 each step's logprobs are in ``processor.outputs``. Left-padded prompts: pass the
 ``attention_mask`` to the processor so padding stays out of the history.
 
@@ -31,9 +32,10 @@ list (``_merge_criteria_processor_list``), warpers after it. Two groups can run 
 A field left ``None`` is refilled from the checkpoint, so the way to switch one off is an
 explicit "off" value: :func:`neutral_generate_kwargs` returns them all (``do_sample=False,
 temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0,
-no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, epsilon_cutoff=0.0,
-eta_cutoff=0.0, ...``; the warpers' values only with ``do_sample=True``, where
-``top_k=0`` matters most); pass them with the processor::
+no_repeat_ngram_size=0, min_length=0, epsilon_cutoff=0.0, eta_cutoff=0.0, ...``; the
+warpers' values only with ``do_sample=True``, where ``top_k=0`` matters most; one of
+``min_length=0`` / ``min_new_tokens=0``, never both, see the function); pass them with the
+processor::
 
     proc = SamplersLogitsProcessor(SamplingParams(temperature=0.8, min_p=0.05, seed=1),
                                    eos_token_ids=tokenizer.eos_token_id)
@@ -70,7 +72,7 @@ __all__ = ["SamplersLogitsProcessor", "neutral_generate_kwargs", "expand_params"
 #: generation_config.json nor transformers' global defaults (top_k=50) apply.
 _NEUTRAL = dict(
     do_sample=False, num_beams=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
     remove_invalid_values=False, renormalize_logits=False,
 )
 #: The warpers: only applied with do_sample=True (then top_k must be 0: the default is 50).
@@ -88,7 +90,15 @@ def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
     warper of its own, so ours is the only sampler. ``overrides`` are added (e.g.
     ``max_new_tokens=64``). With ``model``, fields its ``generation_config`` sets whose off
     value is None are neutralised too where a no-op value exists (min_p=0, empty
-    suppress lists); the rest (bad_words_ids, forced BOS/EOS, ...) raise a warning."""
+    suppress lists); the rest (bad_words_ids, forced BOS/EOS, ...) raise a warning.
+
+    The minimum length is switched off by one field, chosen so that ``generate`` logs no
+    "Both `min_new_tokens` and `min_length` seem to have been set" warning (it logs it when
+    ``min_new_tokens`` is set and ``min_length`` comes from the call or the checkpoint):
+    ``min_length=0`` when ``model``'s generation_config leaves ``min_new_tokens`` unset,
+    else (a checkpoint that sets it, or no ``model`` given) ``min_new_tokens=0``, which
+    overrides any ``min_length`` with the prompt length, a no-op; a checkpoint that sets
+    both gets transformers' warning. Neither is added when ``overrides`` gives one."""
     kwargs = dict(_NEUTRAL)
     # num_return_sequences > 1 needs do_sample=True in generate(): fine, our one-hot mask
     # survives the warpers, which are switched off anyway.
@@ -98,6 +108,12 @@ def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
     if sampling:
         kwargs.update(_WARPERS_OFF)
     cfg = getattr(model, "generation_config", None)
+    if "min_length" not in overrides and "min_new_tokens" not in overrides:
+        # Both at 0 would be neutral too, but generate() warns about it on every call.
+        if cfg is not None and getattr(cfg, "min_new_tokens", None) is None:
+            kwargs["min_length"] = 0
+        else:
+            kwargs["min_new_tokens"] = 0
     if cfg is not None:
         for name, value in _NOOP_WHEN_SET.items():
             if getattr(cfg, name, None) is not None and (sampling or name != "min_p"):
@@ -127,22 +143,74 @@ def eos_ids_of(tokenizer: Any = None, model: Any = None) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows: int
+def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows: int,
+                  input_ids: Optional[torch.Tensor] = None, *, our_draw: bool = True
                   ) -> tuple[list[SamplingParams], list[int]]:
     """Per-row params and sequence indices for ``rows`` rows.
 
-    One SamplingParams: every row. A list of P: rows must be P (one each) or P * k (each
-    request's k rows consecutive, as ``num_return_sequences=k`` lays them out: sequence
-    index j = 0..k-1 keys row j's seeded stream, as ``n`` does in :func:`samplers.generate`).
+    ``generate`` lays out ``num_return_sequences=k`` as each prompt's k rows consecutive
+    (``repeat_interleave``); sequence index j = 0..k-1 keys row j's seeded stream, as ``n``
+    does in :func:`samplers.generate`.
+
+    * A list of P SamplingParams: rows must be P (one each) or P * k (one per prompt, k rows
+      each, sequence indices 0..k-1; k comes from the row count).
+    * One SamplingParams ``p``: it applies to every prompt, and each prompt has ``p.n`` rows
+      (pass ``num_return_sequences=p.n``): row r is sequence ``r % p.n`` of its prompt, so the
+      rows are exactly those of ``samplers.generate(prompts, p)`` (for one prompt, the same as
+      ``[p]``). ``rows`` must be a multiple of ``p.n``.
+
+    With ``input_ids`` (the prompts as ``generate`` passes them, one row per sequence), the
+    layout of one SamplingParams is checked, because nothing else tells the processor what
+    ``num_return_sequences`` is: a ``ValueError`` if a prompt's ``p.n`` rows are not copies of
+    one prompt (``num_return_sequences`` != n), or if ``p`` is seeded (or greedy), ``our_draw``
+    (the processor's "choose" mode: our draw picks the tokens) and two consecutive prompts
+    are the same (``num_return_sequences`` larger than n, e.g. n=1 with k > 1): their rows
+    would draw the same tokens, k identical sequences. This is the rule vLLM's adapter
+    applies to a seed with n > 1 (``validate_params``). To give the same prompt twice on
+    purpose, pass a list of SamplingParams.
     """
     if isinstance(params, SamplingParams):
-        return [params] * rows, [0] * rows
+        n = params.n
+        if rows % n:
+            raise ValueError(f"n={n}, but generate() passed {rows} rows, not a multiple of n: each prompt "
+                             f"needs n rows, pass num_return_sequences={n}")
+        if input_ids is not None:
+            _check_copies(params, input_ids, our_draw)
+        return [params] * rows, [r % n for r in range(rows)]
     params = list(params)
     if not params or rows % len(params):
         raise ValueError(f"got {len(params)} SamplingParams for {rows} rows: give one, one per row, "
                          f"or one per prompt with num_return_sequences rows each")
     k = rows // len(params)
     return [p for p in params for _ in range(k)], [j for _ in params for j in range(k)]
+
+
+def _check_copies(params: SamplingParams, input_ids: torch.Tensor, our_draw: bool) -> None:
+    """The layout check of :func:`expand_params` for one SamplingParams (vectorised: one
+    compare of the prompt tensor, on the first call only)."""
+    n = params.n
+    rows = input_ids.shape[0]
+    groups = input_ids.reshape(rows // n, n, -1)
+    if n > 1:
+        differs = (groups != groups[:, :1]).flatten(1).any(1)
+        if bool(differs.any()):
+            g = int(differs.nonzero()[0])
+            raise ValueError(
+                f"n={n}, but rows {g * n}..{g * n + n - 1} that generate() passed are not {n} copies of one "
+                f"prompt: num_return_sequences must equal n (each prompt's n rows are its n sequences)")
+    # Only our draw is deterministic per (seed, sequence index); generate's own draw (mode
+    # "process") tells copies apart.
+    if our_draw and (params.seed is not None or params.is_greedy) and groups.shape[0] > 1:
+        heads = groups[:, 0]
+        same = (heads[1:] == heads[:-1]).all(1)
+        if bool(same.any()):
+            g = int(same.nonzero()[0])
+            why = f"seed={params.seed}" if params.seed is not None else "greedy sampling (temperature 0)"
+            raise ValueError(
+                f"{why} with n={n}: rows {g * n} and {(g + 1) * n} hold the same prompt with the same sequence "
+                f"indices, so they would draw the same tokens (num_return_sequences larger than n?). Set "
+                f"n=num_return_sequences (sequence j draws the stream (seed, j)), or pass a list of "
+                f"SamplingParams (one per prompt, or one per row) to give a prompt twice on purpose")
 
 
 def apply_user_processors(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -165,8 +233,10 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     """Runs our sampler pipeline as a ``transformers`` logits processor.
 
     Args:
-        params: one SamplingParams for every row, or one per row (or one per prompt, with
-            ``num_return_sequences`` rows each; see :func:`expand_params`).
+        params: one SamplingParams for every prompt (each with ``n`` rows: pass
+            ``num_return_sequences=n``), or a list: one per row, or one per prompt with
+            ``num_return_sequences`` rows each. See :func:`expand_params` for the sequence
+            indices and the ValueErrors of a layout that would repeat a seeded sequence.
         eos_token_ids: the model's EOS id(s), banned while a row is below ``min_tokens``.
         attention_mask: the prompt's attention mask, when prompts are left-padded: padding
             is then left out of each row's history (DRY, penalties, n-grams read it).
@@ -175,10 +245,14 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
             do_sample False or True); "process" returns the processed logits and lets
             generate draw (its own unseeded multinomial, so only the distribution matches).
 
-    The first call fixes the prompt: ``input_ids`` then holds the prompts, and each later
-    call must be exactly one token longer (its last column is the token chosen last step).
-    A call that does not continue the previous one starts a new generation (so one processor
-    can serve several ``generate`` calls one after the other). After each step,
+    The first call fixes the prompt: ``input_ids`` then holds the prompts. A later call
+    continues the generation exactly when its ``input_ids`` are the previous call's plus one
+    column (the token chosen last step); any other call (another batch size or length, or a
+    different prefix, such as a new prompt that happens to be one token longer) starts a new
+    generation, so one processor can serve several ``generate`` calls one after the other.
+    By that rule, ``generate(input_ids=previous_output)`` continues the previous generation
+    (history, ``min_tokens`` and seeded step count go on, as one longer ``generate`` would);
+    call :meth:`reset` first to start afresh from it. After each step,
     ``last_output`` holds the SamplerOutput (tokens, logprobs, top logprobs) and
     ``logprobs`` the per-step list of them.
     """
@@ -204,42 +278,72 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         self.row_params: list[SamplingParams] = []
         self.prompt_length = 0
         self._seen_length = 0
+        # the input_ids seen so far ([rows, capacity], the first _seen_length columns valid):
+        # a call continues only if its prefix equals them
+        self._ids: Optional[torch.Tensor] = None
         self.last_output = None
         self.outputs: list = []
 
     # -------------------------------------------------------------- state
     def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
         rows = input_ids.shape[0]
-        self.row_params, seq_idx = expand_params(self.params, rows)
+        self.row_params, seq_idx = expand_params(self.params, rows, input_ids, our_draw=self.mode == "choose")
         prompts = input_ids.tolist()
         mask = self.attention_mask
         if mask is not None:
             if mask.shape[0] != rows:  # one mask row per prompt, rows expanded by n
+                if rows % mask.shape[0]:
+                    raise ValueError(f"attention_mask has {mask.shape[0]} rows, but generate() passed {rows} "
+                                     f"rows, not a multiple: give the mask of the prompts passed to generate()")
                 mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
             keep = mask.bool().tolist()
             prompts = [[t for t, k in zip(row, m) if k] for row, m in zip(prompts, keep)]
         self.batch = SamplingBatch(self.row_params, prompts, None, vocab_size=vocab_size, device=device,
                                    eos_token_ids=self.eos_token_ids, sequence_indices=seq_idx)
-        self.prompt_length = input_ids.shape[1]
-        self._seen_length = input_ids.shape[1]
+        L = input_ids.shape[1]
+        self.prompt_length = L
+        self._seen_length = L
+        # a copy, not a reference: a caller may reuse its buffer for the next prompt
+        self._ids = input_ids.new_empty((rows, max(2 * L, L + 64)))
+        self._ids[:, :L] = input_ids
         self._outputs: list[list[int]] = [[] for _ in range(rows)]
         self.outputs = []
 
     def reset(self) -> None:
         """Forget the current generation; the next call starts a new one."""
         self.batch = None
+        self._ids = None
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` are the previous call's plus one column (one B x L compare
+        on the ids' device; no per-row or per-token Python work)."""
+        seen = self._ids
+        if self.batch is None or seen is None:
+            return False
+        B, L = input_ids.shape
+        if B != seen.shape[0] or L != self._seen_length + 1 or input_ids.device != seen.device:
+            return False
+        return torch.equal(input_ids[:, :-1].to(seen.dtype), seen[:, :L - 1])
+
+    def _record_column(self, input_ids: torch.Tensor) -> None:
+        """Store the new last column, doubling the buffer when full (amortised O(B) per step)."""
+        L = input_ids.shape[1]
+        if L > self._ids.shape[1]:
+            grown = self._ids.new_empty((self._ids.shape[0], 2 * self._ids.shape[1]))
+            grown[:, :L - 1] = self._ids[:, :L - 1]
+            self._ids = grown
+        self._ids[:, L - 1] = input_ids[:, -1]
 
     # -------------------------------------------------------------- the hook
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, V = scores.shape
         length = input_ids.shape[1]
-        continues = (self.batch is not None and self.batch.batch_size == B
-                     and length == self._seen_length + 1)
-        if not continues:
+        if not self._continues(input_ids):
             self._start(input_ids, V, scores.device)
         else:
             new = input_ids[:, -1]
             self.batch.append(new)
+            self._record_column(input_ids)
             self._seen_length = length
             if any(p.logits_processors for p in self.row_params):
                 for b, t in enumerate(new.tolist()):

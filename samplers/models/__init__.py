@@ -5,7 +5,9 @@ weights, a byte-level BPE ``tokenizer.json``); nothing is downloaded. The model 
 parameter Llama-style config, vocabulary 2048) was trained for a few CPU minutes on the Python
 standard library's own source files by ``python -m samplers.models.train_tiny``: it writes
 Python-looking text, which is all the demo and the tests need (a model whose distributions
-are real, with repetitions for DRY/penalties to act on). Needs the ``hf`` extra.
+are real, with repetitions for DRY/penalties to act on). The tokenizer pads on the left, as a
+decoder-only model needs for batched prompts (right padding would put pad tokens between a
+prompt and its continuation). Needs the ``hf`` extra.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ __all__ = ["TINY_DIR", "load_default", "load_tokenizer"]
 
 
 def load_tokenizer(path: Union[str, Path] = TINY_DIR) -> Any:
+    """The tokenizer in ``path`` (default: the embedded one), offline, with
+    ``padding_side="left"``: the models here are decoder-only, so a batch of padded prompts
+    must end where generation starts."""
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}: run python -m samplers.models.train_tiny")
-    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    # explicit, whatever tokenizer_config.json says (transformers' default is right padding)
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True, padding_side="left")
 
 
 def load_default(path: Union[str, Path] = TINY_DIR, device: Any = "cpu", dtype: Any = None) -> tuple[Any, Any]:
-    """The embedded model (eval mode, on ``device``) and its tokenizer, offline."""
+    """The embedded model (eval mode, on ``device``) and its tokenizer (left padding, see
+    :func:`load_tokenizer`), offline."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -160,7 +160,8 @@ def save(model, bpe, args, stats: dict) -> None:
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                  pad_token=EOS, unk_token=None, clean_up_tokenization_spaces=False)
+                                  pad_token=EOS, unk_token=None, clean_up_tokenization_spaces=False,
+                                  padding_side="left")  # decoder-only: batched prompts pad on the left
     tok.save_pretrained(out)
     info = {"trained_by": "python -m samplers.models.train_tiny", "args": {k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items() if k != "out"}, **stats}
