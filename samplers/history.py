@@ -64,6 +64,9 @@ _EXACT_PREFIX = 8
 # were appended since it was last brought up to date; otherwise it is rebuilt.
 _MAX_CATCH_UP = 16
 _MIN_CAPACITY = 16
+# Tests only: when True, `match_lengths` takes the path it takes off the CPU (no host read)
+# on CPU tensors too, so that path can be checked bit for bit against the CPU one.
+_FORCE_SYNC_FREE = False
 
 _POWERS_CACHE: dict[str, torch.Tensor] = {}
 _MODULI_CACHE: dict[str, torch.Tensor] = {}
@@ -554,6 +557,9 @@ class TokenHistory:
             shifted[:, k:] = tok[:, :-k]  # shifted[j] = h[j-k], -2 where j-k < 0
             alive = alive & (shifted == ref) & (lens[:, None] >= k)
             run += alive.to(torch.int32)
+        if self._sync_free_match():
+            match[:, :w] = self._search_long_matches_everywhere(run)
+            return match
         match[:, :w] = run
         # Matches that reached _EXACT_PREFIX may be longer: binary search with hashes.
         long_b, long_j = (run >= _EXACT_PREFIX).nonzero(as_tuple=True)
@@ -586,6 +592,53 @@ class TokenHistory:
                 hi = torch.where(ok, hi, mid - 1)
             match[long_b, long_j] = lo.to(torch.int32)
         return match
+
+    def _sync_free_match(self) -> bool:
+        """Whether `match_lengths` must avoid every host read: off the CPU, where one would
+        be a device sync each step (and rule out graph capture), or when tests force it."""
+        return self.device.type != "cpu" or _FORCE_SYNC_FREE
+
+    def _search_long_matches_everywhere(self, run: torch.Tensor) -> torch.Tensor:
+        """int32 [B, w]: ``run`` (the exact match lengths capped at _EXACT_PREFIX, w =
+        max_length >= 2), with every entry that reached the cap replaced by the hashed binary
+        search's result, computed without reading anything back to the host.
+
+        The search is the one `_build_match_lengths` runs on the CPU over the listed long
+        positions (same bounds, same midpoints, same arithmetic), here run at every position
+        for a host-known number of iterations, bit_length(w - _EXACT_PREFIX): enough for the
+        longest possible match (j <= w - 1). Positions outside the search start with
+        lo = hi = 0 (mid = 0 compares two empty strings: always equal, so they stay put), and
+        a search that has converged (lo == hi) stays put too, so the extra iterations change
+        nothing and the result is bit-identical. O(B * w * log w) work, no sync.
+        """
+        b, w = run.shape
+        if w <= _EXACT_PREFIX:
+            return run  # m[j] <= j <= w - 1 < _EXACT_PREFIX: no match reaches the cap
+        dev = self.device
+        hashes = self._hashes if self._hashes is not None else self._compute_hashes()  # [2, B, cap + 1]
+        pw = _powers(dev, self.capacity + 1)
+        mod = _moduli(dev)[:, None, None]
+        lens = self.lengths[:, None]  # [B, 1]
+        j = torch.arange(w, device=dev).expand(b, w)
+        long = run >= _EXACT_PREFIX
+        # P[j], P[len] and r^(len - j) (len - j clamped: out-of-history positions are not searched).
+        p_j = hashes[:, :, :w]
+        p_len = hashes.gather(2, lens.expand(2, b, 1))
+        shift = pw[:, (lens - j).clamp(min=0)]  # [2, B, w]
+        lo = torch.where(long, _EXACT_PREFIX, 0)  # h[j-lo:j] == h[len-lo:len] known true
+        hi = torch.where(long, j, 0)  # a match cannot be longer than j
+        for _ in range((w - _EXACT_PREFIX).bit_length()):
+            mid = (lo + hi + 1) >> 1
+            # h[j-mid:j] == h[len-mid:len] (hashed) iff, for both (M, r),
+            # (P[j] - P[j-mid]) * r^(len-j) - (P[len] - P[len-mid]) == 0 (mod M); int64 as above.
+            p_a = hashes.gather(2, (j - mid).expand(2, b, w))
+            p_c = hashes.gather(2, (lens - mid).expand(2, b, w))
+            diff = (p_j - p_a) * shift
+            diff -= p_len - p_c
+            ok = (diff.remainder_(mod) == 0).all(dim=0)
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid - 1)
+        return torch.where(long, lo.to(torch.int32), run)
 
     def _advance_match(self, match: torch.Tensor, upto: torch.Tensor, lag: int) -> None:
         """Exact recurrence, in place: bring each row b of `match` from history length
@@ -686,17 +739,20 @@ class TokenHistory:
         Built on first call (exact token comparison up to 8 tokens, then a vectorised
         binary search on `prefix_hashes`); afterwards each appended step is applied by an
         exact O(B * len) recurrence when this is next called (rebuilt instead if more than
-        16 steps were appended meanwhile). Do not modify the returned tensor.
+        16 steps were appended meanwhile). Off the CPU neither reads anything back to the
+        host (no device sync; the search then runs at every position, O(B * len * log len)),
+        with the same result as on the CPU. Do not modify the returned tensor.
         """
         lag = self._steps - self._match_steps
         if self._match is None or self._match_len is None or lag > _MAX_CATCH_UP:
             self._match = self._build_match_lengths()
             self._match_nz = None
         elif lag > 0:
-            if self.device.type == "cpu":
+            if not self._sync_free_match():
                 self._advance_match_sparse(self._match, self._match_len, lag)
             else:
                 self._advance_match(self._match, self._match_len, lag)
+                self._match_nz = None  # this update does not keep the nonzero entries listed
         self._match_steps = self._steps
         self._match_len = self.lengths
         self._masked_since_match = False
