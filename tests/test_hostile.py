@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.batch import FLOAT_FIELDS, normalise_device
 from samplers.params import FLOAT32_MAX
+from samplers.history import TokenHistory
 from samplers.pipeline import triton_available
+
+from host_reads import no_host_reads
 
 INF, NAN = math.inf, math.nan
 FMAX = FLOAT32_MAX
@@ -532,21 +535,76 @@ def test_only_hostile_calls_leave_the_kernel_backend():
                          vocab_size=8).may_overflow(1e10)
 
 
-def test_input_rule_reads_nothing_on_the_host_off_the_cpu(monkeypatch):
+def test_input_rule_reads_nothing_on_the_host_off_the_cpu():
     """On an accelerator the input rule is skipped: reading the logits' range on the host
     would be a device sync every step (SEMANTICS.md, "Non-finite logits"). A meta tensor
-    stands in for a device tensor: any host read of it raises."""
-    def no_host_read(*a, **kw):
-        raise AssertionError("host read of the logits")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "numpy", no_host_read)
+    stands in for a device tensor; the tracer fails on any host read."""
     logits = torch.empty(2, 8, device="meta")
-    x, absmax = SamplerPipeline._prepare(logits)
+    with no_host_reads():
+        x, absmax = SamplerPipeline._prepare(logits)
     assert x is logits and absmax == 0.0
-    with pytest.raises(AssertionError, match="host read"):
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
         SamplerPipeline._prepare(torch.zeros(2, 8))
+
+
+def _v2_step_batch(rng: np.random.Generator, V: int = 40):
+    """What Model Runner V2's ``apply`` builds each step: a parameter table (a neutral row,
+    then DRY, no_repeat_ngram and both), a ``TokenHistory.from_tensors`` over per-slot token
+    buffers (a loose host bound of the lengths, garbage past them, long repeats) and the
+    table gathered by a row -> table-row map. Returns (batch, per-row histories as lists)."""
+    table = SamplingBatch([SamplingParams(), SamplingParams(dry_multiplier=0.8, dry_allowed_length=2),
+                           SamplingParams(no_repeat_ngram_size=3),
+                           SamplingParams(dry_multiplier=1.2, no_repeat_ngram_size=2)], vocab_size=V)
+    rows, width = 6, 80
+    tokens = torch.from_numpy(rng.integers(0, V, size=(rows, width)))
+    lengths = [70, 0, 1, 33, 64, 12]
+    hists = []
+    for r, n in enumerate(lengths):
+        period = rng.integers(0, V, size=r % 3 + 1)
+        h = np.resize(period, n) if r % 2 == 0 else rng.integers(0, 4, size=n)
+        tokens[r, :n] = torch.from_numpy(h)
+        hists.append(h.tolist())
+    history = TokenHistory.from_tensors(tokens, torch.tensor(lengths), torch.tensor([5, 0, 1, 3, 64, 0]), V, width)
+    return table.gather(torch.tensor([1, 2, 3, 0, 3, 1]), history), hists
+
+
+def test_v2_step_match_lengths_reads_nothing_on_the_host(monkeypatch):
+    """DRY and no_repeat_ngram ask for ``match_lengths`` of a history built every step on
+    the V2 path: off the CPU it must not read anything back (docs/vllm.md: ``apply`` works
+    without a host-device sync). Its off-CPU branch, forced on CPU tensors, runs under the
+    tracer and agrees with the CPU branch; so does the catch-up after an append."""
+    import samplers.history as history
+
+    batch, hists = _v2_step_batch(np.random.default_rng(3))
+    assert batch.enables(SamplerID.DRY) and batch.enables(SamplerID.NO_REPEAT_NGRAM)
+    monkeypatch.setattr(history, "_FORCE_SYNC_FREE", True)
+    with no_host_reads():
+        match = batch.history.match_lengths().clone()
+    assert int(match.max()) >= 16  # long repeats: the hashed search ran
+    batch.history.append(torch.tensor([1, 2, 3, 4, 5, 6]))
+    with no_host_reads():
+        caught_up = batch.history.match_lengths().clone()
+    monkeypatch.setattr(history, "_FORCE_SYNC_FREE", False)
+    _, hists2 = _v2_step_batch(np.random.default_rng(3))
+    fresh = TokenHistory(hists2, [[] for _ in hists2], vocab_size=40)
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
+        fresh.match_lengths()  # the CPU branch lists the long matches on the host
+    w = max(len(h) for h in hists)
+    assert torch.equal(match[:, :w], fresh.match_lengths()[:, :w])
+    fresh.append(torch.tensor([1, 2, 3, 4, 5, 6]))
+    assert torch.equal(caught_up[:, : w + 1], fresh.match_lengths()[:, : w + 1])
+
+
+def test_match_lengths_on_a_meta_device():
+    """A meta tensor has no values: the off-CPU build and catch-up run on it only if
+    nothing in them depends on a value read back (shapes come from the host)."""
+    tokens = torch.empty(3, 40, dtype=torch.int64, device="meta")
+    lengths = torch.empty(3, dtype=torch.int64, device="meta")
+    th = TokenHistory.from_tensors(tokens, lengths, lengths, 50, 40)
+    with no_host_reads():
+        assert th.match_lengths().shape == (3, th.capacity)
+        th.append(torch.empty(3, dtype=torch.int64, device="meta"))
+        assert th.match_lengths().shape == (3, th.capacity)
 
 
 # ----------------------------------------------------------------------------- the cheap bound
