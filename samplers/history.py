@@ -410,24 +410,38 @@ class TokenHistory:
         self._seen_n = n + new.size
         self._seen_view = None
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
+    def select(
+        self, rows: torch.Tensor | Sequence[int], host_rows: np.ndarray | Sequence[int] | None = None
+    ) -> "TokenHistory":
         """A new TokenHistory holding the given rows (in that order; repeats allowed).
 
         Every derived structure already built is carried over (indexed, not rebuilt).
+        host_rows: the same row indices on the host, when the caller has them (e.g. built
+        from host lists). The host-side bookkeeping is indexed with them, so a ``rows``
+        tensor on an accelerator is not read back (a device sync). They must equal ``rows``:
+        only their number is checked. Not needed when ``rows`` is a list or a CPU tensor.
         """
         idx = torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)
+        if host_rows is not None:
+            host = np.asarray(host_rows, dtype=np.int64).reshape(-1)
+            if host.shape[0] != idx.shape[0]:
+                raise ValueError(f"select: host_rows has {host.shape[0]} rows but rows has {idx.shape[0]}")
+        elif isinstance(rows, torch.Tensor):
+            host = rows.to(torch.int64).cpu().numpy().reshape(-1)  # free for a CPU tensor
+        else:
+            host = np.asarray(rows, dtype=np.int64).reshape(-1)
         new = TokenHistory.__new__(TokenHistory)
         new.vocab_size = self.vocab_size
         new.device = self.device
         new.tokens = self.tokens[idx]
         new.lengths = self.lengths[idx]
         new.prompt_lengths = self.prompt_lengths[idx]
-        new._host_lengths = self._host_lengths[idx.cpu().numpy()]
-        new._max_len = int(new._host_lengths.max()) if idx.numel() else 0
+        new._host_lengths = self._host_lengths[host]
+        new._max_len = int(new._host_lengths.max()) if host.size else 0
         new._steps = self._steps
         new._counts = self._counts[idx] if self._counts is not None else None
         new._seen = self._seen[idx] if self._seen is not None else None
-        new._seen_buf = self._select_seen_ids(idx)
+        new._seen_buf = self._select_seen_ids(host)
         new._seen_n = new._seen_buf.size if new._seen_buf is not None else 0
         new._seen_view = None
         new._hashes = self._hashes[:, idx] if self._hashes is not None else None
@@ -494,14 +508,13 @@ class TokenHistory:
             self._seen_view = torch.from_numpy(self._seen_buf[: self._seen_n])
         return self._seen_view
 
-    def _select_seen_ids(self, idx: torch.Tensor) -> np.ndarray | None:
-        """`seen_ids` of `select(idx)` from this history's list (the selected rows' entries,
-        renumbered, in their order), or None (left to be built again on first use) when there
-        is no list or ``idx`` repeats a row."""
+    def _select_seen_ids(self, sel: np.ndarray) -> np.ndarray | None:
+        """`seen_ids` of `select` of the rows ``sel`` (host indices) from this history's list
+        (the selected rows' entries, renumbered, in their order), or None (left to be built
+        again on first use) when there is no list or ``sel`` repeats a row."""
         if self._seen_buf is None:
             return None
         b = self.batch_size
-        sel = idx.cpu().numpy()
         new_row = np.full(b, -1, dtype=np.int64)
         new_row[sel] = np.arange(sel.size)
         if sel.size and (new_row >= 0).sum() != sel.size:

@@ -607,6 +607,47 @@ def test_match_lengths_on_a_meta_device():
         assert th.match_lengths().shape == (3, th.capacity)
 
 
+def test_select_with_host_rows_reads_nothing_back(monkeypatch):
+    """``TokenHistory.select(rows, host_rows=...)`` indexes its host bookkeeping with the
+    host indices (no read of ``rows``), and the pipeline's per-stage row subsets of a batch
+    with per-row orders pass the host indices the schedule was built from."""
+    V = 32
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 6, size=n).tolist() for n in (30, 0, 12, 25)]
+    th = TokenHistory(prompts, [[1], [2, 2], [], [3]], vocab_size=V)
+    th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
+    rows, host = torch.tensor([3, 0, 2]), np.array([3, 0, 2])
+    with no_host_reads():
+        sub = th.select(rows, host_rows=host)
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
+        th.select(rows)  # without them the indices are read back
+    ref = th.select([3, 0, 2])
+    assert sub.max_length == ref.max_length and sub.to_lists() == ref.to_lists()
+    assert torch.equal(sub.seen_ids(), ref.seen_ids()) and torch.equal(sub.match_lengths(), ref.match_lengths())
+    with pytest.raises(ValueError, match="host_rows"):
+        th.select(rows, host_rows=[3, 0])
+
+    # The pipeline: every stage of some rows selects them with their host indices.
+    every = dict(repetition_penalty=1.3, dry_multiplier=0.8, no_repeat_ngram_size=3, temperature=0.7, min_p=0.02)
+    params = [SamplingParams(**every, sampler_priority=[int(s) for s in rng.permutation(14)]) for _ in range(4)]
+    batch = SamplingBatch(params, prompt_token_ids=prompts, vocab_size=V)
+    assert any(idx is not None for idx in batch.schedule_rows)
+    for idx, hidx in zip(batch.schedule_rows, batch.schedule_rows_host):
+        assert (idx is None) == (hidx is None)
+        assert idx is None or idx.tolist() == hidx.tolist()
+    calls = []
+    select = TokenHistory.select
+
+    def spy(self, rows, host_rows=None):
+        calls.append((rows.tolist(), None if host_rows is None else host_rows.tolist()))
+        return select(self, rows, host_rows)
+
+    monkeypatch.setattr(TokenHistory, "select", spy)
+    lg = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    _pipe("torch").process(lg, batch)
+    assert calls and all(r == h for r, h in calls)
+
+
 # ----------------------------------------------------------------------------- the cheap bound
 #: float32 magnitudes across the whole range: subnormal, tiny, ordinary, squares near and past
 #: float32's limit (1.8e19), huge
