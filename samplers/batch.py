@@ -48,22 +48,26 @@ def _schedule(orders: Sequence[tuple[SamplerID, ...]], device: torch.device) -> 
 
 
 def _schedule_with_rows(orders: Sequence[tuple[SamplerID, ...]], device: torch.device
-                        ) -> tuple[list[Stage], list[Optional[torch.Tensor]]]:
-    """``_schedule`` and, per stage, its rows as int64 indices (None for an unmasked stage)."""
+                        ) -> tuple[list[Stage], list[Optional[torch.Tensor]], list[Optional[np.ndarray]]]:
+    """``_schedule`` and, per stage, its rows as int64 indices on ``device`` and the same
+    indices on the host (None for an unmasked stage)."""
     distinct = sorted(set(orders), key=len, reverse=True)
     common = _common_supersequence(distinct)
     if common is not None:
-        return [(sid, None) for sid in common], [None] * len(common)
+        return [(sid, None) for sid in common], [None] * len(common), [None] * len(common)
     stages: list[Stage] = []
     indices: list[Optional[torch.Tensor]] = []
+    host_indices: list[Optional[np.ndarray]] = []
     width = max(len(o) for o in distinct)
     for j in range(width):
         at_j = sorted({o[j] for o in distinct if len(o) > j})
         for sid in at_j:
             host = [len(o) > j and o[j] == sid for o in orders]
             stages.append((sid, torch.tensor(host, dtype=torch.bool).to(device)))
-            indices.append(torch.tensor([b for b, h in enumerate(host) if h], dtype=torch.int64).to(device))
-    return stages, indices
+            at = np.flatnonzero(host).astype(np.int64, copy=False)
+            host_indices.append(at)
+            indices.append(torch.from_numpy(at).to(device))
+    return stages, indices, host_indices
 
 
 def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[tuple[SamplerID, ...]]:
@@ -239,7 +243,9 @@ class SamplingBatch:
         # device read); the torch backend runs such a stage on those rows only, so a batch whose
         # rows all differ in order costs about what one order costs (SEMANTICS.md, "Hostile inputs").
         self.schedule: list[Stage]
-        self.schedule, self.schedule_rows = _schedule_with_rows(self.orders, self.device)
+        # ``schedule_rows_host``: the same indices on the host, so that a stage's rows of the
+        # history are selected without reading the device indices back.
+        self.schedule, self.schedule_rows, self.schedule_rows_host = _schedule_with_rows(self.orders, self.device)
         # Rows the chain leaves alone: ``process`` returns them bit-identical, whatever their values.
         identity = [not o and not p.logit_bias and p.min_tokens == 0 and p.skew == 0.0
                     for o, p in zip(self.orders, params)]
@@ -385,7 +391,7 @@ class SamplingBatch:
         return SamplingBatch(
             [self.params[r] for r in host], vocab_size=self.vocab_size, device=self.device,
             eos_token_ids=self.eos_token_ids, sequence_indices=[self._sequence_indices[r] for r in host],
-            history=self.history.select(index),
+            history=self.history.select(index, host_rows=host),
         )
 
     def gather(self, index: torch.Tensor, history: TokenHistory) -> "SamplingBatch":
@@ -422,6 +428,7 @@ class SamplingBatch:
                         for sid, rows in self.schedule]
         # masked stages keep their device masks (row indices would need a device sync)
         new.schedule_rows = [None] * len(new.schedule)
+        new.schedule_rows_host = [None] * len(new.schedule)
         new.identity_rows = self.identity_rows.index_select(0, index)
         pad = self._padded_lists()
         rows = torch.arange(R, device=self.device)

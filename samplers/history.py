@@ -64,6 +64,9 @@ _EXACT_PREFIX = 8
 # were appended since it was last brought up to date; otherwise it is rebuilt.
 _MAX_CATCH_UP = 16
 _MIN_CAPACITY = 16
+# Tests only: when True, `match_lengths` takes the path it takes off the CPU (no host read)
+# on CPU tensors too, so that path can be checked bit for bit against the CPU one.
+_FORCE_SYNC_FREE = False
 
 _POWERS_CACHE: dict[str, torch.Tensor] = {}
 _MODULI_CACHE: dict[str, torch.Tensor] = {}
@@ -407,24 +410,38 @@ class TokenHistory:
         self._seen_n = n + new.size
         self._seen_view = None
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "TokenHistory":
+    def select(
+        self, rows: torch.Tensor | Sequence[int], host_rows: np.ndarray | Sequence[int] | None = None
+    ) -> "TokenHistory":
         """A new TokenHistory holding the given rows (in that order; repeats allowed).
 
         Every derived structure already built is carried over (indexed, not rebuilt).
+        host_rows: the same row indices on the host, when the caller has them (e.g. built
+        from host lists). The host-side bookkeeping is indexed with them, so a ``rows``
+        tensor on an accelerator is not read back (a device sync). They must equal ``rows``:
+        only their number is checked. Not needed when ``rows`` is a list or a CPU tensor.
         """
         idx = torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)
+        if host_rows is not None:
+            host = np.asarray(host_rows, dtype=np.int64).reshape(-1)
+            if host.shape[0] != idx.shape[0]:
+                raise ValueError(f"select: host_rows has {host.shape[0]} rows but rows has {idx.shape[0]}")
+        elif isinstance(rows, torch.Tensor):
+            host = rows.to(torch.int64).cpu().numpy().reshape(-1)  # free for a CPU tensor
+        else:
+            host = np.asarray(rows, dtype=np.int64).reshape(-1)
         new = TokenHistory.__new__(TokenHistory)
         new.vocab_size = self.vocab_size
         new.device = self.device
         new.tokens = self.tokens[idx]
         new.lengths = self.lengths[idx]
         new.prompt_lengths = self.prompt_lengths[idx]
-        new._host_lengths = self._host_lengths[idx.cpu().numpy()]
-        new._max_len = int(new._host_lengths.max()) if idx.numel() else 0
+        new._host_lengths = self._host_lengths[host]
+        new._max_len = int(new._host_lengths.max()) if host.size else 0
         new._steps = self._steps
         new._counts = self._counts[idx] if self._counts is not None else None
         new._seen = self._seen[idx] if self._seen is not None else None
-        new._seen_buf = self._select_seen_ids(idx)
+        new._seen_buf = self._select_seen_ids(host)
         new._seen_n = new._seen_buf.size if new._seen_buf is not None else 0
         new._seen_view = None
         new._hashes = self._hashes[:, idx] if self._hashes is not None else None
@@ -491,14 +508,13 @@ class TokenHistory:
             self._seen_view = torch.from_numpy(self._seen_buf[: self._seen_n])
         return self._seen_view
 
-    def _select_seen_ids(self, idx: torch.Tensor) -> np.ndarray | None:
-        """`seen_ids` of `select(idx)` from this history's list (the selected rows' entries,
-        renumbered, in their order), or None (left to be built again on first use) when there
-        is no list or ``idx`` repeats a row."""
+    def _select_seen_ids(self, sel: np.ndarray) -> np.ndarray | None:
+        """`seen_ids` of `select` of the rows ``sel`` (host indices) from this history's list
+        (the selected rows' entries, renumbered, in their order), or None (left to be built
+        again on first use) when there is no list or ``sel`` repeats a row."""
         if self._seen_buf is None:
             return None
         b = self.batch_size
-        sel = idx.cpu().numpy()
         new_row = np.full(b, -1, dtype=np.int64)
         new_row[sel] = np.arange(sel.size)
         if sel.size and (new_row >= 0).sum() != sel.size:
@@ -554,6 +570,9 @@ class TokenHistory:
             shifted[:, k:] = tok[:, :-k]  # shifted[j] = h[j-k], -2 where j-k < 0
             alive = alive & (shifted == ref) & (lens[:, None] >= k)
             run += alive.to(torch.int32)
+        if self._sync_free_match():
+            match[:, :w] = self._search_long_matches_everywhere(run)
+            return match
         match[:, :w] = run
         # Matches that reached _EXACT_PREFIX may be longer: binary search with hashes.
         long_b, long_j = (run >= _EXACT_PREFIX).nonzero(as_tuple=True)
@@ -586,6 +605,53 @@ class TokenHistory:
                 hi = torch.where(ok, hi, mid - 1)
             match[long_b, long_j] = lo.to(torch.int32)
         return match
+
+    def _sync_free_match(self) -> bool:
+        """Whether `match_lengths` must avoid every host read: off the CPU, where one would
+        be a device sync each step (and rule out graph capture), or when tests force it."""
+        return self.device.type != "cpu" or _FORCE_SYNC_FREE
+
+    def _search_long_matches_everywhere(self, run: torch.Tensor) -> torch.Tensor:
+        """int32 [B, w]: ``run`` (the exact match lengths capped at _EXACT_PREFIX, w =
+        max_length >= 2), with every entry that reached the cap replaced by the hashed binary
+        search's result, computed without reading anything back to the host.
+
+        The search is the one `_build_match_lengths` runs on the CPU over the listed long
+        positions (same bounds, same midpoints, same arithmetic), here run at every position
+        for a host-known number of iterations, bit_length(w - _EXACT_PREFIX): enough for the
+        longest possible match (j <= w - 1). Positions outside the search start with
+        lo = hi = 0 (mid = 0 compares two empty strings: always equal, so they stay put), and
+        a search that has converged (lo == hi) stays put too, so the extra iterations change
+        nothing and the result is bit-identical. O(B * w * log w) work, no sync.
+        """
+        b, w = run.shape
+        if w <= _EXACT_PREFIX:
+            return run  # m[j] <= j <= w - 1 < _EXACT_PREFIX: no match reaches the cap
+        dev = self.device
+        hashes = self._hashes if self._hashes is not None else self._compute_hashes()  # [2, B, cap + 1]
+        pw = _powers(dev, self.capacity + 1)
+        mod = _moduli(dev)[:, None, None]
+        lens = self.lengths[:, None]  # [B, 1]
+        j = torch.arange(w, device=dev).expand(b, w)
+        long = run >= _EXACT_PREFIX
+        # P[j], P[len] and r^(len - j) (len - j clamped: out-of-history positions are not searched).
+        p_j = hashes[:, :, :w]
+        p_len = hashes.gather(2, lens.expand(2, b, 1))
+        shift = pw[:, (lens - j).clamp(min=0)]  # [2, B, w]
+        lo = torch.where(long, _EXACT_PREFIX, 0)  # h[j-lo:j] == h[len-lo:len] known true
+        hi = torch.where(long, j, 0)  # a match cannot be longer than j
+        for _ in range((w - _EXACT_PREFIX).bit_length()):
+            mid = (lo + hi + 1) >> 1
+            # h[j-mid:j] == h[len-mid:len] (hashed) iff, for both (M, r),
+            # (P[j] - P[j-mid]) * r^(len-j) - (P[len] - P[len-mid]) == 0 (mod M); int64 as above.
+            p_a = hashes.gather(2, (j - mid).expand(2, b, w))
+            p_c = hashes.gather(2, (lens - mid).expand(2, b, w))
+            diff = (p_j - p_a) * shift
+            diff -= p_len - p_c
+            ok = (diff.remainder_(mod) == 0).all(dim=0)
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid - 1)
+        return torch.where(long, lo.to(torch.int32), run)
 
     def _advance_match(self, match: torch.Tensor, upto: torch.Tensor, lag: int) -> None:
         """Exact recurrence, in place: bring each row b of `match` from history length
@@ -686,17 +752,20 @@ class TokenHistory:
         Built on first call (exact token comparison up to 8 tokens, then a vectorised
         binary search on `prefix_hashes`); afterwards each appended step is applied by an
         exact O(B * len) recurrence when this is next called (rebuilt instead if more than
-        16 steps were appended meanwhile). Do not modify the returned tensor.
+        16 steps were appended meanwhile). Off the CPU neither reads anything back to the
+        host (no device sync; the search then runs at every position, O(B * len * log len)),
+        with the same result as on the CPU. Do not modify the returned tensor.
         """
         lag = self._steps - self._match_steps
         if self._match is None or self._match_len is None or lag > _MAX_CATCH_UP:
             self._match = self._build_match_lengths()
             self._match_nz = None
         elif lag > 0:
-            if self.device.type == "cpu":
+            if not self._sync_free_match():
                 self._advance_match_sparse(self._match, self._match_len, lag)
             else:
                 self._advance_match(self._match, self._match_len, lag)
+                self._match_nz = None  # this update does not keep the nonzero entries listed
         self._match_steps = self._steps
         self._match_len = self.lengths
         self._masked_since_match = False

@@ -20,6 +20,7 @@ import functools
 import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from . import functional as F
@@ -96,10 +97,12 @@ class _RowSubset:
     """What a unit reads of the batch (``param``, ``history``, breaker ids, the ``any_*`` flags),
     restricted to some rows: a stage of a batch whose rows differ in order runs on its rows only.
     The history's derived state is built on the whole batch first (where it is kept up to date
-    step after step) and then indexed."""
+    step after step) and then indexed. ``host_rows``: ``rows`` on the host, when known (the
+    batch's ``schedule_rows_host``), so that indexing the history reads nothing back."""
 
-    def __init__(self, batch: SamplingBatch, rows: torch.Tensor, sampler: SamplerID) -> None:
-        self.batch, self.rows, self.sampler = batch, rows, sampler
+    def __init__(self, batch: SamplingBatch, rows: torch.Tensor, sampler: SamplerID,
+                 host_rows: Optional[np.ndarray] = None) -> None:
+        self.batch, self.rows, self.sampler, self.host_rows = batch, rows, sampler, host_rows
         self.batch_size = rows.numel()
         self.vocab_size = batch.vocab_size
         self.any_dynatemp, self.any_static_temperature = batch.any_dynatemp, batch.any_static_temperature
@@ -121,7 +124,7 @@ class _RowSubset:
                 h.seen_mask(), h.output_counts(), h.seen_ids()
             elif self.sampler in (SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM):
                 h.match_lengths()
-            self._history = h.select(self.rows)
+            self._history = h.select(self.rows, host_rows=self.host_rows)
         return self._history
 
 
@@ -201,7 +204,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     # chain's [B, K] packed rows, expanded where a step needs the full rows.
     chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     packable = [rows is None and sampler not in _READS_TOKEN_IDS for sampler, rows in batch.schedule]
-    for i, ((sampler, rows), index) in enumerate(zip(batch.schedule, batch.schedule_rows)):
+    stages = zip(batch.schedule, batch.schedule_rows, batch.schedule_rows_host)
+    for i, ((sampler, rows), index, host_index) in enumerate(stages):
         if chain is not None and packable[i]:
             # (the last packed step before the full rows are needed expands its result at once)
             last = not packable[i + 1] if i + 1 < len(packable) else not batch.any_skew
@@ -220,7 +224,7 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         # a stage of some rows only (rows differ in order): run it on those rows
         if index.numel() == 0:
             continue
-        out = UNITS[sampler](x.index_select(0, index), _RowSubset(batch, index, sampler),
+        out = UNITS[sampler](x.index_select(0, index), _RowSubset(batch, index, sampler, host_index),
                              _SubsetRandoms(randoms, index))
         if not owned:
             x, owned = x.clone(), True

@@ -284,3 +284,125 @@ def test_match_lengths_random_against_reference():
         m = th.match_lengths()
         for r, h in enumerate(prompts):
             assert m[r, : len(h)].tolist() == ref_match_lengths(h)
+
+
+# ----------------------------------------------------------------------------- sync-free build
+# Off the CPU `match_lengths` reads nothing back to the host (it is rebuilt every step on
+# vLLM's Model Runner V2 path). That branch runs here on CPU tensors through the module's
+# test switch and must give exactly what the CPU branch gives.
+
+
+@pytest.fixture
+def sync_free(monkeypatch):
+    """A function ``sync_free(on)`` that switches `match_lengths` to its off-CPU branch."""
+    import samplers.history as history
+
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(history, "_FORCE_SYNC_FREE", on)
+
+    yield switch
+
+
+def random_prompts(rnd: random.Random, b: int, max_len: int, alpha: int) -> list[list[int]]:
+    """Rows of random tokens, some periodic (long matches: the hashed search), some empty."""
+    prompts = []
+    for _ in range(b):
+        n = rnd.choice([0, rnd.randint(0, 12), rnd.randint(0, max_len)])
+        if rnd.random() < 0.5:
+            period = [rnd.randrange(alpha) for _ in range(rnd.randint(1, 7))]
+            prompts.append((period * max_len)[:n])
+        else:
+            prompts.append([rnd.randrange(alpha) for _ in range(n)])
+    return prompts
+
+
+def both_branches(sync_free, make):
+    """`match_lengths` of ``make()`` by the CPU branch and by the off-CPU branch."""
+    sync_free(False)
+    cpu = make().match_lengths()
+    sync_free(True)
+    dense = make().match_lengths()
+    sync_free(False)
+    return cpu, dense
+
+
+def test_sync_free_build_is_bit_identical(sync_free):
+    rnd = random.Random(7)
+    long_hits = 0
+    for _ in range(120):
+        b = rnd.randint(0, 6)
+        alpha = rnd.choice([1, 2, 3, 50])
+        max_len = rnd.choice([9, 40, 300])
+        prompts = random_prompts(rnd, b, max_len, alpha)
+        outputs = random_prompts(rnd, b, 20, alpha)
+        cpu, dense = both_branches(sync_free, lambda: TokenHistory(prompts, outputs, vocab_size=50))
+        assert cpu.dtype == dense.dtype == torch.int32
+        assert torch.equal(cpu, dense)  # the whole [B, capacity] table, zeros beyond len too
+        for r, (p, o) in enumerate(zip(prompts, outputs)):
+            assert dense[r, : len(p) + len(o)].tolist() == ref_match_lengths(p + o)
+        long_hits += int((cpu >= 8).sum())
+    assert long_hits > 1000  # the hashed binary search ran on many positions
+
+
+def test_sync_free_build_from_tensors_with_a_loose_bound(sync_free):
+    """A history over an engine's buffers: ``max_length`` only bounds the lengths (the
+    search then runs more iterations than needed), garbage beyond each row's length."""
+    rnd = random.Random(11)
+    for _ in range(40):
+        b = rnd.randint(1, 5)
+        prompts = random_prompts(rnd, b, 120, rnd.choice([1, 2, 4]))
+        width = max((len(p) for p in prompts), default=0) + rnd.randint(0, 50)
+        tokens = torch.randint(0, 9, (b, max(width, 1)))
+        for r, p in enumerate(prompts):
+            tokens[r, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        lengths = torch.tensor([len(p) for p in prompts])
+        prompt_lengths = torch.tensor([rnd.randint(0, len(p)) for p in prompts])
+
+        def make():
+            return TokenHistory.from_tensors(tokens, lengths, prompt_lengths, 9, width)
+
+        cpu, dense = both_branches(sync_free, make)
+        assert torch.equal(cpu, dense)
+        exact = TokenHistory(prompts, [[] for _ in prompts], vocab_size=9).match_lengths()
+        w = max(len(p) for p in prompts)
+        assert torch.equal(dense[:, :w], exact[:, :w])
+
+
+@settings(max_examples=40, deadline=None)
+@given(histories, st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=25, max_size=25),
+       st.integers(0, 3))
+def test_sync_free_incremental_is_bit_identical(data, masks, periodic):
+    """Two histories take the same appends (some masked, some long repeats) and queries,
+    one through each branch: equal after every query, across catch-ups and rebuilds."""
+    import samplers.history as history
+
+    alpha, prompts, outputs, steps, query = data
+    prompts = [[t % alpha for t in p] for p in prompts]
+    outputs = [[t % alpha for t in o] for o in outputs]
+    if periodic:  # long matches, kept long by the appends below
+        prompts = [([r % alpha, periodic % alpha] * 20)[: len(p) + 16] for r, p in enumerate(prompts)]
+    b = len(prompts)
+    hists = {on: TokenHistory(prompts, outputs, vocab_size=6) for on in (False, True)}
+
+    def query_both() -> None:
+        got = {}
+        for on, th in hists.items():
+            history._FORCE_SYNC_FREE = on
+            try:
+                got[on] = th.match_lengths().clone()
+            finally:
+                history._FORCE_SYNC_FREE = False
+        assert torch.equal(got[False], got[True])
+
+    if query[0]:
+        query_both()
+    for i, toks in enumerate(steps):
+        toks = [t % alpha for t in toks]
+        if periodic and i % 3:
+            toks = [hists[False].to_lists()[r][-2] if hists[False].lengths[r] >= 2 else 0 for r in range(b)]
+        mask = torch.tensor(masks[i][:b]) if i % 4 == 1 else None
+        for th in hists.values():
+            th.append(torch.tensor(toks), rows=mask)
+        if query[i]:
+            query_both()
+    query_both()

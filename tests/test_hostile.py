@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.batch import FLOAT_FIELDS, normalise_device
 from samplers.params import FLOAT32_MAX
+from samplers.history import TokenHistory
 from samplers.pipeline import triton_available
+
+from host_reads import no_host_reads
 
 INF, NAN = math.inf, math.nan
 FMAX = FLOAT32_MAX
@@ -532,21 +535,117 @@ def test_only_hostile_calls_leave_the_kernel_backend():
                          vocab_size=8).may_overflow(1e10)
 
 
-def test_input_rule_reads_nothing_on_the_host_off_the_cpu(monkeypatch):
+def test_input_rule_reads_nothing_on_the_host_off_the_cpu():
     """On an accelerator the input rule is skipped: reading the logits' range on the host
     would be a device sync every step (SEMANTICS.md, "Non-finite logits"). A meta tensor
-    stands in for a device tensor: any host read of it raises."""
-    def no_host_read(*a, **kw):
-        raise AssertionError("host read of the logits")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "numpy", no_host_read)
+    stands in for a device tensor; the tracer fails on any host read."""
     logits = torch.empty(2, 8, device="meta")
-    x, absmax = SamplerPipeline._prepare(logits)
+    with no_host_reads():
+        x, absmax = SamplerPipeline._prepare(logits)
     assert x is logits and absmax == 0.0
-    with pytest.raises(AssertionError, match="host read"):
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
         SamplerPipeline._prepare(torch.zeros(2, 8))
+
+
+def _v2_step_batch(rng: np.random.Generator, V: int = 40):
+    """What Model Runner V2's ``apply`` builds each step: a parameter table (a neutral row,
+    then DRY, no_repeat_ngram and both), a ``TokenHistory.from_tensors`` over per-slot token
+    buffers (a loose host bound of the lengths, garbage past them, long repeats) and the
+    table gathered by a row -> table-row map. Returns (batch, per-row histories as lists)."""
+    table = SamplingBatch([SamplingParams(), SamplingParams(dry_multiplier=0.8, dry_allowed_length=2),
+                           SamplingParams(no_repeat_ngram_size=3),
+                           SamplingParams(dry_multiplier=1.2, no_repeat_ngram_size=2)], vocab_size=V)
+    rows, width = 6, 80
+    tokens = torch.from_numpy(rng.integers(0, V, size=(rows, width)))
+    lengths = [70, 0, 1, 33, 64, 12]
+    hists = []
+    for r, n in enumerate(lengths):
+        period = rng.integers(0, V, size=r % 3 + 1)
+        h = np.resize(period, n) if r % 2 == 0 else rng.integers(0, 4, size=n)
+        tokens[r, :n] = torch.from_numpy(h)
+        hists.append(h.tolist())
+    history = TokenHistory.from_tensors(tokens, torch.tensor(lengths), torch.tensor([5, 0, 1, 3, 64, 0]), V, width)
+    return table.gather(torch.tensor([1, 2, 3, 0, 3, 1]), history), hists
+
+
+def test_v2_step_match_lengths_reads_nothing_on_the_host(monkeypatch):
+    """DRY and no_repeat_ngram ask for ``match_lengths`` of a history built every step on
+    the V2 path: off the CPU it must not read anything back (docs/vllm.md: ``apply`` works
+    without a host-device sync). Its off-CPU branch, forced on CPU tensors, runs under the
+    tracer and agrees with the CPU branch; so does the catch-up after an append."""
+    import samplers.history as history
+
+    batch, hists = _v2_step_batch(np.random.default_rng(3))
+    assert batch.enables(SamplerID.DRY) and batch.enables(SamplerID.NO_REPEAT_NGRAM)
+    monkeypatch.setattr(history, "_FORCE_SYNC_FREE", True)
+    with no_host_reads():
+        match = batch.history.match_lengths().clone()
+    assert int(match.max()) >= 16  # long repeats: the hashed search ran
+    batch.history.append(torch.tensor([1, 2, 3, 4, 5, 6]))
+    with no_host_reads():
+        caught_up = batch.history.match_lengths().clone()
+    monkeypatch.setattr(history, "_FORCE_SYNC_FREE", False)
+    _, hists2 = _v2_step_batch(np.random.default_rng(3))
+    fresh = TokenHistory(hists2, [[] for _ in hists2], vocab_size=40)
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
+        fresh.match_lengths()  # the CPU branch lists the long matches on the host
+    w = max(len(h) for h in hists)
+    assert torch.equal(match[:, :w], fresh.match_lengths()[:, :w])
+    fresh.append(torch.tensor([1, 2, 3, 4, 5, 6]))
+    assert torch.equal(caught_up[:, : w + 1], fresh.match_lengths()[:, : w + 1])
+
+
+def test_match_lengths_on_a_meta_device():
+    """A meta tensor has no values: the off-CPU build and catch-up run on it only if
+    nothing in them depends on a value read back (shapes come from the host)."""
+    tokens = torch.empty(3, 40, dtype=torch.int64, device="meta")
+    lengths = torch.empty(3, dtype=torch.int64, device="meta")
+    th = TokenHistory.from_tensors(tokens, lengths, lengths, 50, 40)
+    with no_host_reads():
+        assert th.match_lengths().shape == (3, th.capacity)
+        th.append(torch.empty(3, dtype=torch.int64, device="meta"))
+        assert th.match_lengths().shape == (3, th.capacity)
+
+
+def test_select_with_host_rows_reads_nothing_back(monkeypatch):
+    """``TokenHistory.select(rows, host_rows=...)`` indexes its host bookkeeping with the
+    host indices (no read of ``rows``), and the pipeline's per-stage row subsets of a batch
+    with per-row orders pass the host indices the schedule was built from."""
+    V = 32
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 6, size=n).tolist() for n in (30, 0, 12, 25)]
+    th = TokenHistory(prompts, [[1], [2, 2], [], [3]], vocab_size=V)
+    th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
+    rows, host = torch.tensor([3, 0, 2]), np.array([3, 0, 2])
+    with no_host_reads():
+        sub = th.select(rows, host_rows=host)
+    with pytest.raises(AssertionError, match="host read"), no_host_reads():
+        th.select(rows)  # without them the indices are read back
+    ref = th.select([3, 0, 2])
+    assert sub.max_length == ref.max_length and sub.to_lists() == ref.to_lists()
+    assert torch.equal(sub.seen_ids(), ref.seen_ids()) and torch.equal(sub.match_lengths(), ref.match_lengths())
+    with pytest.raises(ValueError, match="host_rows"):
+        th.select(rows, host_rows=[3, 0])
+
+    # The pipeline: every stage of some rows selects them with their host indices.
+    every = dict(repetition_penalty=1.3, dry_multiplier=0.8, no_repeat_ngram_size=3, temperature=0.7, min_p=0.02)
+    params = [SamplingParams(**every, sampler_priority=[int(s) for s in rng.permutation(14)]) for _ in range(4)]
+    batch = SamplingBatch(params, prompt_token_ids=prompts, vocab_size=V)
+    assert any(idx is not None for idx in batch.schedule_rows)
+    for idx, hidx in zip(batch.schedule_rows, batch.schedule_rows_host):
+        assert (idx is None) == (hidx is None)
+        assert idx is None or idx.tolist() == hidx.tolist()
+    calls = []
+    select = TokenHistory.select
+
+    def spy(self, rows, host_rows=None):
+        calls.append((rows.tolist(), None if host_rows is None else host_rows.tolist()))
+        return select(self, rows, host_rows)
+
+    monkeypatch.setattr(TokenHistory, "select", spy)
+    lg = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    _pipe("torch").process(lg, batch)
+    assert calls and all(r == h for r, h in calls)
 
 
 # ----------------------------------------------------------------------------- the cheap bound
