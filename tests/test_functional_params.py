@@ -119,7 +119,7 @@ def test_numbers_and_tensors_give_the_same_result(name):
 def test_the_pipeline_does_not_check_its_validated_parameters_again(monkeypatch):
     checks = []
     real = _stats._check_interval
-    monkeypatch.setattr(_stats, "_check_interval", lambda *a: (checks.append(a[1]), real(*a))[1])
+    monkeypatch.setattr(_stats, "_check_interval", lambda *a, **k: (checks.append(a[1]), real(*a, **k))[1])
     F.min_p(X, 0.1)
     assert checks == ["min_p"]
     params = SamplingParams(temperature=0.7, min_p=0.1, top_p=0.9, dry_multiplier=0.8, repetition_penalty=1.2,
@@ -129,3 +129,14 @@ def test_the_pipeline_does_not_check_its_validated_parameters_again(monkeypatch)
     pipe.process(X, batch)
     pipe.sample(X, batch)
     assert checks == ["min_p"]
+
+
+def test_numbers_past_the_tensor_dtype_are_clear_errors():
+    """A float beyond float32 (inf once held) and an integer beyond int64: ValueErrors naming
+    the parameter and the value as given, not torch's overflow errors."""
+    with pytest.raises(ValueError, match=r"^top_a must be in \[0, inf\), got 1e\+39$"):
+        F.top_a(X, 1e39)
+    with pytest.raises(ValueError, match=r"^top_k: 1000000000.* does not fit torch.int64$"):
+        F.top_k(X, 10**400)
+    with pytest.raises(ValueError, match=r"^no_repeat_ngram_size: .* does not fit torch.int64$"):
+        F.no_repeat_ngram(X, HISTORY, 2**64)
