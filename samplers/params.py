@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from .functional._stats import SKEW_MAX, SMOOTHING_MAX
+from .functional._stats import SKEW_MAX, SMOOTHING_MAX, format_interval
 from .priority import SamplerID, parse_sampler_priority, resolve_order
 
 #: Below this temperature a row is greedy (argmax), as in Aphrodite and vLLM.
@@ -106,12 +106,6 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
-def _interval(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
-    left = "-inf" if lo is None else f"{lo:g}"
-    right = "inf" if hi is None else f"{hi:g}"
-    return f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
-
-
 def _in_range(name: str, value: float, lo: float | None, hi: float | None,
               lo_open: bool = False, hi_open: bool = False) -> None:
     bad = (
@@ -119,7 +113,7 @@ def _in_range(name: str, value: float, lo: float | None, hi: float | None,
         or (hi is not None and (value >= hi if hi_open else value > hi))
     )
     if bad:
-        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value!r}")
+        raise ValueError(f"{name} must be in {format_interval(lo, hi, lo_open, hi_open)}, got {value!r}")
 
 
 def _float_param(name: str, value: Any, lo: float | None, hi: float | None = FLOAT32_MAX,
@@ -133,7 +127,7 @@ def _float_param(name: str, value: Any, lo: float | None, hi: float | None = FLO
         try:
             _in_range(name, r, lo, hi, lo_open, hi_open)
         except ValueError:
-            raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)} also as a float32: "
+            raise ValueError(f"{name} must be in {format_interval(lo, hi, lo_open, hi_open)} also as a float32: "
                              f"{v!r} rounds to {r!r}") from None
     return v
 

@@ -136,10 +136,14 @@ def _check_interval(t: Tensor, name: str, lo: Optional[float], hi: Optional[floa
     ok = above & below
     if not bool(ok.all()):
         bad = x[~ok][0].item() if given is None else given
-        left = "-inf" if lo is None else f"{lo:g}"
-        right = "inf" if hi is None else f"{hi:g}"
-        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {bad!r}")
+        raise ValueError(f"{name} must be in {format_interval(lo, hi, lo_open, hi_open)}, got {bad!r}")
+
+
+def format_interval(lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False) -> str:
+    """An interval as the error messages write it: ``[0, 1)``, ``(0, inf)``; None: unbounded."""
+    left = "-inf" if lo is None else f"{lo:g}"
+    right = "inf" if hi is None else f"{hi:g}"
+    return f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
 
 
 def upcast(logits: Tensor) -> Tensor:
