@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .functional._stats import flat_not_below, packed_columns
+from .functional._stats import cumsum_is_running_sum, flat_not_below, packed_columns
 
 PURPOSE_DRAW = 0
 PURPOSE_XTC = 1
@@ -184,14 +184,13 @@ def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch
         return argmax
     if probs is None:
         probs = torch.softmax(work, dim=-1)
-    if work.device.type == "cpu":  # (torch's CPU cumsum is a running sum: non-decreasing on p >= 0)
+    if cumsum_is_running_sum(probs):
         idx = _inverse_cdf(probs, probs.cumsum(dim=-1), uniforms, monotone=True)
     else:
-        # A GPU's cumsum groups its additions by the tensor's shape (a batch of 1 takes another
-        # scan than a batch of 8, whose chunk width depends on the row count): in float32 the
-        # same row's sums differ by ulps from one batch to another, and a seeded row's token
-        # with them (~0.2% of draws at V = 32000). In float64 the groupings differ by ~1e-16,
-        # which a target lands within about never.
+        # The scan's grouping follows the batch's shape: in float32 the same row's sums differ
+        # by ulps from one batch size to another, and a seeded row's token with them (~0.2% of
+        # draws at V = 32000). In float64 the groupings differ by ~1e-16, which a target lands
+        # within about never.
         idx = _inverse_cdf(probs, probs.double().cumsum(dim=-1), uniforms, monotone=False)
     return torch.where(greedy, argmax, idx)
 
@@ -202,12 +201,13 @@ def _inverse_cdf(probs: torch.Tensor, cdf: torch.Tensor, uniforms: torch.Tensor,
     does (rounding put the target at or past the total) the row's last token with p > 0, and
     ``V - 1`` for a row without one. Never a token with p = 0.
 
-    ``cdf`` is ``probs.cumsum(-1)``, float32 or float64 (the target is taken in its dtype). A GPU's parallel scan may round it up or down by an ulp at
-    a token with p = 0, so that it is not non-decreasing and a binary search over it could stop
-    at a removed token; the rule above reads the sums at tokens with p > 0 only (one more
-    full-width pass). With ``monotone`` (a running sum, as torch's CPU cumsum: a token with p = 0
-    repeats its predecessor's sum) the first token past the target has p > 0 anyway, and the
-    last sum is the total: a binary search gives the same token."""
+    ``cdf`` is ``probs.cumsum(-1)``, float32 or float64 (the target is taken in its dtype).
+    A parallel scan may round it up or down by an ulp at a token with p = 0, so that it is not
+    non-decreasing and a binary search over it could stop at a removed token; the rule above
+    reads the sums at tokens with p > 0 only (one more full-width pass). With ``monotone`` (a
+    running sum, ``cumsum_is_running_sum``: a token with p = 0 repeats its predecessor's sum)
+    the first token past the target has p > 0 anyway, and the last sum is the total: a binary
+    search gives the same token."""
     positive = probs > 0
     vocab = probs.shape[-1]
     last_positive = (vocab - 1) - positive.flip(-1).to(torch.int8).argmax(dim=-1)

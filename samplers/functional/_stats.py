@@ -49,6 +49,7 @@ __all__ = [
     "sort_nonneg",
     "is_finite",
     "count_below",
+    "cumsum_is_running_sum",
     "keep_at_least",
     "keep_logits_at_least",
     "SparseRows",
@@ -1199,18 +1200,26 @@ def _sort_nonneg_sparse(x: Tensor, descending: bool) -> Optional[tuple[Tensor, T
     return torch.from_numpy(values).view(batch, vocab), torch.from_numpy(order)
 
 
+def cumsum_is_running_sum(x: Tensor) -> bool:
+    """Whether ``torch.cumsum`` on ``x``'s device is a running sum, so non-decreasing on
+    non-negative values (a zero repeats its predecessor's sum) and the same whatever the
+    batch's shape: torch's CPU kernel. A GPU's is a parallel scan that groups the additions
+    by the tensor's shape (a batch of one row takes CUB's scan, larger ones a chunk width
+    that depends on the row count) and can dip by an ulp where a value is 0."""
+    return x.device.type == "cpu"
+
+
 def count_below(sorted_rows: Tensor, bound: Tensor, inclusive: bool = False,
                 monotone: Optional[bool] = None) -> Tensor:
     """Per row, how many entries of the row are ``< bound`` (``<= bound`` with
     ``inclusive``): ``((sorted_rows < bound[:, None]).sum(-1))``. ``bound``: ``[B]``.
     Returns int64 ``[B]``.
 
-    The rows are sorted values or cumulative sums of non-negative values. On the CPU they are
-    non-decreasing (torch's cumsum there is a running sum) and a binary search counts. A GPU's
-    cumsum is a parallel scan that can dip by an ulp (a batch of one row takes CUB's scan),
-    and a binary search over a dip stops at some crossing, not the count: there the
-    comparisons are counted. ``monotone`` overrides the device's rule."""
+    The rows are sorted values or cumulative sums of non-negative values. Where those sums
+    are non-decreasing (``cumsum_is_running_sum``) a binary search counts; elsewhere a binary
+    search over a dip stops at some crossing, not the count, so the comparisons are counted.
+    ``monotone`` overrides the device's rule."""
     q = bound.to(sorted_rows.dtype).reshape(-1, 1)
-    if not (sorted_rows.device.type == "cpu" if monotone is None else monotone):
+    if not (cumsum_is_running_sum(sorted_rows) if monotone is None else monotone):
         return ((sorted_rows <= q) if inclusive else (sorted_rows < q)).sum(dim=-1)
     return torch.searchsorted(sorted_rows.contiguous(), q.contiguous(), right=inclusive).squeeze(1)
