@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from ._lanes import in_token_order, lane_pack
 from .functional._stats import cumsum_is_running_sum, flat_not_below, packed_columns
 
 PURPOSE_DRAW = 0
@@ -169,10 +170,6 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     return _draw_tokens_dense(work, greedy, uniforms, all_greedy=all_greedy)
 
 
-#: ``_draw_tokens_cpu`` packs the rows when fewer than 1 / this of their probabilities are > 0.
-_PACKED_DRAW_FRACTION = 8
-
-
 def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
                        probs: Optional[torch.Tensor] = None, all_greedy: Optional[bool] = None) -> torch.Tensor:
     """``draw_tokens`` on float32 ``work`` with full-width passes (any device); ``probs``:
@@ -223,36 +220,29 @@ def _inverse_cdf(probs: torch.Tensor, cdf: torch.Tensor, uniforms: torch.Tensor,
 
 def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """``_draw_tokens_dense``'s tokens on the CPU, where rows after truncation are mostly
-    removed: the cumulative sums and the search run over each row's tokens with ``p > 0``
-    only, packed to the left (zeros after them). The values are those of the full rows:
-    ``p`` is the full rows' softmax, and a cumulative sum is a running sum, to which the
-    zeros in between add nothing. The first position whose sum exceeds the target is one
-    with ``p > 0`` in both; past the row's last one (rounding) both take that last one. The
-    argmax is computed only when some row is greedy (no device sync on the CPU)."""
+    removed: the softmax runs on lane-preserving packed rows (``_lanes``: torch's kernel gives
+    the full rows' ``p`` at the kept entries, bit for bit), and the cumulative sums and the
+    search over each row's kept entries, packed to the left in token order (0 after them). A
+    cumulative sum is a running sum, to which the zeros of the removed tokens add nothing: the
+    first position whose sum exceeds the target has ``p > 0`` (its predecessor's sum is
+    smaller), in both; past the row's last one with ``p > 0`` (rounding) both take that last
+    one. The argmax is computed only when some row is greedy (no device sync on the CPU)."""
     batch, vocab = work.shape
     any_greedy = bool(greedy.any())
     if any_greedy and bool(greedy.all()):
         return work.argmax(dim=-1)
-    probs_t = torch.softmax(work, dim=-1)
-    probs = probs_t.numpy()
-    # Rows mostly kept (no truncation): the full-width passes are cheaper than the packing.
-    # (A strided sample decides, as in compact_rows; both routes give the same tokens.)
-    sample = probs.reshape(-1)[::61]
-    if np.count_nonzero(sample > 0) * _PACKED_DRAW_FRACTION > sample.size:
-        return _draw_tokens_dense(work, greedy, uniforms, probs_t)
-    flat = np.flatnonzero(probs > 0)  # row by row, each row's in token order
-    rows, counts, starts, cols = packed_columns(flat, (batch, vocab))
-    width = max(int(counts.max()), 1)
-    packed = np.zeros(batch * width, dtype=np.float32)  # (zeros after each row's: its sums stay)
-    packed[rows * width + cols] = probs.reshape(-1)[flat]
-    cdf = torch.from_numpy(packed).view(batch, width).cumsum(dim=-1)
+    rows = lane_pack(work)
+    if rows is None:  # (rows mostly kept, no truncation: full-width passes)
+        return _draw_tokens_dense(work, greedy, uniforms)
+    probs, starts = in_token_order(rows, rows.at_entries(torch.softmax(rows.values, dim=-1)))
+    cdf = probs.cumsum(dim=-1)
     target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
-    j = torch.searchsorted(cdf, target, right=True).squeeze(-1).numpy()
-    some = counts > 0
-    tokens = np.full(batch, vocab - 1, dtype=np.int64)  # (a row without p > 0)
-    # (past its last p > 0, where rounding can put the target: that last one)
-    tokens[some] = flat[starts[some] + np.minimum(j[some], counts[some] - 1)] % vocab
-    tokens = torch.from_numpy(tokens)
+    j = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # (past a row's last p > 0, where rounding can put the target: that last one; every row
+    # has one, its largest logit's)
+    last = (probs.shape[1] - 1) - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    j = torch.minimum(j, last).numpy()
+    tokens = torch.from_numpy(rows.flat[starts + j] % vocab)
     return torch.where(greedy, work.argmax(dim=-1), tokens) if any_greedy else tokens
 
 
@@ -311,8 +301,18 @@ def compute_logprobs(
         source = torch.where(use_raw.unsqueeze(-1), raw.float(), processed.float())
     else:
         source = processed.float()
-    logp = torch.log_softmax(source, dim=-1)
-    chosen = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    # Rows mostly removed (after a truncation): torch's log_softmax of the kept entries alone,
+    # its values on the full rows (``_lanes``); -inf at the removed tokens.
+    rows = lane_pack(source)
+    if rows is not None:
+        packed = torch.log_softmax(rows.values, dim=-1)
+        chosen = rows.at_tokens(packed, token_ids, float("-inf"))
+        if num_top == 0:
+            return chosen, None
+        logp = rows.expand(packed, float("-inf"))
+    else:
+        logp = torch.log_softmax(source, dim=-1)
+        chosen = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     top = None
     if num_top > 0:
         k = min(num_top, logp.shape[-1])

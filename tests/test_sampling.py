@@ -180,7 +180,7 @@ def test_draw_on_a_truncated_row_hand_computed():
 
 
 def _draw_case(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, V = int(rng.integers(1, 7)), int(rng.integers(64, 700))
+    B, V = int(rng.integers(1, 7)), int(rng.integers(1024, 2500))  # (the packed route's rows: V >= 1024)
     x = rng.standard_normal((B, V)).astype(np.float32) * rng.uniform(0.1, 60)
     x[rng.random((B, V)) < rng.uniform(0.9, 1.0)] = -np.inf  # truncated rows
     if rng.random() < 0.3:

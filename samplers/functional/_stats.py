@@ -598,6 +598,12 @@ class SparseRows:
         out[self._pos] = mask.contiguous().numpy().reshape(-1)[self._flat]
         return torch.from_numpy(out).view(self.logits.shape)
 
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The packed entries as the full rows hold them: their flat indices in ``[B * V]``
+        (increasing: row by row, each row's in column order) and their values (float32; a
+        layout taken over from a previous sampler may include some ``-inf`` ones)."""
+        return self._flat, self.packed_values(self.logits)
+
     def row_sum(self, packed: Tensor) -> Tensor:
         """``[B, 1]``: the sums of the full rows whose entries are ``packed``'s (``[B, K]``
         float32, a function of ``logits`` entry by entry) at their columns and 0 elsewhere."""
