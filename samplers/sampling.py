@@ -166,7 +166,9 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     """
     work = logits.float()
     if work.device.type == "cpu" and work.dim() == 2 and work.numel() > 0:
-        return _draw_tokens_cpu(work.detach(), greedy, uniforms)  # (a token has no gradient)
+        # (a token has no gradient; the tensor itself otherwise: the packing that the chain
+        # noted for it is taken without a pass over the rows)
+        return _draw_tokens_cpu(work.detach() if work.requires_grad else work, greedy, uniforms)
     return _draw_tokens_dense(work, greedy, uniforms, all_greedy=all_greedy)
 
 
