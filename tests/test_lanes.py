@@ -153,3 +153,27 @@ def test_without_a_width_every_route_still_gives_the_same_values(monkeypatch):
     without = draw_tokens(x, greedy, u), compute_logprobs(x, x, greedy, torch.arange(8), 2, any_raw=False)
     assert torch.equal(with_lanes[0], without[0])
     assert torch.equal(with_lanes[1][0], without[1][0]) and torch.equal(with_lanes[1][1][1], without[1][1][1])
+
+
+def test_the_pipeline_draw_reuses_the_chains_packing(monkeypatch):
+    """Inside ``sample`` the draw and the log-probabilities find the truncated rows' entries
+    from the layout the chain noted for its result, without a pass over the rows
+    (``_live_hint`` / ``flatnonzero`` are that pass), and give the full rows' values."""
+    from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+    from samplers.functional import _stats
+
+    x = torch.randn(4, 32000, generator=torch.Generator().manual_seed(1)) * 3
+    batch = SamplingBatch(SamplingParams(top_k=40, min_p=0.02, seed=3), [[]] * 4, None, vocab_size=32000)
+    pipe = SamplerPipeline("torch", seed=0)
+    want = pipe.sample(x, batch, return_processed=True)
+    passes = []
+    real = _stats._live_hint
+    monkeypatch.setattr(_stats, "_live_hint", lambda *a: (passes.append(1), real(*a))[1])
+    packs = []
+    real_pack = sampling.lane_pack
+    monkeypatch.setattr(sampling, "lane_pack", lambda t: (lambda r: (packs.append(r is not None), r)[1])(real_pack(t)))
+    got = pipe.sample(x, batch)
+    assert packs == [True, True] and not passes
+    assert torch.equal(got.token_ids, want.token_ids)
+    full = torch.log_softmax(want.processed, dim=-1).gather(-1, want.token_ids[:, None])[:, 0]
+    assert torch.equal(got.logprobs.view(torch.int32), full.view(torch.int32))
