@@ -173,16 +173,14 @@ def draw_tokens(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
 
 
 def _draw_tokens_dense(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
-                       probs: Optional[torch.Tensor] = None, all_greedy: Optional[bool] = None) -> torch.Tensor:
-    """``draw_tokens`` on float32 ``work`` with full-width passes (any device); ``probs``:
-    ``softmax(work)`` when the caller has it."""
+                       all_greedy: Optional[bool] = None) -> torch.Tensor:
+    """``draw_tokens`` on float32 ``work`` with full-width passes (any device)."""
     argmax = work.argmax(dim=-1)
     if all_greedy is None:
         all_greedy = work.device.type == "cpu" and bool(greedy.all())
     if all_greedy:
         return argmax
-    if probs is None:
-        probs = torch.softmax(work, dim=-1)
+    probs = torch.softmax(work, dim=-1)
     if cumsum_is_running_sum(probs):
         idx = _inverse_cdf(probs, probs.cumsum(dim=-1), uniforms, monotone=True)
     else:
