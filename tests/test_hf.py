@@ -194,7 +194,29 @@ def test_one_params_expansion_rule():
     rows, idx = expand_params(p, 6)
     assert rows == [p] * 6 and idx == [0, 1, 0, 1, 0, 1]
     assert expand_params(SamplingParams(), 3)[1] == [0, 0, 0]
-    assert expand_params([p], 3)[1] == [0, 1, 2]  # a list: k from the row count
+    assert expand_params([SamplingParams(seed=1)], 3)[1] == [0, 1, 2]  # a list of n=1: k from the row count
+
+
+def test_list_params_refuse_an_n_that_is_not_k():
+    """A list element's n must be 1 or k = rows / len(params): generate() gives each prompt
+    k rows, so any other n would silently give k sequences instead of n."""
+    from samplers.integrations.hf import expand_params
+
+    one, three = SamplingParams(seed=1), SamplingParams(seed=1, n=3)
+    with pytest.raises(ValueError, match=r"params\[0\] has n=3.*k=2.*num_return_sequences=3"):
+        expand_params([three], 2)
+    # one row per element (num_return_sequences forgotten): k = 1
+    with pytest.raises(ValueError, match=r"params\[1\] has n=3.*k=1.*num_return_sequences=3"):
+        expand_params([one, three], 2)
+    with pytest.raises(ValueError, match=r"params\[1\] has n=2.*k=3.*num_return_sequences=2"):
+        expand_params([three, SamplingParams(n=2)], 6)
+    # through the processor, the layout generate() passes for n=2 without num_return_sequences
+    with pytest.raises(ValueError, match=r"params\[0\] has n=2.*k=1"):
+        _call([SamplingParams(seed=1, n=2)], [[5, 6, 7]])
+    # allowed: n == k, and n == 1 beside it (k rows, sequences 0..k-1, as before)
+    rows, idx = expand_params([one, three], 6)
+    assert rows == [one] * 3 + [three] * 3 and idx == [0, 1, 2, 0, 1, 2]
+    assert expand_params([one, one], 2)[1] == [0, 0]
 
 
 def _call(params, ids, V=64):

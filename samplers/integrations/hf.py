@@ -152,8 +152,12 @@ def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows:
     (``repeat_interleave``); sequence index j = 0..k-1 keys row j's seeded stream, as ``n``
     does in :func:`samplers.generate`.
 
-    * A list of P SamplingParams: rows must be P (one each) or P * k (one per prompt, k rows
-      each, sequence indices 0..k-1; k comes from the row count).
+    * A list of P SamplingParams, one per prompt: rows must be P * k for a whole k
+      (``num_return_sequences=k``; k = 1 gives one row each), and each prompt has k rows,
+      sequences 0..k-1. An element's ``n`` must be 1 (then k comes from the row count alone)
+      or k: an element with ``n > 1`` and ``n != k`` is a ``ValueError`` naming its index, its
+      n and k (pass ``num_return_sequences=n``), and so is ``n > 1`` with one row per
+      element (k = 1: ``num_return_sequences`` forgotten).
     * One SamplingParams ``p``: it applies to every prompt, and each prompt has ``p.n`` rows
       (pass ``num_return_sequences=p.n``): row r is sequence ``r % p.n`` of its prompt, so the
       rows are exactly those of ``samplers.generate(prompts, p)`` (for one prompt, the same as
@@ -182,6 +186,14 @@ def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows:
         raise ValueError(f"got {len(params)} SamplingParams for {rows} rows: give one, one per row, "
                          f"or one per prompt with num_return_sequences rows each")
     k = rows // len(params)
+    # An element's n is a number of sequences the user asked for; generate() gives each
+    # prompt k rows, so any other n > 1 would silently yield k sequences instead of n.
+    wrong = next((i for i, p in enumerate(params) if p.n > 1 and p.n != k), None)
+    if wrong is not None:
+        n = params[wrong].n
+        raise ValueError(f"params[{wrong}] has n={n}, but generate() passed {rows} rows for {len(params)} "
+                         f"SamplingParams, k={k} rows per prompt: an element's n must be 1 or k, pass "
+                         f"num_return_sequences={n}")
     return [p for p in params for _ in range(k)], [j for _ in params for j in range(k)]
 
 
@@ -234,9 +246,10 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
 
     Args:
         params: one SamplingParams for every prompt (each with ``n`` rows: pass
-            ``num_return_sequences=n``), or a list: one per row, or one per prompt with
-            ``num_return_sequences`` rows each. See :func:`expand_params` for the sequence
-            indices and the ValueErrors of a layout that would repeat a seeded sequence.
+            ``num_return_sequences=n``), or a list, one per prompt with
+            ``num_return_sequences=k`` rows each (k = 1: one per row), each element's ``n``
+            1 or k. See :func:`expand_params` for the sequence indices and the ValueErrors of
+            a layout that would repeat a seeded sequence or ignore an element's ``n``.
         eos_token_ids: the model's EOS id(s), banned while a row is below ``min_tokens``.
         attention_mask: the prompt's attention mask, when prompts are left-padded: padding
             is then left out of each row's history (DRY, penalties, n-grams read it).
