@@ -194,7 +194,29 @@ def test_one_params_expansion_rule():
     rows, idx = expand_params(p, 6)
     assert rows == [p] * 6 and idx == [0, 1, 0, 1, 0, 1]
     assert expand_params(SamplingParams(), 3)[1] == [0, 0, 0]
-    assert expand_params([p], 3)[1] == [0, 1, 2]  # a list: k from the row count
+    assert expand_params([SamplingParams(seed=1)], 3)[1] == [0, 1, 2]  # a list of n=1: k from the row count
+
+
+def test_list_params_refuse_an_n_that_is_not_k():
+    """A list element's n must be 1 or k = rows / len(params): generate() gives each prompt
+    k rows, so any other n would silently give k sequences instead of n."""
+    from samplers.integrations.hf import expand_params
+
+    one, three = SamplingParams(seed=1), SamplingParams(seed=1, n=3)
+    with pytest.raises(ValueError, match=r"params\[0\] has n=3.*k=2.*num_return_sequences=3"):
+        expand_params([three], 2)
+    # one row per element (num_return_sequences forgotten): k = 1
+    with pytest.raises(ValueError, match=r"params\[1\] has n=3.*k=1.*num_return_sequences=3"):
+        expand_params([one, three], 2)
+    with pytest.raises(ValueError, match=r"params\[1\] has n=2.*k=3.*num_return_sequences=2"):
+        expand_params([three, SamplingParams(n=2)], 6)
+    # through the processor, the layout generate() passes for n=2 without num_return_sequences
+    with pytest.raises(ValueError, match=r"params\[0\] has n=2.*k=1"):
+        _call([SamplingParams(seed=1, n=2)], [[5, 6, 7]])
+    # allowed: n == k, and n == 1 beside it (k rows, sequences 0..k-1, as before)
+    rows, idx = expand_params([one, three], 6)
+    assert rows == [one] * 3 + [three] * 3 and idx == [0, 1, 2, 0, 1, 2]
+    assert expand_params([one, one], 2)[1] == [0, 0]
 
 
 def _call(params, ids, V=64):
@@ -270,6 +292,64 @@ def test_processor_reused_on_a_new_prompt_of_the_next_length(tiny):
 
     assert run(proc) == run(SamplersLogitsProcessor(p))
     assert proc.prompt_length == 8
+
+
+def test_processor_refuses_a_stale_attention_mask():
+    """An attention_mask belongs to the first generation that starts after it: the same
+    prompts again keep it, other prompts need reset(attention_mask=...) (or reset() for none)."""
+    V = 64
+    proc = SamplersLogitsProcessor(SamplingParams(seed=3, dry_multiplier=0.8),
+                                   attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+    def lengths(ids):
+        proc(torch.tensor(ids), torch.randn(len(ids), V))
+        return proc.batch.history.prompt_lengths.tolist()
+
+    padded = [[0, 5, 6], [7, 8, 9]]
+    assert lengths(padded) == [2, 3]
+    lengths([[0, 5, 6, 1], [7, 8, 9, 2]])  # its continuation
+    assert lengths(padded) == [2, 3]      # generate run again on the same inputs: the mask holds
+    stale = r"attention_mask was given for the prompts of an earlier generation.*reset\(attention_mask=\.\.\.\)"
+    with pytest.raises(ValueError, match=stale):  # same shape: the old mask would drop a real token
+        lengths([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=stale):  # another shape
+        lengths([[1, 2]])
+    proc.reset(attention_mask=torch.tensor([[1, 1, 1], [0, 0, 1]]))
+    assert lengths([[1, 2, 3], [0, 0, 6]]) == [3, 1]
+    with pytest.raises(ValueError, match=stale):  # that mask now belongs to those prompts
+        lengths(padded)
+    proc.reset()
+    assert lengths(padded) == [3, 3]
+    assert lengths([[4], [5]]) == [1, 1]  # no mask: any prompts
+    # a first generation that fails (n=2 without num_return_sequences) does not take the mask
+    proc = SamplersLogitsProcessor(SamplingParams(n=2), attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="not 2 copies"):
+        lengths([[0, 5, 6], [1, 2, 3]])
+    assert lengths([[0, 5, 6], [0, 5, 6]]) == [2, 2]
+    # a mask of another width than the prompts
+    proc = SamplersLogitsProcessor(SamplingParams(), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 2\).*prompts of 3 tokens"):
+        lengths([[5, 6, 7]])
+
+
+def test_processor_reused_with_reset_attention_mask(tiny):
+    """One processor over two generate() calls on differently padded prompts: with
+    reset(attention_mask=...) the second gives a fresh processor's tokens; without, a ValueError."""
+    model, tok = tiny
+    p = SamplingParams(seed=6, dry_multiplier=0.8, repetition_penalty=1.3, max_tokens=8)
+    other = ["x", "for i in range(10):\n    print(i)"]
+    enc2 = tok(other, return_tensors="pt", padding=True)
+    assert enc2["attention_mask"].min() == 0  # the case is not trivial: padding to leave out
+    kw = neutral_generate_kwargs(model, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    fresh, _ = _hf_generate(model, tok, other, p, 8)
+    _, proc = _hf_generate(model, tok, PROMPTS, p, 8)
+    with pytest.raises(ValueError, match=r"reset\(attention_mask=\.\.\.\) with the new prompts' attention mask"):
+        model.generate(**enc2, logits_processor=[proc], **kw)
+    proc.reset(attention_mask=enc2["attention_mask"])
+    again = model.generate(**enc2, logits_processor=[proc], **kw)
+    assert again[:, enc2["input_ids"].shape[1]:].tolist() == fresh
+    # (padding does not change these tokens: the history is what shows the new mask applied)
+    assert proc.batch.history.prompt_lengths.tolist() == enc2["attention_mask"].sum(1).tolist()
 
 
 def test_processor_continuation_is_exact():

@@ -9,7 +9,8 @@ and temperature / top-k / top-p / min-p keep the single finite token). So the to
 seeds and ``n`` are exactly those of :func:`samplers.generate` on the same model (tested; pass
 ``num_return_sequences=n``, see :func:`expand_params` for how rows map to sequences), and
 each step's logprobs are in ``processor.outputs``. Left-padded prompts: pass the
-``attention_mask`` to the processor so padding stays out of the history.
+``attention_mask`` to the processor so padding stays out of the history (and to
+``processor.reset(attention_mask=...)`` before reusing it on other prompts).
 
 Making ``generate`` apply nothing of its own
 --------------------------------------------
@@ -152,8 +153,12 @@ def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows:
     (``repeat_interleave``); sequence index j = 0..k-1 keys row j's seeded stream, as ``n``
     does in :func:`samplers.generate`.
 
-    * A list of P SamplingParams: rows must be P (one each) or P * k (one per prompt, k rows
-      each, sequence indices 0..k-1; k comes from the row count).
+    * A list of P SamplingParams, one per prompt: rows must be P * k for a whole k
+      (``num_return_sequences=k``; k = 1 gives one row each), and each prompt has k rows,
+      sequences 0..k-1. An element's ``n`` must be 1 (then k comes from the row count alone)
+      or k: an element with ``n > 1`` and ``n != k`` is a ``ValueError`` naming its index, its
+      n and k (pass ``num_return_sequences=n``), and so is ``n > 1`` with one row per
+      element (k = 1: ``num_return_sequences`` forgotten).
     * One SamplingParams ``p``: it applies to every prompt, and each prompt has ``p.n`` rows
       (pass ``num_return_sequences=p.n``): row r is sequence ``r % p.n`` of its prompt, so the
       rows are exactly those of ``samplers.generate(prompts, p)`` (for one prompt, the same as
@@ -182,6 +187,14 @@ def expand_params(params: Union[SamplingParams, Sequence[SamplingParams]], rows:
         raise ValueError(f"got {len(params)} SamplingParams for {rows} rows: give one, one per row, "
                          f"or one per prompt with num_return_sequences rows each")
     k = rows // len(params)
+    # An element's n is a number of sequences the user asked for; generate() gives each
+    # prompt k rows, so any other n > 1 would silently yield k sequences instead of n.
+    wrong = next((i for i, p in enumerate(params) if p.n > 1 and p.n != k), None)
+    if wrong is not None:
+        n = params[wrong].n
+        raise ValueError(f"params[{wrong}] has n={n}, but generate() passed {rows} rows for {len(params)} "
+                         f"SamplingParams, k={k} rows per prompt: an element's n must be 1 or k, pass "
+                         f"num_return_sequences={n}")
     return [p for p in params for _ in range(k)], [j for _ in params for j in range(k)]
 
 
@@ -234,12 +247,14 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
 
     Args:
         params: one SamplingParams for every prompt (each with ``n`` rows: pass
-            ``num_return_sequences=n``), or a list: one per row, or one per prompt with
-            ``num_return_sequences`` rows each. See :func:`expand_params` for the sequence
-            indices and the ValueErrors of a layout that would repeat a seeded sequence.
+            ``num_return_sequences=n``), or a list, one per prompt with
+            ``num_return_sequences=k`` rows each (k = 1: one per row), each element's ``n``
+            1 or k. See :func:`expand_params` for the sequence indices and the ValueErrors of
+            a layout that would repeat a seeded sequence or ignore an element's ``n``.
         eos_token_ids: the model's EOS id(s), banned while a row is below ``min_tokens``.
         attention_mask: the prompt's attention mask, when prompts are left-padded: padding
-            is then left out of each row's history (DRY, penalties, n-grams read it).
+            is then left out of each row's history (DRY, penalties, n-grams read it). It
+            belongs to the first generation that starts after it (see below).
         pipeline: a SamplerPipeline (default: the torch/auto backend, generator from ``seed``).
         mode: "choose" (default) returns a one-hot mask of our drawn token (works with
             do_sample False or True); "process" returns the processed logits and lets
@@ -252,7 +267,14 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     generation, so one processor can serve several ``generate`` calls one after the other.
     By that rule, ``generate(input_ids=previous_output)`` continues the previous generation
     (history, ``min_tokens`` and seeded step count go on, as one longer ``generate`` would);
-    call :meth:`reset` first to start afresh from it. After each step,
+    call :meth:`reset` first to start afresh from it.
+
+    An ``attention_mask`` (given here or to :meth:`reset`) is that of one set of prompts: it
+    belongs to the first generation that starts after it was given. A later generation on
+    the very same ``input_ids`` (``generate`` run again on the same inputs) keeps it; one on
+    other prompts while a mask is set is a ``ValueError``: call
+    ``reset(attention_mask=new_mask)`` with the new prompts' mask first, or ``reset()`` for
+    none. After each step,
     ``last_output`` holds the SamplerOutput (tokens, logprobs, top logprobs) and
     ``logprobs`` the per-step list of them.
     """
@@ -272,6 +294,9 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.attention_mask = attention_mask
+        # the first-call input_ids of the generation that attention_mask was applied to (None:
+        # not applied yet); another generation may reuse the mask only on these same prompts
+        self._mask_prompts: Optional[torch.Tensor] = None
         self.pipeline = pipeline if pipeline is not None else SamplerPipeline("auto", seed=seed)
         self.mode = mode
         self.batch: Optional[SamplingBatch] = None
@@ -287,10 +312,24 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     # -------------------------------------------------------------- state
     def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
         rows = input_ids.shape[0]
+        mask = self.attention_mask
+        owner = self._mask_prompts
+        if mask is not None and owner is not None and not (
+                owner.shape == input_ids.shape and torch.equal(owner, input_ids.to(owner.device))):
+            # the mask is the previous prompts': applied to these it would keep or drop the
+            # wrong tokens (or fail on a shape that merely differs)
+            raise ValueError(
+                f"attention_mask was given for the prompts of an earlier generation "
+                f"({tuple(owner.shape)} input_ids), and a new generation starts on other prompts "
+                f"({tuple(input_ids.shape)} input_ids): call reset(attention_mask=...) with the new prompts' "
+                f"attention mask before this generate(), or reset() for none")
         self.row_params, seq_idx = expand_params(self.params, rows, input_ids, our_draw=self.mode == "choose")
         prompts = input_ids.tolist()
-        mask = self.attention_mask
         if mask is not None:
+            if mask.dim() != 2 or mask.shape[1] != input_ids.shape[1]:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but generate() passed prompts of "
+                                 f"{input_ids.shape[1]} tokens: give the [prompts, {input_ids.shape[1]}] mask of "
+                                 f"the prompts passed to generate()")
             if mask.shape[0] != rows:  # one mask row per prompt, rows expanded by n
                 if rows % mask.shape[0]:
                     raise ValueError(f"attention_mask has {mask.shape[0]} rows, but generate() passed {rows} "
@@ -308,11 +347,18 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         self._ids[:, :L] = input_ids
         self._outputs: list[list[int]] = [[] for _ in range(rows)]
         self.outputs = []
+        if mask is not None and owner is None:  # recorded once the mask was applied without error
+            self._mask_prompts = input_ids.clone()
 
-    def reset(self) -> None:
-        """Forget the current generation; the next call starts a new one."""
+    def reset(self, *, attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Forget the current generation; the next call starts a new one.
+
+        ``attention_mask`` is the mask of the next generation's prompts (left padding), which
+        replaces the current one; ``None`` (the default) means no mask."""
         self.batch = None
         self._ids = None
+        self.attention_mask = attention_mask
+        self._mask_prompts = None
 
     def _continues(self, input_ids: torch.Tensor) -> bool:
         """Whether ``input_ids`` are the previous call's plus one column (one B x L compare
