@@ -59,6 +59,14 @@ class LanePacked:
         out[self.flat] = self.at_entries(packed)
         return torch.from_numpy(out).view(self.shape)
 
+    def token_ids(self, at: np.ndarray) -> np.ndarray:
+        """The token ids (columns of the full rows) at the packed columns ``at`` (``[B, j]``
+        int64, places of kept entries, row by row)."""
+        columns = np.full(self.values.numel(), -1, dtype=np.int64)
+        columns[self._pos] = self.flat % self.shape[1]
+        width = self.values.shape[1]
+        return columns[np.arange(self.shape[0])[:, None] * width + at]
+
     def at_tokens(self, packed: torch.Tensor, tokens: torch.Tensor, fill: float) -> torch.Tensor:
         """``[B]`` float32: ``packed``'s value at each row's token (``tokens`` ``[B]`` int64),
         ``fill`` where the token is not a kept entry."""

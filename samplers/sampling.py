@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ._lanes import in_token_order, lane_pack
+from ._lanes import LanePacked, in_token_order, lane_pack
 from .functional._stats import cumsum_is_running_sum, flat_not_below, packed_columns
 
 PURPOSE_DRAW = 0
@@ -309,6 +309,9 @@ def compute_logprobs(
         chosen = rows.at_tokens(packed, token_ids, float("-inf"))
         if num_top == 0:
             return chosen, None
+        top = _top_of_lanes(rows, packed, source, min(num_top, source.shape[-1]))
+        if top is not None:
+            return chosen, top
         logp = rows.expand(packed, float("-inf"))
     else:
         logp = torch.log_softmax(source, dim=-1)
@@ -321,6 +324,31 @@ def compute_logprobs(
             values, ids = logp.topk(k, dim=-1)
             top = (ids, values)
     return chosen, top
+
+
+def _top_of_lanes(rows: LanePacked, packed: torch.Tensor, source: torch.Tensor, k: int
+                  ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``torch.log_softmax(source).topk(k)``'s ``(ids, values)`` from ``packed``, the
+    log_softmax of ``rows`` (``lane_pack(source)``), or None when ``k`` exceeds the packed width.
+
+    Where a row's answer depends on how ``topk`` orders equal values (a tie at or above the
+    ``k``-th place) or reaches past its kept entries (fewer than ``k``), ``topk`` of that
+    row's full log_softmax gives it (the same bits: the kernel works row by row). In every
+    other row the ``k`` largest values are distinct and above every other entry, so the
+    packed rows' selection is the full rows', in the same order."""
+    if k + 1 > packed.shape[1]:
+        return None
+    values, at = packed.topk(k + 1, dim=-1)
+    # (strictly decreasing over k + 1 places: distinct, the k-th above the rest, all finite
+    # but maybe the last)
+    exact = (values[:, :k] > values[:, 1:]).all(dim=-1) & (values[:, k - 1] > float("-inf"))
+    ids = torch.from_numpy(rows.token_ids(at[:, :k].numpy()))
+    values = values[:, :k].contiguous()
+    if not bool(exact.all()):
+        redo = (~exact).nonzero()[:, 0]
+        redo_values, redo_ids = torch.log_softmax(source.index_select(0, redo), dim=-1).topk(k, dim=-1)
+        ids[redo], values[redo] = redo_ids, redo_values
+    return ids, values
 
 
 #: ``_top_of_packed`` selects among the finite entries when at most 1 / this of them are finite.

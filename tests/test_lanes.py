@@ -129,7 +129,7 @@ def test_draw_and_logprobs_through_the_packing_equal_the_full_rows(monkeypatch):
         full = torch.log_softmax(x, dim=-1)
         # the drawn tokens, and tokens that are removed (their log-probability is -inf)
         for ids in (tokens, torch.from_numpy(rng.integers(0, vocab, batch))):
-            for k in (0, 3):
+            for k in (0, 3, 20):  # (20: past some rows' kept entries, or the packed width)
                 chosen, top = compute_logprobs(x, x, torch.zeros(batch, dtype=torch.bool), ids, k, any_raw=False)
                 want = full.gather(-1, ids[:, None])[:, 0]
                 assert torch.equal(chosen.view(torch.int32), want.view(torch.int32))
