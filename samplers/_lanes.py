@@ -59,6 +59,15 @@ class LanePacked:
         out[self.flat] = self.at_entries(packed)
         return torch.from_numpy(out).view(self.shape)
 
+    def in_token_order(self, values: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """``values`` (one per kept entry, in ``flat``'s order) packed to the left of ``[B, K]``
+        rows in token order (0 after each row's), and the index in ``flat`` of each row's first."""
+        row, counts, starts, cols = packed_columns(self.flat, self.shape)
+        width = int(counts.max())
+        out = np.zeros(self.shape[0] * width, dtype=np.float32)
+        out[row * width + cols] = values
+        return torch.from_numpy(out).view(self.shape[0], width), starts
+
     def token_ids(self, at: np.ndarray) -> np.ndarray:
         """The token ids (columns of the full rows) at the packed columns ``at`` (``[B, j]``
         int64, places of kept entries, row by row)."""
@@ -122,16 +131,6 @@ def _pack(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], lanes: i
     packed = np.full(batch * width, -np.inf, dtype=np.float32)
     packed[pos] = values
     return LanePacked(torch.from_numpy(packed).view(batch, width), flat, pos, shape)
-
-
-def in_token_order(rows: LanePacked, values: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """``values`` (one per kept entry, in ``rows.flat``'s order) packed to the left of ``[B, K]``
-    rows in token order (0 after each row's), and the index in ``rows.flat`` of each row's first."""
-    row, counts, starts, cols = packed_columns(rows.flat, rows.shape)
-    width = int(counts.max())
-    out = np.zeros(rows.shape[0] * width, dtype=np.float32)
-    out[row * width + cols] = values
-    return torch.from_numpy(out).view(rows.shape[0], width), starts
 
 
 def simd_lanes() -> Optional[int]:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ._lanes import LanePacked, in_token_order, lane_pack
+from ._lanes import LanePacked, lane_pack
 from .functional._stats import cumsum_is_running_sum, flat_not_below, packed_columns
 
 PURPOSE_DRAW = 0
@@ -234,7 +234,7 @@ def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.T
     rows = lane_pack(work)
     if rows is None:  # (rows mostly kept, no truncation: full-width passes)
         return _draw_tokens_dense(work, greedy, uniforms)
-    probs, starts = in_token_order(rows, rows.at_entries(torch.softmax(rows.values, dim=-1)))
+    probs, starts = rows.in_token_order(rows.at_entries(torch.softmax(rows.values, dim=-1)))
     cdf = probs.cumsum(dim=-1)
     target = (uniforms.to(torch.float32) * cdf[:, -1]).unsqueeze(-1)
     j = torch.searchsorted(cdf, target, right=True).squeeze(-1)
