@@ -156,3 +156,54 @@ def test_most_random_cases_take_the_packed_path(monkeypatch):
             SamplerPipeline("torch", seed=3).process(x, batch)
         taken += bool(adopted)
     assert taken >= 12
+
+
+def test_tfs_after_a_truncation_to_two_tokens_is_not_skipped(monkeypatch):
+    """Rows packed to fewer than 3 columns (top_k = 2 kept two tokens) still have the full
+    rows' second differences: tfs must not take them for a vocabulary of 2. Hand-computed:
+    p = (12/13, 1/13) after top_k, d2 = (|p1 - 2 p2|, p2) = (10/13, 1/13), normalised
+    c = (10/11, 1); z = 0.9 < 10/11 keeps the top token only."""
+    x = torch.full((1, V), -20.0)
+    x[0, 7] = float(np.log(12.0))
+    x[0, 900] = 0.0
+    batch = SamplingBatch(SamplingParams(top_k=2, tfs=0.9), [[]], [[]], vocab_size=V)
+    fast, ref, fast_draw, ref_draw, adopted = _run_both(monkeypatch, x, batch)
+    assert adopted  # (the chain packed the rows after top_k)
+    assert torch.isfinite(fast[0]).nonzero().flatten().tolist() == [7]
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(fast_draw, ref_draw)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_packed_chain_after_a_truncation_to_one_to_three_tokens(seed, monkeypatch):
+    """top_k of 1-3 first, then every other sampler in a random order: the chain's packed
+    rows are 1-3 columns wide (narrower than any rule's small-vocabulary case) and must give
+    the unpacked chain's bits."""
+    rng = np.random.default_rng(1000 + seed)
+    order = [SamplerID.TOP_P_TOP_K] + [s for s in _orders(rng) if s != SamplerID.TOP_P_TOP_K]
+    B = int(rng.integers(1, 4))
+    params = []
+    for _ in range(B):
+        on = lambda p: rng.random() < p  # noqa: E731
+        kw = dict(top_k=int(rng.integers(1, 4)), sampler_priority=order, seed=int(rng.integers(0, 2**31)),
+                  temperature=float(rng.uniform(0.3, 1.5)) if on(0.5) else 1.0,
+                  top_p=float(rng.uniform(0.3, 1.0)) if on(0.4) else 1.0,
+                  min_p=float(rng.uniform(0.0, 0.6)) if on(0.4) else 0.0,
+                  top_a=float(rng.uniform(0.0, 0.9)) if on(0.4) else 0.0,
+                  tfs=float(rng.uniform(0.05, 1.0)) if on(0.6) else 1.0,
+                  typical_p=float(rng.uniform(0.05, 1.0)) if on(0.4) else 1.0,
+                  eta_cutoff=float(rng.uniform(0.0, 0.5)) if on(0.4) else 0.0,
+                  epsilon_cutoff=float(rng.uniform(0.0, 0.5)) if on(0.4) else 0.0,
+                  nsigma=float(rng.uniform(0.1, 3.0)) if on(0.4) else 0.0,
+                  xtc_threshold=float(rng.uniform(0.0, 0.5)), xtc_probability=float(rng.random()) if on(0.5) else 0.0,
+                  smoothing_factor=float(rng.uniform(0.0, 2.0)) if on(0.4) else 0.0,
+                  skew=float(rng.normal()) if on(0.3) else 0.0)
+        if on(0.4):
+            kw.update(dynatemp_min=float(rng.uniform(0.1, 0.8)), dynatemp_max=float(rng.uniform(0.8, 2.0)))
+        params.append(SamplingParams(**kw))
+    batch = SamplingBatch(params, [[] for _ in range(B)], [[] for _ in range(B)], vocab_size=V)
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * float(rng.uniform(0.5, 4.0)))
+    if rng.random() < 0.3:
+        x = torch.round(x * 2) / 2  # ties
+    fast, ref, fast_draw, ref_draw, _ = _run_both(monkeypatch, x, batch)
+    assert torch.equal(_bits(fast), _bits(ref))
+    assert torch.equal(fast_draw, ref_draw)

@@ -663,11 +663,12 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
     """
     check_logits(logits)
     z = row_param(tfs, logits, _F32, "tfs", 0.0, lo_open=True)
-    if logits.shape[1] < 3:  # no second differences: every token is kept
-        return logits.clone()
     # Packed rows keep two removed tokens (probability 0) after the widest row's tokens, so
     # the second differences at the end of each row's sorted probabilities are the same.
     sparse = compact_rows(logits, pad=2, min_width=3)
+    # (the full rows' width decides: a chain's packed rows may be narrower than 3 columns)
+    if (logits.shape[1] if sparse is None else sparse.shape[1]) < 3:
+        return logits.clone()  # no second differences: every token is kept
     if sparse is not None:
         return sparse.expand_truncated(_tfs(sparse.logits, z, sparse))
     return _tfs(logits, z)
