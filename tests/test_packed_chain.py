@@ -158,6 +158,44 @@ def test_most_random_cases_take_the_packed_path(monkeypatch):
     assert taken >= 12
 
 
+@pytest.mark.parametrize("removed", [False, True], ids=["finite", "removed-tokens"])
+def test_nsigma_hands_its_few_tokens_on_packed(removed, monkeypatch):
+    """nsigma on full rows usually keeps a few tokens per row: inside the chain it hands them
+    on packed (rows of at most V / 8 columns, no [B, V] result for the next sampler to pack
+    again), with the unpacked chain's bits. The next sampler, a min_p that removes nothing,
+    passes nsigma's tokens through."""
+    from samplers.functional import truncation
+
+    rng = np.random.default_rng(5)
+    B = 6
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 3)
+    if removed:  # (nsigma's statistics then skip them: its path for rows with removed tokens)
+        x[:, rng.integers(0, V, 40)] = float("-inf")
+    nsigma = np.array([0.5, 1.0, 1.5, 2.0, 1.2, 0.8], dtype=np.float32)
+    params = [SamplingParams(nsigma=float(n), min_p=1e-30, seed=1,
+                             sampler_priority=[SamplerID.TOP_NSIGMA, SamplerID.MIN_P]) for n in nsigma]
+    batch = SamplingBatch(params, [[] for _ in range(B)], [[] for _ in range(B)], vocab_size=V)
+    widths = []
+    real = truncation._keep_at_least_if_few
+
+    def spy(*args):
+        out = real(*args)
+        widths.append(None if out is None else out.shape[1])
+        return out
+
+    monkeypatch.setattr(truncation, "_keep_at_least_if_few", spy)
+    fast, ref, fast_draw, ref_draw, _ = _run_both(monkeypatch, x, batch)
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(fast_draw, ref_draw)
+    assert len(widths) == 2 and all(w is not None and w * 8 <= V for w in widths)  # process, sample
+    # against float64: keep l >= max - n * std over the finite logits
+    for b in range(B):
+        row = x[b].double().numpy()
+        finite = row[np.isfinite(row)]
+        threshold = finite.max() - float(nsigma[b]) * finite.std(ddof=1)
+        assert np.abs(finite - threshold).min() > 1e-4  # (no token within rounding of it)
+        assert np.array_equal(torch.isfinite(fast[b]).numpy(), row >= threshold), b
+
+
 def test_tfs_after_a_truncation_to_two_tokens_is_not_skipped(monkeypatch):
     """Rows packed to fewer than 3 columns (top_k = 2 kept two tokens) still have the full
     rows' second differences: tfs must not take them for a vocabulary of 2. Hand-computed:

@@ -206,6 +206,34 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     return _sparse_result(flat, xn.reshape(-1)[flat], logits.shape, top_level)
 
 
+#: The stride of the sample from which ``_keep_at_least_if_few`` judges how many entries pass.
+_PASS_SAMPLE_STRIDE = 61
+
+
+def _keep_at_least_if_few(l32: Tensor, threshold: Tensor, scratch: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``keep_logits_at_least(l32, l32, threshold)`` written entry by entry (``_sparse_result``,
+    top-level: packed rows inside a chain step that hands them on) when at most
+    ``1 / _TOP_K_SPARSE_FRACTION`` of the entries pass; None otherwise (judged first from every
+    ``_PASS_SAMPLE_STRIDE``-th entry, so that dense rows cost no pass here).
+
+    For contiguous float32 CPU rows ``l32`` without NaN or ``+inf`` (``-inf`` may be) and
+    thresholds ``[B]`` that are finite or ``-inf``: an entry passes iff ``l >= t`` (a ``-inf``
+    entry of a ``-inf``-threshold row passes and is written as the ``-inf`` it is), which is
+    where ``keep_logits_at_least`` keeps the entry's bits; the others are ``-inf`` in both."""
+    xn, tn = l32.numpy(), threshold.numpy()
+    batch, vocab = xn.shape
+    flat_sample = xn.reshape(-1)[::_PASS_SAMPLE_STRIDE]
+    sample_rows = np.arange(0, xn.size, _PASS_SAMPLE_STRIDE) // vocab
+    passing = np.count_nonzero(flat_sample >= tn[sample_rows])
+    # (a margin of 2: the sample's share is an estimate; a wrong guess costs one pass, not values)
+    if 2 * passing * _TOP_K_SPARSE_FRACTION > flat_sample.size:
+        return None
+    flat = flat_not_below(xn, tn)
+    if flat.size * _TOP_K_SPARSE_FRACTION > xn.size:
+        return None
+    return _sparse_result(flat, xn.reshape(-1)[flat], (batch, vocab), top_level=True, scratch=scratch)
+
+
 def _sparse_result(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], top_level: bool,
                    scratch: Optional[Tensor] = None) -> Tensor:
     """A truncation's result when it keeps ``values`` at the flat indices ``flat`` (increasing)
@@ -866,7 +894,9 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         count = (l32.shape[1] - n_removed).to(_F32)[:, None]
         lf = l32.nan_to_num(neginf=0.0)
         mean = row_sum(lf) / count.clamp_min(1)
-        scratch = torch.nn.functional.mse_loss(lf, mean.expand_as(lf), reduction="none")
+        # (l - mean)**2 in lf's own buffer (mse_loss's bits: the same sub and square), a [B, V]
+        # temporary fewer: at [64, 32000] a third one no longer fits the caches
+        scratch = lf.sub_(mean).square_()
         scratch.view(-1)[removed] = 0.0  # (the masked path's (0 - mean) * 0, squared)
         sq = row_sum(scratch)
     else:
@@ -896,6 +926,14 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
         # The top token(s) pass l >= threshold: no top-token mask needed.
         thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
+        if (sparse is None and (all_finite or removed_only) and logits is l32 and _numpy_rows(l32)
+                and packed_result_wanted()):
+            # n sigmas below the max usually leave a few tokens per row: inside a chain they are
+            # handed on packed, without a [B, V] result for the next sampler to pack again
+            # (outside, the keep by sign below is the faster: finding the few costs more)
+            out = _keep_at_least_if_few(l32, thr, scratch)
+            if out is not None:
+                return out
         # (the squares' buffer becomes the output)
         return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite or removed_only,
                                     not_packable=sparse is None)
