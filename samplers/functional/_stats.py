@@ -831,8 +831,13 @@ def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], p
     """``SparseRows`` of the ``shape`` rows that are ``-inf`` except ``values`` at the flat
     indices ``flat`` (increasing): each row's entries to the left, ``pad`` free columns after
     the widest, at least ``min_width`` columns (both capped at ``V``). None when the packed
-    rows would not be narrow enough to pay (see ``_SPARSE_FRACTION``), unless ``force``."""
+    rows would not be narrow enough to pay (see ``_SPARSE_FRACTION``) or the rows are shorter
+    than ``_SPARSE_MIN_VOCAB``, as ``compact_rows`` decides, unless ``force``. (Below that
+    width a row's packed positions may fall in the scalar tail of torch's loops over the
+    full row, whose ``pow`` rounds differently: see ``skew._pow_packed``.)"""
     batch, vocab = shape
+    if not force and vocab < _SPARSE_MIN_VOCAB:
+        return None
     rows, counts, _, cols = packed_columns(flat, shape)
     width = min(vocab, max(int(counts.max(initial=0)) + pad, min_width))
     if not force and (width * _SPARSE_FRACTION > vocab or width == vocab):
