@@ -261,3 +261,30 @@ def test_short_rows_are_never_packed(monkeypatch):
             fast, ref, fast_draw, ref_draw, adopted = _run_both(monkeypatch, x, batch)
             assert not adopted
             assert torch.equal(_bits(fast), _bits(ref)), (vocab, seed)
+
+
+def test_nsigma_takes_the_removed_tokens_dynatemp_found(monkeypatch):
+    """Dynamic temperature finds the removed tokens of its rows; its division keeps them as
+    they are, and nsigma, next in the chain, takes them from the note (no second search),
+    with the unpacked chain's bits. Outside a chain nothing is noted."""
+    import importlib
+
+    import samplers.functional as F
+
+    truncation = importlib.import_module("samplers.functional.truncation")
+    rng = np.random.default_rng(8)
+    B = 5
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 3)
+    x[:, rng.integers(0, V, 30)] = float("-inf")  # (removed before the chain: a ban, a bias)
+    x[2, 100:400] = float("-inf")
+    params = SamplingParams(dynatemp_min=0.5, dynatemp_max=1.5, nsigma=2.0, min_p=1e-30, seed=2)
+    batch = SamplingBatch(params, [[] for _ in range(B)], [[] for _ in range(B)], vocab_size=V)
+    searches = []
+    real = truncation.removed_tokens
+    monkeypatch.setattr(truncation, "removed_tokens", lambda t: (searches.append(1), real(t))[1])
+    fast, ref, fast_draw, ref_draw, _ = _run_both(monkeypatch, x, batch)
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(fast_draw, ref_draw)
+    assert len(searches) == 2  # (the unpacked chain's process and sample: nothing to take there)
+    assert _stats.noted_removed(x) is None
+    t = F.temperature(x, torch.full((B,), 0.7))
+    assert _stats.noted_removed(t) is None

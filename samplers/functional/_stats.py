@@ -58,6 +58,8 @@ __all__ = [
     "packed_chain",
     "packed_result_wanted",
     "note_live_hint",
+    "note_removed",
+    "noted_removed",
     "pack_entries",
     "packed_columns",
     "count_true",
@@ -937,7 +939,7 @@ class PackedChain:
     elementwise): samplers that read token ids need the full rows (``expand``).
     """
 
-    __slots__ = ("rows", "armed", "keeps_packed")
+    __slots__ = ("rows", "armed", "keeps_packed", "removed")
 
     def __init__(self) -> None:
         self.rows: Optional[SparseRows] = None
@@ -949,6 +951,8 @@ class PackedChain:
         #: which the caller needs the full rows: its result is expanded at once, as outside
         #: a chain, instead of packed and then expanded)
         self.keeps_packed = True
+        #: ``note_removed``'s note: (tensor, its version, flat indices, counts per row)
+        self.removed: Optional[tuple[Tensor, Optional[int], Tensor, Tensor]] = None
 
     def run(self, sampler: Callable[[Tensor], Tensor], x: Tensor, last: bool = False) -> Tensor:
         """``sampler(x)`` as a step of this chain: ``x`` (``[B, V]`` rows, or this chain's
@@ -1010,6 +1014,29 @@ class PackedChain:
 
 _CHAIN: contextvars.ContextVar[Optional[PackedChain]] = contextvars.ContextVar("samplers_packed_chain",
                                                                                 default=None)
+
+
+def note_removed(tensor: Tensor, flat: Tensor, counts: Tensor) -> None:
+    """Inside a chain step (``packed_chain``), note that the only non-finite entries of the
+    ``[B, V]`` float32 ``tensor`` (a sampler's input or result) are ``-inf`` at the flat
+    indices ``flat`` (``removed_tokens``' result: int64, increasing, and ``counts`` per row),
+    for a later sampler of the same chain that is given that very tensor, unwritten since
+    (``noted_removed``): it skips its own search. Outside a chain nothing is noted: between a
+    caller's calls the tensor could be written through a numpy view, which its version counter
+    does not see; inside, only the chain's samplers run, and they write their own results."""
+    chain = _CHAIN.get()
+    if chain is not None:
+        chain.removed = (tensor, _version_of(tensor), flat, counts)
+
+
+def noted_removed(tensor: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``note_removed``'s ``(flat, counts)`` when they were noted for ``tensor`` in this chain
+    and it has not been written since; else None."""
+    chain = _CHAIN.get()
+    noted = None if chain is None else chain.removed
+    if noted is None or noted[0] is not tensor or noted[1] is None or _version_of(tensor) != noted[1]:
+        return None
+    return noted[2], noted[3]
 
 
 def is_chain_rows(x: Tensor) -> bool:

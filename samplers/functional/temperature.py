@@ -27,6 +27,8 @@ from ._stats import (
     entropy_of_logits,
     fill_removed,
     is_finite,
+    note_removed,
+    noted_removed,
     removed_tokens,
     row_param,
     saturate_finite,
@@ -65,7 +67,12 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
     safe_t = torch.where(enabled, t, torch.ones_like(t))
     l32 = upcast(logits)
     out = saturate_finite(l32 / safe_t[:, None], l32)
-    return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+    result = select_rows(enabled, cast_saturating(out, logits.dtype), logits)
+    removed = noted_removed(logits)
+    if removed is not None and result is not logits:
+        # (l / T with T > 0: -inf stays -inf, finite stays finite, saturating: the same removed tokens)
+        note_removed(result, *removed)
+    return result
 
 
 def dynamic_temperature(
@@ -138,6 +145,8 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
         # (a grammar's mask, a banned EOS), found and counted once.
         removed, n_removed = removed_tokens(stats)
         n = stats.shape[1] - n_removed
+        if rows is None:  # (for the division by T and the next sampler: see note_removed)
+            note_removed(stats, removed, n_removed)
     else:
         n = count_true(is_finite(stats))
     # (the selected rows are a copy: their buffer is reused)

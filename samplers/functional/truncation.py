@@ -42,6 +42,7 @@ from ._stats import (
     keep_at_least,
     keep_logits_at_least,
     note_live_hint,
+    noted_removed,
     pack_entries,
     packed_columns,
     packed_result_wanted,
@@ -865,8 +866,13 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     row_max = l32.amax(dim=-1, keepdim=True)
     total = None
     removed_only = False
+    finite = removed = None
+    noted = noted_removed(l32) if sparse is None else None
     if l32.device.type != "cpu":
         all_finite = False
+    elif noted is not None:
+        # (a sampler before it in this chain found the removed tokens, the only non-finite logits)
+        (removed, n_removed), all_finite, removed_only = noted, False, True
     elif sparse is None:
         # Every row sum finite: every logit is (an inf or NaN term makes its sum inf or NaN;
         # a sum that overflows takes the masked path, which gives the same values then).
@@ -877,7 +883,6 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     else:
         # (packed rows: min and max finite, two cheap reductions instead of a [B, K] mask)
         all_finite = bool(((l32.amin(dim=-1) > float("-inf")) & (row_max[:, 0] < float("inf"))).all())
-    finite = removed = None
     if all_finite:
         # Untruncated rows: the zeroing below would change nothing.
         count = torch.full((l32.shape[0], 1), float(l32.shape[1]), device=l32.device)
@@ -890,7 +895,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         # Rows with removed tokens (-inf) and nothing else non-finite, as a grammar's mask or an
         # earlier sampler leaves them: the masked path's values, with the mask applied once to
         # the squares instead of converting it to float and multiplying every deviation by it.
-        removed, n_removed = removed_tokens(l32)
+        if removed is None:
+            removed, n_removed = removed_tokens(l32)
         count = (l32.shape[1] - n_removed).to(_F32)[:, None]
         lf = l32.nan_to_num(neginf=0.0)
         mean = row_sum(lf) / count.clamp_min(1)
