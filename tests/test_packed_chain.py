@@ -20,22 +20,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-def _row_params(rng: np.random.Generator, order: list[SamplerID] | None) -> SamplingParams:
-    """One row's parameters: most samplers on, at values that keep a few hundred tokens or fewer."""
+def _row_params(rng: np.random.Generator, order: list[SamplerID] | None, strong: bool = False,
+                **fixed) -> SamplingParams:
+    """One row's parameters: most samplers on, at values that keep a few hundred tokens or fewer;
+    ``strong``: the truncations over wider intervals (they may leave a row one or two tokens).
+    ``fixed``: parameters set instead of drawn."""
     on = lambda p: rng.random() < p  # noqa: E731
+    wide = lambda usual, wider: wider if strong else usual  # noqa: E731
     kw = dict(
         temperature=float(rng.uniform(0.3, 1.5)) if on(0.8) else 1.0,
         top_k=int(rng.integers(1, 400)) if on(0.7) else 0,
-        top_p=float(rng.uniform(0.5, 1.0)) if on(0.6) else 1.0,
-        min_p=float(rng.uniform(0.0, 0.2)) if on(0.5) else 0.0,
-        top_a=float(rng.uniform(0.0, 0.3)) if on(0.4) else 0.0,
-        tfs=float(rng.uniform(0.5, 1.0)) if on(0.4) else 1.0,
-        typical_p=float(rng.uniform(0.5, 1.0)) if on(0.4) else 1.0,
-        eta_cutoff=float(rng.uniform(0.0, 0.01)) if on(0.4) else 0.0,
-        epsilon_cutoff=float(rng.uniform(0.0, 0.01)) if on(0.4) else 0.0,
-        nsigma=float(rng.uniform(0.5, 3.0)) if on(0.3) else 0.0,
-        xtc_threshold=float(rng.uniform(0.0, 0.3)), xtc_probability=float(rng.random()) if on(0.4) else 0.0,
-        smoothing_factor=float(rng.uniform(0.0, 1.0)) if on(0.3) else 0.0,
+        top_p=float(rng.uniform(wide(0.5, 0.3), 1.0)) if on(0.6) else 1.0,
+        min_p=float(rng.uniform(0.0, wide(0.2, 0.6))) if on(0.5) else 0.0,
+        top_a=float(rng.uniform(0.0, wide(0.3, 0.9))) if on(0.4) else 0.0,
+        tfs=float(rng.uniform(wide(0.5, 0.05), 1.0)) if on(wide(0.4, 0.6)) else 1.0,
+        typical_p=float(rng.uniform(wide(0.5, 0.05), 1.0)) if on(0.4) else 1.0,
+        eta_cutoff=float(rng.uniform(0.0, wide(0.01, 0.5))) if on(0.4) else 0.0,
+        epsilon_cutoff=float(rng.uniform(0.0, wide(0.01, 0.5))) if on(0.4) else 0.0,
+        nsigma=float(rng.uniform(wide(0.5, 0.1), 3.0)) if on(0.3) else 0.0,
+        xtc_threshold=float(rng.uniform(0.0, wide(0.3, 0.5))), xtc_probability=float(rng.random()) if on(0.4) else 0.0,
+        smoothing_factor=float(rng.uniform(0.0, wide(1.0, 2.0))) if on(0.3) else 0.0,
         skew=float(rng.normal()) if on(0.3) else 0.0,
         repetition_penalty=float(rng.uniform(1.0, 1.5)) if on(0.4) else 1.0,
         frequency_penalty=float(rng.uniform(0.0, 0.5)) if on(0.3) else 0.0,
@@ -47,7 +51,7 @@ def _row_params(rng: np.random.Generator, order: list[SamplerID] | None) -> Samp
         kw.update(dynatemp_min=float(rng.uniform(0.1, 0.8)), dynatemp_max=float(rng.uniform(0.8, 2.0)))
     if order is not None:
         kw["sampler_priority"] = order
-    return SamplingParams(**kw)
+    return SamplingParams(**{**kw, **fixed})
 
 
 def _orders(rng: np.random.Generator) -> list[SamplerID]:
@@ -219,25 +223,7 @@ def test_packed_chain_after_a_truncation_to_one_to_three_tokens(seed, monkeypatc
     rng = np.random.default_rng(1000 + seed)
     order = [SamplerID.TOP_P_TOP_K] + [s for s in _orders(rng) if s != SamplerID.TOP_P_TOP_K]
     B = int(rng.integers(1, 4))
-    params = []
-    for _ in range(B):
-        on = lambda p: rng.random() < p  # noqa: E731
-        kw = dict(top_k=int(rng.integers(1, 4)), sampler_priority=order, seed=int(rng.integers(0, 2**31)),
-                  temperature=float(rng.uniform(0.3, 1.5)) if on(0.5) else 1.0,
-                  top_p=float(rng.uniform(0.3, 1.0)) if on(0.4) else 1.0,
-                  min_p=float(rng.uniform(0.0, 0.6)) if on(0.4) else 0.0,
-                  top_a=float(rng.uniform(0.0, 0.9)) if on(0.4) else 0.0,
-                  tfs=float(rng.uniform(0.05, 1.0)) if on(0.6) else 1.0,
-                  typical_p=float(rng.uniform(0.05, 1.0)) if on(0.4) else 1.0,
-                  eta_cutoff=float(rng.uniform(0.0, 0.5)) if on(0.4) else 0.0,
-                  epsilon_cutoff=float(rng.uniform(0.0, 0.5)) if on(0.4) else 0.0,
-                  nsigma=float(rng.uniform(0.1, 3.0)) if on(0.4) else 0.0,
-                  xtc_threshold=float(rng.uniform(0.0, 0.5)), xtc_probability=float(rng.random()) if on(0.5) else 0.0,
-                  smoothing_factor=float(rng.uniform(0.0, 2.0)) if on(0.4) else 0.0,
-                  skew=float(rng.normal()) if on(0.3) else 0.0)
-        if on(0.4):
-            kw.update(dynatemp_min=float(rng.uniform(0.1, 0.8)), dynatemp_max=float(rng.uniform(0.8, 2.0)))
-        params.append(SamplingParams(**kw))
+    params = [_row_params(rng, order, strong=True, top_k=int(rng.integers(1, 4))) for _ in range(B)]
     batch = SamplingBatch(params, [[] for _ in range(B)], [[] for _ in range(B)], vocab_size=V)
     x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * float(rng.uniform(0.5, 4.0)))
     if rng.random() < 0.3:
