@@ -60,11 +60,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-for _p in (_ROOT, _HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT as _ROOT  # (first: puts the checkout on sys.path)
 
 import torch  # noqa: E402
 

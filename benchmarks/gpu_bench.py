@@ -35,9 +35,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import _paths  # noqa: F401  (first: puts the checkout on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

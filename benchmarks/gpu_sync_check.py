@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 import warnings
 from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-for _p in (_ROOT, _HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT as _ROOT  # (first: puts the checkout on sys.path)
 
 import torch  # noqa: E402
 

@@ -21,16 +21,10 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from typing import Callable
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+from _paths import ROOT as _ROOT  # (first: puts the checkout on sys.path)
 
 import torch  # noqa: E402
 

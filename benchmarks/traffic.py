@@ -27,12 +27,7 @@ from typing import Iterator, Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import _paths  # noqa: F401  (first: puts the checkout on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
