@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -12,7 +13,14 @@ pytest.importorskip("triton")
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_bench.py")
 
 
+def _benchmarks_on_path() -> None:
+    """benchmarks/ on sys.path, as ``python benchmarks/<script>.py`` has it (for its _paths)."""
+    if os.path.dirname(_PATH) not in sys.path:
+        sys.path.insert(0, os.path.dirname(_PATH))
+
+
 def _module():
+    _benchmarks_on_path()
     spec = importlib.util.spec_from_file_location("gpu_bench", _PATH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -43,9 +51,7 @@ def test_traffic_counts_the_kernels_passes_over_the_logits():
     """benchmarks/traffic.py: one pipeline step's kernel loads / stores under the interpreter.
     min_p at V = 1000 (whole-row chain with the draw fused, the processed logits not needed):
     one read."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(_PATH))
+    _benchmarks_on_path()
     import traffic
 
     t, row_bytes = traffic.measure("a", 2, 1000)
