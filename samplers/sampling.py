@@ -16,7 +16,7 @@ where ``tl.philox`` computes the same bits):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -53,12 +53,12 @@ def philox4x32(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 (Random123) on uint32 words stored in int64 tensors of one shape.
 
-    On the CPU numpy computes it (``_philox4x32_numpy``, the same bits): the torch route
+    On the CPU numpy computes it (``_philox4x32_words``, the same bits): the torch route
     is ~200 small tensor operations, ~0.3 ms per call whatever the batch size, which
     was most of a small batch's XTC and draw."""
     words = (c0, c1, c2, c3, k0, k1)
     if all(w.device.type == "cpu" for w in words):
-        out = _philox4x32_numpy(*(w.numpy().astype(np.uint64) for w in words), rounds=rounds)
+        out = _philox4x32_words(*(w.numpy().astype(np.uint64) for w in words), rounds=rounds)
         return tuple(torch.from_numpy(o.astype(np.int64)) for o in out)
     return _philox4x32_torch(*words, rounds=rounds)
 
@@ -77,29 +77,22 @@ def _philox4x32_torch(
     return c0, c1, c2, c3
 
 
-def _philox4x32_numpy(
-    c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray,
-    k0: np.ndarray, k1: np.ndarray, rounds: int = 10,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``philox4x32`` on uint64 arrays holding uint32 words. A 32 x 32-bit product fits in
-    uint64 (one multiplication, no 16-bit halves); the two multiplied words travel as one
-    ``[2, ...]`` array (``(c0, c2)``, their partners ``(c1, c3)``) and the key schedule is
-    computed up front: a few numpy calls per round, which is what a small batch pays for."""
-    mask, shift = np.uint64(_MASK32), np.uint64(32)
-    multiplied, other = np.stack([c0, c2]), np.stack([c1, c3])
-    schedule = np.arange(rounds, dtype=np.uint64).reshape(rounds, 1, *(1,) * c0.ndim) * _PHILOX_KEY_STEPS
-    keys = (np.stack([k0, k1])[None] + schedule) & mask
-    for r in range(rounds):
-        prod = multiplied * _PHILOX_ROUNDS
-        # c0' = hi(B * c2) ^ c1 ^ k0, c2' = hi(A * c0) ^ c3 ^ k1; c1' = lo(B * c2), c3' = lo(A * c0)
-        multiplied = (prod >> shift)[::-1] ^ other ^ keys[r]
-        other = (prod & mask)[::-1]
-    return multiplied[0], other[0], multiplied[1], other[1]
+_Words = TypeVar("_Words", int, np.ndarray)
 
 
-_PHILOX_ROUNDS = np.array([[_PHILOX_ROUND_A], [_PHILOX_ROUND_B]], dtype=np.uint64)
-#: Round r's key words are the key plus r times these (mod 2**32).
-_PHILOX_KEY_STEPS = np.array([[_PHILOX_KEY_A], [_PHILOX_KEY_B]], dtype=np.uint64)
+def _philox4x32_words(c0: _Words, c1: _Words, c2: _Words, c3: _Words, k0: _Words, k1: _Words,
+                      rounds: int = 10) -> tuple[_Words, _Words, _Words, _Words]:
+    """``philox4x32`` on uint32 words held as Python ints (one row) or uint64 numpy arrays.
+    A 32 x 32-bit product fits either (one multiplication, no 16-bit halves), so the same
+    operators serve both; one row in ints costs ~3 us, a tenth of numpy's per-call overhead."""
+    one = 1 if isinstance(c0, int) else np.uint64(1)  # (numpy scalars: no conversion per operation)
+    mask, shift = _MASK32 * one, 32 * one
+    mul_a, mul_b, step_a, step_b = (c * one for c in (_PHILOX_ROUND_A, _PHILOX_ROUND_B, _PHILOX_KEY_A, _PHILOX_KEY_B))
+    for _ in range(rounds):
+        prod_a, prod_b = c0 * mul_a, c2 * mul_b
+        c0, c1, c2, c3 = (prod_b >> shift) ^ c1 ^ k0, prod_b & mask, (prod_a >> shift) ^ c3 ^ k1, prod_a & mask
+        k0, k1 = (k0 + step_a) & mask, (k1 + step_b) & mask
+    return c0, c1, c2, c3
 
 
 def uint32_to_uniform(bits: torch.Tensor) -> torch.Tensor:
@@ -121,13 +114,17 @@ def row_uniforms(
     sequence_index: torch.Tensor, purpose: int,
 ) -> torch.Tensor:
     """One float32 uniform per row from the stream layout described in the module docstring.
-    (On the CPU in numpy, start to end: the same bits as the torch route, a tenth of its
-    fixed cost.)"""
+    (On the CPU in numpy, start to end, and a single row in Python ints: the same bits as
+    the torch route, a tenth of its fixed cost.)"""
     words = (key_lo, key_hi, step, sequence_index)
     if all(w.device.type == "cpu" for w in words):
-        lo, hi, step_u, seq_u = (w.numpy().astype(np.uint64) & np.uint64(_MASK32) for w in words)
-        zero = np.zeros_like(step_u)
-        bits, _, _, _ = _philox4x32_numpy(step_u, seq_u, zero + np.uint64(purpose), zero, lo, hi)
+        if key_lo.numel() == 1:
+            lo, hi, step_w, seq_w = (int(w) & _MASK32 for w in words)
+            bits = np.array([_philox4x32_words(step_w, seq_w, purpose & _MASK32, 0, lo, hi)[0]], dtype=np.uint64)
+        else:
+            lo, hi, step_w, seq_w = (w.numpy().astype(np.uint64) & np.uint64(_MASK32) for w in words)
+            zero = np.zeros_like(step_w)
+            bits = _philox4x32_words(step_w, seq_w, zero + np.uint64(purpose & _MASK32), zero, lo, hi)[0]
         signed = bits.astype(np.uint32).view(np.int32)
         magnitude = signed ^ (signed >> 31)  # -signed - 1 for the negative ones
         return torch.from_numpy(magnitude.astype(np.float32) * np.float32(_UNIFORM_SCALE))

@@ -75,6 +75,24 @@ def test_row_uniforms_numpy_route_matches_torch_route(n, purpose):
     assert torch.equal(got, want)
 
 
+def test_row_uniforms_of_one_row_match_the_torch_route():
+    """A batch of one row is computed in Python ints (not numpy arrays): the same bits as the
+    torch route and as that row inside a larger batch, for every edge word in every place."""
+    rng = np.random.default_rng(11)
+    cases = [(w, rng.integers(0, 2**32), rng.integers(-(2**40), 2**40), rng.integers(0, 4)) for w in _EDGE_WORDS]
+    cases += [(rng.integers(0, 2**32), w, w - 2**32, 0) for w in _EDGE_WORDS]
+    cases += [tuple(rng.integers(0, 2**32, 4)) for _ in range(100)]
+    words = [torch.tensor([int(c[i]) for c in cases], dtype=torch.int64) for i in range(4)]
+    for purpose in (0, 1, 2**32 - 1):
+        batched = row_uniforms(*words, purpose)
+        want = sampling._row_uniforms_torch(*words, purpose)
+        assert torch.equal(batched, want)
+        for i in range(len(cases)):
+            one = row_uniforms(*(w[i:i + 1] for w in words), purpose)
+            assert one.dtype == torch.float32 and one.shape == (1,)
+            assert torch.equal(one, want[i:i + 1]), (cases[i], purpose)
+
+
 def _numpy_uniform(word: int) -> np.float32:
     """Triton's uint -> float conversion, written independently with numpy scalars."""
     signed = np.int64(np.uint32(word).view(np.int32))
