@@ -19,8 +19,10 @@ reproduces them, ``lane_pack`` returns None and callers use the full rows.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -88,6 +90,23 @@ class LanePacked:
         return torch.from_numpy(out)
 
 
+#: Inside ``sharing_lane_packs``: ``[(tensor, its version, lane_pack's result)]``, the latest.
+_SHARED: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("samplers_lane_packs", default=None)
+
+
+@contextlib.contextmanager
+def sharing_lane_packs() -> Iterator[None]:
+    """Within the block, ``lane_pack`` of the tensor it packed last (the same object, its
+    version unchanged) returns that packing again: the draw and the log-probabilities of one
+    ``sample`` call read the same processed rows. Nothing is kept past the block: a write
+    through a numpy view (as between a user's calls) leaves a tensor's version as it was."""
+    token = _SHARED.set([])
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def lane_pack(x: torch.Tensor) -> Optional[LanePacked]:
     """``LanePacked`` rows of ``x`` when ``x`` (``[B, V]`` float32 on the CPU) is mostly
     ``-inf`` (``compact_rows``: after a chain, its last sampler's layout, found without a pass
@@ -95,6 +114,24 @@ def lane_pack(x: torch.Tensor) -> Optional[LanePacked]:
     the kernels' values NaN throughout the row); else None."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.requires_grad:
         return None
+    shared = _SHARED.get()
+    version = _version(x)
+    if shared and shared[0][0] is x and shared[0][1] == version:
+        return shared[0][2]
+    rows = _lane_pack(x)
+    if shared is not None:
+        shared[:] = [(x, version, rows)]
+    return rows
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """``x``'s version counter; None for an inference tensor (``torch.inference_mode``, as
+    vLLM runs), which has none: within ``sharing_lane_packs`` only the library's own code
+    runs, and it does not write the processed rows between the draw and the log-probabilities."""
+    return None if x.is_inference() else x._version
+
+
+def _lane_pack(x: torch.Tensor) -> Optional[LanePacked]:
     lanes = simd_lanes()
     if lanes is None:
         return None

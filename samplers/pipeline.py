@@ -26,6 +26,7 @@ import torch
 from . import functional as F
 from . import kernels
 from ._allocator import raise_malloc_thresholds
+from ._lanes import sharing_lane_packs
 from .batch import SamplingBatch, normalise_device
 from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow, trusted_params
 from .params import FLOAT32_MAX
@@ -446,15 +447,16 @@ class SamplerPipeline:
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
         need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
-        with trusted_params():
+        # (the draw and the log-probabilities read the same processed rows: packed once)
+        with trusted_params(), sharing_lane_packs():
             out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
                                                 keep_processed=need_processed or return_processed)
-        processed = _as_returned(out.processed, logits, batch) if return_processed else None
-        if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)
-            return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,
-                                 processed=processed)
-        chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids,
-                                       batch.max_logprobs, any_raw=batch.any_raw_logprobs)
+            processed = _as_returned(out.processed, logits, batch) if return_processed else None
+            if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)
+                return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,
+                                     processed=processed)
+            chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids,
+                                           batch.max_logprobs, any_raw=batch.any_raw_logprobs)
         return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top, processed=processed)
 
 

@@ -158,7 +158,8 @@ def test_without_a_width_every_route_still_gives_the_same_values(monkeypatch):
 def test_the_pipeline_draw_reuses_the_chains_packing(monkeypatch):
     """Inside ``sample`` the draw and the log-probabilities find the truncated rows' entries
     from the layout the chain noted for its result, without a pass over the rows
-    (``_live_hint`` / ``flatnonzero`` are that pass), and give the full rows' values."""
+    (``_live_hint`` / ``flatnonzero`` are that pass), pack them once for both, and give the
+    full rows' values."""
     from samplers import SamplerPipeline, SamplingBatch, SamplingParams
     from samplers.functional import _stats
 
@@ -169,11 +170,53 @@ def test_the_pipeline_draw_reuses_the_chains_packing(monkeypatch):
     passes = []
     real = _stats._live_hint
     monkeypatch.setattr(_stats, "_live_hint", lambda *a: (passes.append(1), real(*a))[1])
-    packs = []
+    packs, layouts = [], []
     real_pack = sampling.lane_pack
     monkeypatch.setattr(sampling, "lane_pack", lambda t: (lambda r: (packs.append(r is not None), r)[1])(real_pack(t)))
+    real_layout = _lanes._pack
+    monkeypatch.setattr(_lanes, "_pack", lambda *a: (layouts.append(1), real_layout(*a))[1])
     got = pipe.sample(x, batch)
-    assert packs == [True, True] and not passes
+    # (the draw and the log-probabilities both ask; the second is given the first's packing)
+    assert packs == [True, True] and len(layouts) == 1 and not passes
     assert torch.equal(got.token_ids, want.token_ids)
     full = torch.log_softmax(want.processed, dim=-1).gather(-1, want.token_ids[:, None])[:, 0]
     assert torch.equal(got.logprobs.view(torch.int32), full.view(torch.int32))
+
+
+def test_a_packing_is_shared_only_within_the_block_and_only_while_the_tensor_is_unchanged():
+    """``sharing_lane_packs``: the same tensor, unchanged, is packed once; an in-place write
+    (a new version), another tensor, or a call outside the block packs afresh, and the
+    values follow the write."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32000, generator=g) * 3
+    x[torch.rand(4, 32000, generator=g) > 0.01] = NINF
+    with _lanes.sharing_lane_packs():
+        first = _lanes.lane_pack(x)
+        assert first is not None and _lanes.lane_pack(x) is first
+        assert _lanes.lane_pack(x.clone()) is not first
+        x[0, int(first.flat[0])] += 1.0  # (in place: the version moves on)
+        again = _lanes.lane_pack(x)
+        assert again is not first
+        assert again.at_entries(again.values)[0] == x.reshape(-1)[int(first.flat[0])]
+    assert _lanes.lane_pack(x) is not again
+
+
+def test_inference_tensors_are_shared_too():
+    """Under ``torch.inference_mode`` (vLLM's) tensors have no version counter: the packing is
+    shared by identity, and ``sample`` gives the same tokens and log-probabilities."""
+    from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 32000, generator=g) * 3
+    batch = SamplingBatch(SamplingParams(top_k=30, seed=3, logprobs=2), [[]] * 3, None, vocab_size=32000)
+    want = SamplerPipeline("torch", seed=0).sample(x, batch)
+    with torch.inference_mode():
+        y = x.clone()
+        with _lanes.sharing_lane_packs():
+            y[:, 100:] = NINF
+            first = _lanes.lane_pack(y)
+            assert first is not None and _lanes.lane_pack(y) is first
+        got = SamplerPipeline("torch", seed=0).sample(x.clone(), batch)
+    assert torch.equal(got.token_ids, want.token_ids)
+    assert torch.equal(got.logprobs.view(torch.int32), want.logprobs.view(torch.int32))
+    assert torch.equal(got.top_logprobs[1].view(torch.int32), want.top_logprobs[1].view(torch.int32))
