@@ -16,7 +16,7 @@ where ``tl.philox`` computes the same bits):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -335,15 +335,26 @@ def _top_of_lanes(rows: LanePacked, packed: torch.Tensor, source: torch.Tensor, 
     packed rows' selection is the full rows', in the same order."""
     if k + 1 > packed.shape[1]:
         return None
-    values, at = packed.topk(k + 1, dim=-1)
-    # (strictly decreasing over k + 1 places: distinct, the k-th above the rest, all finite
-    # but maybe the last)
-    exact = (values[:, :k] > values[:, 1:]).all(dim=-1) & (values[:, k - 1] > float("-inf"))
+    head, at = packed.topk(k + 1, dim=-1)
     ids = torch.from_numpy(rows.token_ids(at[:, :k].numpy()))
-    values = values[:, :k].contiguous()
+    return _exact_top(head, ids, head[:, k - 1] == float("-inf"),
+                      lambda redo: torch.log_softmax(source.index_select(0, redo), dim=-1))
+
+
+def _exact_top(head: torch.Tensor, ids: torch.Tensor, unsure: torch.Tensor,
+               full_rows: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, values)`` of the top ``k`` from a selection among the kept entries: ``head``
+    ``[B, k + 1]`` its largest values in descending order, ``ids`` ``[B, k]`` their token ids.
+    A row's selection is the full row's ``topk`` where its ``k + 1`` values strictly decrease
+    (distinct, the ``k``-th above every other entry) and ``unsure`` ``[B]`` bool is False;
+    the other rows take ``topk`` of ``full_rows(rows)`` (the full log-probability rows of
+    those row indices): ties and short rows, where the answer depends on ``topk``'s order."""
+    k = ids.shape[1]
+    exact = (head[:, :k] > head[:, 1:]).all(dim=-1) & ~unsure
+    values = head[:, :k].contiguous()
     if not bool(exact.all()):
         redo = (~exact).nonzero()[:, 0]
-        redo_values, redo_ids = torch.log_softmax(source.index_select(0, redo), dim=-1).topk(k, dim=-1)
+        redo_values, redo_ids = full_rows(redo).topk(k, dim=-1)
         ids[redo], values[redo] = redo_ids, redo_values
     return ids, values
 
@@ -385,12 +396,8 @@ def _top_of_packed(logp: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, t
     order = np.argsort(packed, axis=-1, kind="stable")[:, :k + 1]
     head = -np.take_along_axis(packed, order, axis=-1)  # (past a row's entries: -inf)
     # (a row with exactly k entries has -inf at place k + 1)
-    exact = (counts >= k) & (head[:, :-1] > head[:, 1:]).all(axis=-1)
-    exact[rows[np.isnan(values)]] = False  # (topk counts NaN as the largest; argsort, the smallest)
-    ids = flat[np.minimum(starts[:, None] + order[:, :k], flat.size - 1)] % vocab  # (clipped: rows refused below)
-    ids_t, values_t = torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(head[:, :k]))
-    if not exact.all():
-        redo = torch.from_numpy(np.flatnonzero(~exact))
-        redo_values, redo_ids = logp.index_select(0, redo).topk(k, dim=-1)
-        ids_t[redo], values_t[redo] = redo_ids, redo_values
-    return ids_t, values_t
+    unsure = counts < k
+    unsure[rows[np.isnan(values)]] = True  # (topk counts NaN as the largest; argsort, the smallest)
+    ids = flat[np.minimum(starts[:, None] + order[:, :k], flat.size - 1)] % vocab  # (clipped: rows redone)
+    return _exact_top(torch.from_numpy(head), torch.from_numpy(ids), torch.from_numpy(unsure),
+                      lambda redo: logp.index_select(0, redo))
