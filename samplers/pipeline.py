@@ -198,7 +198,7 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     owned = x is not logits
     if batch.logit_bias_coo is not None:
         x, owned = F.logit_bias(x, *batch.logit_bias_coo), True
-    if batch.min_tokens_coo is not None:
+    if batch.min_tokens_coo is not None and _under_min_tokens(batch):
         x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
         owned = True
     # Truncated rows stay packed from one unit to the next (PackedChain); x is then the
@@ -248,6 +248,15 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         return ChainOutput(x, tokens)
     chosen, _ = compute_logprobs(x, logits, batch.raw_logprobs, tokens, 0, any_raw=False)
     return ChainOutput(None, tokens, chosen)
+
+
+def _under_min_tokens(batch: SamplingBatch) -> bool:
+    """Whether some row's output is still shorter than its ``min_tokens`` (its stop tokens
+    are banned at this step). On the CPU, where reading it is no device sync: once every row
+    has reached its minimum, a step skips min_tokens' copy of the rows. Elsewhere True."""
+    if batch.device.type != "cpu":
+        return True
+    return bool((batch.output_lengths < batch.param("min_tokens")).any())
 
 
 Chain = Callable[..., ChainOutput]

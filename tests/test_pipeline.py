@@ -319,6 +319,49 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached_and_logit_bias_applies_f
     assert torch.isfinite(out).all()
 
 
+def test_min_tokens_stops_copying_once_every_row_reached_its_minimum(monkeypatch):
+    """Each step bans exactly F.min_tokens' tokens; once no row is under its minimum the
+    stage is skipped (no [B, V] copy), and the input is never written, also by a later stage
+    that runs on some rows only (rows in different orders)."""
+    import samplers.pipeline as P
+
+    calls = []
+    real = F.min_tokens
+    monkeypatch.setattr(P.F, "min_tokens", lambda *a: (calls.append(1), real(*a))[1])
+    params = [SamplingParams(min_tokens=3, stop_token_ids=[5], temperature=0.7, top_k=4),
+              SamplingParams(min_tokens=2, temperature=0.7, top_k=4,
+                             sampler_priority=["top_k", "temperature"])]
+    batch = SamplingBatch(params, [[1], [2]], [[3], []], vocab_size=V, eos_token_ids=[0])
+    reference = SamplingBatch(params, [[1], [2]], [[3], []], vocab_size=V, eos_token_ids=[0])
+    pipe = SamplerPipeline("torch")
+    for step in range(4):  # outputs (1, 0), (2, 1), (3, 2), (4, 3)
+        logits = _logits(2, seed=step)
+        logits[:, [0, 5]] = 9.0  # (the stop tokens lead: a ban changes the top tokens)
+        given = logits.clone()
+        calls.clear()
+        got = pipe.process(logits, batch)
+        assert torch.equal(logits, given)
+        lengths = batch.output_lengths.tolist()
+        under = [lengths[0] < 3, lengths[1] < 2]
+        assert len(calls) == any(under), (step, lengths)
+        banned = real(logits, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
+        want = P.torch_chain(banned, _without_min_tokens(reference), P._RowRandoms(reference, torch.Generator()))
+        assert torch.equal(got, want.processed)
+        assert bool(torch.isneginf(got[0, [0, 5]]).all()) == under[0]
+        assert bool(torch.isneginf(got[1, 0])) == under[1]
+        batch.append(torch.tensor([7, 7]))
+        reference.append(torch.tensor([7, 7]))
+
+
+def _without_min_tokens(batch: SamplingBatch) -> SamplingBatch:
+    """``batch`` with its min_tokens stage off (the test applies F.min_tokens itself)."""
+    import copy
+
+    other = copy.copy(batch)
+    other.min_tokens_coo = None
+    return other
+
+
 def test_append_matches_rebuilding_from_full_histories():
     p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
                        dry_multiplier=1.0, no_repeat_ngram_size=2, seed=4, temperature=0.9)
