@@ -57,8 +57,9 @@ class _Parts:
         return timed
 
     def install(self) -> None:
-        for sampler, unit in list(pipeline.UNITS.items()):
-            pipeline.UNITS[sampler] = self.wrap(sampler.name.lower(), unit)
+        for units in (pipeline.UNITS, pipeline.UNITS_IN_PLACE):
+            for sampler, unit in list(units.items()):
+                units[sampler] = self.wrap(sampler.name.lower(), unit)
         pipeline.draw_tokens = self.wrap("draw", pipeline.draw_tokens)
         pipeline.compute_logprobs = self.wrap("logprobs", pipeline.compute_logprobs)
 

@@ -162,11 +162,14 @@ def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Ten
     return x
 
 
+def _dry_args(b: SamplingBatch) -> tuple:
+    return (b.history, b.param("dry_multiplier"), b.param("dry_base"), b.param("dry_allowed_length"),
+            b.param("dry_range"), b.dry_sequence_breaker_ids)
+
+
 UNITS: dict[SamplerID, Unit] = {
     SamplerID.PENALTIES: _penalties,
-    SamplerID.DRY: lambda x, b, r: F.dry(
-        x, b.history, b.param("dry_multiplier"), b.param("dry_base"), b.param("dry_allowed_length"),
-        b.param("dry_range"), b.dry_sequence_breaker_ids),
+    SamplerID.DRY: lambda x, b, r: F.dry(x, *_dry_args(b)),
     SamplerID.NO_REPEAT_NGRAM: lambda x, b, r: F.no_repeat_ngram(x, b.history, b.param("no_repeat_ngram_size")),
     SamplerID.TEMPERATURE: _temperature,
     SamplerID.TOP_NSIGMA: lambda x, b, r: F.nsigma(x, b.param("nsigma")),
@@ -183,6 +186,13 @@ UNITS: dict[SamplerID, Unit] = {
         x, b.param("xtc_threshold"), b.param("xtc_probability"), r.uniforms(PURPOSE_XTC)),
 }
 
+
+#: Units that can also write their result into their input: run so on rows the chain owns
+#: (a temporary of its own, contiguous float32), which saves them a [B, V] copy.
+UNITS_IN_PLACE: dict[SamplerID, Unit] = {
+    SamplerID.DRY: lambda x, b, r: F.dry_(x, *_dry_args(b)),
+    SamplerID.NO_REPEAT_NGRAM: lambda x, b, r: F.no_repeat_ngram_(x, b.history, b.param("no_repeat_ngram_size")),
+}
 
 #: Units that read token ids (histories): they run on the full rows, never on packed ones.
 _READS_TOKEN_IDS = frozenset({SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM})
@@ -215,7 +225,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         if chain is not None:
             x = chain.expand(x)
         if rows is None:
-            x = UNITS[sampler](x, batch, randoms)
+            in_place = owned and sampler in UNITS_IN_PLACE and x.is_contiguous()
+            x = (UNITS_IN_PLACE if in_place else UNITS)[sampler](x, batch, randoms)
             owned = True
             continue
         if index is None:

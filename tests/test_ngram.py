@@ -170,3 +170,22 @@ def test_kernel_ban_mask_kept_across_steps_equals_rebuilt():
         th.append(torch.tensor(toks))
         for h, t in zip(hists, toks):
             h.append(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_in_place_variant_writes_the_same_result_into_its_input(dtype, n):
+    """``no_repeat_ngram_`` returns its input, holding ``no_repeat_ngram``'s result bit for
+    bit (both CPU routes: n = 1 takes the dense one); a non-contiguous input is refused."""
+    from samplers.functional.ngram import no_repeat_ngram_
+
+    rng = np.random.default_rng(n)
+    rows = [rng.integers(0, 6, int(rng.integers(0, 30))).tolist() for _ in range(5)]
+    history = TokenHistory([r[: len(r) // 2] for r in rows], [r[len(r) // 2:] for r in rows], vocab_size=40)
+    x = torch.from_numpy(rng.standard_normal((5, 40)).astype(np.float32)).to(dtype)
+    want = no_repeat_ngram(x, history, torch.tensor([n, 0, n, n, n]))
+    y = x.clone()
+    got = no_repeat_ngram_(y, history, torch.tensor([n, 0, n, n, n]))
+    assert got is y and torch.equal(got, want) and torch.isneginf(want).any()
+    with pytest.raises(ValueError, match="contiguous"):
+        no_repeat_ngram_(x.t().contiguous().t(), history, n)

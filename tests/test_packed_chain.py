@@ -120,9 +120,10 @@ def test_the_packed_hand_over_is_taken_and_token_id_units_get_full_rows(monkeypa
     x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 3)
     x[:, :50] += 4  # the history's tokens are among the kept ones
     seen_shapes = []
-    real = {s: P.UNITS[s] for s in (SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM)}
-    for s, fn in real.items():
-        monkeypatch.setitem(P.UNITS, s, lambda x, b, r, fn=fn: (seen_shapes.append(tuple(x.shape)), fn(x, b, r))[1])
+    for units in (P.UNITS, P.UNITS_IN_PLACE):  # (the copying units and those writing in place)
+        real = {s: units[s] for s in (SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM) if s in units}
+        for s, fn in real.items():
+            monkeypatch.setitem(units, s, lambda x, b, r, fn=fn: (seen_shapes.append(tuple(x.shape)), fn(x, b, r))[1])
     fast, ref, fast_draw, ref_draw, adopted = _run_both(monkeypatch, x, batch)
     assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(fast_draw, ref_draw)
     assert seen_shapes and all(s == (B, V) for s in seen_shapes)

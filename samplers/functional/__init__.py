@@ -7,11 +7,13 @@ outside the parameter's interval (SEMANTICS.md) is a ``ValueError`` naming the p
 the value and the interval; the input is never modified; a row at its parameter's
 disabled value comes back bit-identical; removed tokens are ``-inf`` and every truncation
 keeps the row's most likely token. These functions define correctness: the Triton kernels
-in ``samplers/kernels/`` are tested against them.
+in ``samplers/kernels/`` are tested against them. The two whose names end in ``_`` (``dry_``,
+``no_repeat_ngram_``), as torch's in-place methods, write their result into their input
+(contiguous ``[B, V]``) and return it: a caller that owns its rows saves a ``[B, V]`` copy.
 """
 
-from .dry import dry
-from .ngram import no_repeat_ngram
+from .dry import dry, dry_
+from .ngram import no_repeat_ngram, no_repeat_ngram_
 from .penalties import ban_tokens, logit_bias, min_tokens, penalties, rescue_empty_rows
 from .skew import skew
 from .temperature import dynamic_temperature, dynamic_temperature_values, quadratic_smoothing, temperature
@@ -29,7 +31,7 @@ from .truncation import (
 )
 
 __all__ = [
-    "ban_tokens", "dry", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
-    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "nsigma", "penalties", "quadratic_smoothing",
+    "ban_tokens", "dry", "dry_", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
+    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "penalties", "quadratic_smoothing",
     "rescue_empty_rows", "skew", "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p", "xtc",
 ]

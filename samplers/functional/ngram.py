@@ -7,7 +7,7 @@ import torch
 from ..history import TokenHistory
 from ._stats import ParamLike, row_param
 
-__all__ = ["no_repeat_ngram"]
+__all__ = ["no_repeat_ngram", "no_repeat_ngram_"]
 
 
 def no_repeat_ngram(
@@ -33,16 +33,28 @@ def no_repeat_ngram(
     every row with n = 0) bit-identical. It does not protect the argmax: if every token of
     a row is banned, the row is all `-inf` (as in Hugging Face's processor).
     """
-    b, v = logits.shape
+    return no_repeat_ngram_(logits.clone(memory_format=torch.contiguous_format), history, no_repeat_ngram_size)
+
+
+def no_repeat_ngram_(
+    x: torch.Tensor,
+    history: TokenHistory,
+    no_repeat_ngram_size: ParamLike,
+) -> torch.Tensor:
+    """`no_repeat_ngram` in place on ``x`` ([B, V] float, contiguous); returns ``x``. Only
+    the banned entries are written (a chain that owns its rows saves a [B, V] copy)."""
+    if not x.is_contiguous():
+        raise ValueError(f"no_repeat_ngram_: x must be contiguous, got strides {x.stride()}")
+    b, v = x.shape
     if history.vocab_size > v:
         raise ValueError(
             f"no_repeat_ngram: history vocab_size {history.vocab_size} exceeds the logits' {v} columns"
         )
-    n = row_param(no_repeat_ngram_size, logits, torch.int64, "no_repeat_ngram_size", 0)[:, None]
+    n = row_param(no_repeat_ngram_size, x, torch.int64, "no_repeat_ngram_size", 0)[:, None]
     w = history.max_length
     if w == 0 or b == 0:
-        return logits.clone()
-    if logits.device.type == "cpu":
+        return x
+    if x.device.type == "cpu":
         n_np = n[:, 0].numpy()
         if ((n_np == 0) | (n_np >= 2)).all():
             # Every banned position has match >= n - 1 >= 1: a nonzero entry, which the
@@ -52,21 +64,19 @@ def no_repeat_ngram(
             n_at = n_np[rows]
             sel = (n_at >= 1) & (match >= n_at - 1)
             rows, cols = rows[sel], cols[sel]
-            out = logits.clone(memory_format=torch.contiguous_format)
             flat = rows * v + history.tokens.numpy()[rows, cols]
-            out.view(-1)[torch.from_numpy(flat)] = float("-inf")
-            return out
+            x.view(-1)[torch.from_numpy(flat)] = float("-inf")
+            return x
     match = history.match_lengths()[:, :w]
     tok = history.tokens[:, :w]
-    pos = torch.arange(w, device=logits.device)
+    pos = torch.arange(w, device=x.device)
     hit = (n >= 1) & (pos[None, :] < history.lengths[:, None]) & (match >= n - 1)
-    if logits.device.type == "cpu":
+    if x.device.type == "cpu":
         # Only the banned (row, token) pairs are written (a token banned twice gets -inf
         # twice): no [B, V] mask. Reading the hits' count costs no device sync on the CPU.
         rows, cols = hit.nonzero(as_tuple=True)
-        out = logits.clone(memory_format=torch.contiguous_format)
-        out.view(-1)[rows * v + tok[rows, cols]] = float("-inf")
-        return out
-    banned = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)
+        x.view(-1)[rows * v + tok[rows, cols]] = float("-inf")
+        return x
+    banned = torch.zeros(b, v + 1, dtype=torch.bool, device=x.device)
     banned.scatter_(1, torch.where(hit, tok, v), True)
-    return logits.masked_fill(banned[:, :v], float("-inf"))
+    return x.masked_fill_(banned[:, :v], float("-inf"))
