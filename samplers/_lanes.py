@@ -115,12 +115,13 @@ def lane_pack(x: torch.Tensor) -> Optional[LanePacked]:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.requires_grad:
         return None
     shared = _SHARED.get()
+    if shared is None:
+        return _lane_pack(x)
     version = _version(x)
     if shared and shared[0][0] is x and shared[0][1] == version:
         return shared[0][2]
     rows = _lane_pack(x)
-    if shared is not None:
-        shared[:] = [(x, version, rows)]
+    shared[:] = [(x, version, rows)]
     return rows
 
 
