@@ -199,21 +199,25 @@ _READS_TOKEN_IDS = frozenset({SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_R
 
 
 def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
-                keep_processed: bool = True) -> ChainOutput:
+                keep_processed: bool = True, all_finite: bool = False) -> ChainOutput:
     """The reference backend: logit_bias, min_tokens, the batch's schedule of ``UNITS``, skew,
     then (``draw``) the tokens. Same contract as the kernel backend,
     ``samplers.kernels.chain.process_logits``: [B, V] logits -> ``ChainOutput`` with fp32
-    processed logits; the input is not modified."""
+    processed logits; the input is not modified. ``all_finite``: the caller has proved every
+    logit finite (the input rule's read), which spares the samplers after the ones that read
+    token ids a search for removed tokens (``PackedChain.note_all_finite``)."""
     x = logits.float()
     owned = x is not logits
     if batch.logit_bias_coo is not None:
-        x, owned = F.logit_bias(x, *batch.logit_bias_coo), True
+        x, owned, all_finite = F.logit_bias(x, *batch.logit_bias_coo), True, False
     if batch.min_tokens_coo is not None and _under_min_tokens(batch):
         x = F.min_tokens(x, batch.output_lengths, batch.param("min_tokens"), *batch.min_tokens_coo)
-        owned = True
+        owned, all_finite = True, False
     # Truncated rows stay packed from one unit to the next (PackedChain); x is then the
     # chain's [B, K] packed rows, expanded where a step needs the full rows.
     chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if chain is not None and all_finite:
+        chain.note_all_finite(x)
     packable = [rows is None and sampler not in _READS_TOKEN_IDS for sampler, rows in batch.schedule]
     stages = zip(batch.schedule, batch.schedule_rows, batch.schedule_rows_host)
     for i, ((sampler, rows), index, host_index) in enumerate(stages):
@@ -226,7 +230,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
             x = chain.expand(x)
         if rows is None:
             in_place = owned and sampler in UNITS_IN_PLACE and x.is_contiguous()
-            x = (UNITS_IN_PLACE if in_place else UNITS)[sampler](x, batch, randoms)
+            unit = (UNITS_IN_PLACE if in_place else UNITS)[sampler]
+            x = unit(x, batch, randoms) if chain is None else chain.run_full(lambda t: unit(t, batch, randoms), x)
             owned = True
             continue
         if index is None:
@@ -380,9 +385,10 @@ class SamplerPipeline:
             raise ValueError(f"logits are on {logits.device} but the batch was built for {batch.device}")
 
     @staticmethod
-    def _prepare(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The logits as the chain reads them, and a bound on the largest finite magnitude
-        among them (the exact value, or on the CPU a cheaper upper bound, which ``_may_overflow`` refines).
+    def _prepare(logits: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+        """The logits as the chain reads them, a bound on the largest finite magnitude
+        among them (the exact value, or on the CPU a cheaper upper bound, which ``_may_overflow`` refines),
+        and whether every one of them was proved finite.
 
         The input rule (SEMANTICS.md, "Hostile inputs"): NaN is a removed token (-inf); +inf is
         the largest finite value of the logits' dtype (float32's for float64 logits, whose
@@ -395,23 +401,23 @@ class SamplerPipeline:
         that stalls every step and cannot be captured in a CUDA graph. The rule is then not
         enforced and the magnitude bound is 0 (SEMANTICS.md says what that leaves)."""
         if logits.device.type != "cpu":
-            return logits, 0.0
+            return logits, 0.0, False
         raise_malloc_thresholds()  # (once per process: the step's [B, V] temporaries stay mapped)
         bound = finite_absmax_bound(logits)  # proves every logit finite, 3x faster than aminmax
         if bound is not None:
-            return logits, bound
+            return logits, bound, True
         if logits.dtype == torch.float32:
             # (the bound fails on a -inf, a removed token, far more often than on anything else)
             absmax = _removed_only_absmax(logits)
             if absmax is not None:
-                return logits, absmax
+                return logits, absmax, False
         lo, hi = torch.stack(torch.aminmax(logits)).tolist()  # (NaN propagates into both)
         if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FLOAT32_MAX:
-            return logits, max(-lo, hi)
+            return logits, max(-lo, hi), True
         if lo == -math.inf and hi <= FLOAT32_MAX and logits.dtype != torch.float32:
             absmax = _removed_only_absmax(logits)
             if absmax is not None:
-                return logits, absmax
+                return logits, absmax, False
         top = min(torch.finfo(logits.dtype).max, FLOAT32_MAX)
         x = logits.nan_to_num(nan=-math.inf, posinf=top, neginf=-math.inf)
         if logits.dtype == torch.float64:
@@ -419,22 +425,22 @@ class SamplerPipeline:
         empty = (x.amax(dim=-1) == -math.inf).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"logits row(s) {empty[:10]} have no candidate token: every logit is -inf or NaN")
-        return x, _finite_absmax(x)
+        return x, _finite_absmax(x), False
 
-    def _chain(self, logits: torch.Tensor, batch: SamplingBatch, absmax: float) -> Chain:
+    def _chain(self, logits: torch.Tensor, batch: SamplingBatch, absmax: float, all_finite: bool = False) -> Chain:
         """The backend's chain for these logits: the one place where the backend is chosen.
         Calls whose arithmetic could leave the float32 range (``batch.may_overflow``: hostile
         magnitudes or parameters) take the torch backend, whose stages saturate. On the CPU,
         where ``absmax`` is a real bound, the torch backend's other calls skip the stages'
-        saturation checks (``no_overflow``)."""
+        saturation checks (``no_overflow``). ``all_finite`` (``_prepare``'s proof) goes to the
+        torch backend."""
         overflow = _may_overflow(batch, logits, absmax)
         if self.backend_for(logits) == "triton" and not overflow:
             from .kernels.chain import process_logits
 
             return process_logits
-        if overflow or logits.device.type != "cpu":
-            return torch_chain
-        return _torch_chain_no_overflow
+        chain = torch_chain if overflow or logits.device.type != "cpu" else _torch_chain_no_overflow
+        return functools.partial(chain, all_finite=True) if all_finite else chain
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Processed logits [B, V], same dtype as ``logits``; removed tokens are -inf.
@@ -450,11 +456,11 @@ class SamplerPipeline:
         """
         self._check(logits, batch)
         logits = logits.detach()
-        x, absmax = self._prepare(logits)
+        x, absmax, finite = self._prepare(logits)
         if batch.all_identity:
             return logits.clone()
         with trusted_params():  # (checked when the SamplingParams were built)
-            out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator)).processed
+            out = self._chain(x, batch, absmax, finite)(x, batch, _RowRandoms(batch, self.generator)).processed
         return _as_returned(out, logits, batch)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, return_processed: bool = False) -> SamplerOutput:
@@ -463,13 +469,13 @@ class SamplerPipeline:
         ``process`` would return with the same random keys), at no extra chain run."""
         self._check(logits, batch)
         logits = logits.detach()
-        x, absmax = self._prepare(logits)
+        x, absmax, finite = self._prepare(logits)
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
         need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
         # (the draw and the log-probabilities read the same processed rows: packed once)
         with trusted_params(), sharing_lane_packs():
-            out = self._chain(x, batch, absmax)(x, batch, _RowRandoms(batch, self.generator), draw=True,
+            out = self._chain(x, batch, absmax, finite)(x, batch, _RowRandoms(batch, self.generator), draw=True,
                                                 keep_processed=need_processed or return_processed)
             processed = _as_returned(out.processed, logits, batch) if return_processed else None
             if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)

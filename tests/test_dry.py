@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from samplers.functional import _stats
 from samplers.functional.dry import dry
 from samplers.history import TokenHistory
 
@@ -319,7 +320,7 @@ def test_selections_bit_identical(repetitive):
     from samplers.functional.dry import dry_
 
     gen = np.random.default_rng(1 + repetitive)
-    fired = 0
+    fired = overflowed = 0
     for _ in range(80):
         nb = int(gen.integers(1, 6))
         alpha = int(gen.integers(1, 5))
@@ -332,13 +333,20 @@ def test_selections_bit_identical(repetitive):
         logits = torch.from_numpy(gen.normal(size=(nb, V)).astype(np.float32))
         logits[gen.random((nb, V)) < 0.1] = -INF
         sparse, dense = logits.clone(), logits.clone()
-        assert dry_(sparse, th, *args, sync_free=False) is sparse
-        assert dry_(dense, th, *args, sync_free=True) is dense
+        chain = _stats.PackedChain()
+        with _stats.packed_chain(chain):  # (a chain's note of the removed tokens is carried)
+            for t in (sparse, dense):
+                _stats.note_removed(t, *_stats.removed_tokens(t))
+                assert dry_(t, th, *args, sync_free=t is dense) is t
+                noted = _stats.noted_removed(t)
+                overflowed += int(noted[0].numel() > _stats.removed_tokens(logits)[0].numel())
+                assert all(torch.equal(a, b) for a, b in zip(noted, _stats.removed_tokens(t)))
         assert torch.equal(sparse.view(torch.int32), dense.view(torch.int32)), hists
         assert torch.equal(dry(logits, th, *args).view(torch.int32), sparse.view(torch.int32))  # CPU default
         _check_rows(dense, logits, hists, mult, base, allowed, rngs, breakers)
         fired += int((dense.view(torch.int32) != logits.view(torch.int32)).any())
     assert fired >= 20  # the histories do produce penalties
+    assert overflowed >= 5 or not repetitive  # (and penalties that overflow to -inf)
 
 
 @pytest.mark.parametrize("sync_free", [False, True])

@@ -541,8 +541,8 @@ def test_input_rule_reads_nothing_on_the_host_off_the_cpu():
     stands in for a device tensor; the tracer fails on any host read."""
     logits = torch.empty(2, 8, device="meta")
     with no_host_reads():
-        x, absmax = SamplerPipeline._prepare(logits)
-    assert x is logits and absmax == 0.0
+        x, absmax, finite = SamplerPipeline._prepare(logits)
+    assert x is logits and absmax == 0.0 and not finite
     with pytest.raises(AssertionError, match="host read"), no_host_reads():
         SamplerPipeline._prepare(torch.zeros(2, 8))
 
@@ -734,9 +734,13 @@ def test_input_rule_on_rows_with_removed_tokens(data):
         with pytest.raises(ValueError, match=re.escape(f"row(s) {empty[:10]}")):
             SamplerPipeline._prepare(logits)
         return
-    x, absmax = SamplerPipeline._prepare(logits)
+    x, absmax, finite = SamplerPipeline._prepare(logits)
     got = x.double().numpy()
     assert x.dtype == dtype and np.array_equal(got, expected.astype(np.float64))
+    if finite:  # (the chain relies on it: no search for removed tokens)
+        assert np.isfinite(got).all()
+    elif np.isfinite(as_given).all() and np.abs(as_given).max() <= FMAX:
+        raise AssertionError("finite logits within float32's range not proved finite")
     if not np.isnan(as_given).any() and not (as_given == INF).any() and np.abs(as_given[np.isfinite(as_given)]).max() <= FMAX:
         assert x is logits
     assert absmax >= np.abs(got[np.isfinite(got)]).max()
@@ -753,12 +757,12 @@ def test_a_loose_bound_is_checked_against_the_exact_magnitude():
 
     batch = SamplingBatch([SamplingParams(temperature=2e-5, nsigma=1.0)], vocab_size=32000)
     logits = torch.full((1, 32000), 5e11)
-    x, bound = SamplerPipeline._prepare(logits)
+    x, bound, _ = SamplerPipeline._prepare(logits)
     assert bound > 1e14 and batch.may_overflow(bound)  # the loose bound alone says "may overflow"
     assert not _may_overflow(batch, x, bound)  # the exact 5e11 does not
     assert SamplerPipeline("torch")._chain(x, batch, bound) is _torch_chain_no_overflow
     huge = torch.full((1, 32000), 5e12)
-    x, bound = SamplerPipeline._prepare(huge)
+    x, bound, _ = SamplerPipeline._prepare(huge)
     assert _may_overflow(batch, x, bound)
     assert SamplerPipeline("torch")._chain(x, batch, bound) is torch_chain
 

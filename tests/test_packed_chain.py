@@ -275,3 +275,90 @@ def test_nsigma_takes_the_removed_tokens_dynatemp_found(monkeypatch):
     assert _stats.noted_removed(x) is None
     t = F.temperature(x, torch.full((B,), 0.7))
     assert _stats.noted_removed(t) is None
+
+
+def _history_case(rng: np.random.Generator, B: int) -> tuple[torch.Tensor, SamplingBatch]:
+    """Rows with repetitive histories (ids from a small set: n-gram bans, DRY matches), the
+    units that read them (DRY, some rows with penalties that overflow to ``-inf``, the
+    penalties, no_repeat_ngram), dynamic temperature on all or some rows, then nsigma."""
+    params = []
+    for _ in range(B):
+        kw = dict(
+            repetition_penalty=float(rng.uniform(1.0, 1.5)) if rng.random() < 0.5 else 1.0,
+            frequency_penalty=float(rng.uniform(-0.5, 0.5)) if rng.random() < 0.5 else 0.0,
+            no_repeat_ngram_size=int(rng.integers(0, 4)),
+            dry_multiplier=float(rng.choice([0.0, 0.8, 1e20])),
+            dry_base=float(rng.choice([1.75, 1e20])),  # (1e20 * 1e20 ** k: inf from k = 1 on)
+            dry_allowed_length=int(rng.integers(1, 3)),
+            nsigma=float(rng.uniform(0.5, 3.0)) if rng.random() < 0.7 else 0.0,
+            seed=int(rng.integers(0, 2**31)),
+        )
+        if rng.random() < 0.7:
+            kw.update(dynatemp_min=float(rng.uniform(0.1, 0.8)), dynatemp_max=float(rng.uniform(0.8, 2.0)))
+        params.append(SamplingParams(**kw))
+    ids = int(rng.choice([6, 40]))  # (6: long matches, so DRY's huge penalties overflow)
+    hist = [rng.integers(0, ids, int(rng.integers(0, 120))).tolist() for _ in range(B)]
+    batch = SamplingBatch(params, [h[: len(h) // 2] for h in hist], [h[len(h) // 2:] for h in hist], vocab_size=V)
+    x = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * float(rng.uniform(0.5, 4.0)))
+    return x, batch
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_units_that_read_histories_note_exactly_the_removed_tokens(seed, monkeypatch):
+    """After each unit that reads token ids, the chain's note of the removed tokens is exactly
+    the ``-inf`` entries of the unit's result (penalties keep finite logits finite, DRY may
+    overflow to ``-inf``, no_repeat_ngram bans); dynatemp and nsigma take it from the note
+    instead of searching, and the results are the unpacked chain's, bit for bit."""
+    import importlib
+
+    temperature = importlib.import_module("samplers.functional.temperature")
+    truncation = importlib.import_module("samplers.functional.truncation")
+    rng = np.random.default_rng(seed)
+    x, batch = _history_case(rng, int(rng.integers(1, 7)))
+    checked, searches = [], []
+    real_run_full = _stats.PackedChain.run_full
+
+    def run_full(chain, sampler, rows):
+        out = real_run_full(chain, sampler, rows)
+        noted = chain.removed
+        if noted is not None and noted[0] is out and noted[1] == out._version:
+            flat, counts = _stats.removed_tokens(out)
+            assert torch.equal(noted[2], flat) and torch.equal(noted[3], counts)
+            checked.append(int(flat.numel()))
+        return out
+
+    monkeypatch.setattr(_stats.PackedChain, "run_full", run_full)
+    for module in (temperature, truncation):
+        real = module.removed_tokens
+        monkeypatch.setattr(module, "removed_tokens", lambda t, real=real: (searches.append(1), real(t))[1])
+    fast = SamplerPipeline("torch", seed=3).sample(x, batch, return_processed=True)
+    assert searches == []
+    ran = [s for s, _ in batch.schedule if s in (SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM)]
+    assert len(checked) == len(ran)
+    with monkeypatch.context() as m:
+        m.setattr(P, "PackedChain", lambda: None)  # the unpacked chain: nothing is noted
+        ref = SamplerPipeline("torch", seed=3).sample(x, batch, return_processed=True)
+    assert torch.equal(_bits(fast.processed), _bits(ref.processed))
+    assert torch.equal(fast.token_ids, ref.token_ids)
+
+
+def test_removed_tokens_of_some_rows_are_renumbered_as_those_rows_alone():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((6, 50)).astype(np.float32))
+    x[torch.from_numpy(rng.random((6, 50)) < 0.2)] = float("-inf")
+    rows = torch.tensor([1, 2, 5])
+    flat, counts = _stats.removed_in_rows(*_stats.removed_tokens(x), rows, 50)
+    want_flat, want_counts = _stats.removed_tokens(x.index_select(0, rows))
+    assert torch.equal(flat, want_flat) and torch.equal(counts, want_counts)
+
+
+def test_a_note_carried_with_new_bans_is_sorted_and_distinct():
+    chain = _stats.PackedChain()
+    x = torch.zeros(3, 10)
+    with _stats.packed_chain(chain):
+        _stats.note_removed(x, torch.tensor([3, 12, 25]), torch.tensor([1, 1, 1]))
+        out = x.clone()
+        _stats.carry_removed(_stats.noted_removed(x), out, np.array([12, 29, 0, 29, 3]))
+        assert _stats.noted_removed(x) is None  # (the note moved on to the result)
+        flat, counts = _stats.noted_removed(out)
+    assert flat.tolist() == [0, 3, 12, 25, 29] and counts.tolist() == [2, 1, 2]

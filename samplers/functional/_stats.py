@@ -60,6 +60,8 @@ __all__ = [
     "note_live_hint",
     "note_removed",
     "noted_removed",
+    "carry_removed",
+    "removed_in_rows",
     "pack_entries",
     "packed_columns",
     "count_true",
@@ -875,6 +877,18 @@ def removed_tokens(l32: Tensor) -> tuple[Tensor, Tensor]:
     return flat, torch.bincount(flat // max(l32.shape[1], 1), minlength=l32.shape[0])
 
 
+def removed_in_rows(flat: Tensor, counts: Tensor, rows: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """``removed_tokens``' ``(flat, counts)`` of ``[B, vocab]`` rows, for the rows ``rows``
+    (int64, increasing) only, as ``removed_tokens`` would find them in
+    ``l32.index_select(0, rows)``."""
+    flat_np = flat.numpy()
+    new_row = np.full(counts.shape[0], -1, dtype=np.int64)
+    new_row[rows.numpy()] = np.arange(rows.shape[0])
+    at = new_row[flat_np // vocab]
+    kept = at >= 0
+    return torch.from_numpy(at[kept] * vocab + flat_np[kept] % vocab), counts.index_select(0, rows)
+
+
 def _mask_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """A boolean buffer for a mask of ``shape`` and a tail an eighth of its size (for
     ``_flat_true``), and the mask's part of it, shaped. (A fresh buffer per call: a per-thread
@@ -1003,6 +1017,23 @@ class PackedChain:
         self.armed = True  # (a unit may run a second sampler on it: top_k then top_p)
         return self.rows.logits
 
+    def note_all_finite(self, x: Tensor) -> None:
+        """Note that ``x`` (``[B, V]`` float32 rows) has no removed token and no other non-finite
+        entry (as ``note_removed`` would, inside the chain): the input rule proved it, and the
+        samplers that read token ids carry the note to the first packed step (``run_full``)."""
+        self.removed = (x, _version_of(x), torch.empty(0, dtype=torch.int64),
+                        torch.zeros(x.shape[0], dtype=torch.int64))
+
+    def run_full(self, sampler: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``sampler(x)`` for a sampler that needs the full rows (it reads token ids): ``x`` is
+        expanded first, and the sampler runs inside this chain's context with nothing packed
+        to hand on, so that the removed tokens noted for its input carry over to its result
+        (``carry_removed``)."""
+        x = self.expand(x)
+        self.armed, self.keeps_packed = False, False
+        with packed_chain(self):
+            return sampler(x)
+
     def expand(self, x: Tensor) -> Tensor:
         """``x`` as ``[B, V]`` rows: packed rows are expanded (and noted for the next
         ``compact_rows``, see ``note_live_hint``); other tensors come back as they are."""
@@ -1037,6 +1068,29 @@ def noted_removed(tensor: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     if noted is None or noted[0] is not tensor or noted[1] is None or _version_of(tensor) != noted[1]:
         return None
     return noted[2], noted[3]
+
+
+def carry_removed(noted: Optional[tuple[Tensor, Tensor]], result: Tensor,
+                  added: Optional[np.ndarray] = None) -> None:
+    """Note for ``result`` the removed tokens ``noted`` for a sampler's input (``noted_removed``,
+    read before the sampler wrote anything), plus the flat indices ``added`` (any order,
+    repeats allowed): for a sampler whose result's only non-finite entries are its input's
+    ``-inf`` and the ``-inf`` it wrote at ``added`` (the penalties, which keep finite logits
+    finite, write none; no_repeat_ngram writes its bans). ``result`` may be the input written
+    in place. Nothing is noted when nothing was noted for the input."""
+    if noted is None:
+        return
+    flat, counts = noted
+    if added is not None and added.size:
+        # sorted and distinct (np.union1d's values at a fraction of its cost: ~25x here)
+        union = np.sort(np.concatenate((flat.numpy(), added)) if flat.numel() else added)
+        distinct = np.empty(union.size, dtype=np.bool_)
+        distinct[0] = True
+        np.not_equal(union[1:], union[:-1], out=distinct[1:])
+        union = union[distinct]
+        flat = torch.from_numpy(union)
+        counts = torch.from_numpy(np.bincount(union // result.shape[1], minlength=result.shape[0]))
+    note_removed(result, flat, counts)
 
 
 def is_chain_rows(x: Tensor) -> bool:

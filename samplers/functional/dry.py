@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..history import TokenHistory
-from ._stats import ParamLike, row_param
+from ._stats import ParamLike, carry_removed, noted_removed, row_param
 
 __all__ = ["dry", "dry_"]
 
@@ -54,6 +54,7 @@ def dry(
     if logits.dim() != 2:
         raise ValueError(f"dry: logits must be [B, V], got shape {tuple(logits.shape)}")
     out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    carry_removed(noted_removed(logits), out)
     dry_(out, history, dry_multiplier, dry_base, dry_allowed_length, dry_range, dry_sequence_breaker_ids)
     return out.to(logits.dtype)
 
@@ -142,6 +143,7 @@ def dry_(
     if not sync_free and x.device.type == "cpu":
         return _dry_from_entries(x, history, dry_multiplier, dry_base, dry_allowed_length, dry_range,
                                  dry_sequence_breaker_ids)
+    noted = noted_removed(x)  # (read before x is written: the write bumps its version)
     dev = x.device
     f32 = torch.float32
     tok = history.tokens[:, :w]  # [B, w] int64, padding -1
@@ -197,13 +199,25 @@ def dry_(
         # fl(l - max(pen)) == min(fl(l - pen)): scatter-amin; +inf (no hit) is a no-op
         vals = torch.where(hit, x.gather(1, t) - pen, float("inf"))
         x.scatter_reduce_(1, t, vals, reduce="amin", include_self=True)
+        if noted is not None:
+            flat_idx = (torch.arange(b, device=dev)[:, None] * v + t).reshape(-1)
+            _carry_removed(noted, x, flat_idx, vals.reshape(-1))
     else:
         pen = per_row(mult) * powers[cand_b, k]
         flat_idx = cand_b * v + at(tok)
         flat = x.view(-1)
         vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
         flat.scatter_reduce_(0, flat_idx, vals, reduce="amin", include_self=True)
+        _carry_removed(noted, x, flat_idx, vals)
     return x
+
+
+def _carry_removed(noted: Optional[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, flat_idx: torch.Tensor,
+                   vals: torch.Tensor) -> None:
+    """After the scatter-amin of ``vals`` into ``x`` at ``flat_idx``: the removed tokens noted
+    for ``x`` before it (``noted_removed``) plus those where a penalty overflowed to ``-inf``."""
+    if noted is not None:
+        carry_removed(noted, x, flat_idx[vals == float("-inf")].cpu().numpy())
 
 
 #: The table of powers of the base is built this many columns wider than needed, rounded
@@ -237,6 +251,7 @@ def _dry_from_entries(
     f32 = torch.float32
     tok = history.tokens
     lens = history.lengths
+    noted = noted_removed(x)  # (read before x is written: the write bumps its version)
     allowed = dry_allowed_length.clamp(min=1)
     mult = dry_multiplier.to(f32)
     brk_ids = dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1)
@@ -275,4 +290,5 @@ def _dry_from_entries(
     flat = x.view(-1)
     vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
     flat.scatter_reduce_(0, flat_idx, vals, reduce="amin", include_self=True)
+    _carry_removed(noted, x, flat_idx, vals)
     return x

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..history import TokenHistory
-from ._stats import ParamLike, row_param
+from ._stats import ParamLike, carry_removed, noted_removed, row_param
 
 __all__ = ["no_repeat_ngram", "no_repeat_ngram_"]
 
@@ -33,7 +33,9 @@ def no_repeat_ngram(
     every row with n = 0) bit-identical. It does not protect the argmax: if every token of
     a row is banned, the row is all `-inf` (as in Hugging Face's processor).
     """
-    return no_repeat_ngram_(logits.clone(memory_format=torch.contiguous_format), history, no_repeat_ngram_size)
+    out = logits.clone(memory_format=torch.contiguous_format)
+    carry_removed(noted_removed(logits), out)
+    return no_repeat_ngram_(out, history, no_repeat_ngram_size)
 
 
 def no_repeat_ngram_(
@@ -54,6 +56,7 @@ def no_repeat_ngram_(
     w = history.max_length
     if w == 0 or b == 0:
         return x
+    noted = noted_removed(x)  # (read before the bans are written: they bump x's version)
     if x.device.type == "cpu":
         n_np = n[:, 0].numpy()
         if ((n_np == 0) | (n_np >= 2)).all():
@@ -66,6 +69,7 @@ def no_repeat_ngram_(
             rows, cols = rows[sel], cols[sel]
             flat = rows * v + history.tokens.numpy()[rows, cols]
             x.view(-1)[torch.from_numpy(flat)] = float("-inf")
+            carry_removed(noted, x, flat)
             return x
     match = history.match_lengths()[:, :w]
     tok = history.tokens[:, :w]
@@ -75,7 +79,9 @@ def no_repeat_ngram_(
         # Only the banned (row, token) pairs are written (a token banned twice gets -inf
         # twice): no [B, V] mask. Reading the hits' count costs no device sync on the CPU.
         rows, cols = hit.nonzero(as_tuple=True)
-        x.view(-1)[rows * v + tok[rows, cols]] = float("-inf")
+        flat = rows * v + tok[rows, cols]
+        x.view(-1)[flat] = float("-inf")
+        carry_removed(noted, x, flat.numpy())
         return x
     banned = torch.zeros(b, v + 1, dtype=torch.bool, device=x.device)
     banned.scatter_(1, torch.where(hit, tok, v), True)

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._stats import _NO_OVERFLOW, ParamLike, row_param
+from ._stats import _NO_OVERFLOW, ParamLike, carry_removed, noted_removed, row_param
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties"]
 
@@ -145,6 +145,16 @@ def penalties(
     output's tokens are found among them (every token with a count is seen, as in a
     `TokenHistory`); without, from ``output_counts``.
     """
+    out = _penalties(logits, seen_mask, output_counts, repetition_penalty, frequency_penalty, presence_penalty,
+                     seen_ids)
+    # (finite logits stay finite, -inf stays -inf: a chain's note of the removed tokens holds)
+    carry_removed(noted_removed(logits), out)
+    return out
+
+
+def _penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,
+               repetition_penalty: ParamLike, frequency_penalty: ParamLike, presence_penalty: ParamLike,
+               seen_ids: Optional[torch.Tensor]) -> torch.Tensor:
     repetition_penalty = row_param(repetition_penalty, logits, torch.float32, "repetition_penalty", 0.0,
                                    lo_open=True)
     frequency_penalty = row_param(frequency_penalty, logits, torch.float32, "frequency_penalty", -2.0, 2.0)

@@ -29,6 +29,7 @@ from ._stats import (
     is_finite,
     note_removed,
     noted_removed,
+    removed_in_rows,
     removed_tokens,
     row_param,
     saturate_finite,
@@ -136,19 +137,26 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
         rows = enabled.nonzero().squeeze(1)
         stats = l32.index_select(0, rows)
     hi_s = stats.amax(dim=-1)
-    lo_s = stats.amin(dim=-1)
-    removed = None
-    if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
-        n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
-    elif cpu and sparse is None and stats.numel() and stats.is_contiguous() and bool((hi_s < float("inf")).all()):
-        # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf
-        # (a grammar's mask, a banned EOS), found and counted once.
-        removed, n_removed = removed_tokens(stats)
+    lo_s = removed = None
+    noted = noted_removed(l32) if cpu and sparse is None else None
+    if noted is not None and noted[0].numel():
+        # The removed tokens (the only non-finite logits) as this chain's earlier samplers
+        # noted them: no search, and no row minimum (``removed`` leaves it unused below).
+        removed, n_removed = noted if rows is None else removed_in_rows(*noted, rows, l32.shape[1])
         n = stats.shape[1] - n_removed
-        if rows is None:  # (for the division by T and the next sampler: see note_removed)
-            note_removed(stats, removed, n_removed)
     else:
-        n = count_true(is_finite(stats))
+        lo_s = stats.amin(dim=-1)
+        if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
+            n = torch.full(lo_s.shape, l32.shape[1], dtype=torch.int64)  # every logit finite
+        elif cpu and sparse is None and stats.numel() and stats.is_contiguous() and bool((hi_s < float("inf")).all()):
+            # No NaN (it would be its row's max) nor +inf: the only non-finite logits are -inf
+            # (a grammar's mask, a banned EOS), found and counted once.
+            removed, n_removed = removed_tokens(stats)
+            n = stats.shape[1] - n_removed
+            if rows is None:  # (for the division by T and the next sampler: see note_removed)
+                note_removed(stats, removed, n_removed)
+        else:
+            n = count_true(is_finite(stats))
     # (the selected rows are a copy: their buffer is reused)
     h = entropy_of_logits(stats, sparse, overwrite=rows is not None, row_max=hi_s, row_min=lo_s,
                           removed=removed)

@@ -870,6 +870,8 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     noted = noted_removed(l32) if sparse is None else None
     if l32.device.type != "cpu":
         all_finite = False
+    elif noted is not None and not noted[0].numel():
+        all_finite = True  # (noted by this chain: no removed token, no other non-finite logit)
     elif noted is not None:
         # (a sampler before it in this chain found the removed tokens, the only non-finite logits)
         (removed, n_removed), all_finite, removed_only = noted, False, True
