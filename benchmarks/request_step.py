@@ -5,6 +5,9 @@ The request (tests/data/arli_full_request.json: penalties, DRY, no_repeat_ngram,
 nsigma, top_k, top_p, eta, epsilon, 5 top log-probabilities) is applied to every row of a
 batch with text-like histories (512 prompt + 256 output tokens), and ``SamplerPipeline.sample``
 is timed step after step as a generation loop runs it (``append`` between steps, untimed).
+The appended tokens continue the text-like histories rather than the drawn tokens (the logits
+are random, their draws are not text): each step then sees the n-gram bans, DRY matches and
+repeated tokens of running text.
 ``--parts`` also times each stage of the step (the schedule's units, the draw, the
 log-probabilities) and counts the page faults of each: fresh ``[B, V]`` temporaries cost
 more in faults than in arithmetic when glibc returns freed memory to the system (README,
@@ -68,20 +71,21 @@ def run(shape: tuple[int, int], steps: int, parts: _Parts | None) -> str:
     batch, vocab = shape
     with open(REQUEST) as f:
         params = SamplingParams.from_dict(json.load(f))
-    histories = make_histories(batch, 768, vocab)
-    b = SamplingBatch([params] * batch, [list(h[:512]) for h in histories], [list(h[512:]) for h in histories],
+    # (the rows go on as text-like histories do: each step appends their next token, so the
+    # n-gram bans, DRY's matches and the penalties' seen tokens are those of running text)
+    histories = torch.tensor(make_histories(batch, 768 + steps + 5, vocab))
+    b = SamplingBatch([params] * batch, histories[:, :512].tolist(), histories[:, 512:768].tolist(),
                       vocab_size=vocab)
     logits = make_logits(batch, vocab, seed=1)
     pipe = SamplerPipeline("torch", seed=0)
     times, faults, per_part = [], [], {}
-    next_ids = torch.Generator().manual_seed(0)
     for i in range(steps + 5):  # (5 warm-up steps)
         if parts is not None:
             parts.step = {}
         f0, t0 = _faults(), time.perf_counter()
         pipe.sample(logits, b)
         elapsed, faulted = time.perf_counter() - t0, _faults() - f0
-        b.append(torch.randint(0, vocab, (batch,), generator=next_ids))
+        b.append(histories[:, 768 + i])
         if i < 5:
             continue
         times.append(elapsed)
