@@ -132,15 +132,10 @@ class _RowSubset:
 Unit = Callable[[torch.Tensor, SamplingBatch, _RowRandoms], torch.Tensor]
 
 
-def _penalties(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _penalty_args(b: SamplingBatch) -> tuple:
     h = b.history
-    return F.penalties(
-        x,
-        h.seen_mask(),
-        h.output_counts(),
-        b.param("repetition_penalty"), b.param("frequency_penalty"), b.param("presence_penalty"),
-        seen_ids=h.seen_ids(),
-    )
+    return (h.seen_mask(), h.output_counts(), b.param("repetition_penalty"), b.param("frequency_penalty"),
+            b.param("presence_penalty"), h.seen_ids())
 
 
 def _temperature(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
@@ -168,7 +163,7 @@ def _dry_args(b: SamplingBatch) -> tuple:
 
 
 UNITS: dict[SamplerID, Unit] = {
-    SamplerID.PENALTIES: _penalties,
+    SamplerID.PENALTIES: lambda x, b, r: F.penalties(x, *_penalty_args(b)),
     SamplerID.DRY: lambda x, b, r: F.dry(x, *_dry_args(b)),
     SamplerID.NO_REPEAT_NGRAM: lambda x, b, r: F.no_repeat_ngram(x, b.history, b.param("no_repeat_ngram_size")),
     SamplerID.TEMPERATURE: _temperature,
@@ -190,6 +185,7 @@ UNITS: dict[SamplerID, Unit] = {
 #: Units that can also write their result into their input: run so on rows the chain owns
 #: (a temporary of its own, contiguous float32), which saves them a [B, V] copy.
 UNITS_IN_PLACE: dict[SamplerID, Unit] = {
+    SamplerID.PENALTIES: lambda x, b, r: F.penalties_(x, *_penalty_args(b)),
     SamplerID.DRY: lambda x, b, r: F.dry_(x, *_dry_args(b)),
     SamplerID.NO_REPEAT_NGRAM: lambda x, b, r: F.no_repeat_ngram_(x, b.history, b.param("no_repeat_ngram_size")),
 }

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional._stats import no_overflow
-from samplers.functional.penalties import ban_tokens, logit_bias, min_tokens, penalties
+from samplers.functional.penalties import ban_tokens, logit_bias, min_tokens, penalties, penalties_
 from samplers.history import TokenHistory
 from samplers.priority import SamplerID
 
@@ -171,6 +171,9 @@ def test_penalties_disabled_rows_bit_identical_and_batch_independent(seed, b, v)
     th = TokenHistory(prompts, outputs, vocab_size=v)
     lt = torch.from_numpy(logits)
     out = penalties(lt, th.seen_mask(), th.output_counts(), *map(torch.from_numpy, (r, f, pr)))
+    in_place = penalties_(lt.clone(), th.seen_mask(), th.output_counts(), *map(torch.from_numpy, (r, f, pr)),
+                          seen_ids=th.seen_ids())
+    assert torch.equal(in_place.view(torch.int32), out.view(torch.int32))
     for row in range(b):
         if r[row] == 1 and f[row] == 0 and pr[row] == 0:
             assert torch.equal(out[row].view(torch.int32), lt[row].view(torch.int32))
@@ -229,6 +232,11 @@ def test_penalties_cpu_path_matches_the_dense_formula_on_extreme_values(data):
     ids = th.seen_ids()[torch.from_numpy(np.random.default_rng(B * V).permutation(th.seen_ids().numel()))]
     listed = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr, seen_ids=ids)
     assert torch.equal(listed.view(torch.int32), got.view(torch.int32))
+    # in place: the same bits in its input, either way of finding the seen tokens
+    for seen_ids in (None, ids):
+        y = logits.clone()
+        assert penalties_(y, th.seen_mask(), th.output_counts(), r, f, pr, seen_ids=seen_ids) is y
+        assert torch.equal(y.view(torch.int32), got.view(torch.int32))
 
 
 @settings(max_examples=60, deadline=None)
@@ -255,6 +263,15 @@ def test_penalties_no_overflow_path_matches_the_dense_formula(data):
         scanned = penalties(logits, th.seen_mask(), th.output_counts(), r, f, pr)
     assert torch.equal(got.view(torch.int32), dense.view(torch.int32))
     assert torch.equal(scanned.view(torch.int32), dense.view(torch.int32))
+
+
+def test_in_place_variant_refuses_what_it_cannot_write_into():
+    th = TokenHistory([[0, 1]], [[1]], vocab_size=4)
+    args = (th.seen_mask(), th.output_counts(), t([1.2]), t([0.0]), t([0.0]))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        penalties_(torch.zeros(1, 8)[:, ::2], *args)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        penalties_(torch.zeros(1, 4, dtype=torch.float16), *args)
 
 
 def test_branch_free_select_is_np_where_bit_for_bit():

@@ -355,9 +355,9 @@ def test_min_tokens_stops_copying_once_every_row_reached_its_minimum(monkeypatch
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_history_units_write_in_place_only_on_rows_the_chain_owns(bias, monkeypatch):
-    """DRY and no_repeat_ngram write into rows the chain made itself (after a logit_bias, or
-    after DRY's own copy for no_repeat_ngram) and copy the caller's: the same processed
-    logits as the copying units, and the input untouched."""
+    """DRY, the penalties and no_repeat_ngram write into rows the chain made itself (after a
+    logit_bias, or after DRY's own copy for the others) and copy the caller's: the same
+    processed logits as the copying units, and the input untouched."""
     import samplers.pipeline as P
 
     p = SamplingParams(dry_multiplier=0.8, repetition_penalty=1.2, no_repeat_ngram_size=2, min_p=0.05,
@@ -371,7 +371,7 @@ def test_history_units_write_in_place_only_on_rows_the_chain_owns(bias, monkeypa
                                               for s, f in P.UNITS_IN_PLACE.items()})
     got = SamplerPipeline("torch").process(logits, batch)
     assert torch.equal(logits, given_logits)
-    assert used == ([SamplerID.DRY] if bias else []) + [SamplerID.NO_REPEAT_NGRAM]
+    assert used == ([SamplerID.DRY] if bias else []) + [SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM]
     monkeypatch.setattr(P, "UNITS_IN_PLACE", {})
     want = SamplerPipeline("torch").process(logits, batch)
     assert torch.equal(got, want) and torch.isneginf(got).any()

@@ -14,7 +14,7 @@ in ``samplers/kernels/`` are tested against them. The two whose names end in ``_
 
 from .dry import dry, dry_
 from .ngram import no_repeat_ngram, no_repeat_ngram_
-from .penalties import ban_tokens, logit_bias, min_tokens, penalties, rescue_empty_rows
+from .penalties import ban_tokens, logit_bias, min_tokens, penalties, penalties_, rescue_empty_rows
 from .skew import skew
 from .temperature import dynamic_temperature, dynamic_temperature_values, quadratic_smoothing, temperature
 from .truncation import (
@@ -32,6 +32,7 @@ from .truncation import (
 
 __all__ = [
     "ban_tokens", "dry", "dry_", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
-    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "penalties", "quadratic_smoothing",
-    "rescue_empty_rows", "skew", "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p", "xtc",
+    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "penalties", "penalties_",
+    "quadratic_smoothing", "rescue_empty_rows", "skew", "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p",
+    "xtc",
 ]

@@ -13,7 +13,7 @@ import torch
 
 from ._stats import _NO_OVERFLOW, ParamLike, carry_removed, noted_removed, row_param
 
-__all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties"]
+__all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties", "penalties_"]
 
 _FMAX = float(np.finfo(np.float32).max)
 
@@ -145,37 +145,76 @@ def penalties(
     output's tokens are found among them (every token with a count is seen, as in a
     `TokenHistory`); without, from ``output_counts``.
     """
-    out = _penalties(logits, seen_mask, output_counts, repetition_penalty, frequency_penalty, presence_penalty,
-                     seen_ids)
+    noted = noted_removed(logits)
+    if logits.device.type != "cpu" or logits.requires_grad:
+        out = _penalties_dense(logits, seen_mask, output_counts, repetition_penalty, frequency_penalty,
+                               presence_penalty)
+    else:
+        out = _penalties_cpu(logits, None, seen_mask, output_counts, repetition_penalty, frequency_penalty,
+                             presence_penalty, seen_ids)
     # (finite logits stay finite, -inf stays -inf: a chain's note of the removed tokens holds)
-    carry_removed(noted_removed(logits), out)
+    carry_removed(noted, out)
     return out
 
 
-def _penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,
-               repetition_penalty: ParamLike, frequency_penalty: ParamLike, presence_penalty: ParamLike,
-               seen_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    repetition_penalty = row_param(repetition_penalty, logits, torch.float32, "repetition_penalty", 0.0,
-                                   lo_open=True)
-    frequency_penalty = row_param(frequency_penalty, logits, torch.float32, "frequency_penalty", -2.0, 2.0)
-    presence_penalty = row_param(presence_penalty, logits, torch.float32, "presence_penalty", -2.0, 2.0)
-    if logits.device.type != "cpu" or logits.requires_grad:
-        x = logits.to(torch.float32)
-        r, f, pr = repetition_penalty, frequency_penalty, presence_penalty
-        # a finite logit saturates rather than overflow (a tiny or huge r): clamp keeps +-inf as is
-        enabled = (r != 1) | (f != 0) | (pr != 0)
-        scaled = torch.where(x > 0, x / r[:, None], x * r[:, None])
-        scaled = torch.where(torch.isfinite(x), scaled.clamp(-_FMAX, _FMAX), scaled)
-        out = torch.where(seen_mask, scaled, x)
-        out = out - f[:, None] * output_counts.to(torch.float32)
-        out = out - pr[:, None] * (output_counts > 0).to(torch.float32)
-        return torch.where(enabled[:, None], out.to(logits.dtype), logits)
-    # CPU: the same arithmetic without full-width selects, the per-token work in numpy (its
-    # float32 division, multiplication and clamp round like torch's; a fraction of torch's
-    # per-op cost on the few seen tokens of a row).
-    rn = _host_float32(repetition_penalty)
-    fn = _host_float32(frequency_penalty)
-    pn = _host_float32(presence_penalty)
+def penalties_(
+    x: torch.Tensor,
+    seen_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition_penalty: ParamLike,
+    frequency_penalty: ParamLike,
+    presence_penalty: ParamLike,
+    seen_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`penalties` in place on ``x`` ([B, V] float32, contiguous); returns ``x``. On the CPU
+    only the changed entries are written (a chain that owns its rows saves a [B, V] copy)."""
+    if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(
+            f"penalties_: x must be a contiguous float32 [B, V] tensor, got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    noted = noted_removed(x)  # (read before x is written)
+    if x.device.type != "cpu" or x.requires_grad:
+        return x.copy_(_penalties_dense(x, seen_mask, output_counts, repetition_penalty, frequency_penalty,
+                                        presence_penalty))
+    _penalties_cpu(x, x, seen_mask, output_counts, repetition_penalty, frequency_penalty, presence_penalty,
+                   seen_ids)
+    x[:0].zero_()  # (numpy's writes bump no version counter; an empty in-place op does)
+    carry_removed(noted, x)
+    return x
+
+
+def _params(logits: torch.Tensor, repetition_penalty: ParamLike, frequency_penalty: ParamLike,
+            presence_penalty: ParamLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (row_param(repetition_penalty, logits, torch.float32, "repetition_penalty", 0.0, lo_open=True),
+            row_param(frequency_penalty, logits, torch.float32, "frequency_penalty", -2.0, 2.0),
+            row_param(presence_penalty, logits, torch.float32, "presence_penalty", -2.0, 2.0))
+
+
+def _penalties_dense(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,
+                     repetition_penalty: ParamLike, frequency_penalty: ParamLike,
+                     presence_penalty: ParamLike) -> torch.Tensor:
+    """`penalties` with full-width tensor ops (any device, autograd)."""
+    r, f, pr = _params(logits, repetition_penalty, frequency_penalty, presence_penalty)
+    x = logits.to(torch.float32)
+    # a finite logit saturates rather than overflow (a tiny or huge r): clamp keeps +-inf as is
+    enabled = (r != 1) | (f != 0) | (pr != 0)
+    scaled = torch.where(x > 0, x / r[:, None], x * r[:, None])
+    scaled = torch.where(torch.isfinite(x), scaled.clamp(-_FMAX, _FMAX), scaled)
+    out = torch.where(seen_mask, scaled, x)
+    out = out - f[:, None] * output_counts.to(torch.float32)
+    out = out - pr[:, None] * (output_counts > 0).to(torch.float32)
+    return torch.where(enabled[:, None], out.to(logits.dtype), logits)
+
+
+def _penalties_cpu(logits: torch.Tensor, into: Optional[torch.Tensor], seen_mask: torch.Tensor,
+                   output_counts: torch.Tensor, repetition_penalty: ParamLike, frequency_penalty: ParamLike,
+                   presence_penalty: ParamLike, seen_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """`penalties` on the CPU: the dense formula's values, with the per-token work in numpy
+    (its float32 division, multiplication and clamp round like torch's; a fraction of torch's
+    per-op cost on the few seen tokens of a row) and no full-width select. Written into
+    ``into`` (``logits`` itself, float32 and contiguous) when given, else into a copy."""
+    r, f, pr = _params(logits, repetition_penalty, frequency_penalty, presence_penalty)
+    rn, fn, pn = _host_float32(r), _host_float32(f), _host_float32(pr)
     # (np.count_nonzero in place of .any() / .all(): a fraction of their call cost on a few rows)
     repeat = rn != 1
     # Any row whose f or pr is not +0.0 (a nonzero bit pattern; -0.0 included, see below)?
@@ -183,11 +222,13 @@ def _penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: tor
     enabled = repeat | (fn != 0) | (pn != 0) if shift else repeat
     n_enabled = np.count_nonzero(enabled)
     if not n_enabled:
-        return logits.clone()
+        return logits if into is not None else logits.clone()
+    if into is not None:
+        out = into
     # A contiguous float32 tensor of our own. With one torch thread numpy's copy is as fast as
     # torch's clone or up to ~25% faster (measured at [1, 128256] to [64, 32000]); with more,
     # torch's copy runs in parallel and wins on large inputs.
-    if logits.dtype != torch.float32:
+    elif logits.dtype != torch.float32:
         out = logits.to(torch.float32).contiguous()
     elif torch.get_num_threads() == 1:
         out = torch.from_numpy(logits.numpy().copy())
@@ -195,12 +236,17 @@ def _penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: tor
         out = logits.clone(memory_format=torch.contiguous_format)
     on = out.numpy().reshape(-1)
     vocab = logits.shape[1]
+    # Only the enabled rows are written: the others keep their logits bit for bit (a -0.0 too,
+    # which the shift below would make +0.0 on a row whose f is -0.0).
+    some_rows = n_enabled < enabled.size
     # 1. Repetition: only the seen tokens change (x / 1 == x * 1 == x on rows with r = 1).
     if not shift or np.count_nonzero(repeat):  # (without shift, enabled rows are repeat rows)
         if seen_ids is None:
             flat = np.flatnonzero(seen_mask.contiguous().numpy())
         else:
             flat = seen_ids.numpy()
+        if some_rows:
+            flat = flat[enabled[flat // vocab]]
         if flat.size:
             _repeat_seen(on, flat, rn, vocab)
     # 2, 3. Frequency and presence. A row with f = pr = +0.0 would only subtract +0.0, which
@@ -212,13 +258,12 @@ def _penalties(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: tor
         else:  # (the output's tokens are among the history's seen ones)
             seen = seen_ids.numpy()
             in_output = seen[counts[seen] > 0]
-        _shift_output_tokens(on, in_output, counts[in_output], fn, pn, vocab)
+        if some_rows:
+            in_output = in_output[enabled[in_output // vocab]]
+        _shift_output_tokens(on, in_output, counts[in_output], fn, pn, vocab, enabled)
     if logits.dtype != torch.float32:
         out = out.to(logits.dtype)
-    if n_enabled == enabled.size:
-        return out
-    off = torch.from_numpy(np.flatnonzero(~enabled))
-    return out.index_copy_(0, off, logits.index_select(0, off))
+    return out
 
 
 def _host_float32(t: torch.Tensor) -> np.ndarray:
@@ -249,7 +294,7 @@ def _repeat_seen(on: np.ndarray, flat: np.ndarray, rn: np.ndarray, vocab: int) -
 
 
 def _shift_output_tokens(on: np.ndarray, flat: np.ndarray, counts: np.ndarray, fn: np.ndarray,
-                         pn: np.ndarray, vocab: int) -> None:
+                         pn: np.ndarray, vocab: int, enabled: np.ndarray) -> None:
     """Steps 2-3 of `penalties` in place on the flat float32 logits ``on``: ``flat`` (distinct)
     are the flat indices of the tokens with ``count > 0``, ``counts`` their counts.
 
@@ -257,10 +302,11 @@ def _shift_output_tokens(on: np.ndarray, flat: np.ndarray, counts: np.ndarray, f
     exact). Every other token gets ``l - f * 0 - pr * 0``, which is ``l`` except for ``-0.0``:
     where ``f`` or ``pr`` has its sign bit set, ``0 * f`` (or ``0 * pr``) is ``-0.0`` and
     ``-0.0 - -0.0`` is ``+0.0``. Those rows get ``+ 0.0`` on every token (``l + 0.0`` is ``l``
-    but for ``-0.0``, which becomes ``+0.0``), before the output tokens are written."""
+    but for ``-0.0``, which becomes ``+0.0``), before the output tokens are written. Only the
+    rows marked in ``enabled`` (bool [B]) are written: ``flat`` holds none of the others'."""
     values = on[flat]
     rows = flat // vocab
-    flips = np.flatnonzero(np.signbit(fn) | np.signbit(pn))
+    flips = np.flatnonzero((np.signbit(fn) | np.signbit(pn)) & enabled)
     if flips.size:
         rows2d = on.reshape(-1, vocab)
         rows2d[flips] = rows2d[flips] + np.float32(0.0)
