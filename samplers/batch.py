@@ -94,9 +94,10 @@ def _common_supersequence(orders: Sequence[tuple[SamplerID, ...]]) -> Optional[t
 
 def normalise_device(device: Union[torch.device, str, None]) -> torch.device:
     """``device`` as the tensors on it report theirs: "cpu:0" -> cpu, "cuda" -> "cuda:<current>",
-    so that a batch built with ``device="cuda"`` accepts logits on ``cuda:0``."""
+    so that a batch built with ``device="cuda"`` accepts logits on ``cuda:0``. None: torch's
+    default device (the CPU unless ``torch.set_default_device`` says otherwise)."""
     if device is None:
-        return torch.device("cpu")
+        device = torch.get_default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -147,7 +148,8 @@ class SamplingBatch:
             one for every row.
         prompt_token_ids, output_token_ids: per row, lists of token ids (None = empty).
         vocab_size: V.
-        device: where the logits live; every tensor of the batch is put there once.
+        device: where the logits live; every tensor of the batch is put there once (None:
+            torch's default device, the CPU unless ``torch.set_default_device`` says otherwise).
         eos_token_ids: the model's end-of-sequence id(s), banned while a row is below
             ``min_tokens`` (together with its ``stop_token_ids``).
         sequence_indices: per row, which of the request's ``n`` sequences it is (seeded

@@ -130,7 +130,7 @@ class TokenHistory:
         prompt_token_ids: per row, the prompt token ids.
         output_token_ids: per row, the output token ids generated so far.
         vocab_size: V; every id must be in [0, V) (ValueError naming the row and the id).
-        device: where the tensors live (that of the logits).
+        device: where the tensors live (that of the logits; None: torch's default device).
 
     Attributes:
         tokens: int64 [B, capacity], row b's history h_b = prompt + output left-aligned in
@@ -160,7 +160,7 @@ class TokenHistory:
         if int(vocab_size) < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
 
         p_flat, p_len = _flatten_rows(prompt_token_ids, self.vocab_size, "prompt_token_ids")
         o_flat, o_len = _flatten_rows(output_token_ids, self.vocab_size, "output_token_ids")

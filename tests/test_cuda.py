@@ -128,7 +128,11 @@ def test_the_draw_never_returns_a_removed_token_or_an_index_outside_the_row(V):
     assert ((tok >= 0) & (tok < V)).all()
     assert not torch.isneginf(x.gather(1, tok[:, None])).any()
     want = ref_draw(x, greedy, u)
-    assert int((tok != want).sum()) <= max(2, B // 500)
+    # the rows drawn at the end of the mass may pick any of its last tokens (float32 prefix
+    # sums in the GPU's order against the reference's): the token must only lie there
+    after = 1 - torch.softmax(x.double(), -1).cumsum(-1).gather(1, tok[:, None])[:, 0]  # mass past the token
+    assert (after[:64] <= 1e-4).all()
+    assert int((tok != want)[64:].sum()) <= max(2, B // 500)
 
 
 def test_a_seeded_row_does_not_depend_on_what_else_is_batched():

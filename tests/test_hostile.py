@@ -310,13 +310,33 @@ def test_requires_grad_logits():
 
 def test_device_names_are_normalised():
     """Item 8: 'cpu:0' and 'cpu' are one device; 'cuda' means the current CUDA device."""
-    assert normalise_device("cpu:0") == torch.device("cpu") == normalise_device(None)
+    assert normalise_device("cpu:0") == torch.device("cpu")
+    assert normalise_device(None) == normalise_device(torch.get_default_device())
     batch = SamplingBatch([SamplingParams(temperature=0.5)], vocab_size=4, device="cpu:0")
     _pipe("torch").process(torch.zeros(1, 4), batch)
     if torch.cuda.is_available():
         assert normalise_device("cuda") == torch.device("cuda", torch.cuda.current_device())
     with pytest.raises(ValueError, match="device"):
         SamplingBatch([SamplingParams()], vocab_size=4, device="nonsense")
+
+
+def test_an_unnamed_device_is_torchs_default_device():
+    """A batch or a history built without naming a device goes where torch puts tensors made
+    without one (``torch.set_default_device``; a meta device stands in for a GPU), so that
+    code written for the default device finds the batch beside its logits."""
+    from samplers.history import TokenHistory
+
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        assert normalise_device(None) == torch.device("meta")
+        batch = SamplingBatch([SamplingParams(min_p=0.1, repetition_penalty=1.2)], [[1, 2]], [[3]], vocab_size=8)
+        assert batch.device.type == "meta" and batch.param("min_p").device.type == "meta"
+        assert batch.history.tokens.device.type == "meta"
+        assert TokenHistory([[1]], [[2]], vocab_size=5).device.type == "meta"
+    finally:
+        torch.set_default_device(previous)
+    assert SamplingBatch([SamplingParams(min_p=0.1)], vocab_size=8).device == normalise_device(previous)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

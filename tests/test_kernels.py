@@ -629,11 +629,11 @@ def test_draw_never_picks_a_zero_probability_token_when_the_prefix_sum_is_not_mo
     u = torch.rand(B, generator=torch.Generator().manual_seed(78))
     want = ref_draw(x, greedy, u)
     # the earlier rule on the perturbed prefix (numpy, float64): removed tokens for some rows
-    p = torch.softmax(x.double(), -1).nan_to_num(0.0).numpy()
+    p = torch.softmax(x.double(), -1).nan_to_num(0.0).cpu().numpy()
     c = np.cumsum(p, -1)
     lanes = np.arange(V)
     c = np.where(p == 0, np.where(lanes % 2 == 0, c * 0.98, c * 1.02), c)
-    target = u.double().numpy()[:, None] * c.max(-1, keepdims=True)
+    target = u.double().cpu().numpy()[:, None] * c.max(-1, keepdims=True)
     old = np.minimum((c <= target).sum(-1), V - 1 - np.argmax((p > 0)[:, ::-1], -1))
     assert (p[np.arange(B), old] == 0).sum() > 5
     monkeypatch.setattr(KD, "prefix_sum", _prefix_dips_on_zero_lanes)

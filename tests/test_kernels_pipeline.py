@@ -148,8 +148,8 @@ def test_foundation_draw_frequencies_on_triton(on_triton):
     tokens = pipe.sample(base.repeat(draws, 1), SamplingBatch([p] * draws, vocab_size=Vs)).token_ids
     import numpy as np
 
-    counts = np.bincount(tokens.numpy(), minlength=Vs).astype(np.float64)
-    probs = torch.softmax(pipe.process(base[None], SamplingBatch([p], vocab_size=Vs))[0].double(), -1).numpy()
+    counts = np.bincount(tokens.cpu().numpy(), minlength=Vs).astype(np.float64)
+    probs = torch.softmax(pipe.process(base[None], SamplingBatch([p], vocab_size=Vs))[0].double(), -1).cpu().numpy()
     assert counts[probs == 0].sum() == 0
     assert tp._chi_square_p_value(counts, probs) > 1e-4
 
