@@ -7,9 +7,10 @@ outside the parameter's interval (SEMANTICS.md) is a ``ValueError`` naming the p
 the value and the interval; the input is never modified; a row at its parameter's
 disabled value comes back bit-identical; removed tokens are ``-inf`` and every truncation
 keeps the row's most likely token. These functions define correctness: the Triton kernels
-in ``samplers/kernels/`` are tested against them. The two whose names end in ``_`` (``dry_``,
-``no_repeat_ngram_``), as torch's in-place methods, write their result into their input
-(contiguous ``[B, V]``) and return it: a caller that owns its rows saves a ``[B, V]`` copy.
+in ``samplers/kernels/`` are tested against them. The three whose names end in ``_``
+(``dry_``, ``penalties_``, ``no_repeat_ngram_``), as torch's in-place methods, write their result
+into their input (contiguous ``[B, V]``) and return it: a caller that owns its rows saves a
+``[B, V]`` copy.
 """
 
 from .dry import dry, dry_
