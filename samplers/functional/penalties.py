@@ -223,11 +223,11 @@ def _penalties_cpu(logits: torch.Tensor, into: Optional[torch.Tensor], seen_mask
     n_enabled = np.count_nonzero(enabled)
     if not n_enabled:
         return logits if into is not None else logits.clone()
+    # The rows written: ``into``, or a contiguous float32 copy of our own. With one torch thread
+    # numpy's copy is as fast as torch's clone or up to ~25% faster (measured at [1, 128256]
+    # to [64, 32000]); with more, torch's copy runs in parallel and wins on large inputs.
     if into is not None:
         out = into
-    # A contiguous float32 tensor of our own. With one torch thread numpy's copy is as fast as
-    # torch's clone or up to ~25% faster (measured at [1, 128256] to [64, 32000]); with more,
-    # torch's copy runs in parallel and wins on large inputs.
     elif logits.dtype != torch.float32:
         out = logits.to(torch.float32).contiguous()
     elif torch.get_num_threads() == 1:
