@@ -242,6 +242,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         if not owned:
             x, owned = x.clone(), True
         x.index_copy_(0, index, out.to(x.dtype))
+        if chain is not None:
+            chain.forget_removed()
     if batch.any_skew:
         skew = lambda t: F.skew(t, batch.param("skew"))  # noqa: E731
         x = skew(x) if chain is None else chain.run(skew, x, last=True)

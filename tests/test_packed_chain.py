@@ -303,12 +303,14 @@ def _history_case(rng: np.random.Generator, B: int) -> tuple[torch.Tensor, Sampl
     return x, batch
 
 
+@pytest.mark.parametrize("inference", [False, True])
 @pytest.mark.parametrize("seed", range(30))
-def test_the_units_that_read_histories_note_exactly_the_removed_tokens(seed, monkeypatch):
+def test_the_units_that_read_histories_note_exactly_the_removed_tokens(seed, inference, monkeypatch):
     """After each unit that reads token ids, the chain's note of the removed tokens is exactly
     the ``-inf`` entries of the unit's result (penalties keep finite logits finite, DRY may
     overflow to ``-inf``, no_repeat_ngram bans); dynatemp and nsigma take it from the note
-    instead of searching, and the results are the unpacked chain's, bit for bit."""
+    instead of searching, and the results are the unpacked chain's, bit for bit. The same
+    under ``torch.inference_mode`` (as vLLM runs), whose tensors have no version counter."""
     import importlib
 
     temperature = importlib.import_module("samplers.functional.temperature")
@@ -321,7 +323,7 @@ def test_the_units_that_read_histories_note_exactly_the_removed_tokens(seed, mon
     def run_full(chain, sampler, rows):
         out = real_run_full(chain, sampler, rows)
         noted = chain.removed
-        if noted is not None and noted[0] is out and noted[1] == out._version:
+        if noted is not None and noted[0] is out and noted[1] == _stats._version_of(out):
             flat, counts = _stats.removed_tokens(out)
             assert torch.equal(noted[2], flat) and torch.equal(noted[3], counts)
             checked.append(int(flat.numel()))
@@ -331,7 +333,8 @@ def test_the_units_that_read_histories_note_exactly_the_removed_tokens(seed, mon
     for module in (temperature, truncation):
         real = module.removed_tokens
         monkeypatch.setattr(module, "removed_tokens", lambda t, real=real: (searches.append(1), real(t))[1])
-    fast = SamplerPipeline("torch", seed=3).sample(x, batch, return_processed=True)
+    with torch.inference_mode(inference):
+        fast = SamplerPipeline("torch", seed=3).sample(x, batch, return_processed=True)
     assert searches == []
     ran = [s for s, _ in batch.schedule if s in (SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM)]
     assert len(checked) == len(ran)
@@ -362,3 +365,32 @@ def test_a_note_carried_with_new_bans_is_sorted_and_distinct():
         assert _stats.noted_removed(x) is None  # (the note moved on to the result)
         flat, counts = _stats.noted_removed(out)
     assert flat.tolist() == [0, 3, 12, 25, 29] and counts.tolist() == [2, 1, 2]
+
+
+def test_a_row_subset_stage_drops_the_note_it_would_make_stale():
+    """Under ``torch.inference_mode`` a note holds by identity (no version counter): a stage
+    run on some rows only, writing top_k's removals into the chain's rows, must drop it, or a
+    full-row nsigma after it would take those rows for all finite. (``_schedule`` makes
+    either full-row stages only or row stages only; the mixed schedule here is built by hand,
+    as a scheduler that mixed them would run it.) The unpacked chain (no notes) decides."""
+    rng = np.random.default_rng(4)
+    # (top_k keeps most of a row, so nsigma works on the full rows)
+    params = SamplingParams(repetition_penalty=1.3, top_k=1500, nsigma=1.0, seed=1)
+    hist = [rng.integers(0, 300, 40).tolist() for _ in range(4)]
+    batch = SamplingBatch(params, [h[:20] for h in hist], [h[20:] for h in hist], vocab_size=V)
+    some = np.array([1, 3])
+    batch.schedule = [(SamplerID.PENALTIES, None), (SamplerID.TOP_P_TOP_K, torch.tensor([False, True, False, True])),
+                      (SamplerID.TOP_NSIGMA, None)]
+    batch.schedule_rows = [None, torch.from_numpy(some), None]
+    batch.schedule_rows_host = [None, some, None]
+    x = torch.from_numpy(rng.standard_normal((4, V)).astype(np.float32) * 2)
+    with torch.inference_mode():
+        fast = SamplerPipeline("torch", seed=3).process(x, batch)
+    original = P.PackedChain
+    try:
+        P.PackedChain = lambda: None
+        ref = SamplerPipeline("torch", seed=3).process(x, batch)
+    finally:
+        P.PackedChain = original
+    assert torch.isneginf(ref[some]).any() and not torch.isneginf(ref[[0, 2]]).all(-1).any()
+    assert torch.equal(_bits(fast), _bits(ref))

@@ -1024,6 +1024,11 @@ class PackedChain:
         self.removed = (x, _version_of(x), torch.empty(0, dtype=torch.int64),
                         torch.zeros(x.shape[0], dtype=torch.int64))
 
+    def forget_removed(self) -> None:
+        """Drop the note of the removed tokens: the caller wrote into the noted rows (an
+        inference tensor's note would not see it, having no version counter to check)."""
+        self.removed = None
+
     def run_full(self, sampler: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``sampler(x)`` for a sampler that needs the full rows (it reads token ids): ``x`` is
         expanded first, and the sampler runs inside this chain's context with nothing packed
@@ -1054,7 +1059,13 @@ def note_removed(tensor: Tensor, flat: Tensor, counts: Tensor) -> None:
     for a later sampler of the same chain that is given that very tensor, unwritten since
     (``noted_removed``): it skips its own search. Outside a chain nothing is noted: between a
     caller's calls the tensor could be written through a numpy view, which its version counter
-    does not see; inside, only the chain's samplers run, and they write their own results."""
+    does not see; inside, only the chain's samplers run, and they write their own results.
+
+    An inference tensor (``torch.inference_mode``, as vLLM runs) has no version counter: its
+    note holds by identity. A note lives as long as one chain run, in which the only writes
+    into a tensor the chain has already made are those of the units that carry the note
+    (``carry_removed``) and the chain's own row-subset stages, which drop it
+    (``PackedChain.forget_removed``)."""
     chain = _CHAIN.get()
     if chain is not None:
         chain.removed = (tensor, _version_of(tensor), flat, counts)
@@ -1065,7 +1076,7 @@ def noted_removed(tensor: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     and it has not been written since; else None."""
     chain = _CHAIN.get()
     noted = None if chain is None else chain.removed
-    if noted is None or noted[0] is not tensor or noted[1] is None or _version_of(tensor) != noted[1]:
+    if noted is None or noted[0] is not tensor or _version_of(tensor) != noted[1]:
         return None
     return noted[2], noted[3]
 
