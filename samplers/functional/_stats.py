@@ -1017,12 +1017,15 @@ class PackedChain:
         self.armed = True  # (a unit may run a second sampler on it: top_k then top_p)
         return self.rows.logits
 
+    def note(self, tensor: Tensor, flat: Tensor, counts: Tensor) -> None:
+        """``note_removed``'s note, kept in this chain (``noted_removed`` reads it)."""
+        self.removed = (tensor, _version_of(tensor), flat, counts)
+
     def note_all_finite(self, x: Tensor) -> None:
         """Note that ``x`` (``[B, V]`` float32 rows) has no removed token and no other non-finite
-        entry (as ``note_removed`` would, inside the chain): the input rule proved it, and the
-        samplers that read token ids carry the note to the first packed step (``run_full``)."""
-        self.removed = (x, _version_of(x), torch.empty(0, dtype=torch.int64),
-                        torch.zeros(x.shape[0], dtype=torch.int64))
+        entry: the input rule proved it, and the samplers that read token ids carry the note
+        to the first packed step (``run_full``)."""
+        self.note(x, torch.empty(0, dtype=torch.int64), torch.zeros(x.shape[0], dtype=torch.int64))
 
     def forget_removed(self) -> None:
         """Drop the note of the removed tokens: the caller wrote into the noted rows (an
@@ -1068,7 +1071,7 @@ def note_removed(tensor: Tensor, flat: Tensor, counts: Tensor) -> None:
     (``PackedChain.forget_removed``)."""
     chain = _CHAIN.get()
     if chain is not None:
-        chain.removed = (tensor, _version_of(tensor), flat, counts)
+        chain.note(tensor, flat, counts)
 
 
 def noted_removed(tensor: Tensor) -> Optional[tuple[Tensor, Tensor]]:
