@@ -129,6 +129,25 @@ class _RowSubset:
         return self._history
 
 
+class _RowsOff:
+    """What a unit reads of the batch in a stage of some rows that runs on every row: the
+    stage's sampler is off (``UNITS_OFF``) in the other rows, which the unit then leaves as
+    they are. Rows the chain holds packed (``PackedChain``) stay packed through such a
+    stage, where ``_RowSubset`` would need them expanded. The batch-wide ``any_*`` flags stay
+    the batch's (a superset: the result is the same)."""
+
+    def __init__(self, batch: SamplingBatch, rows: torch.Tensor, sampler: SamplerID) -> None:
+        self.batch = batch
+        self._params = {name: torch.where(rows, batch.param(name), off) for name, off in UNITS_OFF[sampler].items()}
+
+    def param(self, name: str) -> torch.Tensor:
+        own = self._params.get(name)
+        return self.batch.param(name) if own is None else own
+
+    def __getattr__(self, name: str):
+        return getattr(self.batch, name)
+
+
 Unit = Callable[[torch.Tensor, SamplingBatch, _RowRandoms], torch.Tensor]
 
 
@@ -190,6 +209,25 @@ UNITS_IN_PLACE: dict[SamplerID, Unit] = {
     SamplerID.NO_REPEAT_NGRAM: lambda x, b, r: F.no_repeat_ngram_(x, b.history, b.param("no_repeat_ngram_size")),
 }
 
+#: The parameter values (as ``SamplingBatch.param`` names them) with which each unit leaves a
+#: row as it is, bit for bit: a stage of some rows can run on every row (``_RowsOff``).
+UNITS_OFF: dict[SamplerID, dict[str, float]] = {
+    SamplerID.PENALTIES: {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    SamplerID.DRY: {"dry_multiplier": 0.0},
+    SamplerID.NO_REPEAT_NGRAM: {"no_repeat_ngram_size": 0},
+    SamplerID.TEMPERATURE: {"static_temperature": 1.0, "dynatemp_min_active": 0.0, "dynatemp_max_active": 0.0},
+    SamplerID.TOP_NSIGMA: {"nsigma": 0.0},
+    SamplerID.TOP_P_TOP_K: {"top_k": 0, "top_p": 1.0},
+    SamplerID.TOP_A: {"top_a": 0.0},
+    SamplerID.MIN_P: {"min_p": 0.0},
+    SamplerID.TFS: {"tfs": 1.0},
+    SamplerID.ETA_CUTOFF: {"eta_cutoff": 0.0},
+    SamplerID.EPSILON_CUTOFF: {"epsilon_cutoff": 0.0},
+    SamplerID.TYPICAL_P: {"typical_p": 1.0},
+    SamplerID.QUADRATIC: {"smoothing_factor": 0.0},
+    SamplerID.XTC: {"xtc_probability": 0.0},
+}
+
 #: Units that read token ids (histories): they run on the full rows, never on packed ones.
 _READS_TOKEN_IDS = frozenset({SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_REPEAT_NGRAM})
 
@@ -214,13 +252,20 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     chain = PackedChain() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if chain is not None and all_finite:
         chain.note_all_finite(x)
-    packable = [rows is None and sampler not in _READS_TOKEN_IDS for sampler, rows in batch.schedule]
-    stages = zip(batch.schedule, batch.schedule_rows, batch.schedule_rows_host)
+    stages = list(zip(batch.schedule, batch.schedule_rows, batch.schedule_rows_host))
+    # The stages the chain can run on its packed rows: those that read no token ids. A stage
+    # of some rows then runs on every row with its sampler off in the others (``_RowsOff``);
+    # on full rows only when it has half the rows or more, or when its rows are known only
+    # as a device mask (a gathered batch); else on its rows alone, below.
+    chained = [chain is not None and sampler not in _READS_TOKEN_IDS for sampler, _ in batch.schedule]
     for i, ((sampler, rows), index, host_index) in enumerate(stages):
-        if chain is not None and packable[i]:
+        if index is not None and index.numel() == 0:
+            continue
+        if chained[i] and (index is None or chain.is_packed(x) or 2 * index.numel() >= batch.batch_size):
+            view = batch if rows is None else _RowsOff(batch, rows, sampler)
             # (the last packed step before the full rows are needed expands its result at once)
-            last = not packable[i + 1] if i + 1 < len(packable) else not batch.any_skew
-            x, owned = chain.run(lambda t: UNITS[sampler](t, batch, randoms), x, last), True
+            last = not chained[i + 1] if i + 1 < len(chained) else not batch.any_skew
+            x, owned = chain.run(lambda t: UNITS[sampler](t, view, randoms), x, last), True
             continue
         if chain is not None:
             x = chain.expand(x)
@@ -235,8 +280,6 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
             x, owned = torch.where(rows.unsqueeze(-1), UNITS[sampler](x, batch, randoms), x), True
             continue
         # a stage of some rows only (rows differ in order): run it on those rows
-        if index.numel() == 0:
-            continue
         out = UNITS[sampler](x.index_select(0, index), _RowSubset(batch, index, sampler, host_index),
                              _SubsetRandoms(randoms, index))
         if not owned:

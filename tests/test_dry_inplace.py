@@ -26,10 +26,11 @@ def _params(bias: bool):
     return [
         # DRY first (default order): working tensor is the caller's logits, or the bias copy
         SamplingParams(dry_multiplier=0.8, dry_allowed_length=2, **extra),
-        SamplingParams(dry_multiplier=2.0, dry_allowed_length=1, dry_base=3.0, dry_range=20, temperature=0.7),
+        SamplingParams(dry_multiplier=2.0, dry_allowed_length=1, dry_base=3.0, dry_range=20, temperature=0.7,
+                       min_p=0.05),
         SamplingParams(temperature=0.9, min_p=0.05),  # DRY disabled
         # DRY after a fused stage, in a row-masked stage (heterogeneous priorities)
-        SamplingParams(sampler_priority=[S.TEMPERATURE, S.DRY, S.MIN_P], temperature=1.3, min_p=0.02,
+        SamplingParams(sampler_priority=[S.TEMPERATURE, S.MIN_P, S.DRY], temperature=1.3, min_p=0.02,
                        dry_multiplier=1.5, dry_allowed_length=1, dry_sequence_breaker_ids=[60, 61, 7]),
         SamplingParams(sampler_priority=[S.TOP_P_TOP_K, S.DRY, S.TFS], top_k=60, tfs=0.9,
                        dry_multiplier=1.0, dry_allowed_length=1, dry_sequence_breaker_ids=list(range(40, 52))),

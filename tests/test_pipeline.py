@@ -178,10 +178,97 @@ def test_schedule_merges_consistent_orders_without_masks():
     assert [s for s, _ in stages] == [S.DRY, S.TEMPERATURE, S.MIN_P]
     assert all(m is None for _, m in stages)
     stages = _schedule([(S.TEMPERATURE, S.MIN_P), (S.MIN_P, S.TEMPERATURE)], torch.device("cpu"))
-    assert [(s, m.tolist()) for s, m in stages] == [
-        (S.MIN_P, [False, True]), (S.TEMPERATURE, [True, False]),
-        (S.MIN_P, [True, False]), (S.TEMPERATURE, [False, True]),
+    # conflicting orders: a shortest common supersequence, masks on the repeated sampler only
+    assert [(s, None if m is None else m.tolist()) for s, m in stages] == [
+        (S.MIN_P, [False, True]), (S.TEMPERATURE, None), (S.MIN_P, [True, False]),
     ]
+
+
+def test_schedule_places_each_rows_samplers_once_in_its_order():
+    """Random conflicting orders: each row meets each of its samplers in exactly one stage it
+    belongs to (an unmasked stage, or a masked one that lists the row), in its own order; a
+    sampler that occurs once in the schedule is never masked."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        n = int(rng.integers(2, 7))
+        orders = [tuple(SamplerID(int(s)) for s in rng.permutation(14)[:int(rng.integers(0, 15))]) for _ in range(n)]
+        stages = _schedule(orders, torch.device("cpu"))
+        sids = [s for s, _ in stages]
+        for s, m in stages:
+            assert (m is None) == (sids.count(s) == 1)
+        for b, order in enumerate(orders):
+            met = tuple(s for s, m in stages if (m is None and s in order) or (m is not None and bool(m[b])))
+            assert met == order
+
+
+def test_temperature_last_beside_the_default_order_masks_temperature_only():
+    """A serving batch where some rows set temperature_last: the two temperature stages are
+    masked (one at each end), every other stage runs on every row, and each row equals the
+    row alone."""
+    every = {k: v for k, v in EVERYTHING.items() if k not in ("logit_bias", "seed")}
+    params = [SamplingParams(**every, dynatemp_min=0.5, dynatemp_max=1.2, temperature_last=(b % 3 == 1), seed=b)
+              for b in range(6)]
+    batch = _batch(params)
+    masked = [(s, m.tolist()) for s, m in batch.schedule if m is not None]
+    assert masked == [(SamplerID.TEMPERATURE, [b % 3 != 1 for b in range(6)]),
+                      (SamplerID.TEMPERATURE, [b % 3 == 1 for b in range(6)])]
+    assert len(batch.schedule) == 15
+    logits = _logits(6, seed=8)
+    pipe = SamplerPipeline("torch", seed=0)
+    mixed = pipe.process(logits, batch)
+    prompts, outputs = _histories(6)
+    for b in range(6):
+        alone = pipe.process(logits[b:b + 1], SamplingBatch([params[b]], [prompts[b]], [outputs[b]], vocab_size=V))
+        assert torch.equal(mixed[b].view(torch.int32), alone[0].view(torch.int32)), b
+
+
+@pytest.mark.parametrize("sampler", list(SamplerID))
+def test_units_off_values_leave_rows_as_they_are(sampler):
+    """``UNITS_OFF``: with its sampler's parameters at those values, a row comes out of the
+    unit bit for bit (the other rows of a masked stage that runs on every row)."""
+    import samplers.pipeline as pl
+
+    every = {k: v for k, v in EVERYTHING.items() if k not in ("logit_bias", "skew")} | {"xtc_probability": 1.0}
+    rng = np.random.default_rng(int(sampler))
+    params = [SamplingParams(**every, dynatemp_min=0.3, dynatemp_max=1.7) for _ in range(4)]
+    batch = _batch(params)
+    logits = torch.from_numpy(rng.standard_normal((4, V)).astype(np.float32) * 4)
+    logits[1, ::5] = float("-inf")
+    logits[2, 7] = -0.0
+    rows = torch.tensor([True, False, True, False])
+    view = pl._RowsOff(batch, rows, sampler)
+    randoms = pl._RowRandoms(batch, torch.Generator().manual_seed(0))
+    out = pl.UNITS[sampler](logits.clone(), view, randoms)
+    assert torch.equal(out[~rows].view(torch.int32), logits[~rows].view(torch.int32))
+    on = pl.UNITS[sampler](logits.clone(), batch, randoms)
+    assert torch.equal(out[rows].view(torch.int32), on[rows].view(torch.int32))
+    assert not torch.equal(on.view(torch.int32), logits.view(torch.int32))  # (the unit does act)
+
+
+def test_a_masked_stage_keeps_the_chain_packed(monkeypatch):
+    """temperature_last rows beside default rows: the closing temperature stage of a few rows
+    runs on the chain's packed rows (no expansion to [B, V], no row subset)."""
+    import samplers.pipeline as pl
+
+    params = [SamplingParams(temperature=0.7, top_k=20, min_p=0.02, temperature_last=(b == 0)) for b in range(8)]
+    batch = SamplingBatch(params, vocab_size=4096)
+    assert [m is not None for _, m in batch.schedule] == [True, False, False, True]
+    subsets = []
+    monkeypatch.setattr(pl, "_RowSubset", lambda *a: subsets.append(a) or (_ for _ in ()).throw(AssertionError))
+    expanded = []
+    real_expand = pl.PackedChain.expand
+
+    def expand(self, x):
+        expanded.append(self.is_packed(x))
+        return real_expand(self, x)
+
+    monkeypatch.setattr(pl.PackedChain, "expand", expand)
+    logits = _logits(8, V=4096, seed=3)
+    got = SamplerPipeline("torch").process(logits, batch)
+    assert not subsets and expanded.count(True) == 1  # (the one expansion: the chain's result)
+    for b in (0, 1):
+        alone = SamplerPipeline("torch").process(logits[b:b + 1], SamplingBatch([params[b]], vocab_size=4096))
+        assert torch.equal(got[b].view(torch.int32), alone[0].view(torch.int32))
 
 
 def test_samplers_no_row_enables_are_not_run(monkeypatch):
