@@ -28,7 +28,14 @@ from . import kernels
 from ._allocator import raise_malloc_thresholds
 from ._lanes import sharing_lane_packs
 from .batch import SamplingBatch, normalise_device
-from .functional._stats import PackedChain, cast_saturating, finite_absmax_bound, no_overflow, trusted_params
+from .functional._stats import (
+    PackedChain,
+    cast_saturating,
+    finite_absmax_bound,
+    library_call,
+    no_overflow,
+    trusted_params,
+)
 from .params import FLOAT32_MAX
 from .priority import SamplerID
 from .sampling import (
@@ -514,8 +521,9 @@ class SamplerPipeline:
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else
         need_processed = batch.max_logprobs > 0 or batch.any_raw_logprobs
-        # (the draw and the log-probabilities read the same processed rows: packed once)
-        with trusted_params(), sharing_lane_packs():
+        # (the draw and the log-probabilities read the same processed rows: packed once, and
+        # found from the chain's layout without a pass, inference tensors too: library_call)
+        with trusted_params(), library_call(), sharing_lane_packs():
             out = self._chain(x, batch, absmax, finite)(x, batch, _RowRandoms(batch, self.generator), draw=True,
                                                 keep_processed=need_processed or return_processed)
             processed = _as_returned(out.processed, logits, batch) if return_processed else None

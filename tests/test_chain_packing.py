@@ -466,7 +466,8 @@ def test_a_layout_is_taken_without_a_pass_only_from_the_unwritten_tensor_it_desc
     takes the layout without reading the rows. Any write to the tensor (in place, or through
     a view) bumps its version and the layout is checked again by the counting path; another
     tensor with the same values is checked too; inference-mode tensors (no version counter)
-    always take the checked path. Every result equals the plain path's."""
+    take the checked path, except inside the ``library_call`` block that noted them. Every
+    result equals the plain path's."""
     g = torch.Generator().manual_seed(5)
     x = _truncated(g, 4, 4096, rounded=False, max_kept=200)
     x[:, :3] = torch.randn(4, 3, generator=g)  # every row keeps something
@@ -506,6 +507,19 @@ def test_a_layout_is_taken_without_a_pass_only_from_the_unwritten_tensor_it_desc
         made.clear()
         sparse = _stats.compact_rows(y)
         assert made == [None] and torch.equal(sparse.expand(sparse.logits), y)
+        # inside the library_call block that noted it, by identity
+        with _stats.library_call():
+            y = F.top_p(xi, tp)
+            made.clear()
+            sparse = _stats.compact_rows(y)
+            assert made[-1] is not None and torch.equal(sparse.expand(sparse.logits), y)
+            y_earlier = F.top_p(xi, tp)
+        # not in a later block: the caller may have written it in between
+        y_earlier[1, 4095] = 3.0
+        with _stats.library_call():
+            made.clear()
+            sparse = _stats.compact_rows(y_earlier)
+            assert made == [None] and torch.equal(sparse.expand(sparse.logits), y_earlier)
 
 
 def test_sum_scattered_remembers_only_equal_sums(monkeypatch):

@@ -58,6 +58,7 @@ __all__ = [
     "packed_chain",
     "packed_result_wanted",
     "note_live_hint",
+    "library_call",
     "note_removed",
     "noted_removed",
     "carry_removed",
@@ -678,10 +679,29 @@ def note_live_hint(shape: tuple[int, int], flat: np.ndarray, pos: Optional[np.nd
     ``tensor``: the tensor the hint describes, when the caller made it (its entries outside
     ``flat`` are ``-inf`` by construction). If ``compact_rows`` is given that very tensor,
     unwritten since (its version counter, which every in-place write and every write
-    through a view bumps, is unchanged), the hint holds without a pass over the rows."""
-    version = None if tensor is None else _version_of(tensor)
-    made = None if version is None else (weakref.ref(tensor), version)
+    through a view bumps, is unchanged), the hint holds without a pass over the rows. An
+    inference tensor has no version counter: it is taken by identity inside the
+    ``library_call`` block in which the hint was noted, and not at all outside it."""
+    made = None if tensor is None else (weakref.ref(tensor), _version_of(tensor), _CALL.get())
     _scratch.live_hint = (shape, flat, pos, width, made)
+
+
+_CALL: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("samplers_library_call", default=None)
+
+
+@contextlib.contextmanager
+def library_call() -> Iterator[None]:
+    """A block in which only the library's own code touches the tensors it makes (one
+    ``SamplerPipeline.sample`` call: the caller gets them once it is over). There a tensor
+    the library made is known by identity, version counter or not: the library writes its
+    own rows in place only to change or remove kept entries, never to bring back a removed
+    one (``rescue_empty_rows`` makes a new tensor), which is all that ``note_live_hint``'s
+    hint relies on."""
+    token = _CALL.set(object())  # (a new object per block: a hint from an earlier block is not this one's)
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
 
 
 def _version_of(t: Tensor) -> Optional[int]:
@@ -766,8 +786,13 @@ def _made_hint(logits: Tensor) -> Optional[tuple[np.ndarray, Optional[np.ndarray
     hint = getattr(_scratch, "live_hint", None)
     if hint is None or hint[4] is None or hint[0] != tuple(logits.shape):
         return None
-    ref, version = hint[4]
-    if ref() is not logits or _version_of(logits) != version:
+    ref, version, call = hint[4]
+    if ref() is not logits:
+        return None
+    if version is None:  # (an inference tensor)
+        if call is None or call is not _CALL.get():
+            return None
+    elif _version_of(logits) != version:
         return None
     flat = hint[1]
     return flat, hint[2], hint[3], logits.numpy().reshape(-1)[flat] != -np.inf
