@@ -455,10 +455,12 @@ class SamplerPipeline:
         if bound is not None:
             return logits, bound, True
         if logits.dtype == torch.float32:
-            # (the bound fails on a -inf, a removed token, far more often than on anything else)
+            # (the bound fails on a -inf, a removed token, far more often than on anything else;
+            # when the squares may have overflowed float32 instead, one more read tells)
             absmax = _removed_only_absmax(logits)
             if absmax is not None:
-                return logits, absmax, False
+                overflowed = absmax * absmax * logits.shape[1] >= FLOAT32_MAX / 4
+                return logits, absmax, overflowed and not bool(torch.isneginf(logits).any())
         lo, hi = torch.stack(torch.aminmax(logits)).tolist()  # (NaN propagates into both)
         if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FLOAT32_MAX:
             return logits, max(-lo, hi), True
