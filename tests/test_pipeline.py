@@ -271,6 +271,54 @@ def test_a_masked_stage_keeps_the_chain_packed(monkeypatch):
         assert torch.equal(got[b].view(torch.int32), alone[0].view(torch.int32))
 
 
+def _ungrouped(monkeypatch, fn):
+    import samplers.pipeline as pl
+
+    with monkeypatch.context() as m:
+        m.setattr(pl, "_row_groups", lambda batch: None)
+        return fn()
+
+
+def test_rows_that_truncate_nothing_leave_the_others_packed(monkeypatch):
+    """A row of default parameters (or temperature alone) among truncated rows: the truncated
+    rows still reach min_p packed (a few columns, not the vocabulary), and every result equals
+    the batch run as one group and each row alone, step after step (histories appended)."""
+    import samplers.pipeline as pl
+
+    V = 4096
+    trunc = dict(repetition_penalty=1.2, dry_multiplier=0.8, no_repeat_ngram_size=3, temperature=0.8,
+                 top_k=20, min_p=0.02, logprobs=3)
+    params = [SamplingParams(**trunc, seed=b) for b in range(6)]
+    params[2] = SamplingParams()
+    params[4] = SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=9, logprobs=1)
+    prompts, outputs = _histories(6, V=V)
+    batches = {k: SamplingBatch(params, prompts, outputs, vocab_size=V) for k in ("grouped", "one")}
+    groups = pl._row_groups(batches["grouped"])
+    assert [g[0].tolist() for g in groups] == [[2, 4], [0, 1, 3, 5]]
+    widths = []
+    real = pl.UNITS[SamplerID.MIN_P]
+    monkeypatch.setitem(pl.UNITS, SamplerID.MIN_P, lambda x, b, r: (widths.append(x.shape[1]), real(x, b, r))[1])
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        logits = _logits(6, V=V, seed=step)
+        widths.clear()
+        got = SamplerPipeline("torch", seed=1).sample(logits, batches["grouped"], return_processed=True)
+        assert widths and max(widths) < V // 8
+        ref = _ungrouped(monkeypatch, lambda: SamplerPipeline("torch", seed=1).sample(
+            logits, batches["one"], return_processed=True))
+        assert max(widths) == V  # (the one group: min_p on full rows)
+        assert torch.equal(got.token_ids, ref.token_ids)
+        assert torch.equal(got.logprobs.view(torch.int32), ref.logprobs.view(torch.int32))
+        assert torch.equal(got.processed.view(torch.int32), ref.processed.view(torch.int32))
+        assert torch.equal(got.top_logprobs[1].view(torch.int32), ref.top_logprobs[1].view(torch.int32))
+        processed = SamplerPipeline("torch", seed=1).process(logits, batches["grouped"])
+        assert torch.equal(processed.view(torch.int32), got.processed.view(torch.int32))
+        assert torch.equal(processed[2], logits[2])  # (default parameters: the row as given)
+        step_ids = torch.randint(0, V, (6,), generator=g)
+        for batch in batches.values():
+            batch.append(step_ids)
+
+
 def test_samplers_no_row_enables_are_not_run(monkeypatch):
     import samplers.pipeline as pl
 
