@@ -147,6 +147,28 @@ def _token_ids(name: str, values: Any) -> tuple[int, ...]:
     return tuple(_token_id(f"{name} entries", v) for v in values)
 
 
+#: The field values that switch each ordered stage off (every one is that field's identity;
+#: ``SamplerPipeline`` runs a stage of some rows on every row with the others' switched off).
+#: ``samplers.plot.chain_stages`` checks that switching a stage off removes it from
+#: ``enabled_order()``, so a new parameter that this table misses is an error, not a wrong picture.
+STAGE_OFF: dict[SamplerID, dict[str, Any]] = {
+    SamplerID.PENALTIES: {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    SamplerID.DRY: {"dry_multiplier": 0.0},
+    SamplerID.NO_REPEAT_NGRAM: {"no_repeat_ngram_size": 0},
+    SamplerID.TEMPERATURE: {"temperature": 1.0, "dynatemp_min": 0.0, "dynatemp_max": 0.0},
+    SamplerID.TOP_NSIGMA: {"nsigma": 0.0},
+    SamplerID.TOP_P_TOP_K: {"top_k": 0, "top_p": 1.0},
+    SamplerID.TOP_A: {"top_a": 0.0},
+    SamplerID.MIN_P: {"min_p": 0.0},
+    SamplerID.TFS: {"tfs": 1.0},
+    SamplerID.ETA_CUTOFF: {"eta_cutoff": 0.0},
+    SamplerID.EPSILON_CUTOFF: {"epsilon_cutoff": 0.0},
+    SamplerID.TYPICAL_P: {"typical_p": 1.0},
+    SamplerID.QUADRATIC: {"smoothing_factor": 0.0},
+    SamplerID.XTC: {"xtc_probability": 0.0},
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Parameters of one request. Every field at its default is the identity.

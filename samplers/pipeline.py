@@ -38,7 +38,7 @@ from .functional._stats import (
     no_overflow,
     trusted_params,
 )
-from .params import FLOAT32_MAX
+from .params import FLOAT32_MAX, STAGE_OFF
 from .priority import SamplerID
 from .sampling import (
     PURPOSE_DRAW,
@@ -226,22 +226,11 @@ UNITS_IN_PLACE: dict[SamplerID, Unit] = {
 }
 
 #: The parameter values (as ``SamplingBatch.param`` names them) with which each unit leaves a
-#: row as it is, bit for bit: a stage of some rows can run on every row (``_RowsOff``).
+#: row as it is, bit for bit: a stage of some rows can run on every row (``_RowsOff``). They are
+#: ``STAGE_OFF``'s, but for temperature, which the batch holds as derived tensors.
 UNITS_OFF: dict[SamplerID, dict[str, float]] = {
-    SamplerID.PENALTIES: {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
-    SamplerID.DRY: {"dry_multiplier": 0.0},
-    SamplerID.NO_REPEAT_NGRAM: {"no_repeat_ngram_size": 0},
+    **STAGE_OFF,
     SamplerID.TEMPERATURE: {"static_temperature": 1.0, "dynatemp_min_active": 0.0, "dynatemp_max_active": 0.0},
-    SamplerID.TOP_NSIGMA: {"nsigma": 0.0},
-    SamplerID.TOP_P_TOP_K: {"top_k": 0, "top_p": 1.0},
-    SamplerID.TOP_A: {"top_a": 0.0},
-    SamplerID.MIN_P: {"min_p": 0.0},
-    SamplerID.TFS: {"tfs": 1.0},
-    SamplerID.ETA_CUTOFF: {"eta_cutoff": 0.0},
-    SamplerID.EPSILON_CUTOFF: {"epsilon_cutoff": 0.0},
-    SamplerID.TYPICAL_P: {"typical_p": 1.0},
-    SamplerID.QUADRATIC: {"smoothing_factor": 0.0},
-    SamplerID.XTC: {"xtc_probability": 0.0},
 }
 
 #: Units that read token ids (histories): they run on the full rows, never on packed ones.

@@ -31,32 +31,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from .batch import SamplingBatch
-from .params import SamplingParams
+from .params import STAGE_OFF, SamplingParams
 from .pipeline import SamplerPipeline
 from .priority import SamplerID
 
 __all__ = ["StageView", "ChainPicture", "ComparePicture", "chain_stages", "chain", "compare",
            "next_token_logits", "require_matplotlib"]
 
-#: The field values that switch each ordered stage off (every one is that field's identity).
-#: ``chain_stages`` checks that switching a stage off removes it from ``enabled_order()``, so a
-#: new parameter that this table misses is an error, not a wrong picture.
-STAGE_OFF: dict[SamplerID, dict[str, Any]] = {
-    SamplerID.PENALTIES: {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
-    SamplerID.DRY: {"dry_multiplier": 0.0},
-    SamplerID.NO_REPEAT_NGRAM: {"no_repeat_ngram_size": 0},
-    SamplerID.TEMPERATURE: {"temperature": 1.0, "dynatemp_min": 0.0, "dynatemp_max": 0.0},
-    SamplerID.TOP_NSIGMA: {"nsigma": 0.0},
-    SamplerID.TOP_P_TOP_K: {"top_k": 0, "top_p": 1.0},
-    SamplerID.TOP_A: {"top_a": 0.0},
-    SamplerID.MIN_P: {"min_p": 0.0},
-    SamplerID.TFS: {"tfs": 1.0},
-    SamplerID.ETA_CUTOFF: {"eta_cutoff": 0.0},
-    SamplerID.EPSILON_CUTOFF: {"epsilon_cutoff": 0.0},
-    SamplerID.TYPICAL_P: {"typical_p": 1.0},
-    SamplerID.QUADRATIC: {"smoothing_factor": 0.0},
-    SamplerID.XTC: {"xtc_probability": 0.0},
-}
 #: The stages outside the ordered chain: before it (logit_bias, min_tokens) and after it (skew).
 PRE_STAGES = {"logit_bias": {"logit_bias": None}, "min_tokens": {"min_tokens": 0}}
 POST_STAGES = {"skew": {"skew": 0.0}}
@@ -184,7 +165,7 @@ def chain_stages(
         got = _stage_names(cut, len(output_token_ids), stop_ids)
         if got != names[:k]:
             raise RuntimeError(f"switching off {names[k:]} left the stages {got}, expected {names[:k]}: "
-                               f"samplers.plot.STAGE_OFF is out of date")
+                               f"samplers.params.STAGE_OFF is out of date")
         cuts.append(cut)
     V = logits.shape[0]
     rows = len(cuts)
