@@ -273,7 +273,6 @@ def _row_groups(batch: SamplingBatch) -> Optional[list[tuple[torch.Tensor, Sampl
     return [(rows, part) for _, rows, part in groups]
 
 
-
 def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
                 keep_processed: bool = True, all_finite: bool = False) -> ChainOutput:
     """The reference backend: logit_bias, min_tokens, the batch's schedule of ``UNITS``, skew,
@@ -542,8 +541,6 @@ class SamplerPipeline:
         self._check(logits, batch)
         logits = logits.detach()
         x, absmax, finite = self._prepare(logits)
-        if batch.all_identity:
-            return logits.clone()
         with trusted_params():  # (checked when the SamplingParams were built)
             randoms = _RowRandoms(batch, self.generator)
             groups = _row_groups(batch) if self.backend_for(logits) == "torch" else None
