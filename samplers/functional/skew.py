@@ -39,8 +39,9 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
             the row (bit-identical).
 
     Formula (SEMANTICS.md): ``p = softmax(l)`` in fp32, sorted descending;
-    ``c = cumsum(p_sorted) ** exp(skew)``; ``p'_sorted = diff(c, prepend=0)`` (clamped at 0
-    against rounding), scattered back to token order; the result is ``log(p')``, which is
+    ``c = min(cumsum(p_sorted), 1) ** exp(skew)`` (the sums clamped at 1 against rounding,
+    which a large ``exp(skew)`` would otherwise raise to ``+inf``); ``p'_sorted = diff(c,
+    prepend=0)`` (clamped at 0 against rounding), scattered back to token order; the result is ``log(p')``, which is
     ``-inf`` where ``p' == 0``. ``skew > 0`` moves mass toward less likely tokens,
     ``skew < 0`` toward the most likely ones. The returned logits are not normalised
     (``sum p'`` is ``(sum p) ** exp(skew)``, 1 up to rounding); softmax of them is the skewed
@@ -128,6 +129,10 @@ def _cumsum_pow(p_sorted: Tensor, power: Tensor, packed: bool, in_place: bool = 
     ``in_place``: the sums overwrite ``p_sorted`` (the same values), and so do the powers
     unless the rows are packed."""
     c = p_sorted.cumsum_(dim=-1) if in_place else torch.cumsum(p_sorted, dim=-1)
+    # A sum of probabilities is at most 1, but rounding carries a long row's past it
+    # (1.0000001), which a large exp(skew) raises to +inf (skew 21: 1.0000001 ** 1.3e9), and
+    # differences of +inf are NaN; short of that it hands a tail token mass that no token has.
+    c.clamp_(max=1.0)
     return c.pow_(power) if not packed else _pow_packed(c, power)
 
 
@@ -145,9 +150,8 @@ _KEY_SANE_MIN = 0x40000000
 def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional[Tensor]:
     """``_skew_torch``'s values on a contiguous CPU float32 ``p`` (a fresh tensor of the
     caller's, which this overwrites, also when it returns None), or None where NaN or
-    infinite probabilities (non-finite logits) or skewed sums (a finite ``exp(skew)`` near
-    1e38 on sums rounded above 1) would turn up: those go the torch route, whose results,
-    NaN's sign and payload included, are then the answer.
+    infinite probabilities (non-finite logits) turn up: those go the torch route, whose
+    results, NaN's sign and payload included, are then the answer.
 
     Everything after the sort happens in sorted order, where a row is contiguous (the tie
     groups, the top token(s), the zeros and the log, which torch computes the same way in
@@ -182,9 +186,7 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
     if has_zero_p:
         positive = mask.reshape(batch, width)
         np.greater(ps, 0, out=positive)
-    c = _cumsum_pow(p, power, packed, in_place=True).numpy()
-    if not bool(np.isfinite(c[:, -1]).all()):  # (c grows along the row: its last is its largest)
-        return None
+    c = _cumsum_pow(p, power, packed, in_place=True).numpy()  # (in [0, 1]: finite)
     d = _scratch_array("d", n, np.float32).reshape(batch, width)  # p' in sorted order
     first, last = _apply_tie_rule(c, d, groups)
     _clamp_top_sorted(l32, halves, d, first, last)
