@@ -43,6 +43,7 @@ from .batch import SamplingBatch
 from .integrations.hf import apply_user_processors, eos_ids_of
 from .params import SamplingParams, _token_ids
 from .pipeline import SamplerPipeline
+from .sampling import top_logprobs
 
 __all__ = ["generate", "CompletionOutput", "RequestOutput", "StreamDelta", "GenerationStream"]
 
@@ -511,7 +512,7 @@ class _Run:
             chosen = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()
             k = p.prompt_logprobs
             if k > 0:
-                tv, ti = lp.topk(min(k, lp.shape[-1]), -1)
+                ti, tv = top_logprobs(lp, min(k, lp.shape[-1]))  # (ties: lower token id first)
                 tv, ti = tv.tolist(), ti.tolist()
             entries: list = [None]
             for t in range(n - 1):

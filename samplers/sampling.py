@@ -252,10 +252,12 @@ class SamplerOutput:
                   it was drawn from (or the raw model distribution for rows whose
                   ``logprobs_mode`` is "raw")
     top_logprobs: (ids [B, K] int64, values [B, K] float32), K = the largest ``logprobs`` of
-                  the batch, most likely first; None when no row asks for alternatives.
-                  Row b's first ``params[b].logprobs`` columns are its answer. A row left
-                  with fewer than K tokens fills its last columns with removed tokens:
-                  value ``-inf``, ids unspecified (``samplers.generate`` leaves them out).
+                  the batch, most likely first, equal values in ascending token id order
+                  (so a row's answer does not depend on K, the other rows or the device);
+                  None when no row asks for alternatives. Row b's first
+                  ``params[b].logprobs`` columns are its answer. A row left with fewer than
+                  K tokens fills its last columns with removed tokens: value ``-inf``, the
+                  lowest such ids (``samplers.generate`` leaves them out).
     processed:    [B, V] the processed logits the tokens were drawn from, as ``process``
                   returns them (the logits' dtype; default rows as given), when asked for
                   with ``sample(..., return_processed=True)``; else None.
@@ -318,21 +320,51 @@ def compute_logprobs(
         k = min(num_top, logp.shape[-1])
         top = _top_of_packed(logp, k)
         if top is None:
-            values, ids = logp.topk(k, dim=-1)
-            top = (ids, values)
+            top = _top_of_rows(logp, k)
     return chosen, top
+
+
+def top_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``logp`` ``[B, V]`` (float32), most likely
+    first, equal values in ascending token id order (NaN counts as the largest, as in
+    ``topk``): ``(ids [B, k] int64, values [B, k])``.
+
+    The tie rule makes a row's answer its own: ``topk`` orders and selects equal values as its
+    kernel happens to (differently for another ``k``, which is the batch's largest
+    ``logprobs``, or on another device), so a row's alternatives would depend on the rows
+    beside it. Exact on any device without a host read: one ``topk`` of int64 keys, the
+    value's order-preserving bits above ``2**31 - 1 - id``, which are all distinct."""
+    bits = (logp + 0.0).view(torch.int32)  # (+ 0.0: -0.0 reads as +0.0, which topk counts equal)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = torch.where(torch.isnan(logp), 0x7FFFFFFF, ordered).to(torch.int64)  # (any sign)
+    id_key = 0x7FFFFFFF - torch.arange(logp.shape[-1], device=logp.device, dtype=torch.int64)
+    keys = (ordered << 32).bitwise_or_(id_key)
+    ids = 0x7FFFFFFF - keys.topk(k, dim=-1).values.bitwise_and_(0xFFFFFFFF)
+    return ids, logp.gather(-1, ids)
+
+
+def _top_of_rows(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_logprobs(logp, k)``; on the CPU, where reading the result costs no device sync,
+    from a plain ``topk`` in every row whose ``k + 1`` largest values are distinct (then any
+    exact selection is the same), with the keyed one in the others only (a [B, V] int64 key
+    costs ~5x the ``topk``)."""
+    if logp.device.type != "cpu" or k + 1 > logp.shape[-1]:
+        return top_logprobs(logp, k)
+    head, at = logp.topk(k + 1, dim=-1)
+    return _exact_top(head, at[:, :k].contiguous(), torch.zeros(logp.shape[0], dtype=torch.bool),
+                      lambda redo: logp.index_select(0, redo))
 
 
 def _top_of_lanes(rows: LanePacked, packed: torch.Tensor, source: torch.Tensor, k: int
                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``torch.log_softmax(source).topk(k)``'s ``(ids, values)`` from ``packed``, the
-    log_softmax of ``rows`` (``lane_pack(source)``), or None when ``k`` exceeds the packed width.
+    """``top_logprobs(torch.log_softmax(source), k)`` from ``packed``, the log_softmax of
+    ``rows`` (``lane_pack(source)``), or None when ``k`` exceeds the packed width.
 
-    Where a row's answer depends on how ``topk`` orders equal values (a tie at or above the
-    ``k``-th place) or reaches past its kept entries (fewer than ``k``), ``topk`` of that
-    row's full log_softmax gives it (the same bits: the kernel works row by row). In every
-    other row the ``k`` largest values are distinct and above every other entry, so the
-    packed rows' selection is the full rows', in the same order."""
+    Where a row's answer depends on the tie rule (a tie at or above the ``k``-th place) or
+    reaches past its kept entries (fewer than ``k``), ``top_logprobs`` of that row's full
+    log_softmax gives it (the same bits: torch's log_softmax works row by row). In every other
+    row the ``k`` largest values are distinct and above every other entry, so the packed
+    rows' selection is the full rows', in the same order."""
     if k + 1 > packed.shape[1]:
         return None
     head, at = packed.topk(k + 1, dim=-1)
@@ -343,19 +375,18 @@ def _top_of_lanes(rows: LanePacked, packed: torch.Tensor, source: torch.Tensor, 
 
 def _exact_top(head: torch.Tensor, ids: torch.Tensor, unsure: torch.Tensor,
                full_rows: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, values)`` of the top ``k`` from a selection among the kept entries: ``head``
+    """``top_logprobs``' ``(ids, values)`` from a selection among the kept entries: ``head``
     ``[B, k + 1]`` its largest values in descending order, ``ids`` ``[B, k]`` their token ids.
-    A row's selection is the full row's ``topk`` where its ``k + 1`` values strictly decrease
-    (distinct, the ``k``-th above every other entry) and ``unsure`` ``[B]`` bool is False;
-    the other rows take ``topk`` of ``full_rows(rows)`` (the full log-probability rows of
-    those row indices): ties and short rows, where the answer depends on ``topk``'s order."""
+    A row's selection is the answer where its ``k + 1`` values strictly decrease (distinct,
+    the ``k``-th above every other entry) and ``unsure`` ``[B]`` bool is False; the other
+    rows take ``top_logprobs`` of ``full_rows(rows)`` (the full log-probability rows of those
+    row indices): ties and short rows, where the tie rule decides."""
     k = ids.shape[1]
     exact = (head[:, :k] > head[:, 1:]).all(dim=-1) & ~unsure
     values = head[:, :k].contiguous()
     if not bool(exact.all()):
         redo = (~exact).nonzero()[:, 0]
-        redo_values, redo_ids = full_rows(redo).topk(k, dim=-1)
-        ids[redo], values[redo] = redo_ids, redo_values
+        ids[redo], values[redo] = top_logprobs(full_rows(redo), k)
     return ids, values
 
 
@@ -364,17 +395,16 @@ _PACKED_TOP_FRACTION = 8
 
 
 def _top_of_packed(logp: torch.Tensor, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``logp.topk(k)``'s ``(ids, values)`` for float32 CPU rows that are mostly ``-inf`` (the
-    processed logits after a truncation), selected among each row's finite entries alone, or
-    None when the rows are not such rows.
+    """``top_logprobs(logp, k)`` for float32 CPU rows that are mostly ``-inf`` (the processed
+    logits after a truncation), selected among each row's finite entries alone, or None when
+    the rows are not such rows.
 
-    Where a row's answer could depend on how ``topk`` orders equal values, ``topk`` gives that
-    row's answer (a row's is independent of the others'): a row with fewer than ``k`` finite
-    entries (``-inf`` ones would be among its answer), NaN, or two equal values among its
-    ``k + 1`` largest (a tie at or above the ``k``-th place). In every other row the ``k``
-    largest values are distinct and above every other entry, so any exact selection gives
-    them, in the same order: ``topk``'s result without its pass over the ``-inf`` entries
-    (~1 ms at [64, 32000], k = 5)."""
+    Where a row's answer could depend on the tie rule, ``top_logprobs`` of the row gives it: a
+    row with fewer than ``k`` finite entries (``-inf`` ones would be among its answer), NaN,
+    or two equal values among its ``k + 1`` largest (a tie at or above the ``k``-th place).
+    In every other row the ``k`` largest values are distinct and above every other entry, so
+    any exact selection gives them, in the same order, without a pass over the ``-inf``
+    entries (~1 ms at [64, 32000], k = 5)."""
     if (logp.device.type != "cpu" or logp.dtype != torch.float32 or logp.dim() != 2
             or not logp.is_contiguous() or logp.requires_grad or logp.numel() == 0):
         return None

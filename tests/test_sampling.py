@@ -336,12 +336,68 @@ def _mostly_removed_rows(rng, batch, vocab, ties):
     return x
 
 
+def _reference_top(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference of the top-k rule: per row, NaN first, then values descending,
+    equal values (-0.0 == +0.0, -inf ones included) by ascending token id."""
+    ids = np.empty((rows.shape[0], k), dtype=np.int64)
+    for r, row in enumerate(rows):
+        nan = np.isnan(row)
+        order = np.lexsort((np.arange(row.size), -np.where(nan, 0.0, row), ~nan))
+        ids[r] = order[:k]
+    return ids, np.take_along_axis(rows, ids, axis=-1)
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 1000])
+def test_top_logprobs_breaks_ties_by_token_id(vocab):
+    """``top_logprobs``: the k largest, most likely first, ties in ascending id order, against
+    the numpy reference on rows of many ties (quarter steps, -inf, -0.0 and +0.0, NaN, +inf),
+    k up to V; and each row's first j columns are its top j (no dependence on k)."""
+    rng = np.random.default_rng(vocab)
+    for trial in range(30):
+        x = np.round(rng.standard_normal((5, vocab)) * 4) / 4
+        x[rng.random((5, vocab)) < 0.3] = -np.inf
+        x[0, : vocab // 2] = rng.choice([0.0, -0.0], vocab // 2)
+        if trial % 5 == 1:
+            x[1, rng.integers(vocab)] = np.nan
+            x[2, rng.integers(vocab)] = np.inf
+        x = x.astype(np.float32)
+        for k in sorted({1, 3, min(8, vocab), vocab}):
+            ids, values = sampling.top_logprobs(torch.from_numpy(x), k)
+            want_ids, want_values = _reference_top(x, k)
+            assert np.array_equal(ids.numpy(), want_ids), (trial, k)
+            assert np.array_equal(values.numpy().view(np.int32), want_values.view(np.int32))
+            first, _ = sampling.top_logprobs(torch.from_numpy(x), 1)
+            assert torch.equal(first[:, 0], ids[:, 0])
+            # the CPU's routes: the plain topk where it is exact, the keyed one elsewhere
+            assert torch.equal(sampling._top_of_rows(torch.from_numpy(x), k)[0], ids)
+
+
+def test_top_logprobs_of_a_row_do_not_depend_on_the_batch():
+    """A row's alternatives in a batch whose largest ``logprobs`` is 20 are those it gets alone
+    with its own 2, on rows of many ties (bf16-like logits): full rows and truncated ones."""
+    from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+
+    V = 257
+    g = torch.Generator().manual_seed(1)
+    for trial in range(6):
+        logits = torch.round(torch.randn(2, V, generator=g) * 2) / 2
+        extra = dict(top_k=40) if trial % 2 else {}
+        mine = SamplingParams(temperature=0.0, logprobs=2, **extra)
+        both = SamplingBatch([mine, SamplingParams(temperature=0.0, logprobs=20)], vocab_size=V)
+        with_other = SamplerPipeline("torch", seed=0).sample(logits, both).top_logprobs
+        alone = SamplerPipeline("torch", seed=0).sample(logits[:1], SamplingBatch([mine], vocab_size=V)).top_logprobs
+        assert torch.equal(with_other[0][0, :2], alone[0][0]) and torch.equal(with_other[1][0, :2], alone[1][0])
+        processed = SamplerPipeline("torch", seed=0).process(logits[:1], SamplingBatch([mine], vocab_size=V))
+        want_ids, _ = _reference_top(torch.log_softmax(processed, -1).numpy(), 2)
+        assert alone[0].tolist() == want_ids.tolist()
+
+
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("vocab", [200, 4096])
 def test_top_logprobs_on_truncated_rows_are_topks(ties, vocab):
-    """The top alternatives on mostly removed rows, selected among the finite entries, are
-    torch.topk's (ids and value bits): rows with fewer than k entries, ties at the k-th place
-    and NaN take topk itself, whose order among equal values is its own."""
+    """The top alternatives on mostly removed rows, selected among the finite entries, are the
+    reference's (ids and value bits): rows with fewer than k entries, ties at the k-th place
+    and NaN take the keyed selection of the full rows."""
     rng = np.random.default_rng(vocab + ties)
     packed_rows = 0
     for trial in range(40):
@@ -354,9 +410,9 @@ def test_top_logprobs_on_truncated_rows_are_topks(ties, vocab):
                 got = sampling._top_of_packed(rows, k)
                 if got is None:
                     continue
-                values, ids = rows.topk(k, dim=-1)
-                assert torch.equal(got[0], ids)
-                assert torch.equal(got[1].view(torch.int32), values.view(torch.int32))
+                ids, values = _reference_top(rows.numpy(), k)
+                assert np.array_equal(got[0].numpy(), ids)
+                assert np.array_equal(got[1].numpy().view(np.int32), values.view(np.int32))
                 packed_rows += int((torch.isfinite(rows).sum(-1) >= k).sum())
     assert packed_rows > 100  # (the packed selection did run)
 
@@ -378,7 +434,7 @@ def test_top_logprobs_through_compute_logprobs_hand_computed():
     x[1, [9, 11, 30]] = torch.tensor([2.0, 1.0, 1.0])
     chosen, (ids, values) = compute_logprobs(x, x, torch.tensor([False, False]), torch.tensor([40, 9]), 2)
     assert ids[0].tolist() == [40, 3]
-    assert ids[1, 0].item() == 9 and ids[1, 1].item() in (11, 30)
+    assert ids[1].tolist() == [9, 11]  # (11 and 30 tie: the lower id first)
     log_z0 = np.log(np.exp(1.0) + np.exp(2.0) + np.exp(3.0))
     assert values[0].tolist() == pytest.approx([3.0 - log_z0, 2.0 - log_z0], abs=1e-6)
     assert chosen.tolist() == pytest.approx([3.0 - log_z0, 2.0 - np.log(np.exp(2.0) + 2 * np.exp(1.0))], abs=1e-6)
