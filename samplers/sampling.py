@@ -332,8 +332,18 @@ def top_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     The tie rule makes a row's answer its own: ``topk`` orders and selects equal values as its
     kernel happens to (differently for another ``k``, which is the batch's largest
     ``logprobs``, or on another device), so a row's alternatives would depend on the rows
-    beside it. Exact on any device without a host read: one ``topk`` of int64 keys, the
-    value's order-preserving bits above ``2**31 - 1 - id``, which are all distinct."""
+    beside it. Exact on any device without a host read (``_top_by_keys``); on the CPU from
+    the few entries at or above each row's ``k``-th value (``_top_by_candidates``)."""
+    if logp.device.type == "cpu":
+        top = _top_by_candidates(logp, k, logp.topk(k, dim=-1).values[:, -1])
+        if top is not None:
+            return top
+    return _top_by_keys(logp, k)
+
+
+def _top_by_keys(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_logprobs`` as one ``topk`` of int64 keys, the value's order-preserving bits above
+    ``2**31 - 1 - id``, which are all distinct (a [B, V] key: ~5x a ``topk`` on the CPU)."""
     bits = (logp + 0.0).view(torch.int32)  # (+ 0.0: -0.0 reads as +0.0, which topk counts equal)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     ordered = torch.where(torch.isnan(logp), 0x7FFFFFFF, ordered).to(torch.int64)  # (any sign)
@@ -343,11 +353,42 @@ def top_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, logp.gather(-1, ids)
 
 
+def _top_by_candidates(logp: torch.Tensor, k: int, kth: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``top_logprobs`` of CPU rows from their candidates, the entries at or above the row's
+    ``k``-th largest value ``kth`` ``[B]`` (``topk``'s values, exact whatever its order among
+    ties): ``k`` plus the ties at that value, a handful, taken in id order and sorted stably
+    by value. A row with fewer than ``k`` finite entries fills its answer with its lowest
+    removed ids, which lie among its first ``k`` columns (all but its finite ones can be
+    there): its candidates are its finite entries and those. None where the rows are not
+    contiguous-able float32 without autograd, or hold NaN (``_top_by_keys`` orders it)."""
+    if logp.dtype != torch.float32 or logp.requires_grad or logp.dim() != 2:
+        return None
+    x = logp.contiguous().numpy()
+    batch, vocab = x.shape
+    t = kth.numpy().astype(np.float32)  # (a copy)
+    short = np.flatnonzero(t == -np.inf)
+    t[short] = np.finfo(np.float32).min  # (their finite entries)
+    flat = flat_not_below(x, t)  # (NaN entries too, whatever the threshold)
+    if short.size:
+        at_rows, at_cols = np.nonzero(x[short, :k] == -np.inf)
+        flat = np.sort(np.concatenate((flat, short[at_rows] * vocab + at_cols)))
+    values = x.reshape(-1)[flat]
+    if np.isnan(values).any():
+        return None
+    rows, counts, _, at = packed_columns(flat, (batch, vocab))
+    negated = np.full((batch, int(counts.max())), np.inf, dtype=np.float32)  # (padding sorts last)
+    ids = np.zeros(negated.shape, dtype=np.int64)
+    negated[rows, at], ids[rows, at] = -values, flat - rows * vocab
+    order = np.argsort(negated, axis=-1, kind="stable")[:, :k]  # (stable: equal values keep id order)
+    top_ids = np.take_along_axis(ids, order, axis=-1)
+    return torch.from_numpy(top_ids), torch.from_numpy(np.take_along_axis(x, top_ids, axis=-1))
+
+
 def _top_of_rows(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``top_logprobs(logp, k)``; on the CPU, where reading the result costs no device sync,
     from a plain ``topk`` in every row whose ``k + 1`` largest values are distinct (then any
-    exact selection is the same), with the keyed one in the others only (a [B, V] int64 key
-    costs ~5x the ``topk``)."""
+    exact selection is the same), with ``top_logprobs`` in the others only (its candidates
+    cost a pass over the rows)."""
     if logp.device.type != "cpu" or k + 1 > logp.shape[-1]:
         return top_logprobs(logp, k)
     head, at = logp.topk(k + 1, dim=-1)
@@ -386,7 +427,10 @@ def _exact_top(head: torch.Tensor, ids: torch.Tensor, unsure: torch.Tensor,
     values = head[:, :k].contiguous()
     if not bool(exact.all()):
         redo = (~exact).nonzero()[:, 0]
-        ids[redo], values[redo] = top_logprobs(full_rows(redo), k)
+        full = full_rows(redo)
+        # (head's k-th value is the full row's: its k largest are among the kept entries)
+        top = _top_by_candidates(full, k, head[redo, k - 1])
+        ids[redo], values[redo] = top if top is not None else _top_by_keys(full, k)
     return ids, values
 
 

@@ -353,9 +353,10 @@ def test_top_logprobs_breaks_ties_by_token_id(vocab):
     the numpy reference on rows of many ties (quarter steps, -inf, -0.0 and +0.0, NaN, +inf),
     k up to V; and each row's first j columns are its top j (no dependence on k)."""
     rng = np.random.default_rng(vocab)
+    candidates_ran = 0
     for trial in range(30):
         x = np.round(rng.standard_normal((5, vocab)) * 4) / 4
-        x[rng.random((5, vocab)) < 0.3] = -np.inf
+        x[rng.random((5, vocab)) < (0.3 if trial % 2 else 0.0)] = -np.inf
         x[0, : vocab // 2] = rng.choice([0.0, -0.0], vocab // 2)
         if trial % 5 == 1:
             x[1, rng.integers(vocab)] = np.nan
@@ -368,8 +369,16 @@ def test_top_logprobs_breaks_ties_by_token_id(vocab):
             assert np.array_equal(values.numpy().view(np.int32), want_values.view(np.int32))
             first, _ = sampling.top_logprobs(torch.from_numpy(x), 1)
             assert torch.equal(first[:, 0], ids[:, 0])
-            # the CPU's routes: the plain topk where it is exact, the keyed one elsewhere
+            # each route: the keys (any device), the candidates (CPU; None on rows it leaves
+            # to the keys), the plain topk where it is exact
+            assert np.array_equal(sampling._top_by_keys(torch.from_numpy(x), k)[0].numpy(), want_ids)
+            by_candidates = sampling._top_by_candidates(torch.from_numpy(x), k, torch.from_numpy(x).topk(k).values[:, -1])
+            candidates_ran += by_candidates is not None
+            if by_candidates is not None:
+                assert np.array_equal(by_candidates[0].numpy(), want_ids)
+                assert np.array_equal(by_candidates[1].numpy().view(np.int32), want_values.view(np.int32))
             assert torch.equal(sampling._top_of_rows(torch.from_numpy(x), k)[0], ids)
+    assert candidates_ran > 10
 
 
 def test_top_logprobs_of_a_row_do_not_depend_on_the_batch():
