@@ -320,7 +320,7 @@ def compute_logprobs(
         k = min(num_top, logp.shape[-1])
         top = _top_of_packed(logp, k)
         if top is None:
-            top = _top_of_rows(logp, k)
+            top = top_logprobs(logp, k)
     return chosen, top
 
 
@@ -332,18 +332,21 @@ def top_logprobs(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     The tie rule makes a row's answer its own: ``topk`` orders and selects equal values as its
     kernel happens to (differently for another ``k``, which is the batch's largest
     ``logprobs``, or on another device), so a row's alternatives would depend on the rows
-    beside it. Exact on any device without a host read (``_top_by_keys``); on the CPU from
-    the few entries at or above each row's ``k``-th value (``_top_by_candidates``)."""
-    if logp.device.type == "cpu":
-        top = _top_by_candidates(logp, k, logp.topk(k, dim=-1).values[:, -1])
-        if top is not None:
-            return top
-    return _top_by_keys(logp, k)
+    beside it. Exact on any device without a host read (``_top_by_keys``). On the CPU, where
+    reading a result costs no device sync, a plain ``topk`` answers every row whose ``k + 1``
+    largest values are distinct (then any exact selection is the same), and the tied rows
+    read their few candidates only (``_exact_top``)."""
+    if logp.device.type != "cpu" or k + 1 > logp.shape[-1]:
+        return _top_by_keys(logp, k)
+    head, at = logp.topk(k + 1, dim=-1)
+    return _exact_top(head, at[:, :k].contiguous(), torch.zeros(logp.shape[0], dtype=torch.bool),
+                      lambda redo: logp.index_select(0, redo))
 
 
 def _top_by_keys(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``top_logprobs`` as one ``topk`` of int64 keys, the value's order-preserving bits above
-    ``2**31 - 1 - id``, which are all distinct (a [B, V] key: ~5x a ``topk`` on the CPU)."""
+    ``2**31 - 1 - id``, which are all distinct (a [B, V] key: ~5x a ``topk`` on the CPU, where
+    ``_top_by_candidates`` takes the tied rows)."""
     bits = (logp + 0.0).view(torch.int32)  # (+ 0.0: -0.0 reads as +0.0, which topk counts equal)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     ordered = torch.where(torch.isnan(logp), 0x7FFFFFFF, ordered).to(torch.int64)  # (any sign)
@@ -382,18 +385,6 @@ def _top_by_candidates(logp: torch.Tensor, k: int, kth: torch.Tensor) -> Optiona
     order = np.argsort(negated, axis=-1, kind="stable")[:, :k]  # (stable: equal values keep id order)
     top_ids = np.take_along_axis(ids, order, axis=-1)
     return torch.from_numpy(top_ids), torch.from_numpy(np.take_along_axis(x, top_ids, axis=-1))
-
-
-def _top_of_rows(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``top_logprobs(logp, k)``; on the CPU, where reading the result costs no device sync,
-    from a plain ``topk`` in every row whose ``k + 1`` largest values are distinct (then any
-    exact selection is the same), with ``top_logprobs`` in the others only (its candidates
-    cost a pass over the rows)."""
-    if logp.device.type != "cpu" or k + 1 > logp.shape[-1]:
-        return top_logprobs(logp, k)
-    head, at = logp.topk(k + 1, dim=-1)
-    return _exact_top(head, at[:, :k].contiguous(), torch.zeros(logp.shape[0], dtype=torch.bool),
-                      lambda redo: logp.index_select(0, redo))
 
 
 def _top_of_lanes(rows: LanePacked, packed: torch.Tensor, source: torch.Tensor, k: int

@@ -40,12 +40,12 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
 
     Formula (SEMANTICS.md): ``p = softmax(l)`` in fp32, sorted descending;
     ``c = min(cumsum(p_sorted), 1) ** exp(skew)`` (the sums clamped at 1 against rounding,
-    which a large ``exp(skew)`` would otherwise raise to ``+inf``); ``p'_sorted = diff(c,
-    prepend=0)`` (clamped at 0 against rounding), scattered back to token order; the result is ``log(p')``, which is
-    ``-inf`` where ``p' == 0``. ``skew > 0`` moves mass toward less likely tokens,
-    ``skew < 0`` toward the most likely ones. The returned logits are not normalised
-    (``sum p'`` is ``(sum p) ** exp(skew)``, 1 up to rounding); softmax of them is the skewed
-    distribution.
+    which a large ``exp(skew)`` would otherwise raise to ``+inf``);
+    ``p'_sorted = diff(c, prepend=0)`` (clamped at 0 against rounding), scattered back to
+    token order; the result is ``log(p')``, which is ``-inf`` where ``p' == 0``.
+    ``skew > 0`` moves mass toward less likely tokens, ``skew < 0`` toward the most likely
+    ones. The returned logits are not normalised (``sum p'`` is ``(sum p) ** exp(skew)``, 1 up
+    to rounding); softmax of them is the skewed distribution.
 
     Tie rule: tokens with equal probability get equal ``p'``: a group of ``n`` tied tokens
     occupying sorted positions ``i .. j`` each gets ``(c[j] - c[i - 1]) / n`` (the mean of
