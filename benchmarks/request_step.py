@@ -15,6 +15,7 @@ more in faults than in arithmetic when glibc returns freed memory to the system 
 
     python benchmarks/request_step.py                   # the three shapes, 1 torch thread
     python benchmarks/request_step.py --parts --shapes 64x32000
+    python benchmarks/request_step.py --default-rows 1 --shapes 64x32000   # a serving batch's mix
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ class _Parts:
         pipeline.compute_logprobs = self.wrap("logprobs", pipeline.compute_logprobs)
 
 
-def run(shape: tuple[int, int], steps: int, parts: _Parts | None) -> str:
+def run(shape: tuple[int, int], steps: int, parts: _Parts | None, default_rows: int = 0) -> str:
     batch, vocab = shape
     with open(REQUEST) as f:
         params = SamplingParams.from_dict(json.load(f))
+    rows = [params] * batch
+    for r in range(min(default_rows, batch)):  # (spread over the batch, as requests arrive)
+        rows[r * batch // min(default_rows, batch)] = SamplingParams()
     # (the rows go on as text-like histories do: each step appends their next token, so the
     # n-gram bans, DRY's matches and the penalties' seen tokens are those of running text)
     histories = torch.tensor(make_histories(batch, 768 + steps + 5, vocab))
-    b = SamplingBatch([params] * batch, histories[:, :512].tolist(), histories[:, 512:768].tolist(),
+    b = SamplingBatch(rows, histories[:, :512].tolist(), histories[:, 512:768].tolist(),
                       vocab_size=vocab)
     logits = make_logits(batch, vocab, seed=1)
     pipe = SamplerPipeline("torch", seed=0)
@@ -106,6 +110,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per shape (after 5 warm-up steps)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--parts", action="store_true", help="also time each stage of the step")
+    p.add_argument("--default-rows", type=int, default=0,
+                   help="this many rows (spread over the batch) of default parameters among the request's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shapes = SHAPES if not args.shapes else [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes]
@@ -113,9 +119,9 @@ def main() -> None:
     if parts is not None:
         parts.install()
     print(f"Arli example request, one sample step; torch {torch.__version__}, {args.threads} thread(s); medians of "
-          f"{args.steps} steps")
+          f"{args.steps} steps" + (f"; {args.default_rows} row(s) of default parameters" if args.default_rows else ""))
     for shape in shapes:
-        print(run(shape, args.steps, parts))
+        print(run(shape, args.steps, parts, args.default_rows))
 
 
 if __name__ == "__main__":

@@ -452,6 +452,30 @@ class TokenHistory:
         new._match_nz = None  # found again from new._match when needed
         return new
 
+    def follow(self, source: "TokenHistory", host_rows: np.ndarray, max_steps: int = 8) -> bool:
+        """Catch up with ``source``: append to each row ``b`` the tokens that ``source``'s row
+        ``host_rows[b]`` holds past this row's length, one `append` per position (a loop over
+        steps, at most ``max_steps``, never over rows). Returns False, changing nothing, when
+        some row is longer than its source row or more than ``max_steps`` behind.
+
+        For a history made by ``source.select(rows, host_rows)``: a history only grows by
+        `append`, so this one then equals ``source.select`` of the same rows again (tokens,
+        lengths and every derived structure it keeps), at the cost of a few O(B) appends
+        instead of copying the rows' ``[B, V]`` counts and seen mask."""
+        host = np.asarray(host_rows, dtype=np.int64).reshape(-1)
+        if host.shape[0] != self.batch_size or source.vocab_size != self.vocab_size:
+            raise ValueError(f"follow: {host.shape[0]} rows for a history of {self.batch_size}, or another vocabulary")
+        behind = source._host_lengths[host] - self._host_lengths
+        if host.size and (int(behind.min()) < 0 or int(behind.max()) > max_steps):
+            return False
+        index = torch.from_numpy(host).to(self.device)
+        last = source.capacity - 1
+        for step in range(int(behind.max(initial=0))):
+            due = behind > step
+            pos = self.lengths.clamp_max(last)  # (a row not due may sit at its source's end)
+            self.append(source.tokens[index, pos], rows=None if due.all() else torch.from_numpy(due))
+        return True
+
     # ------------------------------------------------------------------ derived state
     def _valid(self, width: int) -> torch.Tensor:
         """bool [B, width]: position is inside the row's history."""

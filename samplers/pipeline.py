@@ -241,7 +241,25 @@ _READS_TOKEN_IDS = frozenset({SamplerID.PENALTIES, SamplerID.DRY, SamplerID.NO_R
 _TRUNCATIONS = frozenset({SamplerID.TOP_P_TOP_K, SamplerID.TOP_A, SamplerID.MIN_P, SamplerID.TFS,
                           SamplerID.ETA_CUTOFF, SamplerID.EPSILON_CUTOFF, SamplerID.TYPICAL_P, SamplerID.TOP_NSIGMA})
 
-_ROW_GROUPS: "weakref.WeakKeyDictionary[SamplingBatch, Optional[list]]" = weakref.WeakKeyDictionary()
+class _RowGroup:
+    """Some rows of a batch as a batch of their own (``part``), built once; ``host`` /
+    ``rows``: their indices in the batch (numpy / tensor). Its history follows the batch's
+    (``TokenHistory.follow``: the tokens appended since the last call, O(B)), taken afresh
+    only when it cannot (the batch's history replaced, or many steps behind)."""
+
+    def __init__(self, batch: SamplingBatch, host: np.ndarray) -> None:
+        self.host, self.rows = host, torch.from_numpy(host)
+        self.part = batch.select(host.tolist())
+        self.source = batch.history
+
+    def refresh(self, batch: SamplingBatch) -> None:
+        if batch.history is self.source and self.part.history.follow(self.source, self.host):
+            return
+        self.source = batch.history
+        self.part.history = _selected_history(batch, self.part.active, self.rows, self.host)
+
+
+_ROW_GROUPS: "weakref.WeakKeyDictionary[SamplingBatch, Optional[list[_RowGroup]]]" = weakref.WeakKeyDictionary()
 
 
 def _row_groups(batch: SamplingBatch) -> Optional[list[tuple[torch.Tensor, SamplingBatch]]]:
@@ -252,25 +270,22 @@ def _row_groups(batch: SamplingBatch) -> Optional[list[tuple[torch.Tensor, Sampl
     width to the end, and the packed chain packs a batch only when most of every row is
     removed: one such row among many truncated ones made every truncated row work on its full
     width (a step of the Arli request at [64, 32000] took 4x as long with one row of default
-    parameters). The groups' batches are built once per batch; their histories are taken
-    from the batch's at every call (``append`` keeps the batch's up to date)."""
+    parameters). The groups' batches are built once per batch; their histories follow the
+    batch's (``_RowGroup``), which ``append`` keeps up to date."""
     if batch.device.type != "cpu" or batch.params is None:
         return None
     if batch not in _ROW_GROUPS:
         full = np.array([not _TRUNCATIONS.intersection(o) for o in batch.orders])
         groups = None
         if full.any() and not full.all():
-            groups = []
-            for host in (np.flatnonzero(full), np.flatnonzero(~full)):
-                part = batch.select(host.tolist())
-                groups.append((host, torch.from_numpy(host), part))
+            groups = [_RowGroup(batch, host) for host in (np.flatnonzero(full), np.flatnonzero(~full))]
         _ROW_GROUPS[batch] = groups
     groups = _ROW_GROUPS[batch]
     if groups is None:
         return None
-    for host, rows, part in groups:
-        part.history = _selected_history(batch, part.active, rows, host)
-    return [(rows, part) for _, rows, part in groups]
+    for group in groups:
+        group.refresh(batch)
+    return [(group.rows, group.part) for group in groups]
 
 
 def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
@@ -548,8 +563,8 @@ class SamplerPipeline:
                 return self._process_rows(logits, x, batch, randoms, absmax, finite)
             out = torch.empty_like(logits)
             for rows, part in groups:
-                out.index_copy_(0, rows, self._process_rows(logits.index_select(0, rows), x.index_select(0, rows),
-                                                            part, _SubsetRandoms(randoms, rows), absmax, finite))
+                out.index_copy_(0, rows, self._process_rows(*_rows_of(logits, x, rows), part,
+                                                            _SubsetRandoms(randoms, rows), absmax, finite))
             return out
 
     def _process_rows(self, logits: torch.Tensor, x: torch.Tensor, batch: SamplingBatch, randoms,
@@ -577,7 +592,7 @@ class SamplerPipeline:
             if groups is None:
                 return self._sample_rows(logits, x, batch, randoms, absmax, finite, need_processed,
                                          batch.max_logprobs, return_processed)
-            parts = [self._sample_rows(logits.index_select(0, rows), x.index_select(0, rows), part,
+            parts = [self._sample_rows(*_rows_of(logits, x, rows), part,
                                        _SubsetRandoms(randoms, rows), absmax, finite, need_processed,
                                        batch.max_logprobs, return_processed) for rows, part in groups]
         return _merged([rows for rows, _ in groups], parts, batch.batch_size)
@@ -595,6 +610,13 @@ class SamplerPipeline:
         chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids, num_top,
                                        any_raw=batch.any_raw_logprobs)
         return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top, processed=processed)
+
+
+def _rows_of(logits: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Those rows of the logits and of ``x`` (``_prepare``'s), one copy when ``x`` is the logits
+    (no unit writes its input; the chain copies before it writes)."""
+    part = logits.index_select(0, rows)
+    return part, part if x is logits else x.index_select(0, rows)
 
 
 def _merged(groups: list[torch.Tensor], parts: list[SamplerOutput], batch_size: int) -> SamplerOutput:

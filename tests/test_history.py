@@ -267,6 +267,45 @@ def test_select_carries_state(data, draw):
     check_against_reference(th, hists, prompts)
 
 
+@settings(max_examples=40, deadline=None)
+@given(histories, st.data())
+def test_follow_equals_a_fresh_select(data, draw):
+    """A selection that follows its source through masked and unmasked appends (several
+    between two catch-ups, and a follower ahead or too far behind, which it refuses) equals
+    the source's rows selected afresh, every structure checked against the plain lists."""
+    alpha, prompts, outputs, steps, query = data
+    prompts = [[t % alpha for t in p] for p in prompts]
+    outputs = [[t % alpha for t in o] for o in outputs]
+    b = len(prompts)
+    th = TokenHistory(prompts, outputs, vocab_size=6)
+    hists = [p + o for p, o in zip(prompts, outputs)]
+    rows = draw.draw(st.lists(st.integers(0, b - 1), min_size=1, max_size=b, unique=True))
+    sub = th.select(rows)
+    if query[0]:  # derived state built on the follower (then kept by its appends) or left to build
+        sub.output_counts(), sub.seen_mask(), sub.seen_ids(), sub.prefix_hashes(), sub.match_lengths()
+    host = np.array(rows)
+    for i, toks in enumerate(steps):
+        toks = [t % alpha for t in toks]
+        mask = draw.draw(st.lists(st.booleans(), min_size=b, max_size=b)) if query[i] else [True] * b
+        th.append(torch.tensor(toks), rows=torch.tensor(mask))
+        for h, t, m in zip(hists, toks, mask):
+            if m:
+                h.append(t)
+        if draw.draw(st.booleans()) or i == len(steps) - 1:
+            behind = max(len(hists[r]) - len(sub.to_lists()[j]) for j, r in enumerate(rows))
+            before = sub.to_lists()
+            assert sub.follow(th, host, max_steps=3) == (behind <= 3)
+            if behind > 3:  # refused, unchanged: the caller selects afresh
+                assert sub.to_lists() == before
+                sub = th.select(rows)
+            check_against_reference(sub, [list(hists[r]) for r in rows], [prompts[r] for r in rows])
+    ahead = th.select(rows)
+    ahead.append(torch.zeros(len(rows), dtype=torch.int64))
+    assert not ahead.follow(th, host)
+    with pytest.raises(ValueError, match="follow"):
+        sub.follow(th, host[:-1] if len(rows) > 1 else np.array([0, 0]))
+
+
 def test_match_lengths_random_against_reference():
     rnd = random.Random(0)
     for _ in range(40):

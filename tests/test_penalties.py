@@ -385,7 +385,13 @@ def test_pipeline_penalties_step_by_step_against_the_dense_formula(seed):
         for b in range(B):
             if mask[b]:
                 outputs[b].append(int(ids[b]))
-    assert batch.history._seen_buf is not None  # the listed ids were used, not rebuilt
+    # the listed ids were used, not rebuilt: the batch's, or its row groups' (row 2 truncates
+    # nothing), whose histories follow the batch's
+    import samplers.pipeline as pl
+
+    groups = pl._row_groups(batch)
+    assert groups is not None and [rows.tolist() for rows, _ in groups] == [[2], [0, 1, 3, 4]]
+    assert all(part.history._seen_buf is not None for _, part in groups)
 
 
 def _numpy_rescue(processed: np.ndarray, logits: np.ndarray) -> np.ndarray:

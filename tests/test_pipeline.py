@@ -319,6 +319,51 @@ def test_rows_that_truncate_nothing_leave_the_others_packed(monkeypatch):
             batch.append(step_ids)
 
 
+def test_row_groups_follow_the_batch_history(monkeypatch):
+    """The row groups' histories follow the batch's through plain and masked appends, several
+    between two calls, without selecting the rows afresh; a replaced history, or one too
+    many steps ahead, is selected afresh. Every step equals the batch run as one group."""
+    import samplers.pipeline as pl
+    from samplers.history import TokenHistory
+
+    V = 2048
+    trunc = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, dry_multiplier=0.8,
+                 dry_allowed_length=1, no_repeat_ngram_size=2, top_k=30, min_p=0.02, logprobs=2)
+    params = [SamplingParams(**trunc, seed=b) for b in range(5)]
+    params[1] = SamplingParams(temperature=0.9, presence_penalty=0.5, seed=7)
+    prompts, outputs = _histories(5, V=V, seed=3)
+    batches = {k: SamplingBatch(params, prompts, outputs, vocab_size=V) for k in ("grouped", "one")}
+    selects = []
+    real_select = pl._selected_history
+    monkeypatch.setattr(pl, "_selected_history", lambda *a: (selects.append(1), real_select(*a))[1])
+    rng = np.random.default_rng(0)
+    # (appends before each call: masks, gaps of several steps, a replaced history, a gap too long)
+    plan = [[None], [np.array([1, 0, 1, 1, 0], bool)], [None, np.array([0, 1, 1, 0, 1], bool), None],
+            ["replace"], [None] * 9, [None]]
+    expect_selects = [0, 0, 0, 2, 2, 0]
+    for step, appends in enumerate(plan):
+        for mask in appends:
+            ids = torch.from_numpy(rng.integers(0, 8, 5))
+            for batch in batches.values():
+                if isinstance(mask, str):  # (a new history object with the same rows)
+                    h = batch.history
+                    batch.history = TokenHistory(prompts, [row[len(p):] for row, p in zip(h.to_lists(), prompts)],
+                                                 vocab_size=V)
+                else:
+                    batch.append(ids, rows=None if mask is None else torch.from_numpy(mask))
+        logits = _logits(5, V=V, seed=step)
+        logits[:, :8] += 8.0  # (the histories' tokens among the kept ones: their penalties matter)
+        selects.clear()
+        got = SamplerPipeline("torch", seed=1).sample(logits, batches["grouped"], return_processed=True)
+        assert len(selects) == expect_selects[step]
+        ref = _ungrouped(monkeypatch, lambda: SamplerPipeline("torch", seed=1).sample(
+            logits, batches["one"], return_processed=True))
+        assert torch.equal(got.token_ids, ref.token_ids)
+        assert torch.equal(got.processed.view(torch.int32), ref.processed.view(torch.int32))
+        assert torch.equal(got.top_logprobs[0], ref.top_logprobs[0])
+        assert batches["grouped"].history.to_lists() == batches["one"].history.to_lists()
+
+
 def test_samplers_no_row_enables_are_not_run(monkeypatch):
     import samplers.pipeline as pl
 
