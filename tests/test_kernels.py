@@ -147,6 +147,22 @@ def test_dynamic_temperature_and_smoothing(shape, dtype):
                  exact=dtype == torch.float32)
 
 
+def test_dynamic_temperature_of_a_peaked_row():
+    """A row whose top token holds nearly all the mass has an entropy ratio H / log N far
+    below 1e-30 (subnormal in the first row); a small exponent still lifts ratio ** exponent
+    well above 0. The kernels once clamped the ratio at 1e-30 before the power (T 1.25
+    instead of 0.97 in the first row, 3x too large in the others)."""
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, :2], x[0, 2:] = torch.tensor([300.0, 400.0]), NINF
+    x[1:, 7] = torch.tensor([95.0, 60.0, 140.0])
+    dmin = torch.tensor([0.0, 0.0, 0.2, 0.0])
+    dmax = torch.tensor([2.5, 1.5, 2.0, 1.0])
+    dexp = torch.tensor([0.01, 0.1, 0.05, 0.5])
+    want = F.dynamic_temperature(x, dmin, dmax, dexp)
+    assert want[0, 1] / x[0, 1] > 1 / 1.0  # (T about 0.97: the row is not at dynatemp_max)
+    _assert_same(ops.dynamic_temperature(x, dmin, dmax, dexp), want, torch.float32, exact=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_penalties_and_no_repeat_ngram(dtype):
     B, V = 4, 500

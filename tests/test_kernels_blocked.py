@@ -32,6 +32,7 @@ from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_draw_kernel_rounding_past_the_total_takes_the_last_positive_token,
     test_draw_never_picks_a_zero_probability_token_when_the_prefix_sum_is_not_monotone,
     test_dynamic_temperature_and_smoothing,
+    test_dynamic_temperature_of_a_peaked_row,
     test_fused_chain_equals_the_sequential_reference_with_row_masks,
     test_penalties_and_no_repeat_ngram,
     test_random_chains_equal_the_reference_functions_in_sequence,

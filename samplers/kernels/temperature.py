@@ -29,7 +29,12 @@ def dynatemp_of(h, n, t_min, t_max, exponent):
     column-blocked kernels."""
     log_n = tl.log(tl.maximum(n, 2).to(tl.float32))
     ratio = tl.minimum(tl.maximum(h / log_n, 0.0), 1.0)
-    powed = tl.where(ratio > 0, tl.exp2(exponent * tl.log2(tl.maximum(ratio, 1e-30))), 0.0)
+    # ratio ** exponent as exp2(exponent * log2(ratio)); a tiny ratio (a row whose top token
+    # holds nearly all the mass: subnormal at times) is scaled by 2**64 first, exactly, so
+    # that no log2 flushes or clamps it (a small exponent still lifts it far above 0)
+    tiny = ratio < 1e-18
+    log2_ratio = tl.log2(tl.where(tiny, ratio * 18446744073709551616.0, ratio)) - tl.where(tiny, 64.0, 0.0)
+    powed = tl.where(ratio > 0, tl.exp2(exponent * log2_ratio), 0.0)
     temp = t_min + (t_max - t_min) * powed
     temp = tl.where(n <= 1, t_min, temp)
     return tl.maximum(temp, 1e-5)
