@@ -463,8 +463,10 @@ class TokenHistory:
         lengths and every derived structure it keeps), at the cost of a few O(B) appends
         instead of copying the rows' ``[B, V]`` counts and seen mask."""
         host = np.asarray(host_rows, dtype=np.int64).reshape(-1)
-        if host.shape[0] != self.batch_size or source.vocab_size != self.vocab_size:
-            raise ValueError(f"follow: {host.shape[0]} rows for a history of {self.batch_size}, or another vocabulary")
+        if host.shape[0] != self.batch_size:
+            raise ValueError(f"follow: host_rows has {host.shape[0]} rows, this history {self.batch_size}")
+        if source.vocab_size != self.vocab_size:
+            raise ValueError(f"follow: source vocab_size {source.vocab_size} != this history's {self.vocab_size}")
         behind = source._host_lengths[host] - self._host_lengths
         if host.size and (int(behind.min()) < 0 or int(behind.max()) > max_steps):
             return False
