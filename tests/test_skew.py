@@ -42,7 +42,7 @@ def f32(*xs: float) -> torch.Tensor:
 def ref_skew_probs(row: np.ndarray, sk: float) -> np.ndarray:
     """Independent float64 reference: the skewed probabilities p' of one row.
 
-    Sort by probability descending, c = min(cumsum, 1) ** exp(skew), p' = diff(c, prepend 0);
+    Sort by probability descending, c = (cumsum / total) ** exp(skew), p' = diff(c, prepend 0);
     tokens with equal probability share their group's mass equally (the tie rule)."""
     fin = np.isfinite(row)
     p = np.zeros_like(row)
@@ -51,11 +51,12 @@ def ref_skew_probs(row: np.ndarray, sk: float) -> np.ndarray:
     power = math.exp(sk)
     values = sorted(set(p[fin].tolist()), reverse=True)
     out = np.zeros_like(p)
+    total = float(p.sum())
     before = 0.0
     for v in values:
         members = np.nonzero(fin & (p == v))[0]
-        after = min(before + v * len(members), 1.0)
-        out[members] = (after ** power - before ** power) / len(members)
+        after = before + v * len(members)
+        out[members] = ((after / total) ** power - (before / total) ** power) / len(members)
         before = after
     return out
 
@@ -307,33 +308,72 @@ def test_numpy_route_declines_non_finite_cases(case, routes):
     assert torch.equal(bits(via_numpy), bits(routes(x, sk, numpy=False)))
 
 
+#: Rows whose float32 sum of sorted probabilities rounds past 1 (seed 9, 300 tokens) and
+#: short of it (a 6-token row): the two ways rounding broke large skews.
+_ROUNDED_TOTALS = {
+    "above_one": torch.randn(1, 300, generator=torch.Generator().manual_seed(9)),
+    "below_one": torch.tensor([[-1.5726652145385742, -0.12324775755405426, 3.586989402770996,
+                                -1.8312901258468628, 1.5987002849578857, -1.277006983757019]]),
+}
+
+
+@pytest.mark.parametrize("total", sorted(_ROUNDED_TOTALS))
 @pytest.mark.parametrize("sk", [21.0, 40.0, 80.0, 88.0])
-def test_large_skew_on_sums_rounded_above_one(sk, routes):
-    """Rows whose sorted probabilities sum to more than 1 in float32 (1.0000001: rounding), with
-    an exp(skew) that raises that to +inf (skew >= ~20.4; 88 is past the parameter's interval,
-    but a finite exp): the sums are clamped at 1, so no NaN and no +inf, the top token stays,
-    both routes agree bit for bit, and the values are those of a numpy re-implementation on the
-    same float32 sums (torch's CPU cumsum: float64 running sums, each rounded to float32)."""
-    x = torch.randn(1, 300, generator=torch.Generator().manual_seed(9)).expand(3, 300).contiguous()
+def test_large_skew_on_sums_rounded_off_one(sk, total, routes):
+    """Rows whose sorted probabilities sum to 1.0000001 or 0.99999988 in float32, with an
+    exp(skew) that raises those to +inf or 0 (skew >= ~20.4; 88 is past the parameter's
+    interval, but a finite exp): the sums are divided by their total, so no NaN and no +inf,
+    both routes agree bit for bit, the values are those of a numpy re-implementation on the
+    same float32 sums (torch's CPU cumsum: float64 running sums, each rounded to float32), and
+    the mass goes to the least likely end: on the short row, all of it to its least likely
+    token (with 0.99999988 ** exp(skew) = 0 it once went to the most likely one)."""
+    row = _ROUNDED_TOTALS[total]
+    x = row.expand(3, row.shape[1]).contiguous()
     p, _ = softmax_and_log_softmax(x, with_log=False)  # (the probabilities skew sorts)
-    assert torch.cumsum(torch.sort(p, descending=True).values, -1)[0, -1] > 1.0  # the hostile case
+    sums = torch.cumsum(torch.sort(p, descending=True).values, -1)
+    assert (sums[0, -1] > 1.0) if total == "above_one" else (sums[0, -1] < 1.0)  # the hostile case
     sks = f32(sk, sk, sk)
     via_numpy = routes(x, sks, numpy=True)
     assert torch.equal(bits(via_numpy), bits(routes(x, sks, numpy=False)))
     assert not torch.isnan(via_numpy).any() and not torch.isposinf(via_numpy).any()
     assert torch.isfinite(via_numpy[x == x.amax(dim=-1, keepdim=True)]).all()
     q = via_numpy.double().exp().numpy()
-    # (no ties in these rows: p' is the plain difference of the clamped, raised sums)
+    # (no ties in these rows: p' is the plain difference of the normalised, raised sums)
     p32 = p[0].numpy()
     order = np.argsort(-p32, kind="stable")
-    c = np.minimum(np.cumsum(p32[order].astype(np.float64)).astype(np.float32), np.float32(1.0))
-    c_pow = c.astype(np.float64) ** math.exp(sk)
+    c = np.cumsum(p32[order].astype(np.float64)).astype(np.float32)
+    c_pow = (c / c[-1]).astype(np.float64) ** math.exp(sk)
+    assert c_pow[-1] == 1.0
     ref = np.empty_like(c_pow)
     ref[order] = np.diff(c_pow, prepend=0.0)
-    for row in q:
-        np.testing.assert_allclose(row, ref, rtol=1e-3, atol=1e-9)
-    # the mass sits where the float32 sums reach 1: rounding decides which token that is
-    assert abs(q[0].sum() - 1.0) < 1e-4 and q[0].max() > 0.5
+    for got in q:
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-9)
+    assert abs(q[0].sum() - 1.0) < 1e-4
+    if total == "below_one":
+        assert q[0, order[-1]] == pytest.approx(1.0, abs=1e-6)
+    else:  # (the mass sits where the float32 sums reach their total: rounding decides which
+        # token that is, in the row's tail)
+        assert q[0].max() > 0.5 and order.tolist().index(int(q[0].argmax())) >= 250
+
+
+def test_large_skew_sends_the_mass_to_the_least_likely_token():
+    """On short rows of distinct probabilities, large enough that their float32 sums take every
+    term, skew 25..80 gives (nearly) all the mass to the least likely token and -80 to the most
+    likely one, whatever the rounding of the row's total (about a quarter of these rows sum
+    to 0.99999988)."""
+    rng = np.random.default_rng(21)
+    x = torch.from_numpy(rng.standard_normal((400, 6)).astype(np.float32) * 1.5)
+    p = torch.softmax(x, -1)
+    sorted_p = torch.sort(p, -1, descending=True).values
+    assert (sorted_p[:, 1:] < sorted_p[:, :-1]).all()
+    totals = torch.cumsum(sorted_p, -1)[:, -1]
+    assert 20 < int((totals < 1).sum()) < 380  # (both sides of 1 are exercised)
+    for sk in (25.0, 80.0):
+        q = torch.softmax(skew(x, torch.full((400,), sk)), -1)
+        assert torch.equal(q.argmax(-1), p.argmin(-1))
+        assert (q.amax(-1) > 0.999).all()
+    q = torch.softmax(skew(x, torch.full((400,), -80.0)), -1)
+    assert torch.equal(q.argmax(-1), p.argmax(-1))
 
 
 def test_numpy_route_against_numpy_reference_with_ties(routes):

@@ -39,13 +39,14 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
             the row (bit-identical).
 
     Formula (SEMANTICS.md): ``p = softmax(l)`` in fp32, sorted descending;
-    ``c = min(cumsum(p_sorted), 1) ** exp(skew)`` (the sums clamped at 1 against rounding,
-    which a large ``exp(skew)`` would otherwise raise to ``+inf``);
+    ``c = (cumsum(p_sorted) / sum(p)) ** exp(skew)`` (divided by the float32 total, which
+    rounding leaves a few ulps off 1, so that the last sum is exactly 1 and none exceeds it:
+    a large ``exp(skew)`` raises 1.0000001 to ``+inf`` and 0.99999988 to 0);
     ``p'_sorted = diff(c, prepend=0)`` (clamped at 0 against rounding), scattered back to
     token order; the result is ``log(p')``, which is ``-inf`` where ``p' == 0``.
     ``skew > 0`` moves mass toward less likely tokens, ``skew < 0`` toward the most likely
-    ones. The returned logits are not normalised (``sum p'`` is ``(sum p) ** exp(skew)``, 1 up
-    to rounding); softmax of them is the skewed distribution.
+    ones. The returned logits are normalised up to rounding (``sum p'`` telescopes to the
+    last ``c``, 1); softmax of them is the skewed distribution.
 
     Tie rule: tokens with equal probability get equal ``p'``: a group of ``n`` tied tokens
     occupying sorted positions ``i .. j`` each gets ``(c[j] - c[i - 1]) / n`` (the mean of
@@ -124,15 +125,20 @@ def _skew_torch(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Tensor:
 
 
 def _cumsum_pow(p_sorted: Tensor, power: Tensor, packed: bool, in_place: bool = False) -> Tensor:
-    """``cumsum(p_sorted) ** power`` along the rows (the one place both routes compute it, so
-    both get the same bits: torch's ``pow`` rounds differently in a row's scalar tail).
+    """``(cumsum(p_sorted) / total) ** power`` along the rows (the one place both routes
+    compute it, so both get the same bits: torch's ``pow`` rounds differently in a row's
+    scalar tail).
     ``in_place``: the sums overwrite ``p_sorted`` (the same values), and so do the powers
     unless the rows are packed."""
     c = p_sorted.cumsum_(dim=-1) if in_place else torch.cumsum(p_sorted, dim=-1)
-    # A sum of probabilities is at most 1, but rounding carries a long row's past it
-    # (1.0000001), which a large exp(skew) raises to +inf (skew 21: 1.0000001 ** 1.3e9), and
-    # differences of +inf are NaN; short of that it hands a tail token mass that no token has.
-    c.clamp_(max=1.0)
+    # The sums are divided by the row's total (the last sum), which rounding leaves a few ulps
+    # off 1: past it (1.0000001), a large exp(skew) raises the tail to +inf (skew 21:
+    # 1.0000001 ** 1.3e9) and differences of +inf are NaN; short of it (0.99999988), to 0, and
+    # the mass that belongs to the least likely token goes nowhere (the top-token floor then
+    # hands the row to the most likely one). A correctly rounded c / total of c <= total is at
+    # most 1, and the total's own quotient is exactly 1. (A row with every token removed has
+    # the total 0: at least 1 / V otherwise; the floor keeps its 0 / 0 out of NaN.)
+    c.div_(c[:, -1:].clamp_min(torch.finfo(_F32).tiny))
     return c.pow_(power) if not packed else _pow_packed(c, power)
 
 
