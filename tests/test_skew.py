@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers.functional._stats import softmax_and_log_softmax, trusted_params
+from samplers.functional._stats import compact_rows, softmax_and_log_softmax, trusted_params
 from samplers.functional.skew import skew
 
 from logit_helpers import bits, make_logits
@@ -37,6 +37,25 @@ def logits_of(probs: list[float]) -> list[float]:
 
 def f32(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float32)
+
+
+def exact_skew_probs(p32: np.ndarray, power: float) -> np.ndarray:
+    """p' of one row of float32 probabilities ``p32`` (the ones skew sorts), each to ~1e-60,
+    from exact sums: c = (prefix / total) ** power, in 320-bit floats (mpmath), which hold every
+    sum of float32 values exactly; tied probabilities share their group's mass equally."""
+    import mpmath
+
+    with mpmath.workprec(320):
+        total = mpmath.fsum(mpmath.mpf(float(v)) for v in p32)
+        out = np.zeros(len(p32))
+        before, before_pow = mpmath.mpf(0), mpmath.mpf(0)
+        for v in sorted(set(float(v) for v in p32 if v > 0), reverse=True):
+            members = np.nonzero(p32 == np.float32(v))[0]
+            after = before + mpmath.mpf(v) * len(members)
+            after_pow = mpmath.power(after / total, mpmath.mpf(power))
+            out[members] = float((after_pow - before_pow) / len(members))
+            before, before_pow = after, after_pow
+    return out
 
 
 def ref_skew_probs(row: np.ndarray, sk: float) -> np.ndarray:
@@ -322,11 +341,11 @@ _ROUNDED_TOTALS = {
 def test_large_skew_on_sums_rounded_off_one(sk, total, routes):
     """Rows whose sorted probabilities sum to 1.0000001 or 0.99999988 in float32, with an
     exp(skew) that raises those to +inf or 0 (skew >= ~20.4; 88 is past the parameter's
-    interval, but a finite exp): the sums are divided by their total, so no NaN and no +inf,
-    both routes agree bit for bit, the values are those of a numpy re-implementation on the
-    same float32 sums (torch's CPU cumsum: float64 running sums, each rounded to float32), and
-    the mass goes to the least likely end: on the short row, all of it to its least likely
-    token (with 0.99999988 ** exp(skew) = 0 it once went to the most likely one)."""
+    interval, but a finite exp): no NaN and no +inf, both routes agree bit for bit, the values
+    are the exact ones (from exact sums of the same float32 probabilities) to 1e-6, and the
+    whole mass goes to the least likely token (a rounded total once sent it to the most
+    likely one, or gave NaN; the plain differences of rounded sums to the first token where
+    the float32 sums stopped changing)."""
     row = _ROUNDED_TOTALS[total]
     x = row.expand(3, row.shape[1]).contiguous()
     p, _ = softmax_and_log_softmax(x, with_log=False)  # (the probabilities skew sorts)
@@ -338,22 +357,53 @@ def test_large_skew_on_sums_rounded_off_one(sk, total, routes):
     assert not torch.isnan(via_numpy).any() and not torch.isposinf(via_numpy).any()
     assert torch.isfinite(via_numpy[x == x.amax(dim=-1, keepdim=True)]).all()
     q = via_numpy.double().exp().numpy()
-    # (no ties in these rows: p' is the plain difference of the normalised, raised sums)
-    p32 = p[0].numpy()
-    order = np.argsort(-p32, kind="stable")
-    c = np.cumsum(p32[order].astype(np.float64)).astype(np.float32)
-    c_pow = (c / c[-1]).astype(np.float64) ** math.exp(sk)
-    assert c_pow[-1] == 1.0
-    ref = np.empty_like(c_pow)
-    ref[order] = np.diff(c_pow, prepend=0.0)
+    exact = exact_skew_probs(p[0].numpy(), float(torch.exp(sks[0])))
     for got in q:
-        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-9)
-    assert abs(q[0].sum() - 1.0) < 1e-4
-    if total == "below_one":
-        assert q[0, order[-1]] == pytest.approx(1.0, abs=1e-6)
-    else:  # (the mass sits where the float32 sums reach their total: rounding decides which
-        # token that is, in the row's tail)
-        assert q[0].max() > 0.5 and order.tolist().index(int(q[0].argmax())) >= 250
+        np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6)
+    assert q[0, int(p[0].argmin())] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("sk", [21.0, 40.0, 80.0])
+def test_large_skew_where_the_sums_stop_changing(sk, routes):
+    """A long row whose float32 prefix sums stop changing well before its last token (the
+    tail's terms are below half an ulp of the sum): at large skews the mass belongs to the
+    least likely tokens, by the exact values (to 1e-6), on both routes. The plain
+    differences of the rounded sums put it all on the first token where they stopped
+    changing."""
+    x = (torch.randn(2, 3000, generator=torch.Generator().manual_seed(4)) * 8).contiguous()
+    p, _ = softmax_and_log_softmax(x, with_log=False)
+    sums = torch.cumsum(torch.sort(p, descending=True).values, -1)
+    assert int((sums[0] == sums[0, -1]).sum()) > 100  # (the hostile case)
+    exact = exact_skew_probs(p[0].numpy(), float(torch.exp(f32(sk))[0]))
+    for numpy in (True, False):
+        q = routes(x, f32(sk, sk), numpy=numpy).double().exp().numpy()
+        np.testing.assert_allclose(q[0], exact, rtol=0, atol=1e-6)
+        assert abs(q[0].sum() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("sk", [0.1, -0.5, 2.0])
+def test_tail_tokens_keep_their_skewed_probability(sk, routes):
+    """Every token's p', down to the row's least likely (p < 1e-15, far below an ulp of the
+    sums they join), within 1e-5 (relative) of its exact value on both routes, on rows with
+    no token removed and on rows mostly removed (packed rows). The plain difference of the
+    rounded powers gave each tail token 0 or a multiple of an ulp of 1: here ~40% of a full
+    row's tokens were removed and most of the rest off by more than 1%, at any skew."""
+    rng = np.random.default_rng(31)
+    full = torch.from_numpy((rng.standard_normal((2, 3000)) * 8).astype(np.float32))
+    sparse = torch.from_numpy((rng.standard_normal((2, 3000)) * 8).astype(np.float32))
+    sparse[torch.from_numpy(rng.random((2, 3000)) < 0.9)] = NEG_INF
+    assert compact_rows(sparse) is not None and compact_rows(full) is None
+    power = float(torch.exp(f32(sk))[0])
+    for x in (full, sparse):
+        p, _ = softmax_and_log_softmax(x, with_log=False)
+        for numpy in (True, False):
+            q = routes(x, f32(sk, sk), numpy=numpy).double().exp().numpy()
+            for b in range(2):
+                exact = exact_skew_probs(p[b].numpy(), power)
+                assert exact[exact > 0].min() < 1e-15  # (the deep tail is there)
+                normal = exact > 1e-37  # (float32's normal range: below it p' loses digits)
+                np.testing.assert_allclose(q[b][normal], exact[normal], rtol=1e-5, atol=0)
+                assert np.all(q[b][exact == 0] == 0)
 
 
 def test_large_skew_sends_the_mass_to_the_least_likely_token():
@@ -468,3 +518,23 @@ def test_pipeline_draws_a_kept_token_at_large_skew(backend):
         assert not torch.isnan(out.processed).any() and not torch.isposinf(out.processed).any()
         assert torch.isfinite(out.processed.gather(1, out.token_ids[:, None])).all()
         assert torch.isfinite(out.logprobs).all() and (out.logprobs <= 0).all()
+
+
+@pytest.mark.parametrize("vocab", [7, 50, 300, 5000])
+def test_tie_groups_dense_and_listed_agree_bit_for_bit(vocab):
+    """The accelerators' tie rule (every position at once) and the CPU's (the tied positions'
+    list) give the same bits at every position with p > 0, on tie-heavy rows (bf16 logits)
+    of widths that are and are not multiples of 64, at skews that do and do not take the
+    sums of the later terms: both run the same operations in the same order, vectorised
+    (the list is padded to a multiple of 64 entries, as the rows are)."""
+    rng = np.random.default_rng(vocab)
+    x = torch.from_numpy((rng.standard_normal((5, vocab)) * 3).astype(np.float32)).bfloat16().float()
+    x[0, :] = 0.0  # (one group: the whole row)
+    power = torch.exp(f32(0.5, -2.0, 3.0, 25.0, 80.0))[:, None]
+    p, _ = softmax_and_log_softmax(x, with_log=False)
+    p_sorted = torch.sort(p, dim=-1, descending=True).values
+    dense = _skew_module._with_ties_dense(_skew_module._skewed_sorted(p_sorted, power), power)
+    listed = _skew_module._with_ties_listed(_skew_module._skewed_sorted(p_sorted, power), power)
+    kept = torch.cat([p_sorted, torch.zeros(5, dense.shape[1] - vocab)], dim=1) > 0
+    assert torch.equal(bits(dense[kept]), bits(listed[kept]))
+    assert torch.isfinite(dense[kept]).all() and (dense[kept] >= 0).all()

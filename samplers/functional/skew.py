@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from ._stats import (
 __all__ = ["skew"]
 
 _F32 = torch.float32
+_TINY_F32 = torch.finfo(_F32).tiny
 
 
 def skew(logits: Tensor, skew: ParamLike) -> Tensor:
@@ -39,19 +40,21 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
             the row (bit-identical).
 
     Formula (SEMANTICS.md): ``p = softmax(l)`` in fp32, sorted descending;
-    ``c = (cumsum(p_sorted) / sum(p)) ** exp(skew)`` (divided by the float32 total, which
-    rounding leaves a few ulps off 1, so that the last sum is exactly 1 and none exceeds it:
-    a large ``exp(skew)`` raises 1.0000001 to ``+inf`` and 0.99999988 to 0);
-    ``p'_sorted = diff(c, prepend=0)`` (clamped at 0 against rounding), scattered back to
-    token order; the result is ``log(p')``, which is ``-inf`` where ``p' == 0``.
-    ``skew > 0`` moves mass toward less likely tokens, ``skew < 0`` toward the most likely
-    ones. The returned logits are normalised up to rounding (``sum p'`` telescopes to the
-    last ``c``, 1); softmax of them is the skewed distribution.
+    ``c = cumsum(p_sorted) / sum(p)`` (divided by the float32 total, which rounding leaves a
+    few ulps off 1, so that the last sum is exactly 1 and none exceeds it);
+    ``p'_sorted = diff(c ** exp(skew), prepend=0)``, scattered back to token order; the
+    result is ``log(p')``, which is ``-inf`` where ``p' == 0``. ``skew > 0`` moves mass toward
+    less likely tokens, ``skew < 0`` toward the most likely ones. The difference is taken in
+    a form that keeps every ``p'``, down to the least likely token's, within a few ulps
+    (times ``exp(skew)``) of its value (``_skewed_sorted``): a plain difference of rounded
+    powers gives the tail tokens, whose terms no longer change a float32 sum, 0 or an ulp of
+    1. The returned logits are normalised up to rounding (``sum p'`` telescopes to 1);
+    softmax of them is the skewed distribution.
 
     Tie rule: tokens with equal probability get equal ``p'``: a group of ``n`` tied tokens
-    occupying sorted positions ``i .. j`` each gets ``(c[j] - c[i - 1]) / n`` (the mean of
-    what the positions would get, so the result does not depend on token ids or sort
-    stability; without ties this is exactly ``diff(c)``).
+    occupying sorted positions ``i .. j`` each gets ``(c[j] ** e - c[i - 1] ** e) / n`` (the
+    mean of what the positions would get, so the result does not depend on token ids or sort
+    stability).
 
     Removed tokens (``-inf``, probability 0) stay ``-inf``; so does any token whose fp32
     probability or skewed probability is 0. The row's top token(s) always keep a positive
@@ -78,28 +81,27 @@ def _skew(logits: Tensor, sk: Tensor, sparse: Optional[SparseRows] = None) -> Te
     p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
     power = torch.exp(sk)[:, None]
     if _numpy_path_ok(p) and bool(torch.isfinite(power).all()):
-        out = _skew_numpy(l32, p, power, sparse is not None)
+        out = _skew_numpy(l32, p, power)
         if out is not None:
             # (its values are -inf or logs of normal or subnormal floats no larger than a
             # finite fp32: magnitudes below 104, which every float dtype holds: a plain cast
             # is cast_saturating's result)
             return select_rows(enabled, out.to(logits.dtype), logits)
         p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)  # (p was overwritten)
-    out = _skew_torch(l32, p, power, sparse is not None)
+    out = _skew_torch(l32, p, power)
     return select_rows(enabled, cast_saturating(out, logits.dtype), logits)
 
 
-def _skew_torch(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Tensor:
+def _skew_torch(l32: Tensor, p: Tensor, power: Tensor) -> Tensor:
     """log p' in token order, on any device (``_skew_numpy`` is the CPU's faster route to the
     same values)."""
     p_sorted, order = sort_nonneg(p, descending=True)
-    # c = cumsum(p_sorted) ** power; c_prev the same shifted by one (0 before position 0).
-    c = _cumsum_pow(p_sorted, power, packed)
-    c_prev = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=-1)
+    parts = _skewed_sorted(p_sorted, power)
     if l32.device.type == "cpu":
-        p_new_sorted = _skew_sorted_sparse_ties(p_sorted, c, c_prev)
+        p_new_sorted = _with_ties_listed(parts, power)
     else:
-        p_new_sorted = _skew_sorted_dense(p_sorted, c, c_prev)
+        p_new_sorted = _with_ties_dense(parts, power)
+    p_new_sorted = p_new_sorted[:, :p_sorted.shape[1]]
     p_new = torch.empty_like(p_new_sorted).scatter_(-1, order, p_new_sorted)
 
     # The top token(s) keep at least the smallest normal probability (few entries: indexed on
@@ -124,22 +126,93 @@ def _skew_torch(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Tensor:
     return torch.minimum(out, cap, out=cap)
 
 
-def _cumsum_pow(p_sorted: Tensor, power: Tensor, packed: bool, in_place: bool = False) -> Tensor:
-    """``(cumsum(p_sorted) / total) ** power`` along the rows (the one place both routes
-    compute it, so both get the same bits: torch's ``pow`` rounds differently in a row's
-    scalar tail).
-    ``in_place``: the sums overwrite ``p_sorted`` (the same values), and so do the powers
-    unless the rows are packed."""
-    c = p_sorted.cumsum_(dim=-1) if in_place else torch.cumsum(p_sorted, dim=-1)
-    # The sums are divided by the row's total (the last sum), which rounding leaves a few ulps
-    # off 1: past it (1.0000001), a large exp(skew) raises the tail to +inf (skew 21:
-    # 1.0000001 ** 1.3e9) and differences of +inf are NaN; short of it (0.99999988), to 0, and
-    # the mass that belongs to the least likely token goes nowhere (the top-token floor then
-    # hands the row to the most likely one). A correctly rounded c / total of c <= total is at
-    # most 1, and the total's own quotient is exactly 1. (A row with every token removed has
-    # the total 0: at least 1 / V otherwise; the floor keeps its 0 / 0 out of NaN.)
-    c.div_(c[:, -1:].clamp_min(torch.finfo(_F32).tiny))
-    return c.pow_(power) if not packed else _pow_packed(c, power)
+class _SkewedSorted(NamedTuple):
+    """``_skewed_sorted``'s results, ``[B, W']`` float32 each, in sorted order, on the rows
+    padded to ``W'`` columns (``_padded``; the rows' own ``W`` first)."""
+
+    p_sorted: Tensor  #: the padded rows
+    untied: Tensor  #: p' of each position as if no two probabilities were equal
+    prefix: Tensor  #: cumsum(p_sorted)
+    top: Tensor  #: c ** exp(skew), c = prefix / total
+
+
+#: Rows whose ``exp(skew)`` is above this take ``c`` near 1 from the sums of the later terms
+#: (``_skewed_sorted``); below it, raising a ``c`` rounded to the nearest float32 costs ``p'``
+#: at most ~this many ulps (1e-6 relative).
+_SUFFIX_POWER_MIN = 16.0
+
+
+def _skewed_sorted(p_sorted: Tensor, power: Tensor) -> _SkewedSorted:
+    """The skewed probabilities of sorted rows ``p_sorted`` (``[B, W]`` float32, descending,
+    zeros last; ``power``: ``[B, 1]``, ``exp(skew)``) as if untied, with the sums the GPU's tie
+    groups start from (``_tie_group_values``). Every route computes them here, on rows padded
+    to a multiple of 64 columns (``_padded``), so that all get the same bits.
+
+    ``c = prefix / total`` (the float32 total is a few ulps off 1: divided by it, the last sum
+    is exactly 1 and none exceeds it) and ``p'_k = c_k ** e - c_(k-1) ** e`` (``e = power``,
+    ``c_(-1) = 0``), in a form that keeps each ``p'``, however small, within a few ulps (times
+    ``e``) of that difference of the rounded sums' exact powers:
+
+    - ``p'_k = c_k ** e * -expm1(-e * log1p(p_k / prefix_(k-1)))``: the ratio
+      ``c_k / c_(k-1)`` taken from the term itself, not from two rounded sums;
+      ``p'_0 = c_0 ** e``;
+    - ``c ** e = exp(e * log c)``; where ``e > 16`` (``_SUFFIX_POWER_MIN``) and ``c_k >= 1/2``,
+      ``log c_k = log1p(-later_k / total)`` (``later_k``: the sum of the terms after position
+      k, summed from the row's end), since near 1 the prefix sums have rounded the tail terms
+      away (past the point where a float32 sum stops changing, every later ``c`` is the same
+      float), which a large power magnifies.
+
+    The plain difference of the rounded powers gave each tail token 0 or a multiple of an ulp
+    of 1: on a [1, 128256] row of ``randn * 3`` logits, a third of the tokens removed at any
+    skew, and at a large one the row's mass on the first token where the sums stopped
+    changing instead of the least likely."""
+    p_sorted = _padded(p_sorted)
+    prefix = torch.cumsum(p_sorted, dim=-1)
+    total = prefix[:, -1:].clamp_min(_TINY_F32)  # (0 only in a row with every token removed)
+    # (c >= p_0 >= 1 / V but in an empty row, whose 0 the floor keeps from 0 * log 0 = NaN
+    # at an underflowed power)
+    c = torch.div(prefix, total).clamp_min_(_TINY_F32)
+    large = power > _SUFFIX_POWER_MIN
+    # (no host read off the CPU: there every row takes the choice below)
+    suffix = p_sorted.device.type != "cpu" or bool(large.any())
+    near_one = (c >= 0.5) & large if suffix else None
+    log_c = c.log_()
+    if suffix:
+        later = torch.empty_like(prefix)
+        later[:, -1] = 0.0
+        later[:, :-1] = torch.cumsum(p_sorted.flip(-1), dim=-1).flip(-1)[:, 1:]
+        log_c = torch.where(near_one, later.div_(total).neg_().log1p_(), log_c)
+    top = log_c.mul_(power).exp_()
+    untied = torch.empty_like(prefix)
+    untied[:, 0] = 1.0  # (a placeholder: position 0 is set below)
+    untied[:, 1:] = prefix[:, :-1]
+    # (every prefix sum after the first is at least p_0 > 0 unless the row is empty; the floor
+    # keeps an empty row's 0 / 0 out of NaN)
+    torch.div(p_sorted, untied.clamp_min_(_TINY_F32), out=untied)
+    untied.log1p_().mul_(-power).expm1_().neg_()
+    untied[:, 0] = 1.0
+    untied.mul_(top)
+    return _SkewedSorted(p_sorted, untied, prefix, top)
+
+
+def _tie_group_values(parts: _SkewedSorted, power: Tensor, rows: Tensor, first: Tensor,
+                      last: Tensor) -> Tensor:
+    """p' of each member of the tie groups at sorted positions ``first .. last`` of the rows
+    ``rows`` (1-D int64; groups of at least two equal positive probabilities): a group of ``n``
+    equal probabilities ``p`` gets ``(c_last ** e - c_(first-1) ** e) / n`` each, in
+    ``_skewed_sorted``'s form: ``top_last * -expm1(-e * log1p(n p / prefix_(first-1))) / n``
+    (``top_last / n`` for a group at position 0), with ``_with_ties_dense``'s operations in
+    its order. The list is padded to a multiple of 64 entries, so that every ``log1p`` and
+    ``expm1`` runs in torch's vectorised loop, as at full width: a group's bits then depend on
+    neither the other groups nor the route."""
+    count = rows.numel()
+    if count % _ALIGN:
+        fill = torch.zeros(-count % _ALIGN, dtype=rows.dtype)
+        rows, first, last = (torch.cat([t, t[fill]]) for t in (rows, first, last))
+    size = (last - first + 1).to(_F32)
+    before = parts.prefix[rows, (first - 1).clamp_min(0)].clamp_min_(_TINY_F32)
+    d = (parts.p_sorted[rows, first] * size).div_(before).log1p_().mul_(-power[rows, 0]).expm1_().neg_()
+    return torch.where(first > 0, d, 1.0).mul_(parts.top[rows, last]).div_(size)[:count]
 
 
 def _numpy_path_ok(p: Tensor) -> bool:
@@ -153,7 +226,7 @@ def _numpy_path_ok(p: Tensor) -> bool:
 _KEY_SANE_MIN = 0x40000000
 
 
-def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional[Tensor]:
+def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor) -> Optional[Tensor]:
     """``_skew_torch``'s values on a contiguous CPU float32 ``p`` (a fresh tensor of the
     caller's, which this overwrites, also when it returns None), or None where NaN or
     infinite probabilities (non-finite logits) turn up: those go the torch route, whose
@@ -192,9 +265,9 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor, packed: bool) -> Optional
     if has_zero_p:
         positive = mask.reshape(batch, width)
         np.greater(ps, 0, out=positive)
-    c = _cumsum_pow(p, power, packed, in_place=True).numpy()  # (in [0, 1]: finite)
-    d = _scratch_array("d", n, np.float32).reshape(batch, width)  # p' in sorted order
-    first, last = _apply_tie_rule(c, d, groups)
+    parts = _skewed_sorted(p, power)
+    d = parts.untied[:, :width].contiguous().numpy()  # p' in sorted order
+    first, last = _apply_tie_rule(d, groups, parts, power)
     _clamp_top_sorted(l32, halves, d, first, last)
     if positive is not None:
         d *= positive
@@ -269,35 +342,31 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
 _MANY_TIES = 4
 
 
-def _apply_tie_rule(c: np.ndarray, d: np.ndarray, groups: Optional[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """p' in sorted order into ``d`` (``[B, W]``): ``c[k] - c[k-1]`` (``c[-1]`` = 0; negative
-    values, which the caller counts as 0, are possible only if ``pow`` is not monotone),
-    except that a group of ``n`` equal positive probabilities at positions ``i .. j`` of a
-    row gets ``max(c[j] - c[i-1], 0) / n`` at each (the tie rule). ``groups``:
-    ``_sorted_tie_groups``'. Returns the groups' first and last flat positions."""
-    batch, width = d.shape
-    if groups is None or groups[0] == "few":  # (the clamp at 0 is left to the caller)
-        np.subtract(c[:, 1:], c[:, :-1], out=d[:, 1:])
-        d[:, 0] = c[:, 0]
+def _apply_tie_rule(d: np.ndarray, groups: Optional[tuple], parts: _SkewedSorted,
+                    power: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Overwrites the members of the tie groups (``_sorted_tie_groups``' ``groups``) in ``d``
+    (``[B, W]``, p' in sorted order as if untied) with ``_tie_group_values``. Returns the
+    groups' first and last flat positions (groups of at least two members only)."""
     if groups is None:
         return _EMPTY, _EMPTY
+    batch, width = d.shape
     kind, pos, marks = groups
     if kind == "few":
         first, last = pos[marks] - 1, pos[np.append(marks[1:], True)]
-    else:
-        first = pos
-        last = np.append(first[1:] - 1, batch * width - 1)
-    # (c: packed rows' are a view of wider rows, see _pow_packed: indexed by row and column)
-    prev = np.maximum(first - 1, 0)
-    before = np.where(first % width > 0, c[prev // width, prev % width], np.float32(0.0))
-    size = (last - first + 1).astype(np.float32)
-    value = np.maximum(c[last // width, last % width] - before, np.float32(0.0)) / size
+    else:  # (every group, singletons included: only the others are tie groups)
+        last = np.append(pos[1:] - 1, batch * width - 1)
+        tie_group = last > pos
+        first, last = pos[tie_group], last[tie_group]
+    rows, first_col = np.divmod(first, width)
+    values = _tie_group_values(parts, power, torch.from_numpy(rows), torch.from_numpy(first_col),
+                               torch.from_numpy(last - rows * width)).numpy()
     df = d.reshape(-1)
     if kind == "few":
-        df[first] = value
-        df[pos] = value[np.cumsum(marks) - 1]
-    else:  # (singletons too: x / 1 is x)
-        np.take(np.concatenate([value[:1], value]), marks, out=df)  # (groups counted from 1)
+        df[first] = values
+        df[pos] = values[np.cumsum(marks) - 1]
+    else:  # (marks: each position's group, counted from 1)
+        member = tie_group[marks - 1]
+        df[member] = values[(np.cumsum(tie_group) - 1)[marks[member] - 1]]
     return first, last
 
 
@@ -333,26 +402,33 @@ _TINY = np.float32(torch.finfo(_F32).tiny)
 _NEG_INF_BITS = int(np.float32(-np.inf).view(np.int32))
 
 
-#: Packed rows are raised to the power on a width that is a multiple of this (see _pow_packed).
-_POW_ALIGN = 64
+#: ``_skewed_sorted`` computes on a width that is a multiple of this (see _padded).
+_ALIGN = 64
 
 
-def _pow_packed(c: Tensor, power: Tensor) -> Tensor:
-    """``c ** power`` for packed rows, with the values the full rows get. torch's CPU loops
-    compute the last ``width mod (2 * vector width)`` entries of a row (of a thread's chunk)
-    with the scalar ``pow``, which can differ from the vectorised one in the last place; in
-    the full rows the packed positions (the first ``V / 8``) are never among those, so the
-    packed rows are padded to a multiple of 64 columns to take the vector path too (also
-    when two threads split the rows: they split at a multiple of 32 columns)."""
-    batch, width = c.shape
-    padded = -(-width // _POW_ALIGN) * _POW_ALIGN
-    buf = c.new_ones(batch, padded)
-    buf[:, :width] = c
-    return buf.pow_(power)[:, :width]
+def _padded(p_sorted: Tensor) -> Tensor:
+    """Sorted rows with zeros appended up to a multiple of 64 columns (the rows themselves
+    when their width is one). torch's CPU loops compute the last ``n mod (2 * vector width)``
+    entries of a loop (a row, a flat tensor, a thread's chunk) with the scalar ``log`` /
+    ``exp`` / ``log1p`` / ``expm1``, which can differ from the vectorised ones in the last
+    place; on this width there are none (also when two threads split the work: they split at
+    a multiple of 32 columns), so a row gets the same bits alone, in any batch and packed
+    (``SparseRows``: its kept tokens are the full row's first positions). The zeros are what
+    full rows hold after their kept tokens: probability 0, which changes no sum."""
+    batch, width = p_sorted.shape
+    if width % _ALIGN == 0:
+        return p_sorted
+    buf = p_sorted.new_zeros(batch, -(-width // _ALIGN) * _ALIGN)
+    buf[:, :width] = p_sorted
+    return buf
 
 
-def _skew_sorted_dense(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:
-    """p' in sorted order: a tie group at sorted positions i..j gets (c[j] - c[i-1]) / n each."""
+def _with_ties_dense(parts: _SkewedSorted, power: Tensor) -> Tensor:
+    """p' in sorted order, every position at once (no index lists: no host read off the CPU):
+    a tie group of ``n`` equal probabilities ``p`` at sorted positions i..j gets
+    ``(c_j ** e - c_(i-1) ** e) / n`` at each member, in ``_skewed_sorted``'s form:
+    ``top_j * -expm1(-e * log1p(n p / prefix_(i-1))) / n`` (``top_j / n`` at position 0)."""
+    p_sorted = parts.p_sorted
     batch, vocab = p_sorted.shape
     pos = torch.arange(vocab, device=p_sorted.device).expand(batch, vocab)
     differs = p_sorted[:, 1:] != p_sorted[:, :-1]
@@ -362,18 +438,22 @@ def _skew_sorted_dense(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:
     first = torch.cummax(torch.where(starts_group, pos, torch.zeros_like(pos)), dim=-1).values
     last_flipped = torch.where(ends_group, pos, torch.full_like(pos, vocab - 1)).flip(-1)
     last = torch.cummin(last_flipped, dim=-1).values.flip(-1)
-    group_size = (last - first + 1).to(_F32)
-    return (c.gather(-1, last) - c_prev.gather(-1, first)).clamp_min(0.0) / group_size
+    size = (last - first + 1).to(_F32)
+    # (p at a member is p at its group's first)
+    before = parts.prefix.gather(-1, (first - 1).clamp_min(0)).clamp_min_(_TINY_F32)
+    d = (p_sorted * size).div_(before).log1p_().mul_(-power).expm1_().neg_()
+    grouped = torch.where(first > 0, d, 1.0).mul_(parts.top.gather(-1, last)).div_(size)
+    return torch.where(size > 1, grouped, parts.untied)
 
 
-def _skew_sorted_sparse_ties(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Tensor:
-    """Same values as ``_skew_sorted_dense`` at every position with ``p > 0`` (positions with
-    ``p = 0`` are discarded by the caller): singletons get ``c - c_prev`` (dividing by a
-    group size of 1 is exact); only the few positions tied with a neighbour are grouped,
-    from their list of indices (no full-width cumulative max/min)."""
-    out = (c - c_prev).clamp_min_(0.0)
+def _with_ties_listed(parts: _SkewedSorted, power: Tensor) -> Tensor:
+    """``_with_ties_dense``'s values at every position with ``p > 0`` (positions with ``p = 0``
+    are discarded by the caller), in place on ``parts.untied``: only the few positions tied
+    with a neighbour are grouped, from their list of indices (no full-width cumulative
+    max/min)."""
+    out = parts.untied
     # Boolean work in numpy (several times faster than torch's boolean CPU kernels).
-    ps = p_sorted.contiguous().numpy()
+    ps = parts.p_sorted.contiguous().numpy()
     tie_next_np = (ps[:, 1:] == ps[:, :-1]) & (ps[:, 1:] > 0)  # k+1 ties k
     tied = np.zeros(ps.shape, dtype=np.bool_)
     tied[:, 1:] |= tie_next_np
@@ -387,9 +467,6 @@ def _skew_sorted_sparse_ties(p_sorted: Tensor, c: Tensor, c_prev: Tensor) -> Ten
     same[1:] = (rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1] + 1) & tie_next[rows[1:], (cols[1:] - 1).clamp_min(0)]
     starts = ~same
     ends = torch.cat([starts[1:], torch.ones_like(starts[:1])])
-    group = torch.cumsum(starts.to(torch.int64), dim=0) - 1
-    first = cols[starts][group]
-    last = cols[ends][group]
-    size = (last - first + 1).to(_F32)
-    out[rows, cols] = (c[rows, last] - c_prev[rows, first]).clamp_min(0.0) / size
+    values = _tie_group_values(parts, power, rows[starts], cols[starts], cols[ends])
+    out[rows, cols] = values[torch.cumsum(starts.to(torch.int64), dim=0) - 1]
     return out
