@@ -229,6 +229,33 @@ def _one(params, logits, backend="torch", dtype=torch.float32, prompt=None):
     return pipe.process(lg, batch), pipe.sample(lg, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_functional_half_precision_results_saturate(dtype):
+    """The functions themselves, not only the pipeline, keep a finite logit finite in fp16 /
+    bf16 (SEMANTICS.md, "Arithmetic saturates"): a penalty, a DRY penalty or a bias whose
+    float32 result lies beyond the dtype's range gives the dtype's largest finite magnitude
+    (they used to cast to +-inf, which removed a token the pipeline keeps)."""
+    import samplers.functional as F
+
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[70.0, -70.0, 1.0]], dtype=dtype)
+    if dtype == torch.bfloat16:  # (its range is float32's: push the values near its top)
+        x = x * 4e36
+    seen = torch.tensor([[True, True, False]])
+    counts = torch.zeros(1, 3, dtype=torch.int64)
+    for r in (1e-3, 1e3):
+        out = F.penalties(x, seen, counts, r, 0.0, 0.0)
+        assert out.dtype == dtype and torch.isfinite(out).all(), (r, out)
+    assert F.penalties(x, seen, counts, 1e-3, 0.0, 0.0)[0, 0].item() == big
+    if dtype == torch.float16:  # (in bf16 a penalty that large overflows float32: -inf, as documented)
+        history = TokenHistory([[0, 1, 0, 1, 0, 1, 0, 1, 0]], [[]], 3)
+        out = F.dry(x, history, 3.0, 10.0, 2, 0, torch.empty(1, 0, dtype=torch.int64))
+        assert out[0, 1].item() == -big and torch.isfinite(out).all()
+    top = torch.tensor([[big, 0.0]], dtype=dtype)
+    out = F.logit_bias(top, torch.tensor([0]), torch.tensor([0]), torch.tensor([100.0]))
+    assert out.dtype == dtype and out[0, 0].item() == big
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_on_huge_logits_saturates(backend):
     """Item 3: [[3e38, 0, -1]] at T = 0.5 -> [FMAX, 0, -2]; the top token is drawn, logprob 0."""

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..history import TokenHistory
-from ._stats import ParamLike, carry_removed, noted_removed, row_param
+from ._stats import ParamLike, carry_removed, cast_saturating, noted_removed, row_param
 
 __all__ = ["dry", "dry_"]
 
@@ -47,7 +47,8 @@ def dry(
     cast back to the input dtype; see `dry_`.
 
     Returns [B, V] in the input's dtype. `-inf` logits stay `-inf` (a penalty that overflows
-    float32 is `inf` and gives `-inf`, never NaN). Rows with multiplier 0 are bit-identical
+    float32 is `inf` and gives `-inf`, never NaN); a finite result beyond the input dtype's
+    range saturates at its largest finite value. Rows with multiplier 0 are bit-identical
     (`dry_` leaves them untouched, and float16 / bfloat16 -> float32 -> the same dtype is an
     exact round trip).
     """
@@ -56,7 +57,7 @@ def dry(
     out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     carry_removed(noted_removed(logits), out)
     dry_(out, history, dry_multiplier, dry_base, dry_allowed_length, dry_range, dry_sequence_breaker_ids)
-    return out.to(logits.dtype)
+    return cast_saturating(out, logits.dtype)
 
 
 #: Up to this many breaker ids per row, breakers are found by comparing each position with

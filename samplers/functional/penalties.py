@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._stats import _NO_OVERFLOW, ParamLike, carry_removed, noted_removed, row_param
+from ._stats import _NO_OVERFLOW, ParamLike, carry_removed, cast_saturating, noted_removed, row_param
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties", "penalties_"]
 
@@ -37,7 +37,7 @@ def logit_bias(
 
     Returns:
         [B, V], the input's dtype. The sum is computed in float32 and rounded once to the
-        dtype. A (row, token) listed twice receives the sum of its biases. A `-inf` logit
+        dtype (a finite sum beyond the dtype's range saturates at its largest finite value). A (row, token) listed twice receives the sum of its biases. A `-inf` logit
         stays `-inf`. Disabled value: no entry for a row (empty dict); every logit not
         listed (in particular every row without entries) is bit-identical to the input.
     """
@@ -48,7 +48,7 @@ def logit_bias(
             bias.to(device=out.device, dtype=torch.float32),
             accumulate=True,
         )
-    return out.to(logits.dtype)
+    return cast_saturating(out, logits.dtype)
 
 
 def ban_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ def _penalties_dense(logits: torch.Tensor, seen_mask: torch.Tensor, output_count
     out = torch.where(seen_mask, scaled, x)
     out = out - f[:, None] * output_counts.to(torch.float32)
     out = out - pr[:, None] * (output_counts > 0).to(torch.float32)
-    return torch.where(enabled[:, None], out.to(logits.dtype), logits)
+    return torch.where(enabled[:, None], cast_saturating(out, logits.dtype), logits)
 
 
 def _penalties_cpu(logits: torch.Tensor, into: Optional[torch.Tensor], seen_mask: torch.Tensor,
@@ -262,7 +262,7 @@ def _penalties_cpu(logits: torch.Tensor, into: Optional[torch.Tensor], seen_mask
             in_output = in_output[enabled[in_output // vocab]]
         _shift_output_tokens(on, in_output, counts[in_output], fn, pn, vocab, enabled)
     if logits.dtype != torch.float32:
-        out = out.to(logits.dtype)
+        out = cast_saturating(out, logits.dtype)
     return out
 
 
