@@ -37,8 +37,9 @@ def logit_bias(
 
     Returns:
         [B, V], the input's dtype. The sum is computed in float32 and rounded once to the
-        dtype (a finite sum beyond the dtype's range saturates at its largest finite value). A (row, token) listed twice receives the sum of its biases. A `-inf` logit
-        stays `-inf`. Disabled value: no entry for a row (empty dict); every logit not
+        dtype (a finite sum beyond the dtype's range saturates at its largest finite value).
+        A (row, token) listed twice receives the sum of its biases. A `-inf` logit stays
+        `-inf`. Disabled value: no entry for a row (empty dict); every logit not
         listed (in particular every row without entries) is bit-identical to the input.
     """
     out = logits.to(torch.float32, copy=True)

@@ -201,18 +201,29 @@ def _tie_group_values(parts: _SkewedSorted, power: Tensor, rows: Tensor, first: 
     ``rows`` (1-D int64; groups of at least two equal positive probabilities): a group of ``n``
     equal probabilities ``p`` gets ``(c_last ** e - c_(first-1) ** e) / n`` each, in
     ``_skewed_sorted``'s form: ``top_last * -expm1(-e * log1p(n p / prefix_(first-1))) / n``
-    (``top_last / n`` for a group at position 0), with ``_with_ties_dense``'s operations in
-    its order. The list is padded to a multiple of 64 entries, so that every ``log1p`` and
+    (``top_last / n`` for a group at position 0; ``_group_value``). The list is padded to a multiple of 64 entries, so that every ``log1p`` and
     ``expm1`` runs in torch's vectorised loop, as at full width: a group's bits then depend on
     neither the other groups nor the route."""
     count = rows.numel()
     if count % _ALIGN:
         fill = torch.zeros(-count % _ALIGN, dtype=rows.dtype)
         rows, first, last = (torch.cat([t, t[fill]]) for t in (rows, first, last))
-    size = (last - first + 1).to(_F32)
-    before = parts.prefix[rows, (first - 1).clamp_min(0)].clamp_min_(_TINY_F32)
-    d = (parts.p_sorted[rows, first] * size).div_(before).log1p_().mul_(-power[rows, 0]).expm1_().neg_()
-    return torch.where(first > 0, d, 1.0).mul_(parts.top[rows, last]).div_(size)[:count]
+    return _group_value(parts.p_sorted[rows, first], first, last - first + 1,
+                        parts.prefix[rows, (first - 1).clamp_min(0)], parts.top[rows, last],
+                        power[rows, 0])[:count]
+
+
+def _group_value(p: Tensor, first: Tensor, size: Tensor, prefix_before: Tensor, top_last: Tensor,
+                 power: Tensor) -> Tensor:
+    """Each member's p' in a tie group of ``size`` probabilities ``p`` starting at sorted
+    position ``first`` (``prefix_before``: the prefix sum at ``first - 1``, any value where
+    ``first`` is 0; ``top_last``: ``c ** e`` at the group's last position), elementwise on
+    operands of one shape: ``top_last * -expm1(-e * log1p(size p / prefix_before)) / size``,
+    ``top_last / size`` at position 0. The one place both tie routes compute it, so they run
+    the same operations in the same order."""
+    size = size.to(_F32)
+    d = (p * size).div_(prefix_before.clamp_min(_TINY_F32)).log1p_().mul_(-power).expm1_().neg_()
+    return torch.where(first > 0, d, 1.0).mul_(top_last).div_(size)
 
 
 def _numpy_path_ok(p: Tensor) -> bool:
@@ -239,10 +250,10 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor) -> Optional[Tensor]:
     order), written as the two int32 halves of each key: the sorted values are read back
     from the high halves (no gather), the scatter's indices from the low halves.
 
-    Fresh ``[B, V]`` buffers cost page faults comparable to the passes over them, so there is
-    none: ``p``'s buffer holds the sorted probabilities, then their skewed cumulative sums,
-    then the result; p', the keys and the masks live in per-thread scratch buffers
-    (``_scratch_array``: 13 bytes per entry of ``p``, kept between calls up to a size).
+    Fresh ``[B, V]`` buffers cost page faults comparable to the passes over them, so there are
+    few: ``p``'s buffer holds the sorted probabilities, then the result; the keys and the
+    masks live in per-thread scratch buffers (``_scratch_array``: 9 bytes per entry of ``p``,
+    kept between calls up to a size); ``_skewed_sorted`` makes p' and the sums it needs.
     """
     batch, width = p.shape
     n = batch * width
@@ -278,7 +289,7 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor) -> Optional[Tensor]:
     np.maximum(d, zero, out=d)
     torch.from_numpy(d).log_()
     # log(1) = +0.0: OR-ing in -inf's bits gives -inf (a masked copy mispredicts its branches)
-    or_bits = buf.view(np.int32)  # (c is no longer needed)
+    or_bits = buf.view(np.int32)  # (the sorted p is no longer needed)
     np.multiply(zero, np.int32(_NEG_INF_BITS), out=or_bits)
     np.bitwise_or(d.view(np.int32), or_bits, out=d.view(np.int32))
     np.bitwise_and(key, 0xFFFFFFFF, out=key)  # back to token order
@@ -288,8 +299,8 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor) -> Optional[Tensor]:
 
 _scratch = threading.local()
 
-#: Scratch arrays are kept between calls up to this many entries (13 bytes each: at most
-#: ~52 MiB per thread); larger calls allocate theirs afresh.
+#: Scratch arrays are kept between calls up to this many entries (9 bytes each: at most
+#: ~36 MiB per thread); larger calls allocate theirs afresh.
 _SCRATCH_KEEP_MAX = 1 << 22
 
 
@@ -426,8 +437,8 @@ def _padded(p_sorted: Tensor) -> Tensor:
 def _with_ties_dense(parts: _SkewedSorted, power: Tensor) -> Tensor:
     """p' in sorted order, every position at once (no index lists: no host read off the CPU):
     a tie group of ``n`` equal probabilities ``p`` at sorted positions i..j gets
-    ``(c_j ** e - c_(i-1) ** e) / n`` at each member, in ``_skewed_sorted``'s form:
-    ``top_j * -expm1(-e * log1p(n p / prefix_(i-1))) / n`` (``top_j / n`` at position 0)."""
+    ``(c_j ** e - c_(i-1) ** e) / n`` at each member, in ``_skewed_sorted``'s form
+    (``_group_value``)."""
     p_sorted = parts.p_sorted
     batch, vocab = p_sorted.shape
     pos = torch.arange(vocab, device=p_sorted.device).expand(batch, vocab)
@@ -438,11 +449,10 @@ def _with_ties_dense(parts: _SkewedSorted, power: Tensor) -> Tensor:
     first = torch.cummax(torch.where(starts_group, pos, torch.zeros_like(pos)), dim=-1).values
     last_flipped = torch.where(ends_group, pos, torch.full_like(pos, vocab - 1)).flip(-1)
     last = torch.cummin(last_flipped, dim=-1).values.flip(-1)
-    size = (last - first + 1).to(_F32)
+    size = last - first + 1
     # (p at a member is p at its group's first)
-    before = parts.prefix.gather(-1, (first - 1).clamp_min(0)).clamp_min_(_TINY_F32)
-    d = (p_sorted * size).div_(before).log1p_().mul_(-power).expm1_().neg_()
-    grouped = torch.where(first > 0, d, 1.0).mul_(parts.top.gather(-1, last)).div_(size)
+    grouped = _group_value(p_sorted, first, size, parts.prefix.gather(-1, (first - 1).clamp_min(0)),
+                           parts.top.gather(-1, last), power)
     return torch.where(size > 1, grouped, parts.untied)
 
 
