@@ -1,6 +1,8 @@
-"""SamplersLogitsProcessor against the real vLLM v1 classes (CPU).
+"""SamplersLogitsProcessor under the V1 model runner's interface, against vLLM's real classes
+(CPU).
 
-Skipped when vllm is not installed. The processor's output on each active row must equal
+Skipped when vllm is not installed, or has no V1 runner (0.34 removed it: test_vllm_v2.py
+covers Model Runner V2, test_vllm_params.py what both share). The processor's output on each active row must equal
 the pipeline's on the same row built from scratch, over several steps of adds, removes,
 condensing moves and swaps made the way vLLM's persistent batch makes them.
 """
@@ -24,20 +26,16 @@ from vllm.v1.sample.logits_processor import (  # noqa: E402
     MoveDirectionality,
 )
 
-from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
+from samplers import SamplerPipeline  # noqa: E402
 from samplers.integrations.vllm import (  # noqa: E402
     EXTRA_ARGS_KEY,
     SamplersLogitsProcessor,
     parse_extra_args,
 )
 
-FQCN = "samplers.integrations.vllm:SamplersLogitsProcessor"
+from vllm_rows import FQCN, expected_row, vparams  # noqa: E402
+
 V = 64
-
-
-def vparams(block=None, **kw) -> VllmParams:
-    extra = None if block is None else {EXTRA_ARGS_KEY: block}
-    return VllmParams(extra_args=extra, **kw)
 
 
 def make_processor(vocab_size=None) -> SamplersLogitsProcessor:
@@ -60,55 +58,6 @@ def test_subclass_and_argmax_invariance():
     assert lps.non_argmax_invariant == [proc] and lps.argmax_invariant == []
 
 
-def test_parse_dict_and_json_string():
-    block = {"dry_multiplier": 0.8, "min_p": 0.05, "sampler_priority": ["MIN_P", "DRY"],
-             "logit_bias": {"5": 3.0}, "temperature": 0.7}
-    a = parse_extra_args({EXTRA_ARGS_KEY: block})
-    b = parse_extra_args({EXTRA_ARGS_KEY: json.dumps(block)})
-    assert a == b and a.dry_multiplier == 0.8 and a.logit_bias == {5: 3.0}
-    assert parse_extra_args(None) is None
-    assert parse_extra_args({"other_plugin": 1}) is None
-    # min_tokens is not checked against our max_tokens default (max_tokens is vLLM's).
-    assert parse_extra_args({EXTRA_ARGS_KEY: {"min_tokens": 500}}).min_tokens == 500
-
-
-@pytest.mark.parametrize("block, match", [
-    ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
-    ({"dry_base": 1.0}, "dry_base"),
-    ({"no_such_param": 1}, "unknown request parameter.*no_such_param"),
-    ({"max_tokens": 10}, "'max_tokens'.*vLLM's own"),
-    ({"n": 2, "stop": ["x"]}, "'n', 'stop'.*request-level"),
-    ("{not json", "not valid JSON"),
-    ([1, 2], "must be an object"),
-])
-def test_validate_params_errors(block, match):
-    with pytest.raises(ValueError, match=match):
-        SamplersLogitsProcessor.validate_params(vparams(block))
-
-
-@pytest.mark.parametrize("kw, name", [
-    ({"temperature": 0.7}, "temperature"),
-    ({"top_p": 0.9}, "top_p"),
-    ({"top_k": 40}, "top_k"),
-    ({"min_p": 0.1}, "min_p"),
-    ({"repetition_penalty": 1.1}, "repetition_penalty"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-])
-def test_validate_params_requires_neutral_vllm_samplers(kw, name):
-    with pytest.raises(ValueError, match=f"neutral.*{name}="):
-        SamplersLogitsProcessor.validate_params(vparams({"min_p": 0.1}, **kw))
-    # Without our block vLLM's own samplers are none of our business.
-    SamplersLogitsProcessor.validate_params(vparams(None, **kw))
-
-
-def test_validate_params_accepts_neutral_and_greedy():
-    SamplersLogitsProcessor.validate_params(vparams({"min_p": 0.1}))
-    SamplersLogitsProcessor.validate_params(vparams({"min_p": 0.1}, temperature=1.0, top_k=-1))
-    SamplersLogitsProcessor.validate_params(vparams({"min_p": 0.1}, temperature=0.0))
-    SamplersLogitsProcessor.validate_params(vparams(None))
-
-
 def test_registration_by_fqcn_and_vllm_validation_hook():
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.sample.logits_processor import (
@@ -121,15 +70,6 @@ def test_registration_by_fqcn_and_vllm_validation_hook():
     validate_logits_processors_parameters([FQCN], vparams({"xtc_probability": 0.5}))
     with pytest.raises(VLLMValidationError, match="xtc_probability"):
         validate_logits_processors_parameters([FQCN], vparams({"xtc_probability": 5}))
-
-
-def test_entry_point_if_installed():
-    from importlib.metadata import entry_points
-
-    ours = [ep for ep in entry_points(group="vllm.logits_processors") if ep.value == FQCN]
-    if not ours:
-        pytest.skip("package not installed with its vllm.logits_processors entry point")
-    assert ours[0].load() is SamplersLogitsProcessor
 
 
 # ---------------------------------------------------------------------- a persistent batch
@@ -194,24 +134,6 @@ def expected_logits(logits, slots):
             continue
         out[i] = expected_row(logits[i], ours, vp, prompt, output)
     return out
-
-
-def expected_row(logits_row, ours, vp, prompt, history_output):
-    """One request's row: the pipeline on a batch built from scratch; for a greedy request or
-    one seeded under our key, the one-token row of ``SamplerPipeline.sample``'s choice (the
-    seeded stream keyed by (our seed, vLLM's seed as the sequence index))."""
-    own_seed = ours.seed is not None
-    seq = vp.seed % 2**32 if own_seed and vp.seed is not None else 0
-    if not own_seed and vp.seed is not None:
-        ours = SamplingParams(**{**ours.to_dict(), "seed": vp.seed, "max_tokens": None})
-    b = SamplingBatch([ours], [prompt], [list(history_output)], vocab_size=logits_row.shape[0],
-                      sequence_indices=[seq])
-    row = SamplerPipeline(backend="torch").process(logits_row[None], b)[0]
-    if own_seed or ours.is_greedy:
-        token = int(SamplerPipeline(backend="torch").sample(logits_row[None], b).token_ids[0])
-        assert torch.isfinite(row[token])
-        row = torch.where(torch.arange(row.shape[0]) == token, 0.0, float("-inf"))
-    return row
 
 
 BLOCKS = [

@@ -1,7 +1,7 @@
 """ArliRequestMiddleware: the API's request bodies rewritten for vLLM's OpenAI server.
 
 Driven with raw ASGI calls around small fake apps, and through a FastAPI app built the way
-``vllm serve --middleware`` builds it, whose route parses vLLM 0.33's real request models.
+``vllm serve --middleware`` builds it, whose route parses vLLM's real request models (0.33 and 0.34).
 Every rewritten body is checked three ways: against the hand-written ``vllm_xargs`` form of
 the same request, through vLLM's pydantic request model and ``to_sampling_params`` (no field
 ignored, the processor's ``validate_params`` accepts it), and against the API's meaning of the

@@ -1,5 +1,5 @@
-"""SamplersLogitsProcessor under vLLM's Model Runner V2 interface, with vLLM 0.33's real
-classes on the CPU (skipped when vllm is not installed).
+"""SamplersLogitsProcessor under vLLM's Model Runner V2 interface, with vLLM's real classes
+on the CPU (0.33 and 0.34; skipped when vllm is not installed).
 
 vLLM's own ``RequestState`` buffers (``StagedWriteTensor`` / ``UvaBackedTensor``) are built on
 the CPU with vLLM's fallback for platforms without pinned memory; their staged writes need
@@ -37,16 +37,11 @@ from samplers.integrations.vllm import (  # noqa: E402
     parse_extra_args,
 )
 
-import test_vllm as tv1  # noqa: E402  (the V1 tests' reference row)
+from vllm_rows import FQCN, vparams  # noqa: E402
+from vllm_rows import expected_row as request_row  # noqa: E402
 
-FQCN = "samplers.integrations.vllm:SamplersLogitsProcessor"
 V = 48
 MAX_LEN = 96
-
-
-def vparams(block=None, **kw) -> VllmParams:
-    extra = None if block is None else {EXTRA_ARGS_KEY: block}
-    return VllmParams(extra_args=extra, **kw)
 
 
 @pytest.fixture
@@ -58,6 +53,8 @@ def cpu_buffers(monkeypatch):
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(buffer_utils, "is_uva_available", lambda: False)
+    if hasattr(buffer_utils, "is_pin_memory_available"):  # 0.34 asks for pinned memory itself
+        monkeypatch.setattr(buffer_utils, "is_pin_memory_available", lambda: False)
     monkeypatch.setattr(torch_utils, "PIN_MEMORY", False)
     monkeypatch.setattr(current_platform, "device_type", "cpu")
 
@@ -76,18 +73,22 @@ def make_processor(req_state, cfg=None):
 
 
 # ---------------------------------------------------------------------- loading
-def test_both_loaders_accept_the_class():
-    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
-    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+def test_every_loader_accepts_the_class():
     from vllm.v1.worker.gpu.sample.logits_processor.loader import (
         _load_v2_logitsprocs_by_fqcns,
         _load_v2_logitsprocs_plugins,
     )
 
     assert issubclass(SamplersLogitsProcessor, V2LogitsProcessor)
-    assert issubclass(SamplersLogitsProcessor, V1LogitsProcessor)
     assert _load_v2_logitsprocs_by_fqcns([FQCN, SamplersLogitsProcessor]) == [SamplersLogitsProcessor] * 2
-    assert _load_logitsprocs_by_fqcns([FQCN]) == [SamplersLogitsProcessor]
+    try:  # the V1 runner's loader too, where this vLLM still has it (<= 0.33)
+        from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+        from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    except ImportError:
+        pass
+    else:
+        assert issubclass(SamplersLogitsProcessor, V1LogitsProcessor)
+        assert _load_logitsprocs_by_fqcns([FQCN]) == [SamplersLogitsProcessor]
     # Installed plugins (ours when the package is installed with its entry point) load too:
     # this raised "V1-interface plugins are not supported by the V2 model runner" before.
     plugins = _load_v2_logitsprocs_plugins()
@@ -255,7 +256,7 @@ class Runner:
 
 
 def expected_row(logits_row, vp, history, prompt_len):
-    """The V1 tests' reference row (``test_vllm.expected_row``) for a history split at the
+    """The reference row of one request (``vllm_rows.expected_row``) for a history split at the
     request's prompt length, with vLLM's stop ids as the min_tokens ban list."""
     ours = parse_extra_args(vp.extra_args)
     if ours is None:
@@ -264,7 +265,7 @@ def expected_row(logits_row, vp, history, prompt_len):
     if ours.min_tokens:
         stops = sorted(set(vp.all_stop_token_ids) | set(ours.stop_token_ids))
         ours = dataclasses.replace(ours, max_tokens=None, stop_token_ids=stops)
-    return tv1.expected_row(logits_row, ours, vp, history[:prompt_len], history[prompt_len:])
+    return request_row(logits_row, ours, vp, history[:prompt_len], history[prompt_len:])
 
 BLOCKS = [
     {"dry_multiplier": 0.8, "dry_allowed_length": 2, "repetition_penalty": 1.3},

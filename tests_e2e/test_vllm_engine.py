@@ -15,7 +15,7 @@ session (about a minute each on a CPU):
 
 The CPU build runs vLLM's V1 model runner: Model Runner V2 needs a Triton CPU backend the
 PyPI wheels lack ("Model Runner V2 requires Triton"), so V2 is covered by the unit tests
-(tests/test_vllm_v2.py); on a GPU with vLLM 0.33, SAMPLERS_E2E_RUNNER=v2 runs this file
+(tests/test_vllm_v2.py); on a GPU with vLLM 0.33 or 0.34, SAMPLERS_E2E_RUNNER=v2 runs this file
 under V2 (``python -m pytest tests_e2e -o addopts= -s``; it has not been run that way yet).
 """
 
@@ -50,7 +50,8 @@ SERVER_ARGS = [
     "--logits-processors", engine_runs.FQCN,
 ]
 START_TIMEOUT_S = 420
-# The model runner: "v1" (the only one vLLM's CPU build runs) or "v2" (on a GPU with vLLM 0.33).
+# The model runner: "v1" (the only one vLLM's CPU build 0.32 runs) or "v2" (on a GPU with vLLM
+# 0.33; 0.34 has no other).
 RUNNER = os.environ.get("SAMPLERS_E2E_RUNNER", "v1")
 
 

@@ -8,13 +8,15 @@ Register it with vLLM in any of these ways::
     vllm serve MODEL --logits-processors samplers.integrations.vllm:SamplersLogitsProcessor
     # or installed through the "vllm.logits_processors" entry point of this package
 
-``SamplersLogitsProcessor`` is a subclass of both processor interfaces of vLLM 0.33:
-``vllm.v1.sample.logits_processor.LogitsProcessor`` (the V1 model runner: a persistent batch
-described by ``update_state``) and ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor``
-(Model Runner V2, vLLM's default on CUDA: per-slot ``add_request`` and ``apply(logits, ctx)``),
-so both runners' loaders accept it. Constructing it with V1's arguments ``(vllm_config, device,
-is_pin_memory)`` gives the V1 implementation, with V2's ``(vllm_config, req_states)`` the V2
-one (``_V1Processor`` / ``_V2Processor``, both subclasses of the public class).
+``SamplersLogitsProcessor`` is a subclass of every processor interface the installed vLLM
+has. vLLM 0.32 and 0.33 have two: ``vllm.v1.sample.logits_processor.LogitsProcessor`` (the V1
+model runner: a persistent batch described by ``update_state``) and
+``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`` (Model Runner V2, 0.33's default
+on CUDA: per-slot ``add_request`` and ``apply(logits, ctx)``), so both runners' loaders accept
+it. vLLM 0.34 removed the V1 runner and its interface: there it is a V2 processor only.
+Constructing it with V1's arguments ``(vllm_config, device, is_pin_memory)`` gives the V1
+implementation, with V2's ``(vllm_config, req_states)`` the V2 one (``_V1Processor`` /
+``_V2Processor``, both subclasses of the public class).
 
 Per-request parameters live in vLLM's ``SamplingParams.extra_args`` under one key,
 ``"samplers"`` (``EXTRA_ARGS_KEY``). Its value is either a dict of our parameter names
@@ -42,8 +44,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+try:  # the V1 model runner's interface (vLLM <= 0.33; 0.34 removed that runner)
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+except ImportError:
+    V1LogitsProcessor = None  # type: ignore[assignment,misc]
+    BatchUpdate = MoveDirectionality = None  # type: ignore[assignment,misc]
 
 try:  # Model Runner V2's interface (vLLM >= 0.32); import-light by vLLM's design
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
@@ -51,6 +57,13 @@ try:  # Model Runner V2's interface (vLLM >= 0.32); import-light by vLLM's desig
 except ImportError:  # pragma: no cover - an older vLLM: V1 only
     V2LogitsProcessor = None  # type: ignore[assignment,misc]
     LogitsContext = LogitsProcRequestState = None  # type: ignore[assignment,misc]
+
+if V1LogitsProcessor is None and V2LogitsProcessor is None:  # pragma: no cover - vLLM < 0.10
+    raise ImportError(
+        "samplers.integrations.vllm: this vLLM has neither logits-processor interface "
+        "(vllm.v1.sample.logits_processor, vllm.v1.worker.gpu.sample.logits_processor); "
+        "it needs vLLM 0.32 or newer"
+    )
 
 from ..batch import SamplingBatch
 from ..history import TokenHistory
@@ -209,16 +222,17 @@ def _vocab_size_of(vllm_config: Any) -> Optional[int]:
         return None
 
 
-_BASES: tuple = (V1LogitsProcessor,) if V2LogitsProcessor is None else (V1LogitsProcessor, V2LogitsProcessor)
+# The interfaces this vLLM has: both on 0.32 and 0.33, V2 alone from 0.34 on.
+_BASES: tuple = tuple(base for base in (V1LogitsProcessor, V2LogitsProcessor) if base is not None)
 
 
 class SamplersLogitsProcessor(*_BASES):  # type: ignore[misc]
     """Runs ``SamplerPipeline`` on the rows of vLLM's batch whose request carries
     ``extra_args["samplers"]``; other rows are left untouched.
 
-    A subclass of both vLLM logits-processor interfaces; an instance is a ``_V1Processor``
-    or a ``_V2Processor`` according to the constructor's arguments (see the module
-    docstring). Shared by both: ``validate_params`` (request admission, in vLLM's front
+    A subclass of each vLLM logits-processor interface there is; an instance is a
+    ``_V1Processor`` or a ``_V2Processor`` according to the constructor's arguments (see the
+    module docstring). Shared by both: ``validate_params`` (request admission, in vLLM's front
     end), and the duplicate rule: vLLM loads entry-point plugins and then the classes named
     by ``--logits-processors`` / ``logits_processors=[...]``; with both, the first instance
     built for an engine config does the work and later ones stay idle (``duplicate``).
@@ -228,8 +242,13 @@ class SamplersLogitsProcessor(*_BASES):  # type: ignore[misc]
         if cls is SamplersLogitsProcessor:
             v2 = "req_states" in kwargs or (len(args) == 1 and "device" not in kwargs
                                             and not isinstance(args[0], (torch.device, str)))
-            if v2 and _V2Processor is None:  # pragma: no cover - V2 arguments on an old vLLM
-                raise TypeError("Model Runner V2 arguments given, but this vLLM has no V2 interface")
+            if v2 and V2LogitsProcessor is None:  # pragma: no cover - V2 arguments on an old vLLM
+                raise TypeError("Model Runner V2 arguments (vllm_config, req_states) given, but this "
+                                "vLLM has no Model Runner V2 logits-processor interface")
+            if not v2 and V1LogitsProcessor is None:
+                raise TypeError("V1 model runner arguments (vllm_config, device, is_pin_memory) given, "
+                                "but this vLLM (0.34 or newer) has only Model Runner V2's interface: "
+                                "construct it as (vllm_config, req_states)")
             cls = _V2Processor if v2 else _V1Processor
         return super().__new__(cls)
 
@@ -453,127 +472,123 @@ def _strip_placeholders(tokens: list[int]) -> list[int]:
     return tokens[:n] if n != len(tokens) else tokens
 
 
-_V2Processor: Any = None
+class _V2Processor(SamplersLogitsProcessor):
+    """Model Runner V2's interface: per-slot state, histories read from vLLM's buffers.
 
-if V2LogitsProcessor is not None:
+    ``add_request(slot, params)`` records the slot's parameters on the host (a slot may
+    be reused: everything about it is replaced) and marks the parameter table stale;
+    ``apply_staged_writes`` (once per step, before the forward pass) rebuilds it when
+    stale: a ``SamplingBatch`` with one row per slot that holds our parameters, row 0
+    the neutral defaults, and a device map slot -> row (0 for slots we declined).
 
-    class _V2Processor(SamplersLogitsProcessor):  # type: ignore[no-redef]
-        """Model Runner V2's interface: per-slot state, histories read from vLLM's buffers.
+    ``apply(logits, ctx)``: rows are logits rows (reordered each step; under speculative
+    decoding one per draft token). On the device, with no host sync and no loop over
+    rows: row r of slot s = ctx.expanded_idx_mapping[r] at position p = ctx.pos[r] has
+    the history h[0..p], where positions before its request's first row
+    (p - ctx.expanded_local_pos[r]) are vLLM's committed tokens
+    ``req_states.all_token_ids[s]`` and the positions from there to p are the tokens fed
+    to the request's rows (``ctx.input_ids``: the last committed token, then the draft
+    tokens); the prompt is its first ``req_states.prompt_len[s]`` tokens, so after a
+    preemption (prefill_len > prompt_len) the re-fed output is still output. That gives
+    a ``TokenHistory.from_tensors`` and ``SamplingBatch.gather`` of the parameter table;
+    the pipeline runs on every row; rows of slots we declined are returned unchanged.
+    The derived history state (counts, match tables) is rebuilt from these tensors each
+    step (O(rows * (history + V)) on the device) instead of being carried across steps.
+    """
 
-        ``add_request(slot, params)`` records the slot's parameters on the host (a slot may
-        be reused: everything about it is replaced) and marks the parameter table stale;
-        ``apply_staged_writes`` (once per step, before the forward pass) rebuilds it when
-        stale: a ``SamplingBatch`` with one row per slot that holds our parameters, row 0
-        the neutral defaults, and a device map slot -> row (0 for slots we declined).
+    def __init__(self, vllm_config: "VllmConfig", req_states: "LogitsProcRequestState",
+                 backend: str = "auto") -> None:
+        self._register(vllm_config)
+        self.req_states = req_states
+        self.device = torch.device(req_states.device)
+        self.vocab_size = int(req_states.vocab_size)
+        n = int(req_states.max_num_reqs)
+        self.pipeline = SamplerPipeline(backend=backend)
+        self._slot_params: list[Optional[_EngineParams]] = [None] * n
+        self._slot_vparams: list[Any] = [None] * n  # vLLM's params of our slots
+        self._ours = np.zeros(n, dtype=bool)  # host: the slot's request uses our parameters
+        self._stale = False
+        self._table: Optional[SamplingBatch] = None
+        self._slot_row = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._slot_ours = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self._slot_draws = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self._any_draws = np.zeros(n, dtype=bool)
+        self.table_builds = 0  # for tests and diagnostics
 
-        ``apply(logits, ctx)``: rows are logits rows (reordered each step; under speculative
-        decoding one per draft token). On the device, with no host sync and no loop over
-        rows: row r of slot s = ctx.expanded_idx_mapping[r] at position p = ctx.pos[r] has
-        the history h[0..p], where positions before its request's first row
-        (p - ctx.expanded_local_pos[r]) are vLLM's committed tokens
-        ``req_states.all_token_ids[s]`` and the positions from there to p are the tokens fed
-        to the request's rows (``ctx.input_ids``: the last committed token, then the draft
-        tokens); the prompt is its first ``req_states.prompt_len[s]`` tokens, so after a
-        preemption (prefill_len > prompt_len) the re-fed output is still output. That gives
-        a ``TokenHistory.from_tensors`` and ``SamplingBatch.gather`` of the parameter table;
-        the pipeline runs on every row; rows of slots we declined are returned unchanged.
-        The derived history state (counts, match tables) is rebuilt from these tensors each
-        step (O(rows * (history + V)) on the device) instead of being carried across steps.
-        """
+    def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
+        pass  # a V1 method; Model Runner V2 calls add_request instead
 
-        def __init__(self, vllm_config: "VllmConfig", req_states: "LogitsProcRequestState",
-                     backend: str = "auto") -> None:
-            self._register(vllm_config)
-            self.req_states = req_states
-            self.device = torch.device(req_states.device)
-            self.vocab_size = int(req_states.vocab_size)
-            n = int(req_states.max_num_reqs)
-            self.pipeline = SamplerPipeline(backend=backend)
-            self._slot_params: list[Optional[_EngineParams]] = [None] * n
-            self._slot_vparams: list[Any] = [None] * n  # vLLM's params of our slots
-            self._ours = np.zeros(n, dtype=bool)  # host: the slot's request uses our parameters
-            self._stale = False
-            self._table: Optional[SamplingBatch] = None
-            self._slot_row = torch.zeros(n, dtype=torch.int64, device=self.device)
-            self._slot_ours = torch.zeros(n, dtype=torch.bool, device=self.device)
-            self._slot_draws = torch.zeros(n, dtype=torch.bool, device=self.device)
-            self._any_draws = np.zeros(n, dtype=bool)
-            self.table_builds = 0  # for tests and diagnostics
+    def add_request(self, req_idx: int, sampling_params: "VllmSamplingParams") -> bool:
+        ep = None if self.duplicate else _engine_params(sampling_params, self.vocab_size)
+        if ep is not None or self._slot_params[req_idx] is not None:
+            self._stale = True
+        self._slot_params[req_idx] = ep
+        self._slot_vparams[req_idx] = sampling_params if ep is not None else None
+        self._ours[req_idx] = ep is not None
+        self._any_draws[req_idx] = ep is not None and ep.draws
+        return ep is not None
 
-        def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
-            pass  # a V1 method; Model Runner V2 calls add_request instead
+    def apply_staged_writes(self) -> None:
+        if not self._stale:
+            return
+        slots = np.flatnonzero(self._ours)
+        entries = [self._slot_params[int(s)] for s in slots]
+        params = [SamplingParams()] + [e.params for e in entries]
+        self._table = SamplingBatch(params, vocab_size=self.vocab_size, device=self.device,
+                                    sequence_indices=[0] + [e.sequence_index for e in entries])
+        n = len(self._slot_params)
+        row = np.zeros(n, dtype=np.int64)
+        row[slots] = np.arange(1, len(slots) + 1)
+        draws = np.zeros(n, dtype=bool)
+        draws[slots] = [e.draws for e in entries]
+        # Host -> device copies only: nothing waits for the device.
+        self._slot_row = torch.from_numpy(row).to(self.device, non_blocking=True)
+        self._slot_ours = torch.from_numpy(self._ours.copy()).to(self.device, non_blocking=True)
+        self._slot_draws = torch.from_numpy(draws).to(self.device, non_blocking=True)
+        self._stale = False
+        self.table_builds += 1
 
-        def add_request(self, req_idx: int, sampling_params: "VllmSamplingParams") -> bool:
-            ep = None if self.duplicate else _engine_params(sampling_params, self.vocab_size)
-            if ep is not None or self._slot_params[req_idx] is not None:
-                self._stale = True
-            self._slot_params[req_idx] = ep
-            self._slot_vparams[req_idx] = sampling_params if ep is not None else None
-            self._ours[req_idx] = ep is not None
-            self._any_draws[req_idx] = ep is not None and ep.draws
-            return ep is not None
+    def apply(self, logits: torch.Tensor, ctx: "LogitsContext" = None) -> torch.Tensor:  # type: ignore[override]
+        if ctx is None:
+            raise TypeError("Model Runner V2's apply(logits, ctx) needs the LogitsContext")
+        if self.duplicate or not self._ours[ctx.idx_mapping_np].any():
+            return logits
+        if logits.shape[1] != self.vocab_size:
+            # vLLM hands us [rows, vocab_size] logits; should a model's logits differ,
+            # follow them rather than fail the engine in the pipeline's shape check.
+            self.vocab_size = int(logits.shape[1])
+            for slot in np.flatnonzero(self._ours):
+                self._slot_params[slot] = _engine_params(self._slot_vparams[slot], self.vocab_size)
+            self._stale = True
+        if self._stale:  # add_request without apply_staged_writes (not vLLM's order)
+            self.apply_staged_writes()
+        assert self._table is not None
+        slots = ctx.expanded_idx_mapping.to(torch.int64)
+        history = self._history(slots, ctx, logits.shape[0])
+        batch = self._table.gather(self._slot_row.index_select(0, slots), history)
+        out = self.pipeline.process(logits, batch)
+        if self._any_draws[ctx.idx_mapping_np].any():
+            out = _choose(out, batch, self._slot_draws.index_select(0, slots))
+        return torch.where(self._slot_ours.index_select(0, slots)[:, None], out.to(logits.dtype), logits)
 
-        def apply_staged_writes(self) -> None:
-            if not self._stale:
-                return
-            slots = np.flatnonzero(self._ours)
-            entries = [self._slot_params[int(s)] for s in slots]
-            params = [SamplingParams()] + [e.params for e in entries]
-            self._table = SamplingBatch(params, vocab_size=self.vocab_size, device=self.device,
-                                        sequence_indices=[0] + [e.sequence_index for e in entries])
-            n = len(self._slot_params)
-            row = np.zeros(n, dtype=np.int64)
-            row[slots] = np.arange(1, len(slots) + 1)
-            draws = np.zeros(n, dtype=bool)
-            draws[slots] = [e.draws for e in entries]
-            # Host -> device copies only: nothing waits for the device.
-            self._slot_row = torch.from_numpy(row).to(self.device, non_blocking=True)
-            self._slot_ours = torch.from_numpy(self._ours.copy()).to(self.device, non_blocking=True)
-            self._slot_draws = torch.from_numpy(draws).to(self.device, non_blocking=True)
-            self._stale = False
-            self.table_builds += 1
-
-        def apply(self, logits: torch.Tensor, ctx: "LogitsContext" = None) -> torch.Tensor:  # type: ignore[override]
-            if ctx is None:
-                raise TypeError("Model Runner V2's apply(logits, ctx) needs the LogitsContext")
-            if self.duplicate or not self._ours[ctx.idx_mapping_np].any():
-                return logits
-            if logits.shape[1] != self.vocab_size:
-                # vLLM hands us [rows, vocab_size] logits; should a model's logits differ,
-                # follow them rather than fail the engine in the pipeline's shape check.
-                self.vocab_size = int(logits.shape[1])
-                for slot in np.flatnonzero(self._ours):
-                    self._slot_params[slot] = _engine_params(self._slot_vparams[slot], self.vocab_size)
-                self._stale = True
-            if self._stale:  # add_request without apply_staged_writes (not vLLM's order)
-                self.apply_staged_writes()
-            assert self._table is not None
-            slots = ctx.expanded_idx_mapping.to(torch.int64)
-            history = self._history(slots, ctx, logits.shape[0])
-            batch = self._table.gather(self._slot_row.index_select(0, slots), history)
-            out = self.pipeline.process(logits, batch)
-            if self._any_draws[ctx.idx_mapping_np].any():
-                out = _choose(out, batch, self._slot_draws.index_select(0, slots))
-            return torch.where(self._slot_ours.index_select(0, slots)[:, None], out.to(logits.dtype), logits)
-
-        def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
-            rs = self.req_states
-            committed = rs.all_token_ids.gpu
-            # Host upper bound of every row's pos + 1 (computed + scheduled tokens, drafts too).
-            width = int(ctx.seq_lens_upper_bound_np.max()) if len(ctx.seq_lens_upper_bound_np) else 1
-            width = max(1, min(width, committed.shape[1]))
-            pos = ctx.pos.to(torch.int64)
-            local = ctx.expanded_local_pos.to(torch.int64)
-            lengths = (pos + 1).clamp(max=width)
-            first = pos - local  # position of the request's first row's input token
-            at = torch.arange(width, device=self.device)
-            tokens = committed[:, :width].index_select(0, slots).to(torch.int64)
-            # Position i in [first, pos] is row r - (pos - i)'s input (rows of a request are
-            # consecutive, at consecutive positions).
-            fed = (at[None, :] >= first[:, None]) & (at[None, :] <= pos[:, None])
-            src = (torch.arange(rows, device=self.device)[:, None] - (pos[:, None] - at[None, :]))
-            from_rows = ctx.input_ids.to(torch.int64).index_select(0, src.clamp(0, rows - 1).reshape(-1))
-            tokens = torch.where(fed, from_rows.view(rows, width), tokens)
-            prompt = torch.minimum(rs.prompt_len.gpu.to(self.device).index_select(0, slots).to(torch.int64),
-                                   lengths)
-            return TokenHistory.from_tensors(tokens, lengths, prompt, self.vocab_size, width)
+    def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
+        rs = self.req_states
+        committed = rs.all_token_ids.gpu
+        # Host upper bound of every row's pos + 1 (computed + scheduled tokens, drafts too).
+        width = int(ctx.seq_lens_upper_bound_np.max()) if len(ctx.seq_lens_upper_bound_np) else 1
+        width = max(1, min(width, committed.shape[1]))
+        pos = ctx.pos.to(torch.int64)
+        local = ctx.expanded_local_pos.to(torch.int64)
+        lengths = (pos + 1).clamp(max=width)
+        first = pos - local  # position of the request's first row's input token
+        at = torch.arange(width, device=self.device)
+        tokens = committed[:, :width].index_select(0, slots).to(torch.int64)
+        # Position i in [first, pos] is row r - (pos - i)'s input (rows of a request are
+        # consecutive, at consecutive positions).
+        fed = (at[None, :] >= first[:, None]) & (at[None, :] <= pos[:, None])
+        src = (torch.arange(rows, device=self.device)[:, None] - (pos[:, None] - at[None, :]))
+        from_rows = ctx.input_ids.to(torch.int64).index_select(0, src.clamp(0, rows - 1).reshape(-1))
+        tokens = torch.where(fed, from_rows.view(rows, width), tokens)
+        prompt = torch.minimum(rs.prompt_len.gpu.to(self.device).index_select(0, slots).to(torch.int64),
+                               lengths)
+        return TokenHistory.from_tensors(tokens, lengths, prompt, self.vocab_size, width)
