@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import types
 
 import numpy as np
 import pytest
@@ -65,9 +66,12 @@ def make_request_state(max_num_reqs=8, spec_steps=0):
     return RequestState(max_num_reqs, MAX_LEN, 256, spec_steps, V, torch.device("cpu"))
 
 
-def make_processor(req_state, cfg=None):
-    proc = SamplersLogitsProcessor(cfg if cfg is not None else object(),
-                                   LogitsProcRequestState.from_request_state(req_state))
+def make_processor(req_state, cfg=None, spec=False):
+    """Our processor on vLLM's buffers; ``spec``: an engine configured for speculative decoding
+    (the host's sequence lengths are then upper bounds, not exact)."""
+    if cfg is None:
+        cfg = types.SimpleNamespace(speculative_config=object() if spec else None)
+    proc = SamplersLogitsProcessor(cfg, LogitsProcRequestState.from_request_state(req_state))
     proc.pipeline = SamplerPipeline(backend="torch", seed=0)
     return proc
 
@@ -215,7 +219,9 @@ class Runner:
             expanded_local_pos=torch.tensor(local, dtype=torch.int32),
             input_ids=torch.tensor(input_ids, dtype=torch.int32),
             pos=torch.tensor(pos, dtype=torch.int64),
-            seq_lens_upper_bound_np=np.array(upper, dtype=np.int32) + rng.randint(0, 3),
+            # exact without speculative decoding (vLLM's scheduler knows every length), an
+            # upper bound with it (drafts not yet verified)
+            seq_lens_upper_bound_np=np.array(upper, dtype=np.int32) + (rng.randint(0, 3) if spec else 0),
         )
         return ctx, rows
 
@@ -333,16 +339,96 @@ def test_matches_pipeline_with_slot_recycling_and_reordering(cpu_buffers, seed):
     for _ in range(5):
         runner.add(random_req(rng, output_len=rng.randrange(0, 3)))
     assert run(runner, proc, rng, steps=14) > 30
+    assert 0 < proc.history_builds < 14  # carried on some steps, built on others
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_carried_histories_over_preemption_and_prefill_chunks(cpu_buffers, seed):
+    """Without speculative decoding the history is carried between steps; every way a row
+    can stop following its last step (a new request in a reused slot, a prompt chunk, a
+    preempted request back with its output as prefill, a step a request sat out) must
+    rebuild, with rows that equal the pipeline's on histories built from scratch."""
+    rng = random.Random(100 + seed)
+    runner = Runner(rng)
+    proc = make_processor(runner.rs)
+    runner.procs.append(proc)
+    for _ in range(6):
+        runner.add(random_req(rng, output_len=rng.randrange(0, 3)))
+    assert run(runner, proc, rng, steps=24, churn=False, preempt=True) > 60
+    assert 0 < proc.history_builds < 24
+
+
+def test_a_reused_slot_never_inherits_the_carried_history(cpu_buffers):
+    """A resumed request (its output re-fed as prefill) taking the slot of one that left,
+    one token longer than the history carried for that slot: rebuilt, not appended to."""
+    rng = random.Random(6)
+    runner = Runner(rng, max_num_reqs=1)
+    proc = make_processor(runner.rs)
+    runner.procs.append(proc)
+    block = {"repetition_penalty": 3.0, "presence_penalty": 1.0}
+
+    def step_and_check():
+        ctx, rows = runner.step()
+        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(len(rows[0][1]))) * 3
+        got = proc.apply(logits.clone(), ctx)
+        req, hist, _ = rows[0]
+        torch.testing.assert_close(got[0], expected_row(logits[0], req.vp, hist, len(req.prompt)),
+                                   rtol=1e-6, atol=1e-6)
+        runner.commit(rows, got)
+
+    a = Req(vparams(block), [1, 2, 3], [4, 5])
+    runner.add(a)
+    a.computed = a.prefill - 1  # one row at the last position: length 5
+    step_and_check()  # the carried history: a's 5 tokens (a has sampled its 6th)
+    assert proc.history_builds == 1
+    runner.remove(a)
+    b = Req(vparams(block), [7, 8], [9, 10, 11, 12])  # 6 tokens, its last one output
+    runner.add(b)
+    assert b.slot == a.slot
+    b.computed = b.prefill - 1
+    step_and_check()
+    assert proc.history_builds == 2
+
+
+def test_steady_state_decoding_carries_the_history(cpu_buffers):
+    """Decode steps with the rows reordered every step and a request leaving: one build for
+    the prompts, then only appends (and a select for the new row order)."""
+    rng = random.Random(5)
+    runner = Runner(rng)
+    proc = make_processor(runner.rs)
+    runner.procs.append(proc)
+    blocks = [{"dry_multiplier": 0.8, "repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2},
+              {"min_tokens": 3, "presence_penalty": 0.5, "seed": 3}]
+    for block in blocks * 2:
+        req = Req(vparams(block, stop_token_ids=[5]), [rng.randrange(6) for _ in range(9)], [])
+        runner.add(req)
+        req.computed = req.prefill  # prompts already prefilled: every step is a decode step
+        req.computed -= 1  # the last prompt token is fed with the first decode step
+    checked = 0
+    for step in range(12):
+        if step == 6:
+            runner.remove(runner.reqs[2])
+        ctx, rows = runner.step()
+        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
+        got = proc.apply(logits.clone(), ctx)
+        for r, (req, hist, _) in enumerate(rows):
+            want = expected_row(logits[r], req.vp, hist, len(req.prompt))
+            torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
+            assert torch.equal(torch.isinf(got[r]), torch.isinf(want))
+            checked += 1
+        runner.commit(rows, got)
+    assert checked >= 60 and proc.history_builds == 1
 
 
 def test_speculative_rows_and_preemption(cpu_buffers):
     rng = random.Random(7)
     runner = Runner(rng)
-    proc = make_processor(runner.rs)
+    proc = make_processor(runner.rs, spec=True)
     runner.procs.append(proc)
     for _ in range(5):
         runner.add(random_req(rng))
     assert run(runner, proc, rng, steps=14, spec=3, preempt=True) > 40
+    assert proc.history_builds == 14  # upper bounds: never carried
 
 
 def test_slot_reuse_resets_state_and_declined_batches_are_untouched(cpu_buffers):

@@ -492,8 +492,17 @@ class _V2Processor(SamplersLogitsProcessor):
     preemption (prefill_len > prompt_len) the re-fed output is still output. That gives
     a ``TokenHistory.from_tensors`` and ``SamplingBatch.gather`` of the parameter table;
     the pipeline runs on every row; rows of slots we declined are returned unchanged.
-    The derived history state (counts, match tables) is rebuilt from these tensors each
-    step (O(rows * (history + V)) on the device) instead of being carried across steps.
+
+    Building that history's derived state (counts, DRY's match tables) is O(rows *
+    (history + V)); in the steady state it is carried from step to step instead, as the V1
+    processor and a generation loop do: when vLLM is configured without speculative
+    decoding, every row is its request's only row and ``ctx.seq_lens_upper_bound_np`` is
+    each row's exact history length (pos + 1) on the host. A step whose rows are all held
+    from the last step (same slot, no ``add_request`` since) and each longer by one output
+    token (``ctx.input_ids``, the token fed at pos) or by none takes the last step's history
+    (``select``-ed when the rows moved) and ``append``s those tokens: O(rows) on the device,
+    decided from host arrays only. Any other step (a new request, a prefill chunk, drafts)
+    builds from vLLM's buffers as above, and that history is carried from then on.
     """
 
     def __init__(self, vllm_config: "VllmConfig", req_states: "LogitsProcRequestState",
@@ -512,6 +521,13 @@ class _V2Processor(SamplersLogitsProcessor):
         self._slot_row = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._slot_ours = torch.zeros(n, dtype=torch.bool, device=self.device)
         self._slot_draws = torch.zeros(n, dtype=torch.bool, device=self.device)
+        # The history carried to the next step (see the class docstring): its rows' slots and
+        # exact lengths on the host, and slot -> its row there (-1: not held, or re-added).
+        self._exact_lengths = getattr(vllm_config, "speculative_config", None) is None
+        self._carried: Optional[TokenHistory] = None
+        self._carried_lengths = np.zeros(0, dtype=np.int64)
+        self._carried_row = np.full(n, -1, dtype=np.int64)
+        self.history_builds = 0  # histories built from vLLM's buffers (for tests and diagnostics)
         self._any_draws = np.zeros(n, dtype=bool)
         self.table_builds = 0  # for tests and diagnostics
 
@@ -519,6 +535,7 @@ class _V2Processor(SamplersLogitsProcessor):
         pass  # a V1 method; Model Runner V2 calls add_request instead
 
     def add_request(self, req_idx: int, sampling_params: "VllmSamplingParams") -> bool:
+        self._carried_row[req_idx] = -1  # a new occupant: what the slot held is not its history
         ep = None if self.duplicate else _engine_params(sampling_params, self.vocab_size)
         if ep is not None or self._slot_params[req_idx] is not None:
             self._stale = True
@@ -560,16 +577,66 @@ class _V2Processor(SamplersLogitsProcessor):
             for slot in np.flatnonzero(self._ours):
                 self._slot_params[slot] = _engine_params(self._slot_vparams[slot], self.vocab_size)
             self._stale = True
+            self._carried = None
         if self._stale:  # add_request without apply_staged_writes (not vLLM's order)
             self.apply_staged_writes()
         assert self._table is not None
         slots = ctx.expanded_idx_mapping.to(torch.int64)
-        history = self._history(slots, ctx, logits.shape[0])
+        rows = logits.shape[0]
+        history = self._carried_history(ctx, rows)
+        if history is None:
+            history = self._history(slots, ctx, rows)
+            self.history_builds += 1
+        self._carry(history, ctx, rows)
         batch = self._table.gather(self._slot_row.index_select(0, slots), history)
         out = self.pipeline.process(logits, batch)
         if self._any_draws[ctx.idx_mapping_np].any():
             out = _choose(out, batch, self._slot_draws.index_select(0, slots))
+        if self._ours[ctx.idx_mapping_np].all():
+            return out.to(logits.dtype)  # every row is ours: no [rows, V] merge
         return torch.where(self._slot_ours.index_select(0, slots)[:, None], out.to(logits.dtype), logits)
+
+    def _exact_rows(self, ctx: "LogitsContext", rows: int) -> Optional[np.ndarray]:
+        """Each row's history length on the host when vLLM gives it exactly (one row per
+        request, no speculative decoding; row r is then slot ctx.idx_mapping_np[r]), else None."""
+        if not self._exact_lengths or rows != len(ctx.idx_mapping_np):
+            return None
+        return np.asarray(ctx.seq_lens_upper_bound_np[:rows], dtype=np.int64)
+
+    def _carried_history(self, ctx: "LogitsContext", rows: int) -> Optional[TokenHistory]:
+        """This step's histories from the last step's, or None when a row cannot be carried."""
+        lengths = self._exact_rows(ctx, rows)
+        if lengths is None or self._carried is None:
+            return None
+        slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
+        at = self._carried_row[slots]
+        if (at < 0).any():
+            return None
+        grown = lengths - self._carried_lengths[at]
+        advances = grown == 1
+        if not (advances | (grown == 0)).all():
+            return None
+        # The appended token must be output: a prompt chunk of one token is built instead.
+        prompt = self.req_states.prompt_len.np[slots[advances]]
+        if (lengths[advances] - 1 < prompt).any():
+            return None
+        history = self._carried
+        if at.shape[0] != history.batch_size or (at != np.arange(rows)).any():
+            history = history.select(torch.from_numpy(at).to(self.device), host_rows=at)
+        if advances.any():
+            history.append(ctx.input_ids.to(torch.int64),
+                           rows=None if advances.all() else torch.from_numpy(advances))
+        return history
+
+    def _carry(self, history: TokenHistory, ctx: "LogitsContext", rows: int) -> None:
+        lengths = self._exact_rows(ctx, rows)
+        self._carried_row[:] = -1
+        if lengths is None:
+            self._carried = None
+            return
+        self._carried = history
+        self._carried_lengths = lengths
+        self._carried_row[np.asarray(ctx.idx_mapping_np, dtype=np.int64)] = np.arange(rows)
 
     def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
         rs = self.req_states

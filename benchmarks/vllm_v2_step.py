@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""One decode step of the vLLM processor under Model Runner V2 (vLLM 0.34's only runner), on
+the CPU, against the pipeline on the same rows.
+
+vLLM's own ``RequestState`` buffers are built on the CPU (its fallback for machines without
+pinned memory, as tests/test_vllm_v2.py does) and hold text-like histories (half prompt,
+half output); every row carries the same request under ``extra_args["samplers"]``. Each step
+the processor gets vLLM's ``LogitsContext`` of a decode step (one row per request, no
+speculative decoding) and the committed token is written to the buffers afterwards, as
+vLLM's ``post_update`` does. The reference is what a generation loop does with the same
+rows: ``SamplerPipeline.process`` and ``SamplingBatch.append``. Both run in turn, step after
+step (after ``--warmup`` steps), and the medians and their ratio are reported.
+
+    python benchmarks/vllm_v2_step.py                        # 64 x 32000, 2048 and 8192 tokens
+    python benchmarks/vllm_v2_step.py --shapes 8x128256 --history 4096 --threads 2
+
+Needs vLLM (``bash scripts/install_vllm_for_tests.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import _paths  # noqa: F401  (repository root on sys.path)
+import numpy as np
+import torch
+from bench_inputs import make_histories, make_logits
+
+REQUEST = {"temperature": 0.8, "min_p": 0.05, "repetition_penalty": 1.1, "dry_multiplier": 0.8,
+           "dry_allowed_length": 2}
+
+
+def _vllm_buffers_on_the_cpu() -> None:
+    """vLLM's buffer classes on a machine without pinned memory or UVA (the CPU platform is
+    not detected without vllm._C, so its device type is set to "cpu")."""
+    import vllm.utils.torch_utils as torch_utils
+    import vllm.v1.worker.gpu.buffer_utils as buffer_utils
+    from vllm.platforms import current_platform
+
+    buffer_utils.is_uva_available = lambda: False
+    if hasattr(buffer_utils, "is_pin_memory_available"):
+        buffer_utils.is_pin_memory_available = lambda: False
+    torch_utils.PIN_MEMORY = False
+    current_platform.device_type = "cpu"
+
+
+def measure(B: int, V: int, H: int, steps: int, warmup: int) -> dict:
+    from vllm import SamplingParams as VllmParams
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+    from vllm.v1.worker.gpu.states import RequestState
+
+    from samplers import SamplerPipeline, SamplingBatch, SamplingParams
+    from samplers.integrations.vllm import EXTRA_ARGS_KEY, SamplersLogitsProcessor
+
+    total = H + warmup + steps + 1
+    text = torch.tensor(make_histories(B, total, V, seed=1), dtype=torch.int64)  # [B, total]
+    prompt_len = H // 2
+    rs = RequestState(B, total + 8, 256, 0, V, torch.device("cpu"))
+    cfg = type("Config", (), {"speculative_config": None})()
+    proc = SamplersLogitsProcessor(cfg, LogitsProcRequestState.from_request_state(rs), backend="torch")
+    vparams = VllmParams(extra_args={EXTRA_ARGS_KEY: REQUEST})
+    rs.prompt_len.np[:B] = prompt_len
+    rs.prefill_len.np[:B] = H
+    rs.prompt_len.copy_to_uva()
+    rs.prefill_len.copy_to_uva()
+    rs.all_token_ids.gpu[:B, :H] = text[:, :H].to(torch.int32)
+    for slot in range(B):
+        proc.add_request(slot, vparams)
+    proc.apply_staged_writes()
+
+    batch = SamplingBatch([SamplingParams.from_dict(REQUEST)] * B, text[:, :prompt_len].tolist(),
+                          text[:, prompt_len:H].tolist(), vocab_size=V)
+    pipe = SamplerPipeline(backend="torch")
+    logits = make_logits(B, V)
+    slots = np.arange(B, dtype=np.int32)
+    state = {"length": H}  # history length of every row at this step (pos + 1)
+
+    def processor_step() -> None:
+        n = state["length"]
+        ctx = LogitsContext(
+            expanded_idx_mapping=torch.from_numpy(slots), idx_mapping=torch.from_numpy(slots),
+            idx_mapping_np=slots, expanded_local_pos=torch.zeros(B, dtype=torch.int32),
+            input_ids=text[:, n - 1].to(torch.int32), pos=torch.full((B,), n - 1, dtype=torch.int64),
+            seq_lens_upper_bound_np=np.full(B, n, dtype=np.int32))
+        state["processor"] = proc.apply(logits.clone(), ctx)  # (vLLM hands the processors a copy)
+        rs.all_token_ids.gpu[:B, n] = text[:, n].to(torch.int32)  # post_update: the sampled token
+        state["length"] = n + 1
+
+    def pipeline_step() -> None:
+        n = state["length"]  # the processor's step has moved on: the same history length
+        state["pipeline"] = pipe.process(logits.clone(), batch)
+        batch.append(text[:, n - 1])
+
+    # The processor's first call builds from vLLM's buffers; then both advance together.
+    times: dict[str, list[float]] = {"processor": [], "pipeline": []}
+    batch.append(text[:, H])  # the reference holds H + 1 tokens at the processor's 2nd step
+    processor_step()
+    for step in range(warmup + steps):
+        for name, fn in (("processor", processor_step), ("pipeline", pipeline_step)):
+            t = time.perf_counter()
+            fn()
+            if step >= warmup:
+                times[name].append((time.perf_counter() - t) * 1e3)
+        if not torch.equal(state["processor"], state["pipeline"]):
+            raise AssertionError(f"step {step}: the processor's row differs from the pipeline's")
+    ours, ref = statistics.median(times["processor"]), statistics.median(times["pipeline"])
+    return {"shape": [B, V], "history": H, "processor_ms": ours, "pipeline_ms": ref,
+            "ratio": ours / ref, "builds": proc.history_builds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["64x32000"])
+    ap.add_argument("--history", nargs="+", type=int, default=[2048, 8192])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    _vllm_buffers_on_the_cpu()
+    import vllm
+
+    print(f"vLLM {vllm.__version__}, torch {torch.__version__}, {args.threads} torch thread(s), "
+          f"median of {args.steps} steps")
+    print("| shape | history | processor ms | pipeline + append ms | ratio | builds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for shape in args.shapes:
+        B, V = (int(x) for x in shape.split("x"))
+        for H in args.history:
+            r = measure(B, V, H, args.steps, args.warmup)
+            print(f"| [{B}, {V}] | {H} | {r['processor_ms']:.2f} | {r['pipeline_ms']:.2f} | "
+                  f"{r['ratio']:.2f} | {r['builds']} |")
+
+
+if __name__ == "__main__":
+    main()
