@@ -420,6 +420,24 @@ def test_steady_state_decoding_carries_the_history(cpu_buffers):
     assert checked >= 60 and proc.history_builds == 1
 
 
+def test_processor_with_the_triton_backend(cpu_buffers):
+    """The V2 processor on the kernels path (Triton's interpreter on a CPU) against the torch
+    reference, carried and built steps alike."""
+    from samplers.pipeline import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton kernels not available")
+    rng = random.Random(12)
+    runner = Runner(rng)
+    proc = make_processor(runner.rs)
+    proc.pipeline = SamplerPipeline(backend="triton", seed=0)
+    runner.procs.append(proc)
+    for _ in range(4):
+        runner.add(random_req(rng, output_len=rng.randrange(0, 3)))
+    assert run(runner, proc, rng, steps=8, churn=False) > 15
+    assert proc.history_builds < 8
+
+
 def test_speculative_rows_and_preemption(cpu_buffers):
     rng = random.Random(7)
     runner = Runner(rng)
