@@ -477,7 +477,7 @@ class _V2Processor(SamplersLogitsProcessor):
 
     ``add_request(slot, params)`` records the slot's parameters on the host (a slot may
     be reused: everything about it is replaced) and marks the parameter table stale;
-    ``apply_staged_writes`` (once per step, before the forward pass) rebuilds it when
+    ``apply_staged_writes`` (before the forward pass) rebuilds it when
     stale: a ``SamplingBatch`` with one row per slot that holds our parameters, row 0
     the neutral defaults, and a device map slot -> row (0 for slots we declined).
 
@@ -583,11 +583,12 @@ class _V2Processor(SamplersLogitsProcessor):
         assert self._table is not None
         slots = ctx.expanded_idx_mapping.to(torch.int64)
         rows = logits.shape[0]
-        history = self._carried_history(ctx, rows)
+        lengths = self._exact_lengths_of(ctx, rows)
+        history = None if lengths is None else self._carried_history(ctx, lengths)
         if history is None:
             history = self._history(slots, ctx, rows)
             self.history_builds += 1
-        self._carry(history, ctx, rows)
+        self._carry(history, ctx, lengths)
         batch = self._table.gather(self._slot_row.index_select(0, slots), history)
         out = self.pipeline.process(logits, batch)
         if self._any_draws[ctx.idx_mapping_np].any():
@@ -596,18 +597,19 @@ class _V2Processor(SamplersLogitsProcessor):
             return out.to(logits.dtype)  # every row is ours: no [rows, V] merge
         return torch.where(self._slot_ours.index_select(0, slots)[:, None], out.to(logits.dtype), logits)
 
-    def _exact_rows(self, ctx: "LogitsContext", rows: int) -> Optional[np.ndarray]:
+    def _exact_lengths_of(self, ctx: "LogitsContext", rows: int) -> Optional[np.ndarray]:
         """Each row's history length on the host when vLLM gives it exactly (one row per
         request, no speculative decoding; row r is then slot ctx.idx_mapping_np[r]), else None."""
         if not self._exact_lengths or rows != len(ctx.idx_mapping_np):
             return None
         return np.asarray(ctx.seq_lens_upper_bound_np[:rows], dtype=np.int64)
 
-    def _carried_history(self, ctx: "LogitsContext", rows: int) -> Optional[TokenHistory]:
-        """This step's histories from the last step's, or None when a row cannot be carried."""
-        lengths = self._exact_rows(ctx, rows)
-        if lengths is None or self._carried is None:
+    def _carried_history(self, ctx: "LogitsContext", lengths: np.ndarray) -> Optional[TokenHistory]:
+        """This step's histories (of these exact lengths) from the last step's, or None when a
+        row cannot be carried."""
+        if self._carried is None:
             return None
+        rows = lengths.shape[0]
         slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
         at = self._carried_row[slots]
         if (at < 0).any():
@@ -628,15 +630,13 @@ class _V2Processor(SamplersLogitsProcessor):
                            rows=None if advances.all() else torch.from_numpy(advances))
         return history
 
-    def _carry(self, history: TokenHistory, ctx: "LogitsContext", rows: int) -> None:
-        lengths = self._exact_rows(ctx, rows)
+    def _carry(self, history: TokenHistory, ctx: "LogitsContext", lengths: Optional[np.ndarray]) -> None:
+        """Keep this step's history for the next one (only when its lengths are exact)."""
         self._carried_row[:] = -1
-        if lengths is None:
-            self._carried = None
-            return
-        self._carried = history
-        self._carried_lengths = lengths
-        self._carried_row[np.asarray(ctx.idx_mapping_np, dtype=np.int64)] = np.arange(rows)
+        self._carried = history if lengths is not None else None
+        if lengths is not None:
+            self._carried_lengths = lengths
+            self._carried_row[np.asarray(ctx.idx_mapping_np, dtype=np.int64)] = np.arange(lengths.shape[0])
 
     def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
         rs = self.req_states
