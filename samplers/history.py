@@ -26,6 +26,10 @@ from then on:
   masked append keep their state), so `append` itself stays O(B) and the per-step DRY /
   n-gram work is one pass over the history, whatever the text.
 
+`select(rows)` and `merge(histories, source, rows)` make a history of rows taken from one
+history or stitched from several, carrying every derived structure built (indexed, not
+rebuilt; `merge` builds what one of its histories lacks over that history's rows only).
+
 Hashing. P[b, j] = sum_{i < j} (h[i] + 1) * r^i mod M, for (M, r) in `HASH_MODULI`,
 `HASH_BASES`. The substring h[a:b] is encoded by H(a, b) = P[b] - P[a] mod M, and for
 equal lengths h[a:b] == h[c:d] (c >= a) implies H(a, b) * r^(c - a) == H(c, d) (mod M)
@@ -44,7 +48,7 @@ of magnitude smaller. Every later update is exact.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +125,17 @@ def _flatten_rows(
             f"{name}[{row}] contains token id {int(flat[pos])}, outside [0, vocab_size={vocab_size})"
         )
     return flat, lengths
+
+
+class _Part(NamedTuple):
+    """Rows one history gives to `TokenHistory._gather`'s result: ``rows`` (on the history's
+    device) and ``host`` (the same on the host) are the history's row indices, ``dest`` the
+    result's rows they become (None: all of them, in order)."""
+
+    history: "TokenHistory"
+    rows: torch.Tensor
+    host: np.ndarray
+    dest: np.ndarray | None
 
 
 class TokenHistory:
@@ -430,27 +445,192 @@ class TokenHistory:
             host = rows.to(torch.int64).cpu().numpy().reshape(-1)  # free for a CPU tensor
         else:
             host = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return TokenHistory._gather([_Part(self, idx, host, None)])
+
+    @staticmethod
+    def merge(
+        histories: Sequence["TokenHistory"],
+        source: np.ndarray | Sequence[int],
+        rows: np.ndarray | Sequence[int],
+    ) -> "TokenHistory":
+        """A new TokenHistory whose row r is row ``rows[r]`` of ``histories[source[r]]``.
+
+        histories: on one device, with one vocab_size. source, rows: host int arrays of
+        the result's length (ValueError when their lengths differ or an entry points
+        outside ``histories`` or outside its history's rows).
+
+        Derived state: a structure built in any of the histories is built in the result,
+        each row's copied from its history; a history that lacks it builds it first, over
+        its own rows only, and every history's `match_lengths` is brought up to date first
+        (the result's is then up to date). So stitching a few new rows into a large
+        carried history costs the new rows' state, O(new rows * (history + V)), plus one
+        copy of the rows taken. No device sync. The histories keep their contents (only
+        state they would build on first use, or bring up to date, may be built).
+        """
+        if not histories:
+            raise ValueError("merge: histories is empty")
+        src = np.asarray(source, dtype=np.int64).reshape(-1)
+        at = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if src.shape != at.shape:
+            raise ValueError(f"merge: source has {src.size} entries but rows has {at.size}")
+        first = histories[0]
+        for k, h in enumerate(histories):
+            if h.vocab_size != first.vocab_size or h.device != first.device:
+                raise ValueError(
+                    f"merge: histories[{k}] has vocab_size {h.vocab_size} on {h.device}, "
+                    f"histories[0] has {first.vocab_size} on {first.device}"
+                )
+        if src.size and (src.min() < 0 or src.max() >= len(histories)):
+            raise ValueError(
+                f"merge: source entries must be in [0, {len(histories)}), got {src.min()}..{src.max()}"
+            )
+        parts = []
+        for k, h in enumerate(histories):
+            dest = np.flatnonzero(src == k)
+            if not dest.size:
+                continue
+            host = at[dest]
+            if host.min() < 0 or host.max() >= h.batch_size:
+                raise ValueError(
+                    f"merge: rows taken from histories[{k}] must be in [0, {h.batch_size}), "
+                    f"got {host.min()}..{host.max()}"
+                )
+            parts.append(_Part(h, torch.from_numpy(host).to(h.device, non_blocking=True), host, dest))
+        if not parts:
+            return first.select([])
+        if len(parts) == 1 and np.array_equal(parts[0].dest, np.arange(src.size)):
+            return TokenHistory._gather([parts[0]._replace(dest=None)])
+        return TokenHistory._gather(parts)
+
+    @staticmethod
+    def _gather(parts: list["_Part"]) -> "TokenHistory":
+        """The history of `select` (one part, its rows in order: ``dest`` None) or of `merge`
+        (each part's rows placed at the result's rows ``dest``, which cover 0..B-1 once)."""
+        first = parts[0].history
+        dev = first.device
+        b = sum(p.host.size for p in parts)
+        one = parts[0].dest is None
+        dest = None if one else [torch.from_numpy(p.dest).to(dev, non_blocking=True) for p in parts]
+
+        if not one and any(p.history._match is not None for p in parts):
+            for p in parts:  # built or brought up to date: one bookkeeping then holds for all
+                p.history.match_lengths()
+
+        def carried(attr: str, build) -> bool:
+            """Whether the result has ``attr``: whether any part has it (the others build it)."""
+            if all(getattr(p.history, attr) is None for p in parts):
+                return False
+            for p in parts:
+                if getattr(p.history, attr) is None:
+                    build(p.history)
+            return True
+
+        # Merging: the part with the most rows is copied once, every row of the result taking
+        # one of its rows (its own or, for the rows of the other parts, row 0), and the other
+        # parts' rows are written over it: one pass over the large part instead of two.
+        base = max(range(len(parts)), key=lambda k: parts[k].host.size)
+        if not one:
+            base_rows = np.zeros(b, dtype=np.int64)
+            base_rows[parts[base].dest] = parts[base].host
+            base_index = torch.from_numpy(base_rows).to(dev, non_blocking=True)
+
+        def assemble(attr: str, row_dim: int = 0, fill: int = 0) -> torch.Tensor:
+            whole = [getattr(p.history, attr) for p in parts]
+            if one:
+                return whole[0].index_select(row_dim, parts[0].rows)
+            ragged = whole[0].dim() - 1 != row_dim  # capacities may differ (V does not)
+            width = max(x.shape[-1] for x in whole) if ragged else 0
+            over = [k for k in range(len(parts)) if k != base]
+            if not ragged or whole[base].shape[-1] == width:
+                out = whole[base].index_select(row_dim, base_index)
+            else:
+                shape = list(whole[base].shape)
+                shape[row_dim], shape[-1] = b, width
+                out = torch.full(shape, fill, dtype=whole[base].dtype, device=dev)
+                over.insert(0, base)
+            for k in over:
+                x = whole[k].index_select(row_dim, parts[k].rows)
+                target = out
+                if ragged and x.shape[-1] < width:
+                    out.index_fill_(row_dim, dest[k], fill)
+                    target = out.narrow(-1, 0, x.shape[-1])
+                target.index_copy_(row_dim, dest[k], x)
+            return out
+
         new = TokenHistory.__new__(TokenHistory)
-        new.vocab_size = self.vocab_size
-        new.device = self.device
-        new.tokens = self.tokens[idx]
-        new.lengths = self.lengths[idx]
-        new.prompt_lengths = self.prompt_lengths[idx]
-        new._host_lengths = self._host_lengths[host]
-        new._max_len = int(new._host_lengths.max()) if host.size else 0
-        new._steps = self._steps
-        new._counts = self._counts[idx] if self._counts is not None else None
-        new._seen = self._seen[idx] if self._seen is not None else None
-        new._seen_buf = self._select_seen_ids(host)
+        new.vocab_size = first.vocab_size
+        new.device = dev
+        new.tokens = assemble("tokens", fill=-1)
+        new.lengths = assemble("lengths")
+        new.prompt_lengths = assemble("prompt_lengths")
+        new._host_lengths = np.empty(b, dtype=np.int64)
+        for p in parts:
+            new._host_lengths[slice(None) if one else p.dest] = p.history._host_lengths[p.host]
+        new._max_len = int(new._host_lengths.max()) if b else 0
+        new._counts = assemble("_counts") if carried("_counts", TokenHistory.output_counts) else None
+        new._seen = assemble("_seen") if carried("_seen", TokenHistory.seen_mask) else None
+        new._hashes = assemble("_hashes", row_dim=1) if carried("_hashes", TokenHistory.prefix_hashes) else None
+        new._match = assemble("_match") if carried("_match", TokenHistory.match_lengths) else None
+        if one:
+            new._steps, new._match_steps = first._steps, first._match_steps
+            new._match_len = first._match_len[parts[0].rows] if first._match_len is not None else None
+            new._masked_since_match = first._masked_since_match
+        else:
+            new._steps = new._match_steps = 0
+            new._match_len = new.lengths if new._match is not None else None
+            new._masked_since_match = False
+        new._match_nz = None
+        # (listed where the CPU's incremental update keeps the list: not on the sync-free path)
+        if new._match is not None and not first._sync_free_match() and (not one or first._match_nz is not None):
+            new._match_nz = TokenHistory._gathered_match_nz(parts, b)
+        new._seen_buf = None
+        if dev.type == "cpu" and carried("_seen_buf", TokenHistory.seen_ids):
+            new._seen_buf = TokenHistory._gathered_seen_ids(parts)
         new._seen_n = new._seen_buf.size if new._seen_buf is not None else 0
         new._seen_view = None
-        new._hashes = self._hashes[:, idx] if self._hashes is not None else None
-        new._match = self._match[idx] if self._match is not None else None
-        new._match_steps = self._match_steps
-        new._match_len = self._match_len[idx] if self._match_len is not None else None
-        new._masked_since_match = self._masked_since_match
-        new._match_nz = None  # found again from new._match when needed
         return new
+
+    @staticmethod
+    def _gathered_match_nz(parts: list["_Part"], b: int) -> tuple[np.ndarray, np.ndarray]:
+        """`_match_nz` of `_gather`'s result (CPU): each row's entries are those of the row it
+        copies, so the parts' row-major lists are cut into rows and laid out in the result's
+        row order (O(entries + B), no pass over the match tables that list them already; a
+        part without its list, such as rows just built, is listed first)."""
+        starts = np.empty(b, dtype=np.int64)
+        counts = np.empty(b, dtype=np.int64)
+        cols, offset = [], 0
+        for p in parts:
+            h = p.history
+            if h._match_nz is None:
+                h._match_nz = np.divmod(np.flatnonzero(h._match.numpy()), h._match.shape[1])
+            nz_r, nz_c = h._match_nz
+            per_row = np.bincount(nz_r, minlength=h.batch_size)
+            first = np.cumsum(per_row) - per_row + offset
+            at = slice(None) if p.dest is None else p.dest
+            starts[at] = first[p.host]
+            counts[at] = per_row[p.host]
+            cols.append(nz_c)
+            offset += nz_c.size
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        taken = np.repeat(starts, counts) + within
+        return np.repeat(np.arange(b), counts), np.concatenate(cols)[taken]
+
+    @staticmethod
+    def _gathered_seen_ids(parts: list["_Part"]) -> np.ndarray | None:
+        """`seen_ids` of `_gather`'s result from its parts' lists: each part's entries of the
+        rows it gives, renumbered to their rows in the result; None (left to be built
+        again on first use) when a part gives a row twice (its entries would be listed twice)."""
+        lists = []
+        for p in parts:
+            ids = p.history._select_seen_ids(p.host)  # renumbered to 0..len(p.host)-1
+            if ids is None:
+                return None
+            if p.dest is not None:
+                v = p.history.vocab_size
+                row = ids // v
+                ids = ids + (p.dest[row] - row) * v
+            lists.append(ids)
+        return lists[0] if len(lists) == 1 else np.concatenate(lists)
 
     def follow(self, source: "TokenHistory", host_rows: np.ndarray, max_steps: int = 8) -> bool:
         """Catch up with ``source``: append to each row ``b`` the tokens that ``source``'s row
@@ -470,7 +650,7 @@ class TokenHistory:
         behind = source._host_lengths[host] - self._host_lengths
         if host.size and (int(behind.min()) < 0 or int(behind.max()) > max_steps):
             return False
-        index = torch.from_numpy(host).to(self.device)
+        index = torch.from_numpy(host).to(self.device, non_blocking=True)
         last = source.capacity - 1
         for step in range(int(behind.max(initial=0))):
             due = behind > step

@@ -43,20 +43,27 @@ def assert_seen_ids_listed(th: TokenHistory) -> None:
     assert np.array_equal(np.sort(ids), np.flatnonzero(th.seen_mask().numpy()))  # sorted: no duplicate
 
 
-def check_against_reference(th: TokenHistory, hists: list[list[int]], prompts: list[list[int]]) -> None:
-    """Every structure of `th` equals the one computed from the plain lists."""
+def check_against_reference(
+    th: TokenHistory, hists: list[list[int]], prompts: list[list[int]], loose_bound: bool = False
+) -> None:
+    """Every structure of `th` equals the one computed from the plain lists (``loose_bound``:
+    `max_length` may be an upper bound, as for a history made by `from_tensors`)."""
     v = th.vocab_size
     assert th.to_lists() == hists
     assert th.lengths.tolist() == [len(h) for h in hists]
     assert th.prompt_lengths.tolist() == [len(p) for p in prompts]
     assert th.output_lengths.tolist() == [len(h) - len(p) for h, p in zip(hists, prompts)]
-    assert th.max_length == max((len(h) for h in hists), default=0)
-    assert (th.tokens[:, th.max_length :] == -1).all()
+    longest = max((len(h) for h in hists), default=0)
+    assert th.max_length >= longest if loose_bound else th.max_length == longest
+    assert (th.tokens[:, longest:] == -1).all()
     counts = th.output_counts()
     seen = th.seen_mask()
     match = th.match_lengths()
     hashes = th.prefix_hashes()
     assert counts.dtype == torch.int32 and seen.dtype == torch.bool and match.dtype == torch.int32
+    rows, cols, lengths = th.match_entries()  # the nonzero entries, listed row-major
+    listed = torch.stack([rows, cols], dim=1) if rows.numel() else torch.zeros(0, 2, dtype=torch.int64)
+    assert torch.equal(listed, match.nonzero()) and torch.equal(lengths, match[match != 0])
     for b, (h, p) in enumerate(zip(hists, prompts)):
         out = h[len(p) :]
         assert counts[b].tolist() == [out.count(t) for t in range(v)]
@@ -304,6 +311,91 @@ def test_follow_equals_a_fresh_select(data, draw):
     assert not ahead.follow(th, host)
     with pytest.raises(ValueError, match="follow"):
         sub.follow(th, host[:-1] if len(rows) > 1 else np.array([0, 0]))
+
+
+history_parts = st.lists(
+    st.tuples(
+        st.lists(st.lists(st.integers(0, 5), max_size=20), min_size=1, max_size=3),  # prompts
+        st.lists(st.lists(st.integers(0, 5), max_size=6), min_size=3, max_size=3),  # outputs
+        st.lists(st.lists(st.integers(0, 5), min_size=3, max_size=3), max_size=20),  # appends
+        st.sampled_from(["none", "counts", "all", "stale"]),  # derived state built beforehand
+        st.booleans(),  # from_tensors (a loose length bound) or from lists
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(history_parts, st.data())
+def test_merge_equals_the_rows_built_afresh(parts, draw):
+    """Rows stitched from several histories (different capacities, built from lists or from
+    tensors, with none / some / all / stale derived state) equal every structure of the
+    same rows built from the plain lists, and keep doing so through masked and unmasked
+    appends; the histories merged from are unchanged."""
+    v = 6
+    sources, lists = [], []
+    for prompts, outputs, steps, state, tensors in parts:
+        outputs = outputs[: len(prompts)]
+        hists = [p + o for p, o in zip(prompts, outputs)]
+        if tensors:
+            width = max(len(h) for h in hists) + 3
+            tok = torch.full((len(hists), max(width, 1)), 4, dtype=torch.int64)  # junk past the lengths
+            for r, h in enumerate(hists):
+                tok[r, : len(h)] = torch.tensor(h, dtype=torch.int64)
+            th = TokenHistory.from_tensors(tok, torch.tensor([len(h) for h in hists]),
+                                           torch.tensor([len(p) for p in prompts]), v, width)
+        else:
+            th = TokenHistory(prompts, outputs, vocab_size=v)
+        if state in ("all", "stale"):
+            th.output_counts(), th.seen_mask(), th.seen_ids(), th.prefix_hashes(), th.match_lengths()
+        elif state == "counts":
+            th.output_counts()
+        for toks in steps[: 20 if state == "stale" else 0]:  # appended after the match table was built
+            toks = toks[: len(hists)]
+            th.append(torch.tensor(toks))
+            for h, t in zip(hists, toks):
+                h.append(t)
+        sources.append(th)
+        lists.append((hists, list(prompts)))
+    n = draw.draw(st.integers(0, 7))
+    source = draw.draw(st.lists(st.integers(0, len(sources) - 1), min_size=n, max_size=n))
+    rows = [draw.draw(st.integers(0, sources[k].batch_size - 1)) for k in source]
+    before = [th.to_lists() for th in sources]
+    merged = TokenHistory.merge(sources, np.array(source), np.array(rows))
+    assert [th.to_lists() for th in sources] == before
+    if any(sources[k]._counts is not None for k in source):
+        assert merged._counts is not None  # carried: built for the rows of histories without it
+    m_h = [list(lists[k][0][r]) for k, r in zip(source, rows)]
+    m_p = [lists[k][1][r] for k, r in zip(source, rows)]
+    if not m_h:
+        assert merged.batch_size == 0
+        return
+    loose = any(parts[k][4] for k in source)
+    check_against_reference(merged, m_h, m_p, loose)
+    for i in range(3):
+        toks = [(r * 5 + i) % v for r in range(len(m_h))]
+        mask = [bool((r + i) % 3) for r in range(len(m_h))] if i == 1 else [True] * len(m_h)
+        merged.append(torch.tensor(toks), rows=torch.tensor(mask))
+        for h, t, m in zip(m_h, toks, mask):
+            if m:
+                h.append(t)
+        check_against_reference(merged, m_h, m_p, loose)
+
+
+def test_merge_rejects_bad_arguments():
+    a = TokenHistory([[1, 2]], [[3]], vocab_size=6)
+    b = TokenHistory([[1]], [[]], vocab_size=7)
+    with pytest.raises(ValueError, match="histories is empty"):
+        TokenHistory.merge([], [], [])
+    with pytest.raises(ValueError, match="source has 2 entries but rows has 1"):
+        TokenHistory.merge([a], [0, 0], [0])
+    with pytest.raises(ValueError, match=r"histories\[1\] has vocab_size 7"):
+        TokenHistory.merge([a, b], [0], [0])
+    with pytest.raises(ValueError, match=r"source entries must be in \[0, 1\)"):
+        TokenHistory.merge([a], [1], [0])
+    with pytest.raises(ValueError, match=r"rows taken from histories\[0\] must be in \[0, 1\)"):
+        TokenHistory.merge([a], [0], [1])
 
 
 def test_match_lengths_random_against_reference():

@@ -654,6 +654,44 @@ def test_match_lengths_on_a_meta_device():
         assert th.match_lengths().shape == (3, th.capacity)
 
 
+def test_merge_on_the_device_branch_reads_nothing_back(monkeypatch):
+    """``TokenHistory.merge`` (vLLM's V2 processor stitching new rows into carried ones) on
+    the branch it takes off the CPU: building the state a history lacks, bringing match
+    tables up to date and copying the rows read nothing back, and the result equals the
+    rows merged on the CPU's branch."""
+    import samplers.history as history
+
+    rng = np.random.default_rng(8)
+    V = 32
+
+    def pair():
+        carried = TokenHistory([rng.integers(0, 5, size=n).tolist() for n in (40, 3, 18)],
+                               [[1, 2], [], [4]], vocab_size=V)
+        carried.output_counts(), carried.seen_mask(), carried.prefix_hashes(), carried.match_lengths()
+        carried.append(torch.tensor([1, 2, 3]))  # a step the match table has not taken in yet
+        tok = torch.tensor(rng.integers(0, 5, size=(2, 70)))
+        fresh = TokenHistory.from_tensors(tok, torch.tensor([70, 9]), torch.tensor([60, 9]), V, 70)
+        return carried, fresh
+
+    source, rows = np.array([0, 1, 0, 1]), np.array([2, 0, 0, 1])
+    state = rng.bit_generator.state
+    expected = TokenHistory.merge(list(pair()), source, rows)
+    rng.bit_generator.state = state
+    monkeypatch.setattr(history, "_FORCE_SYNC_FREE", True)
+    histories = pair()
+    with no_host_reads():
+        merged = TokenHistory.merge(list(histories), source, rows)
+    # (the mask is on the host, as the processor passes it: `append` reads it there)
+    merged.append(torch.tensor([3, 3, 3, 3]), rows=torch.tensor([True, False, True, True]))
+    with no_host_reads():
+        merged.match_lengths()
+    expected.append(torch.tensor([3, 3, 3, 3]), rows=torch.tensor([True, False, True, True]))
+    assert merged.to_lists() == expected.to_lists()
+    for get in ("output_counts", "seen_mask", "match_lengths", "prefix_hashes"):
+        w = merged.max_length + 1
+        assert torch.equal(getattr(merged, get)()[..., :w], getattr(expected, get)()[..., :w]), get
+
+
 def test_select_with_host_rows_reads_nothing_back(monkeypatch):
     """``TokenHistory.select(rows, host_rows=...)`` indexes its host bookkeeping with the
     host indices (no read of ``rows``), and the pipeline's per-stage row subsets of a batch

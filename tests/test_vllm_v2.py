@@ -420,6 +420,56 @@ def test_steady_state_decoding_carries_the_history(cpu_buffers):
     assert checked >= 60 and proc.history_builds == 1
 
 
+def test_joining_requests_build_only_their_own_rows(cpu_buffers):
+    """Requests joining a decoding batch (one prefilled in one step, one in three chunks, a
+    resumed one, one in a reused slot) build only their own rows' histories, merged with the
+    carried ones; every row equals the pipeline's on histories built from scratch."""
+    rng = random.Random(9)
+    runner = Runner(rng)
+    proc = make_processor(runner.rs)
+    runner.procs.append(proc)
+    blocks = [{"dry_multiplier": 0.8, "repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2},
+              {"min_tokens": 3, "presence_penalty": 0.5, "frequency_penalty": 0.3, "seed": 3}]
+
+    def decoding(block, prompt_len, output=()):
+        req = Req(vparams(block, stop_token_ids=[5]), [rng.randrange(6) for _ in range(prompt_len)],
+                  list(output))
+        runner.add(req)
+        return req
+
+    for block in blocks:
+        req = decoding(block, 9)
+        req.computed = req.prefill - 1  # prefilled: the last prompt token is fed with the first step
+    built = []  # rows built at each step
+    for step in range(14):
+        if step == 3:
+            req = decoding(blocks[0], 7)
+            req.computed = req.prefill - 1  # joins with its whole prompt at once
+        if step == 6:
+            decoding(blocks[2], 12)  # joins in prompt chunks
+        if step == 9:
+            left = runner.reqs[1]
+            runner.remove(left)
+            runner.add(left)  # resumed: its output so far re-fed as prefill, perhaps in chunks
+            decoding(blocks[1], 5, output=[3, 4]).computed = 6  # one row (in left's old slot)
+        before = proc.history_rows_built
+        ctx, rows = runner.step()
+        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
+        got = proc.apply(logits.clone(), ctx)
+        for r, (req, hist, _) in enumerate(rows):
+            want = expected_row(logits[r], req.vp, hist, len(req.prompt))
+            torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
+            assert torch.equal(torch.isinf(got[r]), torch.isinf(want)), f"step {step} row {r}"
+        built.append(proc.history_rows_built - before)
+        # Only rows of requests in prefill are built (one fed a single output token, a resumed
+        # request's second chunk, may be carried); decoding rows never are.
+        prefilling = sum(req._scheduled[0] == "prefill" for req in runner.reqs)
+        assert built[-1] <= prefilling, (step, built)
+        runner.commit(rows, got)
+    assert proc.history_builds == 1  # the first step; every later one merged or carried
+    assert built[0] == 3 and sum(built[1:]) >= 4 and max(built[1:]) <= 2, built
+
+
 def test_processor_with_the_triton_backend(cpu_buffers):
     """The V2 processor on the kernels path (Triton's interpreter on a CPU) against the torch
     reference, carried and built steps alike."""
@@ -482,7 +532,6 @@ def test_seeded_rows_are_reproducible_whatever_the_batch(cpu_buffers):
             runner.add(random_req(rng))
         target = Req(vparams(block), [3, 1, 4, 1, 5, 9, 2, 6], [])
         runner.add(target)
-        chosen = []
         for step in range(10):
             ctx, rows = runner.step()
             # the target's logits depend on its position only, the others' on the batch

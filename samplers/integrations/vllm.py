@@ -501,8 +501,10 @@ class _V2Processor(SamplersLogitsProcessor):
     from the last step (same slot, no ``add_request`` since) and each longer by one output
     token (``ctx.input_ids``, the token fed at pos) or by none takes the last step's history
     (``select``-ed when the rows moved) and ``append``s those tokens: O(rows) on the device,
-    decided from host arrays only. Any other step (a new request, a prefill chunk, drafts)
-    builds from vLLM's buffers as above, and that history is carried from then on.
+    decided from host arrays only. Rows that cannot be carried (a new request, a prefill
+    chunk, a re-added slot) are built from vLLM's buffers as above, by themselves, and
+    ``TokenHistory.merge``-d with the carried rows; a step with none to carry (or with drafts)
+    builds every row, and that history is carried from then on.
     """
 
     def __init__(self, vllm_config: "VllmConfig", req_states: "LogitsProcRequestState",
@@ -527,7 +529,9 @@ class _V2Processor(SamplersLogitsProcessor):
         self._carried: Optional[TokenHistory] = None
         self._carried_lengths = np.zeros(0, dtype=np.int64)
         self._carried_row = np.full(n, -1, dtype=np.int64)
-        self.history_builds = 0  # histories built from vLLM's buffers (for tests and diagnostics)
+        # Histories built from vLLM's buffers, whole and row by row (for tests and diagnostics).
+        self.history_builds = 0
+        self.history_rows_built = 0
         self._any_draws = np.zeros(n, dtype=bool)
         self.table_builds = 0  # for tests and diagnostics
 
@@ -586,8 +590,9 @@ class _V2Processor(SamplersLogitsProcessor):
         lengths = self._exact_lengths_of(ctx, rows)
         history = None if lengths is None else self._carried_history(ctx, lengths)
         if history is None:
-            history = self._history(slots, ctx, rows)
+            history = self._history(ctx)
             self.history_builds += 1
+            self.history_rows_built += rows
         self._carry(history, ctx, lengths)
         batch = self._table.gather(self._slot_row.index_select(0, slots), history)
         out = self.pipeline.process(logits, batch)
@@ -605,26 +610,32 @@ class _V2Processor(SamplersLogitsProcessor):
         return np.asarray(ctx.seq_lens_upper_bound_np[:rows], dtype=np.int64)
 
     def _carried_history(self, ctx: "LogitsContext", lengths: np.ndarray) -> Optional[TokenHistory]:
-        """This step's histories (of these exact lengths) from the last step's, or None when a
-        row cannot be carried."""
+        """This step's histories (of these exact lengths) from the last step's, or None when no
+        row can be carried. Rows that cannot (a new request, a prompt chunk, a resumed
+        request) are built from vLLM's buffers alone and merged in."""
         if self._carried is None:
             return None
-        rows = lengths.shape[0]
         slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
         at = self._carried_row[slots]
-        if (at < 0).any():
-            return None
-        grown = lengths - self._carried_lengths[at]
+        held = at >= 0
+        grown = np.where(held, lengths - self._carried_lengths[np.maximum(at, 0)], -1)
         advances = grown == 1
-        if not (advances | (grown == 0)).all():
-            return None
-        # The appended token must be output: a prompt chunk of one token is built instead.
-        prompt = self.req_states.prompt_len.np[slots[advances]]
-        if (lengths[advances] - 1 < prompt).any():
+        # The appended token must be output: a row fed a one-token prompt chunk is built instead.
+        advances &= lengths - 1 >= self.req_states.prompt_len.np[slots]
+        kept = advances | (grown == 0)
+        if not kept.any():
             return None
         history = self._carried
-        if at.shape[0] != history.batch_size or (at != np.arange(rows)).any():
-            history = history.select(torch.from_numpy(at).to(self.device), host_rows=at)
+        if not kept.all():
+            fresh = np.flatnonzero(~kept)
+            built = self._history(ctx, fresh)
+            self.history_rows_built += fresh.size
+            place = np.zeros(at.shape[0], dtype=np.int64)
+            place[fresh] = np.arange(fresh.size)
+            history = TokenHistory.merge([history, built], source=(~kept).astype(np.int64),
+                                         rows=np.where(kept, at, place))
+        elif at.shape[0] != history.batch_size or (at != np.arange(at.shape[0])).any():
+            history = history.select(torch.from_numpy(at).to(self.device, non_blocking=True), host_rows=at)
         if advances.any():
             history.append(ctx.input_ids.to(torch.int64),
                            rows=None if advances.all() else torch.from_numpy(advances))
@@ -638,14 +649,24 @@ class _V2Processor(SamplersLogitsProcessor):
             self._carried_lengths = lengths
             self._carried_row[np.asarray(ctx.idx_mapping_np, dtype=np.int64)] = np.arange(lengths.shape[0])
 
-    def _history(self, slots: torch.Tensor, ctx: "LogitsContext", rows: int) -> TokenHistory:
+    def _history(self, ctx: "LogitsContext", sel: Optional[np.ndarray] = None) -> TokenHistory:
+        """The rows' histories from vLLM's buffers: every logits row, or the rows ``sel``
+        (host indices; every row of the requests they cover)."""
         rs = self.req_states
         committed = rs.all_token_ids.gpu
-        # Host upper bound of every row's pos + 1 (computed + scheduled tokens, drafts too).
-        width = int(ctx.seq_lens_upper_bound_np.max()) if len(ctx.seq_lens_upper_bound_np) else 1
-        width = max(1, min(width, committed.shape[1]))
+        slots = ctx.expanded_idx_mapping.to(torch.int64)
         pos = ctx.pos.to(torch.int64)
         local = ctx.expanded_local_pos.to(torch.int64)
+        fed_ids = ctx.input_ids.to(torch.int64)
+        # Host upper bound of every row's pos + 1 (computed + scheduled tokens, drafts too).
+        bounds = ctx.seq_lens_upper_bound_np
+        if sel is not None:
+            index = torch.from_numpy(sel).to(self.device, non_blocking=True)
+            slots, pos, local, fed_ids = (t.index_select(0, index) for t in (slots, pos, local, fed_ids))
+            bounds = bounds[sel]
+        rows = slots.shape[0]
+        width = int(bounds.max()) if len(bounds) else 1
+        width = max(1, min(width, committed.shape[1]))
         lengths = (pos + 1).clamp(max=width)
         first = pos - local  # position of the request's first row's input token
         at = torch.arange(width, device=self.device)
@@ -654,7 +675,7 @@ class _V2Processor(SamplersLogitsProcessor):
         # consecutive, at consecutive positions).
         fed = (at[None, :] >= first[:, None]) & (at[None, :] <= pos[:, None])
         src = (torch.arange(rows, device=self.device)[:, None] - (pos[:, None] - at[None, :]))
-        from_rows = ctx.input_ids.to(torch.int64).index_select(0, src.clamp(0, rows - 1).reshape(-1))
+        from_rows = fed_ids.index_select(0, src.clamp(0, rows - 1).reshape(-1))
         tokens = torch.where(fed, from_rows.view(rows, width), tokens)
         prompt = torch.minimum(rs.prompt_len.gpu.to(self.device).index_select(0, slots).to(torch.int64),
                                lengths)
