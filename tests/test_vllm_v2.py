@@ -315,19 +315,28 @@ def run(runner, proc, rng, steps, spec=0, churn=True, preempt=False):
             runner.add(req)
         if not runner.reqs:
             continue
-        ctx, rows = runner.step(spec)
-        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
-        got = proc.apply(logits.clone(), ctx)
-        for r, (req, hist, _) in enumerate(rows):
-            want = expected_row(logits[r], req.vp, hist, len(req.prompt))
-            if EXTRA_ARGS_KEY not in (req.vp.extra_args or {}):
-                assert torch.equal(got[r], logits[r]), "a declined row was changed"
-                continue
-            torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
-            assert torch.equal(torch.isinf(got[r]), torch.isinf(want)), f"step {step} row {r}"
-            checked_rows += 1
+        rows, got, checked = step_and_compare(runner, proc, step, spec)
+        checked_rows += checked
         runner.commit(rows, got)
     return checked_rows
+
+
+def step_and_compare(runner, proc, step, spec=0):
+    """One step of the processor, each row compared with the reference row on its history
+    (a declined row must come back unchanged); returns (rows, output, rows compared)."""
+    ctx, rows = runner.step(spec)
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
+    got = proc.apply(logits.clone(), ctx)
+    checked = 0
+    for r, (req, hist, _) in enumerate(rows):
+        if EXTRA_ARGS_KEY not in (req.vp.extra_args or {}):
+            assert torch.equal(got[r], logits[r]), "a declined row was changed"
+            continue
+        want = expected_row(logits[r], req.vp, hist, len(req.prompt))
+        torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(torch.isinf(got[r]), torch.isinf(want)), f"step {step} row {r}"
+        checked += 1
+    return rows, got, checked
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -408,14 +417,8 @@ def test_steady_state_decoding_carries_the_history(cpu_buffers):
     for step in range(12):
         if step == 6:
             runner.remove(runner.reqs[2])
-        ctx, rows = runner.step()
-        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
-        got = proc.apply(logits.clone(), ctx)
-        for r, (req, hist, _) in enumerate(rows):
-            want = expected_row(logits[r], req.vp, hist, len(req.prompt))
-            torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
-            assert torch.equal(torch.isinf(got[r]), torch.isinf(want))
-            checked += 1
+        rows, got, compared = step_and_compare(runner, proc, step)
+        checked += compared
         runner.commit(rows, got)
     assert checked >= 60 and proc.history_builds == 1
 
@@ -453,13 +456,8 @@ def test_joining_requests_build_only_their_own_rows(cpu_buffers):
             runner.add(left)  # resumed: its output so far re-fed as prefill, perhaps in chunks
             decoding(blocks[1], 5, output=[3, 4]).computed = 6  # one row (in left's old slot)
         before = proc.history_rows_built
-        ctx, rows = runner.step()
-        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
-        got = proc.apply(logits.clone(), ctx)
-        for r, (req, hist, _) in enumerate(rows):
-            want = expected_row(logits[r], req.vp, hist, len(req.prompt))
-            torch.testing.assert_close(got[r], want, rtol=1e-6, atol=1e-6, equal_nan=True)
-            assert torch.equal(torch.isinf(got[r]), torch.isinf(want)), f"step {step} row {r}"
+        rows, got, compared = step_and_compare(runner, proc, step)
+        assert compared == len(rows)
         built.append(proc.history_rows_built - before)
         # Only rows of requests in prefill are built (one fed a single output token, a resumed
         # request's second chunk, may be carried); decoding rows never are.
