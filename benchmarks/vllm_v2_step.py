@@ -163,9 +163,10 @@ def main() -> None:
         B, V = (int(x) for x in shape.split("x"))
         for H in args.history:
             r = measure(B, V, H, args.steps, args.warmup, args.join_every)
+            join = (f"{r['join_ms']:.2f} | {r['join_ms'] / r['processor_ms']:.2f}" if args.join_every
+                    else "- | -")
             print(f"| [{B}, {V}] | {H} | {r['processor_ms']:.2f} | {r['pipeline_ms']:.2f} | "
-                  f"{r['ratio']:.2f} | {r['join_ms']:.2f} | {r['join_ms'] / r['processor_ms']:.2f} | "
-                  f"{r['builds']} | {r['rows_built']} |")
+                  f"{r['ratio']:.2f} | {join} | {r['builds']} | {r['rows_built']} |")
 
 
 if __name__ == "__main__":

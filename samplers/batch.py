@@ -322,6 +322,7 @@ class SamplingBatch:
         self.all_identity = all(identity)
         self.any_identity = any(identity)
         self.identity_rows = torch.tensor(identity, dtype=torch.bool, device=self.device)
+        self._identity_host = np.asarray(identity, dtype=bool)
         self.any_skew = any(p.skew != 0.0 for p in params)
         self.any_top_k = any(p.top_k > 0 for p in params)
         self.any_top_p = any(p.top_p < 1.0 for p in params)
@@ -464,7 +465,8 @@ class SamplingBatch:
             history=self.history.select(index, host_rows=host),
         )
 
-    def gather(self, index: torch.Tensor, history: TokenHistory) -> "SamplingBatch":
+    def gather(self, index: torch.Tensor, history: TokenHistory,
+               rows_taken: Optional[np.ndarray] = None) -> "SamplingBatch":
         """A batch whose row r has the parameters of this batch's row ``index[r]`` and the
         r-th row of ``history``, without a device sync or a loop over rows.
 
@@ -476,6 +478,10 @@ class SamplingBatch:
         ``logit_bias`` / ``min_tokens`` lists are padded per row to the longest (a -0.0 bias,
         a repeated id), so their COO form can be indexed too. The result has no ``params``
         (they stay on the host) and cannot be ``select``-ed or ``gather``-ed again.
+        rows_taken: the rows ``index`` takes, on the host (any order or multiplicity: only
+        which rows), when the caller knows them (an engine's slot -> row map on the host):
+        whether rows of default parameters are among them is then known exactly, so a
+        batch with none skips the ``[R, V]`` pass that returns such rows unchanged.
         """
         R = int(index.shape[0])
         if history.batch_size != R:
@@ -500,6 +506,9 @@ class SamplingBatch:
         new.schedule_rows = [None] * len(new.schedule)
         new.schedule_rows_host = [None] * len(new.schedule)
         new.identity_rows = self.identity_rows.index_select(0, index)
+        if rows_taken is not None:
+            taken = self._identity_host[np.asarray(rows_taken, dtype=np.int64)]
+            new.any_identity, new.all_identity = bool(taken.any()), bool(taken.all())
         pad = self._padded_lists()
         rows = torch.arange(R, device=self.device)
         if self.logit_bias_coo is not None:

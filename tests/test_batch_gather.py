@@ -90,3 +90,25 @@ def test_gather_processes_like_a_batch_built_from_the_rows(seed):
     u_want = row_uniforms(built.key_lo, built.key_hi, built.output_lengths, built.sequence_indices, PURPOSE_DRAW)
     assert torch.equal(u_got[seeded], u_want[seeded])
     assert torch.equal(gathered.greedy, built.greedy)
+
+
+@pytest.mark.parametrize("index", [[1, 2, 8, 2], [3, 0, 5, 0], [0, 0, 0]])
+def test_gather_with_the_rows_taken_knows_its_default_rows(index):
+    """``rows_taken`` (the host's copy of which table rows ``index`` takes) makes the
+    default-row facts exact: a batch without a default row skips the pass that restores
+    such rows, one with them still returns them unchanged, and the result is bit-identical
+    to the gather without it."""
+    rng = random.Random(len(index))
+    table = SamplingBatch(PARAMS, vocab_size=V, sequence_indices=list(range(len(PARAMS))))
+    assert table.any_identity and not table.all_identity  # row 0: every parameter at its default
+    prompts, outputs = histories(rng, len(index))
+    plain = table.gather(torch.tensor(index), from_tensors(prompts, outputs))
+    known = table.gather(torch.tensor(index), from_tensors(prompts, outputs), rows_taken=sorted(set(index)))
+    assert plain.any_identity and not plain.all_identity  # the table's facts: a superset
+    assert known.any_identity == (0 in index) and known.all_identity == all(i == 0 for i in index)
+    logits = torch.randn(len(index), V, generator=torch.Generator().manual_seed(1)) * 3
+    pipe = SamplerPipeline(backend="torch", seed=0)
+    got = pipe.process(logits, known)
+    assert torch.equal(got, pipe.process(logits, plain))
+    default = torch.tensor(index) == 0
+    assert torch.equal(got[default], logits[default])

@@ -521,6 +521,7 @@ class _V2Processor(SamplersLogitsProcessor):
         self._stale = False
         self._table: Optional[SamplingBatch] = None
         self._slot_row = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._slot_row_host = np.zeros(n, dtype=np.int64)
         self._slot_ours = torch.zeros(n, dtype=torch.bool, device=self.device)
         self._slot_draws = torch.zeros(n, dtype=torch.bool, device=self.device)
         # The history carried to the next step (see the class docstring): its rows' slots and
@@ -563,6 +564,7 @@ class _V2Processor(SamplersLogitsProcessor):
         draws = np.zeros(n, dtype=bool)
         draws[slots] = [e.draws for e in entries]
         # Host -> device copies only: nothing waits for the device.
+        self._slot_row_host = row
         self._slot_row = torch.from_numpy(row).to(self.device, non_blocking=True)
         self._slot_ours = torch.from_numpy(self._ours.copy()).to(self.device, non_blocking=True)
         self._slot_draws = torch.from_numpy(draws).to(self.device, non_blocking=True)
@@ -594,7 +596,8 @@ class _V2Processor(SamplersLogitsProcessor):
             self.history_builds += 1
             self.history_rows_built += rows
         self._carry(history, ctx, lengths)
-        batch = self._table.gather(self._slot_row.index_select(0, slots), history)
+        batch = self._table.gather(self._slot_row.index_select(0, slots), history,
+                                   rows_taken=self._slot_row_host[ctx.idx_mapping_np])
         out = self.pipeline.process(logits, batch)
         if self._any_draws[ctx.idx_mapping_np].any():
             out = _choose(out, batch, self._slot_draws.index_select(0, slots))
