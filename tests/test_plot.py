@@ -254,6 +254,7 @@ def test_report_reads_ratio_tables():
     assert b.labels == ["dry"] and b.values == [[3.5]]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. a panel too many: the layout collapses
 def test_report_draws_the_committed_chart(tmp_path):
     from PIL import Image
 
