@@ -528,8 +528,8 @@ class TokenHistory:
         # Merging: the part with the most rows is copied once, every row of the result taking
         # one of its rows (its own or, for the rows of the other parts, row 0), and the other
         # parts' rows are written over it: one pass over the large part instead of two.
-        base = max(range(len(parts)), key=lambda k: parts[k].host.size)
         if not one:
+            base = max(range(len(parts)), key=lambda k: parts[k].host.size)
             base_rows = np.zeros(b, dtype=np.int64)
             base_rows[parts[base].dest] = parts[base].host
             base_index = torch.from_numpy(base_rows).to(dev, non_blocking=True)

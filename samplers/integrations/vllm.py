@@ -590,9 +590,9 @@ class _V2Processor(SamplersLogitsProcessor):
         slots = ctx.expanded_idx_mapping.to(torch.int64)
         rows = logits.shape[0]
         lengths = self._exact_lengths_of(ctx, rows)
-        history = None if lengths is None else self._carried_history(ctx, lengths)
+        history = None if lengths is None else self._carried_history(ctx, slots, lengths)
         if history is None:
-            history = self._history(ctx)
+            history = self._history(ctx, slots)
             self.history_builds += 1
             self.history_rows_built += rows
         self._carry(history, ctx, lengths)
@@ -612,26 +612,27 @@ class _V2Processor(SamplersLogitsProcessor):
             return None
         return np.asarray(ctx.seq_lens_upper_bound_np[:rows], dtype=np.int64)
 
-    def _carried_history(self, ctx: "LogitsContext", lengths: np.ndarray) -> Optional[TokenHistory]:
+    def _carried_history(self, ctx: "LogitsContext", slots: torch.Tensor,
+                         lengths: np.ndarray) -> Optional[TokenHistory]:
         """This step's histories (of these exact lengths) from the last step's, or None when no
         row can be carried. Rows that cannot (a new request, a prompt chunk, a resumed
         request) are built from vLLM's buffers alone and merged in."""
         if self._carried is None:
             return None
-        slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
-        at = self._carried_row[slots]
+        host_slots = np.asarray(ctx.idx_mapping_np, dtype=np.int64)  # (one row per request)
+        at = self._carried_row[host_slots]
         held = at >= 0
         grown = np.where(held, lengths - self._carried_lengths[np.maximum(at, 0)], -1)
         advances = grown == 1
         # The appended token must be output: a row fed a one-token prompt chunk is built instead.
-        advances &= lengths - 1 >= self.req_states.prompt_len.np[slots]
+        advances &= lengths - 1 >= self.req_states.prompt_len.np[host_slots]
         kept = advances | (grown == 0)
         if not kept.any():
             return None
         history = self._carried
         if not kept.all():
             fresh = np.flatnonzero(~kept)
-            built = self._history(ctx, fresh)
+            built = self._history(ctx, slots, fresh)
             self.history_rows_built += fresh.size
             place = np.zeros(at.shape[0], dtype=np.int64)
             place[fresh] = np.arange(fresh.size)
@@ -652,12 +653,12 @@ class _V2Processor(SamplersLogitsProcessor):
             self._carried_lengths = lengths
             self._carried_row[np.asarray(ctx.idx_mapping_np, dtype=np.int64)] = np.arange(lengths.shape[0])
 
-    def _history(self, ctx: "LogitsContext", sel: Optional[np.ndarray] = None) -> TokenHistory:
-        """The rows' histories from vLLM's buffers: every logits row, or the rows ``sel``
-        (host indices; every row of the requests they cover)."""
+    def _history(self, ctx: "LogitsContext", slots: torch.Tensor,
+                 sel: Optional[np.ndarray] = None) -> TokenHistory:
+        """The rows' histories from vLLM's buffers (``slots``: each logits row's slot): every
+        row, or the rows ``sel`` (host indices; every row of the requests they cover)."""
         rs = self.req_states
         committed = rs.all_token_ids.gpu
-        slots = ctx.expanded_idx_mapping.to(torch.int64)
         pos = ctx.pos.to(torch.int64)
         local = ctx.expanded_local_pos.to(torch.int64)
         fed_ids = ctx.input_ids.to(torch.int64)
