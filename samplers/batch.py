@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,71 @@ FLOAT_FIELDS = (
 )
 # ... and as int64 [B] tensors.
 INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_tokens", "dry_allowed_length", "dry_range")
+
+# Per-row facts a batch keeps as bool arrays (``_RowRecord.flags``' columns).
+_GREEDY, _DYNATEMP, _STATIC_TEMPERATURE, _IDENTITY, _SKEW, _TOP_K, _TOP_P, _REPETITION, _COUNT, \
+    _SEEDED, _LOGPROBS, _RAW_LOGPROBS, _LOGIT_BIAS, _MIN_TOKENS, _BREAKERS = range(15)
+_N_FLAGS = 15
+# The int64 columns after INT_FIELDS: the seed's key words and ``logprobs or 0``.
+_KEY_LO, _KEY_HI, _MAX_LOGPROBS = range(len(INT_FIELDS), len(INT_FIELDS) + 3)
+
+
+class _RowRecord(NamedTuple):
+    """What a batch takes from one ``SamplingParams``, as raw bytes so that a batch's rows
+    are joined into arrays in one C-level pass (``_row_records``)."""
+
+    floats: bytes  #: FLOAT_FIELDS, float32
+    ints: bytes  #: INT_FIELDS, then _KEY_LO, _KEY_HI, _MAX_LOGPROBS, int64
+    flags: bytes  #: the _GREEDY ... _BREAKERS facts, one byte (bool) each
+    order: tuple[SamplerID, ...]  #: ``enabled_order()``
+
+
+def _row_record(p: SamplingParams) -> _RowRecord:
+    """``p``'s record, computed once per object and kept on it: ``SamplingParams`` is frozen,
+    so its record never goes stale, and an engine that rebuilds its batch when a request joins
+    (the vLLM processors) pays for the joining rows only."""
+    cached = p.__dict__.get("_batch_row_record")
+    if cached is not None:
+        return cached
+    order = p.enabled_order()
+    greedy = p.is_greedy
+    lo, hi = split_seed(p.seed) if p.seed is not None else (0, 0)
+    flags = (
+        greedy,
+        p.dynatemp_enabled and not greedy,
+        not greedy and not p.dynatemp_enabled and p.temperature != 1.0,
+        not order and not p.logit_bias and p.min_tokens == 0 and p.skew == 0.0,
+        p.skew != 0.0,
+        p.top_k > 0,
+        p.top_p < 1.0,
+        p.repetition_penalty != 1.0,
+        p.frequency_penalty != 0.0 or p.presence_penalty != 0.0,
+        p.seed is not None,
+        p.logprobs is not None,
+        p.logprobs_mode == "raw",
+        bool(p.logit_bias),
+        p.min_tokens > 0,
+        bool(p.dry_sequence_breaker_ids),
+    )
+    # (SamplingParams holds its integers within int64)
+    ints = np.array([getattr(p, f) for f in INT_FIELDS] + [lo, hi, p.logprobs or 0], dtype=np.int64)
+    record = _RowRecord(np.array([getattr(p, f) for f in FLOAT_FIELDS], dtype=np.float32).tobytes(),
+                        ints.tobytes(), np.array(flags, dtype=np.bool_).tobytes(), order)
+    p.__dict__["_batch_row_record"] = record  # (frozen dataclass: its __setattr__ refuses)
+    return record
+
+
+def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                            list[tuple[SamplerID, ...]]]:
+    """The rows' float32 ``[B, len(FLOAT_FIELDS)]``, int64 ``[B, len(INT_FIELDS) + 3]`` and
+    bool ``[B, _N_FLAGS]`` arrays (writable) and their orders."""
+    records = [_row_record(p) for p in params]
+    B = len(records)
+
+    def joined(part: int, dtype: type) -> np.ndarray:
+        return np.frombuffer(bytearray(b"".join(r[part] for r in records)), dtype=dtype).reshape(B, -1)
+
+    return joined(0, np.float32), joined(1, np.int64), joined(2, np.bool_), [r.order for r in records]
 
 # One stage of the chain: a sampler, and the rows it applies to at this point
 # (None = every row that enables it; a mask only appears when rows' orders differ).
@@ -205,6 +270,18 @@ def _check_id_rows(name: str, rows: Sequence) -> None:
         raise ValueError(f"{name} must hold integer token ids, got {type(bad).__name__} {str(bad)[:80]}")
 
 
+def _sequence_indices(values: Optional[Sequence[int]], B: int) -> list[int]:
+    """``sequence_indices`` checked: ``B`` integers in ``[0, 2**32)`` (default: zeros). A
+    list of plain ints is checked with two C-level reductions; anything else entry by entry."""
+    if values is None:
+        return [0] * B
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != B:
+        raise ValueError(f"sequence_indices must be {B} integers >= 0, got {str(values)[:200]}")
+    if {type(j) for j in values} == {int} and 0 <= min(values) and max(values) < 2**32:
+        return list(values)
+    return [_integer("sequence_indices entries", j, 0, 2**32 - 1) for j in values]
+
+
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -252,18 +329,14 @@ class SamplingBatch:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
         if history is not None and (prompt_token_ids is not None or output_token_ids is not None):
             raise ValueError("pass either history or prompt_token_ids/output_token_ids, not both")
+        for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+            if ids is not None:
+                _check_id_rows(name, ids)
+                if len(ids) != B:
+                    raise ValueError(f"{name} has {len(ids)} rows but params has {B}")
         prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
         output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
-        for name, ids in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
-            _check_id_rows(name, ids)
-            if len(ids) != B:
-                raise ValueError(f"{name} has {len(ids)} rows but params has {B}")
-        if sequence_indices is None:
-            sequence_indices = [0] * B
-        if isinstance(sequence_indices, (str, bytes)) or not isinstance(sequence_indices, Sequence) \
-                or len(sequence_indices) != B:
-            raise ValueError(f"sequence_indices must be {B} integers >= 0, got {str(sequence_indices)[:200]}")
-        sequence_indices = [_integer("sequence_indices entries", j, 0, 2**32 - 1) for j in sequence_indices]
+        sequence_indices = _sequence_indices(sequence_indices, B)
         if eos_token_ids is None:
             eos = ()
         elif isinstance(eos_token_ids, (int, np.integer)) and not isinstance(eos_token_ids, bool):
@@ -286,28 +359,26 @@ class SamplingBatch:
             raise ValueError(f"history has {history.batch_size} rows but params has {B}")
         self.history = history
 
-        floats = torch.tensor([[getattr(p, f) for f in FLOAT_FIELDS] for p in params], dtype=torch.float32)
-        ints = torch.tensor([[getattr(p, f) for f in INT_FIELDS] for p in params], dtype=torch.int64)
-        floats, ints = floats.t().contiguous().to(self.device), ints.t().contiguous().to(self.device)
+        floats_host, ints_host, flags, self.orders = _row_records(params)
+        # One host -> device copy per kind (the columns are rows of the transposed arrays).
+        floats = torch.from_numpy(np.ascontiguousarray(floats_host.T)).to(self.device)
+        ints = torch.from_numpy(np.ascontiguousarray(ints_host.T)).to(self.device)
         self._tensors: dict[str, torch.Tensor] = {f: floats[i] for i, f in enumerate(FLOAT_FIELDS)}
         self._tensors.update({f: ints[i] for i, f in enumerate(INT_FIELDS)})
+        facts = torch.from_numpy(np.ascontiguousarray(flags.T)).to(self.device)
+        any_row, all_rows = flags.any(axis=0), flags.all(axis=0)
 
-        greedy = [p.is_greedy for p in params]
-        dynatemp = [p.dynatemp_enabled and not p.is_greedy for p in params]
-        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=self.device)
-        self.all_greedy = all(greedy)
+        self.greedy = facts[_GREEDY]
+        self.all_greedy = bool(all_rows[_GREEDY])
         # The temperature stage: a greedy row is left alone (its draw is an argmax); a
         # dynatemp row takes its temperature from the entropy instead of ``temperature``.
-        dyn = torch.tensor(dynatemp, dtype=torch.bool, device=self.device)
+        dyn = facts[_DYNATEMP]
         self._tensors["static_temperature"] = torch.where(dyn | self.greedy, 1.0, self._tensors["temperature"])
         self._tensors["dynatemp_min_active"] = torch.where(dyn, self._tensors["dynatemp_min"], 0.0)
         self._tensors["dynatemp_max_active"] = torch.where(dyn, self._tensors["dynatemp_max"], 0.0)
-        self.any_dynatemp = any(dynatemp)
-        self.any_static_temperature = any(
-            not p.is_greedy and not p.dynatemp_enabled and p.temperature != 1.0 for p in params
-        )
+        self.any_dynatemp = bool(any_row[_DYNATEMP])
+        self.any_static_temperature = bool(any_row[_STATIC_TEMPERATURE])
 
-        self.orders = [p.enabled_order() for p in params]
         self.active: frozenset[SamplerID] = frozenset(s for o in self.orders for s in o)
         # ``schedule_rows``: the rows of each masked stage as indices (built from host lists, no
         # device read): the torch backend runs such a stage on those rows alone when they are
@@ -317,19 +388,17 @@ class SamplingBatch:
         # history are selected without reading the device indices back.
         self.schedule, self.schedule_rows, self.schedule_rows_host = _schedule_with_rows(self.orders, self.device)
         # Rows the chain leaves alone: ``process`` returns them bit-identical, whatever their values.
-        identity = [not o and not p.logit_bias and p.min_tokens == 0 and p.skew == 0.0
-                    for o, p in zip(self.orders, params)]
-        self.all_identity = all(identity)
-        self.any_identity = any(identity)
-        self.identity_rows = torch.tensor(identity, dtype=torch.bool, device=self.device)
-        self._identity_host = np.asarray(identity, dtype=bool)
-        self.any_skew = any(p.skew != 0.0 for p in params)
-        self.any_top_k = any(p.top_k > 0 for p in params)
-        self.any_top_p = any(p.top_p < 1.0 for p in params)
-        self.any_repetition_penalty = any(p.repetition_penalty != 1.0 for p in params)
-        self.any_count_penalty = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+        self.all_identity = bool(all_rows[_IDENTITY])
+        self.any_identity = bool(any_row[_IDENTITY])
+        self.identity_rows = facts[_IDENTITY]
+        self._identity_host = flags[:, _IDENTITY].copy()
+        self.any_skew = bool(any_row[_SKEW])
+        self.any_top_k = bool(any_row[_TOP_K])
+        self.any_top_p = bool(any_row[_TOP_P])
+        self.any_repetition_penalty = bool(any_row[_REPETITION])
+        self.any_count_penalty = bool(any_row[_COUNT])
 
-        self._build_token_lists()
+        self._build_token_lists(flags)
         # Bans, and a DRY penalty that overflows to inf (a long repeat), are the only steps that
         # may remove every token of a row (typical_p and XTC may remove the top token, but always
         # leave one).
@@ -337,19 +406,26 @@ class SamplingBatch:
             self.min_tokens_coo is not None or SamplerID.NO_REPEAT_NGRAM in self.active
             or SamplerID.DRY in self.active
         )
-        self._build_keys(sequence_indices)
-        self.max_logprobs = max((p.logprobs or 0) for p in params)
-        self.wants_logprobs = any(p.logprobs is not None for p in params)
-        raw = [p.logprobs_mode == "raw" for p in params]
-        self.raw_logprobs = torch.tensor(raw, dtype=torch.bool, device=self.device)
-        self.any_raw_logprobs = any(raw)
+        keys = torch.from_numpy(np.ascontiguousarray(ints_host[:, [_KEY_LO, _KEY_HI]].T)).to(self.device)
+        self.key_lo, self.key_hi = keys[0], keys[1]
+        self.seeded = facts[_SEEDED]
+        self.all_seeded = bool(all_rows[_SEEDED])
+        self._sequence_indices = sequence_indices
+        self.sequence_indices = torch.tensor(sequence_indices, dtype=torch.int64, device=self.device)
+        self.max_logprobs = int(ints_host[:, _MAX_LOGPROBS].max())
+        self.wants_logprobs = bool(any_row[_LOGPROBS])
+        self.raw_logprobs = facts[_RAW_LOGPROBS]
+        self.any_raw_logprobs = bool(any_row[_RAW_LOGPROBS])
 
     # ------------------------------------------------------------------ construction helpers
-    def _build_token_lists(self) -> None:
+    def _build_token_lists(self, flags: np.ndarray) -> None:
+        """The logit_bias and min_tokens bans as COO lists and DRY's breakers as a table
+        (``flags``: ``_row_records``'; only the rows that have them are visited)."""
         V = self.vocab_size
+        P = self.params
         rows, ids, values = [], [], []
-        for b, p in enumerate(self.params):
-            for tid, bias in (p.logit_bias or {}).items():
+        for b in np.flatnonzero(flags[:, _LOGIT_BIAS]).tolist():
+            for tid, bias in P[b].logit_bias.items():
                 if tid >= V:
                     raise ValueError(f"logit_bias: token id {tid} (row {b}) is outside the vocabulary [0, {V})")
                 rows.append(b), ids.append(tid), values.append(bias)
@@ -361,10 +437,8 @@ class SamplingBatch:
                 torch.tensor(values, dtype=torch.float32, device=self.device),
             )
         rows, ids = [], []
-        for b, p in enumerate(self.params):
-            if p.min_tokens == 0:
-                continue
-            for tid in dict.fromkeys(self.eos_token_ids + tuple(p.stop_token_ids)):
+        for b in np.flatnonzero(flags[:, _MIN_TOKENS]).tolist():
+            for tid in dict.fromkeys(self.eos_token_ids + tuple(P[b].stop_token_ids)):
                 if not 0 <= tid < V:
                     raise ValueError(f"stop_token_ids/eos id {tid} (row {b}) is outside the vocabulary [0, {V})")
                 rows.append(b), ids.append(tid)
@@ -374,22 +448,12 @@ class SamplingBatch:
                 torch.tensor(rows, dtype=torch.int64, device=self.device),
                 torch.tensor(ids, dtype=torch.int64, device=self.device),
             )
-        width = max(len(p.dry_sequence_breaker_ids) for p in self.params)
-        breakers = torch.full((self.batch_size, max(width, 1)), -1, dtype=torch.int64)
-        for b, p in enumerate(self.params):
-            if p.dry_sequence_breaker_ids:
-                breakers[b, : len(p.dry_sequence_breaker_ids)] = torch.tensor(p.dry_sequence_breaker_ids)
+        with_breakers = np.flatnonzero(flags[:, _BREAKERS]).tolist()
+        width = max((len(P[b].dry_sequence_breaker_ids) for b in with_breakers), default=1)
+        breakers = torch.full((self.batch_size, width), -1, dtype=torch.int64)
+        for b in with_breakers:
+            breakers[b, : len(P[b].dry_sequence_breaker_ids)] = torch.tensor(P[b].dry_sequence_breaker_ids)
         self.dry_sequence_breaker_ids = breakers.to(self.device)
-
-    def _build_keys(self, sequence_indices: Sequence[int]) -> None:
-        words = [split_seed(p.seed) if p.seed is not None else (0, 0) for p in self.params]
-        keys = torch.tensor(words, dtype=torch.int64).t().contiguous().to(self.device)
-        self.key_lo, self.key_hi = keys[0], keys[1]
-        self.seeded = torch.tensor([p.seed is not None for p in self.params], dtype=torch.bool,
-                                   device=self.device)
-        self.all_seeded = all(p.seed is not None for p in self.params)
-        self._sequence_indices = [int(j) for j in sequence_indices]
-        self.sequence_indices = torch.tensor(self._sequence_indices, dtype=torch.int64, device=self.device)
 
     @functools.cached_property
     def _overflow_factors(self) -> tuple[float, float, float]:
