@@ -47,6 +47,9 @@ class _RowRecord(NamedTuple):
     ints: bytes  #: INT_FIELDS, then _KEY_LO, _KEY_HI, _MAX_LOGPROBS, int64
     flags: bytes  #: the _GREEDY ... _BREAKERS facts, one byte (bool) each
     order: tuple[SamplerID, ...]  #: ``enabled_order()``
+    bias_ids: np.ndarray  #: logit_bias's token ids (int64, read-only), in its order
+    bias_values: np.ndarray  #: ... and its biases (float32, read-only)
+    breakers: np.ndarray  #: dry_sequence_breaker_ids (int64, read-only)
 
 
 def _row_record(p: SamplingParams) -> _RowRecord:
@@ -78,23 +81,57 @@ def _row_record(p: SamplingParams) -> _RowRecord:
     )
     # (SamplingParams holds its integers within int64)
     ints = np.array([getattr(p, f) for f in INT_FIELDS] + [lo, hi, p.logprobs or 0], dtype=np.int64)
+    bias = p.logit_bias
+    lists = (_frozen(np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))) if bias else _NO_IDS,
+             _frozen(np.fromiter(bias.values(), dtype=np.float32, count=len(bias))) if bias else _NO_BIAS,
+             _frozen(np.array(p.dry_sequence_breaker_ids, dtype=np.int64)) if p.dry_sequence_breaker_ids else _NO_IDS)
     record = _RowRecord(np.array([getattr(p, f) for f in FLOAT_FIELDS], dtype=np.float32).tobytes(),
-                        ints.tobytes(), np.array(flags, dtype=np.bool_).tobytes(), order)
+                        ints.tobytes(), bytes(flags), order, *lists)
     p.__dict__["_batch_row_record"] = record  # (frozen dataclass: its __setattr__ refuses)
     return record
 
 
+def _ragged(lists: Sequence[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lists of different lengths as three flat arrays: their entries one after the other
+    (``dtype``), each entry's list number and its place in its list."""
+    if not lists:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sizes = np.fromiter((a.size for a in lists), dtype=np.int64, count=len(lists))
+    flat = np.concatenate(lists).astype(dtype, copy=False)
+    which = np.repeat(np.arange(len(lists)), sizes)
+    return flat, which, np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
+def _padded_table(lists: Sequence[np.ndarray], rows: np.ndarray, B: int, fill: Union[int, float],
+                  dtype: type, width: int = 1) -> np.ndarray:
+    """``[B, K]``: row ``rows[i]`` starts with ``lists[i]``; ``fill`` elsewhere; K the longest
+    list (at least ``width``)."""
+    flat, which, place = _ragged(lists, dtype)
+    table = np.full((B, max(width, int(place.max()) + 1 if place.size else 0)), fill, dtype=dtype)
+    table[rows[which], place] = flat
+    return table
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # (a record's arrays are shared by every batch of its object)
+    return a
+
+
+_NO_IDS = _frozen(np.zeros(0, dtype=np.int64))
+_NO_BIAS = _frozen(np.zeros(0, dtype=np.float32))
+
+
 def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                            list[tuple[SamplerID, ...]]]:
+                                                            list[_RowRecord]]:
     """The rows' float32 ``[B, len(FLOAT_FIELDS)]``, int64 ``[B, len(INT_FIELDS) + 3]`` and
-    bool ``[B, _N_FLAGS]`` arrays (writable) and their orders."""
+    bool ``[B, _N_FLAGS]`` arrays (writable) and their records."""
     records = [_row_record(p) for p in params]
     B = len(records)
 
     def joined(part: int, dtype: type) -> np.ndarray:
         return np.frombuffer(bytearray(b"".join(r[part] for r in records)), dtype=dtype).reshape(B, -1)
 
-    return joined(0, np.float32), joined(1, np.int64), joined(2, np.bool_), [r.order for r in records]
+    return joined(0, np.float32), joined(1, np.int64), joined(2, np.bool_), records
 
 # One stage of the chain: a sampler, and the rows it applies to at this point
 # (None = every row that enables it; a mask only appears when rows' orders differ).
@@ -359,7 +396,8 @@ class SamplingBatch:
             raise ValueError(f"history has {history.batch_size} rows but params has {B}")
         self.history = history
 
-        floats_host, ints_host, flags, self.orders = _row_records(params)
+        floats_host, ints_host, flags, records = _row_records(params)
+        self.orders = [r.order for r in records]
         # One host -> device copy per kind (the columns are rows of the transposed arrays).
         floats = torch.from_numpy(np.ascontiguousarray(floats_host.T)).to(self.device)
         ints = torch.from_numpy(np.ascontiguousarray(ints_host.T)).to(self.device)
@@ -398,7 +436,8 @@ class SamplingBatch:
         self.any_repetition_penalty = bool(any_row[_REPETITION])
         self.any_count_penalty = bool(any_row[_COUNT])
 
-        self._build_token_lists(flags)
+        self._row_flags = flags
+        self._build_token_lists(flags, records)
         # Bans, and a DRY penalty that overflows to inf (a long repeat), are the only steps that
         # may remove every token of a row (typical_p and XTC may remove the top token, but always
         # leave one).
@@ -418,42 +457,46 @@ class SamplingBatch:
         self.any_raw_logprobs = bool(any_row[_RAW_LOGPROBS])
 
     # ------------------------------------------------------------------ construction helpers
-    def _build_token_lists(self, flags: np.ndarray) -> None:
+    def _build_token_lists(self, flags: np.ndarray, records: Sequence[_RowRecord]) -> None:
         """The logit_bias and min_tokens bans as COO lists and DRY's breakers as a table
-        (``flags``: ``_row_records``'; only the rows that have them are visited)."""
+        (``flags``, ``records``: ``_row_records``'; only the rows that have them are visited)."""
         V = self.vocab_size
-        P = self.params
-        rows, ids, values = [], [], []
-        for b in np.flatnonzero(flags[:, _LOGIT_BIAS]).tolist():
-            for tid, bias in P[b].logit_bias.items():
-                if tid >= V:
-                    raise ValueError(f"logit_bias: token id {tid} (row {b}) is outside the vocabulary [0, {V})")
-                rows.append(b), ids.append(tid), values.append(bias)
+        dev = self.device
         self.logit_bias_coo = None
-        if rows:
-            self.logit_bias_coo = (
-                torch.tensor(rows, dtype=torch.int64, device=self.device),
-                torch.tensor(ids, dtype=torch.int64, device=self.device),
-                torch.tensor(values, dtype=torch.float32, device=self.device),
-            )
-        rows, ids = [], []
-        for b in np.flatnonzero(flags[:, _MIN_TOKENS]).tolist():
-            for tid in dict.fromkeys(self.eos_token_ids + tuple(P[b].stop_token_ids)):
-                if not 0 <= tid < V:
-                    raise ValueError(f"stop_token_ids/eos id {tid} (row {b}) is outside the vocabulary [0, {V})")
-                rows.append(b), ids.append(tid)
+        with_bias = np.flatnonzero(flags[:, _LOGIT_BIAS])
+        if with_bias.size:
+            ids, which, _ = _ragged([records[b].bias_ids for b in with_bias], np.int64)
+            values, _, _ = _ragged([records[b].bias_values for b in with_bias], np.float32)
+            rows = with_bias[which]
+            outside = np.flatnonzero(ids >= V)
+            if outside.size:
+                k = outside[0]
+                raise ValueError(f"logit_bias: token id {ids[k]} (row {rows[k]}) is outside the vocabulary [0, {V})")
+            self.logit_bias_coo = tuple(torch.from_numpy(a).to(dev) for a in (rows, ids, values))
         self.min_tokens_coo = None
-        if rows:
-            self.min_tokens_coo = (
-                torch.tensor(rows, dtype=torch.int64, device=self.device),
-                torch.tensor(ids, dtype=torch.int64, device=self.device),
-            )
-        with_breakers = np.flatnonzero(flags[:, _BREAKERS]).tolist()
-        width = max((len(P[b].dry_sequence_breaker_ids) for b in with_breakers), default=1)
-        breakers = torch.full((self.batch_size, width), -1, dtype=torch.int64)
-        for b in with_breakers:
-            breakers[b, : len(P[b].dry_sequence_breaker_ids)] = torch.tensor(P[b].dry_sequence_breaker_ids)
-        self.dry_sequence_breaker_ids = breakers.to(self.device)
+        lists = self._min_tokens_lists(flags)
+        if lists:
+            ids, which, _ = _ragged(list(lists.values()), np.int64)
+            rows = np.fromiter(lists.keys(), dtype=np.int64, count=len(lists))[which]
+            outside = np.flatnonzero((ids < 0) | (ids >= V))
+            if outside.size:
+                k = outside[0]
+                raise ValueError(f"stop_token_ids/eos id {ids[k]} (row {rows[k]}) is outside the vocabulary [0, {V})")
+            self.min_tokens_coo = (torch.from_numpy(rows).to(dev), torch.from_numpy(ids).to(dev))
+        with_breakers = np.flatnonzero(flags[:, _BREAKERS])
+        breakers = _padded_table([records[b].breakers for b in with_breakers], with_breakers,
+                                 self.batch_size, -1, np.int64)
+        self.dry_sequence_breaker_ids = torch.from_numpy(breakers).to(dev)
+
+    def _min_tokens_lists(self, flags: np.ndarray) -> dict[int, np.ndarray]:
+        """Row -> the ids its ``min_tokens`` bans (the batch's eos ids, then the row's stop
+        ids, each once), for the rows with ``min_tokens > 0`` and at least one such id."""
+        out = {}
+        for b in np.flatnonzero(flags[:, _MIN_TOKENS]).tolist():
+            ids = list(dict.fromkeys(self.eos_token_ids + tuple(self.params[b].stop_token_ids)))
+            if ids:
+                out[b] = np.array(ids, dtype=np.int64)
+        return out
 
     @functools.cached_property
     def _overflow_factors(self) -> tuple[float, float, float]:
@@ -593,28 +636,26 @@ class SamplingBatch:
         if cached is not None:
             return cached
         out: dict = {}
+        B = self.batch_size
         if self.logit_bias_coo is not None:
-            lists = [list((p.logit_bias or {}).items()) for p in self.params]
-            k = max(len(entries) for entries in lists)
-            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
-            bias = torch.full((self.batch_size, k), -0.0, dtype=torch.float32)  # x + -0.0 == x, bitwise
-            for b, entries in enumerate(lists):
-                if entries:
-                    ids[b, : len(entries)] = torch.tensor([t for t, _ in entries])
-                    bias[b, : len(entries)] = torch.tensor([v for _, v in entries], dtype=torch.float32)
-            out["logit_bias"] = (ids.to(self.device), bias.to(self.device))
+            with_bias = np.flatnonzero(self._row_flags[:, _LOGIT_BIAS])
+            records = [_row_record(self.params[b]) for b in with_bias]
+            ids = _padded_table([r.bias_ids for r in records], with_bias, B, 0, np.int64)
+            # (a bias of -0.0 pads: x + -0.0 == x, bitwise)
+            bias = _padded_table([r.bias_values for r in records], with_bias, B, -0.0, np.float32)
+            out["logit_bias"] = (torch.from_numpy(ids).to(self.device), torch.from_numpy(bias).to(self.device))
         if self.min_tokens_coo is not None:
-            lists = [list(dict.fromkeys(self.eos_token_ids + tuple(p.stop_token_ids))) if p.min_tokens else []
-                     for p in self.params]
-            k = max(len(ids) for ids in lists)
-            ids = torch.zeros(self.batch_size, k, dtype=torch.int64)
-            for b, row in enumerate(lists):
-                if row:
-                    ids[b] = torch.tensor(row + [row[0]] * (k - len(row)))  # a repeated ban is one ban
-            # A row without a stop id bans nothing: its padding (id 0) must stay inactive.
-            min_tokens = torch.where(torch.tensor([bool(r) for r in lists], device=self.device),
-                                     self._tensors["min_tokens"], 0)
-            out["min_tokens"] = (ids.to(self.device), min_tokens)
+            lists = self._min_tokens_lists(self._row_flags)
+            rows = np.fromiter(lists.keys(), dtype=np.int64, count=len(lists))
+            ids = _padded_table(list(lists.values()), rows, B, -1, np.int64)
+            # A list's padding repeats its first id (a repeated ban is one ban); a row without
+            # any id bans nothing: its padding (id 0) must stay inactive.
+            ids = np.where(ids < 0, ids[:, :1], ids)
+            ids[ids < 0] = 0
+            has_list = np.zeros(B, dtype=np.bool_)
+            has_list[rows] = True
+            min_tokens = torch.where(torch.from_numpy(has_list).to(self.device), self._tensors["min_tokens"], 0)
+            out["min_tokens"] = (torch.from_numpy(ids).to(self.device), min_tokens)
         self._padded = out
         return out
 
