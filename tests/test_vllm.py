@@ -217,6 +217,39 @@ def test_steady_state_appends_without_rebuild():
     assert proc.rebuilds == 1
 
 
+def test_joining_requests_build_only_their_own_rows():
+    """A request that joins is built from its lists alone and merged with the held rows
+    (their history state kept, advanced by the step's token); the results are those of a
+    batch built from the live lists (run_steps)."""
+    rng = random.Random(17)
+    proc, pb = make_processor(), PersistentBatch()
+    for block in BLOCKS[:5]:
+        pb.add(vparams(block), [rng.randrange(V) for _ in range(9)], [rng.randrange(V)])
+    run_steps(proc, pb, rng, steps=2, churn=False)
+    assert (proc.rebuilds, proc.rows_built) == (1, 5)
+    pb.add(vparams(BLOCKS[5]), [rng.randrange(V) for _ in range(7)], [])  # a new request
+    proc.update_state(pb.update())
+    run_steps(proc, pb, rng, steps=2, churn=False)
+    assert (proc.rebuilds, proc.rows_built) == (1, 6)
+    # A removal, a resumed request (with output) and a swap in one step.
+    pb.remove(1)
+    pb.add(vparams(BLOCKS[0]), [3, 1, 4, 1, 5], [9, 2, 6])
+    pb.add(VllmParams(), [1, 2], [])  # not ours: never built
+    proc.update_state(pb.update())
+    pb.swap(0, 3)
+    proc.update_state(pb.update())
+    run_steps(proc, pb, rng, steps=3, churn=False)
+    assert (proc.rebuilds, proc.rows_built) == (1, 7)
+    # A joining request whose last token is a placeholder still at apply: the full build.
+    pb.add(vparams(BLOCKS[1]), [2, 2], [5, -1])
+    proc.update_state(pb.update())
+    logits = torch.randn(pb.num_reqs, V)
+    got = proc.apply(logits.clone())
+    pb.slots[-1][2].pop()
+    torch.testing.assert_close(got, expected_logits(logits, pb.slots))
+    assert proc.rebuilds == 2
+
+
 def test_rows_that_do_not_advance_and_async_placeholders():
     rng = random.Random(9)
     proc, pb = make_processor(), PersistentBatch()

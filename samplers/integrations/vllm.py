@@ -318,8 +318,10 @@ class _V1Processor(SamplersLogitsProcessor):
     row's live output list since the last step (read in ``apply``, after vLLM has filled in
     asynchronously scheduled tokens). Rows whose list did not grow (a prompt still being
     prefilled in chunks) are masked out of that append (``append(ids, rows=mask)``) and keep
-    their state. Anything else (a row that advanced by several tokens, or whose list
-    shrank, or a token vLLM has not filled in yet) rebuilds the batch from the live lists.
+    their state. When requests join, only their rows are built from the lists and
+    ``TokenHistory.merge``-d with the held rows (as the V2 processor does). Anything else (a
+    row that advanced by several tokens, or whose list shrank, or a token vLLM has not
+    filled in yet) rebuilds the batch from the live lists.
     """
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool,
@@ -341,6 +343,7 @@ class _V1Processor(SamplersLogitsProcessor):
         self._draws: Optional[torch.Tensor] = None  # bool [rows], None when no row draws
         self._dirty = False
         self.rebuilds = 0  # number of full rebuilds (for tests and diagnostics)
+        self.rows_built = 0  # rows whose history was built from the lists (likewise)
 
     def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
         if batch_update is None or self.duplicate:
@@ -400,18 +403,35 @@ class _V1Processor(SamplersLogitsProcessor):
         reqs = [self.requests[i] for i in rows]
         old = self._batch
         V = logits.shape[1]
-        old_pos = {id(r): j for j, r in enumerate(self._batch_requests)} if old is not None else {}
-        pos = [old_pos.get(id(r)) for r in reqs]
-        if (old is not None and old.vocab_size == V and old.device == logits.device
-                and all(p is not None for p in pos)):
-            # Only removals and moves of rows we already hold: keep their history state.
-            idx = torch.tensor(pos, dtype=torch.int64)
-            batch = old.select(idx)
-            self._batch, self._seen = batch, self._seen[idx.numpy()]
-            self._set_rows(rows, reqs, logits.device)
-            self._catch_up(logits)
+        held = old is not None and old.vocab_size == V and old.device == logits.device
+        old_pos = {id(r): j for j, r in enumerate(self._batch_requests)} if held else {}
+        pos = np.array([old_pos.get(id(r), -1) for r in reqs], dtype=np.int64)
+        fresh = np.flatnonzero(pos < 0)
+        # (a joining row whose last token vLLM has not filled in: the full build's handling)
+        if (old is None or not held or fresh.size == len(reqs)
+                or any(reqs[j].output and reqs[j].output[-1] < 0 for j in fresh)):
+            self._full_build(rows, reqs, logits)
             return
-        self._full_build(rows, reqs, logits)
+        if not fresh.size:
+            # Only removals and moves of rows we already hold: keep their history state.
+            batch = old.select(torch.from_numpy(pos))
+            seen = self._seen[pos]
+        else:
+            # Requests joined: build their rows alone and stitch them into the held rows.
+            joined = [reqs[j] for j in fresh]
+            built = TokenHistory([r.prompt for r in joined], [r.output for r in joined], V, logits.device)
+            source = (pos < 0).astype(np.int64)
+            at = pos.copy()
+            at[fresh] = np.arange(fresh.size)
+            history = TokenHistory.merge([old.history, built], source=source, rows=at)
+            batch = SamplingBatch([r.params for r in reqs], vocab_size=V, device=logits.device,
+                                  sequence_indices=[r.sequence_index for r in reqs], history=history)
+            seen = self._seen[np.maximum(pos, 0)]
+            seen[fresh] = [len(r.output) for r in joined]
+            self.rows_built += fresh.size
+        self._batch, self._seen = batch, seen
+        self._set_rows(rows, reqs, logits.device)
+        self._catch_up(logits)
 
     def _full_build(self, rows: list[int], reqs: list[_Request], logits: torch.Tensor) -> None:
         outputs = [_strip_placeholders(r.output) for r in reqs]
@@ -423,6 +443,7 @@ class _V1Processor(SamplersLogitsProcessor):
         self._seen = np.fromiter(map(len, outputs), dtype=np.int64, count=len(outputs))
         self._set_rows(rows, reqs, logits.device)
         self.rebuilds += 1
+        self.rows_built += len(reqs)
 
     def _set_rows(self, rows: list[int], reqs: list[_Request], device: torch.device) -> None:
         self._rows, self._batch_requests = rows, reqs
