@@ -26,9 +26,13 @@ def test_batch_build():
     assert re.search(r"^\| 17 \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None
-                    or importlib.util.find_spec("vllm.v1.sample.logits_processor") is None,
-                    reason="needs vLLM's V1 logits-processor interface (vLLM 0.33 or older)")
+def needs_vllm_module(module: str, what: str):
+    """Skip unless the installed vLLM has ``module`` (the interface the script drives)."""
+    missing = importlib.util.find_spec("vllm") is None or importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing, reason=f"needs vLLM's {what}")
+
+
+@needs_vllm_module("vllm.v1.sample.logits_processor", "V1 logits-processor interface (vLLM 0.33 or older)")
 def test_vllm_v1_join():
     out = run_script("benchmarks/vllm_v1_join.py", "--rows", "4", "--vocab", "64", "--history", "12",
                      "--steps", "4")
@@ -36,9 +40,7 @@ def test_vllm_v1_join():
     assert re.search(r"^\| \[4, 64\] \| 12 \| [\d.]+ \| [\d.]+ \| 1 \| 6 \|$", out, re.M), out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None
-                    or importlib.util.find_spec("vllm.v1.worker.gpu.sample.logits_processor") is None,
-                    reason="needs vLLM's Model Runner V2 logits-processor interface")
+@needs_vllm_module("vllm.v1.worker.gpu.sample.logits_processor", "Model Runner V2 logits-processor interface")
 def test_vllm_v2_step():
     out = run_script("benchmarks/vllm_v2_step.py", "--shapes", "4x64", "--history", "16", "--steps", "3",
                      "--warmup", "1", "--join-every", "2")
