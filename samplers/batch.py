@@ -34,7 +34,6 @@ INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_tokens", "dry_allowed_length
 # Per-row facts a batch keeps as bool arrays (``_RowRecord.flags``' columns).
 _GREEDY, _DYNATEMP, _STATIC_TEMPERATURE, _IDENTITY, _SKEW, _TOP_K, _TOP_P, _REPETITION, _COUNT, \
     _SEEDED, _LOGPROBS, _RAW_LOGPROBS, _LOGIT_BIAS, _MIN_TOKENS, _BREAKERS = range(15)
-_N_FLAGS = 15
 # The int64 columns after INT_FIELDS: the seed's key words and ``logprobs or 0``.
 _KEY_LO, _KEY_HI, _MAX_LOGPROBS = range(len(INT_FIELDS), len(INT_FIELDS) + 3)
 
@@ -124,7 +123,7 @@ _NO_BIAS = _frozen(np.zeros(0, dtype=np.float32))
 def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                             list[_RowRecord]]:
     """The rows' float32 ``[B, len(FLOAT_FIELDS)]``, int64 ``[B, len(INT_FIELDS) + 3]`` and
-    bool ``[B, _N_FLAGS]`` arrays (writable) and their records."""
+    bool ``[B, 15]`` (the _GREEDY ... _BREAKERS facts) arrays (writable) and their records."""
     records = [_row_record(p) for p in params]
     B = len(records)
 

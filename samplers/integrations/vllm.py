@@ -408,7 +408,7 @@ class _V1Processor(SamplersLogitsProcessor):
         pos = np.array([old_pos.get(id(r), -1) for r in reqs], dtype=np.int64)
         fresh = np.flatnonzero(pos < 0)
         # (a joining row whose last token vLLM has not filled in: the full build's handling)
-        if (old is None or not held or fresh.size == len(reqs)
+        if (not held or fresh.size == len(reqs)
                 or any(reqs[j].output and reqs[j].output[-1] < 0 for j in fresh)):
             self._full_build(rows, reqs, logits)
             return
@@ -420,10 +420,7 @@ class _V1Processor(SamplersLogitsProcessor):
             # Requests joined: build their rows alone and stitch them into the held rows.
             joined = [reqs[j] for j in fresh]
             built = TokenHistory([r.prompt for r in joined], [r.output for r in joined], V, logits.device)
-            source = (pos < 0).astype(np.int64)
-            at = pos.copy()
-            at[fresh] = np.arange(fresh.size)
-            history = TokenHistory.merge([old.history, built], source=source, rows=at)
+            history = _stitch(old.history, pos, built)
             batch = SamplingBatch([r.params for r in reqs], vocab_size=V, device=logits.device,
                                   sequence_indices=[r.sequence_index for r in reqs], history=history)
             seen = self._seen[np.maximum(pos, 0)]
@@ -483,6 +480,15 @@ class _V1Processor(SamplersLogitsProcessor):
                     "samplers (penalties, DRY, no_repeat_ngram, min_tokens) miss these tokens"
                 )
         self._full_build(self._rows, self._batch_requests, logits)
+
+
+def _stitch(held: TokenHistory, rows: np.ndarray, built: TokenHistory) -> TokenHistory:
+    """The step's history from the rows held over and the rows just built: row r is row
+    ``rows[r]`` of ``held`` where that is >= 0, else the next row of ``built`` (in order)."""
+    new = rows < 0
+    at = rows.copy()
+    at[new] = np.arange(built.batch_size)
+    return TokenHistory.merge([held, built], source=new.astype(np.int64), rows=at)
 
 
 def _strip_placeholders(tokens: list[int]) -> list[int]:
@@ -655,10 +661,7 @@ class _V2Processor(SamplersLogitsProcessor):
             fresh = np.flatnonzero(~kept)
             built = self._history(ctx, slots, fresh)
             self.history_rows_built += fresh.size
-            place = np.zeros(at.shape[0], dtype=np.int64)
-            place[fresh] = np.arange(fresh.size)
-            history = TokenHistory.merge([history, built], source=(~kept).astype(np.int64),
-                                         rows=np.where(kept, at, place))
+            history = _stitch(history, np.where(kept, at, -1), built)
         elif at.shape[0] != history.batch_size or (at != np.arange(at.shape[0])).any():
             history = history.select(torch.from_numpy(at).to(self.device, non_blocking=True), host_rows=at)
         if advances.any():
