@@ -5,7 +5,10 @@ Why this way: on a shared machine absolute times move 2-5x with the background l
 contenders timed one right after the other, repetition by repetition, see the same load, so
 their ratio holds (within ~15%). For every case the contenders run in turn once per
 repetition (after ``--warmup`` untimed rounds); each contender's median over ``--reps``
-repetitions is reported, and the ratio of medians.
+repetitions is reported, and the ratio of medians. Each repetition reads other logits than
+the one before (``bench_inputs.LogitsPool``: 8 tensors in turn, the same for every contender of
+a repetition), as each step of a generation loop does: a tensor seen again would let the
+library's memo of recent sums answer from a previous call.
 
 Cases, at every shape of ``--shapes`` and every thread setting of ``--threads``:
 
@@ -67,7 +70,7 @@ import torch  # noqa: E402
 import samplers.functional as F  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
-from bench_inputs import make_histories, make_logits, split_history  # noqa: E402
+from bench_inputs import LogitsPool, make_histories, split_history  # noqa: E402
 
 HIST = 4096
 OUTPUT_LEN = 1024
@@ -127,10 +130,12 @@ def _stepper(batch: SamplingBatch) -> Callable[[], None]:
 
 
 def interleaved(contenders: dict[str, tuple[Callable[[], object], Optional[Callable[[], None]]]],
-                reps: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                reps: int, warmup: int, next_input: Optional[Callable[[], None]] = None
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per contender: ``reps`` wall-clock times and ``reps`` process CPU times, in ms. Each
     repetition runs every contender once, in turn (untimed ``setup`` first when given), in
-    an order that rotates by one each repetition.
+    an order that rotates by one each repetition, all on the same input; ``next_input``
+    (untimed) moves to the next input before each repetition.
 
     The CPU time (``time.process_time``: all threads of the process) leaves out the time the
     process spent descheduled, so on a loaded machine it is the steadier measure of the
@@ -139,6 +144,8 @@ def interleaved(contenders: dict[str, tuple[Callable[[], object], Optional[Calla
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(warmup + reps):
+        if next_input is not None:
+            next_input()
         # The order rotates from one repetition to the next: whoever runs right after a
         # contender that frees large buffers (returned to the OS) pays page faults for its
         # own, so no contender should always sit in that slot.
@@ -155,9 +162,9 @@ def interleaved(contenders: dict[str, tuple[Callable[[], object], Optional[Calla
     return wall, cpu
 
 
-def _pipe_call(batch: SamplingBatch, logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _pipe_call(batch: SamplingBatch, logits: LogitsPool) -> Callable[[], torch.Tensor]:
     pipe = SamplerPipeline("torch", seed=0)
-    return lambda: pipe.process(logits, batch)
+    return lambda: pipe.process(logits(), batch)
 
 
 def _batch(B: int, V: int, rows, **kw) -> SamplingBatch:
@@ -167,10 +174,11 @@ def _batch(B: int, V: int, rows, **kw) -> SamplingBatch:
     return SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
 
 
-def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str, dict, str]]:
-    """(case name, contenders, ratio spec) for one shape; ratio spec 'a/b'."""
+def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> tuple[list[tuple[str, dict, str]], LogitsPool]:
+    """(case name, contenders, ratio spec) for one shape, ratio spec 'a/b'; and the pool of
+    logits they all read (``pool()``), to advance between repetitions."""
     hf = _hf()
-    logits = make_logits(B, V, seed=1)
+    logits = LogitsPool.of_logits(B, V, seed=1)
     rows = make_histories(B, HIST, V, seed=1)
     out = []
     for name, (make_hf, ours, kw, needs_hist) in SAMPLERS.items():
@@ -182,9 +190,9 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
         b_fn = _batch(B, V, rows if needs_hist else None, **kw)
         h = b_fn.history
         out.append((name, {
-            "hf": (lambda w=warper, i=input_ids: w(i, logits), None),
+            "hf": (lambda w=warper, i=input_ids: w(i, logits()), None),
             "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe) if needs_hist else None),
-            "functional": (lambda o=ours, h=h: o(logits, h), _stepper(b_fn) if needs_hist else None),
+            "functional": (lambda o=ours, h=h: o(logits(), h), _stepper(b_fn) if needs_hist else None),
         }, "pipeline/hf"))
     if not only or {"chain7", "chain14", "sample7", "mixed7"} & only:
         def chain7_list(top_k: bool):
@@ -207,7 +215,7 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
         # 11 ordered units (top_k + top_p share one, dynatemp is in temperature's) + skew
         assert len(b14.active) == 11 and b14.any_skew and b14.any_dynatemp and b14.any_top_k, sorted(b14.active)
         if not only or "chain7" in only:
-            out.append(("chain7", {"hf": (lambda: procs(ids, logits), None),
+            out.append(("chain7", {"hf": (lambda: procs(ids, logits()), None),
                                    "ours": (_pipe_call(b7, logits), None)}, "ours/hf"))
         if not only or "chain14" in only:
             out.append(("chain14", {"chain7": (_pipe_call(b7, logits), None),
@@ -219,9 +227,9 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
             g = torch.Generator().manual_seed(0)
 
             def hf_step():
-                return torch.multinomial(torch.softmax(procs(ids, logits), dim=-1), 1, generator=g)
+                return torch.multinomial(torch.softmax(procs(ids, logits()), dim=-1), 1, generator=g)
 
-            out.append(("sample7", {"hf": (hf_step, None), "ours": (lambda: pipe.sample(logits, b7s), None)},
+            out.append(("sample7", {"hf": (hf_step, None), "ours": (lambda: pipe.sample(logits(), b7s), None)},
                         "ours/hf"))
         if (not only or "mixed7" in only) and B > 1:
             groups = [(torch.arange(0, B, 2), procs), (torch.arange(1, B, 2), chain7_list(top_k=False))]
@@ -229,9 +237,10 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
                                 for r in range(B)], empty, empty, vocab_size=V)
 
             def hf_groups():
-                out = torch.empty_like(logits)
+                x = logits()
+                out = torch.empty_like(x)
                 for rows_of, lst in groups:
-                    out[rows_of] = lst(ids[rows_of], logits[rows_of])
+                    out[rows_of] = lst(ids[rows_of], x[rows_of])
                 return out
 
             out.append(("mixed7", {"hf": (hf_groups, None), "ours": (_pipe_call(bm, logits), None)}, "ours/hf"))
@@ -239,42 +248,42 @@ def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> list[tuple[str,
         common = hf.LogitsProcessorList([hf.TemperatureLogitsWarper(COMMON3["temperature"]),
                                          hf.TopPLogitsWarper(COMMON3["top_p"]), hf.MinPLogitsWarper(COMMON3["min_p"])])
         ids1 = torch.zeros(B, 1, dtype=torch.int64)
-        banned = logits.clone()
-        banned[:, 7::997] = float("-inf")
+        banned = logits.derived(lambda t: t.clone().index_fill_(1, torch.arange(7, V, 997), float("-inf")))
         for case, x in (("common3", logits), ("common3_bans", banned)):
             if not only or case in only:
-                out.append((case, {"hf": (lambda x=x: common(ids1, x), None),
+                out.append((case, {"hf": (lambda x=x: common(ids1, x()), None),
                                    "ours": (_pipe_call(_batch(B, V, None, **COMMON3), x), None)}, "ours/hf"))
     if not only or "skew" in only:
-        sk = _full(logits, 0.2)
+        sk = _full(logits(), 0.2)
 
         def manual_softmax_cumsum():
-            m = logits.amax(-1, keepdim=True)
-            e = (logits - m).exp_()
+            x = logits()
+            m = x.amax(-1, keepdim=True)
+            e = (x - m).exp_()
             return e.div_(e.sum(-1, keepdim=True)).cumsum(-1)
 
         out.append(("skew", {
-            "softmax+cumsum (torch)": (lambda: torch.softmax(logits, -1).cumsum(-1), None),
+            "softmax+cumsum (torch)": (lambda: torch.softmax(logits(), -1).cumsum(-1), None),
             "softmax+cumsum (manual)": (manual_softmax_cumsum, None),
-            "skew": (lambda: F.skew(logits, sk), None),
+            "skew": (lambda: F.skew(logits(), sk), None),
         }, "skew/min(softmax+cumsum)"))
-    return out
+    return out, logits
 
 
-def dry_case() -> tuple[str, dict, str]:
+def dry_case() -> tuple[tuple[str, dict, str], LogitsPool]:
     B, V = DRY_SHAPE
     prompts, outputs = split_history(make_histories(B, DRY_HIST, V, seed=3), 1024)
-    logits = make_logits(B, V, seed=3)
+    logits = LogitsPool.of_logits(B, V, seed=3)
     kw = dict(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_sequence_breaker_ids=BREAKERS)
     b_fn = SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
     b_pipe = SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
     args = (b_fn.history, b_fn.param("dry_multiplier"), b_fn.param("dry_base"), b_fn.param("dry_allowed_length"),
             b_fn.param("dry_range"), b_fn.dry_sequence_breaker_ids)
     return ("dry_step", {
-        "logits.clone() (yardstick)": (lambda: logits.clone(), None),
-        "functional": (lambda: F.dry(logits, *args), _stepper(b_fn)),
+        "logits.clone() (yardstick)": (lambda: logits().clone(), None),
+        "functional": (lambda: F.dry(logits(), *args), _stepper(b_fn)),
         "pipeline": (_pipe_call(b_pipe, logits), _stepper(b_pipe)),
-    }, "abs")
+    }, "abs"), logits
 
 
 def _ratio(spec: str, med: dict[str, float]) -> Optional[float]:
@@ -307,14 +316,15 @@ def run(args: argparse.Namespace) -> dict:
         label = f"{n} thread{'s' if n != 1 else ''}" + (" (torch default)" if th == "default" else "")
         todo = []
         for B, V in shapes:
-            todo += [((B, V), c) for c in cases_for_shape(B, V, only)]
+            cases, pool = cases_for_shape(B, V, only)
+            todo += [((B, V), c, pool) for c in cases]
         if not args.no_dry and (not only or "dry_step" in only):
-            todo.append((DRY_SHAPE, dry_case()))
-        for (B, V), (case, contenders, spec) in todo:
+            todo.append((DRY_SHAPE, *dry_case()))
+        for (B, V), (case, contenders, spec), pool in todo:
             # DRY's step is ~1 ms: on a loaded machine a large share of single calls is hit
             # by a preemption (10+ ms), so its median is taken over more repetitions.
             reps = max(args.reps, args.dry_reps) if case == "dry_step" else args.reps
-            times, cpu_times = interleaved(contenders, reps, args.warmup)
+            times, cpu_times = interleaved(contenders, reps, args.warmup, pool.advance)
             med = {k: statistics.median(v) for k, v in times.items()}
             cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
             ratio, cpu_ratio = _ratio(spec, med), _ratio(spec, cpu_med)
@@ -371,7 +381,8 @@ def markdown(data: dict) -> str:
              f"transformers {m['transformers']}, Python {m['python']}",
              f"- Load average at the end of the run (1, 5, 15 min): {m['loadavg']}; date {m['date']}",
              f"- Median of {data['reps']} interleaved repetitions after {data['warmup']} warm-up rounds; "
-             "float32 logits `3 * randn`; wall-clock times in ms; ratio < 1: ours faster.",
+             "float32 logits `3 * randn`, other logits each repetition (8 in turn); wall-clock times in ms; "
+             "ratio < 1: ours faster.",
              "- `(CPU)` columns: the same ratio of process-CPU-time medians, which leave out the time "
              "the process sat descheduled (the steadier of the two under load; with several threads "
              "it adds up every thread's time, spin-waits included). `load`: 1-minute load average "

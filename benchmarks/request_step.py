@@ -33,7 +33,7 @@ from _paths import ROOT as _ROOT  # (first: puts the checkout on sys.path)
 import torch  # noqa: E402
 
 import samplers.pipeline as pipeline  # noqa: E402
-from bench_inputs import make_histories, make_logits  # noqa: E402
+from bench_inputs import LogitsPool, make_histories  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
 REQUEST = os.path.join(_ROOT, "tests", "data", "arli_full_request.json")
@@ -80,16 +80,17 @@ def run(shape: tuple[int, int], steps: int, parts: _Parts | None, default_rows: 
     histories = torch.tensor(make_histories(batch, 768 + steps + 5, vocab))
     b = SamplingBatch(rows, histories[:, :512].tolist(), histories[:, 512:768].tolist(),
                       vocab_size=vocab)
-    logits = make_logits(batch, vocab, seed=1)
+    logits = LogitsPool.of_logits(batch, vocab, seed=1)  # (other logits every step, as the model gives)
     pipe = SamplerPipeline("torch", seed=0)
     times, faults, per_part = [], [], {}
     for i in range(steps + 5):  # (5 warm-up steps)
         if parts is not None:
             parts.step = {}
         f0, t0 = _faults(), time.perf_counter()
-        pipe.sample(logits, b)
+        pipe.sample(logits(), b)
         elapsed, faulted = time.perf_counter() - t0, _faults() - f0
         b.append(histories[:, 768 + i])
+        logits.advance()
         if i < 5:
             continue
         times.append(elapsed)

@@ -30,7 +30,7 @@ import time
 import _paths  # noqa: F401  (repository root on sys.path)
 import numpy as np
 import torch
-from bench_inputs import make_histories, make_logits
+from bench_inputs import LogitsPool, make_histories
 
 REQUEST = {"temperature": 0.8, "min_p": 0.05, "repetition_penalty": 1.1, "dry_multiplier": 0.8,
            "dry_allowed_length": 2}
@@ -90,7 +90,7 @@ def measure(B: int, V: int, H: int, steps: int, warmup: int, join_every: int = 0
     proc.apply_staged_writes()
     batch = reference_batch(H)
     pipe = SamplerPipeline(backend="torch")
-    logits = make_logits(B, V)
+    logits = LogitsPool.of_logits(B, V)  # (other logits every step, as the model gives)
     slots = np.arange(B, dtype=np.int32)
     state = {"length": H}  # history length of every row at this step (pos + 1)
 
@@ -102,14 +102,14 @@ def measure(B: int, V: int, H: int, steps: int, warmup: int, join_every: int = 0
             input_ids=text[torch.from_numpy(src), n - 1].to(torch.int32),
             pos=torch.full((B,), n - 1, dtype=torch.int64),
             seq_lens_upper_bound_np=np.full(B, n, dtype=np.int32))
-        state["processor"] = proc.apply(logits.clone(), ctx)  # (vLLM hands the processors a copy)
+        state["processor"] = proc.apply(logits().clone(), ctx)  # (vLLM hands the processors a copy)
         # post_update: the sampled token
         rs.all_token_ids.gpu[:B, n] = text[torch.from_numpy(src), n].to(torch.int32)
         state["length"] = n + 1
 
     def pipeline_step() -> None:
         n = state["length"]  # the processor's step has moved on: the same history length
-        state["pipeline"] = pipe.process(logits.clone(), batch)
+        state["pipeline"] = pipe.process(logits().clone(), batch)
         batch.append(text[torch.from_numpy(src), n - 1])
 
     # The processor's first call builds from vLLM's buffers; then both advance together.
@@ -133,6 +133,7 @@ def measure(B: int, V: int, H: int, steps: int, warmup: int, join_every: int = 0
                 times["join" if join and name == "processor" else name].append((time.perf_counter() - t) * 1e3)
         if not torch.equal(state["processor"], state["pipeline"]):
             raise AssertionError(f"step {step}: the processor's row differs from the pipeline's")
+        logits.advance()
     ours, ref = statistics.median(times["processor"]), statistics.median(times["pipeline"])
     join_ms = statistics.median(times["join"]) if times["join"] else float("nan")
     return {"shape": [B, V], "history": H, "processor_ms": ours, "pipeline_ms": ref,
