@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._threads import sort_rows_
+
 __all__ = [
     "GREEDY_TEMPERATURE",
     "check_logits",
@@ -1236,7 +1238,9 @@ def sort_values_desc(x: Tensor) -> Tensor:
     ties cannot matter). On the CPU this uses numpy's (SIMD) sort, much faster than
     ``torch.sort``, which always computes the permutation too."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
-        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=-1)).flip(-1)
+        rows = x.contiguous().numpy().copy()
+        sort_rows_(rows)
+        return torch.from_numpy(rows).flip(-1)
     return torch.sort(x, dim=-1, descending=True).values
 
 
@@ -1271,14 +1275,14 @@ def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
             np.copyto(high, bits)
         if not (descending and bool((high < 0).any())):  # (a NaN with its sign bit: the int64 way)
             np.copyto(halves[..., 0], np.arange(vocab, dtype=np.int32))
-            key.sort(axis=-1)
+            sort_rows_(key)
             values = np.subtract(0x7FFFFFFF, high) if descending else high.copy()
             return torch.from_numpy(values.view(np.float32)), torch.from_numpy(halves[..., 0].astype(np.int64))
         key = bits.astype(np.int64)
         np.subtract(0x7FFFFFFF, key, out=key)
         np.left_shift(key, 32, out=key)
         np.bitwise_or(key, np.arange(vocab, dtype=np.int64), out=key)
-        key.sort(axis=-1)
+        sort_rows_(key)
         np.bitwise_and(key, 0xFFFFFFFF, out=key)
         # values: one flat numpy take (torch's gather is ~2x slower here)
         flat = (key + (np.arange(batch, dtype=np.int64) * vocab)[:, None]).reshape(-1)
@@ -1317,7 +1321,7 @@ def _sort_nonneg_sparse(x: Tensor, descending: bool) -> Optional[tuple[Tensor, T
     key = (key << 32) | cols
     packed = np.full((batch, width), np.iinfo(np.int64).max, dtype=np.int64)
     packed[rows, rank] = key
-    packed.sort(axis=-1)
+    sort_rows_(packed)
     front_cols = packed[rows, rank] & 0xFFFFFFFF  # row b's sorted live columns, row-major
     order = np.broadcast_to(np.arange(vocab, dtype=np.int64), (batch, vocab)).copy()
     back = cols >= counts[rows]  # live entries outside their row's front

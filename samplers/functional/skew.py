@@ -24,6 +24,7 @@ from ._stats import (
     top_token_mask,
     upcast,
 )
+from ._threads import sort_rows_
 
 __all__ = ["skew"]
 
@@ -263,7 +264,7 @@ def _skew_numpy(l32: Tensor, p: Tensor, power: Tensor) -> Optional[Tensor]:
     # (the low halves: flat indices, row * width + column, which order a row as its columns do)
     np.add(np.arange(width, dtype=np.int32), (np.arange(batch, dtype=np.int32) * width)[:, None],
            out=halves[..., 0])
-    key.reshape(batch, width).sort(axis=-1)
+    sort_rows_(key.reshape(batch, width))
     if bool((halves[:, 0, 1] < _KEY_SANE_MIN).any()):
         return None
     buf = p.numpy()  # p, then sorted p, then c, then the result

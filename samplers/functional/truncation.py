@@ -57,6 +57,7 @@ from ._stats import (
     sort_values_desc,
     upcast,
 )
+from ._threads import sort_rows_
 
 __all__ = [
     "top_k",
@@ -308,7 +309,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray
     # the k-th largest of each row's candidates: packed negated, +inf after each row's own, sorted
     packed = np.full((batch, int(counts.max())), np.inf, dtype=np.float32)
     packed[rows, cols] = -values
-    packed.sort(axis=-1)
+    sort_rows_(packed)
     kth = -packed[np.arange(batch), k - 1]
     return flat[np.flatnonzero(values >= kth[rows])]  # (indices: ~5x faster than a boolean mask here)
 
@@ -498,7 +499,7 @@ def _top_p_by_candidates(logits: Tensor, e: Tensor, s: Tensor, tp: Tensor, enabl
     packed = np.full(n_on * width, -0.0, dtype=np.float32)
     packed[cand_rows * width + cols] = -p
     packed = packed.reshape(n_on, width)
-    packed.sort(axis=-1)
+    sort_rows_(packed)
     p_sorted = np.negative(packed, out=packed)
     cum = torch.cumsum(torch.from_numpy(p_sorted), dim=-1).numpy()  # (torch's: the same bits)
     n_before = np.count_nonzero(cum < tpn[:, None], axis=-1)  # (the count_below of the full row)
