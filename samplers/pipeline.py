@@ -173,15 +173,19 @@ def _penalty_args(b: SamplingBatch) -> tuple:
             b.param("presence_penalty"), h.seen_ids())
 
 
-def _temperature(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _row_temperatures(x: torch.Tensor, b: SamplingBatch) -> Optional[torch.Tensor]:
+    """Each row's temperature (static or dynamic), or None when no row has one."""
     t = b.param("static_temperature")  # 1.0 on dynatemp and greedy rows
     if b.any_dynatemp:
         # one division for both kinds of rows: each row's factor is its own T times 1.0 (exact)
-        t = t * F.dynamic_temperature_values(x, b.param("dynatemp_min_active"), b.param("dynatemp_max_active"),
-                                             b.param("dynatemp_exponent"))
-    elif not b.any_static_temperature:
-        return x
-    return F.temperature(x, t)
+        return t * F.dynamic_temperature_values(x, b.param("dynatemp_min_active"), b.param("dynatemp_max_active"),
+                                                b.param("dynatemp_exponent"))
+    return t if b.any_static_temperature else None
+
+
+def _temperature(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+    t = _row_temperatures(x, b)
+    return x if t is None else F.temperature(x, t)
 
 
 def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
@@ -190,6 +194,16 @@ def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Ten
     if b.any_top_p:
         x = F.top_p(x, b.param("top_p"))
     return x
+
+
+def _temperature_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+    """``_temperature`` then ``_top_p_top_k``: the same values, with top_k's removed entries
+    left undivided where ``F.temperature_top_k`` can."""
+    t = _row_temperatures(x, b)
+    if t is None or not b.any_top_k:
+        return _top_p_top_k(x if t is None else F.temperature(x, t), b, r)
+    x = F.temperature_top_k(x, t, b.param("top_k"))
+    return F.top_p(x, b.param("top_p")) if b.any_top_p else x
 
 
 def _dry_args(b: SamplingBatch) -> tuple:
@@ -214,6 +228,13 @@ UNITS: dict[SamplerID, Unit] = {
         x, b.param("smoothing_factor"), b.param("smoothing_curve")),
     SamplerID.XTC: lambda x, b, r: F.xtc(
         x, b.param("xtc_threshold"), b.param("xtc_probability"), r.uniforms(PURPOSE_XTC)),
+}
+
+
+#: Two units that run as one when the second directly follows the first on the same rows
+#: (the same values, less work): first -> (second, the pair's unit).
+FUSED_UNITS: dict[SamplerID, tuple[SamplerID, Unit]] = {
+    SamplerID.TEMPERATURE: (SamplerID.TOP_P_TOP_K, _temperature_top_p_top_k),
 }
 
 
@@ -314,14 +335,21 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     # on full rows only when it has half the rows or more, or when its rows are known only
     # as a device mask (a gathered batch); else on its rows alone, below.
     chained = [chain is not None and sampler not in _READS_TOKEN_IDS for sampler, _ in batch.schedule]
+    fused_done = -1  # (the stage that ran inside the previous one's fused unit)
     for i, ((sampler, rows), index, host_index) in enumerate(stages):
-        if index is not None and index.numel() == 0:
+        if i == fused_done or (index is not None and index.numel() == 0):
             continue
         if chained[i] and (index is None or chain.is_packed(x) or 2 * index.numel() >= batch.batch_size):
             view = batch if rows is None else _RowsOff(batch, rows, sampler)
+            unit, end = UNITS[sampler], i
+            fused = FUSED_UNITS.get(sampler)
+            if (fused is not None and rows is None and i + 1 < len(stages) and chained[i + 1]
+                    and stages[i + 1][0][0] == fused[0] and stages[i + 1][0][1] is None):
+                unit, end = fused[1], i + 1
+                fused_done = end
             # (the last packed step before the full rows are needed expands its result at once)
-            last = not chained[i + 1] if i + 1 < len(chained) else not batch.any_skew
-            x, owned = chain.run(lambda t: UNITS[sampler](t, view, randoms), x, last), True
+            last = not chained[end + 1] if end + 1 < len(chained) else not batch.any_skew
+            x, owned = chain.run(lambda t: unit(t, view, randoms), x, last), True
             continue
         if chain is not None:
             x = chain.expand(x)

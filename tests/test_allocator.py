@@ -1,7 +1,6 @@
 """The pipeline raises glibc's malloc thresholds once, so a step's [B, V] temporaries stop
 costing page faults (samplers/_allocator.py)."""
 
-import json
 import os
 import platform
 import subprocess

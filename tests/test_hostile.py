@@ -14,7 +14,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams

@@ -23,6 +23,7 @@ from .truncation import (
     eta_cutoff,
     min_p,
     nsigma,
+    temperature_top_k,
     tfs,
     top_a,
     top_k,
@@ -34,6 +35,6 @@ from .truncation import (
 __all__ = [
     "ban_tokens", "dry", "dry_", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
     "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "penalties", "penalties_",
-    "quadratic_smoothing", "rescue_empty_rows", "skew", "temperature", "tfs", "top_a", "top_k", "top_p", "typical_p",
-    "xtc",
+    "quadratic_smoothing", "rescue_empty_rows", "skew", "temperature", "temperature_top_k", "tfs", "top_a", "top_k",
+    "top_p", "typical_p", "xtc",
 ]

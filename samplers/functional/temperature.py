@@ -37,8 +37,8 @@ from ._stats import (
     upcast,
 )
 
-__all__ = ["temperature", "dynamic_temperature", "dynamic_temperature_values", "quadratic_smoothing",
-           "GREEDY_TEMPERATURE"]
+__all__ = ["temperature", "temperature_divisors", "dynamic_temperature", "dynamic_temperature_values",
+           "quadratic_smoothing", "GREEDY_TEMPERATURE"]
 
 _F32 = torch.float32
 
@@ -64,8 +64,7 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
     """
     check_logits(logits)
     t = row_param(temperature, logits, _F32, "temperature", 0.0)
-    enabled = (t != 1.0) & (t >= GREEDY_TEMPERATURE)
-    safe_t = torch.where(enabled, t, torch.ones_like(t))
+    enabled, safe_t = temperature_divisors(t)
     l32 = upcast(logits)
     out = saturate_finite(l32 / safe_t[:, None], l32)
     result = select_rows(enabled, cast_saturating(out, logits.dtype), logits)
@@ -74,6 +73,14 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
         # (l / T with T > 0: -inf stays -inf, finite stays finite, saturating: the same removed tokens)
         note_removed(result, *removed)
     return result
+
+
+def temperature_divisors(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``temperature``'s rule per row, for ``[B]`` float32 temperatures ``t >= 0``: which rows
+    it scales (``T != 1`` and not greedy) and the divisor of each row (``T`` there, ``1.0``
+    elsewhere, which leaves a row's values as they are)."""
+    enabled = (t != 1.0) & (t >= GREEDY_TEMPERATURE)
+    return enabled, torch.where(enabled, t, torch.ones_like(t))
 
 
 def dynamic_temperature(

@@ -58,9 +58,12 @@ from ._stats import (
     upcast,
 )
 from ._threads import sort_rows_
+from .temperature import temperature as scale_by_temperature
+from .temperature import temperature_divisors
 
 __all__ = [
     "top_k",
+    "temperature_top_k",
     "top_p",
     "top_a",
     "min_p",
@@ -94,8 +97,12 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
+    return _top_k_checked(logits, row_param(top_k, logits, torch.int64, "top_k"))
+
+
+def _top_k_checked(logits: Tensor, k: Tensor) -> Tensor:
+    """``top_k`` once its arguments are checked (``k``: int64 ``[B]``)."""
     batch, vocab = logits.shape
-    k = row_param(top_k, logits, torch.int64, "top_k")
     if batch == 0 or vocab == 0:
         return logits.clone()
     if not is_chain_rows(logits):
@@ -164,6 +171,61 @@ def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     rows = None if on.all() else np.flatnonzero(on)
     kept = _top_k_from_candidates(xn if rows is None else xn[rows], kn if rows is None else kn[rows])
     return None if kept is None else _rows_result(xn, rows, kept)
+
+
+def temperature_top_k(logits: Tensor, temperature: ParamLike, top_k: ParamLike) -> Tensor:
+    """``top_k(temperature(logits, temperature), top_k)``, bit for bit, without dividing the
+    entries top_k removes where that can be shown to change nothing.
+
+    Args:
+        logits: ``[B, V]`` float tensor (full rows).
+        temperature: ``[B]`` float32, as ``temperature`` takes it.
+        top_k: ``[B]`` int64, as ``top_k`` takes it.
+
+    Scaling by ``1 / T`` (``T > 0``) never reorders a row: ``fl(l / T)`` is non-decreasing
+    in ``l``, so the ``k``-th largest scaled logit is ``fl(kth / T)`` and top_k keeps the
+    entries with ``fl(l / T) >= fl(kth / T)``, a superset of those with ``l >= kth`` (it
+    may add entries that the division rounds onto the boundary). On float32 CPU rows where
+    top_k takes its candidates (``_candidates``: every entry outside them is below a
+    threshold ``t``), only the candidates are divided, and that is the answer when
+    ``fl(t / T) < fl(kth / T)`` in every row (then no entry outside them reaches the
+    boundary) and every divided candidate is finite (nothing to saturate). Otherwise, and
+    wherever the candidates do not apply, the two samplers run one after the other.
+
+    Returns:
+        ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
+    """
+    check_logits(logits)
+    t = row_param(temperature, logits, _F32, "temperature", 0.0)
+    k = row_param(top_k, logits, torch.int64, "top_k")
+    out = _temperature_top_k_by_candidates(logits, t, k)
+    return out if out is not None else _top_k_checked(scale_by_temperature(logits, t), k)
+
+
+def _temperature_top_k_by_candidates(logits: Tensor, t: Tensor, k: Tensor) -> Optional[Tensor]:
+    """``temperature_top_k``'s result from top_k's candidates, or None (see there): every row
+    top_k-enabled, float32 CPU rows as ``_top_k_by_candidates`` takes them."""
+    batch, vocab = logits.shape
+    if (batch == 0 or min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS
+            or not _numpy_rows(logits) or is_chain_rows(logits)):
+        return None
+    kn = k.numpy()
+    if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
+        return None
+    found = _candidates(logits.numpy(), kn)
+    if found is None:
+        return None
+    flat, rows, values, threshold, kth = found
+    divisor = temperature_divisors(t)[1].numpy()
+    with np.errstate(over="ignore"):
+        # (IEEE division, as torch's: the bits temperature gives these entries)
+        scaled = values / divisor[rows]
+        scaled_kth = kth / divisor
+        outside_below = threshold / divisor < scaled_kth
+    if not (outside_below.all() and np.isfinite(scaled).all()):
+        return None
+    kept = np.flatnonzero(scaled >= scaled_kth[rows])
+    return _sparse_result(flat[kept], scaled[kept], (batch, vocab), top_level=True)
 
 
 def _rows_result(xn: np.ndarray, rows: Optional[np.ndarray], kept: np.ndarray,
@@ -273,7 +335,20 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray
     """The entries top_k keeps of the float32 rows ``xn`` (``[B, V]``, contiguous; ``k``:
     int64 ``[B]``, ``1 <= k`` and ``8 k <= V``), as flat indices (increasing), found
     without a selection over the full rows; None when this way does not apply (the caller's
-    selection then decides).
+    selection then decides). See ``_candidates``."""
+    found = _candidates(xn, k)
+    if found is None:
+        return None
+    flat, rows, values, _, kth = found
+    return flat[np.flatnonzero(values >= kth[rows])]  # (indices: ~5x faster than a boolean mask here)
+
+
+def _candidates(xn: np.ndarray, k: np.ndarray
+                ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """top_k's candidates in the rows ``xn`` (as ``_top_k_from_candidates``): their flat
+    indices (increasing), rows and values, each row's threshold ``t`` (``[B]``: every entry
+    not below it is a candidate, every other entry is below it) and each row's ``k``-th
+    largest value ``kth >= t``; None when this way does not apply.
 
     A threshold ``t`` below each row's ``k``-th largest value is read from a strided sample
     of the row (its ``j``-th largest, ``j`` a few standard deviations above the ``k V / s``
@@ -311,7 +386,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray
     packed[rows, cols] = -values
     sort_rows_(packed)
     kth = -packed[np.arange(batch), k - 1]
-    return flat[np.flatnonzero(values >= kth[rows])]  # (indices: ~5x faster than a boolean mask here)
+    return flat, rows, values, t, kth
 
 
 def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
