@@ -12,7 +12,9 @@ keep_processed -> ``ChainOutput``): ``torch_chain`` below, the reference, and
 is the one place that picks between them. On the CPU the torch backend hands truncated rows
 from one unit to the next packed (``PackedChain``: the rows' few remaining tokens, not
 ``[B, V]``), with the same results; rows that truncate nothing run apart from the others
-(``_row_groups``), so that their full rows do not keep the others from packing.
+(``_row_groups``), so that their full rows do not keep the others from packing. Two units
+that follow each other on every row may run as one (``FUSED_UNITS``: temperature then top_k
+divides only the entries top_k can keep), again with the same results.
 """
 
 from __future__ import annotations
