@@ -25,7 +25,7 @@ def threads():
     torch.set_num_threads(old)
 
 
-def _ranges(rows: int, entries: int, n_threads: int) -> list[tuple[int, int, str]]:
+def _ranges(rows: int, entries: int) -> list[tuple[int, int, str]]:
     seen: list[tuple[int, int, str]] = []
     lock = threading.Lock()
 
@@ -33,12 +33,7 @@ def _ranges(rows: int, entries: int, n_threads: int) -> list[tuple[int, int, str
         with lock:
             seen.append((start, stop, threading.current_thread().name))
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        _threads.each_row_chunk(record, rows, entries)
-    finally:
-        torch.set_num_threads(old)
+    _threads.each_row_chunk(record, rows, entries)
     return sorted(seen)
 
 
@@ -51,8 +46,9 @@ def _ranges(rows: int, entries: int, n_threads: int) -> list[tuple[int, int, str
     (64, 64 * 100, 4, 1),  # too little work to hand over
     (8, 3 * _threads.MIN_ENTRIES_PER_CHUNK, 8, 3),  # ranges of at least the minimum
 ])
-def test_ranges_cover_the_rows_once(rows, entries, n_threads, chunks):
-    seen = _ranges(rows, entries, n_threads)
+def test_ranges_cover_the_rows_once(threads, rows, entries, n_threads, chunks):
+    threads(n_threads)
+    seen = _ranges(rows, entries)
     assert len(seen) == chunks
     covered = [r for start, stop, _ in seen for r in range(start, stop)]
     assert covered == list(range(rows))

@@ -154,6 +154,12 @@ def _sparse_ok(logits: Tensor, k_max: int, enabled: Tensor) -> bool:
 _CANDIDATES_MAX_THREADS = 2
 
 
+def _candidates_take(logits: Tensor) -> bool:
+    """Whether top_k takes its candidates (``_candidates``) on these rows: float32 CPU rows
+    that ``torch.topk`` could split over at most ``_CANDIDATES_MAX_THREADS`` threads."""
+    return min(logits.shape[0], torch.get_num_threads()) <= _CANDIDATES_MAX_THREADS and _numpy_rows(logits)
+
+
 def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     """top_k's result on full rows through ``_top_k_from_candidates``, or None where that does
     not apply: not float32 CPU rows, an enabled ``k`` past ``1 / _TOP_K_SPARSE_FRACTION`` of the
@@ -161,7 +167,7 @@ def _top_k_by_candidates(logits: Tensor, k: Tensor) -> Optional[Tensor]:
     threads, or the candidates refused. Disabled rows (a serving batch mixes them in) come back
     as they are, the others from their candidates."""
     batch, vocab = logits.shape
-    if min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS or not _numpy_rows(logits):
+    if not _candidates_take(logits):
         return None
     kn = k.numpy()
     on = (kn > 0) & (kn < vocab)
@@ -206,8 +212,7 @@ def _temperature_top_k_by_candidates(logits: Tensor, t: Tensor, k: Tensor) -> Op
     """``temperature_top_k``'s result from top_k's candidates, or None (see there): every row
     top_k-enabled, float32 CPU rows as ``_top_k_by_candidates`` takes them."""
     batch, vocab = logits.shape
-    if (batch == 0 or min(batch, torch.get_num_threads()) > _CANDIDATES_MAX_THREADS
-            or not _numpy_rows(logits) or is_chain_rows(logits)):
+    if batch == 0 or not _candidates_take(logits) or is_chain_rows(logits):
         return None
     kn = k.numpy()
     if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
