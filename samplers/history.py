@@ -939,13 +939,21 @@ class TokenHistory:
         ``(rows, cols, lengths)``, int64 / int64 / int32 ``[N]``. On the CPU they are kept
         by the incremental update (no pass over the histories); elsewhere found with
         ``nonzero`` (a device sync)."""
-        match = self.match_lengths()
         if self.device.type != "cpu":
+            match = self.match_lengths()
             rows, cols = match.nonzero(as_tuple=True)
             return rows, cols, match[rows, cols]
+        return tuple(torch.from_numpy(a) for a in self.match_entries_host())  # type: ignore[return-value]
+
+    def match_entries_host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`match_entries` of a CPU history as numpy arrays (the same entries, the same
+        dtypes), for callers that go on in numpy."""
+        if self.device.type != "cpu":
+            raise ValueError(f"match_entries_host: the history is on {self.device}, not the CPU")
+        match = self.match_lengths().numpy()
         if self._match_nz is None:
-            self._match_nz = np.divmod(np.flatnonzero(match.numpy()), match.shape[1])
-        rows, cols = (torch.from_numpy(a) for a in self._match_nz)
+            self._match_nz = np.divmod(np.flatnonzero(match), match.shape[1])
+        rows, cols = self._match_nz
         return rows, cols, match[rows, cols]
 
     def match_lengths(self) -> torch.Tensor:

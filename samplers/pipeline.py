@@ -379,7 +379,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     if chain is not None:
         x = chain.expand(x)
     if batch.may_remove_every_token:
-        x = F.rescue_empty_rows(x, logits)
+        noted = None if chain is None else chain.noted(x)  # (the removed tokens' count per row)
+        x = F.rescue_empty_rows(x, logits, None if noted is None else noted[1])
     if not draw:
         return ChainOutput(x)
     if batch.all_greedy:

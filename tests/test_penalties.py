@@ -421,3 +421,17 @@ def test_rescue_empty_rows_probe_and_full_read(width):
     # every row settled by the probe: the very tensor comes back
     full = torch.from_numpy(logits.copy())
     assert F.rescue_empty_rows(full, torch.from_numpy(logits)) is full
+
+
+def test_rescue_empty_rows_trusts_given_counts_only_below_the_width():
+    """``removed_counts`` (a chain's note): every row below V removed entries is not empty, and
+    the very tensor comes back without a read; a row at V is searched and rescued."""
+    g = np.random.default_rng(1)
+    logits = g.standard_normal((3, 100)).astype(np.float32)
+    processed = logits.copy()
+    processed[1, :99] = -np.inf
+    t = torch.from_numpy(processed)
+    assert F.rescue_empty_rows(t, torch.from_numpy(logits), torch.tensor([0, 99, 0])) is t
+    processed[2] = -np.inf
+    out = F.rescue_empty_rows(t, torch.from_numpy(logits), torch.tensor([0, 99, 100]))
+    assert np.array_equal(out.numpy(), _numpy_rescue(processed, logits))

@@ -626,6 +626,19 @@ def test_a_row_whose_every_token_is_banned_keeps_its_most_likely_token():
     assert out[1].tolist() == [float("-inf"), 2.0, float("-inf")]
 
 
+def test_a_wide_row_emptied_by_bans_is_rescued_from_the_chain_note():
+    """Rows wider than the rescue's probe: the chain's note of the removed tokens (the input
+    proved finite, then the bans) decides which rows are empty, and the empty one is rescued."""
+    Vw = 100
+    p = SamplingParams(no_repeat_ngram_size=1)
+    logits = torch.linspace(-1.0, 1.0, Vw).repeat(2, 1)
+    batch = SamplingBatch([p, p], [list(range(Vw)), list(range(0, Vw, 2))], vocab_size=Vw)
+    out = SamplerPipeline("torch").process(logits, batch)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [Vw - 1]
+    assert out[0, Vw - 1] == logits[0, Vw - 1]
+    assert torch.equal(torch.isfinite(out[1]), torch.arange(Vw) % 2 == 1)
+
+
 def test_select_keeps_rows_and_their_history_state():
     params = [SamplingParams(dry_multiplier=1.0, seed=1), SamplingParams(repetition_penalty=1.5, seed=2),
               SamplingParams(no_repeat_ngram_size=2, seed=3)]

@@ -63,7 +63,7 @@ def no_repeat_ngram_(
             # Every banned position has match >= n - 1 >= 1: a nonzero entry, which the
             # history keeps listed (no pass over the histories). Index arithmetic in numpy
             # (a fraction of torch's per-op cost on these short lists).
-            rows, cols, match = (a.numpy() for a in history.match_entries())
+            rows, cols, match = history.match_entries_host()
             n_at = n_np[rows]
             sel = (n_at >= 1) & (match >= n_at - 1)
             rows, cols = rows[sel], cols[sel]

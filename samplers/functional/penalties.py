@@ -335,7 +335,8 @@ def _divide_positive_multiply_rest(v: np.ndarray, r: np.ndarray | np.float32) ->
 _RESCUE_PROBE = 64
 
 
-def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor,
+                      removed_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Give a row that ends with every token removed back its most likely input token.
 
     Bans (min_tokens, no_repeat_ngram) and a DRY penalty that overflows can remove every token of a row; such a row keeps
@@ -344,11 +345,16 @@ def rescue_empty_rows(processed: torch.Tensor, logits: torch.Tensor) -> torch.Te
     Args:
         processed: fp32 [B, V], the chain's result (-inf = removed).
         logits: [B, V], the chain's input.
+        removed_counts: int64 [B], optional: how many entries of each row of ``processed``
+            are ``-inf`` (a chain's note of its removed tokens, ``PackedChain.noted``); a
+            row with fewer than V is not empty, which spares the search on the CPU.
     Returns:
         ``processed`` itself when no row is empty on the CPU, else a new fp32 [B, V] tensor.
         Ties for the argmax: the lowest token id.
     """
     if processed.device.type == "cpu":
+        if removed_counts is not None and not (removed_counts.numpy() >= processed.shape[1]).any():
+            return processed
         # No device sync on the CPU: touch only the (rare) empty rows. A finite entry among a
         # row's first columns proves it is not empty (bans leave most of a full row): the
         # whole rows are read only when some row has none there (after a truncation).
