@@ -64,6 +64,10 @@ def check_against_reference(
     rows, cols, lengths = th.match_entries()  # the nonzero entries, listed row-major
     listed = torch.stack([rows, cols], dim=1) if rows.numel() else torch.zeros(0, 2, dtype=torch.int64)
     assert torch.equal(listed, match.nonzero()) and torch.equal(lengths, match[match != 0])
+    if th.device.type == "cpu":  # (the same entries and dtypes, as numpy arrays)
+        host = th.match_entries_host()
+        assert [a.dtype for a in host] == [np.int64, np.int64, np.int32]
+        assert all(np.array_equal(a, t.numpy()) for a, t in zip(host, (rows, cols, lengths)))
     for b, (h, p) in enumerate(zip(hists, prompts)):
         out = h[len(p) :]
         assert counts[b].tolist() == [out.count(t) for t in range(v)]
