@@ -910,13 +910,19 @@ class TokenHistory:
             self._match_nz = np.divmod(np.flatnonzero(m), cap)
         nz_r, nz_c = self._match_nz
         before = toks[:, : w - 1]  # h[i] for the candidate positions j = i + 1 <= w - 1
-        ar = np.arange(w - 1)
         rows = np.arange(b)
         for _ in range(lag):
             active = pos < lengths
             x = toks[rows, np.minimum(pos, cap - 1)]
             hit = before == x[:, None]
-            hit &= ar[None, :] < pos[:, None]  # i < t
+            if lag == 1:
+                # i < t. One step to apply: past the new length t + 1 a row holds only the -1
+                # padding, which no token id equals, so of the positions i >= t only t itself
+                # (the token x) is left to clear, instead of a [B, len] mask of them all.
+                inside = np.flatnonzero(pos < w - 1)
+                hit[inside, pos[inside]] = False
+            else:
+                hit &= np.arange(w - 1)[None, :] < pos[:, None]  # i < t
             if not active.all():
                 hit &= active[:, None]
             hr, hi = np.divmod(np.flatnonzero(hit), w - 1)
