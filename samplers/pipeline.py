@@ -208,6 +208,15 @@ def _temperature_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) 
     return F.top_p(x, b.param("top_p")) if b.any_top_p else x
 
 
+def _nsigma_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+    """nsigma then ``_top_p_top_k``: the same values, without nsigma's result where
+    ``F.nsigma_top_k`` can."""
+    if not b.any_top_k:
+        return _top_p_top_k(F.nsigma(x, b.param("nsigma")), b, r)
+    x = F.nsigma_top_k(x, b.param("nsigma"), b.param("top_k"))
+    return F.top_p(x, b.param("top_p")) if b.any_top_p else x
+
+
 def _dry_args(b: SamplingBatch) -> tuple:
     return (b.history, b.param("dry_multiplier"), b.param("dry_base"), b.param("dry_allowed_length"),
             b.param("dry_range"), b.dry_sequence_breaker_ids)
@@ -237,6 +246,7 @@ UNITS: dict[SamplerID, Unit] = {
 #: (the same values, less work): first -> (second, the pair's unit).
 FUSED_UNITS: dict[SamplerID, tuple[SamplerID, Unit]] = {
     SamplerID.TEMPERATURE: (SamplerID.TOP_P_TOP_K, _temperature_top_p_top_k),
+    SamplerID.TOP_NSIGMA: (SamplerID.TOP_P_TOP_K, _nsigma_top_p_top_k),
 }
 
 

@@ -23,6 +23,7 @@ from .truncation import (
     eta_cutoff,
     min_p,
     nsigma,
+    nsigma_top_k,
     temperature_top_k,
     tfs,
     top_a,
@@ -34,7 +35,7 @@ from .truncation import (
 
 __all__ = [
     "ban_tokens", "dry", "dry_", "dynamic_temperature", "dynamic_temperature_values", "epsilon_cutoff", "eta_cutoff",
-    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "penalties", "penalties_",
+    "logit_bias", "min_p", "min_tokens", "no_repeat_ngram", "no_repeat_ngram_", "nsigma", "nsigma_top_k", "penalties", "penalties_",
     "quadratic_smoothing", "rescue_empty_rows", "skew", "temperature", "temperature_top_k", "tfs", "top_a", "top_k",
     "top_p", "typical_p", "xtc",
 ]

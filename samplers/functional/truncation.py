@@ -20,7 +20,7 @@ Shared rules (SEMANTICS.md, "Truncation samplers"):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ from .temperature import temperature_divisors
 __all__ = [
     "top_k",
     "temperature_top_k",
+    "nsigma_top_k",
     "top_p",
     "top_a",
     "min_p",
@@ -934,15 +935,108 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    n = row_param(nsigma, logits, _F32, "nsigma", 0.0)
+    return _nsigma_checked(logits, row_param(nsigma, logits, _F32, "nsigma", 0.0))
+
+
+def _nsigma_checked(logits: Tensor, n: Tensor) -> Tensor:
+    """``nsigma`` once its arguments are checked (``n``: float32 ``[B]``)."""
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_nsigma(sparse.logits, n, sparse))
     return _nsigma(logits, n)
 
 
+def nsigma_top_k(logits: Tensor, nsigma: ParamLike, top_k: ParamLike) -> Tensor:
+    """``top_k(nsigma(logits, nsigma), top_k)``, bit for bit, without nsigma's ``[B, V]``
+    result where top_k's candidates give the answer.
+
+    Args:
+        logits: ``[B, V]`` float tensor (full rows).
+        nsigma: ``[B]`` float32, as ``nsigma`` takes it.
+        top_k: ``[B]`` int64, as ``top_k`` takes it.
+
+    nsigma keeps the entries ``l >= tau`` (its threshold; every entry on a disabled row), and
+    top_k then keeps those not below the ``k``-th largest of them: the row's own ``k``-th
+    largest ``kth`` when at least ``k`` entries pass ``tau`` (``kth >= tau`` then), all of
+    them otherwise (``kth < tau`` then). Either way the kept entries are those
+    ``>= max(tau, kth)``, ties included. On float32 CPU rows where top_k takes its candidates
+    (``_candidates``: every entry below ``kth`` but the candidates) and enables every row,
+    nsigma's statistics are computed as it computes them and the candidates not below
+    ``max(tau, kth)`` are kept. Otherwise the two samplers run one after the other.
+
+    Returns:
+        ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
+    """
+    check_logits(logits)
+    n = row_param(nsigma, logits, _F32, "nsigma", 0.0)
+    k = row_param(top_k, logits, torch.int64, "top_k")
+    out = _nsigma_top_k_by_candidates(logits, n, k)
+    return out if out is not None else _top_k_checked(_nsigma_checked(logits, n), k)
+
+
+def _nsigma_top_k_by_candidates(logits: Tensor, n: Tensor, k: Tensor) -> Optional[Tensor]:
+    """``nsigma_top_k``'s result from top_k's candidates, or None (see there): full float32
+    CPU rows as ``_temperature_top_k_by_candidates`` takes them, and nsigma's threshold at or
+    below each enabled row's max (where it keeps the top token without a mask)."""
+    batch, vocab = logits.shape
+    if batch == 0 or not _candidates_take(logits) or is_chain_rows(logits):
+        return None
+    kn = k.numpy()
+    if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
+        return None
+    # (on full rows: nsigma's statistics of rows another truncation left mostly -inf, which it
+    # would take packed, are the same, as the packed sums are the full rows' by construction)
+    rows = _nsigma_rows(logits, n)
+    enabled = n > 0
+    if bool(((rows.threshold > rows.row_max[:, 0]) & enabled).any()):
+        return None
+    found = _candidates(logits.numpy(), kn)
+    if found is None:  # (NaN or +inf among the candidates too)
+        return None
+    flat, at_row, values, _, kth = found
+    tau = torch.where(enabled, rows.threshold, torch.full_like(rows.threshold, float("-inf"))).numpy()
+    kept = np.flatnonzero(values >= np.maximum(kth, tau)[at_row])
+    return _sparse_result(flat[kept], values[kept], (batch, vocab), top_level=True)
+
+
+class _NsigmaRows(NamedTuple):
+    """What nsigma computes of its rows before it keeps any: ``threshold`` ``[B]`` (``max -
+    n * std``, disabled rows too: the caller gives them ``-inf``), ``row_max`` ``[B, 1]``, the
+    float32 rows ``l32``, ``scratch`` (a ``[B, V]`` temporary the keep may reuse) and whether
+    the rows were proven ``all_finite`` or to hold ``-inf`` as their only non-finite entries
+    (``removed_only``)."""
+
+    threshold: Tensor
+    row_max: Tensor
+    l32: Tensor
+    scratch: Tensor
+    all_finite: bool
+    removed_only: bool
+
+
 def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> Tensor:
     enabled = n > 0
+    threshold, row_max, l32, scratch, all_finite, removed_only = _nsigma_rows(logits, n, sparse)
+    if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
+        # The top token(s) pass l >= threshold: no top-token mask needed.
+        thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
+        if (sparse is None and (all_finite or removed_only) and logits is l32 and _numpy_rows(l32)
+                and packed_result_wanted()):
+            # n sigmas below the max usually leave a few tokens per row: inside a chain they are
+            # handed on packed, without a [B, V] result for the next sampler to pack again
+            # (outside, the keep by sign below is the faster: finding the few costs more)
+            out = _keep_at_least_if_few(l32, thr, scratch)
+            if out is not None:
+                return out
+        # (the squares' buffer becomes the output)
+        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite or removed_only,
+                                    not_packable=sparse is None)
+    keep = l32 >= threshold[:, None]
+    return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
+
+
+def _nsigma_rows(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> _NsigmaRows:
+    """nsigma's statistics of each row (``_NsigmaRows``)."""
     l32 = upcast(logits)
     row_max = l32.amax(dim=-1, keepdim=True)
     total = None
@@ -1012,22 +1106,7 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
         std = torch.where(torch.isfinite(std), std, torch.sqrt(sq_s / (count - 1).clamp_min(1)) * scale)
     std = torch.where(count > 1, std, torch.zeros_like(std))
     threshold = (row_max - n[:, None] * std)[:, 0]
-    if logits.device.type == "cpu" and not bool(((threshold > row_max[:, 0]) & enabled).any()):
-        # The top token(s) pass l >= threshold: no top-token mask needed.
-        thr = torch.where(enabled, threshold, torch.full_like(threshold, float("-inf")))
-        if (sparse is None and (all_finite or removed_only) and logits is l32 and _numpy_rows(l32)
-                and packed_result_wanted()):
-            # n sigmas below the max usually leave a few tokens per row: inside a chain they are
-            # handed on packed, without a [B, V] result for the next sampler to pack again
-            # (outside, the keep by sign below is the faster: finding the few costs more)
-            out = _keep_at_least_if_few(l32, thr, scratch)
-            if out is not None:
-                return out
-        # (the squares' buffer becomes the output)
-        return keep_logits_at_least(logits, l32, thr, scratch, finite=all_finite or removed_only,
-                                    not_packable=sparse is None)
-    keep = l32 >= threshold[:, None]
-    return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
+    return _NsigmaRows(threshold, row_max, l32, scratch, all_finite, removed_only)
 
 
 def xtc(
