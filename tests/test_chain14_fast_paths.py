@@ -210,12 +210,14 @@ def test_xtc_without_a_processed_row_returns_a_copy():
     assert torch.equal(bits(processed[1:]), bits(x[1:]))
 
 
+@pytest.mark.parametrize("removed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pipeline_divides_once_as_dynatemp_then_temperature_would(dtype):
+def test_pipeline_divides_once_as_dynatemp_then_temperature_would(dtype, removed):
     """The pipeline's temperature stage divides each row once, by its dynamic temperature
     (``F.dynamic_temperature_values``) times its static one: the same bits as applying
     ``F.dynamic_temperature`` and then ``F.temperature`` (the two-pass composition), on a
-    batch mixing dynatemp, static, greedy and default rows, with removed tokens."""
+    batch mixing dynatemp, static, greedy and default rows, with removed tokens or with every
+    logit finite (which the chain then knows from the input rule)."""
     from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 
     g = torch.Generator().manual_seed(3)
@@ -225,7 +227,8 @@ def test_pipeline_divides_once_as_dynatemp_then_temperature_would(dtype):
                                                                              dynatemp_exponent=2.0),
             SamplingParams(temperature=1.3)]
     x = (torch.randn(len(rows), V, generator=g) * 3).to(dtype)
-    x[0, 5:] = float("-inf")
+    if removed:
+        x[0, 5:] = float("-inf")
     batch = SamplingBatch(rows, vocab_size=V)
     got = SamplerPipeline("torch", seed=0).process(x, batch)
     ref = F.dynamic_temperature(x.float(), batch.param("dynatemp_min_active"), batch.param("dynatemp_max_active"),

@@ -157,6 +157,10 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
         # noted them: no search, and no row minimum (``removed`` leaves it unused below).
         removed, n_removed = noted if rows is None else removed_in_rows(*noted, rows, l32.shape[1])
         n = stats.shape[1] - n_removed
+    elif noted is not None:
+        # Noted: no removed token and nothing else non-finite (the input rule proved it). No
+        # row minimum either: the entropy's exp judges its slow range from a sample instead.
+        n = torch.full(hi_s.shape, l32.shape[1], dtype=torch.int64)
     else:
         lo_s = stats.amin(dim=-1)
         if cpu and sparse is None and bool(((lo_s > float("-inf")) & (hi_s < float("inf"))).all()):
