@@ -221,7 +221,7 @@ def _temperature_top_k_by_candidates(logits: Tensor, t: Tensor, k: Tensor) -> Op
     found = _candidates(logits.numpy(), kn)
     if found is None:
         return None
-    flat, rows, values, threshold, kth = found
+    flat, rows, values, threshold, kth, _ = found
     divisor = temperature_divisors(t)[1].numpy()
     with np.errstate(over="ignore"):
         # (IEEE division, as torch's: the bits temperature gives these entries)
@@ -345,7 +345,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray
     found = _candidates(xn, k)
     if found is None:
         return None
-    flat, rows, values, _, kth = found
+    flat, rows, values, _, kth, _ = found
     return flat[np.flatnonzero(values >= kth[rows])]  # (indices: ~5x faster than a boolean mask here)
 
 
@@ -353,8 +353,8 @@ def _candidates(xn: np.ndarray, k: np.ndarray
                 ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """top_k's candidates in the rows ``xn`` (as ``_top_k_from_candidates``): their flat
     indices (increasing), rows and values, each row's threshold ``t`` (``[B]``: every entry
-    not below it is a candidate, every other entry is below it) and each row's ``k``-th
-    largest value ``kth >= t``; None when this way does not apply.
+    not below it is a candidate, every other entry is below it), each row's ``k``-th
+    largest value ``kth >= t`` and its largest; None when this way does not apply.
 
     A threshold ``t`` below each row's ``k``-th largest value is read from a strided sample
     of the row (its ``j``-th largest, ``j`` a few standard deviations above the ``k V / s``
@@ -392,7 +392,7 @@ def _candidates(xn: np.ndarray, k: np.ndarray
     packed[rows, cols] = -values
     sort_rows_(packed)
     kth = -packed[np.arange(batch), k - 1]
-    return flat, rows, values, t, kth
+    return flat, rows, values, t, kth, -packed[:, 0]
 
 
 def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
@@ -984,16 +984,17 @@ def _nsigma_top_k_by_candidates(logits: Tensor, n: Tensor, k: Tensor) -> Optiona
     kn = k.numpy()
     if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
         return None
-    # (on full rows: nsigma's statistics of rows another truncation left mostly -inf, which it
-    # would take packed, are the same, as the packed sums are the full rows' by construction)
-    rows = _nsigma_rows(logits, n)
-    enabled = n > 0
-    if bool(((rows.threshold > rows.row_max[:, 0]) & enabled).any()):
-        return None
     found = _candidates(logits.numpy(), kn)
     if found is None:  # (NaN or +inf among the candidates too)
         return None
-    flat, at_row, values, _, kth = found
+    flat, at_row, values, _, kth, top = found
+    # (on full rows: nsigma's statistics of rows another truncation left mostly -inf, which it
+    # would take packed, are the same, as the packed sums are the full rows' by construction;
+    # each row's max is its largest candidate)
+    rows = _nsigma_rows(logits, n, row_max=torch.from_numpy(top)[:, None])
+    enabled = n > 0
+    if bool(((rows.threshold > rows.row_max[:, 0]) & enabled).any()):
+        return None
     tau = torch.where(enabled, rows.threshold, torch.full_like(rows.threshold, float("-inf"))).numpy()
     kept = np.flatnonzero(values >= np.maximum(kth, tau)[at_row])
     return _sparse_result(flat[kept], values[kept], (batch, vocab), top_level=True)
@@ -1035,10 +1036,13 @@ def _nsigma(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> T
     return apply_keep(logits, l32, keep, enabled, row_max=row_max, scratch=scratch)
 
 
-def _nsigma_rows(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None) -> _NsigmaRows:
-    """nsigma's statistics of each row (``_NsigmaRows``)."""
+def _nsigma_rows(logits: Tensor, n: Tensor, sparse: Optional[SparseRows] = None,
+                 row_max: Optional[Tensor] = None) -> _NsigmaRows:
+    """nsigma's statistics of each row (``_NsigmaRows``); ``row_max``: ``[B, 1]``, each row's
+    max when the caller knows it."""
     l32 = upcast(logits)
-    row_max = l32.amax(dim=-1, keepdim=True)
+    if row_max is None:
+        row_max = l32.amax(dim=-1, keepdim=True)
     total = None
     removed_only = False
     finite = removed = None
