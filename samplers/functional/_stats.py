@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._rowsum import SumTree, tree_lanes
 from ._threads import sort_rows_
 
 __all__ = [
@@ -722,7 +723,9 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
     except ``values`` at the flat indices ``flat``, summed by torch over the full rows (the
     same grouping of terms, so the same result, as summing that array itself).
 
-    The zeros come from a per-thread scratch buffer that stays allocated and zero between
+    Few entries in large rows are folded in torch's own order without the zeros
+    (``_rowsum.SumTree``, checked against torch once per shape and thread count). Otherwise the
+    zeros come from a per-thread scratch buffer that stays allocated and zero between
     calls (the written entries are zeroed again): a fresh [B, V] array per sum costs more in
     page faults than the sum itself.
 
@@ -739,15 +742,19 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
         if m_key == key and np.array_equal(m_bits, bits) and np.array_equal(m_flat, flat):
             return m_sum.clone()
     n = shape[0] * shape[1]
-    buf = getattr(_scratch, "zeros", None)
-    if buf is None or buf.size < n:
-        buf = _scratch.zeros = np.zeros(n, dtype=np.float32)
-    view = buf[:n]
-    view[flat] = values
-    try:
-        out = torch.from_numpy(view).view(shape).sum(dim=-1, keepdim=True)
-    finally:
-        view[flat] = 0.0
+    tree = _sum_tree(flat, shape) if np.isfinite(values).all() else None
+    if tree is not None:
+        out = torch.from_numpy(tree(values))[:, None]
+    else:
+        buf = getattr(_scratch, "zeros", None)
+        if buf is None or buf.size < n:
+            buf = _scratch.zeros = np.zeros(n, dtype=np.float32)
+        view = buf[:n]
+        view[flat] = values
+        try:
+            out = torch.from_numpy(view).view(shape).sum(dim=-1, keepdim=True)
+        finally:
+            view[flat] = 0.0
     memo.insert(0, (key, flat.copy(), bits.copy(), out.clone()))
     del memo[_SUM_MEMO:]
     return out
@@ -755,6 +762,30 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
 
 #: How many sums ``sum_scattered`` remembers.
 _SUM_MEMO = 4
+#: ``sum_scattered`` folds the entries in torch's tree (``SumTree``) instead of summing the
+#: full rows when these hold at least this many entries (below, the full rows cost a few
+#: microseconds) and the entries are at most this share of them (the tree's cost grows with
+#: the entries: at 6% of [64, 32000] it is past the full rows').
+_TREE_MIN_ENTRIES = 1 << 18
+_TREE_MAX_SHARE = 1 / 32
+
+
+def _sum_tree(flat: np.ndarray, shape: tuple[int, int]) -> Optional[SumTree]:
+    """The ``SumTree`` of these entries when it is the cheaper way to their row sums and
+    reproduces torch's (``tree_lanes``); else None. The last one is kept for its layout
+    (``flat``, the very array: a chain step sums several functions of the same entries)."""
+    n = shape[0] * shape[1]
+    if n < _TREE_MIN_ENTRIES or flat.size > n * _TREE_MAX_SHARE:
+        return None
+    lanes = tree_lanes(*shape)
+    if lanes is None:
+        return None
+    kept = getattr(_scratch, "tree", None)
+    if kept is not None and kept[0] is flat and kept[1] == (shape, lanes):
+        return kept[2]
+    tree = SumTree(flat, shape, lanes)
+    _scratch.tree = (flat, (shape, lanes), tree)
+    return tree
 
 
 def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
