@@ -588,8 +588,9 @@ class SparseRows:
     so running it on ``logits`` gives the result of the full rows, which ``expand`` puts
     back. Bit for bit: elementwise operations see the same values, ``max`` / ``min`` /
     counts / prefix sums of sorted rows do not depend on the removed tokens, and every
-    other row sum goes through ``row_sum``, which adds the full-width row (zeros at the
-    removed tokens), because torch groups a sum's terms by their positions in the row.
+    other row sum goes through ``row_sum``, which gives the full-width row's sum (zeros at the
+    removed tokens), because torch groups a sum's terms by their positions in the row
+    (``sum_scattered``: the entries folded in torch's tree, or the full rows summed).
     """
 
     __slots__ = ("logits", "_flat", "_pos", "_shape")
