@@ -362,7 +362,9 @@ def test_an_unnamed_device_is_torchs_default_device():
         assert batch.history.tokens.device.type == "meta"
         assert TokenHistory([[1]], [[2]], vocab_size=5).device.type == "meta"
     finally:
-        torch.set_default_device(previous)
+        # (None, not "cpu": a default device set to "cpu" stays a torch function mode, which
+        # every later tensor method call would pass through)
+        torch.set_default_device(None if previous.type == "cpu" else previous)
     assert SamplingBatch([SamplingParams(min_p=0.1)], vocab_size=8).device == normalise_device(previous)
 
 
