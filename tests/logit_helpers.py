@@ -33,3 +33,22 @@ def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float
             mask[int(np.argmax(x[b]))] = False
             x[b, mask] = -np.inf
     return torch.from_numpy(x)
+
+
+def assert_fused_equals_unfused(monkeypatch, logits: torch.Tensor, batch) -> None:
+    """The pipeline's ``process`` and ``sample`` (tokens, processed logits, logprobs) give the
+    same values with its fused units (``pipeline.FUSED_UNITS``) as with every unit on its own."""
+    from samplers import SamplerPipeline
+    from samplers import pipeline as pipeline_module
+
+    def run():
+        pipe = SamplerPipeline("torch", seed=1)
+        return pipe.process(logits, batch), pipe.sample(logits, batch, return_processed=True)
+
+    fused_processed, fused_sample = run()
+    monkeypatch.setattr(pipeline_module, "FUSED_UNITS", {})
+    processed, sample = run()
+    assert torch.equal(fused_processed, processed)
+    assert torch.equal(fused_sample.token_ids, sample.token_ids)
+    assert torch.equal(fused_sample.processed, sample.processed)
+    assert torch.equal(fused_sample.logprobs, sample.logprobs)

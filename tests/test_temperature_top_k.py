@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
-from samplers import pipeline as pipeline_module
 from samplers.functional import truncation
+
+from logit_helpers import assert_fused_equals_unfused
 
 
 def _reference(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -136,19 +137,7 @@ def test_pipeline_fused_equals_unfused(monkeypatch, order, shape):
              dict(temperature=0.6, top_p=0.8, seed=9)]  # no top_k: its rows take the two units
     params = [SamplingParams(**kinds[r % len(kinds)], **({} if order is None else {"sampler_priority": order}))
               for r in range(B)]
-    batch = SamplingBatch(params, empty, empty, vocab_size=V)
-
-    def run():
-        pipe = SamplerPipeline("torch", seed=1)
-        return pipe.process(logits, batch), pipe.sample(logits, batch, return_processed=True)
-
-    fused_processed, fused_sample = run()
-    monkeypatch.setattr(pipeline_module, "FUSED_UNITS", {})
-    processed, sample = run()
-    assert torch.equal(fused_processed, processed)
-    assert torch.equal(fused_sample.token_ids, sample.token_ids)
-    assert torch.equal(fused_sample.processed, sample.processed)
-    assert torch.equal(fused_sample.logprobs, sample.logprobs)
+    assert_fused_equals_unfused(monkeypatch, logits, SamplingBatch(params, empty, empty, vocab_size=V))
 
 
 def test_pipeline_takes_the_fused_unit_for_temperature_then_top_k(monkeypatch):

@@ -209,18 +209,26 @@ def temperature_top_k(logits: Tensor, temperature: ParamLike, top_k: ParamLike) 
     return out if out is not None else _top_k_checked(scale_by_temperature(logits, t), k)
 
 
-def _temperature_top_k_by_candidates(logits: Tensor, t: Tensor, k: Tensor) -> Optional[Tensor]:
-    """``temperature_top_k``'s result from top_k's candidates, or None (see there): every row
-    top_k-enabled, float32 CPU rows as ``_top_k_by_candidates`` takes them."""
+def _candidates_of_every_row(logits: Tensor, k: Tensor
+                             ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """top_k's candidates (``_candidates``) for a sampler fused with top_k: full float32 CPU
+    rows as ``_top_k_by_candidates`` takes them, every row top_k-enabled; else None."""
     batch, vocab = logits.shape
     if batch == 0 or not _candidates_take(logits) or is_chain_rows(logits):
         return None
     kn = k.numpy()
     if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
         return None
-    found = _candidates(logits.numpy(), kn)
+    return _candidates(logits.numpy(), kn)
+
+
+def _temperature_top_k_by_candidates(logits: Tensor, t: Tensor, k: Tensor) -> Optional[Tensor]:
+    """``temperature_top_k``'s result from top_k's candidates, or None (see there and
+    ``_candidates_of_every_row``)."""
+    found = _candidates_of_every_row(logits, k)
     if found is None:
         return None
+    batch, vocab = logits.shape
     flat, rows, values, threshold, kth, _ = found
     divisor = temperature_divisors(t)[1].numpy()
     with np.errstate(over="ignore"):
@@ -975,18 +983,13 @@ def nsigma_top_k(logits: Tensor, nsigma: ParamLike, top_k: ParamLike) -> Tensor:
 
 
 def _nsigma_top_k_by_candidates(logits: Tensor, n: Tensor, k: Tensor) -> Optional[Tensor]:
-    """``nsigma_top_k``'s result from top_k's candidates, or None (see there): full float32
-    CPU rows as ``_temperature_top_k_by_candidates`` takes them, and nsigma's threshold at or
-    below each enabled row's max (where it keeps the top token without a mask)."""
-    batch, vocab = logits.shape
-    if batch == 0 or not _candidates_take(logits) or is_chain_rows(logits):
-        return None
-    kn = k.numpy()
-    if not ((kn > 0) & (kn < vocab)).all() or int(kn.max()) * _TOP_K_SPARSE_FRACTION > vocab:
-        return None
-    found = _candidates(logits.numpy(), kn)
+    """``nsigma_top_k``'s result from top_k's candidates, or None (see there and
+    ``_candidates_of_every_row``; also where nsigma's threshold is above an enabled row's max,
+    and it would keep the top token with a mask)."""
+    found = _candidates_of_every_row(logits, k)
     if found is None:  # (NaN or +inf among the candidates too)
         return None
+    batch, vocab = logits.shape
     flat, at_row, values, _, kth, top = found
     # (on full rows: nsigma's statistics of rows another truncation left mostly -inf, which it
     # would take packed, are the same, as the packed sums are the full rows' by construction;
