@@ -774,7 +774,8 @@ _TREE_MAX_SHARE = 1 / 32
 def _sum_tree(flat: np.ndarray, shape: tuple[int, int]) -> Optional[SumTree]:
     """The ``SumTree`` of these entries when it is the cheaper way to their row sums and
     reproduces torch's (``tree_lanes``); else None. The last one is kept for its layout
-    (``flat``, the very array: a chain step sums several functions of the same entries)."""
+    (``flat``, the very array, which its owner, a ``SparseRows``, never writes: a chain step
+    sums several functions of the same entries)."""
     n = shape[0] * shape[1]
     if n < _TREE_MIN_ENTRIES or flat.size > n * _TREE_MAX_SHARE:
         return None

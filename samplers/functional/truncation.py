@@ -358,7 +358,7 @@ def _top_k_from_candidates(xn: np.ndarray, k: np.ndarray) -> Optional[np.ndarray
 
 
 def _candidates(xn: np.ndarray, k: np.ndarray
-                ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """top_k's candidates in the rows ``xn`` (as ``_top_k_from_candidates``): their flat
     indices (increasing), rows and values, each row's threshold ``t`` (``[B]``: every entry
     not below it is a candidate, every other entry is below it), each row's ``k``-th
