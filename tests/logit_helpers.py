@@ -14,6 +14,27 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtypes, shapes and bits (NaN included, which ``torch.equal`` calls unequal)."""
+    as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return a.dtype == b.dtype and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+
+
+def spy_answers(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` (a function that returns a result or None) by one that also
+    records, per call, whether it gave a result; returns the record."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float = 0.2,
                 ties: float = 0.2, scale: float = 3.0, ties_at_max: bool = False) -> torch.Tensor:
     """Random fp32 logits: normal * scale, a fraction set to -inf (never a whole row),

@@ -14,30 +14,15 @@ import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import truncation
 
-from logit_helpers import assert_fused_equals_unfused
+from logit_helpers import assert_fused_equals_unfused, same_bits, spy_answers
 
 
 def _reference(x: torch.Tensor, n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return F.top_k(F.nsigma(x, n), k)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtypes, shapes and bits (NaN included, which ``torch.equal`` calls unequal)."""
-    as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return a.dtype == b.dtype and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
-
-
 def _spy(monkeypatch, name: str) -> list:
-    calls = []
-    real = getattr(truncation, name)
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(truncation, name, spy)
-    return calls
+    return spy_answers(monkeypatch, truncation, name)
 
 
 def _numpy_nsigma_top_k(x: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -68,7 +53,7 @@ def test_equals_nsigma_then_top_k(seed, batch, vocab, removed):
     rng = np.random.default_rng(seed)
     n = torch.tensor(rng.choice(NSIGMAS, batch), dtype=torch.float32)
     k = torch.tensor(rng.choice([1, 2, 40, 200, vocab // 8], batch), dtype=torch.int64)
-    assert _same_bits(F.nsigma_top_k(x, n, k), _reference(x, n, k))
+    assert same_bits(F.nsigma_top_k(x, n, k), _reference(x, n, k))
 
 
 def test_the_candidates_answer_ordinary_rows_with_either_rule_deciding(monkeypatch):
@@ -80,7 +65,7 @@ def test_the_candidates_answer_ordinary_rows_with_either_rule_deciding(monkeypat
     n = torch.tensor([0.05, 0.3, 3.0, 0.0, 0.05, 1.0, 3.0, 0.3])
     k = torch.full((8,), 200, dtype=torch.int64)
     out = F.nsigma_top_k(x, n, k)
-    assert _same_bits(out, _reference(x, n, k)) and calls == [True]
+    assert same_bits(out, _reference(x, n, k)) and calls == [True]
     assert np.array_equal(out.numpy(), _numpy_nsigma_top_k(x.numpy(), n.numpy(), k.numpy()))
     kept = torch.isfinite(out).sum(dim=-1)
     assert int(kept[0]) < 200 and int(kept[2]) == 200  # (both rules decide somewhere)
@@ -104,7 +89,7 @@ def test_other_inputs_take_the_two_samplers(monkeypatch, case):
         x = F.top_k(x, torch.full((4,), 300))
     elif case == "large k":
         k[3] = 32000 // 4
-    assert _same_bits(F.nsigma_top_k(x, n, k), _reference(x, n, k))
+    assert same_bits(F.nsigma_top_k(x, n, k), _reference(x, n, k))
     assert calls == [False]
 
 

@@ -14,30 +14,15 @@ import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import truncation
 
-from logit_helpers import assert_fused_equals_unfused
+from logit_helpers import assert_fused_equals_unfused, same_bits, spy_answers
 
 
 def _reference(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return F.top_k(F.temperature(x, t), k)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtypes, shapes and bits (NaN included, which ``torch.equal`` calls unequal)."""
-    as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return a.dtype == b.dtype and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
-
-
 def _spy(monkeypatch, name: str) -> list:
-    calls = []
-    real = getattr(truncation, name)
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(truncation, name, spy)
-    return calls
+    return spy_answers(monkeypatch, truncation, name)
 
 
 TEMPERATURES = [1.0, 0.7, 3.0, 0.05, 1e-6, 1e-5, 1.3, 250.0]
@@ -53,14 +38,14 @@ def test_equals_temperature_then_top_k(seed, batch, vocab, removed):
     rng = np.random.default_rng(seed)
     t = torch.tensor(rng.choice(TEMPERATURES, batch), dtype=torch.float32)
     k = torch.tensor(rng.choice([1, 2, 40, 200, vocab // 8], batch), dtype=torch.int64)
-    assert _same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
+    assert same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
 
 
 def test_the_candidates_answer_ordinary_rows(monkeypatch):
     calls = _spy(monkeypatch, "_temperature_top_k_by_candidates")
     x = torch.randn(8, 32000, generator=torch.Generator().manual_seed(1)) * 3
     t, k = torch.full((8,), 0.7), torch.full((8,), 50, dtype=torch.int64)
-    assert _same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
+    assert same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
     assert calls == [True]
 
 
@@ -86,7 +71,7 @@ def test_rounding_onto_the_boundary_keeps_what_top_k_of_the_scaled_row_keeps(mon
     calls = _spy(monkeypatch, "_temperature_top_k_by_candidates")
     x, t, k, kth = _boundary_ties(threshold_at_boundary=False)
     out, ref = F.temperature_top_k(x, t, k), _reference(x, t, k)
-    assert _same_bits(out, ref)
+    assert same_bits(out, ref)
     kept = torch.isfinite(ref[0])
     # (the case is real: the scaled row keeps entries below the unscaled k-th largest)
     assert bool((x[0][kept] < kth).any()) and calls == [True]
@@ -96,7 +81,7 @@ def test_a_threshold_that_rounds_onto_the_boundary_takes_the_two_samplers(monkey
     calls = _spy(monkeypatch, "_temperature_top_k_by_candidates")
     x, t, k, kth = _boundary_ties(threshold_at_boundary=True)
     out, ref = F.temperature_top_k(x, t, k), _reference(x, t, k)
-    assert _same_bits(out, ref)
+    assert same_bits(out, ref)
     assert int((x[0][torch.isfinite(ref[0])] < kth).sum()) == 5 and calls == [False]
 
 
@@ -115,7 +100,7 @@ def test_other_inputs_take_the_two_samplers(case):
         x = x.half()
     elif case == "packed rows":
         x = F.top_k(x, torch.full((4,), 300))
-    assert _same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
+    assert same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
 
 
 ORDERS = [None, ["top_k", "temperature"], ["temperature", "min_p", "top_k"], ["temperature", "typical_p", "top_k"]]
