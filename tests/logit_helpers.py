@@ -56,6 +56,20 @@ def make_logits(rng: np.random.Generator, batch: int, vocab: int, *, ninf: float
     return torch.from_numpy(x)
 
 
+def fused_top_k_case(seed: int, batch: int, vocab: int, removed: float
+                     ) -> tuple[torch.Tensor, np.random.Generator, torch.Tensor]:
+    """Inputs for a sampler fused with top_k: ``3 * randn`` rows with about ``removed`` of
+    their entries ``-inf`` (bans, a grammar's mask), a numpy generator for the other sampler's
+    parameters, and each row's ``k`` (from 1 to ``vocab // 8``, where top_k still takes its
+    candidates)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, vocab, generator=g) * 3
+    x[torch.rand(batch, vocab, generator=g) < removed] = float("-inf")
+    rng = np.random.default_rng(seed)
+    k = torch.tensor(rng.choice([1, 2, 40, 200, vocab // 8], batch), dtype=torch.int64)
+    return x, rng, k
+
+
 def assert_fused_equals_unfused(monkeypatch, logits: torch.Tensor, batch) -> None:
     """The pipeline's ``process`` and ``sample`` (tokens, processed logits, logprobs) give the
     same values with its fused units (``pipeline.FUSED_UNITS``) as with every unit on its own."""

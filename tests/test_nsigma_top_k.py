@@ -14,7 +14,7 @@ import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import truncation
 
-from logit_helpers import assert_fused_equals_unfused, same_bits, spy_answers
+from logit_helpers import assert_fused_equals_unfused, fused_top_k_case, same_bits, spy_answers
 
 
 def _reference(x: torch.Tensor, n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -47,12 +47,8 @@ NSIGMAS = [0.0, 0.05, 0.3, 1.0, 3.0]
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 6), vocab=st.sampled_from([4096, 8192, 32000]),
        removed=st.floats(0.0, 0.5))
 def test_equals_nsigma_then_top_k(seed, batch, vocab, removed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, vocab, generator=g) * 3
-    x[torch.rand(batch, vocab, generator=g) < removed] = float("-inf")  # (bans, a grammar's mask)
-    rng = np.random.default_rng(seed)
+    x, rng, k = fused_top_k_case(seed, batch, vocab, removed)
     n = torch.tensor(rng.choice(NSIGMAS, batch), dtype=torch.float32)
-    k = torch.tensor(rng.choice([1, 2, 40, 200, vocab // 8], batch), dtype=torch.int64)
     assert same_bits(F.nsigma_top_k(x, n, k), _reference(x, n, k))
 
 

@@ -14,7 +14,7 @@ import samplers.functional as F
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.functional import truncation
 
-from logit_helpers import assert_fused_equals_unfused, same_bits, spy_answers
+from logit_helpers import assert_fused_equals_unfused, fused_top_k_case, same_bits, spy_answers
 
 
 def _reference(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -32,12 +32,8 @@ TEMPERATURES = [1.0, 0.7, 3.0, 0.05, 1e-6, 1e-5, 1.3, 250.0]
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 6), vocab=st.sampled_from([4096, 8192, 32000]),
        removed=st.floats(0.0, 0.5))
 def test_equals_temperature_then_top_k(seed, batch, vocab, removed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, vocab, generator=g) * 3
-    x[torch.rand(batch, vocab, generator=g) < removed] = float("-inf")  # (bans, a grammar's mask)
-    rng = np.random.default_rng(seed)
+    x, rng, k = fused_top_k_case(seed, batch, vocab, removed)
     t = torch.tensor(rng.choice(TEMPERATURES, batch), dtype=torch.float32)
-    k = torch.tensor(rng.choice([1, 2, 40, 200, vocab // 8], batch), dtype=torch.int64)
     assert same_bits(F.temperature_top_k(x, t, k), _reference(x, t, k))
 
 
