@@ -5,6 +5,7 @@ against torch itself, and the chain's results unchanged by it."""
 from __future__ import annotations
 
 import platform
+import warnings
 
 import numpy as np
 import pytest
@@ -162,3 +163,42 @@ def test_the_chain_gives_the_same_bits_with_and_without_the_tree(monkeypatch):
     assert torch.equal(processed.view(torch.int32), ref_processed.view(torch.int32))
     assert torch.equal(sample.token_ids, ref_sample.token_ids)
     assert torch.equal(sample.logprobs, ref_sample.logprobs)
+
+
+def test_sums_past_the_float32_range_are_torch_sums_without_a_warning(threads):
+    """Finite entries whose sum overflows float32 (hostile magnitudes: nsigma's mean of logits
+    near 1e38) give torch's +-inf, and NaN where both signs overflow, with no numpy warning:
+    under ``-W error`` a warning is an exception in the user's step."""
+    threads(1)
+    shape = (16, 32000)
+    if _rowsum.tree_lanes(*shape) is None:
+        assert not X86
+        pytest.skip("torch's row sum on this CPU is not the tree SumTree states")
+    rng = np.random.default_rng(5)
+    flat = np.sort(np.concatenate([r * shape[1] + rng.choice(shape[1], 100, replace=False) for r in range(16)]))
+    sign = np.where(flat // shape[1] % 4 == 0, 1.0, rng.choice([-1.0, 1.0], flat.size))  # rows 0, 4, ...: one sign
+    values = (rng.uniform(1e37, 3.4e38, flat.size) * sign).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _stats.sum_scattered(values, flat, shape)[:, 0].numpy()
+    want = _full_sum(values, flat, shape)
+    assert np.isposinf(got[0]) and np.isnan(got).any()  # (the case overflows, both ways)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(_bits(got[~np.isnan(got)]), _bits(want[~np.isnan(want)]))
+
+
+def test_the_chain_on_logits_near_the_float32_limit_warns_nothing():
+    """nsigma after top_k on packed rows of logits near 1e38 (the tree's sums overflow): no
+    warning, and each row's result is the row's alone."""
+    B, V = 16, 32000
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(B, V, generator=g) * 1e37
+    params = SamplingParams(top_k=50, nsigma=1.0, sampler_priority=["TOP_P_TOP_K", "TOP_NSIGMA"])
+    batch = SamplingBatch([params] * B, vocab_size=V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = SamplerPipeline("torch").process(logits, batch)
+    for r in (0, 7):
+        alone = SamplerPipeline("torch").process(logits[r:r + 1], SamplingBatch([params], vocab_size=V))
+        assert torch.equal(out[r:r + 1].view(torch.int32), alone.view(torch.int32))
+    assert (torch.isfinite(out).sum(-1) >= 1).all()

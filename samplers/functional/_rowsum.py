@@ -90,6 +90,12 @@ class SumTree:
         self.tail_to = (col[self.tail_at] - vectors * lanes) * batch + row[self.tail_at]
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
+        # Finite values whose sum leaves the float32 range give +-inf (and inf - inf NaN), as
+        # torch's sum does, silently: no numpy warning (an error under ``-W error``).
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._fold_entries(values)
+
+    def _fold_entries(self, values: np.ndarray) -> np.ndarray:
         S, blocks, g1, g2, streams = self.S, self.blocks, self.groups1, self.groups2, self.streams
         leaves = np.zeros((blocks + 1) * streams, dtype=np.float32)
         np.add.at(leaves, self.leaf, values[self.core])
