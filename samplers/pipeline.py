@@ -242,8 +242,9 @@ UNITS: dict[SamplerID, Unit] = {
 }
 
 
-#: Two units that run as one when the second directly follows the first on the same rows
-#: (the same values, less work): first -> (second, the pair's unit).
+#: Two units that run as one when the second directly follows the first on the same full rows
+#: (the same values, less work): first -> (second, the pair's unit). On the chain's packed rows
+#: the two run one by one.
 FUSED_UNITS: dict[SamplerID, tuple[SamplerID, Unit]] = {
     SamplerID.TEMPERATURE: (SamplerID.TOP_P_TOP_K, _temperature_top_p_top_k),
     SamplerID.TOP_NSIGMA: (SamplerID.TOP_P_TOP_K, _nsigma_top_p_top_k),
@@ -354,7 +355,9 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
         if chained[i] and (index is None or chain.is_packed(x) or 2 * index.numel() >= batch.batch_size):
             view = batch if rows is None else _RowsOff(batch, rows, sampler)
             unit, end = UNITS[sampler], i
-            fused = FUSED_UNITS.get(sampler)
+            # (a fused unit takes full rows: on the chain's packed rows, after a truncation, its
+            # stages run one by one, each handing the next its packed result)
+            fused = None if chain.is_packed(x) else FUSED_UNITS.get(sampler)
             if (fused is not None and rows is None and i + 1 < len(stages) and chained[i + 1]
                     and stages[i + 1][0][0] == fused[0] and stages[i + 1][0][1] is None):
                 unit, end = fused[1], i + 1

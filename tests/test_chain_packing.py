@@ -461,6 +461,34 @@ def test_pipeline_chain7_equals_the_plain_chain(B, V, plain):
     assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(_bits(fast2), _bits(ref))
 
 
+@pytest.mark.parametrize("first", ["temperature", "nsigma"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_a_fused_pair_after_a_truncation_keeps_the_chains_rows(first, B, plain):
+    """temperature (or nsigma) then top_k on rows a truncation has packed (min_p keeps
+    ~1800 of 32000: packed rows wider than the packing floor), then a packed sampler and a
+    sampler that reads token ids: the fused pair runs on full rows only, so its result stays
+    the chain's rows of the full vocabulary. (The pair once packed the packed rows again as if
+    they were the whole vocabulary; no_repeat_ngram then got 1780 columns.) The values are the
+    samplers' one after the other."""
+    V = 32000
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(min_p=0.08, top_k=5, eta_cutoff=1e-6, no_repeat_ngram_size=1,
+                            sampler_priority=["min_p", first, "top_k", "eta_cutoff"],
+                            **({"temperature": 0.3} if first == "temperature" else {"nsigma": 0.5}))
+    batch = SamplingBatch([params] * B, [[1, 2]] * B, [[3]] * B, vocab_size=V)
+    got = SamplerPipeline("torch", seed=0).process(x, batch)
+    assert 1024 <= int(torch.isfinite(F.min_p(x, 0.08)).sum(-1).max()) <= V // 8  # (the case: packed, wide)
+    steps = [lambda t: F.min_p(t, 0.08),
+             (lambda t: F.temperature(t, 0.3)) if first == "temperature" else (lambda t: F.nsigma(t, 0.5)),
+             lambda t: F.top_k(t, 5), lambda t: F.eta_cutoff(t, 1e-6)]
+    plain()
+    want = x
+    for step in steps:
+        want = step(want)
+    want = F.no_repeat_ngram(want, batch.history, 1)
+    assert torch.equal(_bits(got), _bits(want))
+
+
 def test_a_layout_is_taken_without_a_pass_only_from_the_unwritten_tensor_it_describes(monkeypatch):
     """``expand_truncated`` notes its result; the next ``compact_rows`` of that very tensor
     takes the layout without reading the rows. Any write to the tensor (in place, or through

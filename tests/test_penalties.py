@@ -435,3 +435,18 @@ def test_rescue_empty_rows_trusts_given_counts_only_below_the_width():
     processed[2] = -np.inf
     out = F.rescue_empty_rows(t, torch.from_numpy(logits), torch.tensor([0, 99, 100]))
     assert np.array_equal(out.numpy(), _numpy_rescue(processed, logits))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("history_vocab", [200, 64])
+def test_a_history_of_another_vocabulary_is_a_value_error(in_place, history_vocab):
+    """Token tables of another width than the logits' would penalise other tokens, or index past
+    the rows (an IndexError deep in numpy): a ValueError that names the table and both shapes."""
+    h = TokenHistory([[5, 50, 60]], [[50, 7]], vocab_size=history_vocab)
+    x = torch.randn(1, 100)
+    fn = F.penalties_ if in_place else F.penalties
+    with pytest.raises(ValueError, match=rf"seen_mask has shape \(1, {history_vocab}\), expected the logits' \(1, 100\)"):
+        fn(x, h.seen_mask(), h.output_counts(), 1.5, 0.5, 0.5, h.seen_ids())
+    good = TokenHistory([[5, 50, 60]], [[50, 7]], vocab_size=100)
+    with pytest.raises(ValueError, match=r"output_counts has shape \(2, 100\)"):
+        fn(x, good.seen_mask(), torch.zeros(2, 100, dtype=torch.int32), 1.5, 0.5, 0.5)

@@ -146,6 +146,7 @@ def penalties(
     output's tokens are found among them (every token with a count is seen, as in a
     `TokenHistory`); without, from ``output_counts``.
     """
+    _check_token_tables(logits, seen_mask, output_counts)
     noted = noted_removed(logits)
     if logits.device.type != "cpu" or logits.requires_grad:
         out = _penalties_dense(logits, seen_mask, output_counts, repetition_penalty, frequency_penalty,
@@ -173,6 +174,7 @@ def penalties_(
         raise ValueError(
             f"penalties_: x must be a contiguous float32 [B, V] tensor, got {x.dtype} of shape {tuple(x.shape)}"
         )
+    _check_token_tables(x, seen_mask, output_counts)
     noted = noted_removed(x)  # (read before x is written)
     if x.device.type != "cpu" or x.requires_grad:
         return x.copy_(_penalties_dense(x, seen_mask, output_counts, repetition_penalty, frequency_penalty,
@@ -182,6 +184,15 @@ def penalties_(
     x[:0].zero_()  # (numpy's writes bump no version counter; an empty in-place op does)
     carry_removed(noted, x)
     return x
+
+
+def _check_token_tables(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor) -> None:
+    """``ValueError`` unless ``seen_mask`` and ``output_counts`` have the logits' ``[B, V]``
+    shape (a history of another vocabulary would index other tokens, or past the rows)."""
+    for name, table in (("seen_mask", seen_mask), ("output_counts", output_counts)):
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != tuple(logits.shape):
+            shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise ValueError(f"penalties: {name} has shape {shape}, expected the logits' {tuple(logits.shape)}")
 
 
 def _params(logits: torch.Tensor, repetition_penalty: ParamLike, frequency_penalty: ParamLike,
