@@ -412,6 +412,39 @@ def test_hostile_logits_and_parameters_never_give_nan(backend, data):
     _check_call(backend, lg, batch)
 
 
+#: Ordinary requests that take the wide rows' own routes (candidates, packed rows, fused units).
+_WIDE_ROW_REQUESTS = [dict(top_k=50, nsigma=1.0), dict(top_k=50, nsigma=1.0, sampler_priority=["top_k", "nsigma"]),
+                      dict(top_k=200, top_p=0.9, min_p=0.02), dict(temperature=0.7, top_k=40),
+                      dict(top_k=100, tfs=0.9, skew=0.5, xtc_threshold=0.1, xtc_probability=1.0, seed=1),
+                      dict(nsigma=2.0), dict(min_p=0.05), dict(top_p=0.5, typical_p=0.9, eta_cutoff=3e-4),
+                      dict(dynatemp_min=0.5, dynatemp_max=1.5, top_k=20, smoothing_factor=0.3)]
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_values_in_wide_rows(backend, data):
+    """The same contract on rows wide enough for the CPU path's own routes (top_k's candidates,
+    packed rows, the sums folded in torch's tree from 2**18 entries on, the fused units), whose
+    numpy work must not warn either (under ``-W error`` a warning is an exception): rows of
+    magnitudes up to ~1e38 with NaN, +-inf, +-3.4e38, runs of -inf and runs of ties."""
+    V = data.draw(st.sampled_from([1024, 4096, 32000, 32000]))
+    B = data.draw(st.sampled_from([1, 2, 5, 9, 12]))  # (9 x 32000 and more: the tree's sums)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    lg = torch.randn(B, V, generator=g) * data.draw(st.sampled_from([3.0, 1e4, 1e20, 1e37, 1e37]))
+    for _ in range(data.draw(st.integers(0, 6))):
+        r, c = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, V - 1))
+        kind = data.draw(st.sampled_from(["nan", "inf", "-inf", "fmax", "-fmax", "-inf run", "tie run"]))
+        if kind.endswith("run"):
+            lg[r, c:c + data.draw(st.integers(1, V))] = -INF if kind == "-inf run" else float(lg[r, c])
+        else:
+            lg[r, c] = {"nan": NAN, "inf": INF, "-inf": -INF, "fmax": FMAX, "-fmax": -FMAX}[kind]
+    params = [data.draw(_extreme_params()) if data.draw(st.booleans())
+              else SamplingParams(**data.draw(st.sampled_from(_WIDE_ROW_REQUESTS))) for _ in range(B)]
+    _check_call(backend, lg, SamplingBatch(params, prompt_token_ids=[[0, 1] * 20 + [0]] * B, vocab_size=V))
+
+
 def _check_call(backend, lg, batch):
     rows_ok = (~torch.isnan(lg) & (lg > -INF)).any(-1).all()
     pipe = _pipe(backend)
