@@ -691,3 +691,24 @@ def test_sample_returns_the_logits_its_tokens_were_drawn_from(dtype):
         assert torch.isfinite(got.processed[0, got.token_ids[0]])
         removed += int(~torch.isfinite(pipe.process(row, unseeded)[0, got.token_ids[0]]))
     assert removed > 0  # (the mismatch that return_processed avoids)
+
+
+@pytest.mark.parametrize("kw", [dict(dynatemp_min=0.5, dynatemp_max=1.5), dict(typical_p=0.9), dict(eta_cutoff=3e-4),
+                                dict(nsigma=1.0), dict(tfs=0.95), dict(skew=0.5), dict(top_p=0.9, min_p=0.01)])
+@pytest.mark.parametrize("V", [100003, 128256, 151936])
+def test_a_row_alone_equals_the_row_in_a_batch_at_two_threads(kw, V):
+    """At torch's default of several threads a single row's sums were split between the threads
+    (another grouping than a batch's): dynamic temperature divided a row alone by a temperature
+    an ulp off its value in a batch (row 1 at 128256 columns), every logit of the row then
+    differing; skew's probabilities moved likewise at all three widths."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 3
+        params = SamplingParams(**kw)
+        batch = SamplerPipeline("torch", seed=0).process(x, SamplingBatch([params] * 3, vocab_size=V))
+        for r in range(3):
+            alone = SamplerPipeline("torch", seed=0).process(x[r:r + 1].clone(), SamplingBatch([params], vocab_size=V))
+            assert torch.equal(alone.view(torch.int32), batch[r:r + 1].view(torch.int32)), r
+    finally:
+        torch.set_num_threads(before)

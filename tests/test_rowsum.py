@@ -202,3 +202,19 @@ def test_the_chain_on_logits_near_the_float32_limit_warns_nothing():
         alone = SamplerPipeline("torch").process(logits[r:r + 1], SamplingBatch([params], vocab_size=V))
         assert torch.equal(out[r:r + 1].view(torch.int32), alone.view(torch.int32))
     assert (torch.isfinite(out).sum(-1) >= 1).all()
+
+
+@pytest.mark.parametrize("vocab", [4097, 50257, 100003, 151936, 262144])
+def test_a_row_alone_is_summed_as_in_a_batch_at_every_thread_count(vocab, threads):
+    """torch splits a single row's sum between its threads, in another grouping than a batch's
+    row by row (at 2 threads 100003 and 262144 columns come out an ulp apart): batched_row_sum
+    gives a row alone the bits of its sum among other rows, and the same at one thread."""
+    rng = np.random.default_rng(vocab)
+    x = torch.from_numpy(np.exp(rng.normal(0.0, 3.0, (3, vocab))).astype(np.float32))
+    threads(1)
+    serial = x.sum(dim=-1, keepdim=True)
+    for n in (2, 3):
+        threads(n)
+        assert torch.equal(_rowsum.batched_row_sum(x), serial)
+        for r in range(3):
+            assert torch.equal(_rowsum.batched_row_sum(x[r:r + 1].clone()), serial[r:r + 1])

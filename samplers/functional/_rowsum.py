@@ -25,12 +25,27 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["SumTree", "tree_lanes"]
+__all__ = ["SumTree", "batched_row_sum", "tree_lanes"]
 
 #: Lane counts (float32 lanes of torch's vectorised sum) tried, the likeliest first.
 _CANDIDATE_LANES = (8, 16)
 #: Partial sums a vector row adds in turn, and the fold of ``S`` rows per level.
 _ACCUMULATORS = 4
+
+
+def batched_row_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(dim=-1, keepdim=True)`` for ``[B, V]`` rows, each row's terms grouped as torch
+    groups a row of a batch, whatever the rows beside it.
+
+    torch sums a batch's rows on its threads row by row, each row in one fixed tree, but a
+    single CPU row (one output) it splits between its threads, in another grouping of the
+    terms: from two threads on, a row alone and the same row in a batch then got sums an ulp
+    apart, and every value made from them (dynamic temperature's divisor: every logit of the
+    row). A single row is therefore summed as the first of two rows (a view, no copy; both
+    threads sum the same row, ~1.5x a split sum's time at [1, 128256])."""
+    if x.dim() == 2 and x.shape[0] == 1 and x.device.type == "cpu" and torch.get_num_threads() > 1:
+        return x.expand(2, x.shape[1]).sum(dim=-1, keepdim=True)[:1]
+    return x.sum(dim=-1, keepdim=True)
 
 
 def _ceil_log2(x: int) -> int:
@@ -172,7 +187,7 @@ def _lanes_for(batch: int, vocab: int, threads: int) -> Optional[int]:
         values = (rng.uniform(1.0, 2.0, flat.size) * rng.choice([-1.0, 1.0], flat.size)).astype(np.float32)
         full = np.zeros(batch * vocab, dtype=np.float32)
         full[flat] = values
-        probes.append((flat, values, torch.from_numpy(full).view(batch, vocab).sum(dim=-1).numpy().view(np.int32)))
+        probes.append((flat, values, batched_row_sum(torch.from_numpy(full).view(batch, vocab))[:, 0].numpy().view(np.int32)))
     for lanes in _CANDIDATE_LANES:
         if all(np.array_equal(SumTree(flat, (batch, vocab), lanes)(values).view(np.int32), want)
                for flat, values, want in probes):
@@ -181,9 +196,9 @@ def _lanes_for(batch: int, vocab: int, threads: int) -> Optional[int]:
 
 
 def tree_lanes(batch: int, vocab: int) -> Optional[int]:
-    """The lane count with which ``SumTree`` reproduces ``torch.sum(dim=-1)`` of float32
-    ``[batch, vocab]`` rows at torch's current thread count, checked on probe rows once per
-    shape and thread count; None when none does."""
+    """The lane count with which ``SumTree`` reproduces ``batched_row_sum`` of float32 ``[batch,
+    vocab]`` rows at torch's current thread count, checked on probe rows once per shape and
+    thread count; None when none does."""
     threads = torch.get_num_threads()
     # (on one thread torch sums each row alone, whatever the batch: one check per width)
     return _lanes_for(batch, vocab, threads) if threads > 1 else _lanes_for(min(batch, 2), vocab, 1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._rowsum import SumTree, tree_lanes
+from ._rowsum import SumTree, batched_row_sum, tree_lanes
 from ._threads import sort_rows_
 
 __all__ = [
@@ -168,7 +168,7 @@ def upcast(logits: Tensor) -> Tensor:
 def row_sum(x: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
     """``x.sum(dim=-1, keepdim=True)``; for packed rows (``sparse``, see ``SparseRows``) the sum
     of the full rows they stand for (``x``'s entries at their columns, 0 elsewhere)."""
-    return x.sum(dim=-1, keepdim=True) if sparse is None else sparse.row_sum(x)
+    return batched_row_sum(x) if sparse is None else sparse.row_sum(x)
 
 
 def softmax_and_log_softmax(l32: Tensor, with_log: bool = True,
@@ -753,7 +753,7 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
         view = buf[:n]
         view[flat] = values
         try:
-            out = torch.from_numpy(view).view(shape).sum(dim=-1, keepdim=True)
+            out = batched_row_sum(torch.from_numpy(view).view(shape))
         finally:
             view[flat] = 0.0
     memo.insert(0, (key, flat.copy(), bits.copy(), out.clone()))

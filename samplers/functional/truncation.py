@@ -800,7 +800,7 @@ def _tfs(logits: Tensor, z: Tensor, sparse: Optional[SparseRows] = None) -> Tens
     p, _ = softmax_and_log_softmax(l32, with_log=False, sparse=sparse)
     p_sorted = sort_values_desc(p)
     d2 = torch.diff(torch.diff(p_sorted, dim=-1), dim=-1).abs()
-    total = d2.sum(dim=-1, keepdim=True) if sparse is None else _sum_full_width(d2, sparse.shape[1] - 2)
+    total = row_sum(d2) if sparse is None else _sum_full_width(d2, sparse.shape[1] - 2)
     cdf = torch.cumsum(d2 / torch.where(total > 0, total, torch.ones_like(total)), dim=-1)
     # Sorted positions 1 .. V-1 read cdf[0 .. V-3], and the last position reads cdf[V-3] again.
     cdf_per_position = torch.cat([cdf, cdf[:, -1:]], dim=-1)
