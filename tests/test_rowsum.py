@@ -70,15 +70,18 @@ def test_the_tree_gives_torch_sums_bits(shape, density, threads):
        seed=st.integers(0, 2**31 - 1), n_threads=st.sampled_from([1, 2]))
 def test_sum_scattered_equals_torch_at_every_shape_and_thread_count(batch, vocab, density, seed, n_threads):
     """Whichever way ``sum_scattered`` takes (the tree where it is checked, the full rows
-    elsewhere: one row split over two threads is not the tree), torch's bits."""
+    elsewhere), torch's bits for rows of a batch, which are its bits at one thread: also for a
+    single row at two threads, which torch alone would split between them."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
     try:
         rng = np.random.default_rng(seed)
         flat, values = _entries(rng, (batch, vocab), density)
+        torch.set_num_threads(1)
+        want = _full_sum(values, flat, (batch, vocab))
+        torch.set_num_threads(n_threads)
         got = _stats.sum_scattered(values, flat, (batch, vocab))
         assert got.shape == (batch, 1)
-        assert np.array_equal(_bits(got[:, 0]), _bits(_full_sum(values, flat, (batch, vocab))))
+        assert np.array_equal(_bits(got[:, 0]), _bits(want))
     finally:
         torch.set_num_threads(before)
 
@@ -95,14 +98,21 @@ def _torch_sums(monkeypatch) -> list:
     return calls
 
 
-def test_sum_scattered_folds_few_entries_of_large_rows_in_the_tree(monkeypatch, threads):
-    threads(1)
-    shape = (64, 32000)
+def _tree_rows(shape: tuple[int, int], per_row: int, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    """A generator and the flat indices (increasing) of ``per_row`` random columns of every row,
+    on rows the tree folds (the test is skipped on a CPU whose torch sums in another tree)."""
     if _rowsum.tree_lanes(*shape) is None:
         assert not X86
         pytest.skip("torch's row sum on this CPU is not the tree SumTree states")
-    rng = np.random.default_rng(0)
-    flat = np.sort(np.concatenate([r * shape[1] + rng.choice(shape[1], 200, replace=False) for r in range(64)]))
+    rng = np.random.default_rng(seed)
+    cols = [r * shape[1] + rng.choice(shape[1], per_row, replace=False) for r in range(shape[0])]
+    return rng, np.sort(np.concatenate(cols))
+
+
+def test_sum_scattered_folds_few_entries_of_large_rows_in_the_tree(monkeypatch, threads):
+    threads(1)
+    shape = (64, 32000)
+    rng, flat = _tree_rows(shape, 200, seed=0)
     values = rng.random(flat.size).astype(np.float32)
     want = _full_sum(values, flat, shape)
     sums = _torch_sums(monkeypatch)
@@ -171,11 +181,7 @@ def test_sums_past_the_float32_range_are_torch_sums_without_a_warning(threads):
     under ``-W error`` a warning is an exception in the user's step."""
     threads(1)
     shape = (16, 32000)
-    if _rowsum.tree_lanes(*shape) is None:
-        assert not X86
-        pytest.skip("torch's row sum on this CPU is not the tree SumTree states")
-    rng = np.random.default_rng(5)
-    flat = np.sort(np.concatenate([r * shape[1] + rng.choice(shape[1], 100, replace=False) for r in range(16)]))
+    rng, flat = _tree_rows(shape, 100, seed=5)
     sign = np.where(flat // shape[1] % 4 == 0, 1.0, rng.choice([-1.0, 1.0], flat.size))  # rows 0, 4, ...: one sign
     values = (rng.uniform(1e37, 3.4e38, flat.size) * sign).astype(np.float32)
     with warnings.catch_warnings():
