@@ -187,7 +187,8 @@ def _lanes_for(batch: int, vocab: int, threads: int) -> Optional[int]:
         values = (rng.uniform(1.0, 2.0, flat.size) * rng.choice([-1.0, 1.0], flat.size)).astype(np.float32)
         full = np.zeros(batch * vocab, dtype=np.float32)
         full[flat] = values
-        probes.append((flat, values, batched_row_sum(torch.from_numpy(full).view(batch, vocab))[:, 0].numpy().view(np.int32)))
+        want = batched_row_sum(torch.from_numpy(full).view(batch, vocab))[:, 0]
+        probes.append((flat, values, want.numpy().view(np.int32)))
     for lanes in _CANDIDATE_LANES:
         if all(np.array_equal(SumTree(flat, (batch, vocab), lanes)(values).view(np.int32), want)
                for flat, values, want in probes):

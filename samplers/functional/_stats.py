@@ -166,8 +166,9 @@ def upcast(logits: Tensor) -> Tensor:
 
 
 def row_sum(x: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
-    """``x.sum(dim=-1, keepdim=True)``; for packed rows (``sparse``, see ``SparseRows``) the sum
-    of the full rows they stand for (``x``'s entries at their columns, 0 elsewhere)."""
+    """``x.sum(dim=-1, keepdim=True)``, a row's the same alone or in a batch at any thread count
+    (``batched_row_sum``); for packed rows (``sparse``, see ``SparseRows``) the sum of the full
+    rows they stand for (``x``'s entries at their columns, 0 elsewhere)."""
     return batched_row_sum(x) if sparse is None else sparse.row_sum(x)
 
 
@@ -722,7 +723,8 @@ _scratch = threading.local()
 def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) -> Tensor:
     """``[B, 1]`` float32: the row sums of the ``shape`` float32 array that is 0 everywhere
     except ``values`` at the flat indices ``flat``, summed by torch over the full rows (the
-    same grouping of terms, so the same result, as summing that array itself).
+    same grouping of terms, so the same result, as summing that array itself with
+    ``row_sum``).
 
     Few entries in large rows are folded in torch's own order without the zeros
     (``_rowsum.SumTree``, checked against torch once per shape and thread count). Otherwise the
@@ -730,8 +732,8 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
     calls (the written entries are zeroed again): a fresh [B, V] array per sum costs more in
     page faults than the sum itself.
 
-    The last few sums are remembered with their entries (bits) and torch's thread count (a
-    single row's sum is split over threads): samplers of a chain that removed nothing in
+    The last few sums are remembered with their entries (bits) and torch's thread count (for
+    which the tree was checked): samplers of a chain that removed nothing in
     between sum the same softmax terms again (eta, epsilon and typical_p each sum the same
     ``exp``), and an equal sum is returned without the full-width pass."""
     key = (shape, torch.get_num_threads())
