@@ -11,9 +11,9 @@ the tree: the nonzero entries, folded in the tree's order, give the full row's s
 scatter-add builds the tree's leaves (``np.add.at`` adds in the order of its indices: a left
 fold per accumulator), and the levels above are small dense arrays.
 
-The tree is not taken on trust: ``tree_lanes`` checks it, once per process, shape and torch
-thread count, against ``torch.sum`` itself on probe rows (torch may split one row over its
-threads, and picks its kernels by the CPU's instruction set, which sets the lane count).
+The tree is not taken on trust: ``tree_lanes`` checks it, once per process, width and torch
+thread count, against torch's own row sums (``batched_row_sum``) on probe rows (torch picks
+its kernels by the CPU's instruction set, which sets the lane count).
 Where no lane count reproduces torch, it returns None and callers sum the full rows.
 """
 
@@ -198,8 +198,8 @@ def _lanes_for(batch: int, vocab: int, threads: int) -> Optional[int]:
 
 def tree_lanes(batch: int, vocab: int) -> Optional[int]:
     """The lane count with which ``SumTree`` reproduces ``batched_row_sum`` of float32 ``[batch,
-    vocab]`` rows at torch's current thread count, checked on probe rows once per shape and
+    vocab]`` rows at torch's current thread count, checked on probe rows once per width and
     thread count; None when none does."""
-    threads = torch.get_num_threads()
-    # (on one thread torch sums each row alone, whatever the batch: one check per width)
-    return _lanes_for(batch, vocab, threads) if threads > 1 else _lanes_for(min(batch, 2), vocab, 1)
+    # (batched_row_sum sums each row alone, whatever the batch, at any thread count: one check
+    # per width and thread count, a probe of two rows standing for every batch)
+    return _lanes_for(min(batch, 2), vocab, torch.get_num_threads())

@@ -727,7 +727,7 @@ def sum_scattered(values: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) 
     ``row_sum``).
 
     Few entries in large rows are folded in torch's own order without the zeros
-    (``_rowsum.SumTree``, checked against torch once per shape and thread count). Otherwise the
+    (``_rowsum.SumTree``, checked against torch once per width and thread count). Otherwise the
     zeros come from a per-thread scratch buffer that stays allocated and zero between
     calls (the written entries are zeroed again): a fresh [B, V] array per sum costs more in
     page faults than the sum itself.
