@@ -1,0 +1,86 @@
+"""The differential fuzzer (tests/fuzz.py) on a fixed set of cases, and checks that it can fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fuzz
+from samplers import SamplingParams
+from samplers import pipeline as pipeline_module
+from samplers.priority import SamplerID
+
+CASES_PER_TEST = 25
+
+
+@pytest.mark.parametrize("first", range(0, 6 * CASES_PER_TEST, CASES_PER_TEST))
+def test_small_cases(first):
+    for seed in range(first, first + CASES_PER_TEST):
+        fuzz.run_checked(fuzz.draw_case(seed, "small"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_cases(seed, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fuzz.run_checked(fuzz.draw_case(1000 + seed, "wide"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_case_is_drawn_from_its_seed_alone():
+    a, b = fuzz.draw_case(7, "wide"), fuzz.draw_case(7, "wide")
+    assert a.describe() == b.describe()
+    assert torch.equal(fuzz.draw_logits(a.rng, 3, 50, torch.float32), fuzz.draw_logits(b.rng, 3, 50, torch.float32))
+    assert a.describe() != fuzz.draw_case(8, "wide").describe()
+
+
+def test_drawn_logits_keep_a_finite_entry_in_every_row():
+    rng = np.random.default_rng(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for _ in range(50):
+            x = fuzz.draw_logits(rng, 4, 7, dtype)
+            assert x.dtype == dtype and torch.isfinite(x).any(dim=-1).all()
+
+
+def _min_p_case(rows: int = 3) -> fuzz.Case:
+    params = [SamplingParams(min_p=0.05, seed=r) for r in range(rows)]
+    return fuzz.Case(seed=-1, mode="small", vocab=64, dtype=torch.float32, params=params,
+                     prompts=[[1, 2]] * rows, outputs=[[]] * rows, eos=[], sequence_indices=[0] * rows,
+                     steps=1, rng=np.random.default_rng(0))
+
+
+def test_the_fuzzer_catches_a_row_that_depends_on_its_batch(monkeypatch):
+    unit = pipeline_module.UNITS[SamplerID.MIN_P]
+    monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P,
+                        lambda x, b, r: unit(x, b, r) + 1e-3 * x.shape[0])
+    with pytest.raises(fuzz.FuzzFailure, match="alone"):
+        fuzz.run_checked(_min_p_case())
+
+
+def test_the_fuzzer_catches_a_write_into_the_input(monkeypatch):
+    unit = pipeline_module.UNITS[SamplerID.MIN_P]
+    monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P, lambda x, b, r: unit(x.mul_(2.0), b, r))
+    with pytest.raises(fuzz.FuzzFailure, match="wrote its input"):
+        fuzz.run_checked(_min_p_case())
+
+
+def test_the_fuzzer_catches_a_warning(monkeypatch):
+    unit = pipeline_module.UNITS[SamplerID.MIN_P]
+
+    def warns(x, b, r):
+        np.float32(3e38) * np.float32(10)  # overflow: numpy's RuntimeWarning
+        return unit(x, b, r)
+
+    monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P, warns)
+    with pytest.raises(RuntimeWarning, match="overflow"):
+        fuzz.run_checked(_min_p_case())
+
+
+def test_the_script_reports_its_cases(capsys):
+    assert fuzz.main(["--seconds", "0.5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "0 failure(s)" in out and "seeds 3.." in out
