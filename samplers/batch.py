@@ -454,6 +454,9 @@ class SamplingBatch:
         self.wants_logprobs = bool(any_row[_LOGPROBS])
         self.raw_logprobs = facts[_RAW_LOGPROBS]
         self.any_raw_logprobs = bool(any_row[_RAW_LOGPROBS])
+        # (rows whose chosen log-probability is read off the same table as their alternatives)
+        self.top_or_raw_logprobs = (torch.from_numpy(ints_host[:, _MAX_LOGPROBS] > 0).to(self.device)
+                                    | self.raw_logprobs)
 
     # ------------------------------------------------------------------ construction helpers
     def _build_token_lists(self, flags: np.ndarray, records: Sequence[_RowRecord]) -> None:
@@ -604,7 +607,7 @@ class SamplingBatch:
         new._sequence_indices = None
         new._tensors = {name: t.index_select(0, index) for name, t in self._tensors.items()}
         for name in ("greedy", "key_lo", "key_hi", "seeded", "sequence_indices", "raw_logprobs",
-                     "dry_sequence_breaker_ids"):
+                     "top_or_raw_logprobs", "dry_sequence_breaker_ids"):
             setattr(new, name, getattr(self, name).index_select(0, index))
         new.schedule = [(sid, None if rows is None else rows.index_select(0, index))
                         for sid, rows in self.schedule]

@@ -653,6 +653,12 @@ class SamplerPipeline:
                                  processed=processed)
         chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids, num_top,
                                        any_raw=batch.any_raw_logprobs)
+        if out.logprobs is not None:
+            # The kernel backend's draw gave each row's log-probability: a row that asks for no
+            # alternatives and no raw values keeps it, as alone or in a batch where none asks
+            # (the two computations may differ by an ulp); the others take the table's value,
+            # the one their alternatives show.
+            chosen = torch.where(batch.top_or_raw_logprobs, chosen, out.logprobs)
         return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top, processed=processed)
 
 

@@ -137,21 +137,24 @@ def test_the_draw_never_returns_a_removed_token_or_an_index_outside_the_row(V):
 
 def test_a_seeded_row_does_not_depend_on_what_else_is_batched():
     """The same seeded request alone, in a batch of 7 and in one of 300 (other batch-size
-    buckets): the same processed row, bit for bit, and the same token (static layout and
-    warps: nothing chosen per batch)."""
+    buckets, some other rows asking for top logprobs): the same processed row, bit for bit,
+    the same token and the same log-probability (static layout and warps: nothing chosen per
+    batch; the chosen log-probability from the row's own request)."""
     V = 32000
     mine = SamplingParams(seed=1234, top_k=100, top_p=0.9, min_p=0.02, temperature=0.8)
     g = torch.Generator().manual_seed(4)
     row = torch.randn(1, V, generator=g) * 4
     results = []
     for B in (1, 7, 300):
-        others = [SamplingParams(seed=s, top_p=0.5 + s / 1000) for s in range(B - 1)]
+        others = [SamplingParams(seed=s, top_p=0.5 + s / 1000, logprobs=2 if s % 3 == 0 else None)
+                  for s in range(B - 1)]
         batch = SamplingBatch([mine] + others, [[]] * B, [[]] * B, vocab_size=V, device="cuda")
         logits = torch.cat([row, torch.randn(B - 1, V, generator=g) * 4]).cuda()
         pipe = SamplerPipeline("triton", seed=0)
-        results.append((pipe.process(logits, batch)[0].clone(), int(pipe.sample(logits, batch).token_ids[0])))
-    for processed, token in results[1:]:
-        assert torch.equal(processed, results[0][0]) and token == results[0][1]
+        drawn = pipe.sample(logits, batch)
+        results.append((pipe.process(logits, batch)[0].clone(), int(drawn.token_ids[0]), float(drawn.logprobs[0])))
+    for processed, token, logprob in results[1:]:
+        assert torch.equal(processed, results[0][0]) and token == results[0][1] and logprob == results[0][2]
 
 
 def test_the_reference_draw_does_not_depend_on_the_batch_size():
