@@ -175,9 +175,11 @@ def draw_case(seed: int, mode: str = "small") -> Case:
     return Case(seed, mode, vocab, dtype, params, prompts, outputs, eos, indices, int(rng.integers(1, 4)), rng)
 
 
-def draw_logits(rng: np.random.Generator, batch_size: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+def draw_logits(rng: np.random.Generator, batch_size: int, vocab: int, dtype: torch.dtype,
+                huge: bool = True) -> torch.Tensor:
     """[B, V] logits of ``dtype``; every row keeps at least one finite entry (a row without
-    one is a ValueError, tested elsewhere)."""
+    one is a ValueError, tested elsewhere). ``huge``: also magnitudes near the dtype's largest,
+    ``+inf`` and, in float64, values beyond float32's range."""
     scale = float(rng.choice([0.5, 3.0, 3.0, 20.0]))
     x = rng.standard_normal((batch_size, vocab)) * scale
     top = float(torch.finfo(dtype).max if dtype != torch.float64 else torch.finfo(torch.float32).max)
@@ -187,13 +189,13 @@ def draw_logits(rng: np.random.Generator, batch_size: int, vocab: int, dtype: to
             x[b] = np.round(x[b])
         elif style < 0.25:  # most of the row removed already (a grammar's mask)
             x[b, rng.random(vocab) < rng.uniform(0.5, 1.0)] = -np.inf
-        elif style < 0.32:  # magnitudes near the dtype's largest
+        elif style < 0.32 and huge:  # magnitudes near the dtype's largest
             x[b] *= top / (4 * scale) / max(1.0, float(np.abs(x[b]).max()) / scale)
         if rng.random() < 0.1:
             x[b, rng.integers(0, vocab, rng.integers(1, 4))] = np.nan
-        if rng.random() < 0.05:
+        if rng.random() < 0.05 and huge:
             x[b, rng.integers(0, vocab)] = np.inf
-        if dtype == torch.float64 and rng.random() < 0.1:  # beyond float32's range
+        if dtype == torch.float64 and rng.random() < 0.1 and huge:  # beyond float32's range
             x[b, rng.integers(0, vocab, rng.integers(1, 4))] = rng.choice([-1e300, 1e300, 1e39, -1e39])
         if rng.random() < 0.1:
             x[b, rng.integers(0, vocab, rng.integers(1, 2 + vocab // 4))] = -np.inf
@@ -231,11 +233,23 @@ def _same_output(got, want, row: int, k: Optional[int], what: str) -> None:
                    f"{what}: top logprob {name}")
 
 
-def run_case(case: Case) -> int:
-    """Runs a case's steps and checks; returns the number of row comparisons made. Raises
-    FuzzFailure (or whatever the pipeline raised) naming the step."""
+def _overflow_route(batch: SamplingBatch, x: torch.Tensor) -> bool:
+    """Whether the pipeline sends this call to the torch backend, its arithmetic bounded
+    by the parameters and the largest finite magnitude (``SamplingBatch.may_overflow``)."""
+    finite = x[torch.isfinite(x)]
+    return batch.may_overflow(float(finite.abs().max()) if finite.numel() else 0.0)
+
+
+def run_case(case: Case, backend: str = "torch") -> int:
+    """Runs a case's steps and checks on ``SamplerPipeline(backend)``; returns the number of
+    row comparisons made. Raises FuzzFailure (or whatever the pipeline raised) naming the step."""
     rng, B, V = case.rng, len(case.params), case.vocab
-    pipe = SamplerPipeline("torch", seed=0)
+    # (on the triton backend a call whose arithmetic could overflow runs on the torch backend
+    # as a whole, SEMANTICS.md "Hostile inputs": its other rows then get the torch values, so
+    # a row is compared with itself alone only where both calls take the same route, and that
+    # mode draws ordinary magnitudes, which leave most calls on the kernels)
+    huge = backend == "torch"
+    pipe = SamplerPipeline(backend, seed=0)
     batch = SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
                           sequence_indices=case.sequence_indices)
     alone = [SamplingBatch([p], [case.prompts[r]], [case.outputs[r]], vocab_size=V, eos_token_ids=case.eos,
@@ -244,7 +258,7 @@ def run_case(case: Case) -> int:
     compared = 0
     for step in range(case.steps):
         where = f"step {step}"
-        x = draw_logits(rng, B, V, case.dtype)
+        x = draw_logits(rng, B, V, case.dtype, huge)
         before = x.clone()
         out = pipe.process(x, batch)
         _same(x, before, f"{where}: process wrote its input")
@@ -256,8 +270,11 @@ def run_case(case: Case) -> int:
         drawn = pipe.sample(x, batch, return_processed=True)
         _same(drawn.processed, out, f"{where}: sample's processed logits differ from process")
         k = max((p.logprobs or 0) for p in case.params)
+        whole = backend == "triton" and _overflow_route(batch, x)
         for r in range(B):
             one = alone[r]
+            if backend == "triton" and _overflow_route(one, x[r:r + 1]) != whole:
+                continue  # (one of the two calls runs on the torch backend: other values, by design)
             _same(pipe.process(x[r:r + 1], one), out[r:r + 1], f"{where}: row {r} alone, process")
             _same_output(pipe.sample(x[r:r + 1], one, return_processed=True), drawn, r,
                          min(k, case.params[r].logprobs or 0), f"{where}: row {r} alone, sample")
@@ -290,11 +307,14 @@ def run_case(case: Case) -> int:
     return compared
 
 
-def run_checked(case: Case) -> int:
-    """``run_case`` with numpy's floating-point warnings and every Python warning as errors."""
+def run_checked(case: Case, backend: str = "torch") -> int:
+    """``run_case`` with numpy's floating-point warnings and every Python warning as errors,
+    but those of Triton's interpreter, which runs the kernels' arithmetic in numpy: a kernel's
+    ``log2(0)`` or ``-inf - -inf`` under a mask (a GPU computes them without a word) warns there."""
     with warnings.catch_warnings(), np.errstate(over="warn", invalid="warn", divide="warn"):
         warnings.simplefilter("error")
-        return run_case(case)
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+        return run_case(case, backend)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -303,29 +323,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first case seed; cases are seed, seed+1, ...")
     ap.add_argument("--mode", choices=sorted(MODES), default="small")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--backend", choices=["torch", "triton"], default="torch",
+                    help="the pipeline's backend (triton on a CPU: set TRITON_INTERPRET=1)")
     ap.add_argument("--case", type=int, help="run this one case and print its traceback")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case is not None:
         case = draw_case(args.case, args.mode)
         print(case.describe())
-        run_checked(case)
+        run_checked(case, args.backend)
         print("passed")
         return 0
     start, seed, cases, rows, failures = time.monotonic(), args.seed, 0, 0, 0
     while time.monotonic() - start < args.seconds:
         try:
             case = draw_case(seed, args.mode)
-            rows += run_checked(case)
+            rows += run_checked(case, args.backend)
         except Exception as e:  # noqa: BLE001 (every failure is reported, then the next case)
             failures += 1
             print(f"FAIL case {seed}\n  {type(e).__name__}: {e}\n"
-                  f"  replay: python tests/fuzz.py --case {seed} --mode {args.mode} --threads {args.threads}",
+                  f"  replay: python tests/fuzz.py --case {seed} --mode {args.mode} --threads {args.threads} "
+                  f"--backend {args.backend}",
                   flush=True)
             traceback.print_exc(limit=-3)
         cases, seed = cases + 1, seed + 1
     print(f"{cases} cases, {rows} row comparisons, {failures} failure(s) in {time.monotonic() - start:.0f} s "
-          f"(mode {args.mode}, {args.threads} thread(s), seeds {args.seed}..{seed - 1})")
+          f"(mode {args.mode}, backend {args.backend}, {args.threads} thread(s), seeds {args.seed}..{seed - 1})")
     return 1 if failures else 0
 
 

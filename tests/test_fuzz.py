@@ -31,6 +31,12 @@ def test_wide_cases(seed, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_small_cases_on_the_kernel_backend(seed):
+    pytest.importorskip("triton")
+    fuzz.run_checked(fuzz.draw_case(seed, "small"), "triton")  # (under the interpreter: conftest)
+
+
 def test_a_case_is_drawn_from_its_seed_alone():
     a, b = fuzz.draw_case(7, "wide"), fuzz.draw_case(7, "wide")
     assert a.describe() == b.describe()
