@@ -111,6 +111,20 @@ def _padded_table(lists: Sequence[np.ndarray], rows: np.ndarray, B: int, fill: U
     return table
 
 
+def _may_leave_float32(absmax, logit_bias, penalties, gain, smoothing, quad, cubic, nsigma,
+                       history_length: int, vocab_size: int):
+    """``SamplingBatch.may_overflow``'s bound for a row of these parameters (floats and bools,
+    or ``[B]`` arrays of them: elementwise) on logits with |l| <= ``absmax``: the largest
+    magnitude the stages can reach, from the bias (|b| <= 100), the penalties (|f|, |presence|
+    <= 2, count <= the history's length), the scaling stages' gain (before and after the
+    smoothing polynomial, whose input spread is at most 2m), leaves a margin of 4 to float32's
+    largest value, and nsigma's sums of V squares stay below it."""
+    m = (absmax + 100.0 * logit_bias + 4.0 * history_length * penalties) * gain
+    d = 2.0 * m
+    m = (m + quad * d * d + cubic * d * d * d) * (1.0 + (gain - 1.0) * smoothing)
+    return (4.0 * m > FLOAT32_MAX) | (nsigma & (4.0 * m * m * vocab_size > FLOAT32_MAX))
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False  # (a record's arrays are shared by every batch of its object)
     return a
@@ -501,45 +515,50 @@ class SamplingBatch:
         return out
 
     @functools.cached_property
-    def _overflow_factors(self) -> tuple[float, float, float]:
+    def _overflow_factors(self) -> tuple[tuple, tuple]:
         """The parameters' part of ``may_overflow``, computed once per batch (the parameters do
-        not change between steps): the largest gain of the scaling stages (repetition penalty,
-        1 / temperature) and the largest |quadratic| and |cubic| smoothing coefficients."""
-        P = self.params
-        gain = 1.0
-        if SamplerID.PENALTIES in self.active:
-            r = [p.repetition_penalty for p in P]
-            gain *= max(max(r), 1.0 / min(r))
-        if SamplerID.TEMPERATURE in self.active:
+        not change between steps): per row, ``[B]`` arrays of whether it has a logit_bias and
+        penalties, the gain of its scaling stages (repetition penalty, 1 / temperature),
+        whether it smooths, its |quadratic| and |cubic| smoothing coefficients and whether it
+        runs nsigma; and the same folded over the rows (any flag, the largest factors)."""
+        P, active = self.params, [p.enabled_samplers() for p in self.params]
+
+        def temperature_gain(p: SamplingParams) -> float:
             # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
-            temps = [p.dynatemp_min if p.dynatemp_enabled else p.temperature
-                     for p in P if not p.is_greedy and SamplerID.TEMPERATURE in p.enabled_samplers()]
-            gain *= max(1.0, 1.0 / max(min(temps), GREEDY_TEMPERATURE))
-        quad = cubic = 0.0
-        if SamplerID.QUADRATIC in self.active:
-            quad = max(abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P)
-            cubic = max(abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P)
-        return gain, quad, cubic
+            return max(1.0, 1.0 / max(p.dynatemp_min if p.dynatemp_enabled else p.temperature, GREEDY_TEMPERATURE))
+
+        S = SamplerID
+        rows = (
+            self._row_flags[:, _LOGIT_BIAS].copy(),
+            np.array([S.PENALTIES in a for a in active]),
+            np.array([(max(p.repetition_penalty, 1.0 / p.repetition_penalty) if S.PENALTIES in a else 1.0)
+                      * (temperature_gain(p) if S.TEMPERATURE in a else 1.0) for p, a in zip(P, active)]),
+            np.array([S.QUADRATIC in a for a in active]),
+            np.array([abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P]),
+            np.array([abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P]),
+            np.array([S.TOP_NSIGMA in a for a in active]),
+        )
+        folded = tuple(bool(r.any()) if r.dtype == np.bool_ else float(r.max()) for r in rows)
+        return rows, folded
 
     def may_overflow(self, absmax: float) -> bool:
         """Whether a stage's float32 arithmetic could leave the float32 range on logits whose
         finite values satisfy |l| <= ``absmax`` (a host bound from the parameters: logit_bias,
         the penalties' factor, the smallest temperature, the smoothing polynomial, nsigma's sums).
-        The pipeline sends such calls to the torch backend, whose stages saturate."""
+        The pipeline sends such calls to the torch backend, whose stages saturate.
+
+        A row's arithmetic depends on its own parameters only: the call may overflow when one
+        row may. The batch's extremes taken together (one test, ~1 us) clear most calls; where
+        they do not (the smallest temperature of one row beside the smoothing of another), each
+        row's own parameters decide."""
         if not math.isfinite(absmax):
             return True
-        gain, quad, cubic = self._overflow_factors
-        m = absmax + 100.0 * (self.logit_bias_coo is not None)
-        if SamplerID.PENALTIES in self.active:
-            m += 4.0 * self.history.max_length  # |f|, |presence| <= 2, count <= history length
-        m *= gain
-        if SamplerID.QUADRATIC in self.active:
-            d = 2.0 * m
-            m = (m + quad * d * d + cubic * d * d * d) * gain  # the scaling stages may also come after it
-        # nsigma's mean and variance sum V values of size up to (2m)**2; a margin of 4 elsewhere
-        if SamplerID.TOP_NSIGMA in self.active and 4.0 * m * m * self.vocab_size > FLOAT32_MAX:
-            return True
-        return 4.0 * m > FLOAT32_MAX
+        rows, folded = self._overflow_factors
+        length, V = self.history.max_length, self.vocab_size
+        if not _may_leave_float32(absmax, *folded, length, V):
+            return False
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.any(_may_leave_float32(absmax, *rows, length, V)))
 
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:

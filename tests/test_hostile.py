@@ -617,6 +617,51 @@ def test_only_hostile_calls_leave_the_kernel_backend():
                          vocab_size=8).may_overflow(1e10)
 
 
+def test_the_overflow_route_takes_each_rows_own_parameters():
+    """A near-greedy temperature with penalties on long histories, smoothing and nsigma, each
+    in a row of its own, cannot overflow: the bound once multiplied the batch's extremes
+    together, and such a batch (all three ordinary requests) ran on the torch backend as a
+    whole, on CUDA too (from the parameters alone: absmax 0). The three in one row still
+    route."""
+    V, history = 32000, [list(range(4096))]
+    kinds = [dict(temperature=1e-3, repetition_penalty=1.2), dict(smoothing_factor=0.3), dict(nsigma=1.0)]
+    apart = SamplingBatch([SamplingParams(**kw) for kw in kinds], history * 3, vocab_size=V)
+    together = SamplingBatch([SamplingParams(**{k: v for kw in kinds for k, v in kw.items()})], history, vocab_size=V)
+    for absmax in (0.0, 30.0):
+        assert not apart.may_overflow(absmax)
+        assert together.may_overflow(absmax)
+
+
+_ROUTE_PARAMS = st.fixed_dictionaries({}, optional={
+    "temperature": st.sampled_from([0.0, 2e-5, 1e-3, 0.5, 1.0, 2.0]),
+    "dynatemp_min": st.sampled_from([1e-4, 0.1, 1.0]),
+    "repetition_penalty": st.sampled_from([1e-30, 0.5, 1.0, 1.3, 1e30]),
+    "frequency_penalty": st.sampled_from([0.0, 1.5]),
+    "smoothing_factor": st.sampled_from([0.0, 0.3, 1e6, 1e18]),
+    "smoothing_curve": st.sampled_from([1.0, 3.0, 1e18]),
+    "nsigma": st.sampled_from([0.0, 1.0]),
+    "logit_bias": st.sampled_from([None, {1: 100.0}]),
+})
+
+
+@HOSTILE
+@given(st.lists(_ROUTE_PARAMS, min_size=1, max_size=5),
+       st.sampled_from([0.0, 1.0, 30.0, 1e6, 1e19, 1e30, 3e38]), st.integers(1, 3000))
+def test_a_call_may_overflow_exactly_when_one_of_its_rows_may(rows, absmax, length):
+    """``may_overflow`` of a batch is the any() of its rows' alone (equal history lengths,
+    which the bound reads batch-wide), for parameters across their ranges."""
+    params = []
+    for kw in rows:
+        kw = dict(kw)
+        if "dynatemp_min" in kw:
+            kw["dynatemp_max"] = kw["dynatemp_min"] + 1.0
+        params.append(SamplingParams(**kw))
+    history = [list(range(length))]
+    batch = SamplingBatch(params, history * len(params), vocab_size=32000)
+    alone = [SamplingBatch([p], history, vocab_size=32000).may_overflow(absmax) for p in params]
+    assert batch.may_overflow(absmax) == any(alone)
+
+
 def test_input_rule_reads_nothing_on_the_host_off_the_cpu():
     """On an accelerator the input rule is skipped: reading the logits' range on the host
     would be a device sync every step (SEMANTICS.md, "Non-finite logits"). A meta tensor
