@@ -31,7 +31,7 @@ def test_wide_cases(seed, threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [2, 3])  # (two that failed before dd85632; the interpreter is slow)
 def test_small_cases_on_the_kernel_backend(seed):
     pytest.importorskip("triton")
     fuzz.run_checked(fuzz.draw_case(seed, "small"), "triton")  # (under the interpreter: conftest)
