@@ -33,7 +33,7 @@ INT_FIELDS = ("top_k", "no_repeat_ngram_size", "min_tokens", "dry_allowed_length
 
 # Per-row facts a batch keeps as bool arrays (``_RowRecord.flags``' columns).
 _GREEDY, _DYNATEMP, _STATIC_TEMPERATURE, _IDENTITY, _SKEW, _TOP_K, _TOP_P, _REPETITION, _COUNT, \
-    _SEEDED, _LOGPROBS, _RAW_LOGPROBS, _LOGIT_BIAS, _MIN_TOKENS, _BREAKERS = range(15)
+    _SEEDED, _LOGPROBS, _RAW_LOGPROBS, _LOGIT_BIAS, _MIN_TOKENS, _BREAKERS, _TABLE_LOGPROB = range(16)
 # The int64 columns after INT_FIELDS: the seed's key words and ``logprobs or 0``.
 _KEY_LO, _KEY_HI, _MAX_LOGPROBS = range(len(INT_FIELDS), len(INT_FIELDS) + 3)
 
@@ -44,7 +44,7 @@ class _RowRecord(NamedTuple):
 
     floats: bytes  #: FLOAT_FIELDS, float32
     ints: bytes  #: INT_FIELDS, then _KEY_LO, _KEY_HI, _MAX_LOGPROBS, int64
-    flags: bytes  #: the _GREEDY ... _BREAKERS facts, one byte (bool) each
+    flags: bytes  #: the _GREEDY ... _TABLE_LOGPROB facts, one byte (bool) each
     order: tuple[SamplerID, ...]  #: ``enabled_order()``
     bias_ids: np.ndarray  #: logit_bias's token ids (int64, read-only), in its order
     bias_values: np.ndarray  #: ... and its biases (float32, read-only)
@@ -77,6 +77,8 @@ def _row_record(p: SamplingParams) -> _RowRecord:
         bool(p.logit_bias),
         p.min_tokens > 0,
         bool(p.dry_sequence_breaker_ids),
+        # its chosen log-probability is read off the same table as its alternatives
+        bool(p.logprobs) or p.logprobs_mode == "raw",
     )
     # (SamplingParams holds its integers within int64)
     ints = np.array([getattr(p, f) for f in INT_FIELDS] + [lo, hi, p.logprobs or 0], dtype=np.int64)
@@ -137,7 +139,7 @@ _NO_BIAS = _frozen(np.zeros(0, dtype=np.float32))
 def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                             list[_RowRecord]]:
     """The rows' float32 ``[B, len(FLOAT_FIELDS)]``, int64 ``[B, len(INT_FIELDS) + 3]`` and
-    bool ``[B, 15]`` (the _GREEDY ... _BREAKERS facts) arrays (writable) and their records."""
+    bool ``[B, 16]`` (the _GREEDY ... _TABLE_LOGPROB facts) arrays (writable) and their records."""
     records = [_row_record(p) for p in params]
     B = len(records)
 
@@ -468,9 +470,7 @@ class SamplingBatch:
         self.wants_logprobs = bool(any_row[_LOGPROBS])
         self.raw_logprobs = facts[_RAW_LOGPROBS]
         self.any_raw_logprobs = bool(any_row[_RAW_LOGPROBS])
-        # (rows whose chosen log-probability is read off the same table as their alternatives)
-        self.top_or_raw_logprobs = (torch.from_numpy(ints_host[:, _MAX_LOGPROBS] > 0).to(self.device)
-                                    | self.raw_logprobs)
+        self.top_or_raw_logprobs = facts[_TABLE_LOGPROB]  # (rows that ask for alternatives or raw values)
 
     # ------------------------------------------------------------------ construction helpers
     def _build_token_lists(self, flags: np.ndarray, records: Sequence[_RowRecord]) -> None:
@@ -521,7 +521,7 @@ class SamplingBatch:
         penalties, the gain of its scaling stages (repetition penalty, 1 / temperature),
         whether it smooths, its |quadratic| and |cubic| smoothing coefficients and whether it
         runs nsigma; and the same folded over the rows (any flag, the largest factors)."""
-        P, active = self.params, [p.enabled_samplers() for p in self.params]
+        P, active = self.params, [frozenset(o) for o in self.orders]
 
         def temperature_gain(p: SamplingParams) -> float:
             # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
