@@ -45,6 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from logit_helpers import bits as _bits  # (tests/ is on sys.path: pytest, or this file run as a script)
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.history import TokenHistory
 
@@ -52,8 +53,6 @@ MODES = {"small": ((1, 8), (2, 2000)), "wide": ((2, 12), (4096, 151936))}
 WIDE_VOCABS = (32000, 32768, 50257, 100003, 128256, 151936)
 SAMPLER_NAMES = ("top_k", "top_a", "min_p", "tfs", "typical_p", "temperature", "penalties", "dry",
                  "no_repeat_ngram", "nsigma", "eta_cutoff", "epsilon_cutoff", "quadratic", "xtc")
-_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-        torch.bfloat16: torch.int16}
 
 
 class FuzzFailure(AssertionError):
@@ -210,10 +209,6 @@ def draw_logits(rng: np.random.Generator, batch_size: int, vocab: int, dtype: to
     finite = torch.isfinite(out).any(dim=-1)
     out[~finite, 0] = 0.0
     return out
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT[t.dtype])
 
 
 def _check(ok: bool, what: str) -> None:

@@ -6,18 +6,19 @@ import numpy as np
 import torch
 
 
+#: The integer dtype of each float dtype's width (its bit pattern).
+AS_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+          torch.bfloat16: torch.int16}
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit pattern of a float tensor (for bit-identity checks, -0.0 != 0.0)."""
-    t = t.contiguous()
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t.view(torch.int16)
+    return t.contiguous().view(AS_INT[t.dtype])
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtypes, shapes and bits (NaN included, which ``torch.equal`` calls unequal)."""
-    as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return a.dtype == b.dtype and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+    return a.dtype == b.dtype and torch.equal(a.view(AS_INT[a.dtype]), b.view(AS_INT[b.dtype]))
 
 
 def spy_answers(monkeypatch, module, name: str) -> list:
