@@ -73,7 +73,7 @@ def test_the_layout_rule_loads_on_this_device(V, dtype):
     out, tok, _ = K.run_chain(x, codes, [None] * len(codes), table, seen=seen, counts=counts, keys=keys,
                               draw_greedy=greedy)
     torch.cuda.synchronize()
-    assert not K._OUT_OF_RESOURCES, f"{K.pick_layout(x)} chain did not load: {K._OUT_OF_RESOURCES}"
+    assert not K._OUT_OF_RESOURCES, f"{_common.pick_layout(x)} chain did not load: {K._OUT_OF_RESOURCES}"
     assert ((tok >= 0) & (tok < V)).all() and not torch.isneginf(out.gather(1, tok[:, None])).any()
 
 
@@ -155,6 +155,20 @@ def test_a_seeded_row_does_not_depend_on_what_else_is_batched():
         results.append((pipe.process(logits, batch)[0].clone(), int(drawn.token_ids[0]), float(drawn.logprobs[0])))
     for processed, token, logprob in results[1:]:
         assert torch.equal(processed, results[0][0]) and token == results[0][1] and logprob == results[0][2]
+
+
+@pytest.mark.parametrize("V", [8192, 32000, 128256])
+@pytest.mark.parametrize("neighbour", [dict(skew=0.5), dict(dry_multiplier=0.8), dict(logprobs=3)],
+                         ids=["skew", "dry", "logprobs"])
+def test_a_rows_draw_does_not_depend_on_whether_the_chain_draws_it(V, neighbour):
+    """A neighbour with skew or DRY moves every row's draw from the end of the chain's launch
+    to the separate draw kernel: rows that min_p or top_k truncate and a row with 12 finite
+    entries, alone and beside it, draw the same token with the same log-probability, bit for
+    bit (one draw rule per layout in both kernels; on the blocked layout the two kernels'
+    [KMAX] lists must reduce in the same order: kernels/README.md)."""
+    from test_kernels_pipeline import check_a_rows_draw_alone_and_beside
+
+    check_a_rows_draw_alone_and_beside(neighbour, V=V, device="cuda", steps=6, require_differences=False)
 
 
 def test_the_reference_draw_does_not_depend_on_the_batch_size():

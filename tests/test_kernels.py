@@ -477,10 +477,10 @@ def test_layout_is_a_static_function_of_the_vocabulary_and_the_device(monkeypatc
     from types import SimpleNamespace
 
     cpu = torch.device("cpu")
-    assert K.whole_row_limit(cpu) == _common.BLOCKED_ABOVE
+    assert _common.whole_row_limit(cpu) == _common.BLOCKED_ABOVE
     for B in (1, 7, 300):
-        assert K.pick_layout(torch.empty(B, 32000)) == "whole"
-        assert K.pick_layout(SimpleNamespace(shape=(B, 128256), device=cpu)) == "blocked"
+        assert _common.pick_layout(torch.empty(B, 32000)) == "whole"
+        assert _common.pick_layout(SimpleNamespace(shape=(B, 128256), device=cpu)) == "blocked"
     monkeypatch.setattr(_common, "INTERPRET", False)
     gpu = torch.device("cuda", 1)
     asked = []
@@ -490,12 +490,12 @@ def test_layout_is_a_static_function_of_the_vocabulary_and_the_device(monkeypatc
 
     # sm_90 (227 KB), sm_80 (163 KB), sm_86 / sm_89 / sm_120 (99 KB), sm_75 (64 KB), 48 KB, 16 KB
     for kib, want in ((227, 8192), (163, 8192), (99, 8192), (64, 8192), (48, 4096), (16, 2048)):
-        monkeypatch.setattr(K, "max_shared_memory", limit_of(kib))
-        assert K.whole_row_limit(gpu) == want, kib
-        assert want * K.WHOLE_ROW_SHARED_PER_LANE <= kib * 1024
+        monkeypatch.setattr(_common, "max_shared_memory", limit_of(kib))
+        assert _common.whole_row_limit(gpu) == want, kib
+        assert want * _common.WHOLE_ROW_SHARED_PER_LANE <= kib * 1024
     assert asked[-1] == gpu  # the limits of the tensors' device, not the current one
-    monkeypatch.setattr(K, "max_shared_memory", limit_of(99))
-    layouts = {V: K.pick_layout(SimpleNamespace(shape=(4, V), device=gpu)) for V in (1000, 8192, 8193, 32000, 151936)}
+    monkeypatch.setattr(_common, "max_shared_memory", limit_of(99))
+    layouts = {V: _common.pick_layout(SimpleNamespace(shape=(4, V), device=gpu)) for V in (1000, 8192, 8193, 32000, 151936)}
     assert layouts == {1000: "whole", 8192: "whole", 8193: "blocked", 32000: "blocked", 151936: "blocked"}
     assert not hasattr(K, "_time_launch") and not hasattr(K, "_tuned_kernel")
 

@@ -294,8 +294,8 @@ def test_min_p_first_is_decided_in_the_statistics_pass(case):
     if case == "peaked":
         # rows 0, 2: one read; row 1 (min_p off): statistics, temperature pass, draw
         assert reads2 == pytest.approx(2 + 2 + 1 / 8, abs=0.2), reads2  # (+ scratch)
-        assert writes2 == pytest.approx(1, abs=0.15), writes2  # (+ scratch)
-        assert writes == pytest.approx(3, abs=0.15), writes
+        assert writes2 == pytest.approx(1, abs=0.2), writes2  # (+ scratch: min_p's candidates, the draw's list)
+        assert writes == pytest.approx(3, abs=0.2), writes  # (+ the same scratch)
     else:
         assert reads2 > 5, reads2
 
@@ -347,10 +347,10 @@ def test_a_rows_log_probability_does_not_depend_on_what_the_other_rows_ask(neigh
     check_a_rows_draw_alone_and_beside(neighbour)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: on the blocked layout the draw at the end of the "
-                   "chain's launch (draw_sparse over a row's few survivors) and the separate draw kernel "
-                   "(tiles of the stored row) sum the row's mass in different orders; a neighbour with skew "
-                   "or DRY moves every row to the separate draw (samplers/kernels/README.md)")
 @pytest.mark.parametrize("neighbour", [dict(skew=0.5), dict(dry_multiplier=0.8)])
 def test_a_rows_draw_does_not_depend_on_whether_the_chain_draws_it(neighbour):
+    """A neighbour with skew or DRY moves every row's draw out of the chain's launch to
+    ``sample_tokens``: both draw a row with at most KMAX finite entries from the same list
+    (``draw.draw_listed``), the others from the tiles (failed when the launch drew a sparse
+    row from its survivors and the separate draw from the tiles)."""
     check_a_rows_draw_alone_and_beside(neighbour)

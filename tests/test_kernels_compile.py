@@ -65,9 +65,9 @@ def test_every_kernel_compiles_for_sm90(dtype):
         assert f"{name}:" in r.stdout
     # small rows stay in registers
     assert _spill_stores(r.stdout, "chain") == 0
-    from samplers.kernels import fused
+    from samplers.kernels import _common
 
-    assert _shared(r.stdout, "chain") <= fused.WHOLE_ROW_SHARED_PER_LANE * 2048
+    assert _shared(r.stdout, "chain") <= _common.WHOLE_ROW_SHARED_PER_LANE * 2048
 
 
 _NEEDS_NVIDIA = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
@@ -79,23 +79,23 @@ _NEEDS_NVIDIA = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvi
 def test_layouts_fit_the_shared_memory_of_every_target(arch):
     """With the JIT's alignment hints, top_p / typical_p's compaction and a bf16 row's upcast
     go through shared memory (8 bytes a lane). Per target (sm_80, sm_86, sm_89, sm_90): the
-    largest whole-row chain the layout rule runs (``fused.WHOLE_ROW_MAX_GPU`` lanes, the
+    largest whole-row chain the layout rule runs (``_common.WHOLE_ROW_MAX_GPU`` lanes, the
     compacting stages top_p + typical_p with the draw, bf16) needs at most
-    ``fused.WHOLE_ROW_SHARED_PER_LANE`` bytes a lane and fits the target's per-block limit, as
-    ``fused.whole_row_limit`` assumes; so does the column-blocked chain (top_k + top_p) at the
+    ``_common.WHOLE_ROW_SHARED_PER_LANE`` bytes a lane and fits the target's per-block limit, as
+    ``_common.whole_row_limit`` assumes; so does the column-blocked chain (top_k + top_p) at the
     production tile. (Measured with triton 3.7.1: more stages do not add shared memory,
     8 bytes a lane for every stage code at BLOCK 2048 / 4096 and for the blocked chain with
     every stage code and the draw, 64 KB; above WHOLE_ROW_MAX_GPU the whole-row chain needed
     up to 128 KB: OutOfResources on sm_86 / sm_89.)"""
-    from samplers.kernels import _common, codes as C, fused
+    from samplers.kernels import _common, codes as C
 
-    block = fused.WHOLE_ROW_MAX_GPU
+    block = _common.WHOLE_ROW_MAX_GPU
     out = _aot("--arch", str(arch), "--block", str(block), "--warps", str(_common.warps_for(block)),
                "--dtype", "bf16", "--chain-only", "--codes", f"{C.TOP_P},{C.TYPICAL}")
     limit = SHARED_LIMIT[arch]
-    assert _shared(out, "chain") <= fused.WHOLE_ROW_SHARED_PER_LANE * block <= limit, out
+    assert _shared(out, "chain") <= _common.WHOLE_ROW_SHARED_PER_LANE * block <= limit, out
     # the rule itself, with this target's limit
-    assert block * fused.WHOLE_ROW_SHARED_PER_LANE <= limit
+    assert block * _common.WHOLE_ROW_SHARED_PER_LANE <= limit
     out = _aot("--arch", str(arch), "--blocked", "--dtype", "bf16", "--tile", str(_common.TILE),
                "--warps", str(_common.TILE_WARPS), "--codes", f"{C.TOP_K},{C.TOP_P}")
     assert _shared(out, "blocked_chain") <= 8 * _common.TILE <= limit, out

@@ -4,15 +4,17 @@ The kernels are the CUDA fast path of ``SamplerPipeline(backend="triton")``; und
 ``TRITON_INTERPRET=1`` they also run on the CPU (that is how the tests check them against
 the torch reference). Modules, one per family:
 
-- ``_common``: launch sizes and the in-kernel row statistics every kernel shares
+- ``_common``: launch sizes, the layout rule (whole rows or column-blocked: ``pick_layout``) and
+  the in-kernel row statistics every kernel shares
 - ``truncation``, ``temperature``, ``penalties``: the in-kernel stages of each family (top_k,
   top_p, top_a, min_p, eta, epsilon, typical_p, nsigma, XTC; temperature, dynamic temperature,
   smoothing; repetition/frequency/presence, no_repeat_ngram, with logit_bias and min_tokens
   applied as scatters)
+- ``codes``: the stage codes, the per-row parameter table and the scratch sizes
 - ``draw``: the token draw and the Philox stream
-- ``codes``: the stage codes and the per-row parameter table
 - ``stage``: the whole-row stage dispatch (code -> stage function)
-- ``blocked``: the column-blocked chain for large vocabularies (rows > 65536 lanes)
+- ``blocked``: the column-blocked chain for large vocabularies (rows past ``pick_layout``'s
+  whole-row limit: 8192 lanes on a GPU)
 - ``fused``: the whole-row chain kernel and ``run_chain``, which launches either layout
 - ``chain``: ``process_logits``, the pipeline's kernel backend (its whole chain)
 - ``ops``: one sampler at a time, with the contracts of ``samplers.functional`` (tfs, skew and

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "FP_FUSION", "device_guard", "block_for", "warps_for", "lane_mask", "okey", "softmax_stats", "entropy_of",
+__all__ = ["INTERPRET", "FP_FUSION", "device_guard", "block_for", "pick_layout", "warps_for", "lane_mask", "okey", "softmax_stats", "entropy_of",
            "top_mask", "finite_std", "saturate", "philox_uniform", "online_softmax"]
 
 #: True when kernels run on the CPU through Triton's interpreter (the tests).
@@ -63,6 +63,52 @@ def block_for(vocab: int) -> int:
     if block > MAX_BLOCK:
         raise ValueError(f"vocabulary of {vocab} tokens exceeds the kernels' row limit {MAX_BLOCK}")
     return block
+
+
+#: Largest whole-row block on a GPU. Above it the whole-row chain spills to local memory
+#: (1-3 KB per thread at BLOCK 16384-32768 for top_k + top_p, ``python -m samplers.kernels.aot``)
+#: and needs up to 128 KB of shared memory, more than sm_86 / sm_89 / sm_120 allow per block;
+#: the column-blocked chain does neither.
+WHOLE_ROW_MAX_GPU = 8192
+
+#: Shared memory per lane of the whole-row chain, an upper bound over every stage tuple and
+#: input dtype (``aot`` with the JIT's alignment hints: top_p / typical_p's compaction and a
+#: 16-bit input's upcast go through shared memory, at most 8 bytes a lane;
+#: ``tests/test_kernels_compile.py`` checks it).
+WHOLE_ROW_SHARED_PER_LANE = 8
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (bytes): the opt-in limit, which Triton's
+    launch compares a kernel's need with (99 KB on sm_86 / sm_89 / sm_120, 163 KB on sm_80,
+    227 KB on sm_90)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def whole_row_limit(device: torch.device) -> int:
+    """The largest block the whole-row chain runs with on ``device``: a static rule of the
+    device's limits (never a timing, so a seeded row's result does not depend on what else is
+    batched). GPU: ``WHOLE_ROW_MAX_GPU``, halved while its shared memory would exceed the
+    device's per-block limit. The interpreter (no registers, no shared memory): up to
+    ``BLOCKED_ABOVE``; both layouts are tested there."""
+    if device.type != "cuda" or INTERPRET:
+        return BLOCKED_ABOVE
+    block, limit = WHOLE_ROW_MAX_GPU, max_shared_memory(device)
+    while block > 16 and block * WHOLE_ROW_SHARED_PER_LANE > limit:
+        block //= 2
+    return block
+
+
+def pick_layout(x: torch.Tensor) -> str:
+    """"whole" (the row in one program's registers) or "blocked" (``samplers.kernels.blocked``)
+    for the rows of ``x``: a function of V and the device only. The chain and the separate
+    draw both follow it: a row's draw is then summed in the same order whether the chain's
+    launch draws it or ``draw.sample_tokens`` does (which one runs depends on the batch)."""
+    V = x.shape[1]
+    if use_blocked(V) or block_for(V) > whole_row_limit(x.device):
+        return "blocked"
+    return "whole"
 
 
 def warps_for(block: int) -> int:

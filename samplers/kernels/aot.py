@@ -166,6 +166,7 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
     ``draw``: compile the chain with the draw fused at its end (``SamplerPipeline.sample``)."""
     cx = _chain_constants(codes, "TILE", tile)
     from . import blocked as KB
+    from . import codes as C
     from . import draw as D
 
     sig = dict(_BLOCKED_CHAIN_SIG, x_ptr=f"*{dtype}")
@@ -173,7 +174,7 @@ def compile_blocked(arch: int = 90, tile: int = 8192, warps: int = 16, codes: Op
     out = {"blocked_chain": _ptxas_info(_compile(KB._blocked_chain_kernel, sig, cx, arch, warps), arch)}
     out["blocked_draw"] = _ptxas_info(
         _compile(D._blocked_draw_kernel, _draw_signature(dtype, blocked=True),
-                 {"TILE": tile, "KEYED": True, "NTB": D._TILES_PER_STEP}, arch, warps), arch)
+                 {"TILE": tile, "KMAX": C.compact_size(tile), "KEYED": True, "NTB": D._TILES_PER_STEP}, arch, warps), arch)
     return out
 
 

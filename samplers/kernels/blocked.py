@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import lane_mask, okey, online_softmax, philox_uniform
 from .codes import SCRATCH_HEADER as _HEADER
-from .draw import draw_sparse, pick_from_tiles
+from .draw import compact_finite, draw_listed, pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .stage import prm, stage
 from .temperature import dynatemp_of
@@ -749,8 +749,22 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
     if DRAW:
         greedy = tl.load(greedy_ptr + row) != 0
         u = philox_uniform(key_ptr, row, B, 0)
+        # The separate draw's rule (``draw._blocked_draw_kernel``), which sees the stored row
+        # only: a row with at most KMAX finite entries is drawn from them, listed in token
+        # order (the searches' scratch is free now), else from the tiles.
+        tl.debug_barrier()
         if n >= 0:
-            tok, lp = draw_sparse(xs, ids, lane, n, V, greedy, u)
+            nf = compact_finite(scr, xs, ids, 0, KMAX)
+        else:
+            nf = tl.full([], KMAX + 1, tl.int32)
+            if sn <= KMAX:  # a dense row with few finite entries (bans, a grammar's mask)
+                nf = tl.full([], 0, tl.int32)
+                for start in range(0, V, TILE):
+                    offs = start + tl.arange(0, TILE)
+                    nf = compact_finite(scr, tl.load(o + offs, mask=offs < V, other=float("-inf")), offs, nf, KMAX)
+        tl.debug_barrier()
+        if nf <= KMAX:
+            tok, lp = draw_listed(scr, nf, V, greedy, u, KMAX)
         else:
             tok, lp = pick_from_tiles(o, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
         tl.store(tok_ptr + row, tok)

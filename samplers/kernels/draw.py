@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import FP_FUSION, block_for, device_guard, online_softmax, philox_uniform, softmax_stats, warps_for
+from ._common import (FP_FUSION, block_for, device_guard, lane_mask, online_softmax, philox_uniform, pick_layout,
+                      softmax_stats, warps_for)
+from .codes import compact_size
 
 #: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
 _TILES_PER_STEP = 64
@@ -77,6 +79,34 @@ def draw_sparse(xs, ids, lane, n, V, greedy, u):
     # an all -inf row: the reference's argmax is token 0, its inverse CDF the last token
     tok = tl.where(n > 0, tok, tl.where(greedy, 0, V - 1).to(tl.int64))
     return tok, lp
+
+
+@triton.jit
+def compact_finite(dst, x, ids, n, KMAX: tl.constexpr):
+    """Append the lanes of ``x`` above -inf (at token ids ``ids``, increasing, past every id
+    already listed) to the list at ``dst`` ([KMAX] values, then [KMAX] token ids as fp32),
+    after its first ``n`` entries, in lane order; entries past KMAX are not stored. Returns
+    the new count, which exceeds KMAX when the list overflowed."""
+    keep = x > float("-inf")
+    pos = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+    put = lane_mask(keep & (pos < KMAX))
+    tl.store(dst + pos, x, mask=put)
+    tl.store(dst + KMAX + pos, ids.to(tl.float32), mask=put)
+    return n + tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def draw_listed(src, n, V, greedy, u, KMAX: tl.constexpr):
+    """``draw_sparse`` of the ``n <= KMAX`` entries ``compact_finite`` listed at ``src``.
+
+    The blocked layout's rule for a row with at most KMAX entries above -inf, in the chain's
+    launch and in ``_blocked_draw_kernel`` alike: both list the same entries in the same
+    lanes, so the row's mass is summed in the same order whichever kernel draws it."""
+    j = tl.arange(0, KMAX)
+    lane = j < n
+    xs = tl.load(src + j, mask=lane, other=float("-inf"))
+    ids = tl.load(src + KMAX + j, mask=lane, other=0.0).to(tl.int64)
+    return draw_sparse(xs, ids, lane, n, V, greedy, u)
 
 
 @triton.jit
@@ -151,19 +181,24 @@ def pick_from_tiles(xr, tiles, NT, V, m_raw, s, am, greedy, u, TILE: tl.constexp
 
 @triton.jit
 def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr_ptr, B, V, stride_x, NT,
-                         stride_scr, TILE: tl.constexpr, KEYED: tl.constexpr, NTB: tl.constexpr):
+                         stride_scr, TILE: tl.constexpr, KMAX: tl.constexpr, KEYED: tl.constexpr,
+                         NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
-    sum exp, and each tile's (max, sum exp) in the scratch row [2, NT]), then
-    ``pick_from_tiles`` (greedy rows read nothing more, the others one tile)."""
+    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]; the finite
+    entries listed at its start while there are at most KMAX of them), then ``draw_listed``
+    for a row with at most KMAX finite entries, else ``pick_from_tiles`` (greedy rows read
+    nothing more, the others one tile): the rule of the blocked chain's own draw."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
-    tiles = scr_ptr + row * stride_scr
+    listed = scr_ptr + row * stride_scr
+    tiles = listed + 2 * KMAX
     sm = tl.full([], float("-inf"), tl.float32)
     ss = tl.full([], 0.0, tl.float32)
     sez = tl.full([], 0.0, tl.float32)
     sn = tl.full([], 0, tl.int32)
     st = tl.full([], 0.0, tl.float32)
     am = tl.full([], 0, tl.int64)
+    n = tl.full([], 0, tl.int32)
     for start in range(0, V, TILE):
         offs = start + tl.arange(0, TILE)
         x = tl.load(xr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -173,10 +208,15 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
         am = tl.where((tm > sm_old) | ((start == 0) & (tm == sm_old)), ti, am)
         tl.store(tiles + start // TILE, tm)
         tl.store(tiles + NT + start // TILE, ts)
+        if n <= KMAX:
+            n = compact_finite(listed, x, offs, n, KMAX)
     tl.debug_barrier()
     greedy = tl.load(greedy_ptr + row) != 0
     u = _row_uniform(u_ptr, key_ptr, row, B, KEYED)
-    tok, lp = pick_from_tiles(xr, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
+    if n <= KMAX:
+        tok, lp = draw_listed(listed, n, V, greedy, u, KMAX)
+    else:
+        tok, lp = pick_from_tiles(xr, tiles, NT, V, sm, ss, am, greedy, u, TILE, NTB)
     tl.store(out_ptr + row, tok)
     tl.store(lp_ptr + row, lp)
 
@@ -195,13 +235,14 @@ def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch
     u = out if keyed else uniforms.to(torch.float32).contiguous()  # unused pointer when keyed
     k = keys.contiguous() if keyed else g
     with device_guard(logits):
-        if _common.use_blocked(V):
+        if pick_layout(logits) == "blocked":
             tile = _common.TILE
+            kmax = compact_size(tile)  # the blocked chain's
             nt = triton.cdiv(V, tile)
-            # rows padded to 32 words (128-byte aligned)
-            scratch = torch.empty((B, -(-2 * nt // 32) * 32), dtype=torch.float32, device=logits.device)
+            # [2 * KMAX] listed entries, [2, NT] tile statistics; rows padded to 32 words (128-byte aligned)
+            scratch = torch.empty((B, -(-(2 * kmax + 2 * nt) // 32) * 32), dtype=torch.float32, device=logits.device)
             _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt,
-                                       scratch.stride(0), TILE=tile, KEYED=keyed, NTB=_TILES_PER_STEP,
+                                       scratch.stride(0), TILE=tile, KMAX=kmax, KEYED=keyed, NTB=_TILES_PER_STEP,
                                        num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
         else:
             block = block_for(V)

@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from . import _common, blocked as KB
-from ._common import FP_FUSION, block_for, device_guard, philox_uniform, saturate, warps_for
+from ._common import FP_FUSION, block_for, device_guard, philox_uniform, pick_layout, saturate, warps_for
 from .codes import (MAX_VOCAB, NONE, NSLOTS, TOP_P, TYPICAL, XTC_PHILOX, blocked_scratch_stride, compact_size,
                     param_table, row_masks)
 from .draw import _TILES_PER_STEP, draw_row, sample_tokens
@@ -185,51 +185,8 @@ def run_chain(
     return (out, tokens, logprobs) if drawing else out
 
 
-#: Largest whole-row block on a GPU. Above it the whole-row chain spills to local memory
-#: (1-3 KB per thread at BLOCK 16384-32768 for top_k + top_p, ``python -m samplers.kernels.aot``)
-#: and needs up to 128 KB of shared memory, more than sm_86 / sm_89 / sm_120 allow per block;
-#: the column-blocked chain does neither.
-WHOLE_ROW_MAX_GPU = 8192
-
-#: Shared memory per lane of the whole-row chain, an upper bound over every stage tuple and
-#: input dtype (``aot`` with the JIT's alignment hints: top_p / typical_p's compaction and a
-#: 16-bit input's upcast go through shared memory, at most 8 bytes a lane;
-#: ``tests/test_kernels_compile.py`` checks it).
-WHOLE_ROW_SHARED_PER_LANE = 8
-
 # (device, codes, dtype, draw, store) whose whole-row chain the device could not load
 _OUT_OF_RESOURCES: set = set()
-
-
-def max_shared_memory(device: torch.device) -> int:
-    """Shared memory a block may use on ``device`` (bytes): the opt-in limit, which Triton's
-    launch compares a kernel's need with (99 KB on sm_86 / sm_89 / sm_120, 163 KB on sm_80,
-    227 KB on sm_90)."""
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
-
-
-def whole_row_limit(device: torch.device) -> int:
-    """The largest block the whole-row chain runs with on ``device``: a static rule of the
-    device's limits (never a timing, so a seeded row's result does not depend on what else is
-    batched). GPU: ``WHOLE_ROW_MAX_GPU``, halved while its shared memory would exceed the
-    device's per-block limit. The interpreter (no registers, no shared memory): up to
-    ``_common.BLOCKED_ABOVE``; both layouts are tested there."""
-    if device.type != "cuda" or _common.INTERPRET:
-        return _common.BLOCKED_ABOVE
-    block, limit = WHOLE_ROW_MAX_GPU, max_shared_memory(device)
-    while block > 16 and block * WHOLE_ROW_SHARED_PER_LANE > limit:
-        block //= 2
-    return block
-
-
-def pick_layout(x: torch.Tensor) -> str:
-    """"whole" (the row in one program's registers) or "blocked" (``samplers.kernels.blocked``)
-    for the rows of ``x``: a function of V and the device only."""
-    V = x.shape[1]
-    if _common.use_blocked(V) or block_for(V) > whole_row_limit(x.device):
-        return "blocked"
-    return "whole"
 
 
 def run_single(logits: torch.Tensor, code: int, seen=None, counts=None, banned=None,
