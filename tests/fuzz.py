@@ -19,21 +19,24 @@ only). Each step checks what the pipeline promises (DESIGN.md, SEMANTICS.md):
 Modes: ``small`` (1-8 rows, 2-2000 columns), ``wide`` (2-12 rows, 4096-151936 columns: the
 packed sums in torch's tree, top_k's candidates, the threaded sorts). Backends: ``torch`` (the
 default) and ``triton`` (the kernels; on a CPU under ``TRITON_INTERPRET=1``, slow: use the
-small mode). As a script it runs cases until a time budget is spent and prints each failure
-with the command that replays it:
+small mode), with a kernel layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small rows
+whole), ``blocked`` (every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a GPU's
+rule scaled down: rows past 256 lanes blocked, in tiles of 64). As a script it runs cases until
+a time budget is spent and prints each failure with the command that replays it:
 
     python tests/fuzz.py --seconds 600 --seed 1 [--mode wide] [--threads 2]
-    TRITON_INTERPRET=1 python tests/fuzz.py --seconds 600 --backend triton
+    TRITON_INTERPRET=1 python tests/fuzz.py --seconds 600 --backend triton [--layout blocked]
     python tests/fuzz.py --case 1234 --mode wide        # one case, with its traceback
 
 ``tests/test_fuzz.py`` runs a fixed set of cases in the suite. Six bugs of the torch backend
-were found this way before the module existed, and two batch dependences of the kernel
-backend by its first runs (benchmarks/RESULTS.md).
+were found this way before the module existed, and three batch dependences of the kernel
+backend by its first runs, one of them on the blocked layout (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -306,11 +309,37 @@ def run_case(case: Case, backend: str = "torch") -> int:
     return compared
 
 
-def run_checked(case: Case, backend: str = "torch") -> int:
+#: Kernel layouts of the triton backend: ``samplers.kernels._common`` settings (the layout rule
+#: and the blocked kernels' tile are read at call time) that put small rows on either layout.
+LAYOUTS = {
+    "whole": {},
+    "blocked": {"BLOCKED_ABOVE": 8, "TILE": 64},
+    "mixed": {"whole_row_limit": lambda device: 256, "TILE": 64},
+}
+
+
+@contextlib.contextmanager
+def kernel_layout(name: str):
+    """The kernels' layout rule set to ``LAYOUTS[name]`` inside the block, restored after it."""
+    from samplers.kernels import _common
+
+    saved = {key: getattr(_common, key) for key in LAYOUTS[name]}
+    try:
+        for key, value in LAYOUTS[name].items():
+            setattr(_common, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(_common, key, value)
+
+
+def run_checked(case: Case, backend: str = "torch", layout: str = "whole") -> int:
     """``run_case`` with numpy's floating-point warnings and every Python warning as errors,
     but those of Triton's interpreter, which runs the kernels' arithmetic in numpy: a kernel's
-    ``log2(0)`` or ``-inf - -inf`` under a mask (a GPU computes them without a word) warns there."""
-    with warnings.catch_warnings(), np.errstate(over="warn", invalid="warn", divide="warn"):
+    ``log2(0)`` or ``-inf - -inf`` under a mask (a GPU computes them without a word) warns there.
+    ``layout``: the kernel layout (``LAYOUTS``) of the triton backend."""
+    with warnings.catch_warnings(), np.errstate(over="warn", invalid="warn", divide="warn"), \
+            (kernel_layout(layout) if backend == "triton" else contextlib.nullcontext()):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
         return run_case(case, backend)
@@ -324,30 +353,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--backend", choices=["torch", "triton"], default="torch",
                     help="the pipeline's backend (triton on a CPU: set TRITON_INTERPRET=1)")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="whole",
+                    help="the kernels' layout rule (triton backend; default whole)")
     ap.add_argument("--case", type=int, help="run this one case and print its traceback")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case is not None:
         case = draw_case(args.case, args.mode)
         print(case.describe())
-        run_checked(case, args.backend)
+        run_checked(case, args.backend, args.layout)
         print("passed")
         return 0
     start, seed, cases, rows, failures = time.monotonic(), args.seed, 0, 0, 0
     while time.monotonic() - start < args.seconds:
         try:
             case = draw_case(seed, args.mode)
-            rows += run_checked(case, args.backend)
+            rows += run_checked(case, args.backend, args.layout)
         except Exception as e:  # noqa: BLE001 (every failure is reported, then the next case)
             failures += 1
             print(f"FAIL case {seed}\n  {type(e).__name__}: {e}\n"
                   f"  replay: python tests/fuzz.py --case {seed} --mode {args.mode} --threads {args.threads} "
-                  f"--backend {args.backend}",
+                  f"--backend {args.backend} --layout {args.layout}",
                   flush=True)
             traceback.print_exc(limit=-3)
         cases, seed = cases + 1, seed + 1
     print(f"{cases} cases, {rows} row comparisons, {failures} failure(s) in {time.monotonic() - start:.0f} s "
-          f"(mode {args.mode}, backend {args.backend}, {args.threads} thread(s), seeds {args.seed}..{seed - 1})")
+          f"(mode {args.mode}, backend {args.backend}, layout {args.layout}, {args.threads} thread(s), seeds {args.seed}..{seed - 1})")
     return 1 if failures else 0
 
 

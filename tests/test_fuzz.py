@@ -37,6 +37,13 @@ def test_small_cases_on_the_kernel_backend(seed):
     fuzz.run_checked(fuzz.draw_case(seed, "small"), "triton")  # (under the interpreter: conftest)
 
 
+def test_a_small_case_on_the_blocked_kernel_layout():
+    """Every row column-blocked, in tiles of 64 lanes (case 71, like 29, 33 and 39, failed
+    before the chain's launch and the separate draw kernel drew a row by the same rule)."""
+    pytest.importorskip("triton")
+    fuzz.run_checked(fuzz.draw_case(71, "small"), "triton", "blocked")
+
+
 def test_a_case_is_drawn_from_its_seed_alone():
     a, b = fuzz.draw_case(7, "wide"), fuzz.draw_case(7, "wide")
     assert a.describe() == b.describe()
