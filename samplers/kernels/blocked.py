@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import lane_mask, okey, online_softmax, philox_uniform
 from .codes import SCRATCH_HEADER as _HEADER
-from .draw import compact_finite, draw_listed, pick_from_tiles
+from .draw import compact_finite, draw_listed, list_span, pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .stage import prm, stage
 from .temperature import dynatemp_of
@@ -758,10 +758,7 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
         else:
             nf = tl.full([], KMAX + 1, tl.int32)
             if sn <= KMAX:  # a dense row with few finite entries (bans, a grammar's mask)
-                nf = tl.full([], 0, tl.int32)
-                for start in range(0, V, TILE):
-                    offs = start + tl.arange(0, TILE)
-                    nf = compact_finite(scr, tl.load(o + offs, mask=offs < V, other=float("-inf")), offs, nf, KMAX)
+                nf = list_span(scr, o, 0, V, V, tl.full([], 0, tl.int32), KMAX)
         tl.debug_barrier()
         if nf <= KMAX:
             tok, lp = draw_listed(scr, nf, V, greedy, u, KMAX)

@@ -96,6 +96,18 @@ def compact_finite(dst, x, ids, n, KMAX: tl.constexpr):
 
 
 @triton.jit
+def list_span(dst, src, lo, hi, V, n, KMAX: tl.constexpr):
+    """``compact_finite`` of ``src[lo:hi]`` (a row in memory, any float dtype), read KMAX
+    lanes at a time: a scan over [KMAX] lanes, not over a tile, keeps the kernels that call
+    it within their registers."""
+    for c in range(lo, hi, KMAX):
+        offs = c + tl.arange(0, KMAX)
+        y = tl.load(src + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        n = compact_finite(dst, y, offs, n, KMAX)
+    return n
+
+
+@triton.jit
 def draw_listed(src, n, V, greedy, u, KMAX: tl.constexpr):
     """``draw_sparse`` of the ``n <= KMAX`` entries ``compact_finite`` listed at ``src``.
 
@@ -184,8 +196,8 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
                          stride_scr, TILE: tl.constexpr, KMAX: tl.constexpr, KEYED: tl.constexpr,
                          NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
-    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]; the finite
-    entries listed at its start while there are at most KMAX of them), then ``draw_listed``
+    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]; the entries
+    above -inf listed at its start while there are at most KMAX of them), then ``draw_listed``
     for a row with at most KMAX finite entries, else ``pick_from_tiles`` (greedy rows read
     nothing more, the others one tile): the rule of the blocked chain's own draw."""
     row = tl.program_id(0).to(tl.int64)
@@ -209,7 +221,11 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
         tl.store(tiles + start // TILE, tm)
         tl.store(tiles + NT + start // TILE, ts)
         if n <= KMAX:
-            n = compact_finite(listed, x, offs, n, KMAX)
+            here = tl.sum((x > float("-inf")).to(tl.int32), 0)
+            if n + here <= KMAX:  # (the tile is read again from the cache, KMAX lanes at a time)
+                n = list_span(listed, xr, start, start + TILE, V, n, KMAX)
+            else:  # past KMAX: the row is drawn from the tiles
+                n = n + here
     tl.debug_barrier()
     greedy = tl.load(greedy_ptr + row) != 0
     u = _row_uniform(u_ptr, key_ptr, row, B, KEYED)
