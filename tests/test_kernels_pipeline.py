@@ -3,6 +3,8 @@ tests re-run on the triton backend (kernels under Triton's interpreter on the CP
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -360,14 +362,16 @@ def test_the_separate_draw_takes_the_chains_layout(monkeypatch):
     check_a_rows_draw_alone_and_beside(dict(skew=0.5))
 
 
-def check_a_rows_draw_alone_and_beside(neighbour: dict, V: int = 300, device: str = "cpu", steps: int = 12,
+def check_a_rows_draw_alone_and_beside(neighbour: dict, V: int = 300, device: Optional[str] = None, steps: int = 12,
                                         require_differences: bool = True) -> None:
     """Three seeded rows alone and beside a row of ``neighbour``'s request: the same token and
     log-probability, bit for bit (and the kernel's log-probability differs from the table's at
     times, so that the check can fail). The rows: one that min_p truncates, one that top_k
     truncates, and one that no stage truncates but has 12 finite entries only (a grammar's
     mask): on the blocked layout a row with few finite entries is drawn from their list.
-    ``require_differences``: also assert that the check could fail (see the last line)."""
+    ``device``: where the rows and batches go (None: torch's default device, which
+    ``SAMPLERS_TEST_DEVICE`` sets). ``require_differences``: also assert that the check could
+    fail (see the last line)."""
     g = torch.Generator().manual_seed(5)
     rows = [dict(seed=11, min_p=0.02, temperature=0.8), dict(seed=12, top_k=40), dict(seed=13, temperature=0.7)]
     n = len(rows)
@@ -376,7 +380,7 @@ def check_a_rows_draw_alone_and_beside(neighbour: dict, V: int = 300, device: st
     for _ in range(steps):
         x = torch.randn(n + 1, V, generator=g) * 3
         x[2, torch.randperm(V, generator=g)[12:]] = float("-inf")
-        x = x.to(device)
+        x = x if device is None else x.to(device)  # (None: torch's default device, as the tests' tensors)
         batch = SamplingBatch([SamplingParams(**kw) for kw in rows] + [SamplingParams(seed=14, **neighbour)],
                               [[1, 2]] * (n + 1), None, vocab_size=V, device=device)
         both = pipe.sample(x, batch, return_processed=True)

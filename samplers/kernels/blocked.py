@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import lane_mask, okey, online_softmax, philox_uniform
 from .codes import SCRATCH_HEADER as _HEADER
-from .draw import compact_finite, draw_listed, list_span, pick_from_tiles
+from .draw import append_kept, draw_listed, list_kept, pick_from_tiles
 from .penalties import stage_ban, stage_penalties
 from .stage import prm, stage
 from .temperature import dynatemp_of
@@ -750,15 +750,15 @@ def _blocked_chain_kernel(x_ptr, out_ptr, prm_ptr, rmask_ptr, seen_ptr, cnt_ptr,
         greedy = tl.load(greedy_ptr + row) != 0
         u = philox_uniform(key_ptr, row, B, 0)
         # The separate draw's rule (``draw._blocked_draw_kernel``), which sees the stored row
-        # only: a row with at most KMAX finite entries is drawn from them, listed in token
+        # only: a row with at most KMAX entries above -inf is drawn from them, listed in token
         # order (the searches' scratch is free now), else from the tiles.
         tl.debug_barrier()
         if n >= 0:
-            nf = compact_finite(scr, xs, ids, 0, KMAX)
+            nf = append_kept(scr, xs, ids, 0, KMAX)
         else:
             nf = tl.full([], KMAX + 1, tl.int32)
             if sn <= KMAX:  # a dense row with few finite entries (bans, a grammar's mask)
-                nf = list_span(scr, o, 0, V, V, tl.full([], 0, tl.int32), KMAX)
+                nf = list_kept(scr, o, 0, V, V, tl.full([], 0, tl.int32), KMAX)
         tl.debug_barrier()
         if nf <= KMAX:
             tok, lp = draw_listed(scr, nf, V, greedy, u, KMAX)

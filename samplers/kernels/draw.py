@@ -82,7 +82,7 @@ def draw_sparse(xs, ids, lane, n, V, greedy, u):
 
 
 @triton.jit
-def compact_finite(dst, x, ids, n, KMAX: tl.constexpr):
+def append_kept(dst, x, ids, n, KMAX: tl.constexpr):
     """Append the lanes of ``x`` above -inf (at token ids ``ids``, increasing, past every id
     already listed) to the list at ``dst`` ([KMAX] values, then [KMAX] token ids as fp32),
     after its first ``n`` entries, in lane order; entries past KMAX are not stored. Returns
@@ -96,20 +96,20 @@ def compact_finite(dst, x, ids, n, KMAX: tl.constexpr):
 
 
 @triton.jit
-def list_span(dst, src, lo, hi, V, n, KMAX: tl.constexpr):
-    """``compact_finite`` of ``src[lo:hi]`` (a row in memory, any float dtype), read KMAX
-    lanes at a time: a scan over [KMAX] lanes, not over a tile, keeps the kernels that call
-    it within their registers."""
+def list_kept(dst, src, lo, hi, V, n, KMAX: tl.constexpr):
+    """``append_kept`` of ``src[lo:hi]`` (a row in memory, any float dtype; token ids
+    ``lo .. hi - 1``), read KMAX lanes at a time: a scan over [KMAX] lanes, not over a tile,
+    keeps the kernels that call it within their registers."""
     for c in range(lo, hi, KMAX):
         offs = c + tl.arange(0, KMAX)
         y = tl.load(src + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        n = compact_finite(dst, y, offs, n, KMAX)
+        n = append_kept(dst, y, offs, n, KMAX)
     return n
 
 
 @triton.jit
 def draw_listed(src, n, V, greedy, u, KMAX: tl.constexpr):
-    """``draw_sparse`` of the ``n <= KMAX`` entries ``compact_finite`` listed at ``src``.
+    """``draw_sparse`` of the ``n <= KMAX`` entries ``append_kept`` listed at ``src``.
 
     The blocked layout's rule for a row with at most KMAX entries above -inf, in the chain's
     launch and in ``_blocked_draw_kernel`` alike: both list the same entries in the same
@@ -198,7 +198,7 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
     sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]; the entries
     above -inf listed at its start while there are at most KMAX of them), then ``draw_listed``
-    for a row with at most KMAX finite entries, else ``pick_from_tiles`` (greedy rows read
+    for a row with at most KMAX entries above -inf, else ``pick_from_tiles`` (greedy rows read
     nothing more, the others one tile): the rule of the blocked chain's own draw."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
@@ -223,7 +223,7 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
         if n <= KMAX:
             here = tl.sum((x > float("-inf")).to(tl.int32), 0)
             if n + here <= KMAX:  # (the tile is read again from the cache, KMAX lanes at a time)
-                n = list_span(listed, xr, start, start + TILE, V, n, KMAX)
+                n = list_kept(listed, xr, start, start + TILE, V, n, KMAX)
             else:  # past KMAX: the row is drawn from the tiles
                 n = n + here
     tl.debug_barrier()
