@@ -157,20 +157,6 @@ def test_a_seeded_row_does_not_depend_on_what_else_is_batched():
         assert torch.equal(processed, results[0][0]) and token == results[0][1] and logprob == results[0][2]
 
 
-@pytest.mark.parametrize("V", [8192, 32000, 128256])
-@pytest.mark.parametrize("neighbour", [dict(skew=0.5), dict(dry_multiplier=0.8), dict(logprobs=3)],
-                         ids=["skew", "dry", "logprobs"])
-def test_a_rows_draw_does_not_depend_on_whether_the_chain_draws_it(V, neighbour):
-    """A neighbour with skew or DRY moves every row's draw from the end of the chain's launch
-    to the separate draw kernel: rows that min_p or top_k truncate and a row with 12 finite
-    entries, alone and beside it, draw the same token with the same log-probability, bit for
-    bit (one draw rule per layout in both kernels; on the blocked layout the two kernels'
-    [KMAX] lists must reduce in the same order: kernels/README.md)."""
-    from test_kernels_pipeline import check_a_rows_draw_alone_and_beside
-
-    check_a_rows_draw_alone_and_beside(neighbour, V=V, device="cuda", steps=6, require_differences=False)
-
-
 def test_the_reference_draw_does_not_depend_on_the_batch_size():
     """The torch backend's draw (and the vLLM integration's, on any backend) scans in float64
     on a GPU: the same rows alone, in a batch of 8 and in one of 300 (other cumsum groupings,
@@ -234,3 +220,16 @@ def test_a_steady_state_step_can_be_captured_in_a_cuda_graph(V):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out.token_ids, pipe.sample(fresh, batch).token_ids)
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+def test_a_rows_draw_does_not_depend_on_whether_the_chain_draws_it(V):
+    """A skewed neighbour moves every row's draw from the end of the chain's launch to the
+    separate draw kernel: rows that min_p or top_k truncate and a row with 12 finite entries,
+    alone and beside it, draw the same token with the same log-probability, bit for bit. Both
+    vocabularies run the blocked layout on a GPU, where the two kernels' [KMAX] lists must
+    reduce in the same order (kernels/README.md, "One draw rule per layout"). Last in the
+    file: its compilations must not starve the checks above of gpu_check.sh's budget."""
+    from test_kernels_pipeline import check_a_rows_draw_alone_and_beside
+
+    check_a_rows_draw_alone_and_beside(dict(skew=0.5), V=V, device="cuda", steps=4, require_differences=False)
