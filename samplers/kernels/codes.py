@@ -68,7 +68,18 @@ def blocked_scratch_stride(kmax: int, n_tiles: int) -> int:
     multiple of 32 words so that every row and region starts 128-byte aligned (aligned,
     vectorised scratch accesses). Bounded: 4 KMAX + 32 + 2 n_tiles + 31 words, i.e. 16.6 KB
     per row at KMAX 1024 and V = 151936 (19 tiles of 8192)."""
-    need = 4 * kmax + SCRATCH_HEADER + 2 * n_tiles
+    return _aligned_words(4 * kmax + SCRATCH_HEADER + 2 * n_tiles)
+
+
+def blocked_draw_scratch_stride(kmax: int, n_tiles: int) -> int:
+    """fp32 words per row of the column-blocked draw's scratch: [2 KMAX] listed entries, then
+    [2, n_tiles] tile statistics, padded as ``blocked_scratch_stride`` pads (128-byte aligned
+    rows)."""
+    return _aligned_words(2 * kmax + 2 * n_tiles)
+
+
+def _aligned_words(need: int) -> int:
+    """``need`` fp32 words rounded up to a multiple of 32 (128 bytes)."""
     return -(-need // 32) * 32
 
 

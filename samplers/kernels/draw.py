@@ -20,7 +20,7 @@ import triton.language as tl
 from . import _common
 from ._common import (FP_FUSION, block_for, device_guard, lane_mask, online_softmax, philox_uniform, pick_layout,
                       softmax_stats, warps_for)
-from .codes import compact_size
+from .codes import blocked_draw_scratch_stride, compact_size
 
 #: Tiles whose (max, sum) the blocked draw scans per step when it looks for the target tile.
 _TILES_PER_STEP = 64
@@ -196,7 +196,8 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
                          stride_scr, TILE: tl.constexpr, KMAX: tl.constexpr, KEYED: tl.constexpr,
                          NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
-    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]; the entries
+    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX],
+    ``codes.blocked_draw_scratch_stride``; the entries
     above -inf listed at its start while there are at most KMAX of them), then ``draw_listed``
     for a row with at most KMAX entries above -inf, else ``pick_from_tiles`` (greedy rows read
     nothing more, the others one tile): the rule of the blocked chain's own draw."""
@@ -255,8 +256,8 @@ def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch
             tile = _common.TILE
             kmax = compact_size(tile)  # the blocked chain's
             nt = triton.cdiv(V, tile)
-            # [2 * KMAX] listed entries, [2, NT] tile statistics; rows padded to 32 words (128-byte aligned)
-            scratch = torch.empty((B, -(-(2 * kmax + 2 * nt) // 32) * 32), dtype=torch.float32, device=logits.device)
+            scratch = torch.empty((B, blocked_draw_scratch_stride(kmax, nt)), dtype=torch.float32,
+                                  device=logits.device)
             _blocked_draw_kernel[(B,)](logits, g, u, k, out, logp, scratch, B, V, logits.stride(0), nt,
                                        scratch.stride(0), TILE=tile, KMAX=kmax, KEYED=keyed, NTB=_TILES_PER_STEP,
                                        num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
