@@ -229,10 +229,10 @@ def _same_output(got, want, row: int, k: Optional[int], what: str) -> None:
     _same(got.logprobs[:1], want.logprobs[row:row + 1], f"{what}: logprob")
     _same(got.processed[:1], want.processed[row:row + 1], f"{what}: processed logits")
     if k:
-        for part, name in zip(range(2), ("ids", "values")):
-            g, w = got.top_logprobs[part][0, :k], want.top_logprobs[part][row, :k]
-            _check(torch.equal(g, w) if name == "ids" else torch.equal(_bits(g), _bits(w)),
-                   f"{what}: top logprob {name}")
+        (got_ids, got_values), (want_ids, want_values) = got.top_logprobs, want.top_logprobs
+        _check(torch.equal(got_ids[0, :k], want_ids[row, :k]), f"{what}: top logprob ids")
+        _check(torch.equal(_bits(got_values[0, :k]), _bits(want_values[row, :k])),
+               f"{what}: top logprob values")
 
 
 def _overflow_route(batch: SamplingBatch, x: torch.Tensor) -> bool:
