@@ -65,6 +65,7 @@ from typing import Callable, Optional
 
 from _paths import ROOT as _ROOT  # (first: puts the checkout on sys.path)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samplers.functional as F  # noqa: E402
@@ -366,7 +367,8 @@ def _machine() -> dict:
     except ImportError:
         tv = None
     return dict(cpu=model, cores=os.cpu_count(), platform=platform.platform(), torch=torch.__version__,
-                transformers=tv, python=platform.python_version(),
+                transformers=tv, python=platform.python_version(), numpy=np.__version__,
+                numpy_simd=" ".join(np.show_config(mode="dicts").get("SIMD Extensions", {}).get("found", [])),
                 loadavg=", ".join(f"{x:.2f}" for x in os.getloadavg()),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
@@ -378,7 +380,9 @@ def markdown(data: dict) -> str:
     m = data["machine"]
     lines = ["```", data["command"], "```", "",
              f"- Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}); torch {m['torch']}, "
-             f"transformers {m['transformers']}, Python {m['python']}",
+             f"transformers {m['transformers']}, Python {m['python']}, numpy {m.get('numpy')} "
+             f"(SIMD targets found: {m.get('numpy_simd') or 'none'}; they choose its sorts, see README's "
+             "\"Speed on the CPU\")",
              f"- Load average at the end of the run (1, 5, 15 min): {m['loadavg']}; date {m['date']}",
              f"- Median of {data['reps']} interleaved repetitions after {data['warmup']} warm-up rounds; "
              "float32 logits `3 * randn`, other logits each repetition (8 in turn); wall-clock times in ms; "
