@@ -148,7 +148,7 @@ def run_chain(
     else:
         tokens = logprobs = greedy_t = rmask  # unused pointers
 
-    def blocked() -> None:
+    def blocked(draw: bool) -> None:
         # column-blocked variant (kernels.blocked): loops over tiles of _common.TILE lanes
         tile = _common.TILE
         kmax = compact_size(tile)
@@ -156,8 +156,8 @@ def run_chain(
         scratch = torch.empty((B, blocked_scratch_stride(kmax, nt)), dtype=torch.float32, device=x.device)
         KB._blocked_chain_kernel[(B,)](x, out, table, rmask, seen_t, cnt_t, ban_t, keys_t, scratch,
                                        greedy_t, tokens, logprobs, B, V, nt, x.stride(0), out.stride(0), ss, sc, sb,
-                                       scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=drawing,
-                                       NTB=_TILES_PER_STEP, STORE=store or not drawing,
+                                       scratch.stride(0), **kwargs, TILE=tile, KMAX=kmax, DRAW=draw,
+                                       NTB=_TILES_PER_STEP, STORE=store or not draw,
                                        num_warps=_common.TILE_WARPS, enable_fp_fusion=FP_FUSION)
 
     def whole_row() -> None:
@@ -172,16 +172,24 @@ def run_chain(
 
     key = (x.device, tuple(codes), x.dtype, drawing, store)
     with device_guard(x):
-        if pick_layout(x) == "whole" and key not in _OUT_OF_RESOURCES:
+        layout = pick_layout(x)
+        if layout == "whole" and key not in _OUT_OF_RESOURCES:
             try:
                 whole_row()
+                return (out, tokens, logprobs) if drawing else out
             except OutOfResources:
                 # raised when the compiled kernel is loaded, before it runs (nothing written):
                 # a property of the compiled kernel and the device, so remembered
                 _OUT_OF_RESOURCES.add(key)
-                blocked()
+        if layout == "blocked":
+            blocked(drawing)
         else:
-            blocked()
+            # The whole-row chain does not load on this device: the blocked one processes the
+            # rows, and the draw keeps the layout's rule (``sample_tokens`` follows
+            # ``pick_layout``), so that a row is drawn alike whichever kernel draws it.
+            blocked(False)
+            if drawing:
+                tokens, logprobs = sample_tokens(out, draw_greedy, keys)
     return (out, tokens, logprobs) if drawing else out
 
 
