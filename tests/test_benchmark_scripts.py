@@ -5,6 +5,7 @@ results against the pipeline while they time."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -24,6 +25,13 @@ def run_script(*args: str) -> str:
 def test_batch_build():
     out = run_script("benchmarks/batch_build.py", "--sizes", "3", "17", "--repeat", "2")
     assert re.search(r"^\| 17 \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
+
+
+def test_full_row_sorts():
+    out = json.loads(run_script("benchmarks/full_row_sorts.py", "--shapes", "2x3000", "--repeat", "2"))
+    times = out["ms"]["[2, 3000]"]
+    assert set(times) == {"np.sort float32", "np.sort int64 keys", "skew", "typical_p", "tfs", "softmax + cumsum"}
+    assert all(t > 0 for t in times.values()) and isinstance(out["simd_found"], list), out
 
 
 def needs_vllm_module(module: str, what: str):
