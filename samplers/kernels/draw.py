@@ -196,11 +196,11 @@ def _blocked_draw_kernel(x_ptr, greedy_ptr, u_ptr, key_ptr, out_ptr, lp_ptr, scr
                          stride_scr, TILE: tl.constexpr, KMAX: tl.constexpr, KEYED: tl.constexpr,
                          NTB: tl.constexpr):
     """``_draw_kernel`` for long rows: one pass over the row (online softmax: max, argmax,
-    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX],
-    ``codes.blocked_draw_scratch_stride``; the entries
-    above -inf listed at its start while there are at most KMAX of them), then ``draw_listed``
-    for a row with at most KMAX entries above -inf, else ``pick_from_tiles`` (greedy rows read
-    nothing more, the others one tile): the rule of the blocked chain's own draw."""
+    sum exp, and each tile's (max, sum exp) in the scratch row after [2 * KMAX]
+    (``codes.blocked_draw_scratch_stride``); the entries above -inf listed at its start while
+    there are at most KMAX of them), then ``draw_listed`` for a row with at most KMAX entries
+    above -inf, else ``pick_from_tiles`` (greedy rows read nothing more, the others one tile):
+    the rule of the blocked chain's own draw."""
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * stride_x
     listed = scr_ptr + row * stride_scr
