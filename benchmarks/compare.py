@@ -71,6 +71,7 @@ import torch  # noqa: E402
 import samplers.functional as F  # noqa: E402
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
+from _machine import numpy_simd_found  # noqa: E402
 from bench_inputs import LogitsPool, make_histories, split_history  # noqa: E402
 
 HIST = 4096
@@ -368,7 +369,7 @@ def _machine() -> dict:
         tv = None
     return dict(cpu=model, cores=os.cpu_count(), platform=platform.platform(), torch=torch.__version__,
                 transformers=tv, python=platform.python_version(), numpy=np.__version__,
-                numpy_simd=" ".join(np.show_config(mode="dicts").get("SIMD Extensions", {}).get("found", [])),
+                numpy_simd=" ".join(numpy_simd_found()),
                 loadavg=", ".join(f"{x:.2f}" for x in os.getloadavg()),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 

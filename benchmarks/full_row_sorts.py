@@ -27,6 +27,7 @@ import torch
 
 import _paths  # noqa: F401  (the repository's package first on the path)
 import samplers.functional as F
+from _machine import numpy_simd_found
 
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
@@ -61,8 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    simd = np.show_config(mode="dicts").get("SIMD Extensions", {})
-    out = {"numpy": np.__version__, "simd_found": simd.get("found", []), "ms": {}}
+    out = {"numpy": np.__version__, "simd_found": numpy_simd_found(), "ms": {}}
     for shape in args.shapes:
         batch, vocab = (int(n) for n in shape.split("x"))
         out["ms"][f"[{batch}, {vocab}]"] = shape_times(batch, vocab, args.repeat, args.seed)

@@ -34,6 +34,15 @@ def test_full_row_sorts():
     assert all(t > 0 for t in times.values()) and isinstance(out["simd_found"], list), out
 
 
+def test_compare_quick_names_the_machine(tmp_path):
+    """compare.py's quick run: its ratio line, and a machine line that says numpy's SIMD
+    targets (they choose numpy's sorts, whose speed differs 4x between targets on Zen 4)."""
+    md = tmp_path / "cpu.md"
+    out = run_script("benchmarks/compare.py", "--quick", "--only", "top_p", "--markdown", str(md))
+    assert re.search(r"top_p \[\d+, \d+\] .*pipeline/hf = [\d.]+/[\d.]+", out), out
+    assert re.search(r"^- Machine: .*numpy [\d.]+ \(SIMD targets found: [^)]+;", md.read_text(), re.M), md.read_text()
+
+
 def needs_vllm_module(module: str, what: str):
     """Skip unless the installed vLLM has ``module`` (the interface the script drives)."""
     missing = importlib.util.find_spec("vllm") is None or importlib.util.find_spec(module) is None
