@@ -441,3 +441,32 @@ def test_many_breakers_selections_bit_identical():
         assert torch.equal(sparse.view(torch.int32), dense.view(torch.int32))
         valid = [{t for t in r if 0 <= t < V} for r in breakers]
         _check_rows(dense, logits, hists, mult, base, allowed, rngs, valid)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_rows_penalties_do_not_depend_on_the_batch(sync_free):
+    """A row's penalties alone and beside other rows are the same bits. torch's CPU loops
+    raise the last ``n mod 32`` entries of a loop with the scalar ``pow``, an ulp off the
+    vector one for ~1% of operands: the penalties of a short history, taken alone from a
+    table as wide as its history (all of it in the tail), differed from the same row's beside
+    a long history (a wider table, computed in vector lanes). Found by tests/fuzz.py (case
+    23639 on an AMD EPYC)."""
+    from samplers.functional.dry import dry_
+
+    gen = np.random.default_rng(7)
+    n_short = 120
+    hists = [_repetitive_hist(gen, int(gen.integers(8, 31)), 3) for _ in range(n_short)] + [[a, b] * 60]
+    nb = len(hists)
+    mult = (0.5 + gen.random(nb) * 2).tolist()
+    base = (1.05 + gen.random(nb) * 3).tolist()
+    allowed, rngs, breakers = [1] * nb, [0] * nb, [()] * nb
+    th, args = _tensors(hists, mult, base, allowed, rngs, breakers)
+    logits = torch.from_numpy(gen.normal(size=(nb, V)).astype(np.float32))
+    together = dry_(logits.clone(), th, *args, sync_free=sync_free)
+    penalised = 0
+    for r in range(n_short):
+        th_r, args_r = _tensors(hists[r:r + 1], mult[r:r + 1], base[r:r + 1], [1], [0], [()])
+        alone = dry_(logits[r:r + 1].clone(), th_r, *args_r, sync_free=sync_free)
+        assert torch.equal(alone.view(torch.int32), together[r:r + 1].view(torch.int32)), (r, hists[r], base[r])
+        penalised += int((alone != logits[r:r + 1]).sum())
+    assert penalised >= 200  # (the powers the check compares: ~1% of them took the scalar pow alone)

@@ -44,6 +44,14 @@ def test_a_small_case_on_the_blocked_kernel_layout():
     fuzz.run_checked(fuzz.draw_case(71, "small"), "triton", "blocked")
 
 
+def test_a_small_case_whose_dry_penalty_was_raised_by_the_scalar_pow_alone():
+    """Case 23639 (found on an AMD EPYC): a DRY row with an 11 + 13-token history, alone,
+    took its penalties from a table as wide as its history, all of it in the scalar tail of
+    torch's pow loop; beside a longer history the table was wider and computed in vector lanes:
+    an ulp apart (now ``_stats.pow_per_entry``)."""
+    fuzz.run_checked(fuzz.draw_case(23639, "small"))
+
+
 def test_a_case_is_drawn_from_its_seed_alone():
     a, b = fuzz.draw_case(7, "wide"), fuzz.draw_case(7, "wide")
     assert a.describe() == b.describe()

@@ -331,6 +331,45 @@ def test_prop_quadratic_smoothing(logits, data):
     assert torch.equal(out[top], logits[top])
 
 
+def test_dynamic_temperature_of_a_row_does_not_depend_on_the_batch():
+    """``T = min + (max - min) * ratio ** exponent`` is a [B] pow: torch's CPU loop raises the
+    last ``B mod 32`` entries with the scalar ``pow``, an ulp off the vector one for ~1% of
+    operands, so a row alone (in the tail) and among the first rows of a large batch (vector
+    lanes) got temperatures an ulp apart (10 of 2000 rows here before ``pow_per_entry``)."""
+    from samplers.functional.temperature import dynamic_temperature_values
+
+    g = torch.Generator().manual_seed(1)
+    b, v = 2000, 16
+    x = torch.randn(b, v, generator=g) * 3
+    lo, hi = torch.full((b,), 0.5), torch.full((b,), 1.7)
+    ex = 0.3 + torch.rand(b, generator=g) * 3
+    together = dynamic_temperature_values(x, lo, hi, ex)
+    alone = torch.cat([dynamic_temperature_values(x[r:r + 1], lo[r:r + 1], hi[r:r + 1], ex[r:r + 1])
+                       for r in range(b)])
+    assert torch.equal(bits(alone), bits(together))
+
+
+def test_pow_per_entry_depends_on_its_operands_alone():
+    """Each entry is the vector ``pow`` of its own operands, at any length, offset, shape and
+    thread count (plain ``torch.pow`` fails the first check on this CPU: its scalar tail)."""
+    from samplers.functional._stats import pow_per_entry
+
+    g = torch.Generator().manual_seed(0)
+    base = 1 + torch.rand(70000, generator=g) * 4  # (more than one 16384-entry call)
+    ex = torch.randint(-5, 60, (70000,), generator=g).float() + torch.rand(70000, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = pow_per_entry(base, ex)
+    finally:
+        torch.set_num_threads(before)
+    singles = torch.cat([pow_per_entry(base[i:i + 1], ex[i:i + 1]) for i in range(2000)])
+    assert torch.equal(bits(singles), bits(full[:2000]))
+    grid = pow_per_entry(base[:50, None], ex[None, :70])  # broadcast: [50, 70]
+    assert torch.equal(bits(grid[7]), bits(pow_per_entry(base[7].expand(70), ex[:70])))
+    assert torch.allclose(full, torch.pow(base, ex), rtol=2e-7, atol=0)
+
+
 # ------------------------------------------------------------------ 4. fp16 / bf16
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "pack_entries",
     "packed_columns",
     "count_true",
+    "pow_per_entry",
     "sum_scattered",
 ]
 
@@ -349,6 +350,41 @@ def is_finite(x: Tensor) -> Tensor:
         return torch.from_numpy(np.isfinite(x.numpy()))
     finite = x > float("-inf")
     return finite.logical_and_(x < float("inf"))
+
+
+#: ``pow_per_entry`` calls torch's CPU ``pow`` on at most this many entries at a time: below
+#: torch's grain size (32768), so on one thread.
+_POW_CHUNK = 16384
+#: ``pow_per_entry`` pads each call to a multiple of this many entries: a whole number of
+#: torch's vector-loop steps (two vectors: 32 float32 lanes with AVX-512, 16 with AVX2).
+_POW_ALIGN = 64
+
+
+def pow_per_entry(base: Tensor, exponent: Tensor) -> Tensor:
+    """``torch.pow(base, exponent)`` of float32 tensors (broadcast together), each entry's value
+    a function of its own two operands only.
+
+    torch's CPU loops compute the last ``n mod (2 * vector width)`` entries of a loop (a
+    call's, or a thread's share of one) with the scalar ``pow``, which differs from the vector
+    ``pow`` in the last place for ~1% of operands (``exp``, ``log``, ``log1p`` and ``expm1``
+    agree): a DRY penalty or a dynamic temperature would then depend on where the batch put
+    its row. Here, on the CPU, every entry is computed in a vector lane: the operands are
+    flattened, padded with ones to a multiple of ``_POW_ALIGN`` and raised ``_POW_CHUNK``
+    entries at a time (one thread, no tail). Elsewhere: ``torch.pow``, whose entries do not
+    depend on their position."""
+    base, exponent = torch.broadcast_tensors(base, exponent)
+    if base.device.type != "cpu" or base.numel() == 0:
+        return torch.pow(base, exponent)
+    n = base.numel()
+    padded = -(-n // _POW_ALIGN) * _POW_ALIGN
+    b = torch.ones(padded, dtype=torch.float32)
+    e = torch.ones(padded, dtype=torch.float32)
+    b[:n] = base.reshape(-1)
+    e[:n] = exponent.reshape(-1)
+    for start in range(0, padded, _POW_CHUNK):  # (chunks of 16384 entries, not rows)
+        stop = min(start + _POW_CHUNK, padded)
+        torch.pow(b[start:stop], e[start:stop], out=b[start:stop])
+    return b[:n].view(base.shape)
 
 
 def count_true(mask: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..history import TokenHistory
-from ._stats import ParamLike, carry_removed, cast_saturating, noted_removed, row_param
+from ._stats import ParamLike, carry_removed, cast_saturating, noted_removed, pow_per_entry, row_param
 
 __all__ = ["dry", "dry_"]
 
@@ -118,12 +118,12 @@ def dry_(
     breaker stops there). Each position's token is compared with the row's breaker ids (or
     looked up in them sorted, when there are many): no [B, V] table. Position j is penalised
     iff the row is enabled (multiplier != 0, len >= 2, H[-1] not a breaker), m(j) >= allowed
-    and H[j] is not a breaker; its penalty
-    is multiplier * P[m(j) - allowed] with P = base ** [0, 1, ..., w - 1] a per-row
-    float32 table (computed once, so both selections use the same powers). For a token,
-    the longest match gives the largest penalty (base > 1 and multiplier >= 0, as
-    validated), and fl(l - max(pen)) == min(fl(l - pen)) because rounding is monotone, so
-    M(t) and the subtraction are one scatter-amin into ``x`` over the positions.
+    and H[j] is not a breaker; its penalty is multiplier * base ** (m(j) - allowed) in
+    float32, each power a function of its base and exponent alone (``pow_per_entry``: the
+    same in both selections and in any batch). For a token, the longest match gives the
+    largest penalty (base > 1 and multiplier >= 0, as validated), and fl(l - max(pen)) ==
+    min(fl(l - pen)) because rounding is monotone, so M(t) and the subtraction are one
+    scatter-amin into ``x`` over the positions.
     """
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(
@@ -187,7 +187,6 @@ def dry_(
     trailing = lens - 1 - last_brk
     rng = dry_range.to(torch.int64)
     start = torch.where(rng > 0, (lens - rng).clamp(min=0), 0)
-    powers = torch.pow(dry_base.to(f32)[:, None], torch.arange(w, device=dev, dtype=f32)[None, :])  # [B, w]
     a = per_row(allowed)
     m = torch.minimum(torch.minimum(at(match), j - per_row(start)), per_row(trailing))
     hit = (m >= a) & ~at(is_brk)
@@ -195,7 +194,7 @@ def dry_(
         hit &= enabled[:, None]
     k = (m - a).clamp(min=0)  # int64
     if sync_free:
-        pen = mult[:, None] * powers.gather(1, k)
+        pen = mult[:, None] * pow_per_entry(dry_base[:, None], k.to(f32))
         t = tok.clamp(min=0)  # padding: not a hit, any column will do
         # fl(l - max(pen)) == min(fl(l - pen)): scatter-amin; +inf (no hit) is a no-op
         vals = torch.where(hit, x.gather(1, t) - pen, float("inf"))
@@ -204,7 +203,7 @@ def dry_(
             flat_idx = (torch.arange(b, device=dev)[:, None] * v + t).reshape(-1)
             _carry_removed(noted, x, flat_idx, vals.reshape(-1))
     else:
-        pen = per_row(mult) * powers[cand_b, k]
+        pen = per_row(mult) * pow_per_entry(per_row(dry_base), k.to(f32))
         flat_idx = cand_b * v + at(tok)
         flat = x.view(-1)
         vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))
@@ -219,11 +218,6 @@ def _carry_removed(noted: Optional[tuple[torch.Tensor, torch.Tensor]], x: torch.
     for ``x`` before it (``noted_removed``) plus those where a penalty overflowed to ``-inf``."""
     if noted is not None:
         carry_removed(noted, x, flat_idx[vals == float("-inf")].cpu().numpy())
-
-
-#: The table of powers of the base is built this many columns wider than needed, rounded
-#: (see _dry_from_entries).
-_POW_ALIGN = 64
 
 
 def _dry_from_entries(
@@ -242,10 +236,7 @@ def _dry_from_entries(
     Only candidate positions (match length >= allowed) are looked at: their tokens are
     checked against the breakers one by one, and ``trailing`` (non-breaker tokens at the end
     of h) is only needed up to the longest candidate match L, so only the last L tokens of
-    each row are checked. The powers ``base ** k`` come from a table of the rows' first
-    columns, as wide as the largest k needs rounded up to 64 columns (so every entry used
-    is computed by torch's vectorised pow, as in `dry_`'s full-width table), or the full
-    width when that is about as wide.
+    each row are checked. The powers ``base ** k`` are ``pow_per_entry``'s, as in `dry_`.
     """
     b, v = x.shape
     w = history.max_length
@@ -282,11 +273,7 @@ def _dry_from_entries(
     cand_tok = tok[rows, cols]
     hit = (m >= a) & ~_breaker_mask(cand_tok[:, None], brk_ids.index_select(0, rows))[:, 0]
     k = (m - a).clamp(min=0)
-    width = -(-(int(k.max()) + 1) // _POW_ALIGN) * _POW_ALIGN
-    if width > w - _POW_ALIGN:
-        width = w
-    powers = torch.pow(dry_base.to(f32)[:, None], torch.arange(width, dtype=f32)[None, :])
-    pen = mult.index_select(0, rows) * powers[rows, k]
+    pen = mult.index_select(0, rows) * pow_per_entry(dry_base.index_select(0, rows), k.to(f32))
     flat_idx = rows * v + cand_tok
     flat = x.view(-1)
     vals = torch.where(hit, flat.index_select(0, flat_idx) - pen, float("inf"))

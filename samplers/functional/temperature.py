@@ -30,6 +30,7 @@ from ._stats import (
     is_finite,
     note_removed,
     noted_removed,
+    pow_per_entry,
     removed_in_rows,
     removed_tokens,
     row_param,
@@ -181,7 +182,8 @@ def _dynamic_temperature_values(logits: Tensor, t_min: Tensor, t_max: Tensor, ex
     t_lo = pick(t_min)
     log_n = torch.log(n.clamp_min(2).to(_F32))
     ratio = (h / log_n).clamp(0.0, 1.0)
-    t = t_lo + (pick(t_max) - t_lo) * ratio.pow(pick(exponent))
+    # (pow_per_entry: a row's T must not depend on its place in the batch)
+    t = t_lo + (pick(t_max) - t_lo) * pow_per_entry(ratio, pick(exponent))
     t = torch.where(n <= 1, t_lo, t)
     t = t.clamp_min(GREEDY_TEMPERATURE)
     if rows is not None:
