@@ -17,7 +17,10 @@ only). Each step checks what the pipeline promises (DESIGN.md, SEMANTICS.md):
 - nothing warns (numpy's floating-point warnings and torch's are errors here).
 
 Modes: ``small`` (1-8 rows, 2-2000 columns), ``wide`` (2-12 rows, 4096-151936 columns: the
-packed sums in torch's tree, top_k's candidates, the threaded sorts). Backends: ``torch`` (the
+packed sums in torch's tree, top_k's candidates, the threaded sorts), ``tall`` (32-72 rows
+sharing one of a few requests, as in a serving batch, 2-300 columns: per-row values computed
+as ``[B]`` vectors, whose first rows torch's CPU loops take in vector lanes and the others,
+or a row alone, in the scalar tail). Backends: ``torch`` (the
 default) and ``triton`` (the kernels; on a CPU under ``TRITON_INTERPRET=1``, slow: use the
 small mode), with a kernel layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small rows
 whole), ``blocked`` (every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a GPU's
@@ -52,7 +55,7 @@ from logit_helpers import bits as _bits  # (tests/ is on sys.path: pytest, or th
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.history import TokenHistory
 
-MODES = {"small": ((1, 8), (2, 2000)), "wide": ((2, 12), (4096, 151936))}
+MODES = {"small": ((1, 8), (2, 2000)), "wide": ((2, 12), (4096, 151936)), "tall": ((32, 72), (2, 300))}
 WIDE_VOCABS = (32000, 32768, 50257, 100003, 128256, 151936)
 SAMPLER_NAMES = ("top_k", "top_a", "min_p", "tfs", "typical_p", "temperature", "penalties", "dry",
                  "no_repeat_ngram", "nsigma", "eta_cutoff", "epsilon_cutoff", "quadratic", "xtc")
@@ -173,7 +176,12 @@ def draw_case(seed: int, mode: str = "small") -> Case:
     dtype = [torch.float32, torch.float16, torch.bfloat16, torch.float64][
         int(rng.choice(4, p=[0.7, 0.1, 0.1, 0.1]))]
     eos = [int(t) for t in rng.integers(0, vocab, int(rng.integers(0, 3)))]
-    params = [_request(rng, vocab, eos) for _ in range(batch_size)]
+    if mode == "tall":  # a serving batch: the rows share one of a few requests (each its own seed)
+        shared = [_request(rng, vocab, eos) for _ in range(int(rng.integers(1, 4)))]
+        params = [dataclasses.replace(shared[int(rng.integers(len(shared)))], seed=int(rng.integers(0, 2**63)))
+                  for _ in range(batch_size)]
+    else:
+        params = [_request(rng, vocab, eos) for _ in range(batch_size)]
     max_prompt = 60 if mode == "small" else 600
     prompts = [_history(rng, vocab, int(rng.integers(0, max_prompt))) for _ in range(batch_size)]
     outputs = [_history(rng, vocab, int(rng.integers(0, 20))) for _ in range(batch_size)]

@@ -31,6 +31,13 @@ def test_wide_cases(seed, threads):
         torch.set_num_threads(before)
 
 
+def test_tall_cases():
+    """Batches of 32-72 rows sharing a few requests: per-row values computed as [B] vectors
+    (their first rows in torch's vector lanes, a row alone in the scalar tail)."""
+    for seed in range(2000, 2006):
+        fuzz.run_checked(fuzz.draw_case(seed, "tall"))
+
+
 @pytest.mark.parametrize("seed", [2, 3])  # (two that failed before dd85632; the interpreter is slow)
 def test_small_cases_on_the_kernel_backend(seed):
     pytest.importorskip("triton")
