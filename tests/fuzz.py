@@ -20,14 +20,14 @@ Modes: ``small`` (1-8 rows, 2-2000 columns), ``wide`` (2-12 rows, 4096-151936 co
 packed sums in torch's tree, top_k's candidates, the threaded sorts), ``tall`` (32-72 rows
 sharing one of a few requests, as in a serving batch, 2-300 columns: per-row values computed
 as ``[B]`` vectors, whose first rows torch's CPU loops take in vector lanes and the others,
-or a row alone, in the scalar tail). Backends: ``torch`` (the
-default) and ``triton`` (the kernels; on a CPU under ``TRITON_INTERPRET=1``, slow: use the
-small mode), with a kernel layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small rows
-whole), ``blocked`` (every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a GPU's
-rule scaled down: rows past 256 lanes blocked, in tiles of 64). As a script it runs cases until
-a time budget is spent and prints each failure with the command that replays it:
+or a row alone, in the scalar tail). Backends: ``torch`` (the default) and ``triton`` (the
+kernels; on a CPU under ``TRITON_INTERPRET=1``, slow: use the small mode), with a kernel
+layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small rows whole), ``blocked``
+(every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a GPU's rule scaled down: rows
+past 256 lanes blocked, in tiles of 64). As a script it runs cases until a time budget is
+spent and prints each failure with the command that replays it:
 
-    python tests/fuzz.py --seconds 600 --seed 1 [--mode wide] [--threads 2]
+    python tests/fuzz.py --seconds 600 --seed 1 [--mode wide|tall] [--threads 2]
     TRITON_INTERPRET=1 python tests/fuzz.py --seconds 600 --backend triton [--layout blocked]
     python tests/fuzz.py --case 1234 --mode wide        # one case, with its traceback
 
