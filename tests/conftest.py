@@ -1,5 +1,6 @@
 """Test configuration. Triton kernels run on the CPU through Triton's interpreter: the
-variable must be set before triton (or anything importing it) is imported.
+variable must be set before triton (or anything importing it) is imported; then
+``interpreter_speedup`` spares the interpreter its repeated set-up inside a kernel.
 
 ``SAMPLERS_TEST_DEVICE=cuda`` (``benchmarks/gpu_check.sh``) runs the suites on a real GPU
 instead: no interpreter; tensors the tests create without naming a device are made on that
@@ -14,6 +15,10 @@ _DEVICE = os.environ.get("SAMPLERS_TEST_DEVICE", "cpu")
 
 if _DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        import interpreter_speedup
+
+        interpreter_speedup.install()
 else:
     import torch
 

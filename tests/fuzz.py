@@ -21,11 +21,11 @@ packed sums in torch's tree, top_k's candidates, the threaded sorts), ``tall`` (
 sharing one of a few requests, as in a serving batch, 2-300 columns: per-row values computed
 as ``[B]`` vectors, whose first rows torch's CPU loops take in vector lanes and the others,
 or a row alone, in the scalar tail). Backends: ``torch`` (the default) and ``triton`` (the
-kernels; on a CPU under ``TRITON_INTERPRET=1``, slow: use the small mode), with a kernel
-layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small rows whole), ``blocked``
-(every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a GPU's rule scaled down: rows
-past 256 lanes blocked, in tiles of 64). As a script it runs cases until a time budget is
-spent and prints each failure with the command that replays it:
+kernels; on a CPU under ``TRITON_INTERPRET=1``, slow even with ``interpreter_speedup``: use
+the small mode), with a kernel layout (``LAYOUTS``): ``whole`` (the interpreter's rule: small
+rows whole), ``blocked`` (every row column-blocked, in tiles of 64 lanes) or ``mixed`` (a
+GPU's rule scaled down: rows past 256 lanes blocked, in tiles of 64). As a script it runs
+cases until a time budget is spent and prints each failure with the command that replays it:
 
     python tests/fuzz.py --seconds 600 --seed 1 [--mode wide|tall] [--threads 2]
     TRITON_INTERPRET=1 python tests/fuzz.py --seconds 600 --backend triton [--layout blocked]
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -366,6 +367,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--case", type=int, help="run this one case and print its traceback")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        import interpreter_speedup
+
+        interpreter_speedup.install()
     if args.case is not None:
         case = draw_case(args.case, args.mode)
         print(case.describe())
