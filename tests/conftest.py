@@ -29,3 +29,29 @@ else:
         return _Generator(device=_DEVICE if device is None else device)
 
     torch.Generator = _generator  # tests seed `torch.Generator()` and draw with it
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def whole_row_chain_does_not_load(monkeypatch) -> list:
+    """Every whole-row chain kernel fails to load, as on a device without the shared memory
+    (or registers) it needs: triton raises ``OutOfResources`` at load, before anything runs.
+    Returns the list of the ``BLOCK`` sizes that were tried, in order."""
+    from triton.runtime.errors import OutOfResources
+
+    from samplers.kernels import fused
+
+    tried: list = []
+
+    class DoesNotLoad:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["BLOCK"])
+                raise OutOfResources(kwargs["BLOCK"] * 8, 101_376, "shared memory")
+            return launch
+
+    monkeypatch.setattr(fused, "_chain_kernel", DoesNotLoad())
+    monkeypatch.setattr(fused, "_OUT_OF_RESOURCES", set())
+    return tried

@@ -500,24 +500,13 @@ def test_layout_is_a_static_function_of_the_vocabulary_and_the_device(monkeypatc
     assert not hasattr(K, "_time_launch") and not hasattr(K, "_tuned_kernel")
 
 
-def test_a_whole_row_chain_the_device_cannot_load_falls_back_to_the_blocked_chain(monkeypatch):
+def test_a_whole_row_chain_the_device_cannot_load_falls_back_to_the_blocked_chain(monkeypatch,
+                                                                                   whole_row_chain_does_not_load):
     """Triton raises OutOfResources when it loads a kernel that needs more shared memory (or
     registers) than the device has, before anything runs: the chain then runs blocked, and
     that (a property of the compiled kernel and the device) is remembered."""
-    from triton.runtime.errors import OutOfResources
-
     monkeypatch.setattr(_common, "TILE", 128)
-    monkeypatch.setattr(K, "_OUT_OF_RESOURCES", set())
-    tried = []
-
-    class TooLarge:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                tried.append(k["BLOCK"])
-                raise OutOfResources(k["BLOCK"] * 8, 101376, "shared memory")
-            return launch
-
-    monkeypatch.setattr(K, "_chain_kernel", TooLarge())
+    tried = whole_row_chain_does_not_load
     B, V = 3, 333
     x = _logits(B, V, torch.float32, seed=42)
     table = KC.param_table(B, x.device, {"top_k": torch.full((B,), 20.0), "top_p": torch.full((B,), 0.8)})

@@ -362,24 +362,14 @@ def test_the_separate_draw_takes_the_chains_layout(monkeypatch):
     check_a_rows_draw_alone_and_beside(dict(skew=0.5))
 
 
-def test_a_whole_row_chain_that_does_not_load_keeps_the_draw_rule(monkeypatch):
+def test_a_whole_row_chain_that_does_not_load_keeps_the_draw_rule(monkeypatch, whole_row_chain_does_not_load):
     """A device that cannot load some stage tuple's whole-row chain (too many registers or too
     much shared memory: ``OutOfResources`` at load) gets the column-blocked chain for it. That
     chain drew the row itself with the blocked rule, while ``sample_tokens`` (every row's draw
     beside a skewed row) follows ``pick_layout``, whole rows here: the same row alone and beside
     the neighbour differed. Here every whole-row chain fails to load."""
-    from triton.runtime.errors import OutOfResources
-
     from samplers.kernels import _common, fused
 
-    class _DoesNotLoad:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise OutOfResources(300_000, 232_448, "shared memory")
-            return launch
-
-    monkeypatch.setattr(fused, "_chain_kernel", _DoesNotLoad())
-    monkeypatch.setattr(fused, "_OUT_OF_RESOURCES", set())
     monkeypatch.setattr(_common, "TILE", 128)
     assert _common.pick_layout(torch.empty(1, 300)) == "whole"
     check_a_rows_draw_alone_and_beside(dict(skew=0.5))
