@@ -13,8 +13,8 @@ which ``tl.sum`` sees), and any call outside a kernel go through triton as they 
 
 Results are those of the plain interpreter (the kernel suites pass either way;
 ``SAMPLERS_PLAIN_INTERPRETER=1`` turns this off to check). Installed by ``conftest.py`` and by
-``fuzz.py``'s kernel mode; does nothing where triton's interpreter is not laid out as this
-expects (triton 3.7-3.9 are).
+``fuzz.py``'s kernel mode; does nothing on other triton releases than 3.7-3.9 (read and
+checked against those).
 """
 
 from __future__ import annotations
@@ -23,14 +23,19 @@ import operator
 import os
 from functools import partial
 
+_CHECKED_ON = ("3.7.", "3.8.", "3.9.")  # triton releases whose interpreter this was read against
+
 
 def install() -> bool:
     """Patch triton's interpreter as described above; True if it was (or already is) patched."""
     if os.environ.get("SAMPLERS_PLAIN_INTERPRETER") == "1":
         return False
     try:
+        import triton
         from triton.runtime import interpreter
     except ImportError:
+        return False
+    if not triton.__version__.startswith(_CHECKED_ON):
         return False
     executor = getattr(interpreter, "GridExecutor", None)
     patch_lang = getattr(interpreter, "_patch_lang", None)
