@@ -14,7 +14,11 @@ only). Each step checks what the pipeline promises (DESIGN.md, SEMANTICS.md):
 - ``sample(..., return_processed=True)`` returns what ``process`` returns;
 - non-contiguous input and ``torch.inference_mode`` change nothing; the input is never written;
 - a processed row holds no NaN and keeps a token, unless it is a default row (returned as given);
-- nothing warns (numpy's floating-point warnings and torch's are errors here).
+- nothing warns (numpy's floating-point warnings and torch's are errors here);
+- on the triton backend, the kernels agree with the torch backend (the reference): the same
+  removed tokens and drawn tokens, values and log-probabilities within the dtype's tolerance
+  (rows with a dynamic temperature: their entropy is summed in another order, so a threshold
+  may fall the other way; they are checked against themselves only).
 
 Modes: ``small`` (1-8 rows, 2-2000 columns), ``wide`` (2-12 rows, 4096-151936 columns: the
 packed sums in torch's tree, top_k's candidates, the threaded sorts), ``tall`` (32-72 rows
@@ -244,6 +248,29 @@ def _same_output(got, want, row: int, k: Optional[int], what: str) -> None:
                f"{what}: top logprob values")
 
 
+#: Tolerances of values (rtol, atol) against the torch backend, by the processed dtype.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3),
+              torch.bfloat16: (8e-3, 1e-2)}
+
+
+def _agrees(got, want, rows: torch.Tensor, what: str) -> None:
+    """``SamplerOutput`` of the kernels (``got``) against the torch backend's (``want``), on
+    the rows where ``rows`` is True: the same removed tokens and drawn tokens; the kept values
+    and the drawn tokens' log-probabilities within ``TOLERANCES``."""
+    rtol, atol = TOLERANCES[want.processed.dtype]
+    removed, want_removed = torch.isneginf(got.processed), torch.isneginf(want.processed)
+    for r in np.flatnonzero(rows.numpy()):
+        _check(torch.equal(removed[r], want_removed[r]),
+               f"{what}: row {r}: removed tokens differ at {(removed[r] != want_removed[r]).nonzero().flatten()[:8].tolist()}")
+        kept, want_kept = got.processed[r][~removed[r]].double(), want.processed[r][~want_removed[r]].double()
+        _check(torch.allclose(kept, want_kept, rtol=rtol, atol=atol, equal_nan=True),
+               f"{what}: row {r}: kept values differ by up to {float((kept - want_kept).abs().max()):.3g}")
+        _check(int(got.token_ids[r]) == int(want.token_ids[r]),
+               f"{what}: row {r}: token {int(got.token_ids[r])} against {int(want.token_ids[r])}")
+        _check(torch.allclose(got.logprobs[r].double(), want.logprobs[r].double(), rtol=rtol, atol=atol),
+               f"{what}: row {r}: log-probability {float(got.logprobs[r])} against {float(want.logprobs[r])}")
+
+
 def _overflow_route(batch: SamplingBatch, x: torch.Tensor) -> bool:
     """Whether the pipeline sends this call to the torch backend, its arithmetic bounded
     by the parameters and the largest finite magnitude (``SamplingBatch.may_overflow``)."""
@@ -263,6 +290,11 @@ def run_case(case: Case, backend: str = "torch") -> int:
     pipe = SamplerPipeline(backend, seed=0)
     batch = SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
                           sequence_indices=case.sequence_indices)
+    # the torch backend beside the kernels, on its own batch (the same histories)
+    reference = SamplerPipeline("torch", seed=0) if backend == "triton" else None
+    ref_batch = SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
+                              sequence_indices=case.sequence_indices) if reference else None
+    exact_rows = torch.tensor([not p.dynatemp_enabled for p in case.params])
     alone = [SamplingBatch([p], [case.prompts[r]], [case.outputs[r]], vocab_size=V, eos_token_ids=case.eos,
                            sequence_indices=[case.sequence_indices[r]]) for r, p in enumerate(case.params)]
     outputs = [list(o) for o in case.outputs]  # (each row's output so far, for gather's history)
@@ -280,6 +312,9 @@ def run_case(case: Case, backend: str = "torch") -> int:
                 _check(bool(torch.isfinite(row).any()), f"{where}: processed row {r} keeps no token")
         drawn = pipe.sample(x, batch, return_processed=True)
         _same(drawn.processed, out, f"{where}: sample's processed logits differ from process")
+        if reference is not None:
+            _agrees(drawn, reference.sample(x, ref_batch, return_processed=True), exact_rows,
+                    f"{where}: the kernels against the torch backend")
         k = max((p.logprobs or 0) for p in case.params)
         whole = backend == "triton" and _overflow_route(batch, x)
         for r in range(B):
@@ -312,6 +347,8 @@ def run_case(case: Case, backend: str = "torch") -> int:
         else:
             mask = torch.ones(B, dtype=torch.bool)
             batch.append(tokens)
+        if ref_batch is not None:
+            ref_batch.append(tokens, mask)
         for r in np.flatnonzero(mask.numpy()):
             alone[r].append(tokens[r:r + 1])
             outputs[r].append(int(tokens[r]))

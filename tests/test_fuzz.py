@@ -74,8 +74,9 @@ def test_drawn_logits_keep_a_finite_entry_in_every_row():
             assert x.dtype == dtype and torch.isfinite(x).any(dim=-1).all()
 
 
-def _min_p_case(rows: int = 3) -> fuzz.Case:
-    params = [SamplingParams(min_p=0.05, seed=r) for r in range(rows)]
+def _case(rows: int = 3, **request) -> fuzz.Case:
+    """``rows`` rows of one request (``min_p=0.05`` unless given), each its own seed."""
+    params = [SamplingParams(**(request or dict(min_p=0.05)), seed=r) for r in range(rows)]
     return fuzz.Case(seed=-1, mode="small", vocab=64, dtype=torch.float32, params=params,
                      prompts=[[1, 2]] * rows, outputs=[[]] * rows, eos=[], sequence_indices=[0] * rows,
                      steps=1, rng=np.random.default_rng(0))
@@ -86,14 +87,39 @@ def test_the_fuzzer_catches_a_row_that_depends_on_its_batch(monkeypatch):
     monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P,
                         lambda x, b, r: unit(x, b, r) + 1e-3 * x.shape[0])
     with pytest.raises(fuzz.FuzzFailure, match="alone"):
-        fuzz.run_checked(_min_p_case())
+        fuzz.run_checked(_case())
+
+
+@pytest.mark.parametrize("fault, message", [("values", "kept values differ"), ("removed", "removed tokens differ")])
+def test_the_fuzzer_catches_kernels_that_disagree_with_the_torch_backend(monkeypatch, fault, message):
+    """A kernel chain whose rows are consistent (alone and in a batch alike) but not the
+    reference's: kept values off by 0.1%, or the least likely of top_k's 10 tokens removed too."""
+    pytest.importorskip("triton")
+    from samplers.kernels import chain
+
+    run_chain = chain.run_chain
+
+    def off(x: torch.Tensor) -> torch.Tensor:
+        if fault == "values":
+            return x * 1.001
+        kept = torch.isfinite(x)
+        last = torch.where(kept, x, torch.inf).argmin(-1, keepdim=True)
+        return x.scatter(-1, last, torch.where(kept.sum(-1, keepdim=True) > 1, float("-inf"), x.gather(-1, last)))
+
+    def disagreeing(*args, **kwargs):
+        out = run_chain(*args, **kwargs)
+        return (off(out[0]), *out[1:]) if isinstance(out, tuple) else off(out)
+
+    monkeypatch.setattr(chain, "run_chain", disagreeing)
+    with pytest.raises(fuzz.FuzzFailure, match=f"against the torch backend: row 0: {message}"):
+        fuzz.run_checked(_case(top_k=10), "triton")
 
 
 def test_the_fuzzer_catches_a_write_into_the_input(monkeypatch):
     unit = pipeline_module.UNITS[SamplerID.MIN_P]
     monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P, lambda x, b, r: unit(x.mul_(2.0), b, r))
     with pytest.raises(fuzz.FuzzFailure, match="wrote its input"):
-        fuzz.run_checked(_min_p_case())
+        fuzz.run_checked(_case())
 
 
 def test_the_fuzzer_catches_a_warning(monkeypatch):
@@ -105,7 +131,7 @@ def test_the_fuzzer_catches_a_warning(monkeypatch):
 
     monkeypatch.setitem(pipeline_module.UNITS, SamplerID.MIN_P, warns)
     with pytest.raises(RuntimeWarning, match="overflow"):
-        fuzz.run_checked(_min_p_case())
+        fuzz.run_checked(_case())
 
 
 def test_the_script_reports_its_cases(capsys):
