@@ -11,6 +11,8 @@ usual CPU run.
 
 import os
 
+import pytest
+
 _DEVICE = os.environ.get("SAMPLERS_TEST_DEVICE", "cpu")
 
 if _DEVICE == "cpu":
@@ -29,9 +31,6 @@ else:
         return _Generator(device=_DEVICE if device is None else device)
 
     torch.Generator = _generator  # tests seed `torch.Generator()` and draw with it
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

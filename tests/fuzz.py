@@ -288,12 +288,15 @@ def run_case(case: Case, backend: str = "torch") -> int:
     # mode draws ordinary magnitudes, which leave most calls on the kernels)
     huge = backend == "torch"
     pipe = SamplerPipeline(backend, seed=0)
-    batch = SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
-                          sequence_indices=case.sequence_indices)
+
+    def whole_batch() -> SamplingBatch:
+        return SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
+                             sequence_indices=case.sequence_indices)
+
+    batch = whole_batch()
     # the torch backend beside the kernels, on its own batch (the same histories)
     reference = SamplerPipeline("torch", seed=0) if backend == "triton" else None
-    ref_batch = SamplingBatch(case.params, case.prompts, case.outputs, vocab_size=V, eos_token_ids=case.eos,
-                              sequence_indices=case.sequence_indices) if reference else None
+    ref_batch = whole_batch() if reference else None
     exact_rows = torch.tensor([not p.dynatemp_enabled for p in case.params])
     alone = [SamplingBatch([p], [case.prompts[r]], [case.outputs[r]], vocab_size=V, eos_token_ids=case.eos,
                            sequence_indices=[case.sequence_indices[r]]) for r, p in enumerate(case.params)]
