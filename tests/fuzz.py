@@ -56,7 +56,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from logit_helpers import bits as _bits  # (tests/ is on sys.path: pytest, or this file run as a script)
+from logit_helpers import KERNEL_TOLERANCES, bits as _bits  # (tests/ is on sys.path: pytest, or this file run as a script)
 from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers.history import TokenHistory
 
@@ -248,16 +248,11 @@ def _same_output(got, want, row: int, k: Optional[int], what: str) -> None:
                f"{what}: top logprob values")
 
 
-#: Tolerances of values (rtol, atol) against the torch backend, by the processed dtype.
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3),
-              torch.bfloat16: (8e-3, 1e-2)}
-
-
 def _agrees(got, want, rows: torch.Tensor, what: str) -> None:
     """``SamplerOutput`` of the kernels (``got``) against the torch backend's (``want``), on
     the rows where ``rows`` is True: the same removed tokens and drawn tokens; the kept values
-    and the drawn tokens' log-probabilities within ``TOLERANCES``."""
-    rtol, atol = TOLERANCES[want.processed.dtype]
+    and the drawn tokens' log-probabilities within ``KERNEL_TOLERANCES``."""
+    rtol, atol = KERNEL_TOLERANCES[want.processed.dtype]
     removed, want_removed = torch.isneginf(got.processed), torch.isneginf(want.processed)
     for r in np.flatnonzero(rows.numpy()):
         _check(torch.equal(removed[r], want_removed[r]),

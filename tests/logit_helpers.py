@@ -11,6 +11,11 @@ AS_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16:
           torch.bfloat16: torch.int16}
 
 
+#: (rtol, atol) of the kernel backend's kept values against the torch backend's, by dtype.
+KERNEL_TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3),
+                     torch.bfloat16: (8e-3, 1e-2)}
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit pattern of a float tensor (for bit-identity checks, -0.0 != 0.0)."""
     return t.contiguous().view(AS_INT[t.dtype])
