@@ -17,8 +17,10 @@ only). Each step checks what the pipeline promises (DESIGN.md, SEMANTICS.md):
 - nothing warns (numpy's floating-point warnings and torch's are errors here);
 - on the triton backend, the kernels agree with the torch backend (the reference): the same
   removed tokens and drawn tokens, values and log-probabilities within the dtype's tolerance
-  (rows with a dynamic temperature: their entropy is summed in another order, so a threshold
-  may fall the other way; they are checked against themselves only).
+  (rows with a dynamic temperature: their entropy is summed in another order, so their
+  temperature may differ in the last place and a token at a threshold fall the other way: up
+  to ``BOUNDARY_FLIPS_MAX`` removed tokens may differ there, and the values both keep are
+  held to the tolerance; the draw is compared where the removed tokens agree).
 
 Modes: ``small`` (1-8 rows, 2-2000 columns), ``wide`` (2-12 rows, 4096-151936 columns: the
 packed sums in torch's tree, top_k's candidates, the threaded sorts), ``tall`` (32-72 rows
@@ -248,18 +250,32 @@ def _same_output(got, want, row: int, k: Optional[int], what: str) -> None:
                f"{what}: top logprob values")
 
 
-def _agrees(got, want, rows: torch.Tensor, what: str) -> None:
-    """``SamplerOutput`` of the kernels (``got``) against the torch backend's (``want``), on
-    the rows where ``rows`` is True: the same removed tokens and drawn tokens; the kept values
-    and the drawn tokens' log-probabilities within ``KERNEL_TOLERANCES``."""
+#: How many tokens a row with a dynamic temperature may remove on one backend and keep on the
+#: other (``_agrees``): its temperature, from an entropy summed in another order, may differ in
+#: the last place, which moves a token lying on a threshold across it (XTC's moves two: the
+#: token and the least likely of those above the threshold, which XTC keeps). A wrong
+#: temperature moves every value, which the comparison of the values both keep catches.
+BOUNDARY_FLIPS_MAX = 3
+
+
+def _agrees(got, want, settled: torch.Tensor, what: str) -> None:
+    """``SamplerOutput`` of the kernels (``got``) against the torch backend's (``want``): the
+    same removed tokens and drawn tokens; the kept values and the drawn tokens' log-probabilities
+    within ``KERNEL_TOLERANCES``. Rows where ``settled`` is False (a dynamic temperature) may
+    differ in up to ``BOUNDARY_FLIPS_MAX`` removed tokens; the values both backends keep are
+    compared, and the draw where no token differs."""
     rtol, atol = KERNEL_TOLERANCES[want.processed.dtype]
     removed, want_removed = torch.isneginf(got.processed), torch.isneginf(want.processed)
-    for r in np.flatnonzero(rows.numpy()):
-        _check(torch.equal(removed[r], want_removed[r]),
-               f"{what}: row {r}: removed tokens differ at {(removed[r] != want_removed[r]).nonzero().flatten()[:8].tolist()}")
-        kept, want_kept = got.processed[r][~removed[r]].double(), want.processed[r][~want_removed[r]].double()
+    for r in range(removed.shape[0]):
+        flips = (removed[r] != want_removed[r]).nonzero().flatten()
+        _check(flips.numel() <= (0 if settled[r] else BOUNDARY_FLIPS_MAX),
+               f"{what}: row {r}: removed tokens differ at {flips[:8].tolist()} ({flips.numel()} in all)")
+        both = ~(removed[r] | want_removed[r])
+        kept, want_kept = got.processed[r][both].double(), want.processed[r][both].double()
         _check(torch.allclose(kept, want_kept, rtol=rtol, atol=atol, equal_nan=True),
                f"{what}: row {r}: kept values differ by up to {float((kept - want_kept).abs().max()):.3g}")
+        if flips.numel():
+            continue  # (a draw over other tokens)
         _check(int(got.token_ids[r]) == int(want.token_ids[r]),
                f"{what}: row {r}: token {int(got.token_ids[r])} against {int(want.token_ids[r])}")
         _check(torch.allclose(got.logprobs[r].double(), want.logprobs[r].double(), rtol=rtol, atol=atol),
@@ -292,7 +308,7 @@ def run_case(case: Case, backend: str = "torch") -> int:
     # the torch backend beside the kernels, on its own batch (the same histories)
     reference = SamplerPipeline("torch", seed=0) if backend == "triton" else None
     ref_batch = whole_batch() if reference else None
-    exact_rows = torch.tensor([not p.dynatemp_enabled for p in case.params])
+    settled = torch.tensor([not p.dynatemp_enabled for p in case.params])  # (see _agrees)
     alone = [SamplingBatch([p], [case.prompts[r]], [case.outputs[r]], vocab_size=V, eos_token_ids=case.eos,
                            sequence_indices=[case.sequence_indices[r]]) for r, p in enumerate(case.params)]
     outputs = [list(o) for o in case.outputs]  # (each row's output so far, for gather's history)
@@ -311,7 +327,7 @@ def run_case(case: Case, backend: str = "torch") -> int:
         drawn = pipe.sample(x, batch, return_processed=True)
         _same(drawn.processed, out, f"{where}: sample's processed logits differ from process")
         if reference is not None:
-            _agrees(drawn, reference.sample(x, ref_batch, return_processed=True), exact_rows,
+            _agrees(drawn, reference.sample(x, ref_batch, return_processed=True), settled,
                     f"{where}: the kernels against the torch backend")
         k = max((p.logprobs or 0) for p in case.params)
         whole = backend == "triton" and _overflow_route(batch, x)

@@ -90,11 +90,15 @@ def test_the_fuzzer_catches_a_row_that_depends_on_its_batch(monkeypatch):
         fuzz.run_checked(_case())
 
 
-@pytest.mark.parametrize("fault, message", [("values", "kept values differ"), ("removed", "removed tokens differ")])
-def test_the_fuzzer_catches_kernels_that_disagree_with_the_torch_backend(monkeypatch, fault, message):
-    """A kernel chain whose rows are consistent (alone and in a batch alike) but not the
-    reference's: kept values off by 0.1%, or the least likely of top_k's 10 tokens removed too."""
-    pytest.importorskip("triton")
+#: A request with a dynamic temperature: the kernels may remove up to
+#: ``fuzz.BOUNDARY_FLIPS_MAX`` other tokens at a threshold than the torch backend does.
+_DYNATEMP = dict(top_k=10, dynatemp_min=0.5, dynatemp_max=1.5)
+
+
+def _kernels_off_by(monkeypatch, fault: str, count: int = 1) -> None:
+    """The kernel chain's rows made consistent (alone and in a batch alike) but not the
+    reference's: kept values off by 0.1% (``values``), or the ``count`` least likely kept tokens
+    of each row removed too, the top token always kept (``removed``)."""
     from samplers.kernels import chain
 
     run_chain = chain.run_chain
@@ -103,16 +107,38 @@ def test_the_fuzzer_catches_kernels_that_disagree_with_the_torch_backend(monkeyp
         if fault == "values":
             return x * 1.001
         kept = torch.isfinite(x)
-        last = torch.where(kept, x, torch.inf).argmin(-1, keepdim=True)
-        return x.scatter(-1, last, torch.where(kept.sum(-1, keepdim=True) > 1, float("-inf"), x.gather(-1, last)))
+        least = torch.where(kept, x, torch.inf).argsort(-1)[:, :count]
+        drop = torch.arange(least.shape[1]) < kept.sum(-1, keepdim=True) - 1
+        return x.scatter(-1, least, torch.where(drop, float("-inf"), x.gather(-1, least)))
 
     def disagreeing(*args, **kwargs):
         out = run_chain(*args, **kwargs)
         return (off(out[0]), *out[1:]) if isinstance(out, tuple) else off(out)
 
     monkeypatch.setattr(chain, "run_chain", disagreeing)
+
+
+@pytest.mark.parametrize("request_, fault, count, message", [
+    (dict(top_k=10), "values", 1, "kept values differ"),
+    (dict(top_k=10), "removed", 1, "removed tokens differ"),
+    (_DYNATEMP, "values", 1, "kept values differ"),
+    (_DYNATEMP, "removed", fuzz.BOUNDARY_FLIPS_MAX + 1, "removed tokens differ"),
+], ids=["values", "removed", "dynatemp-values", "dynatemp-removed"])
+def test_the_fuzzer_catches_kernels_that_disagree_with_the_torch_backend(monkeypatch, request_, fault, count,
+                                                                        message):
+    pytest.importorskip("triton")
+    _kernels_off_by(monkeypatch, fault, count)
     with pytest.raises(fuzz.FuzzFailure, match=f"against the torch backend: row 0: {message}"):
-        fuzz.run_checked(_case(top_k=10), "triton")
+        fuzz.run_checked(_case(**request_), "triton")
+
+
+def test_the_fuzzer_lets_a_dynamic_temperature_move_a_token_across_a_threshold(monkeypatch):
+    """The kernels' entropy is summed in another order: a row's temperature may differ in the
+    last place, and a token on a threshold fall the other way: two such tokens (XTC's
+    threshold moves two) pass, the draw then not compared, on those rows only."""
+    pytest.importorskip("triton")
+    _kernels_off_by(monkeypatch, "removed", 2)
+    fuzz.run_checked(_case(**_DYNATEMP), "triton")
 
 
 def test_the_fuzzer_catches_a_write_into_the_input(monkeypatch):
