@@ -68,12 +68,14 @@ def test_set_up_does_not_grow_with_the_device_calls(monkeypatch):
     assert 0 < len(builtin_patches) == one
 
 
+@installed
 def test_a_kernel_restores_the_language_as_the_plain_interpreter_does():
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_softmax(x), torch.softmax(x, -1))
     assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.load)
 
 
+@installed
 def test_results_equal_the_plain_interpreters():
     """The column-blocked chain (device functions all the way down) and the draw, in two fresh
     processes, with and without the speedup: the same bits."""

@@ -27,6 +27,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TILE_SPILL = 8192 * 4 // 512
 
 
+def _triton_release() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 def _spill_stores(stdout: str, name: str) -> int:
     """Bytes of spill stores ptxas reports for kernel ``name``."""
     line = stdout.split(f"{name}:")[1].splitlines()[0]
@@ -121,9 +127,7 @@ def test_blocked_kernels_compile_for_sm90_without_row_spills():
                         str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import triton
-
-    tiles = 16 if tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 7) else 40
+    tiles = 16 if _triton_release() <= (3, 7) else 40
     assert _spill_stores(r.stdout, "blocked_chain") < tiles * _TILE_SPILL
     assert _spill_stores(r.stdout, "blocked_draw") < _TILE_SPILL
 
@@ -136,7 +140,8 @@ def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes):
     (triton 3.7.1, sm_90): top_k + top_p (window select, mass-bounded search, sparse mode,
     16-threshold flat-row search, draw) spills 192 bytes a thread at 16 warps' 128 registers
     (64 at 8 warps; 112 / 52 with a plain bisection for flat rows), bounded here by four
-    tiles' worth (``_TILE_SPILL``)."""
+    tiles' worth (``_TILE_SPILL``). The releases before 3.7 spill more of it: 296 bytes with
+    triton 3.4.0, 344 with 3.5.1, 320 with 3.6.0 (bounded there by six tiles' worth)."""
     from samplers.kernels import _common
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -145,4 +150,5 @@ def test_blocked_chain_with_the_fused_draw_compiles_without_tile_spills(codes):
                         "--tile", str(_common.TILE), "--warps", str(_common.TILE_WARPS)],
                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _spill_stores(r.stdout, "blocked_chain") < 4 * _TILE_SPILL
+    tiles = 4 if _triton_release() >= (3, 7) else 6
+    assert _spill_stores(r.stdout, "blocked_chain") < tiles * _TILE_SPILL
