@@ -9,11 +9,29 @@
 # time budget (about 7 minutes in all, under 8 on an H100-class GPU); a part that runs over
 # is stopped and the summary says so. On a machine without a CUDA GPU it says so, runs
 # `gpu_bench.py --dry-run` (the checks at tiny shapes under Triton's interpreter) and exits 0.
-# PYTHON (default: python) picks the interpreter; the budgets can be overridden with
+# PYTHON picks the interpreter (default: the first of python3 and python that imports torch:
+# on the lent GPU machines `python3` is the one holding torch). The test parts run on
+# GPU_CHECK_JOBS pytest-xdist workers (default: the CPU count, at most 8) when xdist is
+# installed: on a fresh machine they are mostly Triton compilations, which are CPU-bound and
+# compile one kernel at a time per process. The budgets can be overridden with
 # CUDA_TESTS_BUDGET, TESTS_BUDGET, SYNC_BUDGET and BENCH_BUDGET (seconds).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-PY=${PYTHON:-python}
+if [ -n "${PYTHON:-}" ]; then
+    PY=$PYTHON
+else
+    PY=
+    for candidate in python3 python; do
+        if command -v "$candidate" > /dev/null && "$candidate" -c 'import torch' 2> /dev/null; then
+            PY=$candidate
+            break
+        fi
+    done
+    if [ -z "$PY" ]; then
+        echo "gpu_check: neither python3 nor python imports torch; set PYTHON to the interpreter that does" >&2
+        exit 2
+    fi
+fi
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -45,18 +63,27 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 unset TRITON_INTERPRET
+JOBS=${GPU_CHECK_JOBS:-$(nproc 2> /dev/null || echo 1)}
+[ "$JOBS" -gt 8 ] && JOBS=8
+XDIST=()
+if [ "$JOBS" -gt 1 ] && "$PY" -c 'import xdist' 2> /dev/null; then
+    XDIST=(-n "$JOBS" --dist worksteal)
+fi
 GPU=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 echo "gpu_check: $GPU; results under $OUT"
-printf '# gpu_check on %s (%s)\n\nStarted %s.\n\n' "$GPU" "$(hostname)" "$(date -u '+%Y-%m-%d %H:%M UTC')" > "$SUMMARY"
+printf '# gpu_check on %s (%s)\n\nStarted %s; %s; test workers: %s.\n\n' "$GPU" "$(hostname)" \
+    "$(date -u '+%Y-%m-%d %H:%M UTC')" \
+    "$("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1)" \
+    "${XDIST[1]:-1}" > "$SUMMARY"
 
 # 0. the GPU-only checks (compiled kernels)
-TRITON_INTERPRET=0 timeout "$CUDA_TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+TRITON_INTERPRET=0 timeout "$CUDA_TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_cuda.py \
     --junitxml="$OUT/cuda_tests.xml" > "$OUT/cuda_tests.txt" 2>&1
 status "tests/test_cuda.py (cuda_tests.txt / .xml)" $? "$CUDA_TESTS_BUDGET"
 tail -n 3 "$OUT/cuda_tests.txt" | sed 's/^/    /' >> "$SUMMARY"
 
 # 1. kernel suites on the GPU
-SAMPLERS_TEST_DEVICE=cuda timeout "$TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider \
+SAMPLERS_TEST_DEVICE=cuda timeout "$TESTS_BUDGET" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
     tests/test_kernels.py tests/test_kernels_blocked.py tests/test_kernels_pipeline.py tests/test_dry_inplace.py \
     --junitxml="$OUT/kernel_tests.xml" > "$OUT/kernel_tests.txt" 2>&1
 status "kernel suites on the GPU (kernel_tests.txt / .xml)" $? "$TESTS_BUDGET"
