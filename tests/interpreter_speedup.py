@@ -13,8 +13,9 @@ which ``tl.sum`` sees), and any call outside a kernel go through triton as they 
 
 Results are those of the plain interpreter (the kernel suites pass either way;
 ``SAMPLERS_PLAIN_INTERPRETER=1`` turns this off to check). Installed by ``conftest.py`` and by
-``fuzz.py``'s kernel mode; does nothing on other triton releases than 3.7-3.9 (read and
-checked against those).
+``fuzz.py``'s kernel mode; does nothing on other triton releases than 3.4-3.9 (read and
+checked against those: 3.6-3.9 patch within a scope that the kernel restores at its end, 3.4
+and 3.5 patch for good, and from the second call on every patch is a repeat there too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import operator
 import os
 from functools import partial
 
-_CHECKED_ON = ("3.7.", "3.8.", "3.9.")  # triton releases whose interpreter this was read against
+_CHECKED_ON = ("3.4.", "3.5.", "3.6.", "3.7.", "3.8.", "3.9.")  # triton releases whose interpreter this was read against
 
 
 def install() -> bool:

@@ -69,10 +69,12 @@ def test_set_up_does_not_grow_with_the_device_calls(monkeypatch):
 
 
 @installed
-def test_a_kernel_restores_the_language_as_the_plain_interpreter_does():
+def test_a_kernel_leaves_the_language_as_the_plain_interpreter_does():
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_softmax(x), torch.softmax(x, -1))
-    assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.load)
+    # From triton 3.6 a kernel restores the builtins it patched; before, they stay patched.
+    restores = hasattr(interpreter, "_LangPatchScope")
+    assert (tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.load)) == restores
 
 
 @installed
