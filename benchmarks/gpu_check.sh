@@ -15,6 +15,9 @@
 # installed: on a fresh machine they are mostly Triton compilations, which are CPU-bound and
 # compile one kernel at a time per process. The budgets can be overridden with
 # CUDA_TESTS_BUDGET, TESTS_BUDGET, SYNC_BUDGET and BENCH_BUDGET (seconds).
+# It writes 11 files; where only a few files come back (the lent machines return at most 8),
+# archive the folder:
+#   bash benchmarks/gpu_check.sh /tmp/gpu_check; tar -czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 if [ -n "${PYTHON:-}" ]; then
