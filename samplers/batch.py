@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._device import default_device
 from .history import TokenHistory
 from .params import FLOAT32_MAX, GREEDY_TEMPERATURE, SamplingParams, _integer, _token_id, _token_ids
 from .priority import SamplerID
@@ -282,7 +283,7 @@ def normalise_device(device: Union[torch.device, str, None]) -> torch.device:
     so that a batch built with ``device="cuda"`` accepts logits on ``cuda:0``. None: torch's
     default device (the CPU unless ``torch.set_default_device`` says otherwise)."""
     if device is None:
-        device = torch.get_default_device()
+        device = default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -53,6 +53,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ._device import default_device
+
 __all__ = ["TokenHistory", "HASH_MODULI", "HASH_BASES"]
 
 # Two primes below 2^31 (2^31 - 1 is a Mersenne prime; 2147483629 was checked prime by trial
@@ -175,7 +177,7 @@ class TokenHistory:
         if int(vocab_size) < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.device = torch.device(device) if device is not None else torch.get_default_device()
+        self.device = torch.device(device) if device is not None else default_device()
 
         p_flat, p_len = _flatten_rows(prompt_token_ids, self.vocab_size, "prompt_token_ids")
         o_flat, o_len = _flatten_rows(output_token_ids, self.vocab_size, "output_token_ids")

@@ -362,10 +362,48 @@ def test_an_unnamed_device_is_torchs_default_device():
         assert batch.history.tokens.device.type == "meta"
         assert TokenHistory([[1]], [[2]], vocab_size=5).device.type == "meta"
     finally:
-        # (None, not "cpu": a default device set to "cpu" stays a torch function mode, which
-        # every later tensor method call would pass through)
-        torch.set_default_device(None if previous.type == "cpu" else previous)
+        _restore_default_device(previous)
     assert SamplingBatch([SamplingParams(min_p=0.1)], vocab_size=8).device == normalise_device(previous)
+
+
+def _restore_default_device(previous: torch.device) -> None:
+    if previous.type != "cpu":
+        torch.set_default_device(previous)
+        return
+    # (None, not "cpu": a default device set to "cpu" stays a torch function mode, which every
+    # later tensor method call would pass through)
+    torch.set_default_device(None)
+    # torch 2.8 then keeps a cleared setting that its own get_default_device cannot read (and
+    # transformers calls it): removed, as in a process that never set one
+    if getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", "unset") is None:
+        del torch._GLOBAL_DEVICE_CONTEXT.device_context
+
+
+def test_an_unnamed_device_is_the_cpu_after_the_default_device_was_cleared(monkeypatch):
+    """After ``torch.set_default_device(None)``, torch 2.8's ``get_default_device`` raises
+    ``AttributeError`` (it reads the cleared setting): a batch and a history built without a
+    device still go to the CPU. The sequence itself (a real failure on torch 2.8 only), then
+    that torch's failure everywhere."""
+    from samplers.history import TokenHistory
+
+    def made_without_a_device():
+        batch = SamplingBatch([SamplingParams(min_p=0.1, repetition_penalty=1.2)], [[1, 2]], [[3]], vocab_size=8)
+        return batch.device, batch.history.tokens.device, TokenHistory([[1]], [[2]], vocab_size=5).device
+
+    cpu = torch.device("cpu")
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    torch.set_default_device(None)
+    try:
+        assert made_without_a_device() == (cpu, cpu, cpu)
+    finally:
+        _restore_default_device(previous)
+
+    def get_default_device_of_torch_2_8():
+        raise AttributeError("'NoneType' object has no attribute 'device'")
+
+    monkeypatch.setattr(torch, "get_default_device", get_default_device_of_torch_2_8)
+    assert made_without_a_device() == (cpu, cpu, cpu)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
