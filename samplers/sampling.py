@@ -85,9 +85,11 @@ def _philox4x32_words(c0: _Words, c1: _Words, c2: _Words, c3: _Words, k0: _Words
     """``philox4x32`` on uint32 words held as Python ints (one row) or uint64 numpy arrays.
     A 32 x 32-bit product fits either (one multiplication, no 16-bit halves), so the same
     operators serve both; one row in ints costs ~3 us, a tenth of numpy's per-call overhead."""
-    one = 1 if isinstance(c0, int) else np.uint64(1)  # (numpy scalars: no conversion per operation)
-    mask, shift = _MASK32 * one, 32 * one
-    mul_a, mul_b, step_a, step_b = (c * one for c in (_PHILOX_ROUND_A, _PHILOX_ROUND_B, _PHILOX_KEY_A, _PHILOX_KEY_B))
+    # The constants as the words' own type: numpy uint64 scalars for arrays (no conversion per
+    # operation; and numpy 1.x promotes uint64 with a Python int to float64)
+    word = int if isinstance(c0, int) else np.uint64
+    mask, shift, mul_a, mul_b, step_a, step_b = (
+        word(c) for c in (_MASK32, 32, _PHILOX_ROUND_A, _PHILOX_ROUND_B, _PHILOX_KEY_A, _PHILOX_KEY_B))
     for _ in range(rounds):
         prod_a, prod_b = c0 * mul_a, c2 * mul_b
         c0, c1, c2, c3 = (prod_b >> shift) ^ c1 ^ k0, prod_b & mask, (prod_a >> shift) ^ c3 ^ k1, prod_a & mask
