@@ -55,6 +55,26 @@ def test_processor_equals_our_loop(tiny, do_sample):
     assert len(proc.outputs) >= 1 and proc.last_output.token_ids.shape == (2,)
 
 
+def test_train_tiny_writes_the_shipped_tokenizer_config(tmp_path):
+    """``train_tiny`` (two steps of a toy model here) writes the embedded tokenizer's config: a
+    class name that transformers 4.x and 5.x both resolve, left padding, no token_type_ids."""
+    from samplers.models import TINY_DIR
+
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "-m", "samplers.models.train_tiny", "--out", str(out), "--vocab", "300",
+                        "--corpus-bytes", "50000", "--hidden", "16", "--layers", "1", "--heads", "2", "--seq", "16",
+                        "--batch", "2", "--steps", "2", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    shipped = json.loads((TINY_DIR / "tokenizer_config.json").read_text())
+    # (the keys that decide how it loads and what it returns; transformers 4.x writes more)
+    keys = ("tokenizer_class", "model_input_names", "padding_side", "bos_token", "eos_token", "pad_token")
+    assert {k: written.get(k) for k in keys} == {k: shipped.get(k) for k in keys}
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.padding_side == "left" and list(tok(["def f("]).keys()) == ["input_ids", "attention_mask"]
+
+
 def test_embedded_tokenizer_pads_on_the_left(tmp_path):
     """The embedded model is decoder-only: batched, padded prompts given to HF's own generate
     continue as each prompt alone does, which needs left padding."""
@@ -62,7 +82,10 @@ def test_embedded_tokenizer_pads_on_the_left(tmp_path):
 
     model, tok = load_default()  # fresh: the module fixture's tokenizer is shared
     assert tok.padding_side == "left" and load_tokenizer().padding_side == "left"
-    assert transformers.AutoTokenizer.from_pretrained(str(TINY_DIR), local_files_only=True).padding_side == "left"
+    auto = transformers.AutoTokenizer.from_pretrained(str(TINY_DIR), local_files_only=True)
+    assert auto.padding_side == "left"
+    # (no token_type_ids, which generate() refuses for this model: transformers 4.x's default)
+    assert list(tok(PROMPTS[:1]).keys()) == list(auto(PROMPTS[:1]).keys()) == ["input_ids", "attention_mask"]
     kw = neutral_generate_kwargs(model, max_new_tokens=8, pad_token_id=tok.pad_token_id)
     alone = []
     for prompt in PROMPTS:

@@ -159,10 +159,18 @@ def save(model, bpe, args, stats: dict) -> None:
     # A neutral generation config: generate() applies nothing of its own unless asked.
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
+    # Left padding: decoder-only, batched prompts pad on the left. No token_type_ids (transformers
+    # 4.x's default names include them, and generate() refuses them for this model).
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
                                   pad_token=EOS, unk_token=None, clean_up_tokenization_spaces=False,
-                                  padding_side="left")  # decoder-only: batched prompts pad on the left
+                                  padding_side="left", model_input_names=["input_ids", "attention_mask"])
     tok.save_pretrained(out)
+    # transformers 5 saves its own class name, which 4.x (the hf extra accepts >= 4.40) cannot
+    # find; both resolve PreTrainedTokenizerFast
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     info = {"trained_by": "python -m samplers.models.train_tiny", "args": {k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items() if k != "out"}, **stats}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
