@@ -454,6 +454,10 @@ def test_importing_samplers_changes_nothing_in_transformers(tmp_path):
     """
     import importlib.metadata as md
 
+    import transformers.utils
+
+    if not hasattr(transformers.utils, "is_kernels_available"):
+        pytest.skip(f"transformers {transformers.__version__} does not look up hub kernels: no name to collide with")
     first = _probe("samplers-first", tmp_path)
     plain = _probe("transformers-first", tmp_path)   # its first state is transformers alone
     assert plain["is_kernels_available"] == first["is_kernels_available"]
