@@ -165,7 +165,7 @@ def save(model, bpe, args, stats: dict) -> None:
                                   pad_token=EOS, unk_token=None, clean_up_tokenization_spaces=False,
                                   padding_side="left", model_input_names=["input_ids", "attention_mask"])
     tok.save_pretrained(out)
-    # transformers 5 saves its own class name, which 4.x (the hf extra accepts >= 4.40) cannot
+    # transformers 5 saves its own class name, which 4.x (the hf extra accepts >= 4.45) cannot
     # find; both resolve PreTrainedTokenizerFast
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
