@@ -45,7 +45,6 @@ def test_gpu_check_requires_an_output_folder():
     assert "usage" in proc.stderr
 
 
-
 def _fake_interpreters(tmp_path, pythons, system_tools=False):
     """An environment whose PATH holds fake interpreters: ``pythons`` maps a name (``python3``,
     ``python``) to the shell code deciding its exit status from its arguments ``$*``; each
