@@ -24,7 +24,8 @@ import operator
 import os
 from functools import partial
 
-_CHECKED_ON = ("3.4.", "3.5.", "3.6.", "3.7.", "3.8.", "3.9.")  # triton releases whose interpreter this was read against
+#: The triton releases whose interpreter this was read against.
+_CHECKED_ON = ("3.4.", "3.5.", "3.6.", "3.7.", "3.8.", "3.9.")
 
 
 def install() -> bool:
