@@ -16,21 +16,41 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_holds_only_the_samplers_package(tmp_path):
+def _built_wheel(tmp_path) -> zipfile.ZipFile:
+    """The wheel built from the repository without build isolation, by the installed
+    setuptools: a skip where that is older than 77, the first to read the PEP 639 licence
+    (``license = "Apache-2.0"``, ``license-files``; a user's build fetches a newer one, as
+    ``[build-system]`` asks)."""
     setuptools = pytest.importorskip("setuptools")
-    # (--no-build-isolation builds with what is installed: before 70.1 setuptools makes wheels
-    # only beside the wheel package, as an environment with torch 2.8 has it: 65.5, no wheel)
-    if (tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (70, 1)
-            and importlib.util.find_spec("wheel") is None):
-        pytest.skip(f"setuptools {setuptools.__version__} builds wheels only beside the wheel package")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=300)
+    if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (77, 0):
+        pytest.skip(f"setuptools {setuptools.__version__} cannot read pyproject's PEP 639 licence (77 can)")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT),
+                        "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = tmp_path.glob("samplers-*.whl")
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    return zipfile.ZipFile(wheel)
+
+
+def test_wheel_holds_only_the_samplers_package(tmp_path):
+    names = _built_wheel(tmp_path).namelist()
+    tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"samplers"}
-    names = zipfile.ZipFile(wheel).namelist()
     assert "samplers/kernels/fused.py" in names and "samplers/models/tiny/model.safetensors" in names
+
+
+def test_wheel_carries_the_license(tmp_path):
+    """The licence as an SPDX expression with its text in the wheel (PEP 639): the form
+    setuptools keeps building after 2027-02-18, when the table form stops."""
+    wheel = _built_wheel(tmp_path)
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    headers = wheel.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers
+    assert "License-File: LICENSE" in headers
+    (text,) = [n for n in wheel.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+    licence = wheel.read(text).decode()
+    assert licence == (ROOT / "LICENSE").read_text()
+    assert licence.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in licence
 
 
 _USER = r"""
