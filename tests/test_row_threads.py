@@ -107,6 +107,8 @@ def test_full_row_sorts_do_not_depend_on_the_thread_count(threads, shape):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# (Python 3.12 and newer warn at every fork of a process with threads: forking one is the test)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_sorts_on_threads_of_its_own(threads):
     threads(2)
     a = np.random.default_rng(0).integers(0, 2**50, (4, 100000))
