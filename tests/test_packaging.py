@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,19 +17,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: What the build reads: the package, its metadata and the files pyproject names.
+_SOURCES = ("samplers", "pyproject.toml", "setup.py", "README.md", "LICENSE")
+
+_BUILD = """
+import sys, warnings
+from setuptools.warnings import SetuptoolsDeprecationWarning
+warnings.simplefilter("error", SetuptoolsDeprecationWarning)
+from setuptools import build_meta
+build_meta.build_wheel(sys.argv[1])
+"""
+
+
 def _built_wheel(tmp_path) -> zipfile.ZipFile:
-    """The wheel built from the repository without build isolation, by the installed
-    setuptools: a skip where that is older than 77, the first to read the PEP 639 licence
-    (``license = "Apache-2.0"``, ``license-files``; a user's build fetches a newer one, as
-    ``[build-system]`` asks)."""
+    """The wheel that setuptools' build backend makes of a copy of the repository's sources
+    (a copy: two tests building in the checkout at once would share its build folder), with
+    setuptools' deprecation warnings as errors: such a warning is a build that stops working
+    on a known date (the licence table's was 2027-02-18). The installed setuptools builds it:
+    a skip where that is older than 77, the first to read the PEP 639 licence (a user's
+    build fetches a newer one, as ``[build-system]`` asks)."""
     setuptools = pytest.importorskip("setuptools")
     if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (77, 0):
         pytest.skip(f"setuptools {setuptools.__version__} cannot read pyproject's PEP 639 licence (77 can)")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT),
-                        "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
-                       capture_output=True, text=True, timeout=300)
+    src, out = tmp_path / "src", tmp_path / "dist"
+    for name in _SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", _BUILD, str(out)], cwd=src, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    (wheel,) = tmp_path.glob("samplers-*.whl")
+    (wheel,) = out.glob("samplers-*.whl")
     return zipfile.ZipFile(wheel)
 
 
