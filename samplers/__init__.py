@@ -5,11 +5,16 @@ Public API::
     from samplers import SamplingParams, SamplingBatch, SamplerPipeline, SamplerID
 """
 
+from typing import TYPE_CHECKING
+
 from .batch import SamplingBatch
 from .params import SamplingParams
 from .pipeline import SamplerPipeline
 from .priority import DEFAULT_ORDER, SamplerID
 from .sampling import SamplerOutput
+
+if TYPE_CHECKING:  # (type checkers see generate's signature; at run time it is imported on first use)
+    from .generation import generate as generate  # (the "as": an explicit re-export, PEP 484)
 
 __version__ = "0.1.0"
 

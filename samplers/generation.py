@@ -35,7 +35,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -583,6 +583,31 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[in
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     return best
+
+
+# (the return type follows ``stream``, for type checkers: a list, or a stream of deltas)
+@overload
+def generate(model: Any, tokenizer: Any, prompts: Union[Prompt, Sequence[Prompt]],
+             params: Union[SamplingParams, Sequence[SamplingParams], None] = ..., *,
+             pipeline: Optional[SamplerPipeline] = ..., seed: Optional[int] = ..., stream: Literal[False] = ...,
+             eos_token_ids: Optional[Sequence[int]] = ..., max_model_len: Optional[int] = ...,
+             collect_entropy: bool = ..., progress: bool = ...) -> list[RequestOutput]: ...
+
+
+@overload
+def generate(model: Any, tokenizer: Any, prompts: Union[Prompt, Sequence[Prompt]],
+             params: Union[SamplingParams, Sequence[SamplingParams], None] = ..., *,
+             pipeline: Optional[SamplerPipeline] = ..., seed: Optional[int] = ..., stream: Literal[True],
+             eos_token_ids: Optional[Sequence[int]] = ..., max_model_len: Optional[int] = ...,
+             collect_entropy: bool = ..., progress: bool = ...) -> GenerationStream: ...
+
+
+@overload
+def generate(model: Any, tokenizer: Any, prompts: Union[Prompt, Sequence[Prompt]],
+             params: Union[SamplingParams, Sequence[SamplingParams], None] = ..., *,
+             pipeline: Optional[SamplerPipeline] = ..., seed: Optional[int] = ..., stream: bool = ...,
+             eos_token_ids: Optional[Sequence[int]] = ..., max_model_len: Optional[int] = ...,
+             collect_entropy: bool = ..., progress: bool = ...) -> Union[list[RequestOutput], GenerationStream]: ...
 
 
 def generate(

@@ -59,6 +59,7 @@ def test_wheel_holds_only_the_samplers_package(tmp_path):
     tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"samplers"}
     assert "samplers/kernels/fused.py" in names and "samplers/models/tiny/model.safetensors" in names
+    assert "samplers/py.typed" in names  # (PEP 561: an installed package's annotations are read)
 
 
 def test_wheel_carries_the_license(tmp_path):
