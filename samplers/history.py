@@ -140,6 +140,21 @@ class _Part(NamedTuple):
     dest: np.ndarray | None
 
 
+def check_history(history: object, logits: torch.Tensor, sampler: str) -> None:
+    """``ValueError`` naming ``sampler`` unless ``history`` is a :class:`TokenHistory` of the
+    ``[B, V]`` ``logits``' rows: ``B`` rows, on the logits' device, with a vocabulary of at
+    most ``V`` (a larger one's ids would index past the row)."""
+    if not isinstance(history, TokenHistory):
+        raise ValueError(f"{sampler}: history must be a TokenHistory, got {type(history).__name__}")
+    b, v = logits.shape
+    if history.batch_size != b:
+        raise ValueError(f"{sampler}: history has {history.batch_size} rows, the logits {b}")
+    if history.tokens.device != logits.device:
+        raise ValueError(f"{sampler}: history is on {history.tokens.device}, the logits on {logits.device}")
+    if history.vocab_size > v:
+        raise ValueError(f"{sampler}: history vocab_size {history.vocab_size} exceeds the logits' {v} columns")
+
+
 class TokenHistory:
     """Token history (prompt + output) of each row of a batch, on a device.
 

@@ -140,3 +140,46 @@ def test_numbers_past_the_tensor_dtype_are_clear_errors():
         F.top_k(X, 10**400)
     with pytest.raises(ValueError, match=r"^no_repeat_ngram_size: .* does not fit torch.int64$"):
         F.no_repeat_ngram(X, HISTORY, 2**64)
+
+
+@pytest.mark.parametrize("breakers,fragment", [
+    (torch.tensor([[3.0], [4.0]]), "integer tensor"),  # (a float id would be truncated)
+    (torch.tensor([[True], [False]]), "integer tensor"),
+    ([[3], [4]], "got list"),
+    (torch.zeros(B, 1, 1, dtype=torch.int64), f"expected shape [{B}, K]"),
+    (torch.zeros(B + 1, 1, dtype=torch.int64), f"got ({B + 1}, 1)"),
+])
+def test_dry_breaker_ids_of_another_form_are_clear_errors(breakers, fragment):
+    """Not a crash in ``reshape`` (a ``[K]`` tensor whose size B does not divide), nor ids
+    silently read as ``[B, K / B]`` (each row getting another row's ids)."""
+    with pytest.raises(ValueError, match="dry_sequence_breaker_ids") as err:
+        F.dry(X, HISTORY, 0.8, 1.75, 2, 0, breakers)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("ids", [[3], [4, 3], [2, 4, 5]])
+def test_dry_breaker_ids_of_one_dimension_are_every_rows(ids, sync_free):
+    """``[K]`` ids apply to every row: the result of ``[B, K]`` with those ids in each row,
+    by both ways of finding the penalised positions (with K = B = 2 the ids were once read
+    as one per row)."""
+    x = X.clone()
+    want = F.dry_(X.clone(), HISTORY, 0.8, 1.75, 1, 0, torch.tensor([ids] * B), sync_free=sync_free)
+    got = F.dry_(x, HISTORY, 0.8, 1.75, 1, 0, torch.tensor(ids), sync_free=sync_free)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, F.dry(X, HISTORY, 0.8, 1.75, 1, 0, NO_BREAKERS))  # (the ids matter here)
+
+
+@pytest.mark.parametrize("call", ["dry", "no_repeat_ngram"])
+@pytest.mark.parametrize("history,fragment", [
+    (TokenHistory([[1, 2]] * (B + 1), [[]] * (B + 1), vocab_size=V), f"history has {B + 1} rows, the logits {B}"),
+    (TokenHistory([[1, 2]] * B, [[]] * B, vocab_size=V + 1), f"exceeds the logits' {V} columns"),
+    ([[1, 2]] * B, "history must be a TokenHistory, got list"),
+])
+def test_a_history_of_other_rows_is_a_clear_error(call, history, fragment):
+    with pytest.raises(ValueError, match=call) as err:
+        if call == "dry":
+            F.dry(X, history, 0.8, 1.75, 2, 0, NO_BREAKERS)
+        else:
+            F.no_repeat_ngram(X, history, 2)
+    assert fragment in str(err.value)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..history import TokenHistory
+from ..history import TokenHistory, check_history
 from ._stats import ParamLike, carry_removed, cast_saturating, noted_removed, pow_per_entry, row_param
 
 __all__ = ["dry", "dry_"]
@@ -31,8 +31,8 @@ def dry(
         dry_allowed_length: int64 [B] (or a number), >= 1.
         dry_range: int64 [B] (or a number), >= 0; 0 = the whole history, else only its last
             dry_range tokens.
-        dry_sequence_breaker_ids: int64 [B, K], each row's breaker token ids padded with -1
-            (K may be 0; ids outside [0, V) are ignored).
+        dry_sequence_breaker_ids: integer [B, K], each row's breaker token ids padded with -1
+            (K may be 0; ids outside [0, V) are ignored), or [K]: the same ids for every row.
 
     Definition, per row, with h = the last dry_range tokens of the history (all if 0),
     len = len(h): if len < 2 or h[-1] is a breaker, no penalty. Otherwise for each earlier
@@ -63,6 +63,25 @@ def dry(
 #: Up to this many breaker ids per row, breakers are found by comparing each position with
 #: every id ([B, w, K] booleans); more are looked up in the sorted ids (searchsorted).
 _BROADCAST_BREAKERS = 8
+
+
+def _breaker_rows(ids: object, x: torch.Tensor) -> torch.Tensor:
+    """``dry_sequence_breaker_ids`` as int64 ``[B, K]`` on ``x``'s device (``x``: ``[B, V]``):
+    an integer ``[B, K]`` tensor as given, a ``[K]`` one for every row; anything else is a
+    ``ValueError`` naming the parameter (a float id would be truncated, and a ``[K]`` one
+    read as ``[B, K / B]``, each row getting other ids)."""
+    b = x.shape[0]
+    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
+            or ids.dtype == torch.bool):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"dry_sequence_breaker_ids: expected an integer tensor [B, K] (or [K] for every row), "
+                         f"got {got}")
+    if ids.dim() == 1:
+        ids = ids[None, :].expand(b, -1)
+    elif ids.dim() != 2 or ids.shape[0] != b:
+        raise ValueError(f"dry_sequence_breaker_ids: expected shape [{b}, K] (or [K] for every row), "
+                         f"got {tuple(ids.shape)}")
+    return ids.to(device=x.device, dtype=torch.int64)
 
 
 def _breaker_mask(tok: torch.Tensor, breaker_ids: torch.Tensor, search: Optional[bool] = None) -> torch.Tensor:
@@ -130,8 +149,8 @@ def dry_(
             f"dry_: x must be a contiguous float32 [B, V] tensor, got {x.dtype} of shape {tuple(x.shape)}"
         )
     b, v = x.shape
-    if history.vocab_size > v:
-        raise ValueError(f"dry: history vocab_size {history.vocab_size} exceeds the logits' {v} columns")
+    check_history(history, x, "dry")
+    dry_sequence_breaker_ids = _breaker_rows(dry_sequence_breaker_ids, x)
     dry_multiplier = row_param(dry_multiplier, x, torch.float32, "dry_multiplier", 0.0)
     dry_base = row_param(dry_base, x, torch.float32, "dry_base", 1.0, lo_open=True)
     dry_allowed_length = row_param(dry_allowed_length, x, torch.int64, "dry_allowed_length", 1)
@@ -154,7 +173,7 @@ def dry_(
     mult = dry_multiplier.to(f32)
     pos = torch.arange(w, device=dev)
 
-    is_brk = _breaker_mask(tok, dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1))  # padding -> False
+    is_brk = _breaker_mask(tok, dry_sequence_breaker_ids)  # padding -> False
     last_is_brk = is_brk.gather(1, (lens - 1).clamp(min=0)[:, None])[:, 0]  # empty row: padding -> False
     enabled = (mult != 0) & (lens >= 2) & ~last_is_brk
 
@@ -246,7 +265,7 @@ def _dry_from_entries(
     noted = noted_removed(x)  # (read before x is written: the write bumps its version)
     allowed = dry_allowed_length.clamp(min=1)
     mult = dry_multiplier.to(f32)
-    brk_ids = dry_sequence_breaker_ids.to(torch.int64).reshape(b, -1)
+    brk_ids = dry_sequence_breaker_ids
 
     last_tok = tok.gather(1, (lens - 1).clamp(min=0)[:, None])  # empty row: padding -1
     last_is_brk = _breaker_mask(last_tok, brk_ids)[:, 0]

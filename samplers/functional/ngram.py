@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..history import TokenHistory
+from ..history import TokenHistory, check_history
 from ._stats import ParamLike, carry_removed, noted_removed, row_param
 
 __all__ = ["no_repeat_ngram", "no_repeat_ngram_"]
@@ -48,10 +48,7 @@ def no_repeat_ngram_(
     if not x.is_contiguous():
         raise ValueError(f"no_repeat_ngram_: x must be contiguous, got strides {x.stride()}")
     b, v = x.shape
-    if history.vocab_size > v:
-        raise ValueError(
-            f"no_repeat_ngram: history vocab_size {history.vocab_size} exceeds the logits' {v} columns"
-        )
+    check_history(history, x, "no_repeat_ngram")
     n = row_param(no_repeat_ngram_size, x, torch.int64, "no_repeat_ngram_size", 0)[:, None]
     w = history.max_length
     if w == 0 or b == 0:
