@@ -1,6 +1,7 @@
 """What a type-checked user sees: ``mypy`` on code calling the README's public API finds no
 error (``tests/typecheck/public_api.py``) and finds the wrong types it should
-(``tests/typecheck/wrong_types.py``: the annotations are read, not taken as ``Any``)."""
+(``tests/typecheck/wrong_types.py``: the annotations are read, not taken as ``Any``); the
+checked calls also run."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def test_mypy_reads_the_public_api_as_documented(tmp_path):
     expected = {("wrong_types.py", n) for n, line in enumerate(wrong, 1) if line.endswith("# error")}
     assert len(expected) == 4
     assert reported == expected, r.stdout
+
+
+def test_the_checked_calls_run():
+    """``public_api.py`` is real code, not only well-typed: its calls run, the Hugging Face
+    part on the embedded model."""
+    sys.path.insert(0, str(TYPING))
+    try:
+        import public_api
+    finally:
+        sys.path.remove(str(TYPING))
+    public_api.quick_start()
+    public_api.functional()
+    public_api.hugging_face()

@@ -1,6 +1,6 @@
 """The README's public API as a user's type-checked code calls it: ``mypy`` on this file (with
 ``samplers/py.typed``, mypy reads our annotations) must find no error (``test_typing.py``).
-Each assignment states the type the README promises; never run, only checked."""
+Each assignment states the type the README promises; the functions also run there."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Optional
 
 import torch
 
+import samplers.functional as F
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams, generate
+from samplers.history import TokenHistory
 from samplers.integrations.hf import SamplersLogitsProcessor, neutral_generate_kwargs
 from samplers.models import load_default
 from samplers.sampling import SamplerOutput
@@ -35,6 +37,24 @@ def quick_start() -> None:
     temperature: float = params[0].temperature
     seed: Optional[int] = params[0].seed
     del processed, logprobs, drawn_from, temperature, seed
+
+
+def functional() -> None:
+    """The pure functions (``samplers/functional/``): numbers or ``[B]`` tensors per row."""
+    logits = torch.randn(2, 100)
+    history = TokenHistory([[1, 2, 3], [4]], [[5], []], vocab_size=100)
+    steps: list[torch.Tensor] = [
+        F.temperature(logits, 0.7),
+        F.min_p(logits, torch.tensor([0.05, 0.1])),
+        F.top_k(logits, 5),
+        F.top_p(logits, 0.9),
+        F.typical_p(logits, 0.95),
+        F.xtc(logits, 0.1, 0.5, torch.rand(2)),
+        F.skew(logits, 0.5),
+        F.dry(logits, history, 0.8, 1.75, 2, 0, torch.tensor([13], dtype=torch.long)),
+        F.no_repeat_ngram(logits, history, 3),
+    ]
+    del steps
 
 
 def hugging_face() -> None:
