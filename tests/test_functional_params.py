@@ -183,3 +183,60 @@ def test_a_history_of_other_rows_is_a_clear_error(call, history, fragment):
         else:
             F.no_repeat_ngram(X, history, 2)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["0.5", None, object()])
+@pytest.mark.parametrize("name", sorted({name for name, _, _ in REJECTED}))
+def test_a_parameter_of_another_type_is_a_clear_error(name, value):
+    with pytest.raises(ValueError, match=f"^{name}: expected a number or a tensor of shape \\[{B}\\], got "):
+        _call(name, value)
+
+
+_ROWS, _IDS = torch.tensor([0, 1]), torch.tensor([3, 7])
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda: F.logit_bias(X, torch.tensor([0, B]), _IDS, torch.ones(2)), f"rows must be in [0, {B}), got {B}"),
+    (lambda: F.logit_bias(X, _ROWS, torch.tensor([-1, 3]), torch.ones(2)), f"token_ids must be in [0, {V}), got -1"),
+    (lambda: F.logit_bias(X, _ROWS, _IDS, torch.ones(3)), "rows, token_ids, bias must have one length"),
+    (lambda: F.logit_bias(X, [0, 1], _IDS, torch.ones(2)), "rows must be a 1-D tensor, got list"),
+    (lambda: F.logit_bias(X, _ROWS, _IDS, torch.ones(2, 1)), "bias must be a 1-D tensor, got shape (2, 1)"),
+    (lambda: F.ban_tokens(X, _ROWS.float(), _IDS), "rows must be an integer tensor"),
+    (lambda: F.ban_tokens(X, _ROWS, torch.tensor([3, V])), f"token_ids must be in [0, {V}), got {V}"),
+    (lambda: F.min_tokens(X, torch.zeros(B + 1, dtype=torch.long), torch.ones(B, dtype=torch.long), _ROWS, _IDS),
+     f"output_lengths must be a tensor of shape [{B}]"),
+    (lambda: F.min_tokens(X, torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long), _ROWS,
+                          torch.tensor([3, V + 5])), f"token_ids must be in [0, {V}), got {V + 5}"),
+])
+def test_entry_lists_that_index_past_the_logits_are_clear_errors(call, fragment):
+    """(Before: IndexError, RuntimeError or AttributeError from inside torch.)"""
+    with pytest.raises(ValueError) as err:
+        call()
+    assert fragment in str(err.value)
+
+
+def test_the_pipeline_does_not_read_its_entry_lists(monkeypatch):
+    """Inside ``trusted_params()`` the entries' range is not read (a device sync off the CPU):
+    the pipeline's lists come from validated parameters; their form is still checked."""
+    def no_read(*args, **kwargs):
+        raise AssertionError("the entries were read")
+
+    monkeypatch.setattr(torch, "aminmax", no_read)
+    with _stats.trusted_params():
+        F.logit_bias(X, _ROWS, _IDS, torch.ones(2))
+        with pytest.raises(ValueError, match="one length"):
+            F.ban_tokens(X, _ROWS, torch.tensor([3]))
+    with pytest.raises(AssertionError, match="were read"):
+        F.ban_tokens(X, _ROWS, _IDS)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: F.penalties(x, torch.zeros(B, V, dtype=torch.bool), torch.zeros(B, V, dtype=torch.int32), 1.2, 0.0, 0.0),
+    lambda x: F.dry(x, HISTORY, 0.8, 1.75, 2, 0, NO_BREAKERS),
+    lambda x: F.no_repeat_ngram(x, HISTORY, 2),
+    lambda x: F.logit_bias(x, _ROWS, _IDS, torch.ones(2)),
+])
+@pytest.mark.parametrize("logits", [torch.ones(B, V, dtype=torch.int64), torch.ones(V), [[0.0] * V] * B])
+def test_logits_that_are_not_float_rows_are_clear_errors(call, logits):
+    with pytest.raises(ValueError, match="^logits: expected"):
+        call(logits)

@@ -46,6 +46,7 @@ __all__ = [
     "finite_absmax_bound",
     "no_overflow",
     "trusted_params",
+    "check_entries",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -111,6 +112,9 @@ def row_param(value: ParamLike, logits: Tensor, dtype: torch.dtype, name: str,
         t = torch.as_tensor(value, dtype=dtype, device=logits.device)
     except (OverflowError, RuntimeError, ValueError):  # (an integer beyond int64)
         raise ValueError(f"{name}: {str(value)[:60]} does not fit {dtype}") from None
+    except TypeError:  # (None, a string, ...)
+        raise ValueError(f"{name}: expected a number or a tensor of shape [{batch}], "
+                         f"got {type(value).__name__}") from None
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
@@ -134,6 +138,32 @@ def trusted_params() -> Iterator[None]:
         yield
     finally:
         _TRUSTED_PARAMS.reset(token)
+
+
+def check_entries(logits: Tensor, sampler: str, rows: object, token_ids: object,
+                  **values: object) -> None:
+    """``ValueError`` naming ``sampler`` and the argument unless ``rows`` and ``token_ids`` are
+    integer tensors ``[N]`` (and each of ``values`` a tensor ``[N]``) indexing the ``[B, V]``
+    ``logits``: rows in ``[0, B)``, token ids in ``[0, V)``. Outside ``trusted_params()`` only:
+    the range check reads the entries (a device sync off the CPU), and the pipeline's come
+    from validated parameters."""
+    tensors: dict[str, Tensor] = {}
+    for name, t in {"rows": rows, "token_ids": token_ids, **values}.items():
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{sampler}: {name} must be a 1-D tensor, got {got}")
+        if name in ("rows", "token_ids") and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{sampler}: {name} must be an integer tensor, got {t.dtype}")
+        tensors[name] = t
+    lengths = [t.numel() for t in tensors.values()]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"{sampler}: {', '.join(tensors)} must have one length, got {lengths}")
+    if _TRUSTED_PARAMS.get() or lengths[0] == 0:
+        return
+    for name, limit in (("rows", logits.shape[0]), ("token_ids", logits.shape[1])):
+        lo, hi = (int(v) for v in torch.aminmax(tensors[name]))
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{sampler}: {name} must be in [0, {limit}), got {lo if lo < 0 else hi}")
 
 
 def _check_interval(t: Tensor, name: str, lo: Optional[float], hi: Optional[float],

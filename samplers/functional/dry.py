@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ..history import TokenHistory, check_history
-from ._stats import ParamLike, carry_removed, cast_saturating, noted_removed, pow_per_entry, row_param
+from ._stats import (ParamLike, carry_removed, cast_saturating, check_logits, noted_removed, pow_per_entry,
+                     row_param)
 
 __all__ = ["dry", "dry_"]
 
@@ -52,8 +53,7 @@ def dry(
     (`dry_` leaves them untouched, and float16 / bfloat16 -> float32 -> the same dtype is an
     exact round trip).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"dry: logits must be [B, V], got shape {tuple(logits.shape)}")
+    check_logits(logits)
     out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     carry_removed(noted_removed(logits), out)
     dry_(out, history, dry_multiplier, dry_base, dry_allowed_length, dry_range, dry_sequence_breaker_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..history import TokenHistory, check_history
-from ._stats import ParamLike, carry_removed, noted_removed, row_param
+from ._stats import ParamLike, carry_removed, check_logits, noted_removed, row_param
 
 __all__ = ["no_repeat_ngram", "no_repeat_ngram_"]
 
@@ -33,6 +33,7 @@ def no_repeat_ngram(
     every row with n = 0) bit-identical. It does not protect the argmax: if every token of
     a row is banned, the row is all `-inf` (as in Hugging Face's processor).
     """
+    check_logits(logits)
     out = logits.clone(memory_format=torch.contiguous_format)
     carry_removed(noted_removed(logits), out)
     return no_repeat_ngram_(out, history, no_repeat_ngram_size)
@@ -45,6 +46,7 @@ def no_repeat_ngram_(
 ) -> torch.Tensor:
     """`no_repeat_ngram` in place on ``x`` ([B, V] float, contiguous); returns ``x``. Only
     the banned entries are written (a chain that owns its rows saves a [B, V] copy)."""
+    check_logits(x)
     if not x.is_contiguous():
         raise ValueError(f"no_repeat_ngram_: x must be contiguous, got strides {x.stride()}")
     b, v = x.shape

@@ -11,7 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._stats import _NO_OVERFLOW, ParamLike, carry_removed, cast_saturating, noted_removed, row_param
+from ._stats import (_NO_OVERFLOW, ParamLike, carry_removed, cast_saturating, check_entries, check_logits,
+                     noted_removed, row_param)
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties", "penalties_"]
 
@@ -42,6 +43,8 @@ def logit_bias(
         `-inf`. Disabled value: no entry for a row (empty dict); every logit not
         listed (in particular every row without entries) is bit-identical to the input.
     """
+    check_logits(logits)
+    check_entries(logits, "logit_bias", rows, token_ids, bias=bias)
     out = logits.to(torch.float32, copy=True)
     if rows.numel():
         out.index_put_(
@@ -66,6 +69,8 @@ def ban_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor
         It does not protect the argmax: banning every finite token of a row leaves it all
         `-inf`.
     """
+    check_logits(logits)
+    check_entries(logits, "ban_tokens", rows, token_ids)
     out = logits.clone()
     if rows.numel():
         out[rows.to(torch.int64), token_ids.to(torch.int64)] = float("-inf")
@@ -93,8 +98,15 @@ def min_tokens(
         [B, V], the input's dtype: l[rows[i], token_ids[i]] = -inf for every i with
         output_lengths[rows[i]] < min_tokens[rows[i]]; everything else bit-identical
         (rows with min_tokens = 0, or whose output already reached the minimum, are
-        unchanged). No device sync.
+        unchanged). No device sync inside the pipeline (``trusted_params``); called
+        directly, the entries' range is checked first (one read of ``rows`` and ``token_ids``).
     """
+    check_logits(logits)
+    check_entries(logits, "min_tokens", rows, token_ids)
+    for name, t in (("output_lengths", output_lengths), ("min_tokens", min_tokens)):
+        if not isinstance(t, torch.Tensor) or t.shape != logits.shape[:1]:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"min_tokens: {name} must be a tensor of shape [{logits.shape[0]}], got {got}")
     out = logits.clone()
     if rows.numel():
         r = rows.to(torch.int64)
@@ -146,6 +158,7 @@ def penalties(
     output's tokens are found among them (every token with a count is seen, as in a
     `TokenHistory`); without, from ``output_counts``.
     """
+    check_logits(logits)
     _check_token_tables(logits, seen_mask, output_counts)
     noted = noted_removed(logits)
     if logits.device.type != "cpu" or logits.requires_grad:
