@@ -4,7 +4,8 @@ Contract shared by every function here: ``logits`` is a ``[B, V]`` float tensor 
 or bf16; computed in fp32, returned in the input dtype); per-row parameters are ``[B]``
 tensors on the logits' device or Python numbers (the same value for every row), and a value
 outside the parameter's interval (SEMANTICS.md) is a ``ValueError`` naming the parameter,
-the value and the interval; the input is never modified; a row at its parameter's
+the value and the interval, as is an argument of another type or shape (entry lists that
+index past the logits included); the input is never modified; a row at its parameter's
 disabled value comes back bit-identical; removed tokens are ``-inf`` and every truncation
 keeps the row's most likely token. These functions define correctness: the Triton kernels
 in ``samplers/kernels/`` are tested against them. The three whose names end in ``_``
