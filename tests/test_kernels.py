@@ -694,3 +694,24 @@ def test_top_k_radix_select_edge_cases(dtype):
     x = x.to(dtype)
     k = torch.tensor([5, 7, 25, 150, V - 1, 1])
     _assert_same(ops.top_k(x, k), F.top_k(x, k), dtype)
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (0.5, "got float"),  # (the reference takes numbers; these wrappers take [B] tensors only)
+    (None, "got NoneType"),
+    ([0.5, 0.5], "got list"),
+    (torch.full((3,), 0.5), "got (3,)"),
+    (torch.full((2, 1), 0.5), "got (2, 1)"),
+])
+def test_kernel_ops_name_a_parameter_of_another_form(value, fragment):
+    """(Before: None was taken, a number raised AttributeError and a wrong length
+    RuntimeError, from inside the table of parameters.)"""
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="^min_p: expected a tensor of shape \\[2\\]") as err:
+        ops.min_p(x, value)
+    assert fragment in str(err.value)
+    with pytest.raises(ValueError, match="^logits: expected"):
+        ops.min_p(torch.ones(2, 64, dtype=torch.int64), torch.full((2,), 0.5))
+    history = TokenHistory([[1, 2]] * 3, [[]] * 3, vocab_size=64)
+    with pytest.raises(ValueError, match="no_repeat_ngram: history has 3 rows, the logits 2"):
+        ops.no_repeat_ngram(x, history, torch.full((2,), 2))
