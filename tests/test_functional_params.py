@@ -204,7 +204,7 @@ _ROWS, _IDS = torch.tensor([0, 1]), torch.tensor([3, 7])
     (lambda: F.ban_tokens(X, _ROWS.float(), _IDS), "rows must be an integer tensor"),
     (lambda: F.ban_tokens(X, _ROWS, torch.tensor([3, V])), f"token_ids must be in [0, {V}), got {V}"),
     (lambda: F.min_tokens(X, torch.zeros(B + 1, dtype=torch.long), torch.ones(B, dtype=torch.long), _ROWS, _IDS),
-     f"output_lengths must be a tensor of shape [{B}]"),
+     f"output_lengths: expected a tensor of shape [{B}]"),
     (lambda: F.min_tokens(X, torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long), _ROWS,
                           torch.tensor([3, V + 5])), f"token_ids must be in [0, {V}), got {V + 5}"),
 ])

@@ -47,6 +47,7 @@ __all__ = [
     "no_overflow",
     "trusted_params",
     "check_entries",
+    "check_row_tensor",
     "select_rows",
     "fill_removed",
     "sort_values_desc",
@@ -138,6 +139,14 @@ def trusted_params() -> Iterator[None]:
         yield
     finally:
         _TRUSTED_PARAMS.reset(token)
+
+
+def check_row_tensor(value: object, logits: Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a tensor ``[B]`` for the ``[B, V]``
+    ``logits`` (where a number is not also taken: ``row_param`` takes both)."""
+    if not isinstance(value, Tensor) or value.shape != logits.shape[:1]:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name}: expected a tensor of shape [{logits.shape[0]}], got {got}")
 
 
 def check_entries(logits: Tensor, sampler: str, rows: object, token_ids: object,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._stats import (_NO_OVERFLOW, ParamLike, carry_removed, cast_saturating, check_entries, check_logits,
-                     noted_removed, row_param)
+                     check_row_tensor, noted_removed, row_param)
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties", "penalties_"]
 
@@ -103,10 +103,8 @@ def min_tokens(
     """
     check_logits(logits)
     check_entries(logits, "min_tokens", rows, token_ids)
-    for name, t in (("output_lengths", output_lengths), ("min_tokens", min_tokens)):
-        if not isinstance(t, torch.Tensor) or t.shape != logits.shape[:1]:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"min_tokens: {name} must be a tensor of shape [{logits.shape[0]}], got {got}")
+    check_row_tensor(output_lengths, logits, "min_tokens: output_lengths")
+    check_row_tensor(min_tokens, logits, "min_tokens: min_tokens")
     out = logits.clone()
     if rows.numel():
         r = rows.to(torch.int64)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 import samplers.functional as F
-from samplers.functional._stats import check_logits
+from samplers.functional._stats import check_logits, check_row_tensor
 from samplers.history import TokenHistory, check_history
 
 from . import codes as C
@@ -34,14 +34,8 @@ def _single(logits: torch.Tensor, code: int, seen: Optional[torch.Tensor] = None
     the values' intervals are not checked)."""
     check_logits(logits)
     for name, value in params.items():
-        _check_rows(name, value, logits)
+        check_row_tensor(value, logits, name)
     return run_single(logits, code, seen=seen, counts=counts, banned=banned, **params)
-
-
-def _check_rows(name: str, value: object, logits: torch.Tensor) -> None:
-    if not isinstance(value, torch.Tensor) or value.shape != logits.shape[:1]:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{name}: expected a tensor of shape [{logits.shape[0]}], got {got}")
 
 
 # ---------------------------------------------------------------------------- truncation
@@ -130,7 +124,7 @@ def no_repeat_ngram(logits: torch.Tensor, history: TokenHistory, no_repeat_ngram
     """Kernel path of ``samplers.functional.no_repeat_ngram``: torch match search, in-kernel ban."""
     check_logits(logits)
     check_history(history, logits, "no_repeat_ngram")
-    _check_rows("no_repeat_ngram_size", no_repeat_ngram_size, logits)
+    check_row_tensor(no_repeat_ngram_size, logits, "no_repeat_ngram_size")
     banned = ngram_banned(history, no_repeat_ngram_size, logits.shape[1])
     if banned is None:
         return logits.clone()
