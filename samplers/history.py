@@ -140,6 +140,11 @@ class _Part(NamedTuple):
     dest: np.ndarray | None
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (token ids, rows): not floating, complex or bool."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_history(history: object, logits: torch.Tensor, sampler: str) -> None:
     """``ValueError`` naming ``sampler`` unless ``history`` is a :class:`TokenHistory` of the
     ``[B, V]`` ``logits``' rows: ``B`` rows, on the logits' device, with a vocabulary of at
@@ -342,7 +347,7 @@ class TokenHistory:
         """
         b = self.batch_size
         tok = torch.as_tensor(token_ids, device=self.device)
-        if tok.dtype.is_floating_point or tok.dtype.is_complex or tok.dtype == torch.bool:
+        if not is_integer_dtype(tok.dtype):
             raise ValueError(f"append: token_ids must be an integer tensor, got dtype {tok.dtype}")
         if tok.dim() > 1:
             raise ValueError(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..history import is_integer_dtype
 from ._rowsum import SumTree, batched_row_sum, tree_lanes
 from ._threads import sort_rows_
 
@@ -161,7 +162,7 @@ def check_entries(logits: Tensor, sampler: str, rows: object, token_ids: object,
         if not isinstance(t, Tensor) or t.dim() != 1:
             got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{sampler}: {name} must be a 1-D tensor, got {got}")
-        if name in ("rows", "token_ids") and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        if name in ("rows", "token_ids") and not is_integer_dtype(t.dtype):
             raise ValueError(f"{sampler}: {name} must be an integer tensor, got {t.dtype}")
         tensors[name] = t
     lengths = [t.numel() for t in tensors.values()]

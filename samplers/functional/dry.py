@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..history import TokenHistory, check_history
+from ..history import TokenHistory, check_history, is_integer_dtype
 from ._stats import (ParamLike, carry_removed, cast_saturating, check_logits, noted_removed, pow_per_entry,
                      row_param)
 
@@ -71,8 +71,7 @@ def _breaker_rows(ids: object, x: torch.Tensor) -> torch.Tensor:
     ``ValueError`` naming the parameter (a float id would be truncated, and a ``[K]`` one
     read as ``[B, K / B]``, each row getting other ids)."""
     b = x.shape[0]
-    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
-            or ids.dtype == torch.bool):
+    if not isinstance(ids, torch.Tensor) or not is_integer_dtype(ids.dtype):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"dry_sequence_breaker_ids: expected an integer tensor [B, K] (or [K] for every row), "
                          f"got {got}")
