@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from .history import TokenHistory
 from .params import FLOAT32_MAX, GREEDY_TEMPERATURE, SamplingParams, _integer, _token_id, _token_ids
 from .priority import SamplerID
 from .sampling import split_seed
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 # Per-row parameters held as float32 [B] tensors (one stacked transfer to the device).
 FLOAT_FIELDS = (
@@ -93,7 +96,7 @@ def _row_record(p: SamplingParams) -> _RowRecord:
     return record
 
 
-def _ragged(lists: Sequence[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ragged(lists: Sequence[np.ndarray], dtype: DTypeLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lists of different lengths as three flat arrays: their entries one after the other
     (``dtype``), each entry's list number and its place in its list."""
     if not lists:
@@ -105,7 +108,7 @@ def _ragged(lists: Sequence[np.ndarray], dtype: type) -> tuple[np.ndarray, np.nd
 
 
 def _padded_table(lists: Sequence[np.ndarray], rows: np.ndarray, B: int, fill: Union[int, float],
-                  dtype: type, width: int = 1) -> np.ndarray:
+                  dtype: DTypeLike, width: int = 1) -> np.ndarray:
     """``[B, K]``: row ``rows[i]`` starts with ``lists[i]``; ``fill`` elsewhere; K the longest
     list (at least ``width``)."""
     flat, which, place = _ragged(lists, dtype)
@@ -114,14 +117,15 @@ def _padded_table(lists: Sequence[np.ndarray], rows: np.ndarray, B: int, fill: U
     return table
 
 
-def _may_leave_float32(absmax, logit_bias, penalties, gain, smoothing, quad, cubic, nsigma,
-                       history_length: int, vocab_size: int):
-    """``SamplingBatch.may_overflow``'s bound for a row of these parameters (floats and bools,
-    or ``[B]`` arrays of them: elementwise) on logits with |l| <= ``absmax``: the largest
+def _may_leave_float32(absmax, factors, history_length: int, vocab_size: int):
+    """``SamplingBatch.may_overflow``'s bound for a row of these parameters (``factors``:
+    ``_overflow_factors``' logit_bias, penalties, gain, smoothing, quad, cubic, nsigma; floats
+    and bools, or ``[B]`` arrays of them: elementwise) on logits with |l| <= ``absmax``: the largest
     magnitude the stages can reach, from the bias (|b| <= 100), the penalties (|f|, |presence|
     <= 2, count <= the history's length), the scaling stages' gain (before and after the
     smoothing polynomial, whose input spread is at most 2m), leaves a margin of 4 to float32's
     largest value, and nsigma's sums of V squares stay below it."""
+    logit_bias, penalties, gain, smoothing, quad, cubic, nsigma = factors
     m = (absmax + 100.0 * logit_bias + 4.0 * history_length * penalties) * gain
     d = 2.0 * m
     m = (m + quad * d * d + cubic * d * d * d) * (1.0 + (gain - 1.0) * smoothing)
@@ -144,10 +148,11 @@ def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarr
     records = [_row_record(p) for p in params]
     B = len(records)
 
-    def joined(part: int, dtype: type) -> np.ndarray:
-        return np.frombuffer(bytearray(b"".join(r[part] for r in records)), dtype=dtype).reshape(B, -1)
+    def joined(parts: Iterable[bytes], dtype: DTypeLike) -> np.ndarray:
+        return np.frombuffer(bytearray(b"".join(parts)), dtype=dtype).reshape(B, -1)
 
-    return joined(0, np.float32), joined(1, np.int64), joined(2, np.bool_), records
+    return (joined((r.floats for r in records), np.float32), joined((r.ints for r in records), np.int64),
+            joined((r.flags for r in records), np.bool_), records)
 
 # One stage of the chain: a sampler, and the rows it applies to at this point
 # (None = every row that enables it; a mask only appears when rows' orders differ).
@@ -390,6 +395,7 @@ class SamplingBatch:
         prompt_token_ids = [[] for _ in range(B)] if prompt_token_ids is None else prompt_token_ids
         output_token_ids = [[] for _ in range(B)] if output_token_ids is None else output_token_ids
         sequence_indices = _sequence_indices(sequence_indices, B)
+        eos: tuple[int, ...]
         if eos_token_ids is None:
             eos = ()
         elif isinstance(eos_token_ids, (int, np.integer)) and not isinstance(eos_token_ids, bool):
@@ -397,7 +403,8 @@ class SamplingBatch:
         else:
             eos = _token_ids("eos_token_ids", eos_token_ids)
 
-        self.params = params
+        #: None in a batch made by ``gather`` (whose rows' parameters stay on the host)
+        self.params: Optional[tuple[SamplingParams, ...]] = params
         self.batch_size = B
         self.vocab_size = vocab_size
         self.device = normalise_device(device)
@@ -420,7 +427,8 @@ class SamplingBatch:
         self._tensors: dict[str, torch.Tensor] = {f: floats[i] for i, f in enumerate(FLOAT_FIELDS)}
         self._tensors.update({f: ints[i] for i, f in enumerate(INT_FIELDS)})
         facts = torch.from_numpy(np.ascontiguousarray(flags.T)).to(self.device)
-        any_row, all_rows = flags.any(axis=0), flags.all(axis=0)
+        # (flags is [B, 16]: each fact's column folded, a [16] array)
+        any_row, all_rows = cast(np.ndarray, flags.any(axis=0)), cast(np.ndarray, flags.all(axis=0))
 
         self.greedy = facts[_GREEDY]
         self.all_greedy = bool(all_rows[_GREEDY])
@@ -465,7 +473,7 @@ class SamplingBatch:
         self.key_lo, self.key_hi = keys[0], keys[1]
         self.seeded = facts[_SEEDED]
         self.all_seeded = bool(all_rows[_SEEDED])
-        self._sequence_indices = sequence_indices
+        self._sequence_indices: Optional[list[int]] = sequence_indices  # (None where params is)
         self.sequence_indices = torch.tensor(sequence_indices, dtype=torch.int64, device=self.device)
         self.max_logprobs = int(ints_host[:, _MAX_LOGPROBS].max())
         self.wants_logprobs = bool(any_row[_LOGPROBS])
@@ -474,7 +482,7 @@ class SamplingBatch:
         self.top_or_raw_logprobs = facts[_TABLE_LOGPROB]  # (rows that ask for alternatives or raw values)
 
     # ------------------------------------------------------------------ construction helpers
-    def _build_token_lists(self, flags: np.ndarray, records: Sequence[_RowRecord]) -> None:
+    def _build_token_lists(self, flags: np.ndarray, records: list[_RowRecord]) -> None:
         """The logit_bias and min_tokens bans as COO lists and DRY's breakers as a table
         (``flags``, ``records``: ``_row_records``'; only the rows that have them are visited)."""
         V = self.vocab_size
@@ -508,21 +516,22 @@ class SamplingBatch:
     def _min_tokens_lists(self, flags: np.ndarray) -> dict[int, np.ndarray]:
         """Row -> the ids its ``min_tokens`` bans (the batch's eos ids, then the row's stop
         ids, each once), for the rows with ``min_tokens > 0`` and at least one such id."""
+        params = self._own_params("gather")  # (called at construction, or by gather on its source)
         out = {}
         for b in np.flatnonzero(flags[:, _MIN_TOKENS]).tolist():
-            ids = list(dict.fromkeys(self.eos_token_ids + tuple(self.params[b].stop_token_ids)))
+            ids = list(dict.fromkeys(self.eos_token_ids + tuple(params[b].stop_token_ids)))
             if ids:
                 out[b] = np.array(ids, dtype=np.int64)
         return out
 
     @functools.cached_property
-    def _overflow_factors(self) -> tuple[tuple, tuple]:
+    def _overflow_factors(self) -> tuple[tuple[np.ndarray, ...], tuple[Union[bool, float], ...]]:
         """The parameters' part of ``may_overflow``, computed once per batch (the parameters do
         not change between steps): per row, ``[B]`` arrays of whether it has a logit_bias and
         penalties, the gain of its scaling stages (repetition penalty, 1 / temperature),
         whether it smooths, its |quadratic| and |cubic| smoothing coefficients and whether it
         runs nsigma; and the same folded over the rows (any flag, the largest factors)."""
-        P, active = self.params, [frozenset(o) for o in self.orders]
+        P, active = self._own_params("may_overflow"), [frozenset(o) for o in self.orders]
 
         def temperature_gain(p: SamplingParams) -> float:
             # a dynamic temperature is at least dynatemp_min (and at least 1e-5)
@@ -556,10 +565,17 @@ class SamplingBatch:
             return True
         rows, folded = self._overflow_factors
         length, V = self.history.max_length, self.vocab_size
-        if not _may_leave_float32(absmax, *folded, length, V):
+        if not _may_leave_float32(absmax, folded, length, V):
             return False
         with np.errstate(over="ignore", invalid="ignore"):
-            return bool(np.any(_may_leave_float32(absmax, *rows, length, V)))
+            return bool(np.any(_may_leave_float32(absmax, rows, length, V)))
+
+    def _own_params(self, caller: str) -> tuple[SamplingParams, ...]:
+        """``params``, which a batch made by ``gather`` lacks (ValueError naming ``caller``)."""
+        if self.params is None:
+            raise ValueError(f"{caller}: this batch was made by gather and has no params: select or "
+                             f"gather from the batch it was gathered from")
+        return self.params
 
     # ------------------------------------------------------------------ access
     def param(self, name: str) -> torch.Tensor:
@@ -584,13 +600,15 @@ class SamplingBatch:
         """A batch of the given rows (in that order; repeats allowed), e.g. without the rows
         whose sequences finished. Histories and their derived state (counts, match lengths)
         are carried over, not rebuilt."""
+        params = self._own_params("select")
+        sequence_indices = cast("list[int]", self._sequence_indices)  # (None only where params is)
         host = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         if any(not 0 <= r < self.batch_size for r in host):
             raise ValueError(f"select: rows must be in [0, {self.batch_size}), got {host}")
         index = torch.tensor(host, dtype=torch.int64, device=self.device)
         return SamplingBatch(
-            [self.params[r] for r in host], vocab_size=self.vocab_size, device=self.device,
-            eos_token_ids=self.eos_token_ids, sequence_indices=[self._sequence_indices[r] for r in host],
+            [params[r] for r in host], vocab_size=self.vocab_size, device=self.device,
+            eos_token_ids=self.eos_token_ids, sequence_indices=[sequence_indices[r] for r in host],
             history=self.history.select(index, host_rows=host),
         )
 
@@ -612,6 +630,7 @@ class SamplingBatch:
         whether rows of default parameters are among them is then known exactly, so a
         batch with none skips the ``[R, V]`` pass that returns such rows unchanged.
         """
+        self._own_params("gather")  # (its host-side row facts would be another batch's rows)
         R = int(index.shape[0])
         if history.batch_size != R:
             raise ValueError(f"gather: history has {history.batch_size} rows but index has {R}")
@@ -660,8 +679,9 @@ class SamplingBatch:
         out: dict = {}
         B = self.batch_size
         if self.logit_bias_coo is not None:
+            params = self._own_params("gather")
             with_bias = np.flatnonzero(self._row_flags[:, _LOGIT_BIAS])
-            records = [_row_record(self.params[b]) for b in with_bias]
+            records = [_row_record(params[b]) for b in with_bias]
             ids = _padded_table([r.bias_ids for r in records], with_bias, B, 0, np.int64)
             # (a bias of -0.0 pads: x + -0.0 == x, bitwise)
             bias = _padded_table([r.bias_values for r in records], with_bias, B, -0.0, np.float32)

@@ -112,3 +112,19 @@ def test_gather_with_the_rows_taken_knows_its_default_rows(index):
     assert torch.equal(got, pipe.process(logits, plain))
     default = torch.tensor(index) == 0
     assert torch.equal(got[default], logits[default])
+
+
+def test_a_gathered_batch_refuses_select_and_gather():
+    """A batch made by ``gather`` keeps its source's host-side row facts (which rows are
+    default, the padded bias lists), so gathering from it again would use the wrong rows'
+    facts: before the refusal, ``[default, temperature=0.5]`` gathered with ``[1, 0]`` and
+    then ``rows_taken=[0]`` judged its one row default and returned it unprocessed."""
+    table = SamplingBatch([SamplingParams(), SamplingParams(temperature=0.5)], vocab_size=V)
+    prompts, outputs = histories(random.Random(0), 2)
+    once = table.gather(torch.tensor([1, 0]), from_tensors(prompts, outputs))
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(SamplerPipeline(backend="torch").process(logits, once)[0], logits[0] / 0.5)
+    with pytest.raises(ValueError, match="gather: this batch was made by gather"):
+        once.gather(torch.tensor([0]), from_tensors(prompts[:1], outputs[:1]), rows_taken=[0])
+    with pytest.raises(ValueError, match="select: this batch was made by gather"):
+        once.select([0])
