@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -99,6 +99,7 @@ def run_demo(out=None) -> list[dict]:
     start = time.perf_counter()
     drawn = pipe.sample(stacked, batch, return_processed=True)
     processed = drawn.processed
+    assert processed is not None  # return_processed=True
     elapsed = time.perf_counter() - start
     print(f"samplers demo: {len(params)} presets in one heterogeneous batch, V={VOCAB}, "
           f"history {len(prompt)}+{len(output)} tokens (the phrase 5 9 13 -> 17 repeats)", file=out)
@@ -240,9 +241,9 @@ def run_model_demo(out=None, max_tokens: int = 48, progress: bool = True) -> lis
              f"{'entropy':>8}"
     print(header, file=out)
     print("-" * len(header), file=out)
-    for r in rows:
-        print(f"{r['preset']:<30} {r['tokens']:>6} {r['repeated_3gram_rate']:>12.3f} {r['distinct_1']:>10.3f} "
-              f"{r['distinct_2']:>10.3f} {r['mean_entropy']:>8.3f}", file=out)
+    for row in rows:
+        print(f"{row['preset']:<30} {row['tokens']:>6} {row['repeated_3gram_rate']:>12.3f} "
+              f"{row['distinct_1']:>10.3f} {row['distinct_2']:>10.3f} {row['mean_entropy']:>8.3f}", file=out)
     total = sum(r["tokens"] for r in rows)
     print("\nrep. 3-grams: share of a text's token 3-grams that repeat an earlier one of the same text; "
           "distinct-n: distinct n-grams / n-grams;\nentropy: mean over the steps of the entropy (nats) of "
@@ -310,7 +311,7 @@ def run_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [x for x in (args.preset, args.params, args.request) if x is not None]
     if len(given) > 1:
         parser.error("give one request: a preset name, --params or --request")
-    requests: dict[str, object] = {}
+    requests: dict[str, Any] = {}  # parsed JSON bodies: from_dict checks that each is an object
     try:
         if args.preset is not None:
             name, body = find_preset(args.preset)
@@ -339,6 +340,7 @@ def run_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if p.has_guided_decoding:
             print(f"note: {name}: guided decoding (guided_*) is applied by samplers.generate, not drawn here")
     kwargs = dict(_plot_inputs(args.synthetic, args.prompt), top_n=args.top, seed=args.seed, svg=args.svg)
+    pic: Union[plot.ComparePicture, plot.ChainPicture]
     try:
         plot.require_matplotlib()
         if args.compare:
@@ -355,8 +357,8 @@ def run_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ImportError as exc:
         print(f"samplers plot: {exc}", file=sys.stderr)
         return 1
-    for p in pic.paths:
-        print(f"wrote {p}")
+    for written in pic.paths:
+        print(f"wrote {written}")
     return 0
 
 

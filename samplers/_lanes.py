@@ -145,7 +145,8 @@ def _lane_pack(x: torch.Tensor) -> Optional[LanePacked]:
         flat, values = flat[kept], values[kept]
     if not np.isfinite(values).all():
         return None
-    return _pack(flat, values, tuple(x.shape), lanes)
+    batch, vocab = x.shape
+    return _pack(flat, values, (batch, vocab), lanes)
 
 
 def _pack(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], lanes: int) -> Optional[LanePacked]:
@@ -205,7 +206,8 @@ def _probe_rows() -> list[torch.Tensor]:
 def _reproduces(x: torch.Tensor, lanes: int) -> bool:
     """Whether ``lanes``-wide packed rows give ``x``'s softmax and log_softmax bits."""
     flat = np.flatnonzero(x.numpy().reshape(-1) != -np.inf)
-    rows = _pack(flat, x.numpy().reshape(-1)[flat], tuple(x.shape), lanes)
+    batch, vocab = x.shape
+    rows = _pack(flat, x.numpy().reshape(-1)[flat], (batch, vocab), lanes)
     if rows is None:
         return False
     for kernel in (torch.softmax, torch.log_softmax):

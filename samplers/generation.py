@@ -35,7 +35,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Sequence, Union, overload
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union, overload
 
 import torch
 
@@ -230,6 +230,7 @@ class _Run:
         for r, ids in enumerate(self.prompt_ids):
             if any(t >= self.vocab_size for t in ids):
                 raise ValueError(f"prompt {r} contains token id {max(ids)}, outside [0, vocab_size={self.vocab_size})")
+        fwd: Mapping[str, inspect.Parameter]
         try:
             fwd = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
@@ -303,7 +304,7 @@ class _Run:
         detoks = [_Detok(tok, p.skip_special_tokens) if t else None for p, t in zip(row_params, track)]
         emitted = [0] * R              # characters already streamed
         searched = [0] * R             # text length already searched for stop strings
-        finish = [None] * R            # (reason, stop_reason)
+        finish: list[Optional[tuple[str, Union[int, str, None]]]] = [None] * R   # (reason, stop_reason)
         final_text: list[Optional[str]] = [None] * R
         max_stop = [max((len(s) for s in p.stop), default=0) for p in row_params]
 
@@ -400,6 +401,7 @@ class _Run:
                 done_list = done.tolist()
                 for i, g in tracked:
                     d = detoks[g]
+                    assert d is not None  # tracked rows have one
                     d.add(tok_list[i])
                     p = row_params[g]
                     if p.stop and n_out >= p.min_tokens and not by_token_list[i]:
@@ -512,8 +514,8 @@ class _Run:
             chosen = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()
             k = p.prompt_logprobs
             if k > 0:
-                ti, tv = top_logprobs(lp, min(k, lp.shape[-1]))  # (ties: lower token id first)
-                tv, ti = tv.tolist(), ti.tolist()
+                top_ids, top_vals = top_logprobs(lp, min(k, lp.shape[-1]))  # (ties: lower token id first)
+                tv, ti = top_vals.tolist(), top_ids.tolist()
             entries: list = [None]
             for t in range(n - 1):
                 e = {ids[t + 1]: chosen[t]}
@@ -556,13 +558,14 @@ class _Run:
             if p.logprobs is not None and lps is not None:
                 chosen = lps[g].tolist()
                 k = p.logprobs
-                top_i = tops[0][g][:, :k].tolist() if (tops is not None and k > 0) else None
-                top_v = tops[1][g][:, :k].tolist() if (tops is not None and k > 0) else None
+                # (this row's top ids and values)
+                top = (tops[0][g][:, :k].tolist(), tops[1][g][:, :k].tolist()) if (tops is not None and k > 0) \
+                    else None
                 entries = []
                 for t, (tid, v) in enumerate(zip(ids, chosen)):
                     e = {tid: v}
-                    if top_i is not None:
-                        for i, val in zip(top_i[t], top_v[t]):
+                    if top is not None:
+                        for i, val in zip(top[0][t], top[1][t]):
                             if val > -math.inf:  # (a removed token fills a short row's last places)
                                 e.setdefault(i, val)
                     entries.append(e)
@@ -650,4 +653,5 @@ def generate(
         return GenerationStream(run)
     for _ in run.steps():
         pass
+    assert run.results is not None  # set once steps() is exhausted
     return run.results

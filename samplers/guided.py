@@ -32,7 +32,7 @@ import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 
@@ -455,7 +455,7 @@ class GuidedRows:
         pos = [i for i, g in enumerate(active) if self.guided[g] and not self.terminated[active[i]]]
         bm = torch.full((len(pos), self.W), -1, dtype=torch.int32)
         for k, i in enumerate(pos):
-            self.matchers[active[i]].fill(bm, k)
+            cast(_Matcher, self.matchers[active[i]]).fill(bm, k)  # (pos: guided rows, which have one)
         only_stop = ((bm & self._content) == 0).all(-1).tolist()
         complete = [i for k, i in enumerate(pos) if only_stop[k]]
         complete += [i for i, g in enumerate(active) if self.guided[g] and self.terminated[g]]

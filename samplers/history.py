@@ -48,7 +48,7 @@ of magnitude smaller. Every later update is exact.
 from __future__ import annotations
 
 from itertools import chain
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, cast
 
 import numpy as np
 import torch
@@ -432,13 +432,15 @@ class TokenHistory:
         b = self.batch_size
         tk = tok.numpy()
         rows = np.arange(b)
-        fresh = ~self._seen.numpy()[rows, np.where(mask_host, tk, 0) if mask_host is not None else tk]
+        # (called with the list built; it is built from the mask, so both are there)
+        seen, buf = cast(torch.Tensor, self._seen), cast(np.ndarray, self._seen_buf)
+        fresh = ~seen.numpy()[rows, np.where(mask_host, tk, 0) if mask_host is not None else tk]
         if mask_host is not None:
             fresh &= mask_host
         new = (rows * self.vocab_size + tk)[fresh]
         if not new.size:
             return
-        n, buf = self._seen_n, self._seen_buf
+        n = self._seen_n
         if n + new.size > buf.size:
             grown = np.empty(max(2 * buf.size, n + new.size, _MIN_CAPACITY), dtype=np.int64)
             grown[:n] = buf[:n]
@@ -520,7 +522,7 @@ class TokenHistory:
             parts.append(_Part(h, torch.from_numpy(host).to(h.device, non_blocking=True), host, dest))
         if not parts:
             return first.select([])
-        if len(parts) == 1 and np.array_equal(parts[0].dest, np.arange(src.size)):
+        if len(parts) == 1 and np.array_equal(cast(np.ndarray, parts[0].dest), np.arange(src.size)):
             return TokenHistory._gather([parts[0]._replace(dest=None)])
         return TokenHistory._gather(parts)
 
@@ -532,7 +534,7 @@ class TokenHistory:
         dev = first.device
         b = sum(p.host.size for p in parts)
         one = parts[0].dest is None
-        dest = None if one else [torch.from_numpy(p.dest).to(dev, non_blocking=True) for p in parts]
+        dest = [] if one else [torch.from_numpy(p.dest).to(dev, non_blocking=True) for p in parts]
 
         if not one and any(p.history._match is not None for p in parts):
             for p in parts:  # built or brought up to date: one bookkeeping then holds for all
@@ -624,7 +626,8 @@ class TokenHistory:
         for p in parts:
             h = p.history
             if h._match_nz is None:
-                h._match_nz = np.divmod(np.flatnonzero(h._match.numpy()), h._match.shape[1])
+                match = cast(torch.Tensor, h._match)  # (every part's is built: see _gather)
+                h._match_nz = np.divmod(np.flatnonzero(match.numpy()), match.shape[1])
             nz_r, nz_c = h._match_nz
             per_row = np.bincount(nz_r, minlength=h.batch_size)
             first = np.cumsum(per_row) - per_row + offset
@@ -823,12 +826,12 @@ class TokenHistory:
             for _ in range(iters):
                 mid = (lo + hi + 1) >> 1
                 ia, ic = at_j - mid, at_len - mid  # P[j - mid], P[len - mid]
-                ok = None
+                eq: list[torch.Tensor] = []
                 for k in range(2):
                     diff = (p_j[k] - flat[k].index_select(0, ia)) * shift[k]
                     diff -= p_len[k] - flat[k].index_select(0, ic)
-                    eq = diff.remainder_(HASH_MODULI[k]) == 0
-                    ok = eq if ok is None else ok & eq
+                    eq.append(diff.remainder_(HASH_MODULI[k]) == 0)
+                ok = eq[0] & eq[1]
                 lo = torch.where(ok, mid, lo)
                 hi = torch.where(ok, hi, mid - 1)
             match[long_b, long_j] = lo.to(torch.int32)
@@ -971,7 +974,8 @@ class TokenHistory:
             match = self.match_lengths()
             rows, cols = match.nonzero(as_tuple=True)
             return rows, cols, match[rows, cols]
-        return tuple(torch.from_numpy(a) for a in self.match_entries_host())  # type: ignore[return-value]
+        at_rows, at_cols, lengths = self.match_entries_host()
+        return torch.from_numpy(at_rows), torch.from_numpy(at_cols), torch.from_numpy(lengths)
 
     def match_entries_host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`match_entries` of a CPU history as numpy arrays (the same entries, the same

@@ -15,7 +15,7 @@ import numbers
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union, cast
 
 from .functional._stats import SKEW_MAX, SMOOTHING_MAX, format_interval
 from .priority import SamplerID, parse_sampler_priority, resolve_order
@@ -244,8 +244,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
 
-        for name, lo, hi in (("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0)):
-            set_(name, _float_param(name, getattr(self, name), lo, hi))
+        for name in ("frequency_penalty", "presence_penalty"):
+            set_(name, _float_param(name, getattr(self, name), -2.0, 2.0))
         set_("repetition_penalty", _float_param("repetition_penalty", self.repetition_penalty, 0.0, None,
                                                 lo_open=True))
 
@@ -271,8 +271,8 @@ class SamplingParams:
         set_("smoothing_curve", _float_param("smoothing_curve", self.smoothing_curve, 1.0, SMOOTHING_MAX))
         set_("temperature_last", _boolean("temperature_last", self.temperature_last))
 
-        v = _integer("top_k", self.top_k, -1, hint=" (-1 or 0: off)")
-        set_("top_k", 0 if v == -1 else v)
+        k = _integer("top_k", self.top_k, -1, hint=" (-1 or 0: off)")
+        set_("top_k", 0 if k == -1 else k)
         for name, lo, hi, lo_open, hi_open in (
             ("top_p", 0.0, 1.0, True, False),
             ("top_a", 0.0, None, False, False),
@@ -408,7 +408,8 @@ class SamplingParams:
     @property
     def order(self) -> tuple[SamplerID, ...]:
         """Every sampler id, in the order this row applies them (enabled or not)."""
-        return resolve_order(self.sampler_priority, self.temperature_last)
+        # (__post_init__ stores sampler_priority parsed: a tuple of SamplerID)
+        return resolve_order(cast("tuple[SamplerID, ...]", self.sampler_priority), self.temperature_last)
 
     def enabled_samplers(self) -> frozenset[SamplerID]:
         """The samplers of the ordered chain that change this row's logits."""

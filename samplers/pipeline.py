@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ class _RowRandoms:
 class _SubsetRandoms:
     """``_RowRandoms`` of some rows (a stage that runs on those rows only)."""
 
-    def __init__(self, randoms: _RowRandoms, rows: torch.Tensor) -> None:
+    def __init__(self, randoms: _Randoms, rows: torch.Tensor) -> None:
         self.randoms, self.rows = randoms, rows
 
     def uniforms(self, purpose: int) -> torch.Tensor:
@@ -166,16 +166,20 @@ class _RowsOff:
         return getattr(self.batch, name)
 
 
-Unit = Callable[[torch.Tensor, SamplingBatch, _RowRandoms], torch.Tensor]
+#: What a unit reads the batch from: the batch, or a view of it for a stage of some rows.
+_BatchView = Union[SamplingBatch, _RowSubset, _RowsOff]
+#: What a unit reads its random numbers from: the call's, or those of some rows.
+_Randoms = Union[_RowRandoms, _SubsetRandoms]
+Unit = Callable[[torch.Tensor, _BatchView, _Randoms], torch.Tensor]
 
 
-def _penalty_args(b: SamplingBatch) -> tuple:
+def _penalty_args(b: _BatchView) -> tuple:
     h = b.history
     return (h.seen_mask(), h.output_counts(), b.param("repetition_penalty"), b.param("frequency_penalty"),
             b.param("presence_penalty"), h.seen_ids())
 
 
-def _row_temperatures(x: torch.Tensor, b: SamplingBatch) -> Optional[torch.Tensor]:
+def _row_temperatures(x: torch.Tensor, b: _BatchView) -> Optional[torch.Tensor]:
     """Each row's temperature (static or dynamic), or None when no row has one."""
     t = b.param("static_temperature")  # 1.0 on dynatemp and greedy rows
     if b.any_dynatemp:
@@ -185,12 +189,12 @@ def _row_temperatures(x: torch.Tensor, b: SamplingBatch) -> Optional[torch.Tenso
     return t if b.any_static_temperature else None
 
 
-def _temperature(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _temperature(x: torch.Tensor, b: _BatchView, r: _Randoms) -> torch.Tensor:
     t = _row_temperatures(x, b)
     return x if t is None else F.temperature(x, t)
 
 
-def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _top_p_top_k(x: torch.Tensor, b: _BatchView, r: _Randoms) -> torch.Tensor:
     if b.any_top_k:
         x = F.top_k(x, b.param("top_k"))
     if b.any_top_p:
@@ -198,7 +202,7 @@ def _top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Ten
     return x
 
 
-def _temperature_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _temperature_top_p_top_k(x: torch.Tensor, b: _BatchView, r: _Randoms) -> torch.Tensor:
     """``_temperature`` then ``_top_p_top_k``: the same values, with top_k's removed entries
     left undivided where ``F.temperature_top_k`` can."""
     t = _row_temperatures(x, b)
@@ -208,7 +212,7 @@ def _temperature_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) 
     return F.top_p(x, b.param("top_p")) if b.any_top_p else x
 
 
-def _nsigma_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> torch.Tensor:
+def _nsigma_top_p_top_k(x: torch.Tensor, b: _BatchView, r: _Randoms) -> torch.Tensor:
     """nsigma then ``_top_p_top_k``: the same values, without nsigma's result where
     ``F.nsigma_top_k`` can."""
     if not b.any_top_k:
@@ -217,7 +221,7 @@ def _nsigma_top_p_top_k(x: torch.Tensor, b: SamplingBatch, r: _RowRandoms) -> to
     return F.top_p(x, b.param("top_p")) if b.any_top_p else x
 
 
-def _dry_args(b: SamplingBatch) -> tuple:
+def _dry_args(b: _BatchView) -> tuple:
     return (b.history, b.param("dry_multiplier"), b.param("dry_base"), b.param("dry_allowed_length"),
             b.param("dry_range"), b.dry_sequence_breaker_ids)
 
@@ -322,7 +326,7 @@ def _row_groups(batch: SamplingBatch) -> Optional[list[tuple[torch.Tensor, Sampl
     return [(group.rows, group.part) for group in groups]
 
 
-def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms, draw: bool = False,
+def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _Randoms, draw: bool = False,
                 keep_processed: bool = True, all_finite: bool = False) -> ChainOutput:
     """The reference backend: logit_bias, min_tokens, the batch's schedule of ``UNITS``, skew,
     then (``draw``) the tokens. Same contract as the kernel backend,
@@ -352,7 +356,8 @@ def torch_chain(logits: torch.Tensor, batch: SamplingBatch, randoms: _RowRandoms
     for i, ((sampler, rows), index, host_index) in enumerate(stages):
         if i == fused_done or (index is not None and index.numel() == 0):
             continue
-        if chained[i] and (index is None or chain.is_packed(x) or 2 * index.numel() >= batch.batch_size):
+        if chain is not None and chained[i] and (index is None or chain.is_packed(x)
+                                                 or 2 * index.numel() >= batch.batch_size):
             view = batch if rows is None else _RowsOff(batch, rows, sampler)
             unit, end = UNITS[sampler], i
             # (a fused unit takes full rows: on the chain's packed rows, after a truncation, its
@@ -611,12 +616,13 @@ class SamplerPipeline:
                                                             _SubsetRandoms(randoms, rows), absmax, finite))
             return out
 
-    def _process_rows(self, logits: torch.Tensor, x: torch.Tensor, batch: SamplingBatch, randoms,
+    def _process_rows(self, logits: torch.Tensor, x: torch.Tensor, batch: SamplingBatch, randoms: _Randoms,
                       absmax: float, finite: bool) -> torch.Tensor:
         """``process`` of these rows (``x``: ``logits`` as ``_prepare`` gave them)."""
         if batch.all_identity:
             return logits.clone()
-        return _as_returned(self._chain(x, batch, absmax, finite)(x, batch, randoms).processed, logits, batch)
+        processed = self._chain(x, batch, absmax, finite)(x, batch, randoms).processed
+        return _as_returned(cast(torch.Tensor, processed), logits, batch)  # (kept: keep_processed's default)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, return_processed: bool = False) -> SamplerOutput:
         """Process, then draw one token per row (greedy rows: argmax) with log-probabilities;
@@ -641,17 +647,21 @@ class SamplerPipeline:
                                        batch.max_logprobs, return_processed) for rows, part in groups]
         return _merged([rows for rows, _ in groups], parts, batch.batch_size)
 
-    def _sample_rows(self, logits: torch.Tensor, x: torch.Tensor, batch: SamplingBatch, randoms, absmax: float,
-                     finite: bool, need_processed: bool, num_top: int, return_processed: bool) -> SamplerOutput:
+    def _sample_rows(self, logits: torch.Tensor, x: torch.Tensor, batch: SamplingBatch, randoms: _Randoms,
+                     absmax: float, finite: bool, need_processed: bool, num_top: int,
+                     return_processed: bool) -> SamplerOutput:
         """``sample`` of these rows (``x``: ``logits`` as ``_prepare`` gave them), with
         ``num_top`` top log-probabilities per row."""
         out = self._chain(x, batch, absmax, finite)(x, batch, randoms, draw=True,
                                                     keep_processed=need_processed or return_processed)
-        processed = _as_returned(out.processed, logits, batch) if return_processed else None
+        tokens = cast(torch.Tensor, out.token_ids)  # (drawn: draw=True)
+        processed = _as_returned(cast(torch.Tensor, out.processed), logits, batch) if return_processed else None
         if not need_processed and out.logprobs is not None:  # (the chain's own: no raw rows)
-            return SamplerOutput(token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=None,
+            return SamplerOutput(token_ids=tokens, logprobs=out.logprobs, top_logprobs=None,
                                  processed=processed)
-        chosen, top = compute_logprobs(out.processed, x, batch.raw_logprobs, out.token_ids, num_top,
+        # (the processed logits: kept when needed, and returned whenever the chain gives no
+        # logprobs, ChainOutput's contract)
+        chosen, top = compute_logprobs(cast(torch.Tensor, out.processed), x, batch.raw_logprobs, tokens, num_top,
                                        any_raw=batch.any_raw_logprobs)
         if out.logprobs is not None:
             # The kernel backend's draw gave each row's log-probability: a row that asks for no
@@ -659,7 +669,7 @@ class SamplerPipeline:
             # (the two computations may differ by an ulp); the others take the table's value,
             # the one their alternatives show.
             chosen = torch.where(batch.top_or_raw_logprobs, chosen, out.logprobs)
-        return SamplerOutput(token_ids=out.token_ids, logprobs=chosen, top_logprobs=top, processed=processed)
+        return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top, processed=processed)
 
 
 def _rows_of(logits: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,19 +683,22 @@ def _merged(groups: list[torch.Tensor], parts: list[SamplerOutput], batch_size: 
     """The ``SamplerOutput`` of a batch from those of its row groups (``groups[i]``: the
     batch's rows that ``parts[i]`` holds, in its order)."""
 
-    def merge(tensors: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-        if tensors[0] is None:
-            return None
+    def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
         out = tensors[0].new_empty((batch_size, *tensors[0].shape[1:]))
         for rows, t in zip(groups, tensors):
             out.index_copy_(0, rows, t)
         return out
 
+    # (the parts were computed alike: an optional result is in every part or in none)
     top = None
     if parts[0].top_logprobs is not None:
-        top = tuple(merge([p.top_logprobs[i] for p in parts]) for i in range(2))
+        tops = [cast("tuple[torch.Tensor, torch.Tensor]", p.top_logprobs) for p in parts]
+        top = (merge([t[0] for t in tops]), merge([t[1] for t in tops]))
+    processed = None
+    if parts[0].processed is not None:
+        processed = merge([cast(torch.Tensor, p.processed) for p in parts])
     return SamplerOutput(token_ids=merge([p.token_ids for p in parts]), logprobs=merge([p.logprobs for p in parts]),
-                         top_logprobs=top, processed=merge([p.processed for p in parts]))
+                         top_logprobs=top, processed=processed)
 
 
 def _as_returned(processed: torch.Tensor, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -39,8 +39,8 @@ __all__ = ["StageView", "ChainPicture", "ComparePicture", "chain_stages", "chain
            "next_token_logits", "require_matplotlib"]
 
 #: The stages outside the ordered chain: before it (logit_bias, min_tokens) and after it (skew).
-PRE_STAGES = {"logit_bias": {"logit_bias": None}, "min_tokens": {"min_tokens": 0}}
-POST_STAGES = {"skew": {"skew": 0.0}}
+PRE_STAGES: dict[str, dict[str, Any]] = {"logit_bias": {"logit_bias": None}, "min_tokens": {"min_tokens": 0}}
+POST_STAGES: dict[str, dict[str, Any]] = {"skew": {"skew": 0.0}}
 
 #: Parameters a panel title shows besides the ones that switch the stage on.
 _ALSO_SHOWN: dict[str, tuple[str, ...]] = {

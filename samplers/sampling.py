@@ -58,8 +58,10 @@ def philox4x32(
     was most of a small batch's XTC and draw."""
     words = (c0, c1, c2, c3, k0, k1)
     if all(w.device.type == "cpu" for w in words):
-        out = _philox4x32_words(*(w.numpy().astype(np.uint64) for w in words), rounds=rounds)
-        return tuple(torch.from_numpy(o.astype(np.int64)) for o in out)
+        w0, w1, w2, w3, w4, w5 = (w.numpy().astype(np.uint64) for w in words)
+        o0, o1, o2, o3 = (torch.from_numpy(o.astype(np.int64))
+                          for o in _philox4x32_words(w0, w1, w2, w3, w4, w5, rounds=rounds))
+        return o0, o1, o2, o3
     return _philox4x32_torch(*words, rounds=rounds)
 
 
@@ -124,9 +126,9 @@ def row_uniforms(
             lo, hi, step_w, seq_w = (int(w) & _MASK32 for w in words)
             bits = np.array([_philox4x32_words(step_w, seq_w, purpose & _MASK32, 0, lo, hi)[0]], dtype=np.uint64)
         else:
-            lo, hi, step_w, seq_w = (w.numpy().astype(np.uint64) & np.uint64(_MASK32) for w in words)
-            zero = np.zeros_like(step_w)
-            bits = _philox4x32_words(step_w, seq_w, zero + np.uint64(purpose & _MASK32), zero, lo, hi)[0]
+            lo_a, hi_a, step_a, seq_a = (w.numpy().astype(np.uint64) & np.uint64(_MASK32) for w in words)
+            zero = np.zeros_like(step_a)
+            bits = _philox4x32_words(step_a, seq_a, zero + np.uint64(purpose & _MASK32), zero, lo_a, hi_a)[0]
         signed = bits.astype(np.uint32).view(np.int32)
         magnitude = signed ^ (signed >> 31)  # -signed - 1 for the negative ones
         return torch.from_numpy(magnitude.astype(np.float32) * np.float32(_UNIFORM_SCALE))
@@ -240,8 +242,8 @@ def _draw_tokens_cpu(work: torch.Tensor, greedy: torch.Tensor, uniforms: torch.T
     # (past a row's last p > 0, where rounding can put the target: that last one; every row
     # has one, its largest logit's)
     last = (probs.shape[1] - 1) - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
-    j = torch.minimum(j, last).numpy()
-    tokens = torch.from_numpy(rows.flat[starts + j] % vocab)
+    at = torch.minimum(j, last).numpy()
+    tokens = torch.from_numpy(rows.flat[starts + at] % vocab)
     return torch.where(greedy, work.argmax(dim=-1), tokens) if any_greedy else tokens
 
 

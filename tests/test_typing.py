@@ -1,7 +1,8 @@
 """What a type-checked user sees: ``mypy`` on code calling the README's public API finds no
 error (``tests/typecheck/public_api.py``) and finds the wrong types it should
 (``tests/typecheck/wrong_types.py``: the annotations are read, not taken as ``Any``); the
-checked calls also run."""
+checked calls also run. And the package itself checks clean under its own configuration
+(pyproject.toml's ``[tool.mypy]``): the annotations ``py.typed`` promises agree with the code."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def test_mypy_reads_the_public_api_as_documented(tmp_path):
     expected = {("wrong_types.py", n) for n, line in enumerate(wrong, 1) if line.endswith("# error")}
     assert len(expected) == 4
     assert reported == expected, r.stdout
+
+
+def test_the_package_checks_clean(tmp_path):
+    pytest.importorskip("mypy")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "--hide-error-context"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
 
 
 def test_the_checked_calls_run():

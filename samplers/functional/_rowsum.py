@@ -84,7 +84,8 @@ class SumTree:
         self.streams = streams = batch * _ACCUMULATORS * lanes
         # (flat is row-major and increasing: each row's entries are a run; lanes, 4 and S are
         # powers of 2: shifts and masks instead of integer divisions)
-        index = np.int32 if batch * vocab < 2**31 else np.int64  # (int32: half the bytes to move)
+        # (int32 where it fits: half the bytes to move)
+        index: type[np.signedinteger] = np.int32 if batch * vocab < 2**31 else np.int64
         ends = np.searchsorted(flat, np.arange(1, batch + 1, dtype=np.int64) * vocab)
         row = np.repeat(np.arange(batch, dtype=index), np.diff(ends, prepend=0))
         col = flat.astype(index) - row * index(vocab)
@@ -112,7 +113,7 @@ class SumTree:
 
     def _fold_entries(self, values: np.ndarray) -> np.ndarray:
         S, blocks, g1, g2, streams = self.S, self.blocks, self.groups1, self.groups2, self.streams
-        leaves = np.zeros((blocks + 1) * streams, dtype=np.float32)
+        leaves: np.ndarray = np.zeros((blocks + 1) * streams, dtype=np.float32)
         np.add.at(leaves, self.leaf, values[self.core])
         leaves = leaves.reshape(blocks + 1, streams)
         level1 = _fold_groups(leaves[:g1 * S], S)

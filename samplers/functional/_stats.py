@@ -20,7 +20,7 @@ import contextvars
 import math
 import threading
 import weakref
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union, overload
 
 import numpy as np
 import torch
@@ -211,6 +211,22 @@ def row_sum(x: Tensor, sparse: Optional["SparseRows"] = None) -> Tensor:
     (``batched_row_sum``); for packed rows (``sparse``, see ``SparseRows``) the sum of the full
     rows they stand for (``x``'s entries at their columns, 0 elsewhere)."""
     return batched_row_sum(x) if sparse is None else sparse.row_sum(x)
+
+
+# (the second value's type follows ``with_log``, for type checkers)
+@overload
+def softmax_and_log_softmax(l32: Tensor, with_log: Literal[True] = ...,
+                            sparse: Optional["SparseRows"] = ...) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def softmax_and_log_softmax(l32: Tensor, with_log: Literal[False],
+                            sparse: Optional["SparseRows"] = ...) -> tuple[Tensor, None]: ...
+
+
+@overload
+def softmax_and_log_softmax(l32: Tensor, with_log: bool,
+                            sparse: Optional["SparseRows"] = ...) -> tuple[Tensor, Optional[Tensor]]: ...
 
 
 def softmax_and_log_softmax(l32: Tensor, with_log: bool = True,
@@ -868,7 +884,7 @@ def _sum_tree(flat: np.ndarray, shape: tuple[int, int]) -> Optional[SumTree]:
     return tree
 
 
-def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int
+def _live_hint(xn: np.ndarray, shape: tuple[int, int], sample_live: int | np.intp
                ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], int, np.ndarray]]:
     """The hint of ``note_live_hint`` (``(flat, pos, width)``, and which of the hinted entries
     are not ``-inf``) when every entry of ``xn`` (the
@@ -928,8 +944,9 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
     chain = _CHAIN.get()
     if chain is not None and chain.armed:
         chain.armed = False
-        if chain.is_packed(logits):
-            return chain.rows.with_pad(pad, min_width)
+        rows = chain.rows
+        if rows is not None and logits is rows.logits:  # (chain.is_packed, spelt out: it narrows rows)
+            return rows.with_pad(pad, min_width)
     if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
             or logits.requires_grad):
         return None
@@ -966,6 +983,17 @@ def compact_rows(logits: Tensor, pad: int = 0, min_width: int = 1) -> Optional[S
         if flat.size * _SPARSE_FRACTION > xn.size:
             return None
     return pack_entries(flat, xn[flat], (batch, vocab), pad, min_width)
+
+
+# (for type checkers: with ``force`` the result is never None)
+@overload
+def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = ...,
+                 min_width: int = ..., *, force: Literal[True]) -> SparseRows: ...
+
+
+@overload
+def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = ...,
+                 min_width: int = ..., force: bool = ...) -> Optional[SparseRows]: ...
 
 
 def pack_entries(flat: np.ndarray, values: np.ndarray, shape: tuple[int, int], pad: int = 0,
@@ -1191,9 +1219,10 @@ class PackedChain:
     def expand(self, x: Tensor) -> Tensor:
         """``x`` as ``[B, V]`` rows: packed rows are expanded (and noted for the next
         ``compact_rows``, see ``note_live_hint``); other tensors come back as they are."""
-        if not self.is_packed(x):
+        rows = self.rows
+        if rows is None or x is not rows.logits:  # (not is_packed, spelt out: it narrows rows)
             return x
-        rows, self.rows = self.rows, None
+        self.rows = None
         return rows.expand_and_note(x)
 
 
@@ -1392,8 +1421,8 @@ def sort_nonneg(x: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
         if not (descending and bool((high < 0).any())):  # (a NaN with its sign bit: the int64 way)
             np.copyto(halves[..., 0], np.arange(vocab, dtype=np.int32))
             sort_rows_(key)
-            values = np.subtract(0x7FFFFFFF, high) if descending else high.copy()
-            return torch.from_numpy(values.view(np.float32)), torch.from_numpy(halves[..., 0].astype(np.int64))
+            value_bits = np.subtract(0x7FFFFFFF, high) if descending else high.copy()
+            return torch.from_numpy(value_bits.view(np.float32)), torch.from_numpy(halves[..., 0].astype(np.int64))
         key = bits.astype(np.int64)
         np.subtract(0x7FFFFFFF, key, out=key)
         np.left_shift(key, 32, out=key)

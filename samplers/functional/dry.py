@@ -241,10 +241,10 @@ def _carry_removed(noted: Optional[tuple[torch.Tensor, torch.Tensor]], x: torch.
 def _dry_from_entries(
     x: torch.Tensor,
     history: TokenHistory,
-    dry_multiplier: ParamLike,
-    dry_base: ParamLike,
-    dry_allowed_length: ParamLike,
-    dry_range: ParamLike,
+    dry_multiplier: torch.Tensor,
+    dry_base: torch.Tensor,
+    dry_allowed_length: torch.Tensor,
+    dry_range: torch.Tensor,
     dry_sequence_breaker_ids: torch.Tensor,
 ) -> torch.Tensor:
     """`dry_` on the CPU from the history's nonzero match lengths (`match_entries`, kept by

@@ -62,13 +62,13 @@ def no_repeat_ngram_(
             # Every banned position has match >= n - 1 >= 1: a nonzero entry, which the
             # history keeps listed (no pass over the histories). Index arithmetic in numpy
             # (a fraction of torch's per-op cost on these short lists).
-            rows, cols, match = history.match_entries_host()
-            n_at = n_np[rows]
-            sel = (n_at >= 1) & (match >= n_at - 1)
-            rows, cols = rows[sel], cols[sel]
-            flat = rows * v + history.tokens.numpy()[rows, cols]
-            x.view(-1)[torch.from_numpy(flat)] = float("-inf")
-            carry_removed(noted, x, flat)
+            rows_np, cols_np, match_np = history.match_entries_host()
+            n_at = n_np[rows_np]
+            sel = (n_at >= 1) & (match_np >= n_at - 1)
+            rows_np, cols_np = rows_np[sel], cols_np[sel]
+            flat_np = rows_np * v + history.tokens.numpy()[rows_np, cols_np]
+            x.view(-1)[torch.from_numpy(flat_np)] = float("-inf")
+            carry_removed(noted, x, flat_np)
             return x
     match = history.match_lengths()[:, :w]
     tok = history.tokens[:, :w]

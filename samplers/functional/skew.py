@@ -178,7 +178,7 @@ def _skewed_sorted(p_sorted: Tensor, power: Tensor) -> _SkewedSorted:
     suffix = p_sorted.device.type != "cpu" or bool(large.any())
     near_one = (c >= 0.5) & large if suffix else None
     log_c = c.log_()
-    if suffix:
+    if near_one is not None:  # (suffix)
         later = torch.empty_like(prefix)
         later[:, -1] = 0.0
         later[:, :-1] = torch.cumsum(p_sorted.flip(-1), dim=-1).flip(-1)[:, 1:]
@@ -335,7 +335,7 @@ def _sorted_tie_groups(ps: np.ndarray, has_zero_p: bool, mask: np.ndarray) -> Op
     if n_tied == 0:
         return None
     if n_tied * _MANY_TIES > ps.size:
-        starts = np.ones((batch, width), dtype=np.bool_)
+        starts: np.ndarray = np.ones((batch, width), dtype=np.bool_)
         np.logical_not(tie, out=starts[:, 1:])
         starts = starts.reshape(-1)
         # (each position's group, counted from 1; int32: numpy's cumsum of bools into int64

@@ -279,9 +279,10 @@ def _keep_at_least_sparse(logits: Tensor, kth: Tensor, top_level: bool = False) 
     ``-inf`` either way. NaN and ``+inf`` entries (where the two could differ, through the
     sign of a NaN difference or the NaN that ``minimum`` returns) are excluded by the caller:
     they would be among the row's largest values."""
+    batch, vocab = logits.shape
     xn = logits.numpy()
     flat = np.flatnonzero(xn >= kth.numpy()[:, None])
-    return _sparse_result(flat, xn.reshape(-1)[flat], logits.shape, top_level)
+    return _sparse_result(flat, xn.reshape(-1)[flat], (batch, vocab), top_level)
 
 
 #: The stride of the sample from which ``_keep_at_least_if_few`` judges how many entries pass.
@@ -440,7 +441,7 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     return largest.gather(-1, (k_row - 1)[:, None])[:, 0], largest
 
 
-def _few_neg_inf(xn: np.ndarray) -> bool:
+def _few_neg_inf(xn: np.ndarray) -> np.bool_:
     """Whether at most about an eighth of ``xn``'s entries are ``-inf`` (only chooses a path:
     both give the same values). Rows of more than ``2**16`` entries are judged from every
     61st entry (over a thousand of them), which spares a full pass over cold rows."""

@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - exercised only without the hf extra
 from ..batch import SamplingBatch
 from ..params import SamplingParams
 from ..pipeline import SamplerPipeline
+from ..sampling import SamplerOutput
 
 __all__ = ["SamplersLogitsProcessor", "neutral_generate_kwargs", "expand_params", "apply_user_processors",
            "eos_ids_of"]
@@ -100,7 +101,7 @@ def neutral_generate_kwargs(model: Any = None, **overrides: Any) -> dict:
     else (a checkpoint that sets it, or no ``model`` given) ``min_new_tokens=0``, which
     overrides any ``min_length`` with the prompt length, a no-op; a checkpoint that sets
     both gets transformers' warning. Neither is added when ``overrides`` gives one."""
-    kwargs = dict(_NEUTRAL)
+    kwargs: dict[str, object] = dict(_NEUTRAL)
     # num_return_sequences > 1 needs do_sample=True in generate(): fine, our one-hot mask
     # survives the warpers, which are switched off anyway.
     if (overrides.get("num_return_sequences") or 1) > 1:
@@ -276,7 +277,7 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     ``reset(attention_mask=new_mask)`` with the new prompts' mask first, or ``reset()`` for
     none. After each step,
     ``last_output`` holds the SamplerOutput (tokens, logprobs, top logprobs) and
-    ``logprobs`` the per-step list of them.
+    ``outputs`` the per-step list of them.
     """
 
     def __init__(
@@ -306,11 +307,11 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         # the input_ids seen so far ([rows, capacity], the first _seen_length columns valid):
         # a call continues only if its prefix equals them
         self._ids: Optional[torch.Tensor] = None
-        self.last_output = None
-        self.outputs: list = []
+        self.last_output: Optional[SamplerOutput] = None
+        self.outputs: list[SamplerOutput] = []
 
     # -------------------------------------------------------------- state
-    def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
+    def _start(self, input_ids: torch.Tensor, vocab_size: int, device: torch.device) -> SamplingBatch:
         rows = input_ids.shape[0]
         mask = self.attention_mask
         owner = self._mask_prompts
@@ -337,8 +338,8 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
                 mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
             keep = mask.bool().tolist()
             prompts = [[t for t, k in zip(row, m) if k] for row, m in zip(prompts, keep)]
-        self.batch = SamplingBatch(self.row_params, prompts, None, vocab_size=vocab_size, device=device,
-                                   eos_token_ids=self.eos_token_ids, sequence_indices=seq_idx)
+        batch = self.batch = SamplingBatch(self.row_params, prompts, None, vocab_size=vocab_size, device=device,
+                                           eos_token_ids=self.eos_token_ids, sequence_indices=seq_idx)
         L = input_ids.shape[1]
         self.prompt_length = L
         self._seen_length = L
@@ -349,6 +350,7 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
         self.outputs = []
         if mask is not None and owner is None:  # recorded once the mask was applied without error
             self._mask_prompts = input_ids.clone()
+        return batch
 
     def reset(self, *, attention_mask: Optional[torch.Tensor] = None) -> None:
         """Forget the current generation; the next call starts a new one.
@@ -374,21 +376,24 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
     def _record_column(self, input_ids: torch.Tensor) -> None:
         """Store the new last column, doubling the buffer when full (amortised O(B) per step)."""
         L = input_ids.shape[1]
-        if L > self._ids.shape[1]:
-            grown = self._ids.new_empty((self._ids.shape[0], 2 * self._ids.shape[1]))
-            grown[:, :L - 1] = self._ids[:, :L - 1]
-            self._ids = grown
-        self._ids[:, L - 1] = input_ids[:, -1]
+        ids = self._ids
+        assert ids is not None  # called on a continued generation (_continues)
+        if L > ids.shape[1]:
+            grown = ids.new_empty((ids.shape[0], 2 * ids.shape[1]))
+            grown[:, :L - 1] = ids[:, :L - 1]
+            self._ids = ids = grown
+        ids[:, L - 1] = input_ids[:, -1]
 
     # -------------------------------------------------------------- the hook
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         B, V = scores.shape
         length = input_ids.shape[1]
-        if not self._continues(input_ids):
-            self._start(input_ids, V, scores.device)
+        batch = self.batch
+        if batch is None or not self._continues(input_ids):
+            batch = self._start(input_ids, V, scores.device)
         else:
             new = input_ids[:, -1]
-            self.batch.append(new)
+            batch.append(new)
             self._record_column(input_ids)
             self._seen_length = length
             if any(p.logits_processors for p in self.row_params):
@@ -396,8 +401,8 @@ class SamplersLogitsProcessor(_HFLogitsProcessor):
                     self._outputs[b].append(t)
         logits = apply_user_processors(scores, self.row_params, self._outputs)
         if self.mode == "process":
-            return self.pipeline.process(logits, self.batch)
-        out = self.pipeline.sample(logits, self.batch)
+            return self.pipeline.process(logits, batch)
+        out = self.pipeline.sample(logits, batch)
         self.last_output = out
         self.outputs.append(out)
         onehot = torch.full_like(scores, float("-inf"))

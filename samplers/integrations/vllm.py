@@ -40,7 +40,7 @@ import dataclasses
 import json
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import numpy as np
 import torch
@@ -48,15 +48,15 @@ try:  # the V1 model runner's interface (vLLM <= 0.33; 0.34 removed that runner)
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
     from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 except ImportError:
-    V1LogitsProcessor = None  # type: ignore[assignment,misc]
-    BatchUpdate = MoveDirectionality = None  # type: ignore[assignment,misc]
+    V1LogitsProcessor = None
+    BatchUpdate = MoveDirectionality = None
 
 try:  # Model Runner V2's interface (vLLM >= 0.32); import-light by vLLM's design
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 except ImportError:  # pragma: no cover - an older vLLM: V1 only
-    V2LogitsProcessor = None  # type: ignore[assignment,misc]
-    LogitsContext = LogitsProcRequestState = None  # type: ignore[assignment,misc]
+    V2LogitsProcessor = None
+    LogitsContext = LogitsProcRequestState = None
 
 if V1LogitsProcessor is None and V2LogitsProcessor is None:  # pragma: no cover - vLLM < 0.10
     raise ImportError(
@@ -369,7 +369,7 @@ class _V1Processor(SamplersLogitsProcessor):
         if changed:
             self._dirty = True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.duplicate or not self.requests:
             self._batch = None
             return logits
@@ -412,6 +412,7 @@ class _V1Processor(SamplersLogitsProcessor):
                 or any(reqs[j].output and reqs[j].output[-1] < 0 for j in fresh)):
             self._full_build(rows, reqs, logits)
             return
+        assert old is not None  # held
         if not fresh.size:
             # Only removals and moves of rows we already hold: keep their history state.
             batch = old.select(torch.from_numpy(pos))
@@ -581,7 +582,8 @@ class _V2Processor(SamplersLogitsProcessor):
         if not self._stale:
             return
         slots = np.flatnonzero(self._ours)
-        entries = [self._slot_params[int(s)] for s in slots]
+        # (_ours marks exactly the slots whose _slot_params is set)
+        entries = cast("list[_EngineParams]", [self._slot_params[int(s)] for s in slots])
         params = [SamplingParams()] + [e.params for e in entries]
         self._table = SamplingBatch(params, vocab_size=self.vocab_size, device=self.device,
                                     sequence_indices=[0] + [e.sequence_index for e in entries])
@@ -598,7 +600,7 @@ class _V2Processor(SamplersLogitsProcessor):
         self._stale = False
         self.table_builds += 1
 
-    def apply(self, logits: torch.Tensor, ctx: "LogitsContext" = None) -> torch.Tensor:  # type: ignore[override]
+    def apply(self, logits: torch.Tensor, ctx: Optional["LogitsContext"] = None) -> torch.Tensor:
         if ctx is None:
             raise TypeError("Model Runner V2's apply(logits, ctx) needs the LogitsContext")
         if self.duplicate or not self._ours[ctx.idx_mapping_np].any():

@@ -271,7 +271,7 @@ class ArliRequestMiddleware:
         async def error_app(scope: Scope, receive: Receive, send: Send) -> None:
             await _send_error(send, message, param)
 
-        chain = []
+        chain: list[Any] = []    # middleware objects of any class, each with an ``app``
         node = self.app
         while (hasattr(node, "app") and type(node).__name__ != "ExceptionMiddleware"
                and len(chain) < 32):    # Starlette's ExceptionMiddleware wraps the routes

@@ -17,7 +17,7 @@ processed in tiles. See kernels/README.md for the pass counts.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, cast
 
 import weakref
 
@@ -40,6 +40,11 @@ TORCH_STAGES = frozenset({S.DRY, S.TFS})
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: A fused launch's stages: (code, row mask; None = every row).
+_Stages = list[tuple[int, Optional[torch.Tensor]]]
+#: A launch of ``process_logits``: ("fused", its stages) or ("torch", (sid, row mask)).
+_Step = Union[tuple[Literal["fused"], _Stages], tuple[Literal["torch"], tuple[SamplerID, Optional[torch.Tensor]]]]
 
 
 def _table(batch) -> torch.Tensor:
@@ -85,11 +90,11 @@ def _torch_stage(sid: SamplerID, x: torch.Tensor, batch) -> torch.Tensor:
     raise AssertionError(sid)
 
 
-def plan(batch) -> list[tuple[str, object]]:
+def plan(batch) -> list[_Step]:
     """The launches of ``process_logits`` for this batch: ("fused", [(code, mask), ...]) or
     ("torch", (sid, mask)); skew is not listed (always last)."""
-    steps: list[tuple[str, object]] = []
-    pending: list[tuple[int, Optional[torch.Tensor]]] = []
+    steps: list[_Step] = []
+    pending: _Stages = []
     for sid, rows in batch.schedule:
         if sid in TORCH_STAGES:
             if pending:
@@ -127,11 +132,11 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False,
     cached = _CACHE.get(batch)
     if cached is None:
         steps = plan(batch)
-        codes_all = [c for kind, st in steps if kind == "fused" for c, _ in st]
+        codes_all = [c for step in steps if step[0] == "fused" for c, _ in step[1]]
         table = _table(batch) if codes_all else None
-        rmasks = [C.row_masks([m for _, m in st], batch.batch_size, batch.device) if kind == "fused"
-                  else _dry_multiplier(batch, st[1]) if st[0] == S.DRY else None
-                  for kind, st in steps]
+        rmasks = [C.row_masks([m for _, m in step[1]], batch.batch_size, batch.device) if step[0] == "fused"
+                  else _dry_multiplier(batch, step[1][1]) if step[1][0] == S.DRY else None
+                  for step in steps]
         bans = NgramBanMask(batch.batch_size, batch.vocab_size, batch.device) if C.NGRAM in codes_all else None
         cached = (steps, codes_all, table, rmasks, bans)
         _CACHE[batch] = cached
@@ -151,9 +156,10 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False,
     for i, ((kind, st), rmask) in enumerate(zip(steps, rmasks)):
         if kind == "fused":
             last = fused_draw and i == len(steps) - 1
-            x = run_chain(x, [c for c, _ in st], [m for _, m in st], table, seen=seen, counts=counts,
-                            banned=banned, keys=keys, rmask=rmask, draw_greedy=batch.greedy if last else None,
-                            store=keep_processed)
+            # (the table is built whenever a launch is fused)
+            x = run_chain(x, [c for c, _ in st], [m for _, m in st], cast(torch.Tensor, table), seen=seen,
+                            counts=counts, banned=banned, keys=keys, rmask=rmask,
+                            draw_greedy=batch.greedy if last else None, store=keep_processed)
             if last:
                 x, tokens, logprobs = x
                 if not keep_processed:
@@ -181,5 +187,6 @@ def process_logits(logits: torch.Tensor, batch, randoms, draw: bool = False,
     if not draw:
         return ChainOutput(x, None, None)
     if tokens is None:
-        tokens, logprobs = sample_tokens(x, batch.greedy, keys)
+        # (keys: made above for the draw)
+        tokens, logprobs = sample_tokens(x, batch.greedy, cast(torch.Tensor, keys))
     return ChainOutput(x, tokens, logprobs)

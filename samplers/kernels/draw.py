@@ -249,8 +249,11 @@ def _launch(logits: torch.Tensor, greedy: torch.Tensor, uniforms: Optional[torch
         return out, logp
     keyed = keys is not None
     g = greedy.to(torch.int8).contiguous()
-    u = out if keyed else uniforms.to(torch.float32).contiguous()  # unused pointer when keyed
-    k = keys.contiguous() if keyed else g
+    if keys is not None:
+        u, k = out, keys.contiguous()  # (u: an unused pointer when keyed)
+    else:
+        assert uniforms is not None  # (draw_tokens passes uniforms, sample_tokens keys)
+        u, k = uniforms.to(torch.float32).contiguous(), g
     with device_guard(logits):
         if pick_layout(logits) == "blocked":
             tile = _common.TILE

@@ -107,9 +107,12 @@ def run_chain(
     KMAX survivors."""
     if len(codes) > NSLOTS:
         raise ValueError(f"at most {NSLOTS} fused stages per launch, got {len(codes)}")
-    drawing = draw_greedy is not None
-    if drawing and keys is None:
-        raise ValueError("the draw needs the rows' key words")
+    draw_args: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (greedy, keys) when drawing
+    if draw_greedy is not None:
+        if keys is None:
+            raise ValueError("the draw needs the rows' key words")
+        draw_args = (draw_greedy, keys)
+    drawing = draw_args is not None
     B, V = x.shape
     if V > MAX_VOCAB:
         raise ValueError(f"vocab_size {V} exceeds the kernels' limit {MAX_VOCAB} (token ids are kept as fp32)")
@@ -118,8 +121,8 @@ def run_chain(
     out = torch.empty((B, V), dtype=torch.float32, device=x.device)
     if B == 0 or V == 0 or not codes:
         out.copy_(x)
-        if drawing:
-            return (out, *sample_tokens(out, draw_greedy, keys))
+        if draw_args is not None:
+            return (out, *sample_tokens(out, *draw_args))
         return out
     if rmask is None:
         rmask = row_masks(masks, B, x.device)
@@ -141,10 +144,10 @@ def run_chain(
     kwargs = {f"S{i}": c for i, c in enumerate(slots)}
     keys_t = keys if keys is not None else rmask
     table = table.contiguous()
-    if drawing:
+    if draw_args is not None:
         tokens = torch.empty(B, dtype=torch.int64, device=x.device)
         logprobs = torch.empty(B, dtype=torch.float32, device=x.device)
-        greedy_t = draw_greedy.to(torch.int8).contiguous()
+        greedy_t = draw_args[0].to(torch.int8).contiguous()
     else:
         tokens = logprobs = greedy_t = rmask  # unused pointers
 
@@ -188,8 +191,8 @@ def run_chain(
             # rows, and the draw keeps the layout's rule (``sample_tokens`` follows
             # ``pick_layout``), so that a row is drawn alike whichever kernel draws it.
             blocked(False)
-            if drawing:
-                tokens, logprobs = sample_tokens(out, draw_greedy, keys)
+            if draw_args is not None:
+                tokens, logprobs = sample_tokens(out, *draw_args)
     return (out, tokens, logprobs) if drawing else out
 
 
