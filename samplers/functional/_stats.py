@@ -20,7 +20,7 @@ import contextvars
 import math
 import threading
 import weakref
-from typing import Callable, Iterator, Literal, Optional, Union, overload
+from typing import Callable, Iterator, Literal, NamedTuple, Optional, Union, overload
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "GREEDY_TEMPERATURE",
     "check_logits",
     "row_param",
+    "PARAM_RULES",
+    "sampler_param",
     "upcast",
     "softmax_and_log_softmax",
     "entropy",
@@ -125,6 +127,63 @@ def row_param(value: ParamLike, logits: Tensor, dtype: torch.dtype, name: str,
         # (a number beyond float32 became inf here: rejected as not finite, and shown as given)
         _check_interval(t, name, lo, hi, lo_open, hi_open, given=None if isinstance(value, Tensor) else value)
     return t
+
+
+class ParamRule(NamedTuple):
+    """A per-row sampler parameter's dtype and interval (``row_param``'s arguments)."""
+
+    dtype: torch.dtype
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+
+_F32 = torch.float32
+_I64 = torch.int64
+_PROBABILITY = ParamRule(_F32, 0.0, 1.0)
+_CUTOFF = ParamRule(_F32, 0.0, 1.0, hi_open=True)
+_POSITIVE = ParamRule(_F32, 0.0, lo_open=True)
+_NONNEG = ParamRule(_F32, 0.0)
+
+#: Every per-row parameter of ``samplers.functional`` by name: the one place its interval is
+#: written, read by the reference functions and by the kernel wrappers (``samplers.kernels.ops``)
+#: through ``sampler_param``. (``SamplingParams`` checks the API's own forms, e.g. top_k = -1.)
+PARAM_RULES: dict[str, ParamRule] = {
+    "temperature": _NONNEG,
+    "dynatemp_min": _NONNEG,
+    "dynatemp_max": _NONNEG,
+    "dynatemp_exponent": _POSITIVE,
+    "smoothing_factor": ParamRule(_F32, 0.0, SMOOTHING_MAX),
+    "smoothing_curve": ParamRule(_F32, 1.0, SMOOTHING_MAX),
+    "top_k": ParamRule(_I64),
+    "top_p": _POSITIVE,
+    "top_a": _NONNEG,
+    "min_p": _PROBABILITY,
+    "tfs": _POSITIVE,
+    "eta_cutoff": _CUTOFF,
+    "epsilon_cutoff": _CUTOFF,
+    "typical_p": _POSITIVE,
+    "nsigma": _NONNEG,
+    "xtc_threshold": _PROBABILITY,
+    "xtc_probability": _PROBABILITY,
+    "coin": _PROBABILITY,
+    "repetition_penalty": _POSITIVE,
+    "frequency_penalty": ParamRule(_F32, -2.0, 2.0),
+    "presence_penalty": ParamRule(_F32, -2.0, 2.0),
+    "no_repeat_ngram_size": ParamRule(_I64, 0),
+    "dry_multiplier": _NONNEG,
+    "dry_base": ParamRule(_F32, 1.0, lo_open=True),
+    "dry_allowed_length": ParamRule(_I64, 1),
+    "dry_range": ParamRule(_I64, 0),
+    "skew": ParamRule(_F32, -SKEW_MAX, SKEW_MAX),
+}
+
+
+def sampler_param(value: ParamLike, logits: Tensor, name: str) -> Tensor:
+    """``row_param`` of the parameter ``name`` with its rule from ``PARAM_RULES``."""
+    rule = PARAM_RULES[name]
+    return row_param(value, logits, rule.dtype, name, rule.lo, rule.hi, rule.lo_open, rule.hi_open)
 
 
 _TRUSTED_PARAMS: contextvars.ContextVar[bool] = contextvars.ContextVar("samplers_trusted_params", default=False)

@@ -8,7 +8,7 @@ import torch
 
 from ..history import TokenHistory, check_history, is_integer_dtype
 from ._stats import (ParamLike, carry_removed, cast_saturating, check_logits, noted_removed, pow_per_entry,
-                     row_param)
+                     sampler_param)
 
 __all__ = ["dry", "dry_"]
 
@@ -150,10 +150,10 @@ def dry_(
     b, v = x.shape
     check_history(history, x, "dry")
     dry_sequence_breaker_ids = _breaker_rows(dry_sequence_breaker_ids, x)
-    dry_multiplier = row_param(dry_multiplier, x, torch.float32, "dry_multiplier", 0.0)
-    dry_base = row_param(dry_base, x, torch.float32, "dry_base", 1.0, lo_open=True)
-    dry_allowed_length = row_param(dry_allowed_length, x, torch.int64, "dry_allowed_length", 1)
-    dry_range = row_param(dry_range, x, torch.int64, "dry_range", 0)
+    dry_multiplier = sampler_param(dry_multiplier, x, "dry_multiplier")
+    dry_base = sampler_param(dry_base, x, "dry_base")
+    dry_allowed_length = sampler_param(dry_allowed_length, x, "dry_allowed_length")
+    dry_range = sampler_param(dry_range, x, "dry_range")
     w = history.max_length
     if w < 2 or b == 0:
         return x

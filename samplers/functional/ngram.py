@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..history import TokenHistory, check_history
-from ._stats import ParamLike, carry_removed, check_logits, noted_removed, row_param
+from ._stats import ParamLike, carry_removed, check_logits, noted_removed, sampler_param
 
 __all__ = ["no_repeat_ngram", "no_repeat_ngram_"]
 
@@ -51,7 +51,7 @@ def no_repeat_ngram_(
         raise ValueError(f"no_repeat_ngram_: x must be contiguous, got strides {x.stride()}")
     b, v = x.shape
     check_history(history, x, "no_repeat_ngram")
-    n = row_param(no_repeat_ngram_size, x, torch.int64, "no_repeat_ngram_size", 0)[:, None]
+    n = sampler_param(no_repeat_ngram_size, x, "no_repeat_ngram_size")[:, None]
     w = history.max_length
     if w == 0 or b == 0:
         return x

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._stats import (_NO_OVERFLOW, ParamLike, carry_removed, cast_saturating, check_entries, check_logits,
-                     check_row_tensor, noted_removed, row_param)
+                     check_row_tensor, noted_removed, sampler_param)
 
 __all__ = ["logit_bias", "ban_tokens", "min_tokens", "penalties", "penalties_"]
 
@@ -157,7 +157,7 @@ def penalties(
     `TokenHistory`); without, from ``output_counts``.
     """
     check_logits(logits)
-    _check_token_tables(logits, seen_mask, output_counts)
+    check_token_tables(logits, seen_mask, output_counts)
     noted = noted_removed(logits)
     if logits.device.type != "cpu" or logits.requires_grad:
         out = _penalties_dense(logits, seen_mask, output_counts, repetition_penalty, frequency_penalty,
@@ -185,7 +185,7 @@ def penalties_(
         raise ValueError(
             f"penalties_: x must be a contiguous float32 [B, V] tensor, got {x.dtype} of shape {tuple(x.shape)}"
         )
-    _check_token_tables(x, seen_mask, output_counts)
+    check_token_tables(x, seen_mask, output_counts)
     noted = noted_removed(x)  # (read before x is written)
     if x.device.type != "cpu" or x.requires_grad:
         return x.copy_(_penalties_dense(x, seen_mask, output_counts, repetition_penalty, frequency_penalty,
@@ -197,7 +197,7 @@ def penalties_(
     return x
 
 
-def _check_token_tables(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor) -> None:
+def check_token_tables(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor) -> None:
     """``ValueError`` unless ``seen_mask`` and ``output_counts`` have the logits' ``[B, V]``
     shape (a history of another vocabulary would index other tokens, or past the rows)."""
     shape = logits.shape
@@ -211,9 +211,9 @@ def _check_token_tables(logits: torch.Tensor, seen_mask: torch.Tensor, output_co
 
 def _params(logits: torch.Tensor, repetition_penalty: ParamLike, frequency_penalty: ParamLike,
             presence_penalty: ParamLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (row_param(repetition_penalty, logits, torch.float32, "repetition_penalty", 0.0, lo_open=True),
-            row_param(frequency_penalty, logits, torch.float32, "frequency_penalty", -2.0, 2.0),
-            row_param(presence_penalty, logits, torch.float32, "presence_penalty", -2.0, 2.0))
+    return (sampler_param(repetition_penalty, logits, "repetition_penalty"),
+            sampler_param(frequency_penalty, logits, "frequency_penalty"),
+            sampler_param(presence_penalty, logits, "presence_penalty"))
 
 
 def _penalties_dense(logits: torch.Tensor, seen_mask: torch.Tensor, output_counts: torch.Tensor,

@@ -11,13 +11,12 @@ import torch
 from torch import Tensor
 
 from ._stats import (
-    SKEW_MAX,
     ParamLike,
     SparseRows,
     cast_saturating,
     check_logits,
     compact_rows,
-    row_param,
+    sampler_param,
     select_rows,
     softmax_and_log_softmax,
     sort_nonneg,
@@ -65,7 +64,7 @@ def skew(logits: Tensor, skew: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    sk = row_param(skew, logits, _F32, "skew", -SKEW_MAX, SKEW_MAX)
+    sk = sampler_param(skew, logits, "skew")
     if logits.shape[1] == 0:
         return logits.clone()
     # After a truncation: sort only the tokens still in (the cumulative sums of the sorted

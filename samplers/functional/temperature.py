@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ._stats import (
-    SMOOTHING_MAX,
     GREEDY_TEMPERATURE,
     ParamLike,
     SparseRows,
@@ -33,7 +32,7 @@ from ._stats import (
     pow_per_entry,
     removed_in_rows,
     removed_tokens,
-    row_param,
+    sampler_param,
     saturate_finite,
     select_rows,
     upcast,
@@ -65,7 +64,7 @@ def temperature(logits: Tensor, temperature: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    t = row_param(temperature, logits, _F32, "temperature", 0.0)
+    t = sampler_param(temperature, logits, "temperature")
     enabled, safe_t = temperature_divisors(t)
     l32 = upcast(logits)
     out = saturate_finite(l32 / safe_t[:, None], l32)
@@ -130,9 +129,9 @@ def dynamic_temperature_values(
     (``temperature(logits, T)``) is ``dynamic_temperature``; a caller that also scales other
     rows by a static temperature can divide once by the two combined."""
     check_logits(logits)
-    t_min = row_param(dynatemp_min, logits, _F32, "dynatemp_min", 0.0)
-    t_max = row_param(dynatemp_max, logits, _F32, "dynatemp_max", 0.0)
-    exponent = row_param(dynatemp_exponent, logits, _F32, "dynatemp_exponent", 0.0, lo_open=True)
+    t_min = sampler_param(dynatemp_min, logits, "dynatemp_min")
+    t_max = sampler_param(dynatemp_max, logits, "dynatemp_max")
+    exponent = sampler_param(dynatemp_exponent, logits, "dynatemp_exponent")
     sparse = compact_rows(logits)  # after a truncation: the entropy of the tokens still in
     if sparse is not None:
         return _dynamic_temperature_values(sparse.logits, t_min, t_max, exponent, sparse)
@@ -213,8 +212,8 @@ def quadratic_smoothing(
         ``[B, V]`` tensor, same dtype as ``logits``.
     """
     check_logits(logits)
-    f = row_param(smoothing_factor, logits, _F32, "smoothing_factor", 0.0, SMOOTHING_MAX)
-    c = row_param(smoothing_curve, logits, _F32, "smoothing_curve", 1.0, SMOOTHING_MAX)
+    f = sampler_param(smoothing_factor, logits, "smoothing_factor")
+    c = sampler_param(smoothing_curve, logits, "smoothing_curve")
     sparse = compact_rows(logits)
     if sparse is not None:
         # (finite logits stay finite: the packed layout carries over to the next sampler)

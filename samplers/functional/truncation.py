@@ -48,7 +48,7 @@ from ._stats import (
     packed_result_wanted,
     prefix_boundary,
     removed_tokens,
-    row_param,
+    sampler_param,
     row_sum,
     softmax_and_log_softmax,
     softmax_terms,
@@ -98,7 +98,7 @@ def top_k(logits: Tensor, top_k: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    return _top_k_checked(logits, row_param(top_k, logits, torch.int64, "top_k"))
+    return _top_k_checked(logits, sampler_param(top_k, logits, "top_k"))
 
 
 def _top_k_checked(logits: Tensor, k: Tensor) -> Tensor:
@@ -203,8 +203,8 @@ def temperature_top_k(logits: Tensor, temperature: ParamLike, top_k: ParamLike) 
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    t = row_param(temperature, logits, _F32, "temperature", 0.0)
-    k = row_param(top_k, logits, torch.int64, "top_k")
+    t = sampler_param(temperature, logits, "temperature")
+    k = sampler_param(top_k, logits, "top_k")
     out = _temperature_top_k_by_candidates(logits, t, k)
     return out if out is not None else _top_k_checked(scale_by_temperature(logits, t), k)
 
@@ -496,7 +496,7 @@ def top_p(logits: Tensor, top_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    tp = row_param(top_p, logits, _F32, "top_p", 0.0, lo_open=True)
+    tp = sampler_param(top_p, logits, "top_p")
     sparse = compact_rows(logits)
     if sparse is not None:  # after a truncation: sort only the tokens still in
         return sparse.expand_truncated(_top_p(sparse.logits, tp, sparse))
@@ -651,7 +651,7 @@ def top_a(logits: Tensor, top_a: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    a = row_param(top_a, logits, _F32, "top_a", 0.0)
+    a = sampler_param(top_a, logits, "top_a")
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_top_a(sparse.logits, a, sparse))
@@ -681,7 +681,7 @@ def min_p(logits: Tensor, min_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    mp = row_param(min_p, logits, _F32, "min_p", 0.0, 1.0)
+    mp = sampler_param(min_p, logits, "min_p")
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_min_p(sparse.logits, mp, sparse))
@@ -782,7 +782,7 @@ def tfs(logits: Tensor, tfs: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    z = row_param(tfs, logits, _F32, "tfs", 0.0, lo_open=True)
+    z = sampler_param(tfs, logits, "tfs")
     # Packed rows keep two removed tokens (probability 0) after the widest row's tokens, so
     # the second differences at the end of each row's sorted probabilities are the same.
     sparse = compact_rows(logits, pad=2, min_width=3)
@@ -837,7 +837,7 @@ def eta_cutoff(logits: Tensor, eta_cutoff: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    eta = row_param(eta_cutoff, logits, _F32, "eta_cutoff", 0.0, 1.0, hi_open=True)
+    eta = sampler_param(eta_cutoff, logits, "eta_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_eta_cutoff(sparse.logits, eta, sparse))
@@ -867,7 +867,7 @@ def epsilon_cutoff(logits: Tensor, epsilon_cutoff: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    eps = row_param(epsilon_cutoff, logits, _F32, "epsilon_cutoff", 0.0, 1.0, hi_open=True)
+    eps = sampler_param(epsilon_cutoff, logits, "epsilon_cutoff")
     sparse = compact_rows(logits)
     if sparse is not None:
         return sparse.expand_truncated(_epsilon_cutoff(sparse.logits, eps, sparse))
@@ -905,7 +905,7 @@ def typical_p(logits: Tensor, typical_p: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    tp = row_param(typical_p, logits, _F32, "typical_p", 0.0, lo_open=True)
+    tp = sampler_param(typical_p, logits, "typical_p")
     # After a truncation: the deviations of the tokens still in are sorted and summed on the
     # packed rows (removed tokens have p = 0 and d = inf: they sort last and add nothing).
     sparse = compact_rows(logits)
@@ -944,7 +944,7 @@ def nsigma(logits: Tensor, nsigma: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    return _nsigma_checked(logits, row_param(nsigma, logits, _F32, "nsigma", 0.0))
+    return _nsigma_checked(logits, sampler_param(nsigma, logits, "nsigma"))
 
 
 def _nsigma_checked(logits: Tensor, n: Tensor) -> Tensor:
@@ -977,8 +977,8 @@ def nsigma_top_k(logits: Tensor, nsigma: ParamLike, top_k: ParamLike) -> Tensor:
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    n = row_param(nsigma, logits, _F32, "nsigma", 0.0)
-    k = row_param(top_k, logits, torch.int64, "top_k")
+    n = sampler_param(nsigma, logits, "nsigma")
+    k = sampler_param(top_k, logits, "top_k")
     out = _nsigma_top_k_by_candidates(logits, n, k)
     return out if out is not None else _top_k_checked(_nsigma_checked(logits, n), k)
 
@@ -1144,9 +1144,9 @@ def xtc(
         ``[B, V]`` tensor, same dtype as ``logits``; removed tokens are ``-inf``.
     """
     check_logits(logits)
-    threshold = row_param(xtc_threshold, logits, _F32, "xtc_threshold", 0.0, 1.0)
-    probability = row_param(xtc_probability, logits, _F32, "xtc_probability", 0.0, 1.0)
-    u = row_param(coin, logits, _F32, "coin", 0.0, 1.0)
+    threshold = sampler_param(xtc_threshold, logits, "xtc_threshold")
+    probability = sampler_param(xtc_probability, logits, "xtc_probability")
+    u = sampler_param(coin, logits, "coin")
     if logits.device.type == "cpu" and not bool(((probability > 0) & (u < probability)).any()):
         return logits.clone()  # no row's coin came up (no sync on the CPU): nothing to compute
     sparse = compact_rows(logits)
