@@ -697,9 +697,8 @@ def test_top_k_radix_select_edge_cases(dtype):
 
 
 @pytest.mark.parametrize("value,fragment", [
-    (0.5, "got float"),  # (the reference takes numbers; these wrappers take [B] tensors only)
     (None, "got NoneType"),
-    ([0.5, 0.5], "got list"),
+    ("high", "got str"),
     (torch.full((3,), 0.5), "got (3,)"),
     (torch.full((2, 1), 0.5), "got (2, 1)"),
 ])
@@ -707,7 +706,7 @@ def test_kernel_ops_name_a_parameter_of_another_form(value, fragment):
     """(Before: None was taken, a number raised AttributeError and a wrong length
     RuntimeError, from inside the table of parameters.)"""
     x = torch.randn(2, 64)
-    with pytest.raises(ValueError, match="^min_p: expected a tensor of shape \\[2\\]") as err:
+    with pytest.raises(ValueError, match="^min_p: expected a (number or a )?tensor of shape \\[2\\]") as err:
         ops.min_p(x, value)
     assert fragment in str(err.value)
     with pytest.raises(ValueError, match="^logits: expected"):
@@ -715,3 +714,63 @@ def test_kernel_ops_name_a_parameter_of_another_form(value, fragment):
     history = TokenHistory([[1, 2]] * 3, [[]] * 3, vocab_size=64)
     with pytest.raises(ValueError, match="no_repeat_ngram: history has 3 rows, the logits 2"):
         ops.no_repeat_ngram(x, history, torch.full((2,), 2))
+    with pytest.raises(ValueError, match="penalties: seen_mask has shape \\(2, 63\\)"):
+        ops.penalties(x, torch.zeros(2, 63, dtype=torch.bool), torch.zeros(2, 64, dtype=torch.int32), 1.2, 0.0, 0.0)
+
+
+def _op_cases():
+    """(name, call(f, *params), [(parameter index, good number, a value outside its interval)]):
+    each kernel wrapper with its reference and the arguments of both."""
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5)) * 3
+    history = TokenHistory([[1, 2, 3, 1, 2], [4, 4, 4]], [[3, 1], [4]], vocab_size=64)
+    seen, counts = history.seen_mask(), history.output_counts()
+    breakers = torch.tensor([0])
+    return [
+        ("top_k", lambda f, k: f(x, k), [(0, 5, None)]),
+        ("top_p", lambda f, p: f(x, p), [(0, 0.9, 0.0)]),
+        ("top_a", lambda f, a: f(x, a), [(0, 0.1, -0.5)]),
+        ("min_p", lambda f, p: f(x, p), [(0, 0.05, 1.5)]),
+        ("eta_cutoff", lambda f, e: f(x, e), [(0, 3e-4, 1.0)]),
+        ("epsilon_cutoff", lambda f, e: f(x, e), [(0, 3e-4, -1e-3)]),
+        ("typical_p", lambda f, p: f(x, p), [(0, 0.9, float("nan"))]),
+        ("nsigma", lambda f, n: f(x, n), [(0, 1.5, -1.0)]),
+        ("xtc", lambda f, t, p, c: f(x, t, p, c), [(0, 0.05, 2.0), (1, 1.0, -0.1), (2, 0.25, 1.5)]),
+        ("tfs", lambda f, z: f(x, z), [(0, 0.9, 0.0)]),
+        ("temperature", lambda f, t: f(x, t), [(0, 0.7, -0.7)]),
+        ("dynamic_temperature", lambda f, lo, hi, e: f(x, lo, hi, e),
+         [(0, 0.5, -0.5), (1, 1.5, float("inf")), (2, 1.0, 0.0)]),
+        ("quadratic_smoothing", lambda f, a, c: f(x, a, c), [(0, 0.3, -0.3), (1, 1.0, 0.5)]),
+        ("penalties", lambda f, r, fr, pr: f(x, seen, counts, r, fr, pr),
+         [(0, 1.3, 0.0), (1, 0.5, 2.5), (2, -0.5, -3.0)]),
+        ("no_repeat_ngram", lambda f, n: f(x, history, n), [(0, 2, -1)]),
+        ("dry", lambda f, m, b, a, r: f(x, history, m, b, a, r, breakers),
+         [(0, 0.8, -0.8), (1, 1.75, 1.0), (2, 2, 0), (3, 0, -1)]),
+        ("skew", lambda f, k: f(x, k), [(0, 0.5, 100.0)]),
+    ]
+
+
+@pytest.mark.parametrize("name", [case[0] for case in _op_cases()])
+def test_kernel_ops_take_the_references_arguments(name):
+    """Each wrapper takes what its reference takes, with the same checks: a number stands for
+    every row (the same result as the ``[B]`` tensor of it, and as the reference's within the
+    kernels' tolerance), and a value outside the parameter's interval is the reference's
+    ``ValueError``, word for word (before: taken unchecked, the kernel's result undefined)."""
+    _, call, params = next(case for case in _op_cases() if case[0] == name)
+    op, ref = getattr(ops, name), getattr(F, name)
+    numbers = [good for _, good, _ in params]
+    rows = [torch.full((2,), good, dtype=torch.int64 if isinstance(good, int) else torch.float32)
+            for good in numbers]
+    got = call(op, *numbers)
+    assert torch.equal(got, call(op, *rows))
+    _assert_same(got, call(ref, *numbers), torch.float32, exact=name != "dynamic_temperature")
+    for i, _, bad in params:
+        if bad is None:
+            continue
+        args = list(numbers)
+        args[i] = bad
+        with pytest.raises(ValueError) as expected:
+            call(ref, *args)
+        with pytest.raises(ValueError) as err:
+            call(op, *args)
+        assert str(err.value) == str(expected.value)
+        assert " must be in " in str(err.value)
