@@ -256,6 +256,48 @@ def test_functional_half_precision_results_saturate(dtype):
     assert out.dtype == dtype and out[0, 0].item() == big
 
 
+def _dense_cast_saturating(x32, dtype):
+    """The saturating cast as three torch passes (the definition the CPU's counting fast path
+    must agree with)."""
+    fmax = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x32), x32.clamp(-fmax, fmax), x32).to(dtype)
+
+
+def _edge_values(dtype):
+    """float32 values around ``dtype``'s top: its largest value, the float32 neighbours of the
+    point where the cast starts to round to inf, float32's largest, and the specials."""
+    fmax = torch.finfo(dtype).max
+    next_up = torch.nextafter(torch.tensor(fmax), torch.tensor(INF)).item()
+    # (halfway to the next power-of-two step: from there the round-to-nearest cast gives inf)
+    ulp = {torch.float16: 2.0 ** 5, torch.bfloat16: 2.0 ** 120}[dtype]  # (the dtype's step at its top)
+    half = fmax + ulp / 2
+    edges = [fmax, next_up, half, FMAX, 0.0, -0.0, 1.0, INF, -INF, NAN, 1e-45]
+    for v in (half,):
+        edges += [torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(t)).item() for t in (INF, -INF)]
+    return edges + [-e for e in edges]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@HOSTILE
+@given(st.data())
+def test_cast_saturating_matches_the_dense_cast(dtype, data):
+    """``cast_saturating``'s CPU path (the plain cast, kept when it made no new infinity) gives
+    the dense definition's bits, on rows mixing ordinary logits with the values at the cast's
+    rounding edge, infinities and NaN."""
+    from samplers.functional._stats import cast_saturating
+
+    edges = _edge_values(dtype)
+    n = data.draw(st.integers(1, 40))
+    picks = data.draw(st.lists(st.one_of(st.sampled_from(edges), st.floats(-1e3, 1e3, width=32)),
+                               min_size=n, max_size=n))
+    x32 = torch.tensor(picks, dtype=torch.float32).reshape(1, -1)
+    got, want = cast_saturating(x32, dtype), _dense_cast_saturating(x32, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)) or (
+        torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)]))
+    assert not (torch.isinf(got) & torch.isfinite(x32)).any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_on_huge_logits_saturates(backend):
     """Item 3: [[3e38, 0, -1]] at T = 0.5 -> [FMAX, 0, -2]; the top token is drawn, logprob 0."""

@@ -708,6 +708,10 @@ def apply_keep(logits: Tensor, l32: Tensor, keep: Tensor, enabled: Tensor,
     return fill_removed(logits, keep, scratch)
 
 
+#: The bit pattern of +inf in each 16-bit float dtype, sign bit cleared.
+_INF_BITS_16 = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
 def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
     """Cast fp32 values to ``dtype``; finite values beyond the dtype's range saturate at its
     largest finite magnitude instead of overflowing to ``+-inf`` (``-inf`` stays ``-inf``)."""
@@ -715,6 +719,16 @@ def cast_saturating(out32: Tensor, dtype: torch.dtype) -> Tensor:
         return out32  # every finite fp32 value is in range; infinities stay as they are
     if torch.finfo(dtype).max >= torch.finfo(out32.dtype).max:
         return out32.to(dtype)  # a wider dtype (float64) holds every value
+    if dtype in _INF_BITS_16 and _numpy_ok(out32):
+        # The plain cast is the saturating one unless it overflowed, which only turns finite
+        # values into infinities: equal counts of infinities before and after prove it did
+        # not (numpy on the bits: ~0.5 ms at [64, 32000] where torch's isfinite, clamp and
+        # where take 4-13 ms).
+        out = out32.to(dtype)
+        bits = out.view(torch.int16).numpy()
+        inf_after = np.count_nonzero((bits & 0x7FFF) == _INF_BITS_16[dtype])
+        if inf_after == np.count_nonzero(np.isinf(out32.numpy())):
+            return out
     fmax = torch.finfo(dtype).max
     out = torch.where(torch.isfinite(out32), out32.clamp(-fmax, fmax), out32)
     return out.to(dtype)
