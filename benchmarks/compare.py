@@ -50,6 +50,7 @@ a timed call includes the incremental update a generation step pays; HF recomput
 
     python benchmarks/compare.py --threads 1 default --json out/cpu.json --markdown out/cpu.md
     python benchmarks/compare.py --quick        # a fast smoke run (tiny reps, one shape)
+    python benchmarks/compare.py --dtype bfloat16   # the logits a bf16 model gives (default float32)
 """
 
 from __future__ import annotations
@@ -176,11 +177,12 @@ def _batch(B: int, V: int, rows, **kw) -> SamplingBatch:
     return SamplingBatch(SamplingParams(**kw), prompts, outputs, vocab_size=V)
 
 
-def cases_for_shape(B: int, V: int, only: Optional[set[str]]) -> tuple[list[tuple[str, dict, str]], LogitsPool]:
+def cases_for_shape(B: int, V: int, only: Optional[set[str]], dtype: torch.dtype = torch.float32
+                    ) -> tuple[list[tuple[str, dict, str]], LogitsPool]:
     """(case name, contenders, ratio spec) for one shape, ratio spec 'a/b'; and the pool of
-    logits they all read (``pool()``), to advance between repetitions."""
+    logits they all read (``pool()``, of ``dtype``), to advance between repetitions."""
     hf = _hf()
-    logits = LogitsPool.of_logits(B, V, seed=1)
+    logits = LogitsPool.of_logits(B, V, seed=1).derived(lambda t: t.to(dtype))
     rows = make_histories(B, HIST, V, seed=1)
     out = []
     for name, (make_hf, ours, kw, needs_hist) in SAMPLERS.items():
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         label = f"{n} thread{'s' if n != 1 else ''}" + (" (torch default)" if th == "default" else "")
         todo = []
         for B, V in shapes:
-            cases, pool = cases_for_shape(B, V, only)
+            cases, pool = cases_for_shape(B, V, only, getattr(torch, args.dtype))
             todo += [((B, V), c, pool) for c in cases]
         if not args.no_dry and (not only or "dry_step" in only):
             todo.append((DRY_SHAPE, *dry_case()))
@@ -351,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"{'met' if met else 'MISSED'}/{'met' if cpu_met else 'MISSED'}", flush=True)
     return dict(command="python " + " ".join([os.path.relpath(__file__, _ROOT)] + sys.argv[1:]),
                 machine=_machine(), default_threads=default_threads, reps=args.reps, warmup=args.warmup,
-                results=results)
+                dtype=args.dtype, results=results)
 
 
 def _machine() -> dict:
@@ -386,7 +388,7 @@ def markdown(data: dict) -> str:
              "\"Speed on the CPU\")",
              f"- Load average at the end of the run (1, 5, 15 min): {m['loadavg']}; date {m['date']}",
              f"- Median of {data['reps']} interleaved repetitions after {data['warmup']} warm-up rounds; "
-             "float32 logits `3 * randn`, other logits each repetition (8 in turn); wall-clock times in ms; "
+             f"{data.get('dtype', 'float32')} logits `3 * randn`, other logits each repetition (8 in turn); wall-clock times in ms; "
              "ratio < 1: ours faster.",
              "- `(CPU)` columns: the same ratio of process-CPU-time medians, which leave out the time "
              "the process sat descheduled (the steadier of the two under load; with several threads "
@@ -451,6 +453,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dry-reps", type=int, default=25, help="repetitions of the (short) DRY step case")
     p.add_argument("--only", nargs="+", default=None, help="case names to run (default: all)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the logits' dtype, ours and HF's alike (the DRY step keeps float32)")
     p.add_argument("--no-dry", action="store_true", help="skip the DRY step case")
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--markdown", default=None, help="write the Markdown tables here")

@@ -5,9 +5,13 @@ which CI runs again on the previous vLLM release."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 
-from test_benchmark_scripts import run_script
+import torch
+
+from test_benchmark_scripts import _ROOT, run_script
 
 
 def test_full_row_sorts():
@@ -24,3 +28,20 @@ def test_compare_quick_names_the_machine(tmp_path):
     out = run_script("benchmarks/compare.py", "--quick", "--only", "top_p", "--markdown", str(md))
     assert re.search(r"top_p \[\d+, \d+\] .*pipeline/hf = [\d.]+/[\d.]+", out), out
     assert re.search(r"^- Machine: .*numpy [\d.]+ \(SIMD targets found: [^)]+;", md.read_text(), re.M), md.read_text()
+
+
+def test_compare_runs_on_the_dtype_asked(tmp_path):
+    """``--dtype bfloat16``: the cases read bf16 logits (ours and HF's alike), and the run says so."""
+    md, js = tmp_path / "cpu.md", tmp_path / "cpu.json"
+    run_script("benchmarks/compare.py", "--quick", "--only", "temperature", "--dtype", "bfloat16",
+               "--markdown", str(md), "--json", str(js))
+    assert "bfloat16 logits `3 * randn`" in md.read_text()
+    assert json.loads(js.read_text())["dtype"] == "bfloat16"
+    benchmarks = os.path.join(_ROOT, "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import compare
+    finally:
+        sys.path.remove(benchmarks)
+    cases, pool = compare.cases_for_shape(2, 300, {"temperature", "chain7"}, torch.bfloat16)
+    assert {c[0] for c in cases} == {"temperature", "chain7"} and pool().dtype == torch.bfloat16
