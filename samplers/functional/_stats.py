@@ -1155,11 +1155,11 @@ def _flat_true(buf: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(buf)[:count]
 
 
-def packed_columns(flat: np.ndarray, shape: tuple[int, int]
+def packed_columns(flat: np.ndarray, shape: tuple[int, ...]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Where the entries at the flat indices ``flat`` (increasing) of ``shape`` rows go when
-    each row's are packed to the left: their rows, each row's count, the index in ``flat`` of
-    each row's first, and each entry's column in the packed rows."""
+    """Where the entries at the flat indices ``flat`` (increasing) of rows of ``shape``
+    (``[B, V]``) go when each row's are packed to the left: their rows, each row's count, the
+    index in ``flat`` of each row's first, and each entry's column in the packed rows."""
     batch, vocab = shape
     if flat.size <= 4096:  # (few entries: one division is the cheaper)
         rows = flat // vocab

@@ -441,14 +441,14 @@ def _kth_largest(l32: Tensor, k_row: Tensor, enabled: Tensor, k_max: int) -> tup
     return largest.gather(-1, (k_row - 1)[:, None])[:, 0], largest
 
 
-def _few_neg_inf(xn: np.ndarray) -> np.bool_:
+def _few_neg_inf(xn: np.ndarray) -> bool:
     """Whether at most about an eighth of ``xn``'s entries are ``-inf`` (only chooses a path:
     both give the same values). Rows of more than ``2**16`` entries are judged from every
     61st entry (over a thousand of them), which spares a full pass over cold rows."""
     if xn.size > 2**16:
         sample = xn[::61]
-        return np.count_nonzero(sample == -np.inf) * 8 <= sample.size
-    return np.count_nonzero(xn == -np.inf) * 8 <= xn.size
+        return bool(np.count_nonzero(sample == -np.inf) * 8 <= sample.size)
+    return bool(np.count_nonzero(xn == -np.inf) * 8 <= xn.size)
 
 
 def _count_mass_before_below(cum: Tensor, bound: Tensor) -> Tensor:

@@ -83,7 +83,8 @@ def max_shared_memory(device: torch.device) -> int:
     launch compares a kernel's need with (99 KB on sm_86 / sm_89 / sm_120, 163 KB on sm_80,
     227 KB on sm_90)."""
     props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    # (both read by name: torch's stubs list them from 2.9 on, its CUDA builds have them earlier)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block"))
 
 
 def whole_row_limit(device: torch.device) -> int:
