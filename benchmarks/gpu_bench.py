@@ -141,14 +141,6 @@ def step_fn(backend: str, logits: torch.Tensor, batch: SamplingBatch) -> Callabl
     return lambda: pipe.sample(logits, batch).token_ids
 
 
-#: Threshold parameters the check loosens and tightens by the promised tolerance: +1 where a
-#: larger value keeps more tokens, -1 where it keeps fewer (kernels/README.md, "What is
-#: promised on a GPU"). top_k is exact (integer comparisons); XTC's threshold is not moved
-#: (it removes the top tokens: not monotone), nor are the logit-space stages (exact).
-KEEP_MORE = {"top_p": +1, "typical_p": +1, "nsigma": +1, "min_p": -1, "top_a": -1, "eta_cutoff": -1,
-             "epsilon_cutoff": -1}
-
-
 def check(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device, history: int) -> str:
     """Kernels vs the torch path on ``device``, testing exactly what kernels/README.md promises:
 
@@ -160,10 +152,10 @@ def check(config: str, B: int, V: int, dtype: torch.dtype, device: torch.device,
       on a softmax statistic; dynamic temperature would be rtol ``THRESHOLD_RTOL``);
     - seeded tokens: the same token on every row whose removed set equals the reference's.
     Returns a one-line summary ending in OK or MISMATCH."""
-    from samplers.kernels._common import THRESHOLD_RTOL as rtol
+    from samplers.kernels._common import THRESHOLD_KEEP_MORE, THRESHOLD_RTOL as rtol
 
     kw = CONFIGS[config][1]
-    moved = {k: d for k, d in KEEP_MORE.items() if k in kw}
+    moved = {k: d for k, d in THRESHOLD_KEEP_MORE.items() if k in kw}
     logits, batch = make_inputs(config, B, V, dtype, device, history, seed=1)
     _, loose = make_inputs(config, B, V, dtype, device, history, seed=1,
                            **{k: kw[k] * (1 + rtol * d) for k, d in moved.items()})

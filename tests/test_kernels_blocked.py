@@ -37,6 +37,7 @@ from test_kernels import (  # noqa: E402,F401  (re-run on the blocked path)
     test_penalties_and_no_repeat_ngram,
     test_random_chains_equal_the_reference_functions_in_sequence,
     test_sample_tokens_draws_from_the_torch_stream_and_returns_the_logprobs,
+    test_a_token_on_top_ps_threshold_may_fall_either_way,
     test_single_param_kernels_match_reference,
     test_top_k_and_top_p_ties_at_the_boundary_are_all_kept,
     test_top_k_radix_select_edge_cases,

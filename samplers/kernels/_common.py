@@ -37,10 +37,19 @@ TILE_WARPS = 16
 #: in the last bit (kernels/README.md, "What is promised on a GPU").
 FP_FUSION = False
 
-#: The relative tolerance near a threshold that a GPU run may decide differently from the
-#: torch reference (``tl.exp`` is ``ex2.approx``, ``/`` ``div.full``, sums in another order:
-#: a probability or a mass is within ~1e-6 of the reference's). kernels/README.md.
+#: The relative tolerance near a threshold within which the kernels may decide a token
+#: differently from the torch reference (on a GPU ``tl.exp`` is ``ex2.approx`` and ``/``
+#: ``div.full``; everywhere, the interpreter included, sums add in another order: a
+#: probability or a mass is within ~1e-6 of the reference's). kernels/README.md.
 THRESHOLD_RTOL = 1e-5
+
+#: The threshold parameters that promise covers, each with the way it moves the removed set:
+#: +1 where a larger value keeps more tokens, -1 where it keeps fewer. The promise is checked
+#: by moving the parameter by ``THRESHOLD_RTOL`` both ways (``tests/kernel_promise.py``,
+#: ``benchmarks/gpu_bench.py``). top_k is exact (integer comparisons); XTC's threshold removes
+#: the top tokens (not monotone), so it is not moved.
+THRESHOLD_KEEP_MORE = {"top_p": +1, "typical_p": +1, "nsigma": +1, "min_p": -1, "top_a": -1,
+                       "eta_cutoff": -1, "epsilon_cutoff": -1}
 
 
 def device_guard(t: torch.Tensor):

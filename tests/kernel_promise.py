@@ -1,0 +1,42 @@
+"""The kernels' promise against the torch reference, as one assertion shared by the CPU tests
+(Triton's interpreter) and the CUDA ones (``samplers/kernels/README.md``, "What is promised on
+a GPU").
+
+A threshold stage (``_common.THRESHOLD_KEEP_MORE``) compares a probability, a mass, an entropy
+or a std, summed on the kernel path in another order than torch's, with its parameter: a token
+lying on the threshold may fall either way. It may be decided differently from the reference
+only if the reference keeps it with the parameter moved by ``THRESHOLD_RTOL`` (relative) one way
+and removes it with the parameter moved as much the other way. Every other stage, and the
+values of kept tokens everywhere, are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from samplers.kernels._common import THRESHOLD_KEEP_MORE, THRESHOLD_RTOL
+
+
+def assert_within_promise(got: torch.Tensor, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                          x: torch.Tensor, name: str, value: torch.Tensor) -> None:
+    """``got`` (a kernel's output on ``x`` with sampler ``name``'s parameter ``value``, ``[B]``)
+    against ``reference(x, value)``: same dtype and shape, no NaN; its kept set lies between the
+    reference's at ``value`` moved by ``THRESHOLD_RTOL`` towards keeping fewer and towards keeping
+    more tokens (equal to the reference's for a stage outside ``THRESHOLD_KEEP_MORE``); the
+    values both keep are bit-identical."""
+    want = reference(x, value)
+    assert got.dtype == want.dtype == x.dtype and got.shape == want.shape == x.shape
+    assert not torch.isnan(got).any()
+    kept, kept_ref = ~torch.isneginf(got), ~torch.isneginf(want)
+    direction = THRESHOLD_KEEP_MORE.get(name, 0)
+    if direction == 0:
+        assert torch.equal(kept, kept_ref), f"{name}: removed sets differ in {int((kept != kept_ref).sum())} places"
+    else:
+        loose = ~torch.isneginf(reference(x, value * (1 + THRESHOLD_RTOL * direction)))
+        tight = ~torch.isneginf(reference(x, value * (1 - THRESHOLD_RTOL * direction)))
+        assert not (kept & ~loose).any(), f"{name}: {int((kept & ~loose).sum())} kept beyond the tolerance"
+        assert not (tight & ~kept).any(), f"{name}: {int((tight & ~kept).sum())} removed beyond the tolerance"
+    both = kept & kept_ref
+    assert torch.equal(got[both], want[both]), f"{name}: kept values differ"
