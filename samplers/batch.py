@@ -148,11 +148,12 @@ def _row_records(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarr
     records = [_row_record(p) for p in params]
     B = len(records)
 
-    def joined(parts: Iterable[bytes], dtype: DTypeLike) -> np.ndarray:
-        return np.frombuffer(bytearray(b"".join(parts)), dtype=dtype).reshape(B, -1)
+    def joined(parts: Iterable[bytes], dtype: DTypeLike, width: int) -> np.ndarray:
+        return np.frombuffer(bytearray(b"".join(parts)), dtype=dtype).reshape(B, width)
 
-    return (joined((r.floats for r in records), np.float32), joined((r.ints for r in records), np.int64),
-            joined((r.flags for r in records), np.bool_), records)
+    return (joined((r.floats for r in records), np.float32, len(FLOAT_FIELDS)),
+            joined((r.ints for r in records), np.int64, len(INT_FIELDS) + 3),
+            joined((r.flags for r in records), np.bool_, _TABLE_LOGPROB + 1), records)
 
 # One stage of the chain: a sampler, and the rows it applies to at this point
 # (None = every row that enables it; a mask only appears when rows' orders differ).
@@ -348,7 +349,8 @@ class SamplingBatch:
 
     Args:
         params: one ``SamplingParams`` per row (rows may differ in everything), or a single
-            one for every row.
+            one for every row. No rows is a batch too: the pipeline's calls on ``[0, V]``
+            logits return ``[0, V]`` / ``[0]`` results (a step where every sequence is done).
         prompt_token_ids, output_token_ids: per row, lists of token ids (None = empty).
         vocab_size: V.
         device: where the logits live; every tensor of the batch is put there once (None:
@@ -380,8 +382,8 @@ class SamplingBatch:
         if isinstance(params, SamplingParams):
             params = [params] * (rows if rows is not None else 1)
         params = tuple(params)
-        if not params or not all(isinstance(p, SamplingParams) for p in params):
-            raise ValueError("params must be a non-empty list of SamplingParams (one per row)")
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError("params must be a list of SamplingParams (one per row)")
         B = len(params)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
@@ -475,7 +477,7 @@ class SamplingBatch:
         self.all_seeded = bool(all_rows[_SEEDED])
         self._sequence_indices: Optional[list[int]] = sequence_indices  # (None where params is)
         self.sequence_indices = torch.tensor(sequence_indices, dtype=torch.int64, device=self.device)
-        self.max_logprobs = int(ints_host[:, _MAX_LOGPROBS].max())
+        self.max_logprobs = int(ints_host[:, _MAX_LOGPROBS].max(initial=0))
         self.wants_logprobs = bool(any_row[_LOGPROBS])
         self.raw_logprobs = facts[_RAW_LOGPROBS]
         self.any_raw_logprobs = bool(any_row[_RAW_LOGPROBS])
@@ -540,15 +542,17 @@ class SamplingBatch:
         S = SamplerID
         rows = (
             self._row_flags[:, _LOGIT_BIAS].copy(),
-            np.array([S.PENALTIES in a for a in active]),
+            np.array([S.PENALTIES in a for a in active], dtype=np.bool_),
             np.array([(max(p.repetition_penalty, 1.0 / p.repetition_penalty) if S.PENALTIES in a else 1.0)
-                      * (temperature_gain(p) if S.TEMPERATURE in a else 1.0) for p, a in zip(P, active)]),
-            np.array([S.QUADRATIC in a for a in active]),
-            np.array([abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P]),
-            np.array([abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P]),
-            np.array([S.TOP_NSIGMA in a for a in active]),
+                      * (temperature_gain(p) if S.TEMPERATURE in a else 1.0) for p, a in zip(P, active)],
+                     dtype=np.float64),
+            np.array([S.QUADRATIC in a for a in active], dtype=np.bool_),
+            np.array([abs(p.smoothing_factor * (3.0 - p.smoothing_curve) / 2.0) for p in P], dtype=np.float64),
+            np.array([abs(p.smoothing_factor * (p.smoothing_curve - 1.0) / 2.0) for p in P], dtype=np.float64),
+            np.array([S.TOP_NSIGMA in a for a in active], dtype=np.bool_),
         )
-        folded = tuple(bool(r.any()) if r.dtype == np.bool_ else float(r.max()) for r in rows)
+        # (initial: a batch of no rows folds to no flag and factors 0, and may not overflow)
+        folded = tuple(bool(r.any()) if r.dtype == np.bool_ else float(r.max(initial=0.0)) for r in rows)
         return rows, folded
 
     def may_overflow(self, absmax: float) -> bool:

@@ -604,6 +604,8 @@ class SamplerPipeline:
         """
         self._check(logits, batch)
         logits = logits.detach()
+        if batch.batch_size == 0:
+            return logits.clone()
         x, absmax, finite = self._prepare(logits)
         with trusted_params():  # (checked when the SamplingParams were built)
             randoms = _RowRandoms(batch, self.generator)
@@ -630,6 +632,10 @@ class SamplerPipeline:
         ``process`` would return with the same random keys), at no extra chain run."""
         self._check(logits, batch)
         logits = logits.detach()
+        if batch.batch_size == 0:
+            return SamplerOutput(token_ids=torch.empty(0, dtype=torch.int64, device=logits.device),
+                                 logprobs=torch.empty(0, dtype=torch.float32, device=logits.device),
+                                 processed=logits.clone() if return_processed else None)
         x, absmax, finite = self._prepare(logits)
         # the processed logits are needed only for top or raw logprobs; without them the
         # kernel backend draws at the end of its last launch and writes nothing else

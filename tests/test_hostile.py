@@ -1022,3 +1022,35 @@ def test_processing_without_random_numbers_leaves_the_generator_alone():
     assert torch.equal(pipe.generator.get_state(), state)
     pipe.process(logits, SamplingBatch([SamplingParams(xtc_threshold=0.1, xtc_probability=0.5)] * 2, vocab_size=50))
     assert not torch.equal(pipe.generator.get_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_gives_empty_results(backend):
+    """A step with no rows (every sequence finished, or none of an engine's requests ours):
+    ``[0, V]`` logits give ``[0, V]`` processed logits and ``[0]`` tokens and log-probabilities,
+    whether the batch was built empty or selected / gathered empty from a full one; it takes
+    ``append`` of no tokens; its shape is still checked."""
+    import test_pipeline as tp
+
+    V = tp.V
+    full = tp._batch([SamplingParams(**tp.EVERYTHING, logprobs=3)] * 2, seed=1)
+    pipe = SamplerPipeline(backend, seed=0)
+    logits = torch.randn(0, V, dtype=torch.bfloat16)
+    for batch in (SamplingBatch([], vocab_size=V), SamplingBatch(SamplingParams(top_p=0.9), [], [], vocab_size=V),
+                  full.select([]), full.gather(torch.empty(0, dtype=torch.int64), TokenHistory([], [], V))):
+        assert batch.batch_size == 0 and batch.param("top_p").shape == (0,)
+        out = pipe.process(logits, batch)
+        assert out.shape == (0, V) and out.dtype == torch.bfloat16
+        s = pipe.sample(logits, batch, return_processed=True)
+        assert s.token_ids.shape == (0,) and s.token_ids.dtype == torch.int64
+        assert s.logprobs.shape == (0,) and s.logprobs.dtype == torch.float32
+        assert s.processed is not None and s.processed.shape == (0, V)
+        batch.append(s.token_ids)
+        assert pipe.sample(logits, batch).token_ids.shape == (0,)
+        with pytest.raises(ValueError, match=r"logits have shape \[1, 64\] but the batch has 0 rows"):
+            pipe.process(torch.randn(1, V), batch)
+    assert not SamplingBatch([], vocab_size=V).may_overflow(1e30)  # (no row, no bound)
+    with pytest.raises(ValueError, match="params must be a list of SamplingParams"):
+        SamplingBatch([SamplingParams(), {"top_p": 0.9}], vocab_size=V)
+    # the full batch is untouched by its empty selections
+    assert pipe.sample(torch.randn(2, V), full).token_ids.shape == (2,)

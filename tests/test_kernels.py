@@ -764,11 +764,11 @@ def test_kernel_ops_name_a_parameter_of_another_form(value, fragment):
         ops.penalties(x, torch.zeros(2, 63, dtype=torch.bool), torch.zeros(2, 64, dtype=torch.int32), 1.2, 0.0, 0.0)
 
 
-def _op_cases():
+def _op_cases(rows: int = 2):
     """(name, call(f, *params), [(parameter index, good number, a value outside its interval)]):
-    each kernel wrapper with its reference and the arguments of both."""
-    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5)) * 3
-    history = TokenHistory([[1, 2, 3, 1, 2], [4, 4, 4]], [[3, 1], [4]], vocab_size=64)
+    each kernel wrapper with its reference and the arguments of both, on ``rows`` (2 or 0) rows."""
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(5)) * 3
+    history = TokenHistory([[1, 2, 3, 1, 2], [4, 4, 4]][:rows], [[3, 1], [4]][:rows], vocab_size=64)
     seen, counts = history.seen_mask(), history.output_counts()
     breakers = torch.tensor([0])
     return [
@@ -793,6 +793,19 @@ def _op_cases():
          [(0, 0.8, -0.8), (1, 1.75, 1.0), (2, 2, 0), (3, 0, -1)]),
         ("skew", lambda f, k: f(x, k), [(0, 0.5, 100.0)]),
     ]
+
+
+@pytest.mark.parametrize("name", [case[0] for case in _op_cases()])
+def test_kernel_ops_and_references_take_an_empty_batch(name):
+    """``[0, V]`` logits (an engine's step with no request of ours) give ``[0, V]``, with a
+    number or a ``[0]`` tensor per parameter, as torch's own functions do."""
+    _, call, params = next(case for case in _op_cases(rows=0) if case[0] == name)
+    numbers = [good for _, good, _ in params]
+    empty = [torch.empty(0, dtype=torch.int64 if isinstance(good, int) else torch.float32) for good in numbers]
+    for f in (getattr(F, name), getattr(ops, name)):
+        for args in (numbers, empty):
+            got = call(f, *args)
+            assert got.shape == (0, 64) and got.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", [case[0] for case in _op_cases()])
