@@ -12,11 +12,18 @@ values of kept tokens everywhere, are exact.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Sequence
 
 import torch
 
+from samplers import SamplingParams
 from samplers.kernels._common import THRESHOLD_KEEP_MORE, THRESHOLD_RTOL
+
+#: The largest value ``SamplingParams`` accepts for each threshold parameter that has one (a
+#: moved value is held there: the promise cannot reach past the parameter's interval).
+_CEILING = {"top_p": 1.0, "min_p": 1.0, "typical_p": 1.0, "eta_cutoff": 1.0 - 2.0**-24,
+            "epsilon_cutoff": 1.0 - 2.0**-24}
 
 
 def assert_within_promise(got: torch.Tensor, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -40,3 +47,17 @@ def assert_within_promise(got: torch.Tensor, reference: Callable[[torch.Tensor, 
         assert not (tight & ~kept).any(), f"{name}: {int((tight & ~kept).sum())} removed beyond the tolerance"
     both = kept & kept_ref
     assert torch.equal(got[both], want[both]), f"{name}: kept values differ"
+
+
+def moved_params(params: Sequence[SamplingParams], direction: int) -> list[SamplingParams]:
+    """``params`` with every enabled threshold parameter (``THRESHOLD_KEEP_MORE``) moved by
+    ``THRESHOLD_RTOL`` (relative) towards keeping more tokens (``direction`` +1) or fewer (-1):
+    the requests whose results bound what the kernels may return for ``params``."""
+    default = SamplingParams()
+
+    def moved(p: SamplingParams, name: str, keep_more: int) -> float:
+        value = getattr(p, name) * (1 + THRESHOLD_RTOL * keep_more * direction)
+        return min(value, _CEILING.get(name, value))
+
+    return [dataclasses.replace(p, **{name: moved(p, name, keep_more) for name, keep_more in THRESHOLD_KEEP_MORE.items()
+                                      if getattr(p, name) != getattr(default, name)}) for p in params]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import fuzz
-from samplers import SamplingParams
+from samplers import SamplerPipeline, SamplingBatch, SamplingParams
 from samplers import pipeline as pipeline_module
 from samplers.priority import SamplerID
 
@@ -139,6 +141,41 @@ def test_the_fuzzer_lets_a_dynamic_temperature_move_a_token_across_a_threshold(m
     pytest.importorskip("triton")
     _kernels_off_by(monkeypatch, "removed", 2)
     fuzz.run_checked(_case(**_DYNATEMP), "triton")
+
+
+def test_the_fuzzer_lets_a_token_on_a_threshold_fall_the_other_way():
+    """The kernels' sums add in another order: on seed 38's bf16 row (a token 0.6 ulp from
+    top_p = 0.9) removing that token passes the comparison with the torch backend, the draw
+    then not compared; removing the next one too, or keeping one more, fails."""
+    import test_kernels as tk
+    from kernel_promise import moved_params
+
+    x = tk._logits(4, 1000, torch.bfloat16, seed=38)[1:2]
+    params = [SamplingParams(top_p=0.9, seed=1)]
+    pipe = SamplerPipeline("torch")
+
+    def batch_of(ps):
+        return SamplingBatch(ps, [[]], [[]], vocab_size=1000)
+
+    want = pipe.sample(x, batch_of(params), return_processed=True)
+
+    def bounds():
+        return tuple(pipe.process(x, batch_of(moved_params(params, d))) for d in (+1, -1))
+
+    by_p = want.processed[0].float().argsort(descending=True)
+    last_kept = int((~torch.isneginf(want.processed[0])).sum()) - 1
+    settled = torch.tensor([True])
+
+    def flipped(tokens, removed: bool):
+        processed = want.processed.clone()
+        processed[0, tokens] = float("-inf") if removed else x[0, tokens]
+        return dataclasses.replace(want, processed=processed, token_ids=want.token_ids + 1)
+
+    fuzz._agrees(flipped(by_p[last_kept], True), want, settled, "on the threshold", bounds)
+    with pytest.raises(fuzz.FuzzFailure, match="removed tokens differ at .* 1 beyond the promise"):
+        fuzz._agrees(flipped(by_p[last_kept - 1:last_kept + 1], True), want, settled, "the next one", bounds)
+    with pytest.raises(fuzz.FuzzFailure, match="1 beyond the promise"):
+        fuzz._agrees(flipped(by_p[last_kept + 1], False), want, settled, "one more kept", bounds)
 
 
 def test_the_fuzzer_catches_a_write_into_the_input(monkeypatch):

@@ -3,7 +3,6 @@ tests re-run on the triton backend (kernels under Triton's interpreter on the CP
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import pytest
@@ -12,12 +11,12 @@ import torch
 pytest.importorskip("triton")
 
 import test_pipeline as tp  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
+from kernel_promise import moved_params  # noqa: E402
 from logit_helpers import KERNEL_TOLERANCES  # noqa: E402
 
 from samplers import SamplerID, SamplerPipeline, SamplingBatch, SamplingParams  # noqa: E402
 
 import samplers.kernels as kernels  # noqa: E402
-from samplers.kernels._common import THRESHOLD_KEEP_MORE, THRESHOLD_RTOL  # noqa: E402
 from samplers.kernels.chain import plan  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -35,16 +34,6 @@ def _compare(got, want, dtype):
     torch.testing.assert_close(got[~gi].float(), want[~wi].float(), rtol=rtol, atol=atol)
 
 
-def _moved(params: list[SamplingParams], direction: int) -> list[SamplingParams]:
-    """``params`` with every enabled threshold parameter moved by ``THRESHOLD_RTOL`` towards
-    keeping more tokens (``direction`` +1) or fewer (-1)."""
-    default = SamplingParams()
-    return [dataclasses.replace(p, **{
-        name: getattr(p, name) * (1 + THRESHOLD_RTOL * keep_more * direction)
-        for name, keep_more in THRESHOLD_KEEP_MORE.items() if getattr(p, name) != getattr(default, name)})
-        for p in params]
-
-
 def _compare_within_promise(got, want, logits, params, batch_of, seed):
     """``_compare``, except that where the removed sets differ the kernels' kept set must lie
     between the torch backend's with the threshold parameters moved by ``THRESHOLD_RTOL`` both
@@ -52,8 +41,8 @@ def _compare_within_promise(got, want, logits, params, batch_of, seed):
     way), and the values both keep are compared. ``batch_of(params)``: the batch of ``params``."""
     gi, wi = torch.isneginf(got), torch.isneginf(want)
     if not torch.equal(gi, wi):
-        loose = SamplerPipeline("torch", seed=seed).process(logits, batch_of(_moved(params, +1)))
-        tight = SamplerPipeline("torch", seed=seed).process(logits, batch_of(_moved(params, -1)))
+        loose = SamplerPipeline("torch", seed=seed).process(logits, batch_of(moved_params(params, +1)))
+        tight = SamplerPipeline("torch", seed=seed).process(logits, batch_of(moved_params(params, -1)))
         assert not (~gi & torch.isneginf(loose)).any(), "kept beyond the tolerance"
         assert not (gi & ~torch.isneginf(tight)).any(), "removed beyond the tolerance"
         both = ~gi & ~wi
