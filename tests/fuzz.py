@@ -314,11 +314,13 @@ def _bounds(case: Case, x: torch.Tensor, history: TokenHistory, state: torch.Ten
     same keys for unseeded rows)."""
     from kernel_promise import moved_params
 
-    def processed(direction: int) -> torch.Tensor:
+    B = len(case.params)
+
+    def processed(direction: int) -> torch.Tensor:  # (on a copy of the history: the reference's own goes on)
         pipe = SamplerPipeline("torch")
         pipe.generator.set_state(state)
-        moved = SamplingBatch(moved_params(case.params, direction), history=history, vocab_size=case.vocab,
-                              eos_token_ids=case.eos, sequence_indices=case.sequence_indices)
+        moved = SamplingBatch(moved_params(case.params, direction), history=history.select(list(range(B))),
+                              vocab_size=case.vocab, eos_token_ids=case.eos, sequence_indices=case.sequence_indices)
         return pipe.process(x, moved)
 
     return lambda: (processed(+1), processed(-1))
