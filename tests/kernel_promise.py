@@ -17,13 +17,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from samplers import SamplingParams
+from samplers import SamplerID, SamplingParams
 from samplers.kernels._common import THRESHOLD_KEEP_MORE, THRESHOLD_RTOL
+from samplers.params import STAGE_OFF
 
 #: The largest value ``SamplingParams`` accepts for each threshold parameter that has one (a
 #: moved value is held there: the promise cannot reach past the parameter's interval).
-_CEILING = {"top_p": 1.0, "min_p": 1.0, "typical_p": 1.0, "eta_cutoff": 1.0 - 2.0**-24,
+_CEILING = {"top_p": 1.0, "min_p": 1.0, "typical_p": 1.0, "xtc_threshold": 1.0, "eta_cutoff": 1.0 - 2.0**-24,
             "epsilon_cutoff": 1.0 - 2.0**-24}
+
+#: The stage of each threshold parameter (``THRESHOLD_KEEP_MORE``).
+_STAGE = {"top_p": SamplerID.TOP_P_TOP_K, "typical_p": SamplerID.TYPICAL_P, "nsigma": SamplerID.TOP_NSIGMA,
+          "xtc_threshold": SamplerID.XTC, "min_p": SamplerID.MIN_P, "top_a": SamplerID.TOP_A,
+          "eta_cutoff": SamplerID.ETA_CUTOFF, "epsilon_cutoff": SamplerID.EPSILON_CUTOFF}
 
 
 def assert_within_promise(got: torch.Tensor, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -50,14 +56,19 @@ def assert_within_promise(got: torch.Tensor, reference: Callable[[torch.Tensor, 
 
 
 def moved_params(params: Sequence[SamplingParams], direction: int) -> list[SamplingParams]:
-    """``params`` with every enabled threshold parameter (``THRESHOLD_KEEP_MORE``) moved by
-    ``THRESHOLD_RTOL`` (relative) towards keeping more tokens (``direction`` +1) or fewer (-1):
-    the requests whose results bound what the kernels may return for ``params``."""
-    default = SamplingParams()
+    """``params`` with every threshold parameter (``THRESHOLD_KEEP_MORE``) of a stage the row
+    runs moved by ``THRESHOLD_RTOL`` (relative) towards keeping more tokens (``direction`` +1) or
+    fewer (-1): the requests whose results bound what the kernels may return for ``params``.
+    A parameter at its stage-off value stays (top_p = 1 beside a top_k: moved, it would switch a
+    stage on)."""
 
     def moved(p: SamplingParams, name: str, keep_more: int) -> float:
         value = getattr(p, name) * (1 + THRESHOLD_RTOL * keep_more * direction)
         return min(value, _CEILING.get(name, value))
 
+    def runs(p: SamplingParams, name: str) -> bool:
+        stage = _STAGE[name]
+        return stage in p.enabled_samplers() and getattr(p, name) != STAGE_OFF[stage].get(name, None)
+
     return [dataclasses.replace(p, **{name: moved(p, name, keep_more) for name, keep_more in THRESHOLD_KEEP_MORE.items()
-                                      if getattr(p, name) != getattr(default, name)}) for p in params]
+                                      if runs(p, name)}) for p in params]

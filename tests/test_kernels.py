@@ -129,6 +129,31 @@ def test_a_token_on_top_ps_threshold_may_fall_either_way():
     assert float((mass_before - tp).abs().min()) < 1e-7  # the case is on the boundary
 
 
+@pytest.mark.parametrize("name", list(_common.THRESHOLD_KEEP_MORE))
+def test_each_threshold_parameter_moves_the_removed_set_the_way_the_table_says(name):
+    """``THRESHOLD_KEEP_MORE`` (what the promise's checks move and which way) against the
+    reference: the parameter moved that way (by 0-50%) removes a subset of what it removed, on
+    random rows, rows with ties and rows with -inf, and the move changes some row somewhere."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    ranges = {"top_p": (0.05, 0.95), "typical_p": (0.05, 0.95), "nsigma": (0.1, 3.0), "xtc_threshold": (0.0, 0.4),
+              "min_p": (0.01, 0.6), "top_a": (0.01, 0.6), "eta_cutoff": (1e-4, 0.05), "epsilon_cutoff": (1e-4, 0.05)}
+    keep_more = _common.THRESHOLD_KEEP_MORE[name]
+    ones, zeros = torch.ones(8), torch.zeros(8)
+    ref = (lambda x, v: F.xtc(x, v, ones, zeros)) if name == "xtc_threshold" else getattr(F, name)
+    changed = 0
+    for trial in range(40):
+        x = _logits(8, 60, torch.float32, seed=trial) if trial % 2 else torch.randn(8, 60, generator=g) * 2
+        lo, hi = ranges[name]
+        v = lo + (hi - lo) * torch.rand(8, generator=g)
+        moved = v * (1 + keep_more * 0.5 * torch.rand(8, generator=g))
+        if name in ("top_p", "typical_p"):
+            moved = moved.clamp(max=1.0)
+        removed, removed_moved = torch.isneginf(ref(x, v)), torch.isneginf(ref(x, moved))
+        assert not (removed_moved & ~removed).any(), f"trial {trial}: the move removed more"
+        changed += int((removed_moved != removed).any())
+    assert changed > 0
+
+
 def test_the_promise_check_refuses_a_token_decided_away_from_the_threshold():
     """``assert_within_promise`` can fail: a token removed or kept far from top_p's threshold,
     a flip on an exact stage (top_k), a changed kept value."""

@@ -50,6 +50,21 @@ def _compare_within_promise(got, want, logits, params, batch_of, seed):
     _compare(got, want, logits.dtype)
 
 
+def test_moved_params_move_the_threshold_of_each_stage_a_row_runs():
+    """XTC's threshold moves at its default value when XTC runs; top_p = 1 beside a top_k, a
+    stage that does not run, and the other parameters stay; a value is held at its ceiling."""
+    from samplers.kernels._common import THRESHOLD_RTOL
+
+    p = SamplingParams(top_k=20, xtc_probability=0.5, min_p=1.0, nsigma=2.0, temperature=0.7)
+    up, down = moved_params([p], +1)[0], moved_params([p], -1)[0]
+    assert (up.xtc_threshold, down.xtc_threshold) == (0.1 * (1 + THRESHOLD_RTOL), 0.1 * (1 - THRESHOLD_RTOL))
+    assert (up.nsigma, down.nsigma) == (2.0 * (1 + THRESHOLD_RTOL), 2.0 * (1 - THRESHOLD_RTOL))
+    assert (up.min_p, down.min_p) == (1.0 - THRESHOLD_RTOL, 1.0)  # (min_p keeps more when smaller)
+    for q in (up, down):
+        assert (q.top_p, q.top_k, q.typical_p, q.top_a, q.temperature) == (1.0, 20, 1.0, 0.0, 0.7)
+    assert moved_params([SamplingParams(xtc_threshold=0.3)], +1)[0].xtc_threshold == 0.3  # (XTC off)
+
+
 def test_the_pipeline_promise_check_allows_only_a_flip_on_the_threshold():
     """On a row whose least likely kept token lies 0.6 ulp from top_p = 0.9 (see
     ``test_kernels.test_a_token_on_top_ps_threshold_may_fall_either_way``), removing that token

@@ -46,10 +46,11 @@ THRESHOLD_RTOL = 1e-5
 #: The threshold parameters that promise covers, each with the way it moves the removed set:
 #: +1 where a larger value keeps more tokens, -1 where it keeps fewer. The promise is checked
 #: by moving the parameter by ``THRESHOLD_RTOL`` both ways (``tests/kernel_promise.py``,
-#: ``benchmarks/gpu_bench.py``). top_k is exact (integer comparisons); XTC's threshold removes
-#: the top tokens (not monotone), so it is not moved.
-THRESHOLD_KEEP_MORE = {"top_p": +1, "typical_p": +1, "nsigma": +1, "min_p": -1, "top_a": -1,
-                       "eta_cutoff": -1, "epsilon_cutoff": -1}
+#: ``benchmarks/gpu_bench.py``). XTC removes the members of C = {p >= threshold} above C's least
+#: likely: a larger threshold leaves C a subset whose least likely member is likelier, so it
+#: removes a subset. top_k is exact (integer comparisons).
+THRESHOLD_KEEP_MORE = {"top_p": +1, "typical_p": +1, "nsigma": +1, "xtc_threshold": +1, "min_p": -1,
+                       "top_a": -1, "eta_cutoff": -1, "epsilon_cutoff": -1}
 
 
 def device_guard(t: torch.Tensor):
